@@ -1,0 +1,3 @@
+from ctcore.cli import main
+
+main()

@@ -1,0 +1,211 @@
+"""The `ctcore` command line: run, check, sample, list-components.
+
+Heavy imports (torch, the registry) happen inside commands so `ctcore --help` is instant. Expected failures
+print one clear message and exit 1 (runtime) or 2 (recipe and usage errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="ctcore",
+    help="Train, sample and inspect consistency models with the iCT techniques.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Turn expected failures into one message on stderr and an exit code."""
+    from ctcore.errors import CtcoreError
+
+    try:
+        yield
+    except CtcoreError as exc:
+        from rich.text import Text
+
+        _console(stderr=True).print(Text("error: ", style="bold red") + Text(exc.render()))
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _registry():
+    from rich.text import Text
+
+    from ctcore.registry import load_registry
+
+    registry = load_registry()
+    err = _console(stderr=True)
+    for failure in registry.failures:
+        err.print(Text("warning: ", style="yellow") + Text(failure.message()))
+    return registry
+
+
+@app.command()
+def run(
+    target: Annotated[Path, typer.Argument(help="A recipe (.toml), or with --resume a run directory.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Run directory (default: run.output_dir).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a consistency model as a recipe describes; writes a run directory."""
+    with _errors():
+        from ctcore.errors import UsageError
+        from ctcore.recipe import read_recipe
+        from ctcore.training import list_checkpoints, output_dir_for, resume_run, start_run, train
+
+        registry = _registry()
+        out = _console()
+        if resume:
+            if target.is_dir():
+                recipe, run_dir = None, output_dir or target
+            else:
+                recipe = read_recipe(target, registry)
+                run_dir = output_dir_for(recipe, output_dir)
+            the_run = resume_run(recipe, registry, run_dir)
+            out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}")
+        else:
+            if target.is_dir():
+                raise UsageError(f"{str(target)!r} is a directory: give a recipe file, or add --resume")
+            recipe = read_recipe(target, registry)
+            the_run = start_run(recipe, registry, output_dir)
+            out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
+        try:
+            summary = train(the_run, progress=progress)
+        except KeyboardInterrupt:
+            ckpts = list_checkpoints(the_run.out_dir)
+            latest = f"the latest checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+            _console(stderr=True).print(
+                f"interrupted at step {the_run.step:,}; {latest}. Continue with: "
+                f"ctcore run {the_run.out_dir} --resume"
+            )
+            raise typer.Exit(130) from None
+        _print_summary(out, the_run, summary)
+
+
+def _print_summary(out, the_run, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {the_run.recipe.run.name}", show_header=False)
+    table.add_row("steps", f"{summary['start_step']:,} -> {summary['step']:,}")
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    if summary.get("loss") is not None:
+        table.add_row("loss (last interval)", f"{summary['loss']:.4g}")
+    first, last = summary.get("initial_distance"), summary.get("final_distance")
+    if first is not None and last is not None:
+        table.add_row("sliced Wasserstein to data", f"untrained {first:.4f} -> trained {last:.4f} "
+                      f"({first / max(last, 1e-12):.1f}x better)")
+    table.add_row("run directory", str(the_run.out_dir))
+    table.add_row("samples", str(the_run.out_dir / "samples"))
+    out.print(table)
+
+
+@app.command()
+def check(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe to validate.")],
+    build: Annotated[bool, typer.Option(help="Also build data and components (catches missing files).")] = True,
+) -> None:
+    """Validate a recipe and print it resolved, with every default filled in."""
+    with _errors():
+        from ctcore.recipe import dump_recipe, read_recipe
+
+        registry = _registry()
+        recipe = read_recipe(recipe_path, registry)
+        typer.echo(dump_recipe(recipe), nl=False)
+        if build:
+            from ctcore.training import build_run
+
+            the_run = build_run(recipe, registry)
+            params = sum(p.numel() for p in the_run.student.parameters())
+            _console(stderr=True).print(
+                f"ok: {recipe_path} is valid; network {recipe.components['network'].name} has {params:,} "
+                f"parameters; data {len(the_run.data):,} images of shape {the_run.data.shape}"
+            )
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1)] = 64,
+    steps: Annotated[int | None, typer.Option(help="1: one-step; 2+: through the recipe's sampling.sigma_mid.")] = None,
+    sigmas: Annotated[str | None, typer.Option(help='Explicit sigmas, e.g. "80,0.821" (overrides --steps).')] = None,
+    seed: Annotated[int, typer.Option(help="Sample j uses seed + j.")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HDF5 sample store (default: in the run).")] = None,
+    grid: Annotated[Path | None, typer.Option(help="PNG grid (default: the store's path with .png).")] = None,
+    weights: Annotated[str, typer.Option(help="eval-ema (default) or student.")] = "eval-ema",
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing sample store.")] = False,
+) -> None:
+    """Generate samples from a checkpoint into an HDF5 store (uint8 images, seeds, labels) and a PNG grid."""
+    with _errors():
+        from ctcore.errors import UsageError
+        from ctcore.sampling import sample_from_checkpoint
+
+        if weights not in ("eval-ema", "student"):
+            raise UsageError(f"--weights must be 'eval-ema' or 'student', got {weights!r}")
+        sigma_list = None
+        if sigmas is not None:
+            try:
+                sigma_list = [float(s) for s in sigmas.split(",") if s.strip()]
+            except ValueError:
+                raise UsageError(f'--sigmas must be comma-separated numbers like "80,0.821", got {sigmas!r}') from None
+        result = sample_from_checkpoint(
+            checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigma_list, seed=seed, out=out,
+            grid=grid, weights=weights, batch_size=batch_size, overwrite=overwrite,
+        )
+        _console().print(f"wrote {result['num_samples']:,} samples ({result['plan']}) to {result['store']} "
+                         f"and a grid to {result['grid']}")
+
+
+@app.command("list-components")
+def list_components(
+    kind: Annotated[str | None, typer.Option(help="Only this kind (network, metric, ...).")] = None,
+    options: Annotated[bool, typer.Option("--options", help="Show each component's options and defaults.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List installed components: kind, name, summary and the distribution that provides them."""
+    with _errors():
+        from ctcore.components import KINDS
+        from ctcore.errors import UsageError, unknown_name_message
+
+        if kind is not None and kind not in KINDS:
+            raise UsageError(unknown_name_message("component kind", kind, list(KINDS)))
+        rows = [r for r in _registry().rows() if kind is None or r["kind"] == kind]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title="ctcore components")
+        for col in ("kind", "name", "summary", "provided by"):
+            table.add_column(col)
+        if options:
+            table.add_column("options (defaults)")
+        for r in rows:
+            cells = [r["kind"], r["name"], r["summary"], f"{r['distribution']} {r['version']}"]
+            if options:
+                cells.append(", ".join(f"{k}={v!r}" for k, v in r["options"].items()) or "-")
+            table.add_row(*(Text(c) for c in cells))
+        _console().print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,145 @@
+"""The paper's maths: Karras sigma grid, the consistency parameterization, pair weights and the loss.
+
+Notation follows iCT (Song & Dhariwal, 2023): an increasing grid sigma_1 < ... < sigma_N; the student sees
+sigma_{i+1}, the teacher sigma_i, both with the same noise z and the same dropout mask;
+f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ctcore.components import NOISE_CONVENTIONS
+
+Weighting = Literal["uniform", "inverse-delta"]
+
+
+def karras_sigmas(
+    n: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """sigma_i = (sigma_min^(1/rho) + (i-1)/(N-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1..N.
+
+    Increasing; `n` counts points (N-1 pairs), so n >= 2.
+    """
+    if n < 2:
+        raise ValueError(f"a sigma grid needs at least 2 points, got n={n}")
+    ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    sigmas = (lo + ramp * (hi - lo)) ** rho
+    sigmas[0], sigmas[-1] = sigma_min, sigma_max  # exact ends despite rounding
+    return sigmas.to(dtype)
+
+
+def consistency_scalings(
+    sigma: torch.Tensor | float, sigma_min: float = 0.002, sigma_data: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, c_in) with the sigma_min shift of the CM/iCT parameterization.
+
+    c_skip = sd^2 / ((s - s_min)^2 + sd^2); c_out = (s - s_min) sd / sqrt(s^2 + sd^2) (the shift is in the
+    numerator only); c_in = 1 / sqrt(s^2 + sd^2). At sigma_min: c_skip = 1, c_out = 0, so f(x, sigma_min) = x.
+    """
+    sigma = torch.as_tensor(sigma)
+    if not sigma.is_floating_point():
+        sigma = sigma.to(torch.float64)
+    sd2 = sigma_data**2
+    c_skip = sd2 / ((sigma - sigma_min) ** 2 + sd2)
+    c_out = (sigma - sigma_min) * sigma_data / torch.sqrt(sigma**2 + sd2)
+    c_in = 1.0 / torch.sqrt(sigma**2 + sd2)
+    return c_skip, c_out, c_in
+
+
+def c_noise(sigma: torch.Tensor, convention: str) -> torch.Tensor:
+    """The network's noise input: 0.25 ln sigma (Fourier) or 1000 * 0.25 ln sigma (ADM positional)."""
+    return NOISE_CONVENTIONS[convention] * torch.log(sigma)
+
+
+def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+def denoise(
+    network: nn.Module,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    sigma_min: float = 0.002,
+    sigma_data: float = 0.5,
+) -> torch.Tensor:
+    """The consistency function f(x, sigma) for a raw network F; `sigma` holds one value per sample."""
+    sigma = sigma.to(device=x.device, dtype=torch.float32)
+    c_skip, c_out, c_in = consistency_scalings(sigma, sigma_min, sigma_data)
+    convention = type(network).noise_conditioning if hasattr(type(network), "noise_conditioning") else None
+    if convention is None:  # e.g. a torch.compile wrapper: look through it
+        convention = type(getattr(network, "_orig_mod", network)).noise_conditioning
+    raw = network(_expand(c_in, x) * x, c_noise(sigma, convention), labels)
+    return _expand(c_skip, x) * x + _expand(c_out, x) * raw.to(x.dtype)
+
+
+def pair_weights(sigmas: torch.Tensor, weighting: Weighting) -> torch.Tensor:
+    """lambda for each pair (sigma_i, sigma_{i+1}): 1 (CT) or 1 / (sigma_{i+1} - sigma_i) (iCT)."""
+    if weighting == "uniform":
+        return torch.ones_like(sigmas[1:])
+    if weighting == "inverse-delta":
+        return 1.0 / (sigmas[1:] - sigmas[:-1])
+    raise ValueError(f"unknown weighting {weighting!r}: use 'uniform' or 'inverse-delta'")
+
+
+@contextlib.contextmanager
+def shared_rng(device: torch.device) -> Iterator[None]:
+    """Run a block twice with identical randomness: the state is saved on entry and restored on exit.
+
+    Used so the teacher's dropout mask equals the student's. The CPU generator and, on CUDA, the
+    generator of `device` are both saved and restored.
+    """
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+def consistency_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    metric: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    sigmas: torch.Tensor,
+    pair: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    weighting: Weighting,
+    sigma_min: float = 0.002,
+    sigma_data: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean_b lambda(sigma_i) d(f_theta(x + sigma_{i+1} z, sigma_{i+1}), f_theta-(x + sigma_i z, sigma_i)).
+
+    `pair` holds the index i of (sigma_i, sigma_{i+1}) for each example (0-based). The teacher runs under
+    no_grad with the same dropout mask as the student. Returns (loss, per-example weighted distances).
+    """
+    sigmas = sigmas.to(x.device)
+    sigma_hi = sigmas[pair + 1]
+    sigma_lo = sigmas[pair]
+    weights = pair_weights(sigmas, weighting)[pair]
+    with shared_rng(x.device):
+        student_out = denoise(student, x + _expand(sigma_hi, x) * z, sigma_hi, labels,
+                              sigma_min=sigma_min, sigma_data=sigma_data)
+    with torch.no_grad():
+        teacher_out = denoise(teacher, x + _expand(sigma_lo, x) * z, sigma_lo, labels,
+                              sigma_min=sigma_min, sigma_data=sigma_data)
+    distances = metric(student_out.float(), teacher_out.float()) * weights.to(torch.float32)
+    return distances.mean(), distances.detach()
+

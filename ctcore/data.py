@@ -1,0 +1,138 @@
+"""Training data: the built-in synthetic glyph set (generated in code) and HDF5 image files.
+
+Both give uint8 images (N, C, H, W) and optional integer labels; batches come out as float32 in [-1, 1]
+(x / 127.5 - 1, as the CM and iCT code feed pixels), drawn with an explicit generator so runs resume exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ctcore.errors import RunError
+
+GLYPH_NAMES: tuple[str, ...] = (
+    "horizontal-bar", "vertical-bar", "diagonal", "anti-diagonal", "frame", "plus", "block", "checker",
+)
+GLYPH_COLORS: tuple[tuple[int, int, int], ...] = ((230, 60, 50), (60, 200, 80), (70, 110, 235))
+
+
+def _glyph_masks(resolution: int) -> torch.Tensor:
+    """One boolean (H, W) mask per glyph, drawn at any resolution."""
+    r = resolution
+    i = torch.arange(r)[:, None].expand(r, r)
+    j = torch.arange(r)[None, :].expand(r, r)
+    t = max(1, r // 4)  # stroke width
+    lo, hi = (r - t) // 2, (r - t) // 2 + t
+    inner = (i >= 1) & (i < r - 1) & (j >= 1) & (j < r - 1)
+    masks = [
+        (i >= lo) & (i < hi) & inner,
+        (j >= lo) & (j < hi) & inner,
+        ((i - j).abs() < max(1, t // 2 + 1)) & inner,
+        ((i + j - (r - 1)).abs() < max(1, t // 2 + 1)) & inner,
+        inner & ~((i >= 1 + t) & (i < r - 1 - t) & (j >= 1 + t) & (j < r - 1 - t)),
+        (((i >= lo) & (i < hi)) | ((j >= lo) & (j < hi))) & inner,
+        (i >= r // 4) & (i < r - r // 4) & (j >= r // 4) & (j < r - r // 4),
+        ((i // max(1, r // 4) + j // max(1, r // 4)) % 2 == 0),
+    ]
+    return torch.stack(masks)
+
+
+def synthetic_glyphs(num_images: int, resolution: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A toy RGB dataset with 24 modes: 8 glyph shapes x 3 colours on a dark background, small pixel noise.
+
+    Returns uint8 images (N, 3, R, R) and glyph labels (N,). Deterministic in `seed`; no download.
+    """
+    g = torch.Generator().manual_seed(seed)
+    masks = _glyph_masks(resolution).float()  # (8, R, R)
+    glyph = torch.randint(0, len(GLYPH_NAMES), (num_images,), generator=g)
+    color = torch.randint(0, len(GLYPH_COLORS), (num_images,), generator=g)
+    rgb = torch.tensor(GLYPH_COLORS, dtype=torch.float32)[color]  # (N, 3)
+    background = 20.0
+    img = background + masks[glyph][:, None] * (rgb[:, :, None, None] - background)
+    img = img + 6.0 * torch.randn(img.shape, generator=g)
+    return img.round().clamp(0, 255).to(torch.uint8), glyph
+
+
+def read_hdf5_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Load `images` (N, C, H, W uint8) and optional `labels` from an HDF5 file, with clear errors."""
+    import h5py
+    import numpy as np
+
+    path = Path(path)
+    where = f"dataset file {str(path)!r}"
+    if not path.is_file():
+        raise RunError(
+            f"dataset file {str(path)!r} not found (data.path in the recipe). Create an HDF5 file with a uint8 "
+            "dataset `images` shaped (N, C, H, W) and optional integer `labels` (N,), or point data.path at one."
+        )
+    try:
+        with h5py.File(path, "r") as f:
+            if "images" not in f:
+                raise RunError(f"{where} has no `images` dataset (found: {', '.join(f) or 'nothing'})")
+            images = f["images"]
+            if images.dtype != np.uint8 or images.ndim != 4:
+                raise RunError(
+                    f"{where}: `images` must be uint8 (N, C, H, W), got {images.dtype} {images.shape}"
+                )
+            arr = images[...]
+            labels = f["labels"][...] if "labels" in f else None
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except RunError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise RunError(f"{where} cannot be read as HDF5 ({exc}); is it truncated?") from None
+    if labels is not None and labels.shape != (arr.shape[0],):
+        raise RunError(f"{where}: `labels` shape {labels.shape} does not match {arr.shape[0]} images")
+    lab = torch.from_numpy(labels.astype("int64")) if labels is not None else None
+    return torch.from_numpy(arr), lab, attrs
+
+
+class ImageData:
+    """A dataset held in memory (on the training device) that serves random batches in [-1, 1]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, *, random_flip: bool = False,
+                 num_classes: int = 0, device: torch.device | str = "cpu") -> None:
+        self.images = images.to(device)
+        self.labels = labels.to(device) if labels is not None else None
+        self.random_flip = random_flip
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Random examples (with replacement), optionally flipped; float32 in [-1, 1] plus labels."""
+        idx = torch.randint(0, len(self), (batch_size,), generator=generator).to(self.device)
+        x = self.images[idx].float() / 127.5 - 1.0
+        if self.random_flip:
+            flip = (torch.rand(batch_size, generator=generator) < 0.5).to(self.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        labels = self.labels[idx] if (self.labels is not None and self.num_classes > 0) else None
+        return x, labels
+
+
+def load_data(section, seed: int, device: torch.device) -> ImageData:
+    """Build the training data described by a recipe's [data] section."""
+    if section.source == "synthetic":
+        images, labels = synthetic_glyphs(section.num_images, section.resolution, seed=seed)
+        num_classes = len(GLYPH_NAMES) if section.class_conditional else 0
+    else:
+        images, labels, _ = read_hdf5_images(section.path)
+        num_classes = 0
+        if section.class_conditional:
+            if labels is None:
+                raise RunError(f"data.class_conditional is true but {section.path!r} has no `labels` dataset")
+            num_classes = int(labels.max()) + 1
+    return ImageData(images, labels, random_flip=section.random_flip, num_classes=num_classes, device=device)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats to uint8 pixels."""
+    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)

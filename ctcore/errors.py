@@ -1,0 +1,68 @@
+"""Errors that the CLI turns into one clear message and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+
+class CtcoreError(Exception):
+    """Base of every expected failure; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def render(self) -> str:
+        return self.message
+
+
+class UsageError(CtcoreError):
+    """The user asked for something that cannot work as asked (exit 2)."""
+
+    exit_code = 2
+
+
+class RecipeError(UsageError):
+    """A recipe with problems; every problem is listed as `section.key: message`."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        n = len(self.problems)
+        header = f"{source}: {n} problem{'s' if n != 1 else ''} in the recipe"
+        super().__init__("\n".join([header, *(f"  {p}" for p in self.problems)]))
+
+
+class UnknownComponentError(UsageError):
+    """A component name that no installed plugin provides."""
+
+    def __init__(self, kind: str, name: str, available: list[str]) -> None:
+        self.kind, self.name, self.available = kind, name, available
+        super().__init__(unknown_name_message(f"{kind}", name, available))
+
+
+class PluginError(CtcoreError):
+    """A plugin that breaks the registry (duplicate names, invalid classes)."""
+
+
+class RunError(CtcoreError):
+    """A runtime failure: missing data, a corrupt checkpoint, an occupied run directory (exit 1)."""
+
+
+def did_you_mean(word: str, candidates: list[str] | tuple[str, ...]) -> str | None:
+    """The closest candidate to `word`, or None when nothing is close."""
+    import difflib
+
+    norm = {c.replace("_", "-").lower(): c for c in candidates}
+    hits = difflib.get_close_matches(word.replace("_", "-").lower(), list(norm), n=1, cutoff=0.6)
+    return norm[hits[0]] if hits else None
+
+
+def unknown_name_message(what: str, name: str, available: list[str] | tuple[str, ...]) -> str:
+    """'unknown metric 'x'; did you mean 'y'? available: a, b' — shared by the registry and the recipe reader."""
+    msg = f"unknown {what} {name!r}"
+    guess = did_you_mean(name, available)
+    if guess is not None:
+        msg += f"; did you mean {guess!r}?"
+    msg += f" (available: {', '.join(sorted(available)) or 'none installed'})"
+    return msg

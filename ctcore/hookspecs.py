@@ -1,0 +1,61 @@
+"""Hook specifications: one registration hook per component kind.
+
+Each hook takes no arguments and returns a list of component classes; pluggy calls every implementation and
+collects the lists. Order never matters and a name provided twice is an error naming both providers. Hooks
+may gain optional arguments later; none is ever removed. These docstrings are the plugin reference.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("ctcore")
+
+
+@hookspec
+def ctcore_register_networks() -> list[type]:
+    """Return network classes (`torch.nn.Module` subclasses).
+
+    Contract: class attributes `name`, `summary`, `noise_conditioning` ("fourier": c_noise = 0.25 ln sigma,
+    or "positional": c_noise = 1000 * 0.25 ln sigma) and a frozen attrs `Options`; constructed as
+    `cls(options, context)` with `context.data_shape` and `context.num_classes`; `forward(x, c_noise, labels)`
+    returns the raw output F_theta, shaped like `x`. The core applies c_in, c_skip and c_out.
+    """
+
+
+@hookspec
+def ctcore_register_metrics() -> list[type]:
+    """Return metric classes (`torch.nn.Module` subclasses): the distance d(x, y) of the consistency loss.
+
+    Contract: `forward(x, y)` returns one non-negative value per sample (shape `(batch,)`), zero when x == y,
+    differentiable in x. `context.data_shape` may be None: derive sizes from the inputs then.
+    """
+
+
+@hookspec
+def ctcore_register_noise_schedules() -> list[type]:
+    """Return noise-schedule classes: how the pair index i of (sigma_i, sigma_{i+1}) is drawn.
+
+    Contract: `probabilities(sigmas)` gives N-1 non-negative values summing to 1 for an increasing grid of N
+    sigmas; `sample(sigmas, batch_size, generator)` returns indices in [0, N-2] (subclass
+    `ctcore.components.NoiseScheduleBase` to get multinomial sampling).
+    """
+
+
+@hookspec
+def ctcore_register_curricula() -> list[type]:
+    """Return curriculum classes: N(k), the number of sigma-grid points at training step k.
+
+    Contract: `num_scales(step)` is an int >= 2, non-decreasing in step; `context.total_steps` is K.
+    """
+
+
+@hookspec
+def ctcore_register_teachers() -> list[type]:
+    """Return teacher-update rules: how the target network theta^- is made and updated.
+
+    Contract: `bind(student)` sets `self.network`; `decay(step, num_scales)` is mu(k) (0 for theta^- = theta);
+    `update(student, step, num_scales)` runs after each optimizer step; `state_dict()` / `load_state_dict()`
+    hold what a checkpoint must keep (nothing when the teacher is the student). The teacher runs in train mode
+    under no_grad, with the student's dropout mask.
+    """

@@ -1,0 +1,62 @@
+"""PNG pictures: image grids, and samples shown next to training data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def grid_array(images: torch.Tensor, ncol: int | None = None, pad: int = 1, scale: int = 1) -> torch.Tensor:
+    """Tile uint8 images (N, C, H, W) into one (H', W', 3) uint8 array; small images are upscaled."""
+    n, c, h, w = images.shape
+    if c == 1:
+        images = images.expand(n, 3, h, w)
+    images = images[:, :3].cpu()
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = max(1, math.ceil(n / ncol))
+    out = torch.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, col = divmod(k, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        out[y : y + h, x : x + w] = images[k].permute(1, 2, 0)
+    return out
+
+
+def _auto_scale(h: int) -> int:
+    return max(1, 64 // h) if h < 64 else 1
+
+
+def save_grid(images: torch.Tensor, path: str | Path, ncol: int | None = None) -> Path:
+    """Write uint8 images (N, C, H, W) as one PNG grid."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = grid_array(images, ncol, scale=_auto_scale(images.shape[2]))
+    Image.fromarray(arr.numpy()).save(path)
+    return path
+
+
+def save_side_by_side(samples: torch.Tensor, data: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """Samples (left) next to training data (right), captioned, as one PNG."""
+    from PIL import Image, ImageDraw
+
+    scale = _auto_scale(samples.shape[2])
+    left, right = grid_array(samples, scale=scale), grid_array(data, scale=scale)
+    gap, top = 12, 18
+    h = max(left.shape[0], right.shape[0])
+    canvas = Image.new("RGB", (left.shape[1] + gap + right.shape[1], h + top), "white")
+    canvas.paste(Image.fromarray(left.numpy()), (0, top))
+    canvas.paste(Image.fromarray(right.numpy()), (left.shape[1] + gap, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 3), f"samples ({title})" if title else "samples", fill="black")
+    draw.text((left.shape[1] + gap + 2, 3), "data", fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

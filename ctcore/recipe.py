@@ -1,0 +1,408 @@
+"""TOML recipes → attrs sections via a strict cattrs converter; every problem reported at once.
+
+A recipe is complete and standalone: core sections (run, data, consistency, training, sampling, evaluation)
+have defaults here, and each component section (network, metric, noise_schedule, curriculum, teacher) has a
+`name` plus that component's options, whose defaults live on the component's `Options` class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
+from cattrs.v import transform_error
+
+from ctcore.components import KINDS
+from ctcore.errors import RecipeError, did_you_mean, unknown_name_message
+
+if typing.TYPE_CHECKING:
+    from ctcore.registry import Registry
+
+
+def _check(cond: Any, message: str) -> Any:
+    def validator(_inst: object, attr: attrs.Attribute, value: Any) -> None:
+        if not cond(value):
+            raise ValueError(f"{attr.name}: {message}, got {value!r}")
+
+    return validator
+
+
+_positive = _check(lambda v: v > 0, "must be > 0")
+_non_negative = _check(lambda v: v >= 0, "must be >= 0")
+_at_least_one = _check(lambda v: v >= 1, "must be >= 1")
+_unit = _check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+
+
+@attrs.frozen
+class RunSection:
+    """Where the run lives and how it is seeded."""
+
+    name: str = "run"
+    output_dir: str = ""
+    """Empty means runs/<name>, relative to the working directory."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@attrs.frozen
+class DataSection:
+    """Training data: the built-in synthetic set (no download) or an HDF5 file."""
+
+    source: Literal["synthetic", "hdf5"] = "synthetic"
+    path: str = ""
+    """HDF5 file with uint8 `images` (N, C, H, W) and optional `labels` (source = "hdf5")."""
+    resolution: int = attrs.field(default=8, validator=_at_least_one)
+    """Synthetic data only: image side in pixels."""
+    num_images: int = attrs.field(default=20_000, validator=_at_least_one)
+    """Synthetic data only: how many images to generate."""
+    class_conditional: bool = False
+    """Feed labels to the network (hdf5 files with `labels`, or the synthetic set's glyph index)."""
+    random_flip: bool = False
+    """Random horizontal flips with p = 0.5 (CIFAR-10 in CM and iCT)."""
+
+
+@attrs.frozen
+class ConsistencySection:
+    """The paper's constants (EDM/CM values) and the loss weighting lambda."""
+
+    sigma_min: float = attrs.field(default=0.002, validator=_positive)
+    sigma_max: float = attrs.field(default=80.0, validator=_positive)
+    sigma_data: float = attrs.field(default=0.5, validator=_positive)
+    rho: float = attrs.field(default=7.0, validator=_positive)
+    weighting: Literal["inverse-delta", "uniform"] = "inverse-delta"
+    """iCT: 1 / (sigma_{i+1} - sigma_i); CT: uniform (lambda = 1)."""
+
+
+@attrs.frozen
+class TrainingSection:
+    """Optimizer, eval EMA of the student, precision and the cadence of logs, checkpoints and samples."""
+
+    total_steps: int = attrs.field(default=400_000, validator=_at_least_one)
+    batch_size: int = attrs.field(default=1024, validator=_at_least_one)
+    optimizer: Literal["radam", "adam"] = "radam"
+    lr: float = attrs.field(default=1e-4, validator=_positive)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = attrs.field(default=1e-8, validator=_positive)
+    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
+    warmup_steps: int = attrs.field(default=0, validator=_non_negative)
+    """Linear learning-rate warmup over this many steps (0: none)."""
+    grad_clip: float = attrs.field(default=0.0, validator=_non_negative)
+    """Max global gradient norm (0: no clipping)."""
+    eval_ema_decay: float = attrs.field(default=0.99993, validator=_unit)
+    """Decay of the eval EMA of the student (used for sampling); not the teacher."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the student; auto: off on CPU."""
+    log_every: int = attrs.field(default=100, validator=_at_least_one)
+    checkpoint_every: int = attrs.field(default=10_000, validator=_at_least_one)
+    sample_every: int = attrs.field(default=10_000, validator=_at_least_one)
+    keep_checkpoints: int = attrs.field(default=3, validator=_at_least_one)
+
+
+@attrs.frozen
+class SamplingSection:
+    """Sample grids during training and the default of `ctcore sample`."""
+
+    num_samples: int = attrs.field(default=64, validator=_at_least_one)
+    seed: int = 0
+    """Sample j uses seed + j, so any subset can be regenerated."""
+    sigma_mid: tuple[float, ...] = ()
+    """Intermediate sigmas of multistep sampling: [0.821] is iCT's CIFAR-10 two-step; empty: one step."""
+    clip: bool = True
+    """Clamp every denoised output to [-1, 1]."""
+
+
+@attrs.frozen
+class EvaluationSection:
+    """The distribution distance printed at the start and end of a run (sliced Wasserstein in pixel space)."""
+
+    distance: Literal["sliced-wasserstein", "none"] = "sliced-wasserstein"
+    num_samples: int = attrs.field(default=1000, validator=_at_least_one)
+    num_projections: int = attrs.field(default=256, validator=_at_least_one)
+
+
+CORE_SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "data": DataSection,
+    "consistency": ConsistencySection,
+    "training": TrainingSection,
+    "sampling": SamplingSection,
+    "evaluation": EvaluationSection,
+}
+ALL_SECTIONS: tuple[str, ...] = (*CORE_SECTIONS, *KINDS)
+
+
+@attrs.frozen
+class ComponentSpec:
+    """One component section: its registered name and structured options."""
+
+    name: str
+    options: Any
+
+
+@attrs.frozen
+class Recipe:
+    """A validated recipe: core sections plus one ComponentSpec per kind."""
+
+    run: RunSection
+    data: DataSection
+    consistency: ConsistencySection
+    training: TrainingSection
+    sampling: SamplingSection
+    evaluation: EvaluationSection
+    components: dict[str, ComponentSpec]
+    source: str = "<recipe>"
+
+    def section(self, name: str) -> Any:
+        return self.components[name] if name in KINDS else getattr(self, name)
+
+
+# ---------------------------------------------------------------------------------------------- converter
+
+
+def _type_word(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array",
+            dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _strict_converter() -> cattrs.Converter:
+    """No silent coercion: "false" is not a bool, 1.5 is not an int, 1 is not a bool."""
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+    def s_bool(v: Any, _t: Any) -> bool:
+        if type(v) is not bool:
+            raise TypeError(f"expected true or false, got {v!r} ({_type_word(v)})")
+        return v
+
+    def s_int(v: Any, _t: Any) -> int:
+        if type(v) is not int:
+            raise TypeError(f"expected an integer, got {v!r} ({_type_word(v)})")
+        return v
+
+    def s_float(v: Any, _t: Any) -> float:
+        if type(v) not in (int, float):
+            raise TypeError(f"expected a number, got {v!r} ({_type_word(v)})")
+        if not math.isfinite(v):
+            raise TypeError(f"expected a finite number, got {v!r}")
+        return float(v)
+
+    def s_str(v: Any, _t: Any) -> str:
+        if type(v) is not str:
+            raise TypeError(f"expected a string, got {v!r} ({_type_word(v)})")
+        return v
+
+    def is_literal(t: Any) -> bool:
+        return typing.get_origin(t) is Literal
+
+    def s_literal(v: Any, t: Any) -> Any:
+        choices = typing.get_args(t)
+        if v not in choices or type(v) is not type(choices[0]):
+            msg = f"must be one of {', '.join(repr(c) for c in choices)}; got {v!r}"
+            guess = did_you_mean(v, [str(c) for c in choices]) if isinstance(v, str) else None
+            raise ValueError(msg + (f" (did you mean {guess!r}?)" if guess else ""))
+        return v
+
+    def is_tuple(t: Any) -> bool:
+        return typing.get_origin(t) is tuple
+
+    def s_tuple(v: Any, t: Any) -> tuple:
+        if not isinstance(v, list):
+            raise TypeError(f"expected an array, got {v!r} ({_type_word(v)})")
+        args = typing.get_args(t)
+        if len(args) == 2 and args[1] is Ellipsis:
+            types = [args[0]] * len(v)
+        else:
+            if len(v) != len(args):
+                raise ValueError(f"expected an array of {len(args)} values, got {len(v)}")
+            types = list(args)
+        out, errors = [], []
+        for i, (item, ty) in enumerate(zip(v, types, strict=True)):
+            try:
+                out.append(conv.structure(item, ty))
+            except Exception as exc:
+                exc.add_note(IterableValidationNote(f"Structuring index {i}", i, ty))
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError("array", errors, t)
+        return tuple(out)
+
+    conv.register_structure_hook(bool, s_bool)
+    conv.register_structure_hook(int, s_int)
+    conv.register_structure_hook(float, s_float)
+    conv.register_structure_hook(str, s_str)
+    conv.register_structure_hook_func(is_literal, s_literal)
+    conv.register_structure_hook_func(is_tuple, s_tuple)
+    return conv
+
+
+def _messages(exc: BaseException, prefix: str) -> list[str]:
+    """Flatten a cattrs error (tree) into `section.key: message` lines."""
+    if not isinstance(exc, ClassValidationError | IterableValidationError):
+        return [f"{prefix}: {exc}"]
+    out = []
+    for line in transform_error(exc, path="$", format_exception=lambda e, _t: str(e)):
+        message, _, where = line.rpartition(" @ ")
+        path = where.removeprefix("$").lstrip(".")
+        out.append(f"{prefix}{path}: {message}")
+    return out
+
+
+def _structure(conv: cattrs.Converter, data: dict[str, Any], cls: type, prefix: str) -> tuple[Any, list[str]]:
+    """Structure one section field by field, so every bad key, type and value is reported, not the first."""
+    attrs.resolve_types(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            guess = did_you_mean(key, list(fields))
+            hint = f"; did you mean {guess!r}?" if guess else f" (known keys: {', '.join(fields) or 'none'})"
+            problems.append(f"{prefix}.{key}: unknown key{hint}")
+            continue
+        try:
+            values[key] = conv.structure(value, field.type)
+        except Exception as exc:
+            problems += _messages(exc, f"{prefix}.{key}")
+            continue
+        if field.validator is not None:
+            try:
+                field.validator(None, field, values[key])
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{prefix}.{exc}")
+    if problems:
+        return None, problems
+    try:
+        return cls(**values), []
+    except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__ ("key: message")
+        return None, [f"{prefix}.{exc}"]
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_recipe(path: str | Path, registry: Registry) -> Recipe:
+    """Read and validate a recipe file; raises RecipeError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(str(path), ["file not found: check the path (recipes live in recipes/)"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(str(path), [f"cannot read the file: {exc}"]) from None
+    return parse_recipe(text, registry, source=str(path))
+
+
+def parse_recipe(text: str, registry: Registry, source: str = "<recipe>") -> Recipe:
+    """Validate recipe text (TOML) against the core sections and the registry's components."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(source, [f"invalid TOML: {exc}"]) from None
+    conv = _strict_converter()
+    problems: list[str] = []
+    for key, value in data.items():
+        if key not in ALL_SECTIONS:
+            guess = did_you_mean(key, ALL_SECTIONS)
+            hint = f"; did you mean [{guess}]?" if guess else f" (sections: {', '.join(ALL_SECTIONS)})"
+            problems.append(f"{key}: unknown section{hint}")
+        elif not isinstance(value, dict):
+            problems.append(f"{key}: expected a table [{key}], got {_type_word(value)}")
+    sections: dict[str, Any] = {}
+    for name, cls in CORE_SECTIONS.items():
+        raw = data.get(name, {})
+        if isinstance(raw, dict):
+            sections[name], found = _structure(conv, raw, cls, name)
+            problems += found
+    components: dict[str, ComponentSpec] = {}
+    for kind in KINDS:
+        raw = data.get(kind)
+        if raw is None:
+            choices = ", ".join(registry.names(kind)) or "none installed"
+            problems.append(f"{kind}: missing section; add [{kind}] with name = one of: {choices}")
+            continue
+        if not isinstance(raw, dict):
+            continue
+        raw = dict(raw)
+        name = raw.pop("name", None)
+        if name is None:
+            problems.append(f"{kind}.name: missing; one of: {', '.join(registry.names(kind))}")
+            continue
+        if not isinstance(name, str):
+            problems.append(f"{kind}.name: expected a string, got {name!r} ({_type_word(name)})")
+            continue
+        if name not in registry.names(kind):
+            problems.append(f"{kind}.name: {unknown_name_message(kind.replace('_', ' '), name, registry.names(kind))}")
+            continue
+        options, found = _structure(conv, raw, registry.get(kind, name).Options, kind)
+        problems += found
+        components[kind] = ComponentSpec(name, options)
+    problems += _cross_checks(sections)
+    if problems:
+        raise RecipeError(source, problems)
+    return Recipe(components=components, source=source, **sections)
+
+
+def _cross_checks(s: dict[str, Any]) -> list[str]:
+    """Checks across keys and sections; each runs when the sections it reads parsed cleanly."""
+    problems = []
+    c, sampling, training, data = (s.get(k) for k in ("consistency", "sampling", "training", "data"))
+    if c is not None and c.sigma_min >= c.sigma_max:
+        problems.append(f"consistency.sigma_min: must be < sigma_max ({c.sigma_max}), got {c.sigma_min}")
+    if c is not None and sampling is not None:
+        mids = sampling.sigma_mid
+        if any(not c.sigma_min < m < c.sigma_max for m in mids):
+            problems.append(f"sampling.sigma_mid: every value must lie in (sigma_min, sigma_max), got {list(mids)}")
+        if any(b >= a for a, b in zip(mids, mids[1:], strict=False)):
+            problems.append(f"sampling.sigma_mid: values must decrease, got {list(mids)}")
+    if training is not None and any(not 0.0 <= b < 1.0 for b in training.betas):
+        problems.append(f"training.betas: each must be in [0, 1), got {list(training.betas)}")
+    if data is not None and data.source == "hdf5" and not data.path:
+        problems.append('data.path: required when data.source = "hdf5" (the HDF5 file to train on)')
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return f"{v:_}" if abs(v) >= 10_000 else str(v)
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string literal is a valid TOML basic string, escapes included
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def _section_lines(header: str, items: list[tuple[str, Any]]) -> list[str]:
+    lines = [f"[{header}]"]
+    for key, value in items:
+        lines.append(f"# {key} = (not set: the component's computed default)" if value is None
+                     else f"{key} = {_toml_value(value)}")
+    return lines
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as TOML, every default filled in; reading it back gives the same recipe."""
+    blocks = [f"# resolved from {recipe.source}"]
+    for name in ALL_SECTIONS:
+        if name in KINDS:
+            spec = recipe.components[name]
+            items = [("name", spec.name), *attrs.asdict(spec.options, recurse=False).items()]
+        else:
+            items = list(attrs.asdict(getattr(recipe, name), recurse=False).items())
+        blocks.append("\n".join(_section_lines(name, items)))
+    return "\n\n".join(blocks) + "\n"

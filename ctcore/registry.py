@@ -1,0 +1,191 @@
+"""Builds the component registry from the `ctcore` entry-point group (the only discovery path).
+
+A fresh pluggy PluginManager is made on every `load_registry()` call, never at import time, so tests and
+programs never share hidden state.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import re
+from typing import Any
+
+import attrs
+import pluggy
+
+from ctcore import hookspecs
+from ctcore.components import CONTEXT_KEYS, HOOKS, KINDS, BuildContext
+from ctcore.errors import PluginError, UnknownComponentError, UsageError, unknown_name_message
+
+ENTRY_POINT_GROUP = "ctcore"
+DISABLE_ENV = "CTCORE_DISABLE_PLUGINS"
+"""Comma-separated entry-point or distribution names to skip, e.g. CTCORE_DISABLE_PLUGINS=ctcore-example."""
+
+_NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+@attrs.frozen
+class Provider:
+    """Where a component comes from: the distribution that registered its entry point."""
+
+    distribution: str
+    version: str
+    entry_point: str
+    module: str
+
+
+@attrs.frozen
+class PluginLoadFailure:
+    """An entry point that failed to load; the registry still works without it."""
+
+    entry_point: str
+    distribution: str
+    error: str
+
+    def message(self) -> str:
+        return (
+            f"plugin {self.entry_point!r} from {self.distribution} failed to load ({self.error}); "
+            f"it is skipped. Fix or uninstall it, or set {DISABLE_ENV}={self.entry_point} to silence this."
+        )
+
+
+class Registry:
+    """Component classes by kind and name, with the distribution that provides each."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, dict[str, type]] = {k: {} for k in KINDS}
+        self._providers: dict[tuple[str, str], Provider] = {}
+        self.failures: list[PluginLoadFailure] = []
+        self.plugin_manager: pluggy.PluginManager | None = None
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in KINDS:
+            raise UsageError(unknown_name_message("component kind", kind, list(KINDS)))
+
+    def names(self, kind: str) -> list[str]:
+        """Sorted component names of one kind."""
+        self._check_kind(kind)
+        return sorted(self._classes[kind])
+
+    def get(self, kind: str, name: str) -> type:
+        """The class registered as `name`; unknown names raise with a did-you-mean and the available list."""
+        self._check_kind(kind)
+        try:
+            return self._classes[kind][name]
+        except KeyError:
+            raise UnknownComponentError(kind, name, self.names(kind)) from None
+
+    def provider(self, kind: str, name: str) -> Provider:
+        self.get(kind, name)
+        return self._providers[(kind, name)]
+
+    def create(self, kind: str, name: str, /, **kwargs: Any) -> Any:
+        """Build a component: keyword arguments named like BuildContext fields form the context, the rest
+        are options (e.g. `create("curriculum", "exponential", total_steps=400_000, s0=10)`)."""
+        cls = self.get(kind, name)
+        context = BuildContext(**{k: kwargs.pop(k) for k in CONTEXT_KEYS if k in kwargs})
+        known = [f.name for f in attrs.fields(cls.Options)]
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            raise UsageError(f"{kind} {name!r}: unknown options {unknown} (its options: {', '.join(known) or 'none'})")
+        try:
+            return cls(cls.Options(**kwargs), context)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{kind} {name!r}: {exc}") from None
+
+    def add(self, kind: str, cls: type, provider: Provider) -> None:
+        """Register one class, validating its shape; a duplicate name names both providers."""
+        self._check_kind(kind)
+        where = f"{provider.distribution} (entry point {provider.entry_point!r})"
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise PluginError(f"{where} registers a {kind} class {cls!r} without a kebab-case `name` attribute")
+        if not isinstance(getattr(cls, "summary", None), str):
+            raise PluginError(f"{kind} {name!r} from {where} has no `summary` string")
+        options = getattr(cls, "Options", None)
+        if options is None or not attrs.has(options):
+            raise PluginError(f"{kind} {name!r} from {where} has no attrs `Options` class")
+        clash = [f.name for f in attrs.fields(options) if f.name in CONTEXT_KEYS or f.name == "name"]
+        if clash:
+            raise PluginError(f"{kind} {name!r} from {where}: option names {clash} are reserved")
+        if name in self._classes[kind]:
+            other = self._providers[(kind, name)]
+            raise PluginError(
+                f"{kind} {name!r} is registered twice: by {other.distribution} (entry point "
+                f"{other.entry_point!r}) and by {where}. Uninstall one, or disable one with {DISABLE_ENV}."
+            )
+        self._classes[kind][name] = cls
+        self._providers[(kind, name)] = provider
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per component: kind, name, summary, provider, options with defaults."""
+        out = []
+        for kind in KINDS:
+            for name in self.names(kind):
+                cls, prov = self._classes[kind][name], self._providers[(kind, name)]
+                out.append(
+                    {
+                        "kind": kind,
+                        "name": name,
+                        "summary": cls.summary,
+                        "distribution": prov.distribution,
+                        "version": prov.version,
+                        "options": {f.name: _default(f) for f in attrs.fields(cls.Options)},
+                    }
+                )
+        return out
+
+
+def _default(field: attrs.Attribute) -> Any:
+    d = field.default
+    if isinstance(d, attrs.Factory):  # type: ignore[arg-type]
+        d = d.factory()
+    return list(d) if isinstance(d, tuple) else d
+
+
+def _disabled() -> set[str]:
+    return {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
+
+
+def load_registry() -> Registry:
+    """Discover plugins through the `ctcore` entry-point group and collect their components.
+
+    A plugin that fails to import is recorded in `registry.failures` (and named by the CLI); the rest still
+    work. Duplicate names and malformed classes raise `PluginError`.
+    """
+    registry = Registry()
+    pm = pluggy.PluginManager("ctcore")
+    pm.add_hookspecs(hookspecs)
+    registry.plugin_manager = pm
+    disabled = _disabled()
+    eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value))
+    seen: set[tuple[str, str]] = set()
+    for ep in eps:
+        dist = ep.dist.name if ep.dist is not None else "<unknown distribution>"
+        version = ep.dist.version if ep.dist is not None else "?"
+        if (dist, ep.name) in seen:  # the same distribution found twice on sys.path
+            continue
+        seen.add((dist, ep.name))
+        if ep.name in disabled or dist in disabled:
+            continue
+        plugin = None
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=f"{dist}:{ep.name}")
+            pm.check_pending()  # a misspelt hook name is a broken plugin, not a silent no-op
+            found = {
+                kind: [cls for impl in getattr(pm.hook, hook).get_hookimpls() if impl.plugin is plugin
+                       for cls in (impl.function() or [])]
+                for kind, hook in HOOKS.items()
+            }
+        except Exception as exc:  # a broken plugin must not take the registry down
+            if plugin is not None and pm.is_registered(plugin):
+                pm.unregister(plugin)
+            registry.failures.append(PluginLoadFailure(ep.name, dist, f"{type(exc).__name__}: {exc}"))
+            continue
+        provider = Provider(dist, version, ep.name, getattr(plugin, "__name__", ep.value))
+        for kind, classes in found.items():
+            for cls in classes:
+                registry.add(kind, cls, provider)
+    return registry

@@ -1,0 +1,417 @@
+"""Contract checks for component authors; the builtins' tests run the same checks.
+
+Call `check_component(kind, cls)` from a plugin's own tests. Every check builds tiny tensors, runs in well
+under a second for small components, and raises `AssertionError` naming the class and the broken rule.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+from torch import nn
+
+from ctcore.components import CONTEXT_KEYS, KINDS, NOISE_CONVENTIONS, BuildContext
+from ctcore.consistency import karras_sigmas
+from ctcore.errors import CtcoreError
+
+if TYPE_CHECKING:
+    from ctcore.registry import Registry
+
+__all__ = [
+    "check_all",
+    "check_component",
+    "check_component_class",
+    "check_curriculum",
+    "check_metric",
+    "check_network",
+    "check_noise_schedule",
+    "check_teacher",
+]
+
+_NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_RESERVED_OPTIONS = (*CONTEXT_KEYS, "name")
+"""Context keys travel beside the options in `Registry.create`; `name` selects the component in a recipe."""
+
+
+def _fail(cls: type, problem: str) -> AssertionError:
+    return AssertionError(f"{getattr(cls, '__qualname__', cls)!s}: {problem}")
+
+
+def _build(cls: type, context: BuildContext, options: dict[str, Any]) -> Any:
+    """Construct a component the way the core does: `cls(cls.Options(**options), context)`."""
+    return cls(cls.Options(**options), context)
+
+
+def _option_names(cls: type) -> list[str]:
+    return [f.name for f in attrs.fields(cls.Options)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Class shape (every kind)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_component_class(kind: str, cls: type) -> None:
+    """Check the class attributes every component needs: `name`, `summary` and a frozen attrs `Options`."""
+    if kind not in KINDS:
+        raise AssertionError(f"unknown component kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if not isinstance(cls, type):
+        raise _fail(cls, f"a {kind} component must be a class, got {type(cls).__name__}")
+
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str):
+        raise _fail(cls, f"needs a class attribute `name` (str), got {name!r}")
+    if not _NAME_RE.match(name):
+        raise _fail(cls, f"`name` must be kebab-case (lowercase letters, digits, hyphens), got {name!r}")
+
+    summary = getattr(cls, "summary", None)
+    if not isinstance(summary, str) or not summary.strip():
+        raise _fail(cls, f"needs a class attribute `summary` (non-empty str), got {summary!r}")
+    if "\n" in summary.strip():
+        raise _fail(cls, f"`summary` must be one line, got {summary!r}")
+
+    options = getattr(cls, "Options", None)
+    if not isinstance(options, type) or not attrs.has(options):
+        raise _fail(cls, "needs a nested attrs class `Options` (decorate it with @attrs.frozen)")
+    fields = attrs.fields(options)
+    missing = [f.name for f in fields if f.default is attrs.NOTHING]
+    if missing:
+        raise _fail(cls, f"every option needs a default so a recipe may omit it; no default: {missing}")
+    reserved = [f.name for f in fields if f.name in _RESERVED_OPTIONS]
+    if reserved:
+        raise _fail(cls, f"option names {reserved} are reserved (context keys and `name`)")
+    try:
+        defaults = options()
+    except Exception as exc:
+        raise _fail(cls, f"`Options()` with all defaults fails: {type(exc).__name__}: {exc}") from exc
+    probe = fields[0].name if fields else "_ctcore_probe"
+    try:
+        setattr(defaults, probe, getattr(defaults, probe, None))
+    except attrs.exceptions.FrozenInstanceError:
+        pass
+    except AttributeError:  # slotted but not frozen: assigning an unknown attribute fails differently
+        raise _fail(cls, "`Options` must be frozen (use @attrs.frozen)") from None
+    else:
+        raise _fail(cls, "`Options` must be frozen (use @attrs.frozen): options are shared, never changed")
+
+    if kind == "network":
+        conv = getattr(cls, "noise_conditioning", None)
+        if conv not in NOISE_CONVENTIONS:
+            raise _fail(cls, f"`noise_conditioning` must be one of {sorted(NOISE_CONVENTIONS)}, got {conv!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _network_inputs(
+    cls: type, data_shape: tuple[int, ...], num_classes: int, batch: int = 3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x = torch.randn(batch, *data_shape)
+    sigma = torch.tensor([0.002, 1.0, 80.0])[:batch]
+    c_noise = NOISE_CONVENTIONS[cls.noise_conditioning] * torch.log(sigma)
+    labels = torch.randint(0, num_classes, (batch,)) if num_classes > 0 else None
+    return x, c_noise, labels
+
+
+def _check_network_forward(cls: type, net: nn.Module, data_shape: tuple[int, ...], num_classes: int) -> None:
+    """Output shape, finiteness and gradient flow for one built network."""
+    x, c_noise, labels = _network_inputs(cls, data_shape, num_classes)
+    net.train()
+    out = net(x, c_noise, labels)
+    where = f"forward(x, c_noise, labels) with num_classes={num_classes}"
+    if not isinstance(out, torch.Tensor):
+        raise _fail(cls, f"{where} must return a tensor, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise _fail(cls, f"{where} must return the shape of x {tuple(x.shape)}, got {tuple(out.shape)}")
+    if not out.is_floating_point() or not torch.isfinite(out).all():
+        raise _fail(cls, f"{where} returned non-finite or non-float values")
+
+    # A random projection, so a zero-initialised output layer still passes gradient to its own weights.
+    (out * torch.randn_like(out)).sum().backward()
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    if not params:
+        raise _fail(cls, "has no trainable parameters")
+    unreached = [n for n, p in params if p.grad is None]
+    if unreached:
+        raise _fail(cls, f"{where}: no gradient reaches parameters {unreached} (unused parameters)")
+    if not all(torch.isfinite(p.grad).all() for _, p in params):
+        raise _fail(cls, f"{where}: non-finite gradients")
+    if not any(p.grad.abs().sum() > 0 for _, p in params):
+        raise _fail(cls, f"{where}: every parameter gradient is zero")
+
+
+def _check_network_dropout(cls: type, options: dict[str, Any], data_shape: tuple[int, ...]) -> None:
+    """With dropout on, restoring the RNG state must reproduce the mask (the teacher reuses the student's)."""
+    net = _build(cls, BuildContext(data_shape=data_shape), {**options, "dropout": 0.5})
+    with torch.no_grad():  # perturb a possibly zero-initialised output so that dropout shows in it
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    net.train()
+    x, c_noise, labels = _network_inputs(cls, data_shape, 0)
+    state = torch.get_rng_state()
+    first = net(x, c_noise, labels)
+    torch.set_rng_state(state)
+    with torch.no_grad():
+        again = net(x, c_noise, labels)
+    if not torch.equal(first.detach(), again):
+        raise _fail(cls, "two train-mode forwards from the same RNG state differ; dropout must draw its "
+                         "masks from torch's global generator so the core can share them with the teacher")
+    with torch.no_grad():
+        other = net(x, c_noise, labels)
+    if torch.equal(other, again):
+        raise _fail(cls, "option dropout=0.5 has no effect in train mode")
+
+
+def check_network(
+    cls: type, data_shape: tuple[int, ...] = (3, 8, 8), num_classes: int = 0, **options: Any
+) -> None:
+    """Check a network: an nn.Module whose forward(x, c_noise, labels) keeps x's shape and trains."""
+    data_shape = tuple(data_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = _build(cls, BuildContext(data_shape=data_shape, num_classes=num_classes), options)
+        if not isinstance(net, nn.Module):
+            raise _fail(cls, f"a network must be a torch.nn.Module, got {type(net).__name__}")
+        _check_network_forward(cls, net, data_shape, num_classes)
+
+        if num_classes == 0:  # class-conditional use too, when the network supports it
+            try:
+                conditional = _build(cls, BuildContext(data_shape=data_shape, num_classes=3), options)
+            except (ValueError, NotImplementedError, CtcoreError):
+                conditional = None  # the network declines class labels when it is built
+            if conditional is not None:
+                _check_network_forward(cls, conditional, data_shape, 3)
+
+        if "dropout" in _option_names(cls):
+            _check_network_dropout(cls, options, data_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_metric_values(cls: type, metric: nn.Module, data_shape: tuple[int, ...], when: str) -> None:
+    x = torch.randn(3, *data_shape, requires_grad=True)
+    y = torch.randn(3, *data_shape)
+    d = metric(x, y)
+    if not isinstance(d, torch.Tensor) or d.shape != (3,):
+        got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+        raise _fail(cls, f"{when}: d(x, y) must have shape (batch,) = (3,), got {got}")
+    if not torch.isfinite(d).all():
+        raise _fail(cls, f"{when}: d(x, y) is not finite: {d.tolist()}")
+    if (d < 0).any():
+        raise _fail(cls, f"{when}: d(x, y) must be non-negative, got {d.tolist()}")
+    if not d.requires_grad:
+        raise _fail(cls, f"{when}: d(x, y) must be differentiable in x, but it does not require grad")
+    d.sum().backward()
+    if x.grad is None or not torch.isfinite(x.grad).all() or not (x.grad != 0).any():
+        raise _fail(cls, f"{when}: d(x, y) must be differentiable in x with a finite, non-zero gradient")
+    with torch.no_grad():
+        same = metric(x.detach(), x.detach().clone())
+    if same.shape != (3,) or not torch.allclose(same, torch.zeros(3), atol=1e-6):
+        raise _fail(cls, f"{when}: d(x, x) must be 0 for every sample, got {same.tolist()}")
+
+
+def check_metric(cls: type, data_shape: tuple[int, ...] = (3, 8, 8), **options: Any) -> None:
+    """Check a metric: d(x, y) is per-sample, non-negative, zero on x == y, differentiable, shape-agnostic."""
+    data_shape = tuple(data_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        metric = _build(cls, BuildContext(data_shape=data_shape), options)
+        if not isinstance(metric, nn.Module):
+            raise _fail(cls, f"a metric must be a torch.nn.Module, got {type(metric).__name__}")
+        _check_metric_values(cls, metric, data_shape, f"with data_shape={data_shape}")
+        try:  # the core may not know the data shape: sizes must then come from the inputs
+            unshaped = _build(cls, BuildContext(data_shape=None), options)
+            _check_metric_values(cls, unshaped, data_shape, "with data_shape=None")
+        except AssertionError:
+            raise
+        except Exception as exc:
+            raise _fail(cls, f"fails with data_shape=None: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Noise schedules
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_noise_schedule(cls: type, **options: Any) -> None:
+    """Check a noise schedule on Karras grids: valid probabilities, in-range and reproducible indices."""
+    schedule = _build(cls, BuildContext(), options)
+    for n in (2, 11, 161, 1281):
+        sigmas = karras_sigmas(n)
+        p = schedule.probabilities(sigmas)
+        if not isinstance(p, torch.Tensor) or p.shape != (n - 1,):
+            got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+            raise _fail(cls, f"probabilities() of a {n}-point grid must have shape ({n - 1},), got {got}")
+        p64 = p.to(torch.float64)
+        if not torch.isfinite(p64).all() or (p64 < 0).any():
+            raise _fail(cls, f"probabilities() of a {n}-point grid must be finite and non-negative")
+        total = p64.sum().item()
+        if abs(total - 1.0) > 1e-9:
+            raise _fail(cls, f"probabilities() of a {n}-point grid sums to {total!r}, not 1 within 1e-9 "
+                             "(normalise in float64)")
+
+        idx = schedule.sample(sigmas, 4096, torch.Generator().manual_seed(0))
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.shape != (4096,):
+            got = (idx.dtype, tuple(idx.shape)) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise _fail(cls, f"sample(sigmas, 4096, generator) must give 4096 int64 indices, got {got}")
+        if idx.min() < 0 or idx.max() > n - 2:
+            raise _fail(cls, f"sample() indices must lie in [0, {n - 2}] for {n} sigmas, got "
+                             f"[{idx.min().item()}, {idx.max().item()}]")
+        again = schedule.sample(sigmas, 4096, torch.Generator().manual_seed(0))
+        if not torch.equal(idx, again):
+            raise _fail(cls, "sample() must draw only from its generator: the same seed gave other indices")
+
+        if n == 11:  # the draws follow `probabilities` (generous bound; the seed makes it deterministic)
+            freq = torch.bincount(idx, minlength=n - 1).to(torch.float64) / idx.numel()
+            bound = 5 * torch.sqrt(p64 * (1 - p64) / idx.numel()) + 0.005
+            if ((freq - p64).abs() > bound).any():
+                raise _fail(cls, f"sample() frequencies {freq.tolist()} do not follow {p64.tolist()}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Curricula
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_curriculum(cls: type, total_steps: int = 1000, **options: Any) -> None:
+    """Check a curriculum: num_scales(step) is an int >= 2, non-decreasing from step 0 to past the end."""
+    curriculum = _build(cls, BuildContext(total_steps=total_steps), options)
+    grid = {round(i * total_steps / 199) for i in range(200)}
+    steps = sorted(grid | {0, total_steps, total_steps + 1, 2 * total_steps, 10 * total_steps})
+    previous, previous_step = 0, None
+    for step in steps:
+        n = curriculum.num_scales(step)
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise _fail(cls, f"num_scales({step}) must return an int, got {type(n).__name__}")
+        if n < 2:
+            raise _fail(cls, f"num_scales({step}) must be >= 2 (a sigma grid needs two points), got {n}")
+        if n < previous:
+            raise _fail(cls, f"num_scales must be non-decreasing: num_scales({previous_step}) = {previous} "
+                             f"but num_scales({step}) = {n}")
+        previous, previous_step = n, step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Teachers
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _TinyStudent(nn.Module):
+    """A two-layer student with a buffer, standing in for a real network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.silu(self.fc1(x))) * self.scale
+
+
+def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, torch.Tensor):
+            if not isinstance(other, torch.Tensor) or not torch.equal(value, other):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+def check_teacher(cls: type, **options: Any) -> None:
+    """Check a teacher rule: bind, decay in [0, 1), update, frozen teacher weights, state_dict roundtrip."""
+    context = BuildContext()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        student = _TinyStudent()
+        teacher = _build(cls, context, options)
+        teacher.bind(student)
+        network = getattr(teacher, "network", None)
+        if not isinstance(network, nn.Module):
+            raise _fail(cls, f"bind(student) must set `self.network`, got {type(network).__name__}")
+        if network is not student and any(p.requires_grad for p in network.parameters()):
+            raise _fail(cls, "a teacher network other than the student must not require grad")
+
+        for step, num_scales in ((0, 2), (0, 11), (1000, 161), (100_000, 1281)):
+            mu = teacher.decay(step, num_scales)
+            if not isinstance(mu, float | int) or isinstance(mu, bool) or not 0.0 <= mu < 1.0:
+                raise _fail(cls, f"decay({step}, {num_scales}) must be a number in [0, 1), got {mu!r}")
+
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(1.0)
+        teacher.update(student, 1, 11)
+        network = teacher.network
+        if not all(torch.isfinite(p).all() for p in network.parameters()):
+            raise _fail(cls, "update() left non-finite teacher weights")
+        if not all(p.requires_grad for p in student.parameters()):
+            raise _fail(cls, "bind() or update() stopped the student's own parameters from requiring grad")
+        if teacher.decay(1, 11) == 0:
+            pairs = zip(network.parameters(), student.parameters(), strict=True)
+            if not all(torch.equal(t, s) for t, s in pairs):
+                raise _fail(cls, "with decay 0 the teacher must equal the student after update()")
+
+        state = teacher.state_dict()
+        if not isinstance(state, dict):
+            raise _fail(cls, f"state_dict() must return a dict, got {type(state).__name__}")
+        if teacher.network is student and state:
+            raise _fail(cls, "state_dict() must be empty when the teacher is the student itself")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        try:
+            restored = torch.load(buffer, weights_only=True)
+        except Exception as exc:
+            raise _fail(cls, f"state_dict() must load with torch.load(weights_only=True): {exc}") from exc
+        fresh = _build(cls, context, options)
+        fresh.bind(_TinyStudent())
+        fresh.load_state_dict(restored)
+        if not _same_state(state, fresh.state_dict()):
+            raise _fail(cls, "load_state_dict(state_dict()) on a freshly bound teacher loses state")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------------
+
+_CHECKS = {
+    "network": check_network,
+    "metric": check_metric,
+    "noise_schedule": check_noise_schedule,
+    "curriculum": check_curriculum,
+    "teacher": check_teacher,
+}
+
+
+def check_component(kind: str, cls: type, **kwargs: Any) -> None:
+    """Run the class-shape check, then the behaviour check for `kind` (kwargs go to the latter)."""
+    check_component_class(kind, cls)
+    _CHECKS[kind](cls, **kwargs)
+
+
+def check_all(registry: Registry) -> None:
+    """Check every component of a `ctcore.registry.Registry` with default options; report all failures."""
+    failures = []
+    for kind in KINDS:
+        for name in registry.names(kind):
+            try:
+                check_component(kind, registry.get(kind, name))
+            except Exception as exc:
+                where = registry.provider(kind, name).distribution
+                failures.append(f"{kind} {name!r} from {where}: {type(exc).__name__}: {exc}")
+    if failures:
+        raise AssertionError(f"{len(failures)} component(s) break the contract:\n" + "\n".join(failures))
+

@@ -1,0 +1,460 @@
+"""Build a run from a recipe, and the training loop: read it top to bottom.
+
+One step: N(k) from the curriculum -> sigma grid -> pair indices from the noise schedule -> consistency loss
+(student at sigma_{i+1}, teacher at sigma_i, same z, same dropout mask) -> optimizer step -> teacher update ->
+eval-EMA update. Checkpoints hold everything needed to resume bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+import ctcore
+from ctcore.components import KINDS, BuildContext
+from ctcore.consistency import consistency_loss, denoise, karras_sigmas
+from ctcore.data import ImageData, load_data, to_uint8
+from ctcore.errors import RunError, UsageError
+from ctcore.evaluation import sliced_wasserstein
+from ctcore.recipe import Recipe, dump_recipe, parse_recipe
+from ctcore.registry import Registry
+
+CHECKPOINT_FORMAT = "ctcore-checkpoint-1"
+
+
+@attrs.define(eq=False)
+class Run:
+    """Everything a training run holds; `build_run` makes it, `train` advances it."""
+
+    recipe: Recipe
+    registry: Registry
+    out_dir: Path
+    device: torch.device
+    data: ImageData
+    student: nn.Module
+    eval_ema: nn.Module
+    teacher: Any
+    metric: nn.Module
+    noise_schedule: Any
+    curriculum: Any
+    optimizer: torch.optim.Optimizer
+    index_generator: torch.Generator
+    """CPU generator for batch indices, flips and pair indices."""
+    noise_generator: torch.Generator
+    """Generator on the training device for the noise z."""
+    provenance: dict[str, Any]
+    precision: str
+    step: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    initial_distance: float | None = None
+
+    @property
+    def recipe_text(self) -> str:
+        return dump_recipe(self.recipe)
+
+    def denoiser(self, network: nn.Module):
+        """f(x, sigma, labels) for sampling with `network` (normally the eval EMA)."""
+        c = self.recipe.consistency
+        return lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError('run.device is "cuda" but no CUDA device is available; use "auto" or "cpu"')
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def output_dir_for(recipe: Recipe, override: str | Path | None = None) -> Path:
+    return Path(override or recipe.run.output_dir or Path("runs") / recipe.run.name)
+
+
+def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None) -> Run:
+    """Instantiate every component of a recipe (data, networks, teacher, optimizer); writes nothing."""
+    device = resolve_device(recipe.run.device)
+    torch.manual_seed(recipe.run.seed)
+    data = load_data(recipe.data, recipe.run.seed, device)
+    context = BuildContext(data_shape=data.shape, num_classes=data.num_classes,
+                           total_steps=recipe.training.total_steps)
+    built = {}
+    for kind in KINDS:
+        spec = recipe.components[kind]
+        cls = registry.get(kind, spec.name)
+        try:
+            built[kind] = cls(spec.options, context)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{recipe.source}: cannot build {kind} {spec.name!r}: {exc}") from None
+    student = built["network"].to(device)
+    student.train()
+    eval_ema = copy.deepcopy(student).eval().requires_grad_(False)
+    teacher = built["teacher"]
+    teacher.bind(student)
+    t = recipe.training
+    opt_cls = torch.optim.RAdam if t.optimizer == "radam" else torch.optim.Adam
+    extra = {"fused": True} if device.type == "cuda" else {}
+    optimizer = opt_cls(student.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
+                        **extra)
+    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    index_gen = torch.Generator().manual_seed(recipe.run.seed + 1)
+    noise_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 2)
+    provenance = make_provenance(recipe, registry, device, data)
+    return Run(recipe=recipe, registry=registry, out_dir=output_dir_for(recipe, out_dir), device=device, data=data,
+               student=student, eval_ema=eval_ema, teacher=teacher, metric=built["metric"].to(device),
+               noise_schedule=built["noise_schedule"], curriculum=built["curriculum"], optimizer=optimizer,
+               index_generator=index_gen, noise_generator=noise_gen, provenance=provenance, precision=precision)
+
+
+def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, data: ImageData) -> dict[str, Any]:
+    """Versions and the distribution that provided each component, so a checkpoint names what it needs."""
+    components = {}
+    for kind in KINDS:
+        name = recipe.components[kind].name
+        p = registry.provider(kind, name)
+        components[kind] = {"name": name, "distribution": p.distribution, "version": p.version}
+    return {
+        "ctcore": ctcore.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "components": components,
+        "data_shape": list(data.shape),
+        "num_classes": data.num_classes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+    }
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+
+def train_step(run: Run) -> torch.Tensor:
+    """One iteration at step k = run.step; returns the loss (a device tensor, not synchronized)."""
+    r, t = run.recipe, run.recipe.training
+    k = run.step
+    num_scales = run.curriculum.num_scales(k)
+    sigmas = karras_sigmas(num_scales, r.consistency.sigma_min, r.consistency.sigma_max, r.consistency.rho)
+    x, labels = run.data.batch(t.batch_size, run.index_generator)
+    pair = run.noise_schedule.sample(sigmas, t.batch_size, run.index_generator).to(run.device)
+    z = torch.randn(x.shape, generator=run.noise_generator, device=run.device)
+    if t.warmup_steps > 0:
+        for group in run.optimizer.param_groups:
+            group["lr"] = t.lr * min(1.0, (k + 1) / t.warmup_steps)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
+        loss, _ = consistency_loss(
+            run.student, run.teacher.network, run.metric, x, labels, sigmas.to(run.device), pair, z,
+            weighting=r.consistency.weighting, sigma_min=r.consistency.sigma_min,
+            sigma_data=r.consistency.sigma_data,
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.student.parameters(), t.grad_clip)
+    run.optimizer.step()
+    run.teacher.update(run.student, k, num_scales)
+    update_ema(run.eval_ema, run.student, t.eval_ema_decay)
+    run.step = k + 1
+    return loss.detach()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model (parameters); buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers(), strict=True):
+        eb.copy_(mb)
+
+
+# ------------------------------------------------------------------------------------ the training loop
+
+
+def train(run: Run, *, stop_at: int | None = None, progress: bool = True, console=None) -> dict[str, Any]:
+    """Train from run.step to training.total_steps (or `stop_at`), logging, checkpointing and sampling.
+
+    Returns a summary dict (final step, mean loss of the last interval, distances, run time).
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    if run.device.type == "cpu":
+        # Tiny weight updates from zero-initialised layers produce denormal floats, which run ~7x slower
+        # on x86 CPUs during the first hundred steps; flushing them to zero changes no result that matters.
+        torch.set_flush_denormal(True)
+    t = run.recipe.training
+    end = min(t.total_steps, stop_at) if stop_at is not None else t.total_steps
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    stats = open(run.out_dir / "stats.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    summary: dict[str, Any] = {"start_step": run.step}
+    started = time.perf_counter()
+    try:
+        if run.initial_distance is None and run.step == 0:
+            run.initial_distance = evaluate_distance(run)
+            if run.initial_distance is not None:
+                _log(stats, {"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
+        loss_acc = torch.zeros((), device=run.device, dtype=torch.float64)
+        acc_count = 0
+        last_time, last_step = time.perf_counter(), run.step
+        last_loss = None
+        with _progress(progress, console) as bar:
+            task = bar.add_task("training", total=end, completed=run.step, loss="-", scales="-", speed="-")
+            while run.step < end:
+                loss = train_step(run)
+                loss_acc += loss.double()
+                acc_count += 1
+                bar.update(task, completed=run.step)
+                k = run.step
+                if k % t.log_every == 0 or k == end:
+                    now = time.perf_counter()
+                    run.loss_sum += float(loss_acc)
+                    run.loss_count += acc_count
+                    loss_acc.zero_()
+                    acc_count = 0
+                    last_loss = run.loss_sum / max(run.loss_count, 1)
+                    speed = (k - last_step) * t.batch_size / max(now - last_time, 1e-9)
+                    n = run.curriculum.num_scales(k - 1)
+                    _log(stats, {"step": k, "loss": last_loss, "num_scales": n,
+                                 "lr": run.optimizer.param_groups[0]["lr"],
+                                 "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
+                    bar.update(task, loss=f"{last_loss:.4g}", scales=str(n), speed=f"{speed:,.0f}")
+                    run.loss_sum, run.loss_count = 0.0, 0
+                    last_time, last_step = now, k
+                if k % t.sample_every == 0 or k == end:
+                    path = save_samples(run)
+                    _log(stats, {"event": "samples", "step": k, "path": str(path)})
+                if k % t.checkpoint_every == 0 or k == end:
+                    if acc_count:  # keep a partial log interval across a resume
+                        run.loss_sum += float(loss_acc)
+                        run.loss_count += acc_count
+                        loss_acc.zero_()
+                        acc_count = 0
+                    path = save_checkpoint(run)
+                    _log(stats, {"event": "checkpoint", "step": k, "path": str(path)})
+        summary["loss"] = last_loss
+        if run.step >= t.total_steps:
+            final = evaluate_distance(run)
+            summary["final_distance"] = final
+            if final is not None:
+                _log(stats, {"event": "distance", "step": run.step, "sliced_wasserstein": final})
+    finally:
+        stats.close()
+    summary.update(step=run.step, initial_distance=run.initial_distance, seconds=time.perf_counter() - started)
+    return summary
+
+
+def _log(stats, record: dict[str, Any]) -> None:
+    stats.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+    stats.flush()
+
+
+def _progress(enabled: bool, console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("N(k) {task.fields[scales]}"),
+        TextColumn("{task.fields[speed]} img/s"), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=False,
+    )
+
+
+# ------------------------------------------------------------------------------ samples and distances
+
+
+def sampling_plans(recipe: Recipe) -> dict[str, list[float]]:
+    """Name -> sigma list: always one-step, plus multistep when sampling.sigma_mid is set."""
+    sigma_max = recipe.consistency.sigma_max
+    plans = {"1step": [sigma_max]}
+    if recipe.sampling.sigma_mid:
+        plans[f"{1 + len(recipe.sampling.sigma_mid)}step"] = [sigma_max, *recipe.sampling.sigma_mid]
+    return plans
+
+
+def sample_with(run: Run, network: nn.Module, sigmas: list[float], seeds: list[int]) -> torch.Tensor:
+    from ctcore.sampling import generate
+
+    images, _ = generate(run.denoiser(network), run.data.shape, seeds, sigmas, num_classes=run.data.num_classes,
+                         sigma_min=run.recipe.consistency.sigma_min, clip=run.recipe.sampling.clip,
+                         device=run.device, batch_size=max(64, min(1024, run.recipe.training.batch_size)))
+    return images
+
+
+def save_samples(run: Run) -> Path:
+    """A PNG per sampling plan: eval-EMA samples (fixed seeds) next to training images."""
+    from ctcore.images import save_side_by_side
+
+    s = run.recipe.sampling
+    seeds = list(range(s.seed, s.seed + s.num_samples))
+    data = to_uint8(run.data.batch(s.num_samples, torch.Generator().manual_seed(s.seed))[0])
+    path = None
+    for plan, sigmas in sampling_plans(run.recipe).items():
+        images = sample_with(run, run.eval_ema, sigmas, seeds)
+        path = save_side_by_side(images, data, run.out_dir / "samples" / f"step-{run.step:07d}-{plan}.png",
+                                 title=f"step {run.step}, {plan}")
+    return path
+
+
+def evaluate_distance(run: Run) -> float | None:
+    """Sliced Wasserstein distance between one-step eval-EMA samples and training data (None if disabled)."""
+    e = run.recipe.evaluation
+    if e.distance == "none":
+        return None
+    seeds = list(range(10_000_000, 10_000_000 + e.num_samples))
+    samples = sample_with(run, run.eval_ema, [run.recipe.consistency.sigma_max], seeds)
+    data = to_uint8(run.data.batch(e.num_samples, torch.Generator().manual_seed(12345))[0])
+    return sliced_wasserstein(samples.float() / 127.5 - 1, data.float() / 127.5 - 1, e.num_projections)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Checkpoints of a run directory, oldest first."""
+    return sorted(checkpoint_dir(out_dir).glob("ckpt-*.pt"))
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write checkpoints/ckpt-<step>.pt atomically (temporary file, fsync, rename); keep the last K."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": run.step,
+        "student": run.student.state_dict(),
+        "eval_ema": run.eval_ema.state_dict(),
+        "teacher": run.teacher.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+            "index": run.index_generator.get_state(),
+            "noise": run.noise_generator.get_state(),
+        },
+        "loss_sum": run.loss_sum,
+        "loss_count": run.loss_count,
+        "initial_distance": run.initial_distance,
+        "recipe": run.recipe_text,
+        "provenance": run.provenance,
+    }
+    folder = checkpoint_dir(run.out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"ckpt-{run.step:09d}.pt"
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    for old in list_checkpoints(run.out_dir)[: -run.recipe.training.keep_checkpoints]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only=True); a corrupt or foreign file gives one clear RunError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint {str(path)!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(
+            f"checkpoint {str(path)!r} is corrupt or not a ctcore checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); use an earlier file in its checkpoints/ folder"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"checkpoint {str(path)!r} is not a ctcore checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def check_plugins(state: dict[str, Any], registry: Registry, path: Path) -> None:
+    """Every component a checkpoint was trained with must be installed; name the missing distribution."""
+    for kind, info in state["provenance"]["components"].items():
+        if info["name"] not in registry.names(kind):
+            raise RunError(
+                f"checkpoint {str(path)!r} needs {kind} {info['name']!r} from the distribution "
+                f"{info['distribution']!r} (version {info['version']}), which is not installed or is disabled; "
+                f"install it (pip install {info['distribution']}) and try again"
+            )
+
+
+def recipe_from_checkpoint(state: dict[str, Any], registry: Registry, path: Path) -> Recipe:
+    check_plugins(state, registry, path)
+    return parse_recipe(state["recipe"], registry, source=f"{path} (embedded recipe)")
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """Put a run exactly where the checkpoint left it: weights, optimizer, step, every RNG state."""
+    run.student.load_state_dict(state["student"])
+    run.eval_ema.load_state_dict(state["eval_ema"])
+    run.teacher.load_state_dict(state["teacher"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.step = int(state["step"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    run.index_generator.set_state(rng["index"])
+    run.noise_generator.set_state(rng["noise"])
+    run.loss_sum = float(state["loss_sum"])
+    run.loss_count = int(state["loss_count"])
+    run.initial_distance = state["initial_distance"]
+
+
+# ------------------------------------------------------------------------------- starting and resuming
+
+
+def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None) -> Run:
+    """A fresh run in an empty (or new) directory; refuses to touch a directory that holds a run."""
+    target = output_dir_for(recipe, out_dir)
+    if target.exists() and any(target.iterdir()):
+        hint = ("pass --resume to continue it, or " if list_checkpoints(target) else "")
+        raise RunError(
+            f"output directory {str(target)!r} is not empty (it holds an earlier run); {hint}choose another "
+            "directory with --output-dir (or run.output_dir), or delete it"
+        )
+    run = build_run(recipe, registry, target)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "recipe.toml").write_text(run.recipe_text, encoding="utf-8")
+    (target / "provenance.json").write_text(json.dumps(run.provenance, indent=2) + "\n", encoding="utf-8")
+    return run
+
+
+def resume_run(recipe: Recipe | None, registry: Registry, out_dir: str | Path) -> Run:
+    """Continue the run in `out_dir` from its latest checkpoint; a given recipe must match the stored one."""
+    out_dir = Path(out_dir)
+    ckpts = list_checkpoints(out_dir)
+    if not ckpts:
+        raise RunError(f"nothing to resume: {str(checkpoint_dir(out_dir))!r} holds no checkpoint (ckpt-*.pt)")
+    state = load_checkpoint(ckpts[-1])
+    stored = recipe_from_checkpoint(state, registry, ckpts[-1])
+    if recipe is not None:
+        theirs, ours = dump_recipe(stored).splitlines()[1:], dump_recipe(recipe).splitlines()[1:]
+        changed = [f"  {line}" for line in difflib.unified_diff(theirs, ours, "run", "recipe", n=0, lineterm="")
+                   if line[:1] in "+-" and not line.startswith(("---", "+++"))]
+        if changed:
+            raise UsageError(
+                f"{recipe.source} differs from the recipe of the run in {str(out_dir)!r}, so it cannot resume it:\n"
+                + "\n".join(changed) + "\nresume with the run directory instead of a recipe, or start a new run"
+            )
+    run = build_run(attrs.evolve(stored, source=str(out_dir / "recipe.toml")), registry, out_dir)
+    restore(run, state)
+    return run

@@ -1,0 +1,73 @@
+"""Built-in metrics d(x, y): Pseudo-Huber (iCT) and squared L2 (CT)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import attrs
+import torch
+from torch import nn
+
+from ctcore import hookimpl
+from ctcore.components import BuildContext
+
+PSEUDO_HUBER_C_PER_SQRT_DIM = 0.00054
+"""iCT: c = 0.00054 * sqrt(d), d = C*H*W (0.0299 for 3x32x32, 0.0599 for 3x64x64)."""
+
+
+def _positive_or_none(_inst: object, attr: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attr.name}: must be > 0, got {value}")
+
+
+class PseudoHuber(nn.Module):
+    """d(x, y) = sqrt(||x - y||^2 + c^2) - c over all entries of one sample (not element-wise)."""
+
+    name: ClassVar[str] = "pseudo-huber"
+    summary: ClassVar[str] = "iCT Pseudo-Huber distance sqrt(||x-y||^2 + c^2) - c on the whole sample"
+
+    @attrs.frozen
+    class Options:
+        c: float | None = attrs.field(default=None, validator=_positive_or_none)
+        """Omit to use c = 0.00054 * sqrt(C*H*W)."""
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        super().__init__()
+        self.options = options
+        self.c = options.c
+        if self.c is None and context.data_shape is not None:
+            self.c = default_c(math.prod(context.data_shape))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = self.c if self.c is not None else default_c(x[0].numel())
+        sq = (x - y).flatten(1).square().sum(dim=1)
+        return torch.sqrt(sq + c * c) - c
+
+
+def default_c(dim: int) -> float:
+    """The iCT Pseudo-Huber constant for a sample of `dim` entries."""
+    return PSEUDO_HUBER_C_PER_SQRT_DIM * math.sqrt(dim)
+
+
+class SquaredL2(nn.Module):
+    """Squared L2 as in the CM code: mean over entries of (x - y)^2 per sample."""
+
+    name: ClassVar[str] = "l2"
+    summary: ClassVar[str] = "squared L2 distance, mean of (x-y)^2 per sample (original CT)"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x - y).flatten(1).square().mean(dim=1)
+
+
+@hookimpl
+def ctcore_register_metrics() -> list[type]:
+    return [PseudoHuber, SquaredL2]

@@ -1,0 +1,102 @@
+"""A small residual MLP network for CPU work: the quickstart, tests, and toy data of any shape."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import attrs
+import torch
+from torch import nn
+
+from ctcore import hookimpl
+from ctcore.components import BuildContext
+
+
+def _positive_int(_inst: object, attr: attrs.Attribute, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attr.name}: must be >= 1, got {value}")
+
+
+def _probability(_inst: object, attr: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{attr.name}: must be in [0, 1), got {value}")
+
+
+class FourierEmbedding(nn.Module):
+    """[sin(2 pi W c), cos(2 pi W c)] with frozen W ~ N(0, scale^2) (NCSN++'s Gaussian Fourier features)."""
+
+    def __init__(self, num_features: int, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_features) * scale)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        arg = 2 * math.pi * c.float()[:, None] * self.freqs[None, :]
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, emb_width: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.emb = nn.Linear(emb_width, width)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        y = self.fc1(nn.functional.silu(self.norm(h))) + self.emb(emb)
+        y = self.fc2(self.dropout(nn.functional.silu(y)))
+        return h + y
+
+
+class MLP(nn.Module):
+    """Flatten, residual SiLU blocks conditioned on a Fourier noise embedding (and class), unflatten."""
+
+    name: ClassVar[str] = "mlp"
+    summary: ClassVar[str] = "small residual MLP with Fourier noise embedding, for CPU and toy data"
+    noise_conditioning: ClassVar[str] = "fourier"
+
+    @attrs.frozen
+    class Options:
+        width: int = attrs.field(default=256, validator=_positive_int)
+        num_blocks: int = attrs.field(default=3, validator=_positive_int)
+        embedding_features: int = attrs.field(default=64, validator=_positive_int)
+        fourier_scale: float = 0.02
+        """Std of the Fourier frequencies: iCT uses 0.02, the original CM 16."""
+        dropout: float = attrs.field(default=0.0, validator=_probability)
+        zero_init_output: bool = True
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        super().__init__()
+        if context.data_shape is None:
+            raise ValueError("network 'mlp' needs the data shape")
+        self.options = options
+        self.data_shape = tuple(context.data_shape)
+        dim = math.prod(self.data_shape)
+        w, e = options.width, 4 * options.embedding_features
+        self.fourier = FourierEmbedding(options.embedding_features, options.fourier_scale)
+        self.embed = nn.Sequential(nn.Linear(2 * options.embedding_features, e), nn.SiLU(), nn.Linear(e, e))
+        self.label_embed = nn.Embedding(context.num_classes, e) if context.num_classes > 0 else None
+        self.inp = nn.Linear(dim, w)
+        self.blocks = nn.ModuleList(ResidualBlock(w, e, options.dropout) for _ in range(options.num_blocks))
+        self.out_norm = nn.LayerNorm(w)
+        self.out = nn.Linear(w, dim)
+        if options.zero_init_output:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        emb = self.embed(self.fourier(c_noise))
+        if self.label_embed is not None and labels is not None:
+            emb = emb + self.label_embed(labels)
+        emb = nn.functional.silu(emb)
+        h = self.inp(x.flatten(1))
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(nn.functional.silu(self.out_norm(h))).view(x.shape)
+
+
+@hookimpl
+def ctcore_register_networks() -> list[type]:
+    return [MLP]
