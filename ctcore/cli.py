@@ -79,6 +79,9 @@ def run(
                 recipe = read_recipe(target, registry)
                 run_dir = output_dir_for(recipe, output_dir)
             the_run = resume_run(recipe, registry, run_dir)
+            if the_run.step >= the_run.recipe.training.total_steps:
+                out.print(f"{the_run.out_dir} already finished at step {the_run.step:,}; nothing to do")
+                return
             out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}")
         else:
             if target.is_dir():
@@ -143,7 +146,9 @@ def check(
 def sample(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1)] = 64,
-    steps: Annotated[int | None, typer.Option(help="1: one-step; 2+: through the recipe's sampling.sigma_mid.")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="1: one-step; 2+: through the recipe's sampling.sigma_mid.")
+    ] = None,
     sigmas: Annotated[str | None, typer.Option(help='Explicit sigmas, e.g. "80,0.821" (overrides --steps).')] = None,
     seed: Annotated[int, typer.Option(help="Sample j uses seed + j.")] = 0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HDF5 sample store (default: in the run).")] = None,

@@ -161,6 +161,8 @@ def sample_from_checkpoint(
     state = load_checkpoint(checkpoint)
     recipe = recipe_from_checkpoint(state, registry, checkpoint)
     c = recipe.consistency
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
     if sigmas is None:
         mids = list(recipe.sampling.sigma_mid)
         n = steps or 1
@@ -171,9 +173,10 @@ def sample_from_checkpoint(
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(not c.sigma_min < s <= c.sigma_max for s in sigmas):
         raise UsageError(f"sigmas must lie in (sigma_min, sigma_max] = ({c.sigma_min}, {c.sigma_max}], got {sigmas}")
-    run_dir = checkpoint.parent.parent
-    default_name = f"{checkpoint.stem}-{len(sigmas)}step-{num_samples}.h5"
-    out = Path(out) if out is not None else run_dir / "samples" / default_name
+    # inside a run directory samples go to its samples/ folder, otherwise next to the checkpoint
+    in_run = checkpoint.parent.name == "checkpoints"
+    folder = checkpoint.parent.parent / "samples" if in_run else checkpoint.parent
+    out = Path(out) if out is not None else folder / f"{checkpoint.stem}-{len(sigmas)}step-{num_samples}.h5"
     grid = Path(grid) if grid is not None else out.with_suffix(".png")
     if out.exists() and not overwrite:
         raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")

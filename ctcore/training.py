@@ -8,7 +8,6 @@ eval-EMA update. Checkpoints hold everything needed to resume bit-for-bit on CPU
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 import platform
@@ -126,7 +125,7 @@ def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, da
         components[kind] = {"name": name, "distribution": p.distribution, "version": p.version}
     return {
         "ctcore": ctcore.__version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is not a plain str and would not load weights_only
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -243,7 +242,7 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                     path = save_checkpoint(run)
                     _log(stats, {"event": "checkpoint", "step": k, "path": str(path)})
         summary["loss"] = last_loss
-        if run.step >= t.total_steps:
+        if run.step >= t.total_steps and run.step > summary["start_step"]:
             final = evaluate_distance(run)
             summary["final_distance"] = final
             if final is not None:
@@ -376,9 +375,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "error" in ln.lower() and ":" in ln), lines[0] if lines else "")
         raise RunError(
             f"checkpoint {str(path)!r} is corrupt or not a ctcore checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}); use an earlier file in its checkpoints/ folder"
+            f"{detail[:200]}); use an earlier file in its checkpoints/ folder"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"checkpoint {str(path)!r} is not a ctcore checkpoint (format {CHECKPOINT_FORMAT})")
@@ -425,6 +426,8 @@ def restore(run: Run, state: dict[str, Any]) -> None:
 def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None) -> Run:
     """A fresh run in an empty (or new) directory; refuses to touch a directory that holds a run."""
     target = output_dir_for(recipe, out_dir)
+    if target.exists() and not target.is_dir():
+        raise RunError(f"output directory {str(target)!r} is a file; choose another directory with --output-dir")
     if target.exists() and any(target.iterdir()):
         hint = ("pass --resume to continue it, or " if list_checkpoints(target) else "")
         raise RunError(
@@ -438,18 +441,37 @@ def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     return run
 
 
+def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
+    """`  section.key: old -> new` for every setting that differs between two recipes."""
+    def flat(recipe: Recipe) -> dict[str, Any]:
+        out = {}
+        for line in dump_recipe(recipe).splitlines()[1:]:
+            if line.startswith("["):
+                section = line.strip("[]")
+            elif " = " in line and not line.startswith("#"):
+                key, value = line.split(" = ", 1)
+                out[f"{section}.{key}"] = value
+        return out
+
+    a, b = flat(old), flat(new)
+    return [f"  {k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in dict.fromkeys([*a, *b])
+            if a.get(k) != b.get(k)]
+
+
 def resume_run(recipe: Recipe | None, registry: Registry, out_dir: str | Path) -> Run:
     """Continue the run in `out_dir` from its latest checkpoint; a given recipe must match the stored one."""
     out_dir = Path(out_dir)
     ckpts = list_checkpoints(out_dir)
     if not ckpts:
         raise RunError(f"nothing to resume: {str(checkpoint_dir(out_dir))!r} holds no checkpoint (ckpt-*.pt)")
-    state = load_checkpoint(ckpts[-1])
+    try:
+        state = load_checkpoint(ckpts[-1])
+    except RunError as exc:
+        earlier = f" to resume from {ckpts[-2].name}" if len(ckpts) > 1 else ""
+        raise RunError(f"{exc.message.split('; use an earlier')[0]}; move it out of checkpoints/{earlier}") from None
     stored = recipe_from_checkpoint(state, registry, ckpts[-1])
     if recipe is not None:
-        theirs, ours = dump_recipe(stored).splitlines()[1:], dump_recipe(recipe).splitlines()[1:]
-        changed = [f"  {line}" for line in difflib.unified_diff(theirs, ours, "run", "recipe", n=0, lineterm="")
-                   if line[:1] in "+-" and not line.startswith(("---", "+++"))]
+        changed = recipe_differences(stored, recipe)
         if changed:
             raise UsageError(
                 f"{recipe.source} differs from the recipe of the run in {str(out_dir)!r}, so it cannot resume it:\n"

@@ -1,0 +1,595 @@
+"""The `ctcore` command line: help, list-components, check, run (fresh, refused, resumed), and clean failures
+for bad recipes, missing data, corrupt checkpoints and missing plugins: an exit code and a message, never a
+traceback."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+from helpers import tiny_recipe_text, write_tiny_recipe
+from PIL import Image
+from plugin_env import EXAMPLE_PLUGIN_DIR, REPO_ROOT, fake_distribution
+from typer.testing import CliRunner, Result
+
+import ctcore
+from ctcore.cli import app
+from ctcore.components import KINDS
+from ctcore.recipe import parse_recipe, read_recipe
+from ctcore.registry import DISABLE_ENV, load_registry
+
+RECIPES = sorted((REPO_ROOT / "recipes").glob("*.toml"))
+QUICKSTART = REPO_ROOT / "recipes" / "quickstart.toml"
+CTCORE_VERSION = md.version("ctcore")
+BUILTINS = {
+    "network": ["mlp"],
+    "metric": ["l2", "pseudo-huber"],
+    "noise_schedule": ["lognormal", "uniform"],
+    "curriculum": ["constant", "ct", "exponential"],
+    "teacher": ["ema", "no-ema"],
+}
+CHECKPOINTS = ["ckpt-000000006.pt", "ckpt-000000012.pt"]
+SAMPLE_PNGS = ["step-0000006-1step.png", "step-0000006-2step.png", "step-0000012-1step.png", "step-0000012-2step.png"]
+WIDE = {"COLUMNS": "200"}  # rich tables and help: no wrapping
+SUBPROCESS_ENV = {**{k: v for k, v in os.environ.items() if k != "CTCORE_DISABLE_PLUGINS"}, **WIDE}
+
+
+def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
+    return CliRunner(env=env).invoke(app, [str(a) for a in args])
+
+
+def assert_clean_failure(result: Result, code: int) -> list[str]:
+    """A handled failure: the exit code, no exception escaped, no traceback; returns the stderr lines."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("error: ")
+    return result.stderr.splitlines()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The body rows of a rich table as lists of stripped cells."""
+    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in output.splitlines()
+            if line.startswith("│")]
+
+
+# ----------------------------------------------------------------------------------------------- help
+
+
+def test_help_lists_the_four_commands() -> None:
+    result = invoke("--help", env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "Train, sample and inspect consistency models with the iCT techniques." in result.stdout
+    panel = result.stdout.split("─ Commands ─", 1)[1]
+    commands = [m.group(1) for m in re.finditer(r"^│ (\S+)\s{2,}", panel, re.MULTILINE)]
+    assert commands == ["run", "check", "sample", "list-components"]
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("run", ["--resume", "--output-dir", "--progress"]),
+        ("check", ["--build", "--no-build"]),
+        ("sample", ["--num-samples", "--steps", "--sigmas", "--seed", "--out", "--grid", "--weights",
+                    "--batch-size", "--overwrite"]),
+        ("list-components", ["--kind", "--options", "--json"]),
+    ],
+)
+def test_each_command_has_help(command: str, options: list[str]) -> None:
+    result = invoke(command, "--help", env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert f"Usage: ctcore {command} [OPTIONS]" in result.stdout
+    for option in options:
+        assert re.search(rf"{re.escape(option)}\b", result.stdout), option
+
+
+# ------------------------------------------------------------------------------------- list-components
+
+
+def test_list_components_shows_every_builtin_and_its_provider() -> None:
+    result = invoke("list-components", env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.lstrip().startswith("ctcore components")
+    rows = {(r[0], r[1]): r for r in table_rows(result.stdout)}
+    for kind, names in BUILTINS.items():
+        for name in names:
+            assert (kind, name) in rows, (kind, name)
+            assert rows[(kind, name)][3] == f"ctcore {CTCORE_VERSION}"
+            assert rows[(kind, name)][2], "summary is empty"
+    assert rows[("metric", "pseudo-huber")][2] == (
+        "iCT Pseudo-Huber distance sqrt(||x-y||^2 + c^2) - c on the whole sample"
+    )
+
+
+def test_list_components_kind_filters() -> None:
+    result = invoke("list-components", "--kind", "metric", env=WIDE)
+    assert result.exit_code == 0, result.output
+    rows = table_rows(result.stdout)
+    assert {r[0] for r in rows} == {"metric"}
+    assert sorted(r[1] for r in rows) == sorted(load_registry().names("metric"))
+    assert {"l2", "pseudo-huber"} <= {r[1] for r in rows}
+
+
+def test_list_components_options_shows_defaults() -> None:
+    result = invoke("list-components", "--kind", "noise_schedule", "--options", env=WIDE)
+    assert result.exit_code == 0, result.output
+    rows = {r[1]: r for r in table_rows(result.stdout)}
+    assert rows["lognormal"][4] == "p_mean=-1.1, p_std=2.0"
+    assert rows["uniform"][4] == "-"
+
+
+def test_list_components_json() -> None:
+    result = invoke("list-components", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert all(set(r) == {"kind", "name", "summary", "distribution", "version", "options"} for r in rows)
+    by_name = {(r["kind"], r["name"]): r for r in rows}
+    for kind, names in BUILTINS.items():
+        for name in names:
+            assert by_name[(kind, name)]["distribution"] == "ctcore"
+            assert by_name[(kind, name)]["version"] == CTCORE_VERSION
+    assert by_name[("noise_schedule", "lognormal")]["options"] == {"p_mean": -1.1, "p_std": 2.0}
+    assert by_name[("curriculum", "exponential")]["options"] == {"s0": 10, "s1": 1280}
+    assert by_name[("metric", "pseudo-huber")]["options"] == {"c": None}
+    assert by_name[("metric", "l2")]["options"] == {}
+
+    metrics = json.loads(invoke("list-components", "--json", "--kind", "metric").stdout)
+    assert metrics == [r for r in rows if r["kind"] == "metric"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("bogus", "unknown component kind 'bogus' (available: curriculum, metric, network, noise_schedule, teacher)"),
+        ("metrc", "unknown component kind 'metrc'; did you mean 'metric'? "
+                  "(available: curriculum, metric, network, noise_schedule, teacher)"),
+        ("noise-schedule", "unknown component kind 'noise-schedule'; did you mean 'noise_schedule'? "
+                           "(available: curriculum, metric, network, noise_schedule, teacher)"),
+    ],
+)
+def test_list_components_unknown_kind_exits_2(kind: str, message: str) -> None:
+    result = invoke("list-components", "--kind", kind)
+    assert assert_clean_failure(result, 2) == [f"error: {message}"]
+    assert result.stdout == ""
+
+
+# ----------------------------------------------------------------------------------------------- check
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_passes_check_and_prints_itself_resolved(recipe: Path) -> None:
+    result = invoke("check", recipe)
+    assert result.exit_code == 0, result.output
+    registry = load_registry()
+    assert result.stdout.startswith(f"# resolved from {recipe}\n")
+    assert parse_recipe(result.stdout, registry, source=str(recipe)) == read_recipe(recipe, registry)
+    assert re.fullmatch(
+        rf"ok: {re.escape(str(recipe))} is valid; network \S+ has [\d,]+ parameters; "
+        r"data [\d,]+ images of shape \(\d+, \d+, \d+\)\n",
+        result.stderr,
+    ), result.stderr
+
+
+def test_check_quickstart() -> None:
+    result = invoke("check", QUICKSTART)
+    assert result.exit_code == 0, result.output
+    registry = load_registry()
+    recipe = parse_recipe(result.stdout, registry, source=str(QUICKSTART))
+    assert recipe == read_recipe(QUICKSTART, registry)
+    assert recipe.components["network"].name == "mlp"
+    assert recipe.training.total_steps == 4000
+    assert recipe.sampling.sigma_mid == (0.821,)
+    assert re.fullmatch(
+        rf"ok: {re.escape(str(QUICKSTART))} is valid; network mlp has [\d,]+ parameters; "
+        r"data 20,000 images of shape \(3, 8, 8\)\n",
+        result.stderr,
+    ), result.stderr
+
+
+def test_check_fills_in_every_default(tmp_path: Path) -> None:
+    recipe = write_tiny_recipe(tmp_path / "tiny.toml", tmp_path / "out")
+    result = invoke("check", recipe, "--no-build")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    for line in ["sigma_max = 80.0", "rho = 7.0", 'optimizer = "radam"', "betas = [0.9, 0.999]",
+                 'distance = "sliced-wasserstein"', "p_mean = -1.1", "fourier_scale = 0.02", "clip = true"]:
+        assert f"\n{line}\n" in result.stdout, line
+    assert "[evaluation]\n" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+BAD_RECIPES = {
+    "malformed-toml": (
+        '[run]\nname = "x"\nseed = = 3\n',
+        ["invalid TOML: Invalid value (at line 3, column 8)"],
+    ),
+    "unknown-key": (
+        tiny_recipe_text("OUT", run={"sed": 1}, training={"learning_rate": 1.0}),
+        ["run.sed: unknown key; did you mean 'seed'?",
+         "training.learning_rate: unknown key (known keys: total_steps, batch_size, optimizer, lr, betas, eps, "
+         "weight_decay, warmup_steps, grad_clip, eval_ema_decay, precision, compile, log_every, checkpoint_every, "
+         "sample_every, keep_checkpoints)"],
+    ),
+    "wrong-type": (
+        tiny_recipe_text("OUT", training={"total_steps": 1.5, "batch_size": "big"}, sampling={"clip": "yes"}),
+        ["training.total_steps: expected an integer, got 1.5 (a float)",
+         "training.batch_size: expected an integer, got 'big' (a string)",
+         "sampling.clip: expected true or false, got 'yes' (a string)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_a_bad_recipe_gives_one_line_per_problem_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, command: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    text, problems = BAD_RECIPES[case]
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text.replace("OUT", str(tmp_path / "out")), encoding="utf-8")
+    result = invoke(command, recipe)
+    lines = assert_clean_failure(result, 2)
+    n = len(problems)
+    assert lines == [f"error: {recipe}: {n} problem{'s' if n != 1 else ''} in the recipe",
+                     *(f"  {p}" for p in problems)]
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]  # no run directory, no ./runs
+
+
+def test_a_missing_recipe_file_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    lines = assert_clean_failure(invoke("check", missing), 2)
+    assert lines == [f"error: {missing}: 1 problem in the recipe",
+                     "  file not found: check the path (recipes live in recipes/)"]
+
+
+def test_a_bad_recipe_in_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('[run]\nname = "x"\nseed = = 3\n', encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "ctcore", "check", str(recipe)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=SUBPROCESS_ENV)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == (f"error: {recipe}: 1 problem in the recipe\n"
+                           "  invalid TOML: Invalid value (at line 3, column 8)\n")
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Result]:
+    """(recipe, run directory, result) of one tiny run through `ctcore run` with the default progress bar;
+    tests that write into the run copy it first."""
+    root = tmp_path_factory.mktemp("finished")
+    recipe = write_tiny_recipe(root / "tiny.toml", root / "run")
+    result = invoke("run", recipe)
+    return recipe, root / "run", result
+
+
+@pytest.fixture
+def run_copy(finished: tuple[Path, Path, Result], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished[1], tmp_path / "run"))
+
+
+def test_run_exits_0_and_reports(finished: tuple[Path, Path, Result]) -> None:
+    _, run_dir, result = finished
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    assert result.stdout.startswith(f"run directory: {run_dir}  (device cpu, precision fp32)\n")
+    rows = {r[0]: r[1] for r in table_rows(result.stdout)}
+    assert rows["steps"] == "0 -> 12"
+    assert rows["run directory"] == str(run_dir)
+    assert "Traceback" not in result.output
+
+
+def test_run_writes_the_run_directory(finished: tuple[Path, Path, Result]) -> None:
+    _, run_dir, _ = finished
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoints", "provenance.json", "recipe.toml", "samples", "stats.jsonl"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == CHECKPOINTS
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == SAMPLE_PNGS
+    for png in SAMPLE_PNGS:
+        with Image.open(run_dir / "samples" / png) as img:
+            img.verify()
+            assert img.format == "PNG"
+    state = torch.load(run_dir / "checkpoints" / CHECKPOINTS[-1], map_location="cpu", weights_only=True)
+    assert state["format"] == "ctcore-checkpoint-1" and state["step"] == 12
+
+
+def test_run_stores_the_resolved_recipe(finished: tuple[Path, Path, Result]) -> None:
+    recipe_path, run_dir, _ = finished
+    registry = load_registry()
+    text = (run_dir / "recipe.toml").read_text(encoding="utf-8")
+    assert text.startswith(f"# resolved from {recipe_path}\n")
+    stored = parse_recipe(text, registry, source="stored")
+    assert attrs.evolve(stored, source=str(recipe_path)) == read_recipe(recipe_path, registry)
+
+
+def test_run_writes_provenance(finished: tuple[Path, Path, Result]) -> None:
+    recipe_path, run_dir, _ = finished
+    prov = json.loads((run_dir / "provenance.json").read_text(encoding="utf-8"))
+    assert prov["ctcore"] == ctcore.__version__
+    assert prov["torch"] == str(torch.__version__)
+    assert prov["python"] == platform.python_version()
+    assert prov["data_shape"] == [3, 4, 4] and prov["num_classes"] == 0
+    recipe = read_recipe(recipe_path, load_registry())
+    assert set(prov["components"]) == set(KINDS)
+    for kind in KINDS:
+        assert prov["components"][kind] == {"name": recipe.components[kind].name, "distribution": "ctcore",
+                                            "version": CTCORE_VERSION}
+
+
+def test_run_logs_stats(finished: tuple[Path, Path, Result]) -> None:
+    _, run_dir, _ = finished
+    records = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines()]
+    training = [r for r in records if "event" not in r]
+    assert [r["step"] for r in training] == [2, 4, 6, 8, 10, 12]
+    assert all(isinstance(r["loss"], float) and math.isfinite(r["loss"]) and r["loss"] > 0 for r in training)
+    curriculum = load_registry().create("curriculum", "exponential", total_steps=12, s0=2, s1=8)
+    assert [r["num_scales"] for r in training] == [curriculum.num_scales(r["step"] - 1) for r in training]
+    assert [r["num_scales"] for r in training] == [3, 3, 5, 5, 9, 9]
+    distances = [r for r in records if r.get("event") == "distance"]
+    assert [r["step"] for r in distances] == [0, 12]
+    assert all(isinstance(r["sliced_wasserstein"], float) and r["sliced_wasserstein"] > 0 for r in distances)
+    assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [6, 12]
+    assert [r["step"] for r in records if r.get("event") == "samples"] == [6, 12]
+
+
+def test_running_into_an_existing_run_exits_1_and_changes_nothing(
+    finished: tuple[Path, Path, Result], run_copy: Path
+) -> None:
+    recipe_path = finished[0]
+    before = snapshot(run_copy)
+    result = invoke("run", recipe_path, "--output-dir", run_copy, "--no-progress")
+    assert assert_clean_failure(result, 1) == [
+        f"error: output directory {str(run_copy)!r} is not empty (it holds an earlier run); pass --resume to "
+        "continue it, or choose another directory with --output-dir (or run.output_dir), or delete it"
+    ]
+    assert result.stdout == ""
+    assert snapshot(run_copy) == before
+
+
+def test_running_into_a_non_empty_directory_without_checkpoints_does_not_suggest_resume(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    recipe = write_tiny_recipe(tmp_path / "tiny.toml", out)
+    lines = assert_clean_failure(invoke("run", recipe, "--no-progress"), 1)
+    assert lines == [f"error: output directory {str(out)!r} is not empty (it holds an earlier run); choose another "
+                     "directory with --output-dir (or run.output_dir), or delete it"]
+    assert snapshot(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+def test_run_on_a_directory_without_resume_exits_2(run_copy: Path) -> None:
+    before = snapshot(run_copy)
+    lines = assert_clean_failure(invoke("run", run_copy), 2)
+    assert lines == [f"error: {str(run_copy)!r} is a directory: give a recipe file, or add --resume"]
+    assert snapshot(run_copy) == before
+
+
+def test_an_output_dir_that_is_a_file_exits_1(tmp_path: Path) -> None:
+    occupied = tmp_path / "occupied"
+    occupied.write_text("a file", encoding="utf-8")
+    recipe = write_tiny_recipe(tmp_path / "tiny.toml", tmp_path / "out")
+    result = invoke("run", recipe, "--output-dir", occupied, "--no-progress")
+    assert_clean_failure(result, 1)
+    assert occupied.read_text(encoding="utf-8") == "a file"
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(run_copy: Path) -> None:
+    before = snapshot(run_copy)
+    result = invoke("run", run_copy, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{run_copy} already finished at step 12; nothing to do\n"
+    assert snapshot(run_copy) == before
+
+
+def test_resume_continues_from_the_latest_checkpoint_exactly(finished: tuple[Path, Path, Result],
+                                                             run_copy: Path) -> None:
+    (run_copy / "checkpoints" / CHECKPOINTS[-1]).unlink()
+    result = invoke("run", run_copy, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"resuming {run_copy} at step 6\n")
+    assert {r[0]: r[1] for r in table_rows(result.stdout)}["steps"] == "6 -> 12"
+    original = torch.load(finished[1] / "checkpoints" / CHECKPOINTS[-1], weights_only=True)
+    resumed = torch.load(run_copy / "checkpoints" / CHECKPOINTS[-1], weights_only=True)
+    assert resumed["step"] == 12
+    for key in ("student", "eval_ema"):
+        assert original[key].keys() == resumed[key].keys()
+        assert all(torch.equal(original[key][k], resumed[key][k]) for k in original[key]), key
+
+
+def test_resume_with_the_same_recipe_continues(finished: tuple[Path, Path, Result], run_copy: Path) -> None:
+    (run_copy / "checkpoints" / CHECKPOINTS[-1]).unlink()
+    recipe = write_tiny_recipe(run_copy.parent / "same.toml", finished[1])  # output_dir as in the stored recipe
+    result = invoke("run", recipe, "--resume", "--output-dir", run_copy, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"resuming {run_copy} at step 6\n")
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == CHECKPOINTS
+
+
+def test_resume_with_a_changed_recipe_exits_2_and_names_the_change(
+    finished: tuple[Path, Path, Result], run_copy: Path
+) -> None:
+    recipe = write_tiny_recipe(run_copy.parent / "changed.toml", finished[1], training={"lr": 2e-3})
+    before = snapshot(run_copy)
+    result = invoke("run", recipe, "--resume", "--output-dir", run_copy, "--no-progress")
+    assert assert_clean_failure(result, 2) == [
+        f"error: {recipe} differs from the recipe of the run in {str(run_copy)!r}, so it cannot resume it:",
+        "  training.lr: 0.001 -> 0.002",
+        "resume with the run directory instead of a recipe, or start a new run",
+    ]
+    assert snapshot(run_copy) == before
+
+
+def test_a_changed_key_is_named_with_its_section(finished: tuple[Path, Path, Result], run_copy: Path) -> None:
+    recipe = write_tiny_recipe(run_copy.parent / "changed.toml", finished[1], evaluation={"num_samples": 64})
+    result = invoke("run", recipe, "--resume", "--output-dir", run_copy, "--no-progress")
+    lines = assert_clean_failure(result, 2)
+    assert "  evaluation.num_samples: 32 -> 64" in lines, lines
+
+
+def test_resume_without_checkpoints_exits_1(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lines = assert_clean_failure(invoke("run", empty, "--resume", "--no-progress"), 1)
+    assert lines == [f"error: nothing to resume: {str(empty / 'checkpoints')!r} holds no checkpoint (ckpt-*.pt)"]
+    assert list(empty.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------- missing dataset
+
+
+def test_a_missing_dataset_exits_1_and_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data" / "train.h5"
+    recipe = write_tiny_recipe(tmp_path / "hdf5.toml", tmp_path / "out", data={"source": "hdf5", "path": str(data)})
+    expected = [
+        f"error: dataset file {str(data)!r} not found (data.path in the recipe). Create an HDF5 file with a uint8 "
+        "dataset `images` shaped (N, C, H, W) and optional integer `labels` (N,), or point data.path at one."
+    ]
+    result = invoke("run", recipe, "--no-progress")
+    assert assert_clean_failure(result, 1) == expected
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hdf5.toml"]  # no run directory, no ./runs
+
+    # check builds the data too, after printing the resolved recipe
+    result = invoke("check", recipe)
+    assert assert_clean_failure(result, 1) == expected
+    assert result.stdout.startswith(f"# resolved from {recipe}\n")
+    assert invoke("check", recipe, "--no-build").exit_code == 0
+
+
+def test_a_missing_dataset_in_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
+    data = tmp_path / "train.h5"
+    recipe = write_tiny_recipe(tmp_path / "hdf5.toml", tmp_path / "out", data={"source": "hdf5", "path": str(data)})
+    proc = subprocess.run([sys.executable, "-m", "ctcore", "run", str(recipe), "--no-progress"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=SUBPROCESS_ENV)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: dataset file {str(data)!r} not found (data.path in the recipe).")
+    assert proc.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ corrupt checkpoints
+
+
+def corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def test_sampling_a_corrupt_checkpoint_exits_1(run_copy: Path) -> None:
+    ckpt = run_copy / "checkpoints" / CHECKPOINTS[-1]
+    corrupt(ckpt)
+    for target in (ckpt, run_copy):  # the file itself, or the run whose latest checkpoint it is
+        result = invoke("sample", target, "-n", "2")
+        lines = assert_clean_failure(result, 1)
+        assert len(lines) == 1
+        assert lines[0].startswith(f"error: checkpoint {str(ckpt)!r} is corrupt or not a ctcore checkpoint (")
+        assert lines[0].endswith("); use an earlier file in its checkpoints/ folder")
+    assert sorted(p.name for p in (run_copy / "samples").iterdir()) == SAMPLE_PNGS
+
+
+def test_resuming_from_a_corrupt_checkpoint_exits_1(run_copy: Path) -> None:
+    ckpt = run_copy / "checkpoints" / CHECKPOINTS[-1]
+    corrupt(ckpt)
+    before = snapshot(run_copy)
+    result = invoke("run", run_copy, "--resume", "--no-progress")
+    lines = assert_clean_failure(result, 1)
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: checkpoint {str(ckpt)!r} is corrupt")
+    assert result.stdout == ""
+    assert snapshot(run_copy) == before
+
+
+def test_a_file_that_is_not_a_checkpoint_exits_1(tmp_path: Path) -> None:
+    foreign = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    lines = assert_clean_failure(invoke("sample", foreign), 1)
+    assert lines == [f"error: checkpoint {str(foreign)!r} is not a ctcore checkpoint (format ctcore-checkpoint-1)"]
+
+
+# --------------------------------------------------------------------------------------- plugins
+
+
+@pytest.fixture
+def example_plugin(plugin_path: Callable[[Path], Path], tmp_path: Path) -> None:
+    """Install-free ctcore-example: its sources on sys.path plus a fake dist-info with the entry point."""
+    plugin_path(EXAMPLE_PLUGIN_DIR)
+    plugin_path(fake_distribution(tmp_path, "ctcore-example", {"example": "ctcore_example"}))
+
+
+@pytest.fixture
+def l1_run(example_plugin: None, tmp_path: Path) -> Path:
+    """A finished tiny run whose metric `l1` comes from ctcore-example."""
+    recipe = write_tiny_recipe(tmp_path / "l1.toml", tmp_path / "l1-run", metric={"name": "l1"})
+    check = invoke("check", recipe)
+    assert check.exit_code == 0, check.output
+    assert '\n[metric]\nname = "l1"\n' in check.stdout
+    result = invoke("run", recipe, "--no-progress")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "l1-run"
+
+
+def test_the_example_plugin_is_listed(example_plugin: None) -> None:
+    result = invoke("list-components", env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    rows = {(r[0], r[1]): r for r in table_rows(result.stdout)}
+    assert rows[("metric", "l1")][2:] == ["mean absolute difference per sample", "ctcore-example 0.1.0"]
+    assert rows[("metric", "l2")][3] == f"ctcore {CTCORE_VERSION}"
+    rows_json = json.loads(invoke("list-components", "--json", "--kind", "metric").stdout)
+    assert {"kind": "metric", "name": "l1", "summary": "mean absolute difference per sample",
+            "distribution": "ctcore-example", "version": "0.1.0", "options": {}} in rows_json
+
+
+def test_a_run_records_the_plugin_that_provided_its_metric(l1_run: Path) -> None:
+    prov = json.loads((l1_run / "provenance.json").read_text(encoding="utf-8"))
+    assert prov["components"]["metric"] == {"name": "l1", "distribution": "ctcore-example", "version": "0.1.0"}
+    assert sorted(p.name for p in (l1_run / "checkpoints").iterdir()) == CHECKPOINTS
+
+
+@pytest.mark.parametrize("disabled", ["example", "ctcore-example"])
+def test_a_checkpoint_whose_plugin_is_missing_names_it(
+    l1_run: Path, monkeypatch: pytest.MonkeyPatch, disabled: str
+) -> None:
+    monkeypatch.setenv(DISABLE_ENV, disabled)
+    assert "l1" not in load_registry().names("metric")
+    ckpt = l1_run / "checkpoints" / CHECKPOINTS[-1]
+    expected = [
+        f"error: checkpoint {str(ckpt)!r} needs metric 'l1' from the distribution 'ctcore-example' (version 0.1.0), "
+        "which is not installed or is disabled; install it (pip install ctcore-example) and try again"
+    ]
+    before = snapshot(l1_run)
+    for args in (["sample", ckpt, "-n", "2"], ["sample", l1_run, "-n", "2"], ["run", l1_run, "--resume"]):
+        result = invoke(*args)
+        assert assert_clean_failure(result, 1) == expected, args
+        assert result.stdout == ""
+    assert snapshot(l1_run) == before
+
+    # with the plugin back, the same checkpoint samples fine
+    monkeypatch.delenv(DISABLE_ENV)
+    result = invoke("sample", ckpt, "-n", "2")
+    assert result.exit_code == 0, result.output

@@ -1,0 +1,161 @@
+"""The training loop: resumed runs equal uninterrupted ones bit for bit, checkpoints, teachers, quickstart learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_tiny_recipe
+
+import ctcore
+from ctcore.recipe import read_recipe
+from ctcore.training import list_checkpoints, load_checkpoint, resume_run, start_run, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return ctcore.load_registry()
+
+
+def _train(tmp_path: Path, registry, name: str, stop_at: int | None = None, **overrides):
+    recipe = read_recipe(write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, **overrides), registry)
+    run = start_run(recipe, registry)
+    train(run, stop_at=stop_at, progress=False)
+    return run
+
+
+def _assert_same_state(a, b) -> None:
+    for key in ("student", "eval_ema", "teacher"):
+        sa = getattr(a, key) if key != "teacher" else a.teacher
+        sb = getattr(b, key) if key != "teacher" else b.teacher
+        da, db = sa.state_dict(), sb.state_dict()
+        assert da.keys() == db.keys(), key
+        for name in da:
+            assert torch.equal(da[name], db[name]), f"{key}.{name} differs"
+    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
+    for pid, state in oa["state"].items():
+        for k, v in state.items():
+            other = ob["state"][pid][k]
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(other)), f"optimizer state {pid}.{k} differs"
+
+
+@pytest.mark.parametrize(
+    ("stop", "overrides"),
+    [
+        (6, {}),  # iCT: no-EMA teacher, dropout on (the tiny recipe has dropout 0.1)
+        (5, {"teacher": {"name": "ema", "mu0": 0.9}, "curriculum": {"name": "ct", "s0": 2, "s1": 10},
+             "noise_schedule": {"name": "uniform"}, "consistency": {"weighting": "uniform"}}),
+        (7, {"training": {"optimizer": "adam", "warmup_steps": 4, "grad_clip": 1.0}}),
+    ],
+    ids=["ict", "ct-ema-teacher", "adam-warmup-clip"],
+)
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, registry, stop, overrides):
+    whole = _train(tmp_path, registry, "whole", **overrides)
+    part = _train(tmp_path, registry, "part", stop_at=stop, **overrides)
+    assert part.step == stop and list_checkpoints(part.out_dir)[-1].name == f"ckpt-{stop:09d}.pt"
+    resumed = resume_run(None, registry, part.out_dir)
+    assert resumed.step == stop
+    train(resumed, progress=False)
+    assert resumed.step == whole.step == 12
+    _assert_same_state(whole, resumed)
+    # and the check can fail: one more step breaks equality
+    train(resumed, stop_at=None, progress=False)  # no-op at the end
+    from ctcore.training import train_step
+
+    train_step(resumed)
+    with pytest.raises(AssertionError):
+        _assert_same_state(whole, resumed)
+
+
+def test_resume_continues_stats_and_keeps_the_start_distance(tmp_path, registry):
+    part = _train(tmp_path, registry, "part", stop_at=6)
+    first = part.initial_distance
+    resumed = resume_run(None, registry, part.out_dir)
+    summary = train(resumed, progress=False)
+    assert summary["initial_distance"] == first
+    rows = [json.loads(line) for line in (part.out_dir / "stats.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [2, 4, 6, 8, 10, 12]
+    distances = [r for r in rows if r.get("event") == "distance"]
+    assert [d["step"] for d in distances] == [0, 12]
+
+
+def test_checkpoint_contents_and_retention(tmp_path, registry):
+    run = _train(tmp_path, registry, "keep", training={"checkpoint_every": 2, "keep_checkpoints": 2})
+    names = [p.name for p in list_checkpoints(run.out_dir)]
+    assert names == ["ckpt-000000010.pt", "ckpt-000000012.pt"]
+    assert not [p for p in (run.out_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp files
+    state = load_checkpoint(run.out_dir / "checkpoints" / names[-1])
+    assert state["step"] == 12
+    assert set(state) >= {"student", "eval_ema", "teacher", "optimizer", "rng", "recipe", "provenance"}
+    assert set(state["rng"]) == {"torch", "cuda", "index", "noise"}
+    assert state["teacher"] == {}  # the no-EMA teacher is the student: nothing extra to store
+    assert state["provenance"]["components"]["metric"] == {"name": "pseudo-huber", "distribution": "ctcore",
+                                                          "version": ctcore.__version__}
+    assert "[teacher]\nname = \"no-ema\"" in state["recipe"]
+
+
+def test_teacher_and_eval_ema_are_different_things(tmp_path, registry):
+    ict = _train(tmp_path, registry, "ict")
+    assert ict.teacher.network is ict.student  # iCT: theta^- = stopgrad(theta)
+    diffs = [not torch.equal(a, b) for a, b in zip(ict.eval_ema.parameters(), ict.student.parameters(), strict=True)]
+    assert any(diffs)  # the eval EMA averages the student; it is not the teacher
+    ct = _train(tmp_path, registry, "ct", teacher={"name": "ema", "mu0": 0.9})
+    assert ct.teacher.network is not ct.student
+    teacher_params = dict(ct.teacher.network.named_parameters())
+    ema_params = dict(ct.eval_ema.named_parameters())
+    assert any(not torch.equal(teacher_params[k], ema_params[k]) for k in teacher_params)
+    state = load_checkpoint(list_checkpoints(ct.out_dir)[-1])
+    assert state["teacher"].keys() == ct.student.state_dict().keys()
+
+
+def test_warmup_learning_rate_is_logged(tmp_path, registry):
+    run = _train(tmp_path, registry, "warm", training={"warmup_steps": 8, "lr": 0.01})
+    rows = [json.loads(line) for line in (run.out_dir / "stats.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert lrs[2] == pytest.approx(0.01 * 2 / 8)
+    assert lrs[8] == pytest.approx(0.01)
+    assert lrs[12] == pytest.approx(0.01)
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path, registry):
+    run = _train(tmp_path, registry, "bf16", training={"precision": "bf16"})
+    assert run.precision == "bf16"
+    rows = [json.loads(line) for line in (run.out_dir / "stats.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_run_writes_resolved_recipe_provenance_and_pictures(tmp_path, registry):
+    run = _train(tmp_path, registry, "files")
+    resolved = read_recipe(run.out_dir / "recipe.toml", registry)
+    assert resolved.training == run.recipe.training and resolved.components == run.recipe.components
+    prov = json.loads((run.out_dir / "provenance.json").read_text())
+    assert prov["torch"] == torch.__version__ and prov["ctcore"] == ctcore.__version__
+    assert prov["data_shape"] == [3, 4, 4]
+    pngs = sorted(p.name for p in (run.out_dir / "samples").glob("*.png"))
+    assert pngs == ["step-0000006-1step.png", "step-0000006-2step.png",
+                    "step-0000012-1step.png", "step-0000012-2step.png"]
+    from PIL import Image
+
+    with Image.open(run.out_dir / "samples" / pngs[-1]) as im:
+        assert im.format == "PNG" and im.width > im.height  # samples and data side by side
+
+
+@pytest.mark.slow
+def test_quickstart_learns_at_least_5x_better_than_untrained(tmp_path, registry):
+    """The README's main job: the full quickstart recipe ends >= 5x closer to the data than at step 0."""
+    recipe = read_recipe(REPO / "recipes" / "quickstart.toml", registry)
+    run = start_run(recipe, registry, tmp_path / "quickstart")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as a user's run on the 2-core CI machine
+    try:
+        summary = train(run, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["step"] == recipe.training.total_steps
+    assert summary["final_distance"] * 5 <= summary["initial_distance"], summary
