@@ -74,7 +74,9 @@ def run(
         out = _console()
         if resume:
             if target.is_dir():
-                recipe, run_dir = None, output_dir or target
+                if output_dir is not None and output_dir.resolve() != target.resolve():
+                    raise UsageError(f"--resume {target} names the run directory; drop --output-dir {output_dir}")
+                recipe, run_dir = None, target
             else:
                 recipe = read_recipe(target, registry)
                 run_dir = output_dir_for(recipe, output_dir)
@@ -145,12 +147,14 @@ def check(
 @app.command()
 def sample(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1)] = 64,
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", "-n", min=1, help="Default: the recipe's sampling.num_samples.")
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(min=1, help="1: one-step; 2+: through the recipe's sampling.sigma_mid.")
     ] = None,
     sigmas: Annotated[str | None, typer.Option(help='Explicit sigmas, e.g. "80,0.821" (overrides --steps).')] = None,
-    seed: Annotated[int, typer.Option(help="Sample j uses seed + j.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Sample j uses seed + j (default: sampling.seed).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HDF5 sample store (default: in the run).")] = None,
     grid: Annotated[Path | None, typer.Option(help="PNG grid (default: the store's path with .png).")] = None,
     weights: Annotated[str, typer.Option(help="eval-ema (default) or student.")] = "eval-ema",

@@ -98,17 +98,8 @@ class Registry:
         """Register one class, validating its shape; a duplicate name names both providers."""
         self._check_kind(kind)
         where = f"{provider.distribution} (entry point {provider.entry_point!r})"
-        name = getattr(cls, "name", None)
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise PluginError(f"{where} registers a {kind} class {cls!r} without a kebab-case `name` attribute")
-        if not isinstance(getattr(cls, "summary", None), str):
-            raise PluginError(f"{kind} {name!r} from {where} has no `summary` string")
-        options = getattr(cls, "Options", None)
-        if options is None or not attrs.has(options):
-            raise PluginError(f"{kind} {name!r} from {where} has no attrs `Options` class")
-        clash = [f.name for f in attrs.fields(options) if f.name in CONTEXT_KEYS or f.name == "name"]
-        if clash:
-            raise PluginError(f"{kind} {name!r} from {where}: option names {clash} are reserved")
+        validate_class(kind, cls, where)
+        name = cls.name
         if name in self._classes[kind]:
             other = self._providers[(kind, name)]
             raise PluginError(
@@ -135,6 +126,27 @@ class Registry:
                     }
                 )
         return out
+
+
+def validate_class(kind: str, cls: type, where: str) -> None:
+    """The shape every component class needs (name, summary, attrs Options, no reserved option names)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PluginError(f"{where} registers a {kind} class {cls!r} without a kebab-case `name` attribute")
+    if not isinstance(getattr(cls, "summary", None), str):
+        raise PluginError(f"{kind} {name!r} from {where} has no `summary` string")
+    options = getattr(cls, "Options", None)
+    if options is None or not attrs.has(options):
+        raise PluginError(f"{kind} {name!r} from {where} has no attrs `Options` class")
+    clash = [f.name for f in attrs.fields(options) if f.name in CONTEXT_KEYS or f.name == "name"]
+    if clash:
+        raise PluginError(f"{kind} {name!r} from {where}: option names {clash} are reserved")
+
+
+def _undecorated_hooks(plugin: object) -> list[str]:
+    """Functions named like hooks but missing @ctcore.hookimpl: pluggy would silently ignore them."""
+    return [n for n in dir(plugin) if n.startswith("ctcore_register_")
+            and callable(getattr(plugin, n)) and not hasattr(getattr(plugin, n), "ctcore_impl")]
 
 
 def _default(field: attrs.Attribute) -> Any:
@@ -174,11 +186,17 @@ def load_registry() -> Registry:
             plugin = ep.load()
             pm.register(plugin, name=f"{dist}:{ep.name}")
             pm.check_pending()  # a misspelt hook name is a broken plugin, not a silent no-op
+            bare = _undecorated_hooks(plugin)
+            if bare:
+                raise PluginError(f"{', '.join(bare)} lack the @ctcore.hookimpl decorator")
             found = {
                 kind: [cls for impl in getattr(pm.hook, hook).get_hookimpls() if impl.plugin is plugin
                        for cls in (impl.function() or [])]
                 for kind, hook in HOOKS.items()
             }
+            for kind, classes in found.items():  # a malformed class disables its plugin, not the registry
+                for cls in classes:
+                    validate_class(kind, cls, f"{dist} (entry point {ep.name!r})")
         except Exception as exc:  # a broken plugin must not take the registry down
             if plugin is not None and pm.is_registered(plugin):
                 pm.unregister(plugin)

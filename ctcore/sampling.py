@@ -135,10 +135,10 @@ def sample_from_checkpoint(
     checkpoint: str | Path,
     registry,
     *,
-    num_samples: int = 64,
+    num_samples: int | None = None,
     steps: int | None = None,
     sigmas: Sequence[float] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     out: str | Path | None = None,
     grid: str | Path | None = None,
     weights: str = "eval-ema",
@@ -173,6 +173,10 @@ def sample_from_checkpoint(
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(not c.sigma_min < s <= c.sigma_max for s in sigmas):
         raise UsageError(f"sigmas must lie in (sigma_min, sigma_max] = ({c.sigma_min}, {c.sigma_max}], got {sigmas}")
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)):
+        raise UsageError(f"sigmas must decrease (e.g. 80,0.821), got {sigmas}")
+    num_samples = recipe.sampling.num_samples if num_samples is None else num_samples
+    seed = recipe.sampling.seed if seed is None else seed
     # inside a run directory samples go to its samples/ folder, otherwise next to the checkpoint
     in_run = checkpoint.parent.name == "checkpoints"
     folder = checkpoint.parent.parent / "samples" if in_run else checkpoint.parent

@@ -54,6 +54,8 @@ class Run:
     """Generator on the training device for the noise z."""
     provenance: dict[str, Any]
     precision: str
+    student_forward: nn.Module
+    """The student as called in the loss: the student itself, or its torch.compile wrapper."""
     step: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0
@@ -101,19 +103,23 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     eval_ema = copy.deepcopy(student).eval().requires_grad_(False)
     teacher = built["teacher"]
     teacher.bind(student)
+    teacher.network.train()  # the teacher runs with dropout active, sharing the student's mask
     t = recipe.training
     opt_cls = torch.optim.RAdam if t.optimizer == "radam" else torch.optim.Adam
     extra = {"fused": True} if device.type == "cuda" else {}
     optimizer = opt_cls(student.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
                         **extra)
     precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    # torch.compile pays on GPUs; on CPU its compile time outweighs the gain for short runs ("auto": off)
+    compiled = torch.compile(student) if t.compile == "on" else student
     index_gen = torch.Generator().manual_seed(recipe.run.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 2)
     provenance = make_provenance(recipe, registry, device, data)
     return Run(recipe=recipe, registry=registry, out_dir=output_dir_for(recipe, out_dir), device=device, data=data,
                student=student, eval_ema=eval_ema, teacher=teacher, metric=built["metric"].to(device),
                noise_schedule=built["noise_schedule"], curriculum=built["curriculum"], optimizer=optimizer,
-               index_generator=index_gen, noise_generator=noise_gen, provenance=provenance, precision=precision)
+               index_generator=index_gen, noise_generator=noise_gen, provenance=provenance, precision=precision,
+               student_forward=compiled)
 
 
 def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, data: ImageData) -> dict[str, Any]:
@@ -153,8 +159,9 @@ def train_step(run: Run) -> torch.Tensor:
         for group in run.optimizer.param_groups:
             group["lr"] = t.lr * min(1.0, (k + 1) / t.warmup_steps)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
+        teacher = run.student_forward if run.teacher.network is run.student else run.teacher.network
         loss, _ = consistency_loss(
-            run.student, run.teacher.network, run.metric, x, labels, sigmas.to(run.device), pair, z,
+            run.student_forward, teacher, run.metric, x, labels, sigmas.to(run.device), pair, z,
             weighting=r.consistency.weighting, sigma_min=r.consistency.sigma_min,
             sigma_data=r.consistency.sigma_data,
         )

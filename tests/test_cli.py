@@ -593,3 +593,12 @@ def test_a_checkpoint_whose_plugin_is_missing_names_it(
     monkeypatch.delenv(DISABLE_ENV)
     result = invoke("sample", ckpt, "-n", "2")
     assert result.exit_code == 0, result.output
+
+
+def test_resume_of_a_directory_with_another_output_dir_exits_2(
+    finished: tuple[Path, Path, Result], run_copy: Path, tmp_path: Path
+) -> None:
+    result = invoke("run", run_copy, "--resume", "--output-dir", tmp_path / "elsewhere", "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert "drop --output-dir" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "elsewhere").exists()

@@ -147,6 +147,41 @@ def test_misspelt_hook_name_is_a_failure(tmp_path: Path, plugin_path: PluginPath
     assert_builtins_present(registry)
 
 
+NAMELESS_PLUGIN = '''
+from ctcore import hookimpl
+
+
+class NoName:
+    summary = "a metric without a name"
+
+
+@hookimpl
+def ctcore_register_metrics():
+    return [NoName]
+'''
+
+UNDECORATED_PLUGIN = '''
+def ctcore_register_metrics():  # forgot @ctcore.hookimpl: pluggy alone would ignore it silently
+    return []
+'''
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [(NAMELESS_PLUGIN, "without a kebab-case `name` attribute"),
+     (UNDECORATED_PLUGIN, "ctcore_register_metrics lack the @ctcore.hookimpl decorator")],
+    ids=["malformed-class", "undecorated-hook"],
+)
+def test_a_malformed_plugin_is_skipped_and_named(
+    tmp_path: Path, plugin_path: PluginPath, source: str, error: str
+) -> None:
+    plugin_path(fake_distribution(tmp_path, "ctcore-bad", {"bad": "ctcore_fake_bad"}, {"ctcore_fake_bad": source}))
+    registry = load_registry()  # does not raise: the rest of the registry still works
+    assert [(f.entry_point, f.distribution) for f in registry.failures] == [("bad", "ctcore-bad")]
+    assert error in registry.failures[0].error
+    assert_builtins_present(registry)
+
+
 def test_each_load_builds_an_independent_registry(tmp_path: Path, plugin_path: PluginPath) -> None:
     first = load_registry()
     source = METRIC_PLUGIN.format(cls="Late", name="late-metric")

@@ -320,8 +320,9 @@ def test_more_steps_than_the_recipe_has_sigmas_suggests_sigmas(run_dir: Path) ->
         (["--sigmas", "100"], "sigmas must lie in (sigma_min, sigma_max] = (0.002, 80.0], got [100.0]"),
         (["--sigmas", "80,0.001"], "sigmas must lie in (sigma_min, sigma_max] = (0.002, 80.0], got [80.0, 0.001]"),
         (["--weights", "teacher"], "--weights must be 'eval-ema' or 'student', got 'teacher'"),
+        (["--sigmas", "0.821,80"], "sigmas must decrease (e.g. 80,0.821), got [0.821, 80.0]"),
     ],
-    ids=["not-numbers", "above-sigma-max", "below-sigma-min", "bad-weights"],
+    ids=["not-numbers", "above-sigma-max", "below-sigma-min", "bad-weights", "increasing"],
 )
 def test_bad_sampling_options_exit_2(run_dir: Path, args: list[str], message: str) -> None:
     result = invoke("sample", run_dir, "-n", "2", *args)
@@ -399,3 +400,10 @@ def test_student_weights_are_sampled_on_request(run_dir: Path, tmp_path: Path) -
     seeds = list(range(16))
     assert torch.equal(s["images"], _expected_images(ckpt, "student", seeds, [SIGMA_MAX]))
     assert torch.equal(e["images"], _expected_images(ckpt, "eval_ema", seeds, [SIGMA_MAX]))
+
+
+def test_sample_defaults_come_from_the_recipe_sampling_section(run_dir: Path) -> None:
+    result = invoke("sample", run_dir)  # the tiny recipe has sampling.num_samples = 4, seed = 0
+    assert result.exit_code == 0, result.output
+    s = read_sample_store(run_dir / "samples" / "ckpt-000000012-1step-4.h5")
+    assert s["seeds"].tolist() == [0, 1, 2, 3]

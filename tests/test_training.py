@@ -159,3 +159,19 @@ def test_quickstart_learns_at_least_5x_better_than_untrained(tmp_path, registry)
         torch.set_num_threads(threads)
     assert summary["step"] == recipe.training.total_steps
     assert summary["final_distance"] * 5 <= summary["initial_distance"], summary
+
+
+def test_compile_switch_wraps_the_student_and_auto_is_off_on_cpu(tmp_path, registry):
+    from ctcore.training import build_run
+
+    auto = build_run(read_recipe(write_tiny_recipe(tmp_path / "a.toml", tmp_path / "a"), registry), registry)
+    assert auto.student_forward is auto.student
+    on = build_run(read_recipe(write_tiny_recipe(tmp_path / "b.toml", tmp_path / "b",
+                                                 training={"compile": "on"}), registry), registry)
+    assert on.student_forward is not on.student
+    assert on.student_forward._orig_mod is on.student  # torch.compile's wrapper around the same weights
+
+
+def test_the_teacher_runs_in_train_mode(tmp_path, registry):
+    run = _train(tmp_path, registry, "mode", teacher={"name": "ema", "mu0": 0.9})
+    assert run.teacher.network.training and run.student.training and not run.eval_ema.training

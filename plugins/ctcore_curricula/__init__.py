@@ -19,9 +19,9 @@ def _at_least(n: int):
     return check
 
 
-def _total_steps(context: BuildContext, name: str) -> int:
+def _total_steps(context: BuildContext) -> int:
     if context.total_steps is None or context.total_steps < 1:
-        raise ValueError(f"curriculum {name!r} needs total_steps >= 1 (K, the training length)")
+        raise ValueError(f"needs total_steps >= 1 (K, the training length), got {context.total_steps}")
     return context.total_steps
 
 
@@ -42,7 +42,7 @@ class Exponential:
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options
-        self.total_steps = _total_steps(context, self.name)
+        self.total_steps = _total_steps(context)
         s0, s1 = options.s0, options.s1
         self.stage_steps = max(1, math.floor(self.total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
         """K', the length of one doubling stage (at least 1: tiny K would otherwise divide by zero)."""
@@ -69,7 +69,7 @@ class SquareRoot:
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options
-        self.total_steps = _total_steps(context, self.name)
+        self.total_steps = _total_steps(context)
 
     def num_scales(self, step: int) -> int:
         s0, s1 = self.options.s0, self.options.s1
