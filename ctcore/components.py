@@ -7,6 +7,7 @@ class whose fields are its recipe settings (all with defaults). Every component 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import attrs
@@ -138,3 +139,27 @@ class NoiseScheduleBase:
 
         p = self.probabilities(sigmas).to(torch.float64).cpu()
         return torch.multinomial(p, batch_size, replacement=True, generator=generator)
+
+
+# ------------------------------------------------------------------------------------ option validators
+
+
+def requirement(condition: Callable[[Any], bool], text: str) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """An attrs validator for Options fields: raises ValueError("key: <text>, got <value>"), the form in which
+    recipe errors report it (`section.key: ...`). None passes, so optional fields may stay unset."""
+
+    def validator(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and not condition(value):
+            raise ValueError(f"{attribute.name}: {text}, got {value!r}")
+
+    return validator
+
+
+def at_least(n: float) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """Validator: value >= n."""
+    return requirement(lambda v: v >= n, f"must be >= {n}")
+
+
+positive = requirement(lambda v: v > 0, "must be > 0")
+non_negative = requirement(lambda v: v >= 0, "must be >= 0")
+unit_interval = requirement(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")

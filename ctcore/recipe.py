@@ -19,25 +19,13 @@ import cattrs
 from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
 from cattrs.v import transform_error
 
-from ctcore.components import KINDS
+from ctcore.components import KINDS, at_least, non_negative, positive, unit_interval
 from ctcore.errors import RecipeError, did_you_mean, unknown_name_message
 
 if typing.TYPE_CHECKING:
     from ctcore.registry import Registry
 
 
-def _check(cond: Any, message: str) -> Any:
-    def validator(_inst: object, attr: attrs.Attribute, value: Any) -> None:
-        if not cond(value):
-            raise ValueError(f"{attr.name}: {message}, got {value!r}")
-
-    return validator
-
-
-_positive = _check(lambda v: v > 0, "must be > 0")
-_non_negative = _check(lambda v: v >= 0, "must be >= 0")
-_at_least_one = _check(lambda v: v >= 1, "must be >= 1")
-_unit = _check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 
 @attrs.frozen
@@ -58,9 +46,9 @@ class DataSection:
     source: Literal["synthetic", "hdf5"] = "synthetic"
     path: str = ""
     """HDF5 file with uint8 `images` (N, C, H, W) and optional `labels` (source = "hdf5")."""
-    resolution: int = attrs.field(default=8, validator=_at_least_one)
+    resolution: int = attrs.field(default=8, validator=at_least(1))
     """Synthetic data only: image side in pixels."""
-    num_images: int = attrs.field(default=20_000, validator=_at_least_one)
+    num_images: int = attrs.field(default=20_000, validator=at_least(1))
     """Synthetic data only: how many images to generate."""
     class_conditional: bool = False
     """Feed labels to the network (hdf5 files with `labels`, or the synthetic set's glyph index)."""
@@ -72,10 +60,10 @@ class DataSection:
 class ConsistencySection:
     """The paper's constants (EDM/CM values) and the loss weighting lambda."""
 
-    sigma_min: float = attrs.field(default=0.002, validator=_positive)
-    sigma_max: float = attrs.field(default=80.0, validator=_positive)
-    sigma_data: float = attrs.field(default=0.5, validator=_positive)
-    rho: float = attrs.field(default=7.0, validator=_positive)
+    sigma_min: float = attrs.field(default=0.002, validator=positive)
+    sigma_max: float = attrs.field(default=80.0, validator=positive)
+    sigma_data: float = attrs.field(default=0.5, validator=positive)
+    rho: float = attrs.field(default=7.0, validator=positive)
     weighting: Literal["inverse-delta", "uniform"] = "inverse-delta"
     """iCT: 1 / (sigma_{i+1} - sigma_i); CT: uniform (lambda = 1)."""
 
@@ -84,34 +72,34 @@ class ConsistencySection:
 class TrainingSection:
     """Optimizer, eval EMA of the student, precision and the cadence of logs, checkpoints and samples."""
 
-    total_steps: int = attrs.field(default=400_000, validator=_at_least_one)
-    batch_size: int = attrs.field(default=1024, validator=_at_least_one)
+    total_steps: int = attrs.field(default=400_000, validator=at_least(1))
+    batch_size: int = attrs.field(default=1024, validator=at_least(1))
     optimizer: Literal["radam", "adam"] = "radam"
-    lr: float = attrs.field(default=1e-4, validator=_positive)
+    lr: float = attrs.field(default=1e-4, validator=positive)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = attrs.field(default=1e-8, validator=_positive)
-    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
-    warmup_steps: int = attrs.field(default=0, validator=_non_negative)
+    eps: float = attrs.field(default=1e-8, validator=positive)
+    weight_decay: float = attrs.field(default=0.0, validator=non_negative)
+    warmup_steps: int = attrs.field(default=0, validator=non_negative)
     """Linear learning-rate warmup over this many steps (0: none)."""
-    grad_clip: float = attrs.field(default=0.0, validator=_non_negative)
+    grad_clip: float = attrs.field(default=0.0, validator=non_negative)
     """Max global gradient norm (0: no clipping)."""
-    eval_ema_decay: float = attrs.field(default=0.99993, validator=_unit)
+    eval_ema_decay: float = attrs.field(default=0.99993, validator=unit_interval)
     """Decay of the eval EMA of the student (used for sampling); not the teacher."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the student; auto: off on CPU."""
-    log_every: int = attrs.field(default=100, validator=_at_least_one)
-    checkpoint_every: int = attrs.field(default=10_000, validator=_at_least_one)
-    sample_every: int = attrs.field(default=10_000, validator=_at_least_one)
-    keep_checkpoints: int = attrs.field(default=3, validator=_at_least_one)
+    log_every: int = attrs.field(default=100, validator=at_least(1))
+    checkpoint_every: int = attrs.field(default=10_000, validator=at_least(1))
+    sample_every: int = attrs.field(default=10_000, validator=at_least(1))
+    keep_checkpoints: int = attrs.field(default=3, validator=at_least(1))
 
 
 @attrs.frozen
 class SamplingSection:
     """Sample grids during training and the default of `ctcore sample`."""
 
-    num_samples: int = attrs.field(default=64, validator=_at_least_one)
+    num_samples: int = attrs.field(default=64, validator=at_least(1))
     seed: int = 0
     """Sample j uses seed + j, so any subset can be regenerated."""
     sigma_mid: tuple[float, ...] = ()
@@ -125,8 +113,8 @@ class EvaluationSection:
     """The distribution distance printed at the start and end of a run (sliced Wasserstein in pixel space)."""
 
     distance: Literal["sliced-wasserstein", "none"] = "sliced-wasserstein"
-    num_samples: int = attrs.field(default=1000, validator=_at_least_one)
-    num_projections: int = attrs.field(default=256, validator=_at_least_one)
+    num_samples: int = attrs.field(default=1000, validator=at_least(1))
+    num_projections: int = attrs.field(default=256, validator=at_least(1))
 
 
 CORE_SECTIONS: dict[str, type] = {

@@ -8,15 +8,7 @@ from typing import ClassVar
 import attrs
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext
-
-
-def _at_least(n: int):
-    def check(_inst: object, attr: attrs.Attribute, value: int) -> None:
-        if value < n:
-            raise ValueError(f"{attr.name}: must be >= {n}, got {value}")
-
-    return check
+from ctcore.components import BuildContext, at_least
 
 
 def _total_steps(context: BuildContext) -> int:
@@ -33,8 +25,8 @@ class Exponential:
 
     @attrs.frozen
     class Options:
-        s0: int = attrs.field(default=10, validator=_at_least(1))
-        s1: int = attrs.field(default=1280, validator=_at_least(1))
+        s0: int = attrs.field(default=10, validator=at_least(1))
+        s1: int = attrs.field(default=1280, validator=at_least(1))
 
         def __attrs_post_init__(self) -> None:
             if self.s1 < self.s0:
@@ -60,8 +52,8 @@ class SquareRoot:
 
     @attrs.frozen
     class Options:
-        s0: int = attrs.field(default=2, validator=_at_least(1))
-        s1: int = attrs.field(default=150, validator=_at_least(1))
+        s0: int = attrs.field(default=2, validator=at_least(1))
+        s1: int = attrs.field(default=150, validator=at_least(1))
 
         def __attrs_post_init__(self) -> None:
             if self.s1 < self.s0:
@@ -86,7 +78,7 @@ class Constant:
 
     @attrs.frozen
     class Options:
-        num_scales: int = attrs.field(default=18, validator=_at_least(2))
+        num_scales: int = attrs.field(default=18, validator=at_least(2))
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options

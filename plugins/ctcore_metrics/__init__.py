@@ -10,15 +10,12 @@ import torch
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext
+from ctcore.components import BuildContext, positive
 
 PSEUDO_HUBER_C_PER_SQRT_DIM = 0.00054
 """iCT: c = 0.00054 * sqrt(d), d = C*H*W (0.0299 for 3x32x32, 0.0599 for 3x64x64)."""
 
 
-def _positive_or_none(_inst: object, attr: attrs.Attribute, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{attr.name}: must be > 0, got {value}")
 
 
 class PseudoHuber(nn.Module):
@@ -29,7 +26,7 @@ class PseudoHuber(nn.Module):
 
     @attrs.frozen
     class Options:
-        c: float | None = attrs.field(default=None, validator=_positive_or_none)
+        c: float | None = attrs.field(default=None, validator=positive)
         """Omit to use c = 0.00054 * sqrt(C*H*W)."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:

@@ -10,17 +10,7 @@ import torch
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext
-
-
-def _positive_int(_inst: object, attr: attrs.Attribute, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attr.name}: must be >= 1, got {value}")
-
-
-def _probability(_inst: object, attr: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{attr.name}: must be in [0, 1), got {value}")
+from ctcore.components import BuildContext, at_least, unit_interval
 
 
 class FourierEmbedding(nn.Module):
@@ -59,12 +49,12 @@ class MLP(nn.Module):
 
     @attrs.frozen
     class Options:
-        width: int = attrs.field(default=256, validator=_positive_int)
-        num_blocks: int = attrs.field(default=3, validator=_positive_int)
-        embedding_features: int = attrs.field(default=64, validator=_positive_int)
+        width: int = attrs.field(default=256, validator=at_least(1))
+        num_blocks: int = attrs.field(default=3, validator=at_least(1))
+        embedding_features: int = attrs.field(default=64, validator=at_least(1))
         fourier_scale: float = 0.02
         """Std of the Fourier frequencies: iCT uses 0.02, the original CM 16."""
-        dropout: float = attrs.field(default=0.0, validator=_probability)
+        dropout: float = attrs.field(default=0.0, validator=unit_interval)
         zero_init_output: bool = True
 
     def __init__(self, options: Options, context: BuildContext) -> None:

@@ -9,12 +9,7 @@ import attrs
 import torch
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, NoiseScheduleBase
-
-
-def _positive(_inst: object, attr: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attr.name}: must be > 0, got {value}")
+from ctcore.components import BuildContext, NoiseScheduleBase, positive
 
 
 class Lognormal(NoiseScheduleBase):
@@ -26,7 +21,7 @@ class Lognormal(NoiseScheduleBase):
     @attrs.frozen
     class Options:
         p_mean: float = -1.1
-        p_std: float = attrs.field(default=2.0, validator=_positive)
+        p_std: float = attrs.field(default=2.0, validator=positive)
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options

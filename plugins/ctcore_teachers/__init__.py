@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext
+from ctcore.components import BuildContext, at_least, unit_interval
 
 
 class NoEma:
@@ -45,14 +45,8 @@ class NoEma:
             raise ValueError("the no-ema teacher keeps no state, but the checkpoint holds teacher weights")
 
 
-def _unit_interval(_inst: object, attr: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{attr.name}: must be in [0, 1), got {value}")
 
 
-def _at_least_one(_inst: object, attr: attrs.Attribute, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attr.name}: must be >= 1, got {value}")
 
 
 class Ema:
@@ -68,9 +62,9 @@ class Ema:
 
     @attrs.frozen
     class Options:
-        mu0: float = attrs.field(default=0.9, validator=_unit_interval)
+        mu0: float = attrs.field(default=0.9, validator=unit_interval)
         schedule: Literal["adaptive", "adaptive-code", "fixed"] = "adaptive"
-        s0: int = attrs.field(default=2, validator=_at_least_one)
+        s0: int = attrs.field(default=2, validator=at_least(1))
         """The curriculum's initial s0 in mu(k); CT uses 2."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:
