@@ -210,44 +210,47 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
             run.initial_distance = evaluate_distance(run)
             if run.initial_distance is not None:
                 _log(stats, {"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
-        loss_acc = torch.zeros((), device=run.device, dtype=torch.float64)
+        loss_acc = torch.zeros((), device=run.device, dtype=torch.float64)  # summed on device: no sync per step
         acc_count = 0
+
+        def fold_losses() -> None:
+            """Move the device-side loss sum into the run (read back only here, at log and checkpoint times)."""
+            nonlocal acc_count
+            if acc_count:
+                run.loss_sum += float(loss_acc)
+                run.loss_count += acc_count
+                loss_acc.zero_()
+                acc_count = 0
+
         last_time, last_step = time.perf_counter(), run.step
         last_loss = None
         with _progress(progress, console) as bar:
             task = bar.add_task("training", total=end, completed=run.step, loss="-", scales="-", speed="-")
             while run.step < end:
-                loss = train_step(run)
-                loss_acc += loss.double()
+                loss_acc += train_step(run).double()
                 acc_count += 1
                 bar.update(task, completed=run.step)
                 k = run.step
                 if k % t.log_every == 0 or k == end:
-                    now = time.perf_counter()
-                    run.loss_sum += float(loss_acc)
-                    run.loss_count += acc_count
-                    loss_acc.zero_()
-                    acc_count = 0
+                    fold_losses()
                     last_loss = run.loss_sum / max(run.loss_count, 1)
-                    speed = (k - last_step) * t.batch_size / max(now - last_time, 1e-9)
+                    speed = (k - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
                     n = run.curriculum.num_scales(k - 1)
                     _log(stats, {"step": k, "loss": last_loss, "num_scales": n,
                                  "lr": run.optimizer.param_groups[0]["lr"],
                                  "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
                     bar.update(task, loss=f"{last_loss:.4g}", scales=str(n), speed=f"{speed:,.0f}")
                     run.loss_sum, run.loss_count = 0.0, 0
-                    last_time, last_step = now, k
+                    last_step = k
                 if k % t.sample_every == 0 or k == end:
                     path = save_samples(run)
                     _log(stats, {"event": "samples", "step": k, "path": str(path)})
                 if k % t.checkpoint_every == 0 or k == end:
-                    if acc_count:  # keep a partial log interval across a resume
-                        run.loss_sum += float(loss_acc)
-                        run.loss_count += acc_count
-                        loss_acc.zero_()
-                        acc_count = 0
+                    fold_losses()  # a partial log interval survives a resume
                     path = save_checkpoint(run)
                     _log(stats, {"event": "checkpoint", "step": k, "path": str(path)})
+                if k == last_step:  # img/s measures training: restart the clock after logging and file writes
+                    last_time = time.perf_counter()
         summary["loss"] = last_loss
         if run.step >= t.total_steps and run.step > summary["start_step"]:
             final = evaluate_distance(run)
