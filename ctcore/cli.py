@@ -124,7 +124,7 @@ def _print_summary(out, the_run, summary: dict) -> None:
 @app.command()
 def check(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe to validate.")],
-    build: Annotated[bool, typer.Option(help="Also build data and components (catches missing files).")] = True,
+    build: Annotated[bool, typer.Option(help="Also build every component for the declared data shape.")] = True,
 ) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""
     with _errors():
@@ -134,13 +134,28 @@ def check(
         recipe = read_recipe(recipe_path, registry)
         typer.echo(dump_recipe(recipe), nl=False)
         if build:
-            from ctcore.training import build_run
+            from ctcore.data import data_shape, hdf5_summary
+            from ctcore.errors import RunError
+            from ctcore.training import build_components
 
-            the_run = build_run(recipe, registry)
-            params = sum(p.numel() for p in the_run.student.parameters())
+            network = build_components(recipe, registry, device="meta")["network"]
+            params = sum(p.numel() for p in network.parameters())
+            d = recipe.data
+            if d.source == "synthetic":
+                data_note = f"synthetic data, {d.num_images:,} images of shape {data_shape(d)}"
+            elif not Path(d.path).is_file():
+                data_note = (f"data file {d.path!r} does not exist yet: create it before training (an HDF5 file "
+                             f"with uint8 `images` shaped (N, {', '.join(map(str, data_shape(d)))})"
+                             f"{' and `labels`' if d.num_classes else ''})")
+            else:
+                info = hdf5_summary(d.path)
+                if info["shape"] != data_shape(d):
+                    raise RunError(f"dataset file {d.path!r} holds images of shape {info['shape']}, but the "
+                                   f"recipe declares {data_shape(d)} ([data] channels, resolution)")
+                data_note = f"data {d.path!r}: {info['count']:,} images of shape {info['shape']}"
             _console(stderr=True).print(
                 f"ok: {recipe_path} is valid; network {recipe.components['network'].name} has {params:,} "
-                f"parameters; data {len(the_run.data):,} images of shape {the_run.data.shape}"
+                f"parameters; {data_note}"
             )
 
 

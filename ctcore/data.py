@@ -55,8 +55,8 @@ def synthetic_glyphs(num_images: int, resolution: int = 8, seed: int = 0) -> tup
     return img.round().clamp(0, 255).to(torch.uint8), glyph
 
 
-def read_hdf5_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Load `images` (N, C, H, W uint8) and optional `labels` from an HDF5 file, with clear errors."""
+def _read_hdf5(path: str | Path, arrays: bool) -> dict:
+    """Open and validate a dataset file; with `arrays` also read images and labels. One RunError per problem."""
     import h5py
     import numpy as np
 
@@ -64,8 +64,8 @@ def read_hdf5_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
     where = f"dataset file {str(path)!r}"
     if not path.is_file():
         raise RunError(
-            f"dataset file {str(path)!r} not found (data.path in the recipe). Create an HDF5 file with a uint8 "
-            "dataset `images` shaped (N, C, H, W) and optional integer `labels` (N,), or point data.path at one."
+            f"{where} not found (data.path in the recipe). Create an HDF5 file with a uint8 dataset `images` "
+            "shaped (N, C, H, W) and optional integer `labels` (N,), or point data.path at one."
         )
     try:
         with h5py.File(path, "r") as f:
@@ -73,20 +73,31 @@ def read_hdf5_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
                 raise RunError(f"{where} has no `images` dataset (found: {', '.join(f) or 'nothing'})")
             images = f["images"]
             if images.dtype != np.uint8 or images.ndim != 4:
-                raise RunError(
-                    f"{where}: `images` must be uint8 (N, C, H, W), got {images.dtype} {images.shape}"
-                )
-            arr = images[...]
-            labels = f["labels"][...] if "labels" in f else None
-            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+                raise RunError(f"{where}: `images` must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+            labels = f.get("labels")
+            if labels is not None and labels.shape != (images.shape[0],):
+                raise RunError(f"{where}: `labels` shape {labels.shape} does not match {images.shape[0]} images")
+            info = {"count": images.shape[0], "shape": tuple(images.shape[1:]), "has_labels": labels is not None,
+                    "attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}}
+            if arrays:
+                info["images"] = torch.from_numpy(images[...])
+                info["labels"] = torch.from_numpy(labels[...].astype("int64")) if labels is not None else None
+            return info
     except RunError:
         raise
     except (OSError, KeyError, ValueError) as exc:
         raise RunError(f"{where} cannot be read as HDF5 ({exc}); is it truncated?") from None
-    if labels is not None and labels.shape != (arr.shape[0],):
-        raise RunError(f"{where}: `labels` shape {labels.shape} does not match {arr.shape[0]} images")
-    lab = torch.from_numpy(labels.astype("int64")) if labels is not None else None
-    return torch.from_numpy(arr), lab, attrs
+
+
+def hdf5_summary(path: str | Path) -> dict:
+    """Count, per-image shape, whether labels exist, and attrs of a dataset file, without reading the images."""
+    return _read_hdf5(path, arrays=False)
+
+
+def read_hdf5_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Load `images` (N, C, H, W uint8) and optional `labels` from an HDF5 file, with clear errors."""
+    info = _read_hdf5(path, arrays=True)
+    return info["images"], info["labels"], info["attrs"]
 
 
 class ImageData:
@@ -118,19 +129,30 @@ class ImageData:
         return x, labels
 
 
+def data_shape(section) -> tuple[int, int, int]:
+    """(C, H, W) that a recipe's [data] section declares; networks are built for it before any data loads."""
+    return (section.channels, section.resolution, section.resolution)
+
+
 def load_data(section, seed: int, device: torch.device) -> ImageData:
-    """Build the training data described by a recipe's [data] section."""
+    """Build the training data described by a recipe's [data] section, checked against its declared shape."""
     if section.source == "synthetic":
         images, labels = synthetic_glyphs(section.num_images, section.resolution, seed=seed)
-        num_classes = len(GLYPH_NAMES) if section.class_conditional else 0
     else:
         images, labels, _ = read_hdf5_images(section.path)
-        num_classes = 0
-        if section.class_conditional:
+        where = f"dataset file {section.path!r}"
+        if tuple(images.shape[1:]) != data_shape(section):
+            raise RunError(
+                f"{where} holds images of shape {tuple(images.shape[1:])}, but the recipe's [data] declares "
+                f"channels = {section.channels}, resolution = {section.resolution}; make them agree"
+            )
+        if section.num_classes > 0:
             if labels is None:
-                raise RunError(f"data.class_conditional is true but {section.path!r} has no `labels` dataset")
-            num_classes = int(labels.max()) + 1
-    return ImageData(images, labels, random_flip=section.random_flip, num_classes=num_classes, device=device)
+                raise RunError(f"data.num_classes is {section.num_classes} but {where} has no `labels` dataset")
+            if int(labels.min()) < 0 or int(labels.max()) >= section.num_classes:
+                raise RunError(f"{where} has labels in [{int(labels.min())}, {int(labels.max())}], outside "
+                               f"0..{section.num_classes - 1} (data.num_classes = {section.num_classes})")
+    return ImageData(images, labels, random_flip=section.random_flip, num_classes=section.num_classes, device=device)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -46,12 +46,15 @@ class DataSection:
     source: Literal["synthetic", "hdf5"] = "synthetic"
     path: str = ""
     """HDF5 file with uint8 `images` (N, C, H, W) and optional `labels` (source = "hdf5")."""
-    resolution: int = attrs.field(default=8, validator=at_least(1))
-    """Synthetic data only: image side in pixels."""
+    channels: int = attrs.field(default=3, validator=at_least(1))
+    """Channels per image; an HDF5 file must match (the synthetic set is RGB)."""
+    resolution: int = attrs.field(default=32, validator=at_least(1))
+    """Image side in pixels; an HDF5 file must match. Networks are built for (channels, resolution, resolution)."""
     num_images: int = attrs.field(default=20_000, validator=at_least(1))
     """Synthetic data only: how many images to generate."""
-    class_conditional: bool = False
-    """Feed labels to the network (hdf5 files with `labels`, or the synthetic set's glyph index)."""
+    num_classes: int = attrs.field(default=0, validator=at_least(0))
+    """0: unconditional. Otherwise labels 0..num_classes-1 are fed to the network (HDF5 `labels`, or the
+    synthetic set's 8 glyph shapes)."""
     random_flip: bool = False
     """Random horizontal flips with p = 0.5 (CIFAR-10 in CM and iCT)."""
 
@@ -355,6 +358,12 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
         problems.append(f"training.betas: each must be in [0, 1), got {list(training.betas)}")
     if data is not None and data.source == "hdf5" and not data.path:
         problems.append('data.path: required when data.source = "hdf5" (the HDF5 file to train on)')
+    if data is not None and data.source == "synthetic":
+        if data.channels != 3:
+            problems.append(f"data.channels: the synthetic set is RGB, so it must be 3, got {data.channels}")
+        if data.num_classes not in (0, 8):
+            problems.append(f"data.num_classes: the synthetic set has 8 classes (glyph shapes): use 0 or 8, "
+                            f"got {data.num_classes}")
     return problems
 
 

@@ -23,7 +23,7 @@ from torch import nn
 import ctcore
 from ctcore.components import KINDS, BuildContext
 from ctcore.consistency import consistency_loss, denoise, karras_sigmas
-from ctcore.data import ImageData, load_data, to_uint8
+from ctcore.data import ImageData, data_shape, load_data, to_uint8
 from ctcore.errors import RunError, UsageError
 from ctcore.evaluation import sliced_wasserstein
 from ctcore.recipe import Recipe, dump_recipe, parse_recipe
@@ -83,21 +83,32 @@ def output_dir_for(recipe: Recipe, override: str | Path | None = None) -> Path:
     return Path(override or recipe.run.output_dir or Path("runs") / recipe.run.name)
 
 
+def build_components(recipe: Recipe, registry: Registry, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """One instance per kind, built for the data shape and classes the recipe declares (no data is read).
+
+    `device="meta"` builds shapes only: `ctcore check` uses it to validate even a 300M-parameter network
+    in no memory and no time.
+    """
+    context = BuildContext(data_shape=data_shape(recipe.data), num_classes=recipe.data.num_classes,
+                           total_steps=recipe.training.total_steps)
+    built = {}
+    with torch.device(device):
+        for kind in KINDS:
+            spec = recipe.components[kind]
+            cls = registry.get(kind, spec.name)
+            try:
+                built[kind] = cls(spec.options, context)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"{recipe.source}: cannot build {kind} {spec.name!r}: {exc}") from None
+    return built
+
+
 def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None) -> Run:
     """Instantiate every component of a recipe (data, networks, teacher, optimizer); writes nothing."""
     device = resolve_device(recipe.run.device)
     torch.manual_seed(recipe.run.seed)
+    built = build_components(recipe, registry)
     data = load_data(recipe.data, recipe.run.seed, device)
-    context = BuildContext(data_shape=data.shape, num_classes=data.num_classes,
-                           total_steps=recipe.training.total_steps)
-    built = {}
-    for kind in KINDS:
-        spec = recipe.components[kind]
-        cls = registry.get(kind, spec.name)
-        try:
-            built[kind] = cls(spec.options, context)
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"{recipe.source}: cannot build {kind} {spec.name!r}: {exc}") from None
     student = built["network"].to(device)
     student.train()
     eval_ema = copy.deepcopy(student).eval().requires_grad_(False)

@@ -184,7 +184,8 @@ def test_every_shipped_recipe_passes_check_and_prints_itself_resolved(recipe: Pa
     assert parse_recipe(result.stdout, registry, source=str(recipe)) == read_recipe(recipe, registry)
     assert re.fullmatch(
         rf"ok: {re.escape(str(recipe))} is valid; network \S+ has [\d,]+ parameters; "
-        r"data [\d,]+ images of shape \(\d+, \d+, \d+\)\n",
+        r"(synthetic data, [\d,]+ images of shape \(\d+, \d+, \d+\)"
+        r"|data file '[^']+' does not exist yet: create it before training \(.*\))\n",
         result.stderr,
     ), result.stderr
 
@@ -200,7 +201,7 @@ def test_check_quickstart() -> None:
     assert recipe.sampling.sigma_mid == (0.821,)
     assert re.fullmatch(
         rf"ok: {re.escape(str(QUICKSTART))} is valid; network mlp has [\d,]+ parameters; "
-        r"data 20,000 images of shape \(3, 8, 8\)\n",
+        r"synthetic data, 20,000 images of shape \(3, 8, 8\)\n",
         result.stderr,
     ), result.stderr
 
@@ -474,11 +475,11 @@ def test_a_missing_dataset_exits_1_and_creates_nothing(tmp_path: Path, monkeypat
     assert result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hdf5.toml"]  # no run directory, no ./runs
 
-    # check builds the data too, after printing the resolved recipe
+    # check validates a recipe whose data does not exist yet (the paper recipes ship that way) and says so
     result = invoke("check", recipe)
-    assert assert_clean_failure(result, 1) == expected
-    assert result.stdout.startswith(f"# resolved from {recipe}\n")
-    assert invoke("check", recipe, "--no-build").exit_code == 0
+    assert result.exit_code == 0 and result.stdout.startswith(f"# resolved from {recipe}\n")
+    assert "does not exist yet: create it before training" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hdf5.toml"]
 
 
 def test_a_missing_dataset_in_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
@@ -602,3 +603,29 @@ def test_resume_of_a_directory_with_another_output_dir_exits_2(
     assert result.exit_code == 2, result.output
     assert "drop --output-dir" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_check_validates_a_recipe_whose_data_file_does_not_exist_yet(tmp_path: Path) -> None:
+    missing = tmp_path / "cifar10.h5"
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out",
+                               data={"source": "hdf5", "path": str(missing), "num_classes": 10})
+    result = invoke("check", recipe)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.endswith(
+        f"data file {str(missing)!r} does not exist yet: create it before training (an HDF5 file with uint8 "
+        "`images` shaped (N, 3, 4, 4) and `labels`)\n"
+    )
+
+
+def test_check_refuses_a_data_file_of_the_wrong_shape(tmp_path: Path) -> None:
+    import h5py
+    import numpy as np
+
+    data = tmp_path / "d.h5"
+    with h5py.File(data, "w") as f:
+        f.create_dataset("images", data=np.zeros((5, 3, 8, 8), np.uint8))
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", data={"source": "hdf5", "path": str(data)})
+    result = invoke("check", recipe)
+    assert result.exit_code == 1
+    assert result.stderr == (f"error: dataset file {str(data)!r} holds images of shape (3, 8, 8), but the recipe "
+                             "declares (3, 4, 4) ([data] channels, resolution)\n")

@@ -68,9 +68,9 @@ def test_a_class_conditional_run_trains_from_an_hdf5_file(tmp_path: Path) -> Non
                      rng.integers(0, 5, 40).astype(np.int64))
     registry = ctcore.load_registry()
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run",
-                               data={"source": "hdf5", "path": str(data), "class_conditional": True})
+                               data={"source": "hdf5", "path": str(data), "num_classes": 5})
     run = start_run(read_recipe(recipe, registry), registry)
-    assert run.data.num_classes == int(np.max(h5py.File(data)["labels"][...])) + 1
+    assert run.data.num_classes == 5
     assert run.student.label_embed is not None and run.student.label_embed.num_embeddings == run.data.num_classes
     summary = train(run, progress=False)
     assert summary["step"] == 12 and run.provenance["num_classes"] == run.data.num_classes
@@ -103,6 +103,23 @@ def test_class_conditional_without_labels_is_refused(tmp_path: Path) -> None:
     data = _write_h5(tmp_path / "nolabels.h5", np.zeros((4, 3, 4, 4), np.uint8))
     registry = ctcore.load_registry()
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run",
-                               data={"source": "hdf5", "path": str(data), "class_conditional": True})
-    with pytest.raises(RunError, match="class_conditional is true but .* has no `labels` dataset"):
+                               data={"source": "hdf5", "path": str(data), "num_classes": 3})
+    with pytest.raises(RunError, match="data.num_classes is 3 but .* has no `labels` dataset"):
         start_run(read_recipe(recipe, registry), registry)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [({"num_classes": 2}, "has labels in [0, 4], outside 0..1 (data.num_classes = 2)"),
+     ({"resolution": 8}, "holds images of shape (3, 4, 4), but the recipe's [data] declares channels = 3, "
+                         "resolution = 8; make them agree")],
+    ids=["label-out-of-range", "shape-mismatch"],
+)
+def test_a_file_that_disagrees_with_the_recipe_is_refused(tmp_path: Path, data: dict, message: str) -> None:
+    path = _write_h5(tmp_path / "d.h5", np.zeros((5, 3, 4, 4), np.uint8), np.arange(5, dtype=np.int64))
+    registry = ctcore.load_registry()
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run",
+                               data={"source": "hdf5", "path": str(path), **data})
+    with pytest.raises(RunError) as info:
+        start_run(read_recipe(recipe, registry), registry)
+    assert message in info.value.message
