@@ -197,6 +197,39 @@ def sample(
                          f"and a grid to {result['grid']}")
 
 
+@app.command()
+def bench(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose network to benchmark.")],
+    batch: Annotated[int | None, typer.Option(min=1, help="Batch size (default: training.batch_size).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps of each kind.")] = 10,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed steps first (compilation, autotuning).")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Time the recipe's real training step and one-step sampling on random data of its shape."""
+    with _errors():
+        from ctcore.bench import run_bench
+        from ctcore.recipe import read_recipe
+
+        registry = _registry()
+        result = run_bench(read_recipe(recipe_path, registry), registry, batch=batch, steps=steps, warmup=warmup)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        from rich.table import Table
+
+        def fmt(v: object) -> str:
+            if v is None:
+                return "n/a"
+            if isinstance(v, float):
+                return f"{v:,.0f}" if v >= 1000 else f"{v:.4g}"
+            return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+        table = Table(title=f"ctcore bench {recipe_path}", show_header=False)
+        for key, value in result.items():
+            table.add_row(key.replace("_", " "), fmt(value))
+        _console().print(table)
+
+
 @app.command("list-components")
 def list_components(
     kind: Annotated[str | None, typer.Option(help="Only this kind (network, metric, ...).")] = None,

@@ -103,12 +103,19 @@ def build_components(recipe: Recipe, registry: Registry, device: str | torch.dev
     return built
 
 
-def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None) -> Run:
-    """Instantiate every component of a recipe (data, networks, teacher, optimizer); writes nothing."""
+def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None,
+              data: ImageData | None = None) -> Run:
+    """Instantiate every component of a recipe (data, networks, teacher, optimizer); writes nothing.
+
+    `data` replaces the recipe's data (the benchmark trains on random images of the declared shape).
+    """
     device = resolve_device(recipe.run.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls and convs on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(recipe.run.seed)
     built = build_components(recipe, registry)
-    data = load_data(recipe.data, recipe.run.seed, device)
+    data = data if data is not None else load_data(recipe.data, recipe.run.seed, device)
     student = built["network"].to(device)
     student.train()
     eval_ema = copy.deepcopy(student).eval().requires_grad_(False)

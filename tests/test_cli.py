@@ -75,13 +75,13 @@ def table_rows(output: str) -> list[list[str]]:
 # ----------------------------------------------------------------------------------------------- help
 
 
-def test_help_lists_the_four_commands() -> None:
+def test_help_lists_every_command() -> None:
     result = invoke("--help", env=WIDE)
     assert result.exit_code == 0, result.output
     assert "Train, sample and inspect consistency models with the iCT techniques." in result.stdout
     panel = result.stdout.split("─ Commands ─", 1)[1]
     commands = [m.group(1) for m in re.finditer(r"^│ (\S+)\s{2,}", panel, re.MULTILINE)]
-    assert commands == ["run", "check", "sample", "list-components"]
+    assert commands == ["run", "check", "sample", "bench", "list-components"]
 
 
 @pytest.mark.parametrize(
