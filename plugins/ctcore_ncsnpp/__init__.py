@@ -1,0 +1,264 @@
+"""NCSN++ (Song et al. 2021, score SDE) in the configuration the consistency-model CIFAR-10 code uses.
+
+The defaults are the iCT CIFAR-10 network (Song & Dhariwal 2023): nf 128, ch_mult (2, 2, 2), 4 residual blocks per
+resolution, attention at 16 x 16 and in the middle, BigGAN-style residual blocks with FIR resampling, a residual
+input pyramid, Gaussian Fourier noise features with scale 0.02 and dropout 0.3: 56,395,523 parameters at 3 x 32 x 32.
+iCT-deep ("2x depth") is `num_res_blocks = 8`: 97,610,499 parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctcore import hookimpl
+from ctcore.components import BuildContext, at_least, non_negative, positive, requirement, unit_interval
+
+from .layers import (
+    SQRT_HALF,
+    AttnBlock,
+    Combine,
+    Downsample,
+    GaussianFourierFeatures,
+    ResnetBlock,
+    Upsample,
+    conv2d,
+    dense,
+    group_norm,
+)
+
+__all__ = ["NCSNpp", "ctcore_register_networks"]
+
+
+def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute, Any], None]:
+    return requirement(lambda v: v in choices, f"must be one of {', '.join(map(repr, choices))}")
+
+
+def _ints(at_least_value: int, empty_ok: bool) -> Callable[[Any, attrs.Attribute, Any], None]:
+    what = "a tuple of integers" if empty_ok else "a non-empty tuple of integers"
+    return requirement(
+        lambda v: isinstance(v, tuple) and (empty_ok or len(v) > 0)
+        and all(isinstance(m, int) and not isinstance(m, bool) and m >= at_least_value for m in v),
+        f"must be {what} >= {at_least_value}",
+    )
+
+
+_fir_taps = requirement(
+    lambda v: isinstance(v, tuple) and len(v) >= 1 and all(isinstance(t, int | float) for t in v) and sum(v) > 0,
+    "must be a non-empty tuple of FIR taps with a positive sum",
+)
+
+
+class NCSNpp(nn.Module):
+    """NCSN++ U-Net: F_theta(c_in x, c_noise, labels) with Gaussian Fourier features of c_noise = 0.25 ln sigma."""
+
+    name: ClassVar[str] = "ncsnpp"
+    summary: ClassVar[str] = "NCSN++ U-Net (score SDE), iCT CIFAR-10 configuration by default (~56M parameters)"
+    noise_conditioning: ClassVar[str] = "fourier"
+
+    @attrs.frozen
+    class Options:
+        nf: int = attrs.field(default=128, validator=at_least(4))
+        """Base channel count; level i has nf * ch_mult[i] channels, the noise embedding 4 * nf."""
+        ch_mult: tuple[int, ...] = attrs.field(default=(2, 2, 2), validator=_ints(1, empty_ok=False))
+        """Channel multiplier per resolution; len(ch_mult) - 1 halvings of the image size."""
+        num_res_blocks: int = attrs.field(default=4, validator=at_least(1))
+        """Residual blocks per resolution on the way down (the way up has one more). iCT-deep: 8."""
+        attn_resolutions: tuple[int, ...] = attrs.field(default=(16,), validator=_ints(1, empty_ok=True))
+        """Feature-map heights that get self-attention (the middle of the U-Net always has one)."""
+        dropout: float = attrs.field(default=0.3, validator=unit_interval)
+        """iCT: 0.3 (the original CM CT: 0.0)."""
+        resblock_type: Literal["biggan", "ddpm"] = attrs.field(default="biggan", validator=_one_of("biggan", "ddpm"))
+        """biggan: resample inside residual blocks; ddpm: separate (FIR) Upsample / Downsample layers."""
+        fir: bool = True
+        """FIR resampling filters (otherwise nearest / 2 x 2 average)."""
+        fir_kernel: tuple[float, ...] = attrs.field(default=(1.0, 3.0, 3.0, 1.0), validator=_fir_taps)
+        """1-D FIR taps; the 2-D filter is their outer product, normalised (StyleGAN2's [1, 3, 3, 1])."""
+        resamp_with_conv: bool = True
+        """Resampling layers outside residual blocks (ddpm blocks, input pyramid) carry a 3 x 3 convolution."""
+        skip_rescale: bool = True
+        """Divide residual and skip sums by sqrt(2)."""
+        progressive: Literal["none", "output_skip", "residual"] = attrs.field(
+            default="none", validator=_one_of("none", "output_skip", "residual"))
+        """Output pyramid on the way up: none, output_skip (sum of per-level output convs) or residual."""
+        progressive_input: Literal["none", "input_skip", "residual"] = attrs.field(
+            default="residual", validator=_one_of("none", "input_skip", "residual"))
+        """Input pyramid on the way down: the image, downsampled, merged into the features at every level."""
+        progressive_combine: Literal["sum", "cat"] = attrs.field(default="sum", validator=_one_of("sum", "cat"))
+        """How input_skip merges the pyramid (after a 1 x 1 convolution)."""
+        init_scale: float = attrs.field(default=0.0, validator=non_negative)
+        """DDPM-init scale of the last layer of every block and of the output (0 means 1e-10: near-zero)."""
+        embedding_type: Literal["fourier"] = attrs.field(default="fourier", validator=_one_of("fourier"))
+        """Only Gaussian Fourier features: the network's noise conditioning is c_noise = 0.25 ln sigma."""
+        fourier_scale: float = attrs.field(default=0.02, validator=positive)
+        """Std of the frozen Fourier frequencies: iCT 0.02, the original CM 16."""
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        super().__init__()
+        o = options
+        if context.data_shape is None:
+            raise ValueError("network 'ncsnpp' needs the data shape")
+        if len(context.data_shape) != 3:
+            raise ValueError(f"network 'ncsnpp' needs image data (C, H, W), got data_shape {context.data_shape}")
+        channels, height, width = (int(s) for s in context.data_shape)
+        num_levels = len(o.ch_mult)
+        factor = 2 ** (num_levels - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"ch_mult: {num_levels} resolutions halve the image {num_levels - 1} times, so its "
+                             f"size must be divisible by {factor}; got {height} x {width}")
+        self.options = options
+        self.data_shape = (channels, height, width)
+        self.num_levels = num_levels
+        resolutions = [height // 2**i for i in range(num_levels)]
+        emb_dim = 4 * o.nf
+        biggan = o.resblock_type == "biggan"
+
+        def res_block(in_ch: int, out_ch: int | None = None, up: bool = False, down: bool = False) -> ResnetBlock:
+            return ResnetBlock(in_ch, out_ch, emb_dim, dropout=o.dropout, init_scale=o.init_scale,
+                               skip_rescale=o.skip_rescale, biggan=biggan, up=up, down=down, fir=o.fir,
+                               fir_kernel=o.fir_kernel)
+
+        def attn_block(ch: int) -> AttnBlock:
+            return AttnBlock(ch, init_scale=o.init_scale, skip_rescale=o.skip_rescale)
+
+        resample = {"with_conv": o.resamp_with_conv, "fir": o.fir, "fir_kernel": o.fir_kernel}
+
+        # Noise (and class) embedding: Fourier features -> Dense(4 nf) -> SiLU -> Dense(4 nf) [+ class embedding].
+        self.fourier = GaussianFourierFeatures(o.nf, o.fourier_scale)
+        self.emb0 = dense(2 * o.nf, emb_dim)
+        self.emb1 = dense(emb_dim, emb_dim)
+        self.label_emb = nn.Embedding(context.num_classes, emb_dim) if context.num_classes > 0 else None
+
+        # Down path. `skips` tracks the channels of every tensor pushed for the up path.
+        self.conv_in = conv2d(channels, o.nf)
+        skips = [o.nf]
+        ch, pyramid_ch = o.nf, channels
+        self.down = nn.ModuleList()
+        for level in range(num_levels):
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList()
+            stage.attns = nn.ModuleList() if resolutions[level] in o.attn_resolutions else None
+            for _ in range(o.num_res_blocks):
+                stage.blocks.append(res_block(ch, o.nf * o.ch_mult[level]))
+                ch = o.nf * o.ch_mult[level]
+                if stage.attns is not None:
+                    stage.attns.append(attn_block(ch))
+                skips.append(ch)
+            stage.resample = stage.pyramid = stage.combine = None
+            if level != num_levels - 1:
+                stage.resample = res_block(ch, down=True) if biggan else Downsample(ch, **resample)
+                if o.progressive_input == "input_skip":
+                    stage.pyramid = Downsample(pyramid_ch, with_conv=False, fir=o.fir, fir_kernel=o.fir_kernel)
+                    stage.combine = Combine(pyramid_ch, ch, o.progressive_combine)
+                    if o.progressive_combine == "cat":
+                        ch *= 2
+                elif o.progressive_input == "residual":
+                    stage.pyramid = Downsample(pyramid_ch, ch, with_conv=True, fir=o.fir, fir_kernel=o.fir_kernel)
+                    pyramid_ch = ch
+                skips.append(ch)
+            self.down.append(stage)
+
+        # Middle: residual block, attention, residual block at the lowest resolution.
+        self.mid = nn.ModuleList([res_block(ch), attn_block(ch), res_block(ch)])
+
+        # Up path: num_res_blocks + 1 blocks per level, each fed the concatenation with one skip tensor.
+        self.up = nn.ModuleList()
+        pyramid_ch = 0
+        for level in reversed(range(num_levels)):
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList()
+            for _ in range(o.num_res_blocks + 1):
+                stage.blocks.append(res_block(ch + skips.pop(), o.nf * o.ch_mult[level]))
+                ch = o.nf * o.ch_mult[level]
+            stage.attn = attn_block(ch) if resolutions[level] in o.attn_resolutions else None
+            stage.pyramid_norm = stage.pyramid_conv = stage.pyramid_up = None
+            if o.progressive == "output_skip":
+                if level != num_levels - 1:
+                    stage.pyramid_up = Upsample(pyramid_ch, with_conv=False, fir=o.fir, fir_kernel=o.fir_kernel)
+                stage.pyramid_norm = group_norm(ch)
+                stage.pyramid_conv = conv2d(ch, channels, init_scale=o.init_scale)
+                pyramid_ch = channels
+            elif o.progressive == "residual":
+                if level == num_levels - 1:
+                    if num_levels > 1:  # with one level nothing would read this pyramid
+                        stage.pyramid_norm = group_norm(ch)
+                        stage.pyramid_conv = conv2d(ch, ch)
+                else:
+                    stage.pyramid_up = Upsample(pyramid_ch, ch, with_conv=True, fir=o.fir, fir_kernel=o.fir_kernel)
+                pyramid_ch = ch
+            stage.resample = None
+            if level != 0:
+                stage.resample = res_block(ch, up=True) if biggan else Upsample(ch, **resample)
+            self.up.append(stage)
+        if skips:  # pragma: no cover - a construction bug, not a user error
+            raise AssertionError(f"ncsnpp: {len(skips)} skip connections left unused")
+
+        self.norm_out = self.conv_out = None
+        if o.progressive != "output_skip":
+            self.norm_out = group_norm(ch)
+            self.conv_out = conv2d(ch, channels, init_scale=o.init_scale)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        o = self.options
+        emb = self.emb1(F.silu(self.emb0(self.fourier(c_noise))))
+        if self.label_emb is not None and labels is not None:
+            emb = emb + self.label_emb(labels)
+        emb = F.silu(emb)  # every residual block reads the embedding through a SiLU
+
+        pyramid = x if o.progressive_input != "none" else None
+        hs = [self.conv_in(x)]
+        for stage in self.down:
+            for i, block in enumerate(stage.blocks):
+                h = block(hs[-1], emb)
+                if stage.attns is not None:
+                    h = stage.attns[i](h)
+                hs.append(h)
+            if stage.resample is not None:
+                h = stage.resample(hs[-1], emb) if isinstance(stage.resample, ResnetBlock) else stage.resample(hs[-1])
+                if stage.combine is not None:  # input_skip
+                    pyramid = stage.pyramid(pyramid)
+                    h = stage.combine(pyramid, h)
+                elif stage.pyramid is not None:  # residual
+                    pyramid = stage.pyramid(pyramid)
+                    pyramid = (pyramid + h) * SQRT_HALF if o.skip_rescale else pyramid + h
+                    h = pyramid
+                hs.append(h)
+
+        h = hs[-1]
+        h = self.mid[0](h, emb)
+        h = self.mid[1](h)
+        h = self.mid[2](h, emb)
+
+        pyramid = None
+        for stage in self.up:
+            for block in stage.blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            if stage.attn is not None:
+                h = stage.attn(h)
+            if o.progressive == "output_skip":
+                out = stage.pyramid_conv(F.silu(stage.pyramid_norm(h)))
+                pyramid = out if stage.pyramid_up is None else stage.pyramid_up(pyramid) + out
+            elif o.progressive == "residual":
+                if stage.pyramid_up is None:
+                    if stage.pyramid_conv is not None:
+                        pyramid = stage.pyramid_conv(F.silu(stage.pyramid_norm(h)))
+                else:
+                    pyramid = stage.pyramid_up(pyramid)
+                    pyramid = (pyramid + h) * SQRT_HALF if o.skip_rescale else pyramid + h
+                    h = pyramid
+            if stage.resample is not None:
+                h = stage.resample(h, emb) if isinstance(stage.resample, ResnetBlock) else stage.resample(h)
+
+        if self.conv_out is None:
+            return pyramid
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@hookimpl
+def ctcore_register_networks() -> list[type]:
+    return [NCSNpp]
