@@ -1,0 +1,214 @@
+"""The ADM U-Net (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs"), the network of the CM and iCT
+papers on class-conditional ImageNet 64x64. The default options are that configuration (about 296M parameters
+with 1000 classes); iCT-deep doubles `num_res_blocks` to 6.
+
+Layout, for a data shape (C, H, W) and L = len(channel_mult) levels at resolutions H, H/2, ..., H/2^(L-1):
+
+- embedding: sinusoidal features of c_noise (width model_channels) -> Linear(model_channels, E) -> SiLU ->
+  Linear(E, E), E = 4 * model_channels; plus a learned class embedding (num_classes x E) when the run has
+  classes. SiLU of the sum conditions every residual block.
+- encoder: a 3x3 input conv to model_channels * channel_mult[0]; per level, `num_res_blocks` residual blocks
+  to model_channels * mult (each followed by attention when the level's resolution is in
+  `attention_resolutions`), then, except at the last level, a 2x down-sampling (a residual block with average
+  pooling when `resblock_updown`, else a strided conv). Every encoder output is kept for a skip connection.
+- middle: residual block, attention, residual block (attention here always, whatever the resolution).
+- decoder: per level from the last, `num_res_blocks + 1` residual blocks, each fed the concatenation of the
+  running features and one stored encoder output (popped in reverse), each followed by attention at the
+  attention resolutions; after the last block of every level but the first, a 2x up-sampling (residual
+  block with nearest-neighbour upsampling, or upsample + conv).
+- output: GroupNorm, SiLU, zero-initialised 3x3 conv back to C channels, so F_theta starts at exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import attrs
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ctcore import hookimpl
+from ctcore.components import BuildContext, at_least, requirement, unit_interval
+
+from .layers import AttentionBlock, Downsample, ResBlock, Upsample, sinusoidal_embedding, zero_module
+
+__all__ = ["ADM", "ctcore_register_networks"]
+
+
+def _as_tuple(value: object) -> object:
+    """Lists (from Python callers) become tuples; anything else is left for the validator to reject."""
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+_positive_ints = requirement(
+    lambda v: isinstance(v, tuple) and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v),
+    "must be a list of positive integers",
+)
+_non_empty = requirement(lambda v: len(v) > 0, "must not be empty")
+_attention_backend = requirement(lambda v: v in ("math", "sdpa"), "must be 'math' or 'sdpa'")
+
+
+class _Stage(nn.ModuleList):
+    """A run of layers applied in order; residual blocks also receive the embedding."""
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+
+class ADM(nn.Module):
+    """ADM U-Net (Dhariwal & Nichol 2021) with sinusoidal noise embedding, AdaGN and multi-head attention."""
+
+    name: ClassVar[str] = "adm"
+    summary: ClassVar[str] = "ADM U-Net of Dhariwal & Nichol (CM / iCT ImageNet 64x64 network, ~296M parameters)"
+    noise_conditioning: ClassVar[str] = "positional"
+
+    @attrs.frozen
+    class Options:
+        """Defaults: the CM / iCT ImageNet 64x64 configuration (CM `scripts/launch.sh`, EDM `--arch=adm`)."""
+
+        model_channels: int = attrs.field(default=192, validator=at_least(1))
+        """Base width; level i has model_channels * channel_mult[i] channels, the embedding 4x this."""
+        channel_mult: tuple[int, ...] = attrs.field(
+            default=(1, 2, 3, 4), converter=_as_tuple, validator=[_positive_ints, _non_empty]
+        )
+        """Width multiplier per resolution level; len(channel_mult) - 1 down-samplings."""
+        num_res_blocks: int = attrs.field(default=3, validator=at_least(1))
+        """Residual blocks per level in the encoder (the decoder has one more). iCT-deep: 6 (UNVERIFIED)."""
+        attention_resolutions: tuple[int, ...] = attrs.field(
+            default=(32, 16, 8), converter=_as_tuple, validator=_positive_ints
+        )
+        """Feature-map resolutions (side lengths) that get attention after each residual block. For a 64x64
+        input, (32, 16, 8) are ADM's downsample factors ds = 64 // res = (2, 4, 8), i.e. levels 1, 2, 3, not
+        the 64x64 level. A resolution no level has at this data size is unused (as in ADM); the middle block
+        always has attention. For non-square data the resolution is the feature map's height."""
+        num_head_channels: int = attrs.field(default=64, validator=at_least(1))
+        """Channels per attention head; heads = channels // num_head_channels (must divide evenly)."""
+        resblock_updown: bool = True
+        """Down/up-sample with residual blocks (avg-pool / nearest inside); False: strided conv / upsample+conv."""
+        use_scale_shift_norm: bool = True
+        """AdaGN: the embedding gives a per-channel scale and shift after the second GroupNorm (CM config: on).
+        iCT probably turned it off for stability (sCM, Sec. 4.1: AdaGN made CM training diverge; UNVERIFIED)."""
+        dropout: float = attrs.field(default=0.2, validator=unit_interval)
+        """Dropout rate inside residual blocks whose output resolution is <= dropout_max_resolution. iCT uses
+        dropout only at resolutions <= 16 on ImageNet 64 (per sCM App. G.2); the rate 0.2 is UNVERIFIED."""
+        dropout_max_resolution: int = attrs.field(default=16, validator=at_least(1))
+        """Largest feature resolution that gets dropout; set it >= the image size for dropout everywhere."""
+        attention: Literal["math", "sdpa"] = attrs.field(default="sdpa", validator=_attention_backend)
+        """Attention kernel: "sdpa" = torch's scaled_dot_product_attention (fused, memory-efficient on GPU),
+        "math" = the same computation spelled out (reference / debugging)."""
+        num_groups: int = attrs.field(default=32, validator=at_least(1))
+        """GroupNorm groups (ADM: 32); every level width must be divisible by it."""
+
+        def __attrs_post_init__(self) -> None:
+            widths = [self.model_channels * m for m in self.channel_mult]
+            bad = [w for w in widths if w % self.num_groups]
+            if bad:
+                raise ValueError(
+                    f"num_groups: must divide every level width model_channels * channel_mult = {widths}, "
+                    f"got {self.num_groups}"
+                )
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        super().__init__()
+        shape = context.data_shape
+        if shape is None or len(shape) != 3:
+            raise ValueError(f"network 'adm' needs image data of shape (C, H, W), got data shape {shape}")
+        in_channels, height, width = (int(s) for s in shape)
+        o = options
+        factor = 2 ** (len(o.channel_mult) - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"channel_mult: {len(o.channel_mult)} levels halve the image {len(o.channel_mult) - 1} times, "
+                f"so H and W must be divisible by {factor}; got data shape {tuple(shape)}"
+            )
+        self.options = o
+        self.data_shape = (in_channels, height, width)
+        self.num_classes = int(context.num_classes)
+
+        mc, emb_ch = o.model_channels, 4 * o.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.label_embed = nn.Embedding(self.num_classes, emb_ch) if self.num_classes > 0 else None
+
+        def res_block(cin: int, cout: int, resolution: int, resample: str = "none") -> ResBlock:
+            rate = o.dropout if resolution <= o.dropout_max_resolution else 0.0
+            return ResBlock(cin, cout, emb_ch, dropout=rate, groups=o.num_groups, scale_shift=o.use_scale_shift_norm,
+                            resample=resample, resolution=resolution)
+
+        def attention(channels: int, resolution: int) -> AttentionBlock:
+            if channels % o.num_head_channels:
+                raise ValueError(
+                    f"num_head_channels: must divide the width {channels} of the attention at resolution "
+                    f"{resolution}, got {o.num_head_channels}"
+                )
+            return AttentionBlock(channels, o.num_head_channels, o.num_groups, o.attention)
+
+        # Encoder: track the width of every stored output for the decoder's skip concatenations.
+        ch = mc * o.channel_mult[0]
+        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        skips = [ch]
+        self.encoder = nn.ModuleList()
+        res = height
+        for level, mult in enumerate(o.channel_mult):
+            for _ in range(o.num_res_blocks):
+                layers: list[nn.Module] = [res_block(ch, mc * mult, res)]
+                ch = mc * mult
+                if res in o.attention_resolutions:
+                    layers.append(attention(ch, res))
+                self.encoder.append(_Stage(layers))
+                skips.append(ch)
+            if level < len(o.channel_mult) - 1:
+                res //= 2
+                down = res_block(ch, ch, res, "down") if o.resblock_updown else Downsample(ch)
+                self.encoder.append(_Stage([down]))
+                skips.append(ch)
+
+        self.middle = _Stage([res_block(ch, ch, res), attention(ch, res), res_block(ch, ch, res)])
+
+        self.decoder = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(o.channel_mult))):
+            for i in range(o.num_res_blocks + 1):
+                layers = [res_block(ch + skips.pop(), mc * mult, res)]
+                ch = mc * mult
+                if res in o.attention_resolutions:
+                    layers.append(attention(ch, res))
+                if level > 0 and i == o.num_res_blocks:
+                    res *= 2
+                    layers.append(res_block(ch, ch, res, "up") if o.resblock_updown else Upsample(ch))
+                self.decoder.append(_Stage(layers))
+        assert not skips
+
+        self.out_norm = nn.GroupNorm(o.num_groups, ch)
+        self.out_conv = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Raw F_theta(x, c_noise, labels), shaped like x; c_noise = 1000 * 0.25 * ln(sigma), one per sample.
+
+        A network built with classes needs `labels` (int64, one per sample); one built without ignores them.
+        """
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(x.shape[0])
+        features = sinusoidal_embedding(c_noise, self.options.model_channels)
+        emb = self.time_embed(features.to(self.time_embed[0].weight.dtype))
+        if self.label_embed is not None:
+            if labels is None:
+                raise ValueError(f"network 'adm' was built for {self.num_classes} classes and needs labels")
+            emb = emb + self.label_embed(labels)
+        emb = F.silu(emb)  # every residual block's embedding projection starts with SiLU: apply it once
+
+        h = self.input_conv(x)
+        stored = [h]
+        for stage in self.encoder:
+            h = stage(h, emb)
+            stored.append(h)
+        h = self.middle(h, emb)
+        for stage in self.decoder:
+            h = stage(torch.cat([h, stored.pop()], dim=1), emb)
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+@hookimpl
+def ctcore_register_networks() -> list[type]:
+    return [ADM]
