@@ -402,13 +402,18 @@ def check_component(kind: str, cls: type, **kwargs: Any) -> None:
     _CHECKS[kind](cls, **kwargs)
 
 
-def check_all(registry: Registry) -> None:
-    """Check every component of a `ctcore.registry.Registry` with default options; report all failures."""
+def check_all(registry: Registry, options: dict[tuple[str, str], dict[str, Any]] | None = None) -> None:
+    """Check every component of a `ctcore.registry.Registry`; report all failures.
+
+    Components use default options unless `options[(kind, name)]` gives others (e.g. a reduced width, so a
+    300M-parameter network checks in a second).
+    """
+    options = options or {}
     failures = []
     for kind in KINDS:
         for name in registry.names(kind):
             try:
-                check_component(kind, registry.get(kind, name))
+                check_component(kind, registry.get(kind, name), **options.get((kind, name), {}))
             except Exception as exc:
                 where = registry.provider(kind, name).distribution
                 failures.append(f"{kind} {name!r} from {where}: {type(exc).__name__}: {exc}")

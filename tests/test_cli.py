@@ -31,7 +31,7 @@ from ctcore.components import KINDS
 from ctcore.recipe import parse_recipe, read_recipe
 from ctcore.registry import DISABLE_ENV, load_registry
 
-RECIPES = sorted((REPO_ROOT / "recipes").glob("*.toml"))
+RECIPES = sorted((REPO_ROOT / "recipes").glob("**/*.toml"))
 QUICKSTART = REPO_ROOT / "recipes" / "quickstart.toml"
 CTCORE_VERSION = md.version("ctcore")
 BUILTINS = {

@@ -1,0 +1,108 @@
+"""The paper recipes carry the paper's settings, and each ablation switches exactly one iCT change back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import ctcore
+from ctcore.recipe import Recipe, read_recipe
+from ctcore.training import build_components, recipe_differences
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return ctcore.load_registry()
+
+
+def load(registry, name: str) -> Recipe:
+    return read_recipe(RECIPES / name, registry)
+
+
+def options(recipe: Recipe, kind: str) -> dict:
+    import attrs
+
+    spec = recipe.components[kind]
+    return {"name": spec.name, **attrs.asdict(spec.options)}
+
+
+def test_ict_cifar10_has_the_paper_settings(registry) -> None:
+    r = load(registry, "ict_cifar10.toml")
+    t = r.training
+    assert (t.batch_size, t.optimizer, t.lr, t.total_steps, t.eval_ema_decay) == (1024, "radam", 1e-4, 400_000, 0.99993)
+    assert options(r, "curriculum") == {"name": "exponential", "s0": 10, "s1": 1280}
+    assert options(r, "noise_schedule") == {"name": "lognormal", "p_mean": -1.1, "p_std": 2.0}
+    assert options(r, "metric") == {"name": "pseudo-huber", "c": None}  # c = 0.00054 sqrt(3072)
+    assert options(r, "teacher") == {"name": "no-ema"}
+    assert r.consistency.weighting == "inverse-delta"
+    net = options(r, "network")
+    assert (net["name"], net["dropout"], net["fourier_scale"], net["nf"], net["ch_mult"], net["num_res_blocks"]) == (
+        "ncsnpp", 0.3, 0.02, 128, (2, 2, 2), 4)
+    assert r.sampling.sigma_mid == (0.821,)
+    assert (r.data.source, r.data.resolution, r.data.num_classes, r.data.random_flip) == ("hdf5", 32, 0, True)
+    metric = build_components(r, registry, device="meta")["metric"]
+    assert round(metric.c, 4) == 0.0299
+
+
+def test_ct_l2_cifar10_has_the_cm_settings(registry) -> None:
+    r = load(registry, "ct_l2_cifar10.toml")
+    t = r.training
+    assert (t.batch_size, t.optimizer, t.lr, t.total_steps, t.eval_ema_decay) == (512, "radam", 2e-4, 800_000, 0.9999)
+    assert options(r, "teacher") == {"name": "ema", "mu0": 0.9, "schedule": "adaptive", "s0": 2}
+    assert options(r, "noise_schedule") == {"name": "uniform"}
+    assert options(r, "curriculum") == {"name": "ct", "s0": 2, "s1": 150}
+    assert options(r, "metric") == {"name": "l2"}
+    assert r.consistency.weighting == "uniform"
+    net = options(r, "network")
+    assert (net["fourier_scale"], net["dropout"]) == (16.0, 0.0)
+
+
+@pytest.mark.parametrize(("name", "blocks", "params"), [("ict_cifar10.toml", 4, 56_395_523),
+                                                         ("ict_deep_cifar10.toml", 8, 97_610_499)])
+def test_cifar10_networks(registry, name: str, blocks: int, params: int) -> None:
+    r = load(registry, name)
+    net = build_components(r, registry, device="meta")["network"]
+    assert options(r, "network")["num_res_blocks"] == blocks
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
+@pytest.mark.parametrize(("name", "blocks", "params"), [("ict_imagenet64.toml", 3, 295_899_267),
+                                                         ("ict_deep_imagenet64.toml", 6, 495_357_699)])
+def test_imagenet64_recipes(registry, name: str, blocks: int, params: int) -> None:
+    r = load(registry, name)
+    assert (r.data.resolution, r.data.num_classes) == (64, 1000)
+    assert r.sampling.sigma_mid == (1.526,)
+    assert options(r, "network")["name"] == "adm" and options(r, "network")["num_res_blocks"] == blocks
+    assert options(r, "teacher") == {"name": "no-ema"} and r.consistency.weighting == "inverse-delta"
+    metric = build_components(r, registry, device="meta")["metric"]
+    assert round(metric.c, 4) == 0.0599
+    net = build_components(r, registry, device="meta")["network"]
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
+ABLATIONS = {
+    "ema_teacher.toml": ["teacher.name: \"no-ema\" -> \"ema\"", "teacher.mu0: (unset) -> 0.9",
+                         "teacher.schedule: (unset) -> \"adaptive\"", "teacher.s0: (unset) -> 10"],
+    "l2_metric.toml": ["metric.name: \"pseudo-huber\" -> \"l2\""],
+    "uniform_pairs.toml": ["noise_schedule.name: \"lognormal\" -> \"uniform\"",
+                           "noise_schedule.p_mean: -1.1 -> (unset)", "noise_schedule.p_std: 2.0 -> (unset)"],
+    "ct_curriculum.toml": ["curriculum.name: \"exponential\" -> \"ct\"", "curriculum.s0: 10 -> 2",
+                           "curriculum.s1: 1280 -> 150"],
+    "uniform_weighting.toml": ["consistency.weighting: \"inverse-delta\" -> \"uniform\""],
+    "fourier16.toml": ["network.fourier_scale: 0.02 -> 16.0"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_each_ablation_switches_exactly_one_ict_change_back(registry, name: str) -> None:
+    base = load(registry, "ict_cifar10.toml")
+    ablation = read_recipe(RECIPES / "ablations" / name, registry)
+    changes = [c.strip() for c in recipe_differences(base, ablation) if not c.strip().startswith("run.name:")]
+    assert changes == ABLATIONS[name]
+
+
+def test_every_ablation_is_listed() -> None:
+    assert sorted(p.name for p in (RECIPES / "ablations").glob("*.toml")) == sorted(ABLATIONS)
