@@ -137,7 +137,7 @@ class NoiseScheduleBase:
     def sample(self, sigmas: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         import torch
 
-        p = self.probabilities(sigmas).to(torch.float64).cpu()
+        p = self.probabilities(sigmas).to(dtype=torch.float64, device=generator.device)
         return torch.multinomial(p, batch_size, replacement=True, generator=generator)
 
 

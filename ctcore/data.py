@@ -120,10 +120,11 @@ class ImageData:
 
     def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Random examples (with replacement), optionally flipped; float32 in [-1, 1] plus labels."""
-        idx = torch.randint(0, len(self), (batch_size,), generator=generator).to(self.device)
-        x = self.images[idx].float() / 127.5 - 1.0
+        # drawn where the generator lives (the training device): no host-to-device copy, no sync per step
+        idx = torch.randint(0, len(self), (batch_size,), generator=generator, device=generator.device)
+        x = self.images[idx.to(self.device)].float() / 127.5 - 1.0
         if self.random_flip:
-            flip = (torch.rand(batch_size, generator=generator) < 0.5).to(self.device)
+            flip = (torch.rand(batch_size, generator=generator, device=generator.device) < 0.5).to(self.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         labels = self.labels[idx] if (self.labels is not None and self.num_classes > 0) else None
         return x, labels

@@ -8,6 +8,7 @@ eval-EMA update. Checkpoints hold everything needed to resume bit-for-bit on CPU
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import platform
@@ -49,7 +50,7 @@ class Run:
     curriculum: Any
     optimizer: torch.optim.Optimizer
     index_generator: torch.Generator
-    """CPU generator for batch indices, flips and pair indices."""
+    """Generator on the training device for batch indices, flips and pair indices."""
     noise_generator: torch.Generator
     """Generator on the training device for the noise z."""
     provenance: dict[str, Any]
@@ -57,6 +58,8 @@ class Run:
     student_forward: nn.Module
     """The student as called in the loss: the student itself, or its torch.compile wrapper."""
     step: int = 0
+    sigma_grids: dict[int, torch.Tensor] = attrs.field(factory=dict)
+    """Karras grids on the training device by N, made once per curriculum stage (no copy per step)."""
     loss_sum: float = 0.0
     loss_count: int = 0
     initial_distance: float | None = None
@@ -103,6 +106,14 @@ def build_components(recipe: Recipe, registry: Registry, device: str | torch.dev
     return built
 
 
+def fast_optimizer_options(opt_cls: type, device: torch.device) -> dict[str, bool]:
+    """On CUDA: the fused kernel where the optimizer has one (Adam), else multi-tensor foreach (RAdam has no
+    fused implementation in torch 2.13). On CPU: torch's defaults."""
+    if device.type != "cuda":
+        return {}
+    return {"fused": True} if "fused" in inspect.signature(opt_cls).parameters else {"foreach": True}
+
+
 def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None,
               data: ImageData | None = None) -> Run:
     """Instantiate every component of a recipe (data, networks, teacher, optimizer); writes nothing.
@@ -124,13 +135,12 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     teacher.network.train()  # the teacher runs with dropout active, sharing the student's mask
     t = recipe.training
     opt_cls = torch.optim.RAdam if t.optimizer == "radam" else torch.optim.Adam
-    extra = {"fused": True} if device.type == "cuda" else {}
     optimizer = opt_cls(student.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
-                        **extra)
+                        **fast_optimizer_options(opt_cls, device))
     precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     # torch.compile pays on GPUs; on CPU its compile time outweighs the gain for short runs ("auto": off)
     compiled = torch.compile(student) if t.compile == "on" else student
-    index_gen = torch.Generator().manual_seed(recipe.run.seed + 1)
+    index_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 2)
     provenance = make_provenance(recipe, registry, device, data)
     return Run(recipe=recipe, registry=registry, out_dir=output_dir_for(recipe, out_dir), device=device, data=data,
@@ -169,7 +179,11 @@ def train_step(run: Run) -> torch.Tensor:
     r, t = run.recipe, run.recipe.training
     k = run.step
     num_scales = run.curriculum.num_scales(k)
-    sigmas = karras_sigmas(num_scales, r.consistency.sigma_min, r.consistency.sigma_max, r.consistency.rho)
+    sigmas = run.sigma_grids.get(num_scales)
+    if sigmas is None:
+        c = r.consistency
+        sigmas = karras_sigmas(num_scales, c.sigma_min, c.sigma_max, c.rho).to(run.device)
+        run.sigma_grids[num_scales] = sigmas
     x, labels = run.data.batch(t.batch_size, run.index_generator)
     pair = run.noise_schedule.sample(sigmas, t.batch_size, run.index_generator).to(run.device)
     z = torch.randn(x.shape, generator=run.noise_generator, device=run.device)
@@ -179,7 +193,7 @@ def train_step(run: Run) -> torch.Tensor:
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
         teacher = run.student_forward if run.teacher.network is run.student else run.teacher.network
         loss, _ = consistency_loss(
-            run.student_forward, teacher, run.metric, x, labels, sigmas.to(run.device), pair, z,
+            run.student_forward, teacher, run.metric, x, labels, sigmas, pair, z,
             weighting=r.consistency.weighting, sigma_min=r.consistency.sigma_min,
             sigma_data=r.consistency.sigma_data,
         )

@@ -175,3 +175,15 @@ def test_compile_switch_wraps_the_student_and_auto_is_off_on_cpu(tmp_path, regis
 def test_the_teacher_runs_in_train_mode(tmp_path, registry):
     run = _train(tmp_path, registry, "mode", teacher={"name": "ema", "mu0": 0.9})
     assert run.teacher.network.training and run.student.training and not run.eval_ema.training
+
+
+@pytest.mark.parametrize(("opt", "expected"), [(torch.optim.Adam, {"fused": True}),
+                                               (torch.optim.RAdam, {"foreach": True})])
+def test_cuda_optimizer_options_are_ones_the_optimizer_accepts(opt, expected):
+    from ctcore.training import fast_optimizer_options
+
+    options = fast_optimizer_options(opt, torch.device("cuda"))
+    assert options == expected
+    if "foreach" in options:  # constructible on CPU too; fused needs device tensors
+        opt([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, **options)
+    assert fast_optimizer_options(opt, torch.device("cpu")) == {}

@@ -51,7 +51,7 @@ class Uniform(NoiseScheduleBase):
         return torch.full((n,), 1.0 / n, dtype=torch.float64)
 
     def sample(self, sigmas: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, sigmas.shape[0] - 1, (batch_size,), generator=generator)
+        return torch.randint(0, sigmas.shape[0] - 1, (batch_size,), generator=generator, device=generator.device)
 
 
 @hookimpl
