@@ -35,8 +35,11 @@ def forward_gflop_per_image(network: torch.nn.Module, shape: tuple[int, ...], nu
     x = torch.zeros((batch, *shape), device=device)
     sigma = torch.full((batch,), 1.0, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device) if num_classes > 0 else None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    # count attention as its matmuls: the counter does not see every fused kernel (e.g. CPU flash attention)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
         network(x, c_noise(sigma, convention), labels)
     return counter.get_total_flops() / batch / 1e9
 

@@ -77,3 +77,13 @@ def test_the_shared_dropout_mask_holds_under_torch_compile() -> None:
     assert torch.equal(student, teacher)
     assert not torch.equal(teacher, following)  # the mask is replayed once, not frozen
     assert not torch.equal(student, net.eval()(x, c, None))  # dropout really is active in the compiled graph
+
+
+def test_flops_count_fused_attention_like_its_matmuls() -> None:
+    """The flop counter misses CPU flash attention; bench counts attention the same for both ADM kernels."""
+    registry = ctcore.load_registry()
+    small = {"data_shape": (3, 16, 16), "model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1,
+             "attention_resolutions": (8,), "num_head_channels": 16, "num_groups": 8}
+    counts = {att: forward_gflop_per_image(registry.create("network", "adm", attention=att, **small).eval(),
+                                           (3, 16, 16), 0, torch.device("cpu")) for att in ("math", "sdpa")}
+    assert counts["sdpa"] == counts["math"] > 0
