@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 import attrs
 import pytest
 import torch
+from ctcore_lpips.testing import write_random_weights
 from plugin_env import EXAMPLE_PLUGIN_DIR
 from torch import nn
 
@@ -33,6 +35,8 @@ REDUCED = {
     ("network", "ncsnpp"): {"nf": 16, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,)},
     ("network", "adm"): {"model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1,
                          "attention_resolutions": (4,), "num_head_channels": 16, "num_groups": 8},
+    # LPIPS needs VGG16 and head weights on a real device: random stand-ins with the real files' key names
+    ("metric", "lpips"): {"resize": 16, **write_random_weights(tempfile.mkdtemp(prefix="ctcore-lpips-"))},
 }
 
 
@@ -393,4 +397,4 @@ def test_check_all_reports_every_broken_component() -> None:
     registry._providers[("metric", "summing")] = registry.provider("metric", "l2")
     expected = r"1 component\(s\) break the contract:\nmetric 'summing' from ctcore: AssertionError"
     with pytest.raises(AssertionError, match=expected):
-        check_all(registry)
+        check_all(registry, REDUCED)

@@ -84,7 +84,7 @@ def test_unknown_name_suggests_the_closest_and_lists_the_available(monkeypatch: 
     with pytest.raises(UnknownComponentError) as info:
         registry.get("metric", "pseudo_huber")
     assert str(info.value) == (
-        "unknown metric 'pseudo_huber'; did you mean 'pseudo-huber'? (available: l2, pseudo-huber)"
+        "unknown metric 'pseudo_huber'; did you mean 'pseudo-huber'? (available: l2, lpips, pseudo-huber)"
     )
     assert info.value.exit_code == 2
 
