@@ -263,6 +263,81 @@ def list_components(
         _console().print(table)
 
 
+data_app = typer.Typer(
+    help="Import, inspect and download training datasets (HDF5: uint8 images (N, C, H, W), labels, attrs).",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("import")
+def data_import(
+    source: Annotated[Path, typer.Argument(
+        metavar="SOURCE",
+        help="cifar-10-python.tar.gz (or its folder); an image folder, .zip or .tar(.gz) with one subfolder per "
+             "class, optionally under train/ and test/; or downsampled ImageNet .npz batches (a file or folder).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT.h5", help="The dataset file to write.")],
+    split: Annotated[str, typer.Option(help="train or test (val for ImageNet .npz folders).")] = "train",
+    resolution: Annotated[int | None, typer.Option(
+        min=1, help="Resize the short side to this and center-crop square (default: keep a shared size).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.h5 if it exists.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Convert a dataset into ctcore's training format (what data.path in a recipe points at)."""
+    with _errors():
+        from ctcore.importers import import_dataset
+
+        r = import_dataset(source, out, split=split, resolution=resolution, overwrite=overwrite, progress=progress)
+        _console().print(f"wrote {r['count']:,} images of shape {tuple(r['shape'])} in {r['num_classes']} classes "
+                         f"({r['format']}, split {r['split']}) to {r['out']} in {r['seconds']:.1f} s")
+
+
+@data_app.command("info")
+def data_info(
+    file: Annotated[Path, typer.Argument(help="A dataset file (HDF5).")],
+    grid: Annotated[Path | None, typer.Option(help="Also write a PNG grid of up to 64 examples here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Count, image shape, classes with per-class counts, and where the data came from."""
+    with _errors():
+        from ctcore.importers import dataset_info
+
+        info = dataset_info(file, grid)
+        if as_json:
+            typer.echo(json.dumps(info, indent=2))
+            return
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=f"dataset {file}", show_header=False)
+        table.add_row("images", f"{info['count']:,} of shape {tuple(info['shape'])}")
+        if info["classes"]:
+            table.add_row("classes", Text(", ".join(f"{c['label']} {c['name']} ({c['count']:,})"
+                                                    for c in info["classes"])))
+        else:
+            table.add_row("classes", "no labels")
+        for key, value in info["attrs"].items():
+            if key != "class_names":
+                table.add_row(key, Text(str(value)))
+        if info["grid"]:
+            table.add_row("grid", info["grid"])
+        _console().print(table)
+
+
+@data_app.command("download")
+def data_download(
+    name: Annotated[str, typer.Argument(help="The dataset: cifar10.")],
+    dest: Annotated[Path, typer.Option(help="Folder to save the archive in.")] = Path("data"),
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Download a dataset's official archive and verify its SHA-256; then run `ctcore data import` on it."""
+    with _errors():
+        from ctcore.importers import download
+
+        path = download(name, dest, progress=progress)
+        _console().print(f"{path} is in place (sha256 verified). Next: ctcore data import {path} {name}-train.h5")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -64,8 +64,9 @@ def _read_hdf5(path: str | Path, arrays: bool) -> dict:
     where = f"dataset file {str(path)!r}"
     if not path.is_file():
         raise RunError(
-            f"{where} not found (data.path in the recipe). Create an HDF5 file with a uint8 dataset `images` "
-            "shaped (N, C, H, W) and optional integer `labels` (N,), or point data.path at one."
+            f"{where} not found (data.path in the recipe). Create it with `ctcore data import SOURCE {path}` "
+            "(SOURCE: cifar-10-python.tar.gz from `ctcore data download cifar10`, an image folder, zip or tar with "
+            "one subfolder per class, or ImageNet 64x64 .npz batches), or point data.path at an existing file."
         )
     try:
         with h5py.File(path, "r") as f:
@@ -122,7 +123,7 @@ class ImageData:
         """Random examples (with replacement), optionally flipped; float32 in [-1, 1] plus labels."""
         # drawn where the generator lives (the training device): no host-to-device copy, no sync per step
         idx = torch.randint(0, len(self), (batch_size,), generator=generator, device=generator.device)
-        x = self.images[idx.to(self.device)].float() / 127.5 - 1.0
+        x = self.images[idx.to(self.device)].float().div_(127.5).sub_(1.0)  # in place: no extra temporaries
         if self.random_flip:
             flip = (torch.rand(batch_size, generator=generator, device=generator.device) < 0.5).to(self.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)

@@ -81,7 +81,7 @@ def test_help_lists_every_command() -> None:
     assert "Train, sample and inspect consistency models with the iCT techniques." in result.stdout
     panel = result.stdout.split("─ Commands ─", 1)[1]
     commands = [m.group(1) for m in re.finditer(r"^│ (\S+)\s{2,}", panel, re.MULTILINE)]
-    assert commands == ["run", "check", "sample", "bench", "list-components"]
+    assert commands == ["run", "check", "sample", "bench", "list-components", "data"]
 
 
 @pytest.mark.parametrize(
@@ -467,8 +467,9 @@ def test_a_missing_dataset_exits_1_and_creates_nothing(tmp_path: Path, monkeypat
     data = tmp_path / "data" / "train.h5"
     recipe = write_tiny_recipe(tmp_path / "hdf5.toml", tmp_path / "out", data={"source": "hdf5", "path": str(data)})
     expected = [
-        f"error: dataset file {str(data)!r} not found (data.path in the recipe). Create an HDF5 file with a uint8 "
-        "dataset `images` shaped (N, C, H, W) and optional integer `labels` (N,), or point data.path at one."
+        f"error: dataset file {str(data)!r} not found (data.path in the recipe). Create it with `ctcore data import "
+        f"SOURCE {data}` (SOURCE: cifar-10-python.tar.gz from `ctcore data download cifar10`, an image folder, zip "
+        "or tar with one subfolder per class, or ImageNet 64x64 .npz batches), or point data.path at an existing file."
     ]
     result = invoke("run", recipe, "--no-progress")
     assert assert_clean_failure(result, 1) == expected
