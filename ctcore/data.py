@@ -119,14 +119,23 @@ class ImageData:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
-    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Random examples (with replacement), optionally flipped; float32 in [-1, 1] plus labels."""
+    def batch(self, batch_size: int, generator: torch.Generator, *, rank: int = 0,
+              world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Random examples (with replacement), optionally flipped; float32 in [-1, 1] plus labels.
+
+        For distributed training every rank draws the same global batch of `batch_size` (same generator seed)
+        and keeps its contiguous share, so the ranks' shares concatenate to the single-process batch.
+        """
+        if not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must split evenly over world_size {world_size} (rank {rank})")
         # drawn where the generator lives (the training device): no host-to-device copy, no sync per step
         idx = torch.randint(0, len(self), (batch_size,), generator=generator, device=generator.device)
-        x = self.images[idx.to(self.device)].float().div_(127.5).sub_(1.0)  # in place: no extra temporaries
-        if self.random_flip:
-            flip = (torch.rand(batch_size, generator=generator, device=generator.device) < 0.5).to(self.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        flip = torch.rand(batch_size, generator=generator, device=generator.device) < 0.5 if self.random_flip else None
+        share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        idx = idx[share].to(self.device)
+        x = self.images[idx].float().div_(127.5).sub_(1.0)  # in place: no extra temporaries
+        if flip is not None:
+            x = torch.where(flip[share].to(self.device)[:, None, None, None], x.flip(-1), x)
         labels = self.labels[idx] if (self.labels is not None and self.num_classes > 0) else None
         return x, labels
 

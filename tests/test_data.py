@@ -123,3 +123,15 @@ def test_a_file_that_disagrees_with_the_recipe_is_refused(tmp_path: Path, data: 
     with pytest.raises(RunError) as info:
         start_run(read_recipe(recipe, registry), registry)
     assert message in info.value.message
+
+
+def test_rank_shares_concatenate_to_the_single_process_batch() -> None:
+    images = torch.randint(0, 256, (50, 3, 4, 4), dtype=torch.uint8)
+    data = ImageData(images, torch.arange(50) % 5, random_flip=True, num_classes=5)
+    whole, whole_labels = data.batch(12, torch.Generator().manual_seed(7))
+    shares = [data.batch(12, torch.Generator().manual_seed(7), rank=r, world_size=3) for r in range(3)]
+    assert all(x.shape[0] == 4 for x, _ in shares)
+    assert torch.equal(torch.cat([x for x, _ in shares]), whole)
+    assert torch.equal(torch.cat([y for _, y in shares]), whole_labels)
+    with pytest.raises(ValueError, match="must split evenly"):
+        data.batch(10, torch.Generator(), rank=0, world_size=3)
