@@ -19,6 +19,7 @@ _LAZY = {
     "Registry": "ctcore.registry",
     "karras_sigmas": "ctcore.consistency",
     "consistency_scalings": "ctcore.consistency",
+    "frechet_distance": "ctcore.fid",
     "read_recipe": "ctcore.recipe",
     "RecipeError": "ctcore.errors",
     "CtcoreError": "ctcore.errors",
@@ -34,6 +35,7 @@ __all__ = [
     "Registry",
     "__version__",
     "consistency_scalings",
+    "frechet_distance",
     "hookimpl",
     "karras_sigmas",
     "load_registry",
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from ctcore.components import KINDS, BuildContext
     from ctcore.consistency import consistency_scalings, karras_sigmas
     from ctcore.errors import CtcoreError, RecipeError
+    from ctcore.fid import frechet_distance
     from ctcore.recipe import read_recipe
     from ctcore.registry import Registry, load_registry
 

@@ -183,18 +183,107 @@ def sample(
 
         if weights not in ("eval-ema", "student"):
             raise UsageError(f"--weights must be 'eval-ema' or 'student', got {weights!r}")
-        sigma_list = None
-        if sigmas is not None:
-            try:
-                sigma_list = [float(s) for s in sigmas.split(",") if s.strip()]
-            except ValueError:
-                raise UsageError(f'--sigmas must be comma-separated numbers like "80,0.821", got {sigmas!r}') from None
         result = sample_from_checkpoint(
-            checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigma_list, seed=seed, out=out,
+            checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=_parse_sigmas(sigmas), seed=seed,
+            out=out,
             grid=grid, weights=weights, batch_size=batch_size, overwrite=overwrite,
         )
         _console().print(f"wrote {result['num_samples']:,} samples ({result['plan']}) to {result['store']} "
                          f"and a grid to {result['grid']}")
+
+
+def _parse_sigmas(sigmas: str | None) -> list[float] | None:
+    """'80,0.821' -> [80.0, 0.821]; None stays None."""
+    from ctcore.errors import UsageError
+
+    if sigmas is None:
+        return None
+    try:
+        return [float(s) for s in sigmas.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f'--sigmas must be comma-separated numbers like "80,0.821", got {sigmas!r}') from None
+
+
+InceptionOption = Annotated[
+    Path | None,
+    typer.Option("--inception", help="FID Inception weights pt_inception-2015-12-05-6726825d.pth "
+                 "(default: the cache, ~/.cache/ctcore or $CTCORE_CACHE)."),
+]
+DownloadOption = Annotated[
+    bool, typer.Option("--download-inception", help="Fetch the Inception weights into the cache when missing.")
+]
+
+
+@app.command("eval")
+def eval_checkpoint(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
+    ref: Annotated[Path, typer.Option("--ref", help="Reference statistics .npz with mu and sigma "
+                                      "(ctcore eval-ref-stats, pytorch-fid, clean-fid).")],
+    inception: InceptionOption = None,
+    download_inception: DownloadOption = False,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=2)] = 50_000,
+    steps: Annotated[int, typer.Option(min=1, help="1: one-step; 2: through the recipe's sampling.sigma_mid.")] = 1,
+    sigmas: Annotated[str | None, typer.Option(help='Explicit sigmas, e.g. "80,0.821" (overrides --steps).')] = None,
+    seed: Annotated[int, typer.Option(help="Sample j uses seed + j, as in ctcore sample.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: the recipe's run.device).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """FID and Inception Score of a checkpoint's eval-EMA samples against reference statistics."""
+    with _errors():
+        from ctcore.fid import evaluate_checkpoint
+        from ctcore.inception import load_inception
+
+        sigma_list = _parse_sigmas(sigmas)
+        registry = _registry()
+        model = load_inception(inception, download=download_inception)
+        result = evaluate_checkpoint(
+            checkpoint, registry, inception=model, num_samples=num_samples, steps=steps, sigmas=sigma_list,
+            batch_size=batch_size, ref_stats=ref, device=device, seed=seed, progress=progress,
+        )
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=f"ctcore eval {checkpoint}", show_header=False)
+        table.add_row("FID", f"{result['fid']:.3f}")
+        table.add_row("Inception Score", f"{result['inception_score']:.3f} ± {result['inception_score_std']:.3f}")
+        table.add_row("samples", f"{result['num_samples']:,} (seeds {seed}..{seed + result['num_samples'] - 1})")
+        table.add_row("sampling", f"{result['steps']}-step {result['sigmas']}")
+        table.add_row("checkpoint", f"{result['checkpoint']} (step {result['step']:,})")
+        table.add_row("reference", str(ref))
+        table.add_row("time", f"{result['seconds']:.1f} s")
+        _console().print(table)
+        for note in result["notes"]:
+            _console(stderr=True).print(Text("note: ", style="yellow") + Text(note))
+
+
+@app.command("eval-ref-stats")
+def eval_ref_stats(
+    dataset: Annotated[Path, typer.Argument(metavar="DATASET.h5", help="HDF5 file with uint8 `images` (N, C, H, W).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT.npz", help="Where to write mu and sigma.")],
+    inception: InceptionOption = None,
+    download_inception: DownloadOption = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 250,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.npz.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Inception statistics (mu, sigma) of every image of a dataset, for ctcore eval --ref."""
+    with _errors():
+        from ctcore.errors import UsageError
+        from ctcore.fid import reference_statistics, save_statistics
+        from ctcore.inception import load_inception
+
+        if out.exists() and not overwrite:
+            raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
+        model = load_inception(inception, download=download_inception)
+        stats = reference_statistics(dataset, model, batch_size=batch_size, device=device, progress=progress)
+        save_statistics(out, stats)
+        _console().print(f"wrote the Inception statistics of {stats['num_images']:,} images of {dataset} to {out}")
 
 
 @app.command()

@@ -131,26 +131,16 @@ def read_sample_store(path: str | Path) -> dict[str, Any]:
         }
 
 
-def sample_from_checkpoint(
-    checkpoint: str | Path,
-    registry,
-    *,
-    num_samples: int | None = None,
-    steps: int | None = None,
-    sigmas: Sequence[float] | None = None,
-    seed: int | None = None,
-    out: str | Path | None = None,
-    grid: str | Path | None = None,
-    weights: str = "eval-ema",
-    batch_size: int = 256,
-    overwrite: bool = False,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Rebuild the network of a checkpoint through the registry, sample, write the store and a PNG grid."""
-    from ctcore.consistency import denoise
+def load_sampling_plan(
+    checkpoint: str | Path, registry, *, steps: int | None = None, sigmas: Sequence[float] | None = None
+) -> tuple[Path, dict[str, Any], Any, list[float]]:
+    """(checkpoint file, its state, its recipe, the sigmas to sample at) for a checkpoint or a run directory.
+
+    A directory means its latest checkpoint; `steps` n samples at sigma_max then the first n - 1 of the
+    recipe's sampling.sigma_mid, unless `sigmas` are given. Bad requests raise UsageError, bad files RunError.
+    """
     from ctcore.errors import RunError, UsageError
-    from ctcore.images import save_grid
-    from ctcore.training import list_checkpoints, load_checkpoint, recipe_from_checkpoint, resolve_device
+    from ctcore.training import list_checkpoints, load_checkpoint, recipe_from_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
@@ -175,18 +165,19 @@ def sample_from_checkpoint(
         raise UsageError(f"sigmas must lie in (sigma_min, sigma_max] = ({c.sigma_min}, {c.sigma_max}], got {sigmas}")
     if any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)):
         raise UsageError(f"sigmas must decrease (e.g. 80,0.821), got {sigmas}")
-    num_samples = recipe.sampling.num_samples if num_samples is None else num_samples
-    seed = recipe.sampling.seed if seed is None else seed
-    # inside a run directory samples go to its samples/ folder, otherwise next to the checkpoint
-    in_run = checkpoint.parent.name == "checkpoints"
-    folder = checkpoint.parent.parent / "samples" if in_run else checkpoint.parent
-    out = Path(out) if out is not None else folder / f"{checkpoint.stem}-{len(sigmas)}step-{num_samples}.h5"
-    grid = Path(grid) if grid is not None else out.with_suffix(".png")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
-    prov = state["provenance"]
-    from ctcore.components import BuildContext
+    return checkpoint, state, recipe, sigmas
 
+
+def load_sampling_network(
+    checkpoint: Path, state: dict[str, Any], recipe, registry, *, weights: str = "eval-ema", device: str | None = None
+) -> tuple[torch.nn.Module, torch.device]:
+    """The checkpoint's network rebuilt through the registry with its `weights` ("eval-ema" or "student"),
+    in eval mode on `device` (default: the recipe's run.device), and that device."""
+    from ctcore.components import BuildContext
+    from ctcore.errors import RunError
+    from ctcore.training import resolve_device
+
+    prov = state["provenance"]
     spec = recipe.components["network"]
     network = registry.get("network", spec.name)(
         spec.options, BuildContext(tuple(prov["data_shape"]), prov["num_classes"], recipe.training.total_steps)
@@ -197,7 +188,42 @@ def sample_from_checkpoint(
     except RuntimeError as exc:
         raise RunError(f"checkpoint {str(checkpoint)!r}: weights do not fit network {spec.name!r} ({exc})") from None
     dev = resolve_device(device or recipe.run.device)
-    network = network.to(dev).eval()
+    return network.to(dev).eval(), dev
+
+
+def sample_from_checkpoint(
+    checkpoint: str | Path,
+    registry,
+    *,
+    num_samples: int | None = None,
+    steps: int | None = None,
+    sigmas: Sequence[float] | None = None,
+    seed: int | None = None,
+    out: str | Path | None = None,
+    grid: str | Path | None = None,
+    weights: str = "eval-ema",
+    batch_size: int = 256,
+    overwrite: bool = False,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Rebuild the network of a checkpoint through the registry, sample, write the store and a PNG grid."""
+    from ctcore.consistency import denoise
+    from ctcore.errors import UsageError
+    from ctcore.images import save_grid
+
+    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas)
+    c = recipe.consistency
+    num_samples = recipe.sampling.num_samples if num_samples is None else num_samples
+    seed = recipe.sampling.seed if seed is None else seed
+    # inside a run directory samples go to its samples/ folder, otherwise next to the checkpoint
+    in_run = checkpoint.parent.name == "checkpoints"
+    folder = checkpoint.parent.parent / "samples" if in_run else checkpoint.parent
+    out = Path(out) if out is not None else folder / f"{checkpoint.stem}-{len(sigmas)}step-{num_samples}.h5"
+    grid = Path(grid) if grid is not None else out.with_suffix(".png")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
+    prov = state["provenance"]
+    network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
     seeds = list(range(seed, seed + num_samples))
     images, labels = generate(
         lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),

@@ -81,7 +81,7 @@ def test_help_lists_every_command() -> None:
     assert "Train, sample and inspect consistency models with the iCT techniques." in result.stdout
     panel = result.stdout.split("─ Commands ─", 1)[1]
     commands = [m.group(1) for m in re.finditer(r"^│ (\S+)\s{2,}", panel, re.MULTILINE)]
-    assert commands == ["run", "check", "sample", "bench", "list-components", "data"]
+    assert commands == ["run", "check", "sample", "eval", "eval-ref-stats", "bench", "list-components", "data"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,382 @@
+"""FID and Inception Score: Inception statistics, reference statistics files, and the evaluation of a checkpoint.
+
+FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussians fitted to the 2048-d pool3 features of
+the FID Inception (`ctcore.inception`) on generated samples and on data. Samples are drawn batch by batch with
+per-sample seeds (as `ctcore sample` draws them), quantised to uint8 like stored images, and reduced on the fly
+to running sums, so 50,000 samples never sit in memory. Reference statistics use the common `.npz` layout
+(`mu`, `sigma`), so files written by pytorch-fid, clean-fid or the guided-diffusion evaluator load too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctcore.errors import RunError, UsageError
+from ctcore.inception import FEATURE_DIM, FIDInceptionV3, load_inception
+
+# ------------------------------------------------------------------------------------------ the metrics
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    The matrix square root is scipy's `sqrtm` of sigma1 @ sigma2. When that product is singular (scipy warns)
+    or the root is not finite, `eps` is added to the diagonal of both covariances and the root taken again.
+    A root whose diagonal has an imaginary part above 1e-3 (the tolerance of the TTUR / pytorch-fid /
+    guided-diffusion implementations) means the inputs are not valid covariances: ValueError. Otherwise the
+    real part is used.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+
+    def root(a: np.ndarray) -> tuple[np.ndarray, bool]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = linalg.sqrtm(a)
+        singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
+        return r, singular or not np.isfinite(r).all()
+
+    covmean, bad = root(s1 @ s2)
+    if bad:
+        warnings.warn(f"Fréchet distance: the covariance product is singular; adding {eps} to the diagonals",
+                      RuntimeWarning, stacklevel=2)
+        offset = np.eye(d) * eps
+        covmean, _ = root((s1 + offset) @ (s2 + offset))
+        if not np.isfinite(covmean).all():
+            raise ValueError("Fréchet distance: the square root of the covariance product is not finite")
+    if np.iscomplexobj(covmean):
+        worst = float(np.abs(np.diagonal(covmean).imag).max())
+        if worst > 1e-3:
+            raise ValueError(f"Fréchet distance: the square root of the covariance product has an imaginary "
+                             f"component of {worst:.3g} on its diagonal (are both sigmas covariance matrices?)")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
+    """Inception Score (mean, std over `splits` consecutive chunks) from Inception logits (N, C), in float64.
+
+    All columns enter the softmax (the 1008 of the FID Inception), as in the original code (openai/improved-gan:
+    pool_3 times the `softmax/logits/MatMul` weights, no bias, softmax over 1008) and in torch-fidelity
+    (`logits_unbiased`): the 2015 graph's 8 extra outputs are part of its classifier, and keeping only the first
+    1000 would renormalise the probabilities away from the code the published scores came from. Chunk k holds rows
+    [k N / splits, (k + 1) N / splits); each scores exp(mean KL(p(y|x) || p(y))). The std is the population std.
+    """
+    x = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits)
+    x = x.detach().to("cpu", torch.float64)
+    if x.ndim != 2:
+        raise ValueError(f"logits must be (N, classes), got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if not 1 <= splits <= n:
+        raise ValueError(f"inception score: need at least `splits` = {splits} samples, got {n}")
+    log_p = torch.log_softmax(x, dim=1)
+    scores = []
+    for k in range(splits):
+        part = log_p[k * n // splits:(k + 1) * n // splits]
+        log_marginal = torch.logsumexp(part, dim=0) - math.log(part.shape[0])
+        kl = (part.exp() * (part - log_marginal)).sum(dim=1).mean()
+        scores.append(math.exp(float(kl)))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (ddof 1, like np.cov) of features (N, D), in float64."""
+    f = np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need features (N >= 2, D), got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+class FeatureAccumulator:
+    """Running mean and covariance of features, batch by batch, without keeping the features.
+
+    Sums are float64 and shifted by the mean of the first batch (the shifted-data algorithm), so the usual
+    cancellation of sum(x x^T) - n mu mu^T stays harmless. Logits, when given, are kept (float32, CPU) for the
+    Inception Score: 50,000 x 1008 is ~200 MB, against 50,000 x 2048 x 8 bytes for the features themselves.
+    """
+
+    def __init__(self, dim: int = FEATURE_DIM, *, device: torch.device | str = "cpu") -> None:
+        self.dim = dim
+        self.device = torch.device(device)
+        self.count = 0
+        self._shift: torch.Tensor | None = None
+        self._sum = torch.zeros(dim, dtype=torch.float64, device=self.device)
+        self._outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        self._logits: list[torch.Tensor] = []
+
+    def update(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"expected features (N, {self.dim}), got {tuple(features.shape)}")
+        f = features.detach().to(self.device, torch.float64)
+        if self._shift is None:
+            self._shift = f.mean(dim=0)
+        f = f - self._shift
+        self._sum += f.sum(dim=0)
+        self._outer += f.T @ f
+        self.count += f.shape[0]
+        if logits is not None:
+            self._logits.append(logits.detach().to("cpu", torch.float32))
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu (D,), sigma (D, D)) as float64 numpy arrays; sigma with ddof 1 like np.cov."""
+        if self.count < 2 or self._shift is None:
+            raise ValueError(f"need at least 2 samples for a covariance, have {self.count}")
+        n = self.count
+        mean = self._sum / n
+        sigma = (self._outer - n * torch.outer(mean, mean)) / (n - 1)
+        sigma = (sigma + sigma.T) / 2  # exactly symmetric
+        return (mean + self._shift).cpu().numpy(), sigma.cpu().numpy()
+
+    def logits(self) -> torch.Tensor:
+        """All logits given so far, (N, classes) float32."""
+        if not self._logits:
+            raise ValueError("no logits were accumulated")
+        return torch.cat(self._logits)
+
+    def inception_score(self, splits: int = 10) -> tuple[float, float]:
+        return inception_score(self.logits(), splits)
+
+
+# ------------------------------------------------------------------------------------- feature extraction
+
+
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    """Inception in true float32 on CUDA (no TF32 convolutions or matmuls), restoring the flags after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@torch.no_grad()
+def inception_outputs(inception: FIDInceptionV3, images: torch.Tensor,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool3 features and logits of uint8 images (N, C, H, W), C = 3 or 1 (grey, repeated to RGB)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images (N, 3 or 1, H, W), got {images.dtype} {tuple(images.shape)}")
+    x = images.to(device).float() / 127.5 - 1.0
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    with _full_fp32():
+        return inception(x)
+
+
+def _progress(enabled: bool, description: str, total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False)
+    return bar, bar.add_task(description, total=total)
+
+
+def _as_inception(inception: FIDInceptionV3 | str | Path | None) -> FIDInceptionV3:
+    return inception if isinstance(inception, FIDInceptionV3) else load_inception(inception)
+
+
+def _channels_ok(channels: int, where: str) -> None:
+    if channels not in (1, 3):
+        raise RunError(f"{where}: FID needs RGB (3-channel) or grey (1-channel) images, got {channels} channels")
+
+
+# ------------------------------------------------------------------------------------ reference statistics
+
+
+def reference_statistics(dataset_h5: str | Path, inception: FIDInceptionV3 | str | Path | None, *,
+                         batch_size: int = 250, device: str | torch.device | None = None,
+                         progress: bool = True) -> dict[str, Any]:
+    """Inception statistics of every image of an HDF5 dataset (uint8 `images` (N, C, H, W)), read in chunks.
+
+    Returns {"mu", "sigma", "num_images", "source"}; write it with `save_statistics`.
+    """
+    import h5py
+
+    from ctcore.data import hdf5_summary
+    from ctcore.training import resolve_device
+
+    info = hdf5_summary(dataset_h5)  # validates the file with the same messages as training
+    where = f"dataset file {str(dataset_h5)!r}"
+    _channels_ok(info["shape"][0], where)
+    if info["count"] < 2:
+        raise RunError(f"{where} holds {info['count']} image(s); reference statistics need at least 2")
+    dev = resolve_device(str(device) if device is not None else "auto")
+    model = _as_inception(inception).to(dev)
+    acc = FeatureAccumulator(device=dev if dev.type == "cuda" else "cpu")
+    bar, task = _progress(progress, "reference statistics", info["count"])
+    with bar, h5py.File(dataset_h5, "r") as f:
+        images = f["images"]
+        for start in range(0, info["count"], batch_size):
+            chunk = torch.from_numpy(images[start:start + batch_size])
+            features, _ = inception_outputs(model, chunk, dev)
+            acc.update(features)
+            bar.advance(task, chunk.shape[0])
+    mu, sigma = acc.statistics()
+    return {"mu": mu, "sigma": sigma, "num_images": acc.count, "source": str(dataset_h5)}
+
+
+def save_statistics(path: str | Path, stats: Mapping[str, Any]) -> Path:
+    """Write `mu` and `sigma` (plus `num_images` when known) to an uncompressed .npz, atomically."""
+    path = Path(path)
+    mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
+    _check_statistics(mu, sigma, f"statistics for {str(path)!r}")
+    arrays = {"mu": mu, "sigma": sigma}
+    if stats.get("num_images") is not None:
+        arrays["num_images"] = np.asarray(int(stats["num_images"]), dtype=np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" to the temporary name
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_statistics(path: str | Path) -> dict[str, Any]:
+    """Read `mu` and `sigma` from an .npz (ours, pytorch-fid's, clean-fid's, guided-diffusion's reference batches)."""
+    path = Path(path)
+    where = f"reference statistics {str(path)!r}"
+    make = "compute them with `ctcore eval-ref-stats DATASET.h5 OUT.npz --inception PATH`"
+    if not path.is_file():
+        raise RunError(f"{where} not found; {make}, or give an .npz with `mu` and `sigma` from pytorch-fid or "
+                       f"clean-fid")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            if "mu" not in keys or "sigma" not in keys:
+                raise RunError(f"{where} has no `mu` and `sigma` arrays (found: {', '.join(keys) or 'nothing'}); "
+                               f"{make}")
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            count = int(f["num_images"]) if "num_images" in keys else None
+    except RunError:
+        raise
+    except Exception as exc:  # zipfile, pickle and value errors of a truncated or foreign file
+        raise RunError(f"{where} cannot be read as .npz ({type(exc).__name__}: {exc}); {make}") from None
+    _check_statistics(mu, sigma, where)
+    return {"mu": mu, "sigma": sigma, "num_images": count, "source": str(path)}
+
+
+def _check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise RunError(f"{where}: `mu` must be (D,) and `sigma` (D, D), got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise RunError(f"{where}: `mu` or `sigma` holds NaN or infinite values")
+
+
+# ------------------------------------------------------------------------------------ checkpoint evaluation
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    registry,
+    *,
+    inception: FIDInceptionV3 | str | Path | None,
+    num_samples: int = 50_000,
+    steps: int | None = None,
+    batch_size: int = 256,
+    ref_stats: str | Path | Mapping[str, Any],
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    sigmas: Sequence[float] | None = None,
+    weights: str = "eval-ema",
+    is_splits: int = 10,
+) -> dict[str, Any]:
+    """FID and Inception Score of `num_samples` samples of a checkpoint (or a run directory's latest one).
+
+    The network is rebuilt through the registry with the eval-EMA weights; sample j uses seed + j, so the
+    images are exactly those `ctcore sample --seed SEED` writes. `steps` 1 samples at sigma_max, 2 also at the
+    recipe's sampling.sigma_mid (or pass `sigmas`). `inception` is a loaded FIDInceptionV3 (moved to the
+    device) or a weights path; `ref_stats` an .npz path or a mapping with `mu` and `sigma`.
+    Returns {"fid", "inception_score", "inception_score_std", "num_samples", "steps", "sigmas", ...}; "notes"
+    lists caveats (fewer samples than feature dimensions).
+    """
+    from ctcore.consistency import denoise
+    from ctcore.sampling import generate, load_sampling_network, load_sampling_plan
+
+    if num_samples < 2:
+        raise UsageError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if isinstance(ref_stats, Mapping):
+        ref = {"mu": np.asarray(ref_stats["mu"], np.float64), "sigma": np.asarray(ref_stats["sigma"], np.float64)}
+        _check_statistics(ref["mu"], ref["sigma"], "reference statistics")
+    else:
+        ref = load_statistics(ref_stats)
+    if ref["mu"].shape[0] != FEATURE_DIM:
+        raise RunError(f"reference statistics have {ref['mu'].shape[0]}-d features, but FID uses the "
+                       f"{FEATURE_DIM}-d pool3 features of the FID Inception; recompute them with "
+                       f"ctcore eval-ref-stats")
+    model = _as_inception(inception)
+    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas)
+    shape = tuple(state["provenance"]["data_shape"])
+    num_classes = state["provenance"]["num_classes"]
+    _channels_ok(shape[0], f"checkpoint {str(checkpoint)!r}")
+    network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
+    model = model.to(dev)
+    c = recipe.consistency
+
+    def denoiser(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+
+    acc = FeatureAccumulator(device=dev if dev.type == "cuda" else "cpu")
+    seeds = list(range(seed, seed + num_samples))
+    started = time.perf_counter()
+    bar, task = _progress(progress, f"FID {len(sigmas)}-step", num_samples)
+    with bar:
+        for start in range(0, num_samples, batch_size):
+            chunk = seeds[start:start + batch_size]
+            images, _ = generate(denoiser, shape, chunk, sigmas, num_classes=num_classes, sigma_min=c.sigma_min,
+                                 clip=recipe.sampling.clip, batch_size=len(chunk), device=dev)
+            features, logits = inception_outputs(model, images, dev)
+            acc.update(features, logits)
+            bar.advance(task, len(chunk))
+    mu, sigma = acc.statistics()
+    notes = []
+    if num_samples < FEATURE_DIM:
+        notes.append(f"{num_samples:,} samples are fewer than the {FEATURE_DIM} feature dimensions: the covariance "
+                     f"is singular and the FID strongly biased; published FIDs use 50,000 samples")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the singular-product retry, explained by the note
+        fid = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    # the standard 10 splits; one split when that would leave fewer than 2 samples per split
+    splits = is_splits if num_samples >= 2 * is_splits else 1
+    is_mean, is_std = acc.inception_score(splits)
+    return {
+        "fid": fid,
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+        "inception_score_splits": splits,
+        "num_samples": num_samples,
+        "steps": len(sigmas),
+        "sigmas": sigmas,
+        "seed": seed,
+        "weights": weights,
+        "checkpoint": str(checkpoint),
+        "step": int(state["step"]),
+        "seconds": time.perf_counter() - started,
+        "notes": notes,
+    }
