@@ -315,7 +315,7 @@ def evaluate_checkpoint(
     lists caveats (fewer samples than feature dimensions).
     """
     from ctcore.consistency import denoise
-    from ctcore.sampling import generate, load_sampling_network, load_sampling_plan
+    from ctcore.sampling import load_sampling_network, load_sampling_plan
 
     if num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
@@ -342,6 +342,25 @@ def evaluate_checkpoint(
     def denoiser(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
 
+    result = fid_of_denoiser(denoiser, shape, sigmas, inception=model, ref=ref, num_samples=num_samples,
+                             num_classes=num_classes, sigma_min=c.sigma_min, clip=recipe.sampling.clip, seed=seed,
+                             batch_size=batch_size, device=dev, progress=progress, is_splits=is_splits)
+    return {**result, "steps": len(sigmas), "sigmas": sigmas, "seed": seed, "weights": weights,
+            "checkpoint": str(checkpoint), "step": int(state["step"])}
+
+
+def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float], *, inception: FIDInceptionV3,
+                    ref: Mapping[str, Any], num_samples: int, num_classes: int = 0, sigma_min: float = 0.002,
+                    clip: bool = True, seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
+                    progress: bool = False, is_splits: int = 10) -> dict[str, Any]:
+    """FID and IS of `num_samples` samples of a consistency function, features accumulated on the fly.
+
+    Shared by `ctcore eval` and the training loop's periodic evaluation; samples go through uint8 exactly
+    as `ctcore sample` writes them (sample j uses seed + j).
+    """
+    from ctcore.sampling import generate
+
+    dev = torch.device(device)
     acc = FeatureAccumulator(device=dev if dev.type == "cuda" else "cpu")
     seeds = list(range(seed, seed + num_samples))
     started = time.perf_counter()
@@ -349,9 +368,9 @@ def evaluate_checkpoint(
     with bar:
         for start in range(0, num_samples, batch_size):
             chunk = seeds[start:start + batch_size]
-            images, _ = generate(denoiser, shape, chunk, sigmas, num_classes=num_classes, sigma_min=c.sigma_min,
-                                 clip=recipe.sampling.clip, batch_size=len(chunk), device=dev)
-            features, logits = inception_outputs(model, images, dev)
+            images, _ = generate(denoiser, shape, chunk, sigmas, num_classes=num_classes, sigma_min=sigma_min,
+                                 clip=clip, batch_size=len(chunk), device=dev)
+            features, logits = inception_outputs(inception, images, dev)
             acc.update(features, logits)
             bar.advance(task, len(chunk))
     mu, sigma = acc.statistics()
@@ -365,18 +384,5 @@ def evaluate_checkpoint(
     # the standard 10 splits; one split when that would leave fewer than 2 samples per split
     splits = is_splits if num_samples >= 2 * is_splits else 1
     is_mean, is_std = acc.inception_score(splits)
-    return {
-        "fid": fid,
-        "inception_score": is_mean,
-        "inception_score_std": is_std,
-        "inception_score_splits": splits,
-        "num_samples": num_samples,
-        "steps": len(sigmas),
-        "sigmas": sigmas,
-        "seed": seed,
-        "weights": weights,
-        "checkpoint": str(checkpoint),
-        "step": int(state["step"]),
-        "seconds": time.perf_counter() - started,
-        "notes": notes,
-    }
+    return {"fid": fid, "inception_score": is_mean, "inception_score_std": is_std, "inception_score_splits": splits,
+            "num_samples": num_samples, "seconds": time.perf_counter() - started, "notes": notes}

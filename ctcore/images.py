@@ -60,3 +60,37 @@ def save_side_by_side(samples: torch.Tensor, data: torch.Tensor, path: str | Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def save_line_plot(xs: list[float], ys: list[float], path: str | Path, title: str, xlabel: str = "step") -> Path:
+    """A small PNG line chart (e.g. FID over training) drawn with Pillow; the y axis spans the data."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, right, top, bottom = 480, 300, 56, 16, 28, 36
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 8), title, fill="black")
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+    draw.line([(x0, y1), (x0, y0), (x1, y0)], fill="black")
+    if xs:
+        lo_x, hi_x = min(xs), max(xs)
+        lo_y, hi_y = min(ys), max(ys)
+        span_x, span_y = (hi_x - lo_x) or 1.0, (hi_y - lo_y) or 1.0
+
+        def at(x: float, y: float) -> tuple[float, float]:
+            return x0 + (x - lo_x) / span_x * (x1 - x0), y0 - (y - lo_y) / span_y * (y0 - y1)
+
+        points = [at(x, y) for x, y in zip(xs, ys, strict=True)]
+        if len(points) > 1:
+            draw.line(points, fill=(40, 90, 200), width=2)
+        for px, py in points:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(40, 90, 200))
+        draw.text((4, y1 - 6), f"{hi_y:.3g}", fill="black")
+        draw.text((4, y0 - 6), f"{lo_y:.3g}", fill="black")
+        draw.text((x0, y0 + 6), f"{lo_x:g}", fill="black")
+        draw.text((x1 - 40, y0 + 6), f"{hi_x:g}", fill="black")
+    draw.text(((x0 + x1) // 2 - 12, height - 16), xlabel, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

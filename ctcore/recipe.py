@@ -118,6 +118,17 @@ class EvaluationSection:
     distance: Literal["sliced-wasserstein", "none"] = "sliced-wasserstein"
     num_samples: int = attrs.field(default=1000, validator=at_least(1))
     num_projections: int = attrs.field(default=256, validator=at_least(1))
+    fid_every: int = attrs.field(default=0, validator=at_least(0))
+    """FID and Inception Score of the eval EMA every this many steps and at the end (0: never)."""
+    fid_num_samples: int = attrs.field(default=10_000, validator=at_least(2))
+    """Samples per periodic FID (papers report 50,000; fewer is cheaper and biased upwards)."""
+    fid_steps: int = attrs.field(default=1, validator=at_least(1))
+    """1: one-step samples; n: through the first n - 1 values of sampling.sigma_mid."""
+    fid_batch_size: int = attrs.field(default=256, validator=at_least(1))
+    inception: str = ""
+    """Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth); required when fid_every > 0."""
+    fid_reference: str = ""
+    """Reference statistics .npz (mu, sigma), e.g. from `ctcore eval-ref-stats`; required when fid_every > 0."""
 
 
 CORE_SECTIONS: dict[str, type] = {
@@ -354,6 +365,15 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
             problems.append(f"sampling.sigma_mid: every value must lie in (sigma_min, sigma_max), got {list(mids)}")
         if any(b >= a for a, b in zip(mids, mids[1:], strict=False)):
             problems.append(f"sampling.sigma_mid: values must decrease, got {list(mids)}")
+    e = s.get("evaluation")
+    if e is not None and e.fid_every > 0:
+        for key, what in (("inception", "the Inception-v3 FID weights file"),
+                          ("fid_reference", "reference statistics (.npz from `ctcore eval-ref-stats`)")):
+            if not getattr(e, key):
+                problems.append(f"evaluation.{key}: required when fid_every > 0 ({what})")
+    if e is not None and sampling is not None and e.fid_steps - 1 > len(sampling.sigma_mid):
+        problems.append(f"evaluation.fid_steps: {e.fid_steps} steps need {e.fid_steps - 1} values in "
+                        f"sampling.sigma_mid, which has {len(sampling.sigma_mid)}")
     if training is not None and any(not 0.0 <= b < 1.0 for b in training.betas):
         problems.append(f"training.betas: each must be in [0, 1), got {list(training.betas)}")
     if data is not None and data.source == "hdf5" and not data.path:

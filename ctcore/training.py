@@ -242,6 +242,8 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
             run.initial_distance = evaluate_distance(run)
             if run.initial_distance is not None:
                 _log(stats, {"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
+        e = run.recipe.evaluation
+        fid_tools = load_fid_tools(run) if e.fid_every > 0 else None  # fail before training, not mid-run
         loss_acc = torch.zeros((), device=run.device, dtype=torch.float64)  # summed on device: no sync per step
         acc_count = 0
 
@@ -277,6 +279,11 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                 if k % t.sample_every == 0 or k == end:
                     path = save_samples(run)
                     _log(stats, {"event": "samples", "step": k, "path": str(path)})
+                if fid_tools is not None and (k % e.fid_every == 0 or k == t.total_steps):
+                    result = evaluate_fid(run, fid_tools)
+                    _log(stats, {"event": "fid", "step": k, "fid": result["fid"], "num_samples": e.fid_num_samples,
+                                 "steps": e.fid_steps, "inception_score": result["inception_score"]})
+                    plot_fid(run.out_dir)
                 if k % t.checkpoint_every == 0 or k == end:
                     fold_losses()  # a partial log interval survives a resume
                     path = save_checkpoint(run)
@@ -356,6 +363,36 @@ def evaluate_distance(run: Run) -> float | None:
     samples = sample_with(run, run.eval_ema, [run.recipe.consistency.sigma_max], seeds)
     data = to_uint8(run.data.batch(e.num_samples, torch.Generator().manual_seed(12345))[0])
     return sliced_wasserstein(samples.float() / 127.5 - 1, data.float() / 127.5 - 1, e.num_projections)
+
+
+def load_fid_tools(run: Run) -> tuple[nn.Module, dict[str, Any]]:
+    """The Inception network (on the run's device) and reference statistics named by [evaluation]."""
+    from ctcore.fid import load_statistics
+    from ctcore.inception import load_inception
+
+    e = run.recipe.evaluation
+    return load_inception(e.inception).to(run.device).eval(), load_statistics(e.fid_reference)
+
+
+def evaluate_fid(run: Run, tools: tuple[nn.Module, dict[str, Any]]) -> dict[str, Any]:
+    """FID / IS of the eval EMA as `ctcore eval` computes them (same seeds as the sample grids)."""
+    from ctcore.fid import fid_of_denoiser
+
+    inception, ref = tools
+    e, c, s = run.recipe.evaluation, run.recipe.consistency, run.recipe.sampling
+    sigmas = [c.sigma_max, *s.sigma_mid[: e.fid_steps - 1]]
+    return fid_of_denoiser(run.denoiser(run.eval_ema), run.data.shape, sigmas, inception=inception, ref=ref,
+                           num_samples=e.fid_num_samples, num_classes=run.data.num_classes, sigma_min=c.sigma_min,
+                           clip=s.clip, seed=s.seed, batch_size=e.fid_batch_size, device=run.device)
+
+
+def plot_fid(out_dir: Path) -> Path:
+    """fid.png: FID over training from every `fid` event in stats.jsonl (so resumed runs show their history)."""
+    from ctcore.images import save_line_plot
+
+    rows = [json.loads(line) for line in (out_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines()]
+    points = sorted((r["step"], r["fid"]) for r in rows if r.get("event") == "fid")
+    return save_line_plot([p[0] for p in points], [p[1] for p in points], out_dir / "fid.png", "FID (eval EMA)")
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

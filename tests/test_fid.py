@@ -21,6 +21,8 @@ import torch
 from helpers import write_tiny_recipe
 from torch import nn
 
+import ctcore
+import ctcore.fid
 import ctcore.inception as inception_mod
 from ctcore.errors import RunError, UsageError
 from ctcore.fid import (
@@ -493,3 +495,62 @@ def test_evaluate_checkpoint_rejects_bad_requests_before_sampling(checkpoint: Pa
         evaluate_checkpoint(checkpoint, registry, inception=inception, num_samples=4, ref_stats=tmp_path / "x.npz")
     with pytest.raises(RunError, match="Inception weights file"):
         evaluate_checkpoint(checkpoint, registry, inception=tmp_path / "none.pth", num_samples=4, ref_stats=ref)
+
+
+# ------------------------------------------------------------------------------- FID during training
+
+
+def test_training_logs_fid_every_n_steps_and_plots_it(tmp_path: Path, weights_file: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from helpers import write_tiny_recipe
+    from PIL import Image
+
+    from ctcore.training import list_checkpoints, start_run, train
+
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    calls: list[int] = []
+
+    def distance(mu1, sigma1, mu2, sigma2, eps=1e-6):  # the real one takes ~20 s at 2048-d on 2 cores
+        calls.append(mu1.shape[0])
+        return 10.0 / len(calls)
+
+    monkeypatch.setattr(ctcore.fid, "frechet_distance", distance)
+    registry = ctcore.load_registry()
+    recipe = ctcore.read_recipe(write_tiny_recipe(
+        tmp_path / "r.toml", tmp_path / "run",
+        evaluation={"fid_every": 6, "fid_num_samples": 2, "fid_batch_size": 2, "fid_steps": 2,
+                    "inception": str(weights_file), "fid_reference": str(ref)}), registry)
+    run = start_run(recipe, registry)
+    train(run, progress=False)
+    rows = [json.loads(line) for line in (run.out_dir / "stats.jsonl").read_text().splitlines()]
+    fids = [r for r in rows if r.get("event") == "fid"]
+    assert [(r["step"], r["fid"], r["num_samples"], r["steps"]) for r in fids] == [(6, 10.0, 2, 2), (12, 5.0, 2, 2)]
+    assert all(np.isfinite(r["inception_score"]) for r in fids) and calls == [2048, 2048]
+    with Image.open(run.out_dir / "fid.png") as im:
+        assert im.format == "PNG"
+
+    missing = ctcore.read_recipe(write_tiny_recipe(
+        tmp_path / "m.toml", tmp_path / "missing",
+        evaluation={"fid_every": 6, "inception": str(tmp_path / "nope.pth"), "fid_reference": str(ref)}), registry)
+    run = start_run(missing, registry)
+    with pytest.raises(RunError):
+        train(run, progress=False)
+    assert list_checkpoints(run.out_dir) == []  # it stops before training, not mid-run
+
+
+def test_fid_options_are_cross_checked() -> None:
+    from helpers import tiny_recipe_text
+
+    from ctcore.recipe import parse_recipe
+
+    with pytest.raises(ctcore.RecipeError) as info:
+        parse_recipe(tiny_recipe_text("out", evaluation={"fid_every": 10, "fid_steps": 3}), ctcore.load_registry())
+    assert info.value.problems == [
+        "evaluation.inception: required when fid_every > 0 (the Inception-v3 FID weights file)",
+        "evaluation.fid_reference: required when fid_every > 0 (reference statistics (.npz from `ctcore "
+        "eval-ref-stats`))",
+        "evaluation.fid_steps: 3 steps need 2 values in sampling.sigma_mid, which has 1",
+    ]
