@@ -554,3 +554,25 @@ def test_fid_options_are_cross_checked() -> None:
         "eval-ref-stats`))",
         "evaluation.fid_steps: 3 steps need 2 values in sampling.sigma_mid, which has 1",
     ]
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_with_the_real_frechet_distance(checkpoint: Path, dataset: Path,
+                                                            inception: FIDInceptionV3, tmp_path: Path) -> None:
+    """No stand-ins: random-weight Inception, real 2048-d sqrtm (about 20 s on two CPU cores), CLI included."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    ref = save_statistics(tmp_path / "ref.npz",
+                          reference_statistics(dataset, inception, batch_size=6, device="cpu", progress=False))
+    weights = tmp_path / inception_mod.WEIGHTS_FILENAME
+    torch.save(inception.state_dict(), weights)
+    result = CliRunner().invoke(app, ["eval", str(checkpoint), "--ref", str(ref), "--inception", str(weights),
+                                      "-n", "4", "--batch-size", "4", "--device", "cpu", "--no-progress", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert np.isfinite(out["fid"]) and out["fid"] > 0 and out["num_samples"] == 4
+    assert np.isfinite(out["inception_score"]) and out["inception_score"] >= 1.0
