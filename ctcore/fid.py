@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -243,15 +242,10 @@ def save_statistics(path: str | Path, stats: Mapping[str, Any]) -> Path:
     arrays = {"mu": mu, "sigma": sigma}
     if stats.get("num_images") is not None:
         arrays["num_images"] = np.asarray(int(stats["num_images"]), dtype=np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" to the temporary name
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from ctcore.files import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" to the name
+        np.savez(f, **arrays)
     return path
 
 

@@ -20,7 +20,6 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
 import time
 import zipfile
 import zlib
@@ -33,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ctcore.errors import RunError, UsageError, unknown_name_message
+from ctcore.files import atomic_write
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 SPLIT_FOLDERS = frozenset({"train", "test", "val", "valid", "validation"})
@@ -112,22 +112,11 @@ def write_dataset(path: str | Path, images_uint8_nchw: np.ndarray, labels: np.nd
     meta.update(resolution=h if h == w else 0, height=h, width=w, channels=c, count=n, layout="NCHW",
                 created=datetime.now(UTC).isoformat(timespec="seconds"), ctcore_version=__version__)
 
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("images", data=images, chunks=(_chunk_rows(n, c * h * w), c, h, w))
-            if labels is not None:
-                f.create_dataset("labels", data=labels.astype(np.int64))
-            _write_attrs(f, meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("images", data=images, chunks=(_chunk_rows(n, c * h * w), c, h, w))
+        if labels is not None:
+            f.create_dataset("labels", data=labels.astype(np.int64))
+        _write_attrs(f, meta)
     return path
 
 
@@ -836,36 +825,25 @@ def download(name: str, dest_dir: str | Path, *, url: str | None = None, progres
         if got == expected:
             return final
         raise RunError(f"{final} already exists but its sha256 is {got}, not {expected}; delete it and download again")
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{filename}.", suffix=".part")
-    tmp = Path(tmp_name)
     sha = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            request = urllib.request.Request(url, headers={"User-Agent": f"ctcore/{__version__}"})
-            with urllib.request.urlopen(request, timeout=timeout) as response, _progress(progress) as bar:
-                length = response.headers.get("Content-Length")
-                task = bar(f"downloading {filename}", int(length) if length and length.isdigit() else None)
-                done = 0
-                while block := response.read(1 << 20):
-                    out.write(block)
-                    sha.update(block)
-                    done += len(block)
-                    task.update(done)
-            out.flush()
-            os.fsync(out.fileno())
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        tmp.unlink(missing_ok=True)
-        reason = exc if isinstance(exc, urllib.error.HTTPError) else (getattr(exc, "reason", None) or exc)
-        raise RunError(f"could not download {name} from {url} ({reason}); {by_hand}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    got = sha.hexdigest()
-    if got != expected:
-        tmp.unlink(missing_ok=True)
-        raise RunError(f"the file downloaded from {url} has sha256 {got}, expected {expected}: it is corrupt or not "
-                       f"the official archive, so it was deleted. Try again, or {by_hand}")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, final)
+    with atomic_write(final) as tmp:  # kept only if the download completes and its checksum matches
+        try:
+            with open(tmp, "wb") as out:
+                request = urllib.request.Request(url, headers={"User-Agent": f"ctcore/{__version__}"})
+                with urllib.request.urlopen(request, timeout=timeout) as response, _progress(progress) as bar:
+                    length = response.headers.get("Content-Length")
+                    task = bar(f"downloading {filename}", int(length) if length and length.isdigit() else None)
+                    done = 0
+                    while block := response.read(1 << 20):
+                        out.write(block)
+                        sha.update(block)
+                        done += len(block)
+                        task.update(done)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            reason = exc if isinstance(exc, urllib.error.HTTPError) else (getattr(exc, "reason", None) or exc)
+            raise RunError(f"could not download {name} from {url} ({reason}); {by_hand}") from None
+        got = sha.hexdigest()
+        if got != expected:
+            raise RunError(f"the file downloaded from {url} has sha256 {got}, expected {expected}: it is corrupt or "
+                           f"not the official archive, so it was deleted. Try again, or {by_hand}")
     return final

@@ -270,11 +270,11 @@ def download_weights(dest: str | Path, *, url: str | None = None, sha256: str | 
 
     url = FID_WEIGHTS_URL if url is None else url
     expected = (WEIGHTS_SHA256 if sha256 is None else sha256).lower()
+    from ctcore.files import atomic_write
+
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     digest = hashlib.sha256()
-    try:
+    with atomic_write(dest) as tmp:  # kept only if the download completes and its checksum matches
         try:
             request = urllib.request.Request(url, headers={"User-Agent": f"ctcore/{__version__}"})
             with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out, \
@@ -283,8 +283,6 @@ def download_weights(dest: str | Path, *, url: str | None = None, sha256: str | 
                     digest.update(block)
                     out.write(block)
                     advance(len(block))
-                out.flush()
-                os.fsync(out.fileno())
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             raise RunError(
                 f"could not download the Inception weights from {url} ({type(exc).__name__}: {exc}); "
@@ -296,10 +294,6 @@ def download_weights(dest: str | Path, *, url: str | None = None, sha256: str | 
                 f"the file downloaded from {url} has sha256 {got}, but {expected}... was expected: the "
                 f"download is corrupt or the address serves another file; nothing was saved to {str(dest)!r}"
             )
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return dest
 
 

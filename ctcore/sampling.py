@@ -7,7 +7,6 @@ with seeds[j], so any subset of a sample set can be regenerated exactly.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,22 +98,17 @@ def write_sample_store(path: str | Path, images: torch.Tensor, seeds: Sequence[i
     import h5py
     import numpy as np
 
+    from ctcore.files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("images", data=images.numpy(), chunks=(min(len(images), 256), *images.shape[1:]))
-            f.create_dataset("seeds", data=np.asarray(list(seeds), dtype=np.int64))
-            f.create_dataset("labels", data=labels.numpy().astype(np.int64))
-            f.attrs["layout"] = "NCHW"
-            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            for k, v in attrs.items():
-                f.attrs[k] = v
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("images", data=images.numpy(), chunks=(min(len(images), 256), *images.shape[1:]))
+        f.create_dataset("seeds", data=np.asarray(list(seeds), dtype=np.int64))
+        f.create_dataset("labels", data=labels.numpy().astype(np.int64))
+        f.attrs["layout"] = "NCHW"
+        f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for k, v in attrs.items():
+            f.attrs[k] = v
     return path
 
 

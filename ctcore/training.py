@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import os
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ from ctcore.consistency import consistency_loss, denoise, karras_sigmas
 from ctcore.data import ImageData, data_shape, load_data, to_uint8
 from ctcore.errors import RunError, UsageError
 from ctcore.evaluation import sliced_wasserstein
+from ctcore.files import atomic_write
 from ctcore.recipe import Recipe, dump_recipe, parse_recipe
 from ctcore.registry import Registry
 
@@ -431,16 +431,8 @@ def save_checkpoint(run: Run) -> Path:
     folder = checkpoint_dir(run.out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{run.step:09d}.pt"
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
     for old in list_checkpoints(run.out_dir)[: -run.recipe.training.keep_checkpoints]:
         old.unlink()
     return path

@@ -6,12 +6,8 @@ No real Inception weights are used: the network is checked with random weights s
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -285,28 +281,8 @@ def test_wrong_keys_or_shapes_name_the_problem(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ download
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def local_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """An HTTP server on 127.0.0.1 serving a fresh folder: (base URL, folder)."""
-    folder = tmp_path / "served"
-    folder.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=folder))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", folder
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_download_checks_the_sha256(local_server: tuple[str, Path], tmp_path: Path) -> None:
-    url, folder = local_server
+def test_download_checks_the_sha256(file_server: tuple[str, Path], tmp_path: Path) -> None:
+    url, folder = file_server
     payload = bytes(range(256)) * 4096
     (folder / "w.pth").write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
@@ -324,9 +300,9 @@ def test_download_checks_the_sha256(local_server: tuple[str, Path], tmp_path: Pa
 
 
 def test_load_inception_downloads_into_the_cache_only_when_asked(
-    local_server: tuple[str, Path], weights_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    file_server: tuple[str, Path], weights_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url, folder = local_server
+    url, folder = file_server
     (folder / weights_file.name).write_bytes(weights_file.read_bytes())
     monkeypatch.setattr(inception_mod, "FID_WEIGHTS_URL", f"{url}/{weights_file.name}")
     monkeypatch.setattr(inception_mod, "WEIGHTS_SHA256", hashlib.sha256(weights_file.read_bytes()).hexdigest())
