@@ -91,8 +91,16 @@ def run(
             recipe = read_recipe(target, registry)
             the_run = start_run(recipe, registry, output_dir)
             out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
+        from ctcore.training import TrainingStopped
+
         try:
-            summary = train(the_run, progress=progress)
+            summary = train(the_run, progress=progress, handle_signals=True)
+        except TrainingStopped as stop:
+            _console(stderr=True).print(
+                f"{stop.signal_name}: stopped after step {stop.step:,} and wrote {stop.checkpoint}. Continue with: "
+                f"ctcore run {the_run.out_dir} --resume"
+            )
+            raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130) from None
         except KeyboardInterrupt:
             ckpts = list_checkpoints(the_run.out_dir)
             latest = f"the latest checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"

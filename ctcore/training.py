@@ -7,12 +7,15 @@ eval-EMA update. Checkpoints hold everything needed to resume bit-for-bit on CPU
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import platform
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,10 +222,42 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # ------------------------------------------------------------------------------------ the training loop
 
 
-def train(run: Run, *, stop_at: int | None = None, progress: bool = True, console=None) -> dict[str, Any]:
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT arrived: the current step finished and a checkpoint was written."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name} at step {step}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+@contextlib.contextmanager
+def stop_on_signals(enabled: bool) -> Iterator[list[str]]:
+    """While active, SIGTERM / SIGINT only record their name in the yielded list (the loop checks it after
+    each step); the previous handlers come back afterwards. A second Ctrl-C interrupts at once."""
+    received: list[str] = []
+    if not enabled:
+        yield received
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(run: Run, *, stop_at: int | None = None, progress: bool = True, console=None,
+          handle_signals: bool = False) -> dict[str, Any]:
     """Train from run.step to training.total_steps (or `stop_at`), logging, checkpointing and sampling.
 
-    Returns a summary dict (final step, mean loss of the last interval, distances, run time).
+    With `handle_signals`, SIGTERM / SIGINT finish the current step, write a checkpoint and raise
+    TrainingStopped. Returns a summary dict (final step, mean loss of the last interval, distances, run time).
     """
     from rich.console import Console
 
@@ -258,7 +293,7 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
 
         last_time, last_step = time.perf_counter(), run.step
         last_loss = None
-        with _progress(progress, console) as bar:
+        with _progress(progress, console) as bar, stop_on_signals(handle_signals) as signals:
             task = bar.add_task("training", total=end, completed=run.step, loss="-", scales="-", speed="-")
             while run.step < end:
                 loss_acc += train_step(run).double()
@@ -288,6 +323,11 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                     fold_losses()  # a partial log interval survives a resume
                     path = save_checkpoint(run)
                     _log(stats, {"event": "checkpoint", "step": k, "path": str(path)})
+                if signals:
+                    fold_losses()
+                    path = save_checkpoint(run)
+                    _log(stats, {"event": "stopped", "step": k, "signal": signals[0], "path": str(path)})
+                    raise TrainingStopped(signals[0], k, path)
                 if k == last_step:  # img/s measures training: restart the clock after logging and file writes
                     last_time = time.perf_counter()
         summary["loss"] = last_loss

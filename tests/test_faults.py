@@ -1,0 +1,85 @@
+"""Runs survive signals: SIGTERM stops cleanly with a checkpoint; SIGKILL at a random step loses nothing."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_tiny_recipe
+
+from ctcore.training import list_checkpoints, load_checkpoint
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV.pop("CTCORE_DISABLE_PLUGINS", None)
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ctcore", "run", *args, "--no-progress"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    recipe = write_tiny_recipe(tmp_path / "r.toml", run_dir, training={
+        "total_steps": 1_000_000, "checkpoint_every": 1_000_000, "sample_every": 1_000_000, "log_every": 5})
+    proc = _start(str(recipe))
+    stats = run_dir / "stats.jsonl"
+    _wait_for(lambda: stats.exists() and '"loss"' in stats.read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    (ckpt,) = list_checkpoints(run_dir)
+    step = load_checkpoint(ckpt)["step"]
+    assert err.strip().endswith(f"SIGTERM: stopped after step {step:,} and wrote {ckpt}. Continue with: "
+                                f"ctcore run {run_dir} --resume")
+    assert '"event": "stopped"' in stats.read_text() and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    def recipe(name: str) -> Path:
+        return write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, training={
+            "total_steps": 1500, "checkpoint_every": 10, "sample_every": 1_000_000, "log_every": 10,
+            "keep_checkpoints": 2}, evaluation={"distance": "none"})
+
+    whole = _start(str(recipe("whole")))
+    kill_after = random.randint(20, 600)
+    killed = _start(str(recipe("killed")))
+    _wait_for(lambda: any(load_step(p) >= kill_after for p in list_checkpoints(tmp_path / "killed")))
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert load_step(list_checkpoints(tmp_path / "killed")[-1]) < 1500, "the run finished before the kill"
+    resumed = _start(str(tmp_path / "killed"), "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+    a = load_checkpoint(list_checkpoints(tmp_path / "whole")[-1])
+    b = load_checkpoint(list_checkpoints(tmp_path / "killed")[-1])
+    assert a["step"] == b["step"] == 1500
+    for key in ("student", "eval_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), f"{key} differs (killed after {kill_after})"
+    for pid, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][pid][k])), (pid, k)
+
+
+def load_step(path: Path) -> int:
+    """The step of a checkpoint file, from its name (the file may be replaced while we look)."""
+    return int(path.stem.split("-")[1])
