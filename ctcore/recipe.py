@@ -7,7 +7,6 @@ have defaults here, and each component section (network, metric, noise_schedule,
 
 from __future__ import annotations
 
-import json
 import math
 import tomllib
 import typing
@@ -309,6 +308,8 @@ def parse_recipe(text: str, registry: Registry, source: str = "<recipe>") -> Rec
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(source, [f"invalid TOML: {exc}"]) from None
+    except RecursionError:
+        raise RecipeError(source, ["invalid TOML: arrays or tables nested too deeply"]) from None
     conv = _strict_converter()
     problems: list[str] = []
     for key, value in data.items():
@@ -398,10 +399,29 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, float):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string literal is a valid TOML basic string, escapes included
+        return _toml_string(v)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def _toml_string(v: str) -> str:
+    """A TOML basic string: escape backslash, quote and control characters; everything else stays literal
+    (TOML forbids surrogate escapes, so characters above U+FFFF are written as themselves)."""
+    out = []
+    for ch in v:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _printable(text: str) -> str:
+    """`text` with non-printable characters escaped, for a one-line comment."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _section_lines(header: str, items: list[tuple[str, Any]]) -> list[str]:
@@ -414,7 +434,7 @@ def _section_lines(header: str, items: list[tuple[str, Any]]) -> list[str]:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as TOML, every default filled in; reading it back gives the same recipe."""
-    blocks = [f"# resolved from {recipe.source}"]
+    blocks = [f"# resolved from {_printable(recipe.source)}"]
     for name in ALL_SECTIONS:
         if name in KINDS:
             spec = recipe.components[name]

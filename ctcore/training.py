@@ -222,6 +222,23 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # ------------------------------------------------------------------------------------ the training loop
 
 
+@contextlib.contextmanager
+def flush_denormals(enabled: bool) -> Iterator[None]:
+    """Flush denormal floats to zero while training on CPU, then restore the process's previous mode.
+
+    Tiny weight updates from zero-initialised layers produce denormals, which run ~7x slower on x86 CPUs
+    during the first hundred steps; flushing them changes no result that matters. torch has no getter for
+    the mode, so it is read off a subnormal value.
+    """
+    was_flushing = torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() == 0.0
+    if enabled:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_flushing)
+
+
 class TrainingStopped(Exception):
     """SIGTERM or SIGINT arrived: the current step finished and a checkpoint was written."""
 
@@ -262,82 +279,80 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    if run.device.type == "cpu":
-        # Tiny weight updates from zero-initialised layers produce denormal floats, which run ~7x slower
-        # on x86 CPUs during the first hundred steps; flushing them to zero changes no result that matters.
-        torch.set_flush_denormal(True)
     t = run.recipe.training
     end = min(t.total_steps, stop_at) if stop_at is not None else t.total_steps
     run.out_dir.mkdir(parents=True, exist_ok=True)
     stats = open(run.out_dir / "stats.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
     summary: dict[str, Any] = {"start_step": run.step}
     started = time.perf_counter()
-    try:
-        if run.initial_distance is None and run.step == 0:
-            run.initial_distance = evaluate_distance(run)
-            if run.initial_distance is not None:
-                _log(stats, {"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
-        e = run.recipe.evaluation
-        fid_tools = load_fid_tools(run) if e.fid_every > 0 else None  # fail before training, not mid-run
-        loss_acc = torch.zeros((), device=run.device, dtype=torch.float64)  # summed on device: no sync per step
-        acc_count = 0
+    with flush_denormals(run.device.type == "cpu"):
+        try:
+            if run.initial_distance is None and run.step == 0:
+                run.initial_distance = evaluate_distance(run)
+                if run.initial_distance is not None:
+                    _log(stats, {"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
+            e = run.recipe.evaluation
+            fid_tools = load_fid_tools(run) if e.fid_every > 0 else None  # fail before training, not mid-run
+            loss_acc = torch.zeros((), device=run.device, dtype=torch.float64)  # summed on device: no sync per step
+            acc_count = 0
 
-        def fold_losses() -> None:
-            """Move the device-side loss sum into the run (read back only here, at log and checkpoint times)."""
-            nonlocal acc_count
-            if acc_count:
-                run.loss_sum += float(loss_acc)
-                run.loss_count += acc_count
-                loss_acc.zero_()
-                acc_count = 0
+            def fold_losses() -> None:
+                """Move the device-side loss sum into the run (read back only here, at log and checkpoint times)."""
+                nonlocal acc_count
+                if acc_count:
+                    run.loss_sum += float(loss_acc)
+                    run.loss_count += acc_count
+                    loss_acc.zero_()
+                    acc_count = 0
 
-        last_time, last_step = time.perf_counter(), run.step
-        last_loss = None
-        with _progress(progress, console) as bar, stop_on_signals(handle_signals) as signals:
-            task = bar.add_task("training", total=end, completed=run.step, loss="-", scales="-", speed="-")
-            while run.step < end:
-                loss_acc += train_step(run).double()
-                acc_count += 1
-                bar.update(task, completed=run.step)
-                k = run.step
-                if k % t.log_every == 0 or k == end:
-                    fold_losses()
-                    last_loss = run.loss_sum / max(run.loss_count, 1)
-                    speed = (k - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
-                    n = run.curriculum.num_scales(k - 1)
-                    _log(stats, {"step": k, "loss": last_loss, "num_scales": n,
-                                 "lr": run.optimizer.param_groups[0]["lr"],
-                                 "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
-                    bar.update(task, loss=f"{last_loss:.4g}", scales=str(n), speed=f"{speed:,.0f}")
-                    run.loss_sum, run.loss_count = 0.0, 0
-                    last_step = k
-                if k % t.sample_every == 0 or k == end:
-                    path = save_samples(run)
-                    _log(stats, {"event": "samples", "step": k, "path": str(path)})
-                if fid_tools is not None and (k % e.fid_every == 0 or k == t.total_steps):
-                    result = evaluate_fid(run, fid_tools)
-                    _log(stats, {"event": "fid", "step": k, "fid": result["fid"], "num_samples": e.fid_num_samples,
-                                 "steps": e.fid_steps, "inception_score": result["inception_score"]})
-                    plot_fid(run.out_dir)
-                if k % t.checkpoint_every == 0 or k == end:
-                    fold_losses()  # a partial log interval survives a resume
-                    path = save_checkpoint(run)
-                    _log(stats, {"event": "checkpoint", "step": k, "path": str(path)})
-                if signals:
-                    fold_losses()
-                    path = save_checkpoint(run)
-                    _log(stats, {"event": "stopped", "step": k, "signal": signals[0], "path": str(path)})
-                    raise TrainingStopped(signals[0], k, path)
-                if k == last_step:  # img/s measures training: restart the clock after logging and file writes
-                    last_time = time.perf_counter()
-        summary["loss"] = last_loss
-        if run.step >= t.total_steps and run.step > summary["start_step"]:
-            final = evaluate_distance(run)
-            summary["final_distance"] = final
-            if final is not None:
-                _log(stats, {"event": "distance", "step": run.step, "sliced_wasserstein": final})
-    finally:
-        stats.close()
+            last_time, last_step = time.perf_counter(), run.step
+            last_loss = None
+            with _progress(progress, console) as bar, stop_on_signals(handle_signals) as signals:
+                task = bar.add_task("training", total=end, completed=run.step, loss="-", scales="-", speed="-")
+                while run.step < end:
+                    loss_acc += train_step(run).double()
+                    acc_count += 1
+                    bar.update(task, completed=run.step)
+                    k = run.step
+                    if k % t.log_every == 0 or k == end:
+                        fold_losses()
+                        last_loss = run.loss_sum / max(run.loss_count, 1)
+                        speed = (k - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
+                        n = run.curriculum.num_scales(k - 1)
+                        _log(stats, {"step": k, "loss": last_loss, "num_scales": n,
+                                     "lr": run.optimizer.param_groups[0]["lr"],
+                                     "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
+                        bar.update(task, loss=f"{last_loss:.4g}", scales=str(n), speed=f"{speed:,.0f}")
+                        run.loss_sum, run.loss_count = 0.0, 0
+                        last_step = k
+                    if k % t.sample_every == 0 or k == end:
+                        path = save_samples(run)
+                        _log(stats, {"event": "samples", "step": k, "path": str(path)})
+                    if fid_tools is not None and (k % e.fid_every == 0 or k == t.total_steps):
+                        result = evaluate_fid(run, fid_tools)
+                        _log(stats, {"event": "fid", "step": k, "fid": result["fid"], "num_samples": e.fid_num_samples,
+                                     "steps": e.fid_steps, "inception_score": result["inception_score"]})
+                        plot_fid(run.out_dir)
+                    if k % t.checkpoint_every == 0 or k == end:
+                        fold_losses()  # a partial log interval survives a resume
+                        path = save_checkpoint(run)
+                        _log(stats, {"event": "checkpoint", "step": k, "path": str(path)})
+                    if signals:
+                        fold_losses()
+                        path = save_checkpoint(run)
+                        _log(stats, {"event": "stopped", "step": k, "signal": signals[0], "path": str(path)})
+                        raise TrainingStopped(signals[0], k, path)
+                    if k == last_step:  # img/s measures training: restart the clock after logging and file writes
+                        last_time = time.perf_counter()
+            summary["loss"] = last_loss
+            if run.step >= t.total_steps and run.step > summary["start_step"]:
+                final = evaluate_distance(run)
+                summary["final_distance"] = final
+                if final is not None:
+                    _log(stats, {"event": "distance", "step": run.step, "sliced_wasserstein": final})
+        finally:
+            stats.close()
+
     summary.update(step=run.step, initial_distance=run.initial_distance, seconds=time.perf_counter() - started)
     return summary
 

@@ -187,3 +187,12 @@ def test_cuda_optimizer_options_are_ones_the_optimizer_accepts(opt, expected):
     if "foreach" in options:  # constructible on CPU too; fused needs device tensors
         opt([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, **options)
     assert fast_optimizer_options(opt, torch.device("cpu")) == {}
+
+
+def test_training_leaves_the_process_floating_point_mode_as_it_found_it(tmp_path, registry):
+    def flushing() -> bool:
+        return torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() == 0.0
+
+    assert not flushing()
+    _train(tmp_path, registry, "fp")
+    assert not flushing()  # denormals are flushed only while training runs
