@@ -160,6 +160,11 @@ def at_least(n: float) -> Callable[[Any, attrs.Attribute, Any], None]:
     return requirement(lambda v: v >= n, f"must be >= {n}")
 
 
+def one_of(*choices: Any) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """Validator for Literal options built directly in Python (the recipe reader checks them already)."""
+    return requirement(lambda v: v in choices, f"must be one of {', '.join(map(repr, choices))}")
+
+
 positive = requirement(lambda v: v > 0, "must be > 0")
 non_negative = requirement(lambda v: v >= 0, "must be >= 0")
 unit_interval = requirement(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")

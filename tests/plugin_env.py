@@ -71,3 +71,13 @@ def plugin_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], Pa
     for name, module in list(sys.modules.items()):
         if _is_under(module, added):
             del sys.modules[name]
+
+
+BUILTINS: dict[str, list[str]] = {
+    "network": ["adm", "mlp", "ncsnpp"],
+    "metric": ["l2", "lpips", "pseudo-huber"],
+    "noise_schedule": ["lognormal", "uniform"],
+    "curriculum": ["constant", "ct", "exponential"],
+    "teacher": ["ema", "no-ema"],
+}
+"""Every component the ctcore distribution registers, by kind."""

@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import tiny_recipe_text, write_tiny_recipe
 from PIL import Image
-from plugin_env import EXAMPLE_PLUGIN_DIR, REPO_ROOT, fake_distribution
+from plugin_env import BUILTINS, EXAMPLE_PLUGIN_DIR, REPO_ROOT, fake_distribution
 from typer.testing import CliRunner, Result
 
 import ctcore
@@ -34,13 +34,6 @@ from ctcore.registry import DISABLE_ENV, load_registry
 RECIPES = sorted((REPO_ROOT / "recipes").glob("**/*.toml"))
 QUICKSTART = REPO_ROOT / "recipes" / "quickstart.toml"
 CTCORE_VERSION = md.version("ctcore")
-BUILTINS = {
-    "network": ["mlp"],
-    "metric": ["l2", "pseudo-huber"],
-    "noise_schedule": ["lognormal", "uniform"],
-    "curriculum": ["constant", "ct", "exponential"],
-    "teacher": ["ema", "no-ema"],
-}
 CHECKPOINTS = ["ckpt-000000006.pt", "ckpt-000000012.pt"]
 SAMPLE_PNGS = ["step-0000006-1step.png", "step-0000006-2step.png", "step-0000012-1step.png", "step-0000012-2step.png"]
 WIDE = {"COLUMNS": "200"}  # rich tables and help: no wrapping

@@ -10,19 +10,11 @@ from pathlib import Path
 import pluggy
 import pytest
 import torch
-from plugin_env import EXAMPLE_PLUGIN_DIR, fake_distribution
+from plugin_env import BUILTINS, EXAMPLE_PLUGIN_DIR, fake_distribution
 
 import ctcore.registry
 from ctcore.errors import PluginError, UnknownComponentError, UsageError
 from ctcore.registry import DISABLE_ENV, load_registry
-
-BUILTINS = {
-    "network": ["mlp"],
-    "metric": ["l2", "pseudo-huber"],
-    "noise_schedule": ["lognormal", "uniform"],
-    "curriculum": ["exponential", "ct", "constant"],
-    "teacher": ["no-ema", "ema"],
-}
 
 METRIC_PLUGIN = '''
 import attrs

@@ -32,7 +32,7 @@ result.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import attrs
 import torch
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, requirement
+from ctcore.components import BuildContext, one_of, requirement
 
 from .weights import (
     LPIPS_HEADS_HINT,
@@ -104,9 +104,6 @@ def head_keys(variant: int = 1) -> list[str]:
     return [f"lin{layer}.model.{variant}.weight" for layer in range(len(TAP_CHANNELS))]
 
 
-def _one_of(*choices: str) -> Any:
-    return requirement(lambda v: v in choices, f"must be one of {', '.join(map(repr, choices))}")
-
 
 class LPIPS(nn.Module):
     """LPIPS-VGG16 distance of the CM paper on images in [-1, 1]; one value per sample.
@@ -136,7 +133,7 @@ class LPIPS(nn.Module):
             lambda v: v == 0 or v >= MIN_SIZE, f"must be 0 (no resizing) or >= {MIN_SIZE} (VGG16 pools four times)"))
         """Bilinear resize (align_corners False) to resize x resize before the trunk; 0 keeps the input size.
         CM resizes to 224 always in its CIFAR-10 (JAX) code and below 256 px in its PyTorch code: use 0 there."""
-        pooling: Literal["max", "average"] = attrs.field(default="max", validator=_one_of("max", "average"))
+        pooling: Literal["max", "average"] = attrs.field(default="max", validator=one_of("max", "average"))
         """VGG16's max pools ("max": lpips, CM CIFAR-10) or 2x2 average pools ("average": CM's PyTorch code)."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, at_least, non_negative, positive, requirement, unit_interval
+from ctcore.components import BuildContext, at_least, non_negative, one_of, positive, requirement, unit_interval
 
 from .layers import (
     SQRT_HALF,
@@ -34,9 +34,6 @@ from .layers import (
 
 __all__ = ["NCSNpp", "ctcore_register_networks"]
 
-
-def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    return requirement(lambda v: v in choices, f"must be one of {', '.join(map(repr, choices))}")
 
 
 def _ints(at_least_value: int, empty_ok: bool) -> Callable[[Any, attrs.Attribute, Any], None]:
@@ -73,7 +70,7 @@ class NCSNpp(nn.Module):
         """Feature-map heights that get self-attention (the middle of the U-Net always has one)."""
         dropout: float = attrs.field(default=0.3, validator=unit_interval)
         """iCT: 0.3 (the original CM CT: 0.0)."""
-        resblock_type: Literal["biggan", "ddpm"] = attrs.field(default="biggan", validator=_one_of("biggan", "ddpm"))
+        resblock_type: Literal["biggan", "ddpm"] = attrs.field(default="biggan", validator=one_of("biggan", "ddpm"))
         """biggan: resample inside residual blocks; ddpm: separate (FIR) Upsample / Downsample layers."""
         fir: bool = True
         """FIR resampling filters (otherwise nearest / 2 x 2 average)."""
@@ -84,16 +81,16 @@ class NCSNpp(nn.Module):
         skip_rescale: bool = True
         """Divide residual and skip sums by sqrt(2)."""
         progressive: Literal["none", "output_skip", "residual"] = attrs.field(
-            default="none", validator=_one_of("none", "output_skip", "residual"))
+            default="none", validator=one_of("none", "output_skip", "residual"))
         """Output pyramid on the way up: none, output_skip (sum of per-level output convs) or residual."""
         progressive_input: Literal["none", "input_skip", "residual"] = attrs.field(
-            default="residual", validator=_one_of("none", "input_skip", "residual"))
+            default="residual", validator=one_of("none", "input_skip", "residual"))
         """Input pyramid on the way down: the image, downsampled, merged into the features at every level."""
-        progressive_combine: Literal["sum", "cat"] = attrs.field(default="sum", validator=_one_of("sum", "cat"))
+        progressive_combine: Literal["sum", "cat"] = attrs.field(default="sum", validator=one_of("sum", "cat"))
         """How input_skip merges the pyramid (after a 1 x 1 convolution)."""
         init_scale: float = attrs.field(default=0.0, validator=non_negative)
         """DDPM-init scale of the last layer of every block and of the output (0 means 1e-10: near-zero)."""
-        embedding_type: Literal["fourier"] = attrs.field(default="fourier", validator=_one_of("fourier"))
+        embedding_type: Literal["fourier"] = attrs.field(default="fourier", validator=one_of("fourier"))
         """Only Gaussian Fourier features: the network's noise conditioning is c_noise = 0.25 ln sigma."""
         fourier_scale: float = attrs.field(default=0.02, validator=positive)
         """Std of the frozen Fourier frequencies: iCT 0.02, the original CM 16."""
