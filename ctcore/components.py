@@ -7,6 +7,7 @@ class whose fields are its recipe settings (all with defaults). Every component 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -44,6 +45,13 @@ class BuildContext:
 
 
 CONTEXT_KEYS: tuple[str, ...] = tuple(f.name for f in attrs.fields(BuildContext))
+
+RESERVED_OPTIONS: tuple[str, ...] = (*CONTEXT_KEYS, "name")
+"""Option names no component may use: context keys travel beside options in Registry.create, and `name`
+selects the component in a recipe."""
+
+NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+"""Component names are kebab-case."""
 
 
 @runtime_checkable

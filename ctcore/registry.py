@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
-import re
 from typing import Any
 
 import attrs
 import pluggy
 
 from ctcore import hookspecs
-from ctcore.components import CONTEXT_KEYS, HOOKS, KINDS, BuildContext
+from ctcore.components import CONTEXT_KEYS, HOOKS, KINDS, NAME_PATTERN, RESERVED_OPTIONS, BuildContext
 from ctcore.errors import PluginError, UnknownComponentError, UsageError, unknown_name_message
 
 ENTRY_POINT_GROUP = "ctcore"
 DISABLE_ENV = "CTCORE_DISABLE_PLUGINS"
 """Comma-separated entry-point or distribution names to skip, e.g. CTCORE_DISABLE_PLUGINS=ctcore-example."""
 
-_NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 @attrs.frozen
@@ -131,14 +129,14 @@ class Registry:
 def validate_class(kind: str, cls: type, where: str) -> None:
     """The shape every component class needs (name, summary, attrs Options, no reserved option names)."""
     name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise PluginError(f"{where} registers a {kind} class {cls!r} without a kebab-case `name` attribute")
     if not isinstance(getattr(cls, "summary", None), str):
         raise PluginError(f"{kind} {name!r} from {where} has no `summary` string")
     options = getattr(cls, "Options", None)
     if options is None or not attrs.has(options):
         raise PluginError(f"{kind} {name!r} from {where} has no attrs `Options` class")
-    clash = [f.name for f in attrs.fields(options) if f.name in CONTEXT_KEYS or f.name == "name"]
+    clash = [f.name for f in attrs.fields(options) if f.name in RESERVED_OPTIONS]
     if clash:
         raise PluginError(f"{kind} {name!r} from {where}: option names {clash} are reserved")
 

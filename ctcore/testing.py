@@ -7,14 +7,13 @@ under a second for small components, and raises `AssertionError` naming the clas
 from __future__ import annotations
 
 import io
-import re
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 from torch import nn
 
-from ctcore.components import CONTEXT_KEYS, KINDS, NOISE_CONVENTIONS, BuildContext
+from ctcore.components import KINDS, NAME_PATTERN, NOISE_CONVENTIONS, RESERVED_OPTIONS, BuildContext
 from ctcore.consistency import karras_sigmas
 from ctcore.errors import CtcoreError
 
@@ -32,9 +31,6 @@ __all__ = [
     "check_teacher",
 ]
 
-_NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-_RESERVED_OPTIONS = (*CONTEXT_KEYS, "name")
-"""Context keys travel beside the options in `Registry.create`; `name` selects the component in a recipe."""
 
 
 def _fail(cls: type, problem: str) -> AssertionError:
@@ -65,7 +61,7 @@ def check_component_class(kind: str, cls: type) -> None:
     name = getattr(cls, "name", None)
     if not isinstance(name, str):
         raise _fail(cls, f"needs a class attribute `name` (str), got {name!r}")
-    if not _NAME_RE.match(name):
+    if not NAME_PATTERN.match(name):
         raise _fail(cls, f"`name` must be kebab-case (lowercase letters, digits, hyphens), got {name!r}")
 
     summary = getattr(cls, "summary", None)
@@ -81,7 +77,7 @@ def check_component_class(kind: str, cls: type) -> None:
     missing = [f.name for f in fields if f.default is attrs.NOTHING]
     if missing:
         raise _fail(cls, f"every option needs a default so a recipe may omit it; no default: {missing}")
-    reserved = [f.name for f in fields if f.name in _RESERVED_OPTIONS]
+    reserved = [f.name for f in fields if f.name in RESERVED_OPTIONS]
     if reserved:
         raise _fail(cls, f"option names {reserved} are reserved (context keys and `name`)")
     try:
