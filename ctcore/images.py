@@ -31,6 +31,20 @@ def _auto_scale(h: int) -> int:
     return max(1, 64 // h) if h < 64 else 1
 
 
+def check_image_path(path: str | Path | None, option: str = "--grid") -> None:
+    """Refuse, before any work, an image path whose suffix names no format Pillow can write."""
+    if path is None:
+        return
+    from PIL import Image
+
+    from ctcore.errors import UsageError
+
+    Image.init()
+    path = Path(path)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"{option} {str(path)!r}: give an image file name ending in .png (or .jpg, .webp)")
+
+
 def save_grid(images: torch.Tensor, path: str | Path, ncol: int | None = None) -> Path:
     """Write uint8 images (N, C, H, W) as one PNG grid."""
     from PIL import Image

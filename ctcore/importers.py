@@ -19,6 +19,7 @@ import lzma
 import os
 import pickle
 import re
+import shutil
 import tarfile
 import time
 import zipfile
@@ -32,12 +33,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ctcore.errors import RunError, UsageError, unknown_name_message
-from ctcore.files import atomic_write
+from ctcore.files import atomic_write, human_bytes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 SPLIT_FOLDERS = frozenset({"train", "test", "val", "valid", "validation"})
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 CIFAR_MEMBER = re.compile(r"^(data_batch_\d+|test_batch|batches\.meta)$")
+IN_MEMORY_BYTES = 2 << 30  # datasets up to this size are built in memory, then written (see write_dataset)
 CHUNK_BYTES = 1 << 20  # images per chunk: about 1 MiB (h5py's default chunk cache), at most 256 images
 
 DOWNLOADS: dict[str, tuple[str, str, str]] = {
@@ -112,7 +114,16 @@ def write_dataset(path: str | Path, images_uint8_nchw: np.ndarray, labels: np.nd
     meta.update(resolution=h if h == w else 0, height=h, width=w, channels=c, count=n, layout="NCHW",
                 created=datetime.now(UTC).isoformat(timespec="seconds"), ctcore_version=__version__)
 
-    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+    # HDF5 2.0 can crash the process when a write fails mid-file (a full disk), so: refuse up front when the
+    # filesystem cannot hold the file, and build datasets up to IN_MEMORY_BYTES in memory (written out on close,
+    # where a failure is a clean error); larger ones (ImageNet 64: 15.7 GB) go straight to disk
+    needed = images.nbytes + (n * 8 if labels is not None else 0) + (1 << 20)
+    free = shutil.disk_usage(path.parent).free  # an old file stays until the new one is complete
+    if free < needed:
+        raise RunError(f"could not write {str(path)!r}: the dataset needs {human_bytes(needed)} but only "
+                       f"{human_bytes(free)} are free on that filesystem; free some space or write it elsewhere")
+    in_memory = {"driver": "core", "backing_store": True, "block_size": 1 << 20} if needed <= IN_MEMORY_BYTES else {}
+    with atomic_write(path) as tmp, h5py.File(tmp, "w", **in_memory) as f:
         f.create_dataset("images", data=images, chunks=(_chunk_rows(n, c * h * w), c, h, w))
         if labels is not None:
             f.create_dataset("labels", data=labels.astype(np.int64))

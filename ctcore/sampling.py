@@ -101,7 +101,9 @@ def write_sample_store(path: str | Path, images: torch.Tensor, seeds: Sequence[i
     from ctcore.files import atomic_write
 
     path = Path(path)
-    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+    # built in memory (the images already are) and written out on close: HDF5 2.0 can crash the process when a
+    # write to disk fails mid-file (a full disk), while a failed write of the finished image is a clean OSError
+    with atomic_write(path) as tmp, h5py.File(tmp, "w", driver="core", backing_store=True, block_size=1 << 20) as f:
         f.create_dataset("images", data=images.numpy(), chunks=(min(len(images), 256), *images.shape[1:]))
         f.create_dataset("seeds", data=np.asarray(list(seeds), dtype=np.int64))
         f.create_dataset("labels", data=labels.numpy().astype(np.int64))
