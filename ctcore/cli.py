@@ -23,24 +23,34 @@ app = typer.Typer(
 )
 
 
-def _console(stderr: bool = False):
+def _console(stderr: bool = False, quiet: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, quiet=quiet)
 
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
-    """Turn expected failures into one message on stderr and an exit code."""
+    """Turn expected failures into one message on stderr and an exit code (under torchrun, rank 0 prints it)."""
+    import os
+
     from ctcore.errors import CtcoreError
 
+    quiet = os.environ.get("RANK", "0") != "0"
     try:
         yield
     except CtcoreError as exc:
         from rich.text import Text
 
-        _console(stderr=True).print(Text("error: ", style="bold red") + Text(exc.render()))
+        _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(exc.render()))
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:  # a file that cannot be written (a full disk) or read: one line, not a traceback
+        from rich.text import Text
+
+        reason = (exc.strerror or str(exc) or type(exc).__name__).splitlines()[0]
+        where = f": {str(exc.filename)!r}" if exc.filename is not None else ""
+        _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(reason + where))
+        raise typer.Exit(1) from None
 
 
 def _registry():
@@ -64,7 +74,20 @@ def run(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
-    """Train a consistency model as a recipe describes; writes a run directory."""
+    """Train a consistency model as a recipe describes; writes a run directory.
+
+    Under torchrun (`torchrun --nproc-per-node G -m ctcore run RECIPE`) every process trains its share of each
+    global batch with DDP; rank 0 writes and prints.
+    """
+    from ctcore.distributed import shutdown
+
+    try:
+        _run(target, resume, output_dir, progress)
+    finally:
+        shutdown()
+
+
+def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) -> None:
     with _errors():
         from ctcore.errors import UsageError
         from ctcore.recipe import read_recipe
@@ -81,6 +104,7 @@ def run(
                 recipe = read_recipe(target, registry)
                 run_dir = output_dir_for(recipe, output_dir)
             the_run = resume_run(recipe, registry, run_dir)
+            out.quiet = not the_run.world.is_main
             if the_run.step >= the_run.recipe.training.total_steps:
                 out.print(f"{the_run.out_dir} already finished at step {the_run.step:,}; nothing to do")
                 return
@@ -90,13 +114,14 @@ def run(
                 raise UsageError(f"{str(target)!r} is a directory: give a recipe file, or add --resume")
             recipe = read_recipe(target, registry)
             the_run = start_run(recipe, registry, output_dir)
+            out.quiet = not the_run.world.is_main
             out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
         from ctcore.training import TrainingStopped
 
         try:
             summary = train(the_run, progress=progress, handle_signals=True)
         except TrainingStopped as stop:
-            _console(stderr=True).print(
+            _console(stderr=True, quiet=not the_run.world.is_main).print(
                 f"{stop.signal_name}: stopped after step {stop.step:,} and wrote {stop.checkpoint}. Continue with: "
                 f"ctcore run {the_run.out_dir} --resume"
             )
@@ -104,7 +129,7 @@ def run(
         except KeyboardInterrupt:
             ckpts = list_checkpoints(the_run.out_dir)
             latest = f"the latest checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-            _console(stderr=True).print(
+            _console(stderr=True, quiet=not the_run.world.is_main).print(
                 f"interrupted at step {the_run.step:,}; {latest}. Continue with: "
                 f"ctcore run {the_run.out_dir} --resume"
             )
@@ -187,10 +212,12 @@ def sample(
     """Generate samples from a checkpoint into an HDF5 store (uint8 images, seeds, labels) and a PNG grid."""
     with _errors():
         from ctcore.errors import UsageError
+        from ctcore.images import check_image_path
         from ctcore.sampling import sample_from_checkpoint
 
         if weights not in ("eval-ema", "student"):
             raise UsageError(f"--weights must be 'eval-ema' or 'student', got {weights!r}")
+        check_image_path(grid)
         result = sample_from_checkpoint(
             checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=_parse_sigmas(sigmas), seed=seed,
             out=out,
@@ -397,8 +424,10 @@ def data_info(
 ) -> None:
     """Count, image shape, classes with per-class counts, and where the data came from."""
     with _errors():
+        from ctcore.images import check_image_path
         from ctcore.importers import dataset_info
 
+        check_image_path(grid)
         info = dataset_info(file, grid)
         if as_json:
             typer.echo(json.dumps(info, indent=2))

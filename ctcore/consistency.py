@@ -78,9 +78,12 @@ def denoise(
     """The consistency function f(x, sigma) for a raw network F; `sigma` holds one value per sample."""
     sigma = sigma.to(device=x.device, dtype=torch.float32)
     c_skip, c_out, c_in = consistency_scalings(sigma, sigma_min, sigma_data)
-    convention = type(network).noise_conditioning if hasattr(type(network), "noise_conditioning") else None
-    if convention is None:  # e.g. a torch.compile wrapper: look through it
-        convention = type(getattr(network, "_orig_mod", network)).noise_conditioning
+    inner = network
+    while not hasattr(type(inner), "noise_conditioning"):  # look through torch.compile and DDP wrappers
+        inner = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
+        if inner is None:
+            raise TypeError(f"{type(network).__name__} declares no noise_conditioning convention")
+    convention = type(inner).noise_conditioning
     raw = network(_expand(c_in, x) * x, c_noise(sigma, convention), labels)
     return _expand(c_skip, x) * x + _expand(c_out, x) * raw.to(x.dtype)
 

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctcore.distributed import SINGLE, World
 from ctcore.errors import RunError, UsageError
-from ctcore.inception import FEATURE_DIM, FIDInceptionV3, load_inception
+from ctcore.inception import FEATURE_DIM, NUM_LOGITS, FIDInceptionV3, load_inception
 
 # ------------------------------------------------------------------------------------------ the metrics
 
@@ -346,27 +347,40 @@ def evaluate_checkpoint(
 def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float], *, inception: FIDInceptionV3,
                     ref: Mapping[str, Any], num_samples: int, num_classes: int = 0, sigma_min: float = 0.002,
                     clip: bool = True, seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
-                    progress: bool = False, is_splits: int = 10) -> dict[str, Any]:
+                    progress: bool = False, is_splits: int = 10, world: World = SINGLE) -> dict[str, Any]:
     """FID and IS of `num_samples` samples of a consistency function, features accumulated on the fly.
 
     Shared by `ctcore eval` and the training loop's periodic evaluation; samples go through uint8 exactly
-    as `ctcore sample` writes them (sample j uses seed + j).
+    as `ctcore sample` writes them (sample j uses seed + j). Under torchrun (`world`) each rank samples its
+    share of the seeds and the features are gathered, so every rank returns the same result.
     """
+    from ctcore.distributed import gather_rows
     from ctcore.sampling import generate
 
     dev = torch.device(device)
     acc = FeatureAccumulator(device=dev if dev.type == "cuda" else "cpu")
-    seeds = list(range(seed, seed + num_samples))
+    all_seeds = list(range(seed, seed + num_samples))
+    seeds = all_seeds[world.share(num_samples)]
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # this rank's features, gathered at the end
     started = time.perf_counter()
-    bar, task = _progress(progress, f"FID {len(sigmas)}-step", num_samples)
+    bar, task = _progress(progress and world.is_main, f"FID {len(sigmas)}-step", len(seeds))
     with bar:
-        for start in range(0, num_samples, batch_size):
+        for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
             images, _ = generate(denoiser, shape, chunk, sigmas, num_classes=num_classes, sigma_min=sigma_min,
                                  clip=clip, batch_size=len(chunk), device=dev)
             features, logits = inception_outputs(inception, images, dev)
-            acc.update(features, logits)
+            if world.distributed:
+                kept.append((features.float(), logits.float()))
+            else:
+                acc.update(features, logits)
             bar.advance(task, len(chunk))
+    if world.distributed:
+        empty = torch.zeros((0, FEATURE_DIM), device=dev), torch.zeros((0, NUM_LOGITS), device=dev)
+        features, logits = (torch.cat(parts) for parts in zip(*kept, strict=True)) if kept else empty
+        features, logits = gather_rows(world, features, num_samples), gather_rows(world, logits, num_samples)
+        for start in range(0, num_samples, 4096):
+            acc.update(features[start:start + 4096], logits[start:start + 4096])
     mu, sigma = acc.statistics()
     notes = []
     if num_samples < FEATURE_DIM:

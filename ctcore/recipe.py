@@ -95,6 +95,9 @@ class TrainingSection:
     checkpoint_every: int = attrs.field(default=10_000, validator=at_least(1))
     sample_every: int = attrs.field(default=10_000, validator=at_least(1))
     keep_checkpoints: int = attrs.field(default=3, validator=at_least(1))
+    max_nonfinite_steps: int = attrs.field(default=10, validator=at_least(0))
+    """A step whose loss or gradient is not finite is skipped (logged in stats.jsonl); after this many in a row
+    the run stops and checkpoints the last good weights. 0: no check (saves one scalar read per step)."""
 
 
 @attrs.frozen

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import inspect
 import json
+import math
 import platform
 import signal
 import sys
@@ -27,6 +28,7 @@ import ctcore
 from ctcore.components import KINDS, BuildContext
 from ctcore.consistency import consistency_loss, denoise, karras_sigmas
 from ctcore.data import ImageData, data_shape, load_data, to_uint8
+from ctcore.distributed import SINGLE, World
 from ctcore.errors import RunError, UsageError
 from ctcore.evaluation import sliced_wasserstein
 from ctcore.files import atomic_write
@@ -66,6 +68,12 @@ class Run:
     loss_sum: float = 0.0
     loss_count: int = 0
     initial_distance: float | None = None
+    world: World = SINGLE
+    """This process among the torchrun processes (a single process by default)."""
+    nonfinite_run: int = 0
+    """Consecutive skipped (non-finite) steps up to run.step."""
+    last_good_step: int = 0
+    """run.step after the last step whose update was applied."""
 
     @property
     def recipe_text(self) -> str:
@@ -118,12 +126,16 @@ def fast_optimizer_options(opt_cls: type, device: torch.device) -> dict[str, boo
 
 
 def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None,
-              data: ImageData | None = None) -> Run:
+              data: ImageData | None = None, world: World = SINGLE, device: torch.device | None = None) -> Run:
     """Instantiate every component of a recipe (data, networks, teacher, optimizer); writes nothing.
 
-    `data` replaces the recipe's data (the benchmark trains on random images of the declared shape).
+    `data` replaces the recipe's data (the benchmark trains on random images of the declared shape). With a
+    distributed `world` (and its rank's `device`), the student is wrapped in DistributedDataParallel.
     """
-    device = resolve_device(recipe.run.device)
+    device = device or resolve_device(recipe.run.device)
+    if recipe.training.batch_size % world.world_size:
+        raise UsageError(f"{recipe.source}: training.batch_size {recipe.training.batch_size} is the global batch "
+                         f"and must split evenly over {world.world_size} processes; change one of them")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls and convs on tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -141,8 +153,17 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     optimizer = opt_cls(student.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
                         **fast_optimizer_options(opt_cls, device))
     precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    forward: nn.Module = student
+    if world.distributed:
+        # buffers are deterministic (none are trained), so they need no broadcast before each forward
+        forward = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+        # identical weights everywhere (seeded above), but each rank its own dropout masks
+        torch.manual_seed(rank_seed(recipe.run.seed, world.rank))
+        if device.type == "cuda":
+            torch.cuda.manual_seed(rank_seed(recipe.run.seed, world.rank))
     # torch.compile pays on GPUs; on CPU its compile time outweighs the gain for short runs ("auto": off)
-    compiled = torch.compile(student) if t.compile == "on" else student
+    compiled = torch.compile(forward) if t.compile == "on" else forward
     index_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 2)
     provenance = make_provenance(recipe, registry, device, data)
@@ -150,7 +171,12 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
                student=student, eval_ema=eval_ema, teacher=teacher, metric=built["metric"].to(device),
                noise_schedule=built["noise_schedule"], curriculum=built["curriculum"], optimizer=optimizer,
                index_generator=index_gen, noise_generator=noise_gen, provenance=provenance, precision=precision,
-               student_forward=compiled)
+               student_forward=compiled, world=world)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of a rank's dropout generator: distinct per rank, so ranks never share masks."""
+    return seed + 1_000_003 * (rank + 1)
 
 
 def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, data: ImageData) -> dict[str, Any]:
@@ -177,9 +203,15 @@ def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, da
 # ------------------------------------------------------------------------------------------- the step
 
 
-def train_step(run: Run) -> torch.Tensor:
-    """One iteration at step k = run.step; returns the loss (a device tensor, not synchronized)."""
-    r, t = run.recipe, run.recipe.training
+def train_step(run: Run) -> tuple[torch.Tensor, bool]:
+    """One iteration at step k = run.step; returns the loss (a device tensor) and whether the update was applied.
+
+    Every rank draws the global batch, pairs and noise from the shared generators and keeps its share, so the
+    ranks together compute exactly the single-process step. With training.max_nonfinite_steps > 0 a step whose
+    loss or gradient norm is not finite changes nothing but the step count and the generators (one scalar is
+    read from the device for that check; nothing else synchronizes).
+    """
+    r, t, world = run.recipe, run.recipe.training, run.world
     k = run.step
     num_scales = run.curriculum.num_scales(k)
     sigmas = run.sigma_grids.get(num_scales)
@@ -187,9 +219,10 @@ def train_step(run: Run) -> torch.Tensor:
         c = r.consistency
         sigmas = karras_sigmas(num_scales, c.sigma_min, c.sigma_max, c.rho).to(run.device)
         run.sigma_grids[num_scales] = sigmas
-    x, labels = run.data.batch(t.batch_size, run.index_generator)
-    pair = run.noise_schedule.sample(sigmas, t.batch_size, run.index_generator).to(run.device)
-    z = torch.randn(x.shape, generator=run.noise_generator, device=run.device)
+    x, labels = run.data.batch(t.batch_size, run.index_generator, rank=world.rank, world_size=world.world_size)
+    share = world.share(t.batch_size)
+    pair = run.noise_schedule.sample(sigmas, t.batch_size, run.index_generator).to(run.device)[share]
+    z = torch.randn((t.batch_size, *x.shape[1:]), generator=run.noise_generator, device=run.device)[share]
     if t.warmup_steps > 0:
         for group in run.optimizer.param_groups:
             group["lr"] = t.lr * min(1.0, (k + 1) / t.warmup_steps)
@@ -201,14 +234,26 @@ def train_step(run: Run) -> torch.Tensor:
             sigma_data=r.consistency.sigma_data,
         )
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # under DDP the gradients arrive averaged over ranks: every rank sees the same norm
+    loss = loss.detach()
+    grad_norm = None
     if t.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.student.parameters(), t.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), t.grad_clip)
+    elif t.max_nonfinite_steps > 0:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.student.parameters() if p.grad is not None])
+    run.step = k + 1
+    if t.max_nonfinite_steps > 0:
+        # the gradient norm is global under DDP, so every rank decides alike; a rank's loss is only its own
+        finite = torch.isfinite(grad_norm) if world.distributed else torch.isfinite(grad_norm) & torch.isfinite(loss)
+        if not bool(finite):
+            run.optimizer.zero_grad(set_to_none=True)
+            run.nonfinite_run += 1
+            return loss, False
     run.optimizer.step()
     run.teacher.update(run.student, k, num_scales)
     update_ema(run.eval_ema, run.student, t.eval_ema_decay)
-    run.step = k + 1
-    return loss.detach()
+    run.nonfinite_run, run.last_good_step = 0, run.step
+    return loss, True
 
 
 @torch.no_grad()
@@ -247,6 +292,22 @@ class TrainingStopped(Exception):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
+class TrainingDiverged(RunError):
+    """training.max_nonfinite_steps consecutive steps had a non-finite loss or gradient; the last good weights
+    were checkpointed."""
+
+    def __init__(self, run: Run, checkpoint: Path, loss: float) -> None:
+        t = run.recipe.training
+        super().__init__(
+            f"training stopped at step {run.step:,}: {run.nonfinite_run} consecutive steps had a non-finite loss or "
+            f"gradient (training.max_nonfinite_steps = {t.max_nonfinite_steps}; last loss {loss}); {checkpoint} "
+            f"holds the weights of the last good step {run.last_good_step:,}. Look at the `nonfinite` events in "
+            f"{run.out_dir / 'stats.jsonl'}; then resume with `ctcore run {run.out_dir} --resume`, or start a new "
+            f"run with a lower training.lr or a training.grad_clip"
+        )
+        self.checkpoint = checkpoint
+
+
 @contextlib.contextmanager
 def stop_on_signals(enabled: bool) -> Iterator[list[str]]:
     """While active, SIGTERM / SIGINT only record their name in the yielded list (the loop checks it after
@@ -274,15 +335,21 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     """Train from run.step to training.total_steps (or `stop_at`), logging, checkpointing and sampling.
 
     With `handle_signals`, SIGTERM / SIGINT finish the current step, write a checkpoint and raise
-    TrainingStopped. Returns a summary dict (final step, mean loss of the last interval, distances, run time).
+    TrainingStopped (under torchrun every rank stops after the same step). Too many consecutive non-finite
+    steps raise TrainingDiverged after checkpointing. Only rank 0 writes files and shows progress. Returns a
+    summary dict (final step, mean loss of the last interval, distances, run time).
     """
     from rich.console import Console
 
+    from ctcore.distributed import any_rank, mean_over_ranks
+
     console = console or Console(stderr=True)
-    t = run.recipe.training
+    t, world = run.recipe.training, run.world
     end = min(t.total_steps, stop_at) if stop_at is not None else t.total_steps
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    stats = open(run.out_dir / "stats.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    if world.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+    # closed in finally; ranks other than 0 log nowhere
+    stats = open(run.out_dir / "stats.jsonl", "a", encoding="utf-8") if world.is_main else None  # noqa: SIM115
     summary: dict[str, Any] = {"start_step": run.step}
     started = time.perf_counter()
     with flush_denormals(run.device.type == "cpu"):
@@ -300,23 +367,33 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                 """Move the device-side loss sum into the run (read back only here, at log and checkpoint times)."""
                 nonlocal acc_count
                 if acc_count:
-                    run.loss_sum += float(loss_acc)
+                    run.loss_sum += float(mean_over_ranks(world, loss_acc))
                     run.loss_count += acc_count
                     loss_acc.zero_()
                     acc_count = 0
 
             last_time, last_step = time.perf_counter(), run.step
             last_loss = None
-            with _progress(progress, console) as bar, stop_on_signals(handle_signals) as signals:
+            with _progress(progress and world.is_main, console) as bar, stop_on_signals(handle_signals) as signals:
                 task = bar.add_task("training", total=end, completed=run.step, loss="-", scales="-", speed="-")
                 while run.step < end:
-                    loss_acc += train_step(run).double()
-                    acc_count += 1
-                    bar.update(task, completed=run.step)
+                    loss, applied = train_step(run)
                     k = run.step
+                    if applied:
+                        loss_acc += loss.double()
+                        acc_count += 1
+                    else:
+                        _log(stats, {"event": "nonfinite", "step": k, "loss": float(loss),
+                                     "consecutive": run.nonfinite_run, "last_good_step": run.last_good_step})
+                        if run.nonfinite_run >= t.max_nonfinite_steps:
+                            fold_losses()
+                            path = save_checkpoint(run)
+                            _log(stats, {"event": "diverged", "step": k, "path": str(path)})
+                            raise TrainingDiverged(run, path, float(loss))
+                    bar.update(task, completed=k)
                     if k % t.log_every == 0 or k == end:
                         fold_losses()
-                        last_loss = run.loss_sum / max(run.loss_count, 1)
+                        last_loss = run.loss_sum / run.loss_count if run.loss_count else float("nan")
                         speed = (k - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
                         n = run.curriculum.num_scales(k - 1)
                         _log(stats, {"step": k, "loss": last_loss, "num_scales": n,
@@ -332,16 +409,19 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         result = evaluate_fid(run, fid_tools)
                         _log(stats, {"event": "fid", "step": k, "fid": result["fid"], "num_samples": e.fid_num_samples,
                                      "steps": e.fid_steps, "inception_score": result["inception_score"]})
-                        plot_fid(run.out_dir)
+                        if world.is_main:
+                            plot_fid(run.out_dir)
                     if k % t.checkpoint_every == 0 or k == end:
                         fold_losses()  # a partial log interval survives a resume
                         path = save_checkpoint(run)
                         _log(stats, {"event": "checkpoint", "step": k, "path": str(path)})
-                    if signals:
+                    # ranks receive a signal at different moments: all stop after the first step any rank saw it
+                    if any_rank(world, bool(signals)):
+                        name = signals[0] if signals else "SIGTERM"
                         fold_losses()
                         path = save_checkpoint(run)
-                        _log(stats, {"event": "stopped", "step": k, "signal": signals[0], "path": str(path)})
-                        raise TrainingStopped(signals[0], k, path)
+                        _log(stats, {"event": "stopped", "step": k, "signal": name, "path": str(path)})
+                        raise TrainingStopped(name, k, path)
                     if k == last_step:  # img/s measures training: restart the clock after logging and file writes
                         last_time = time.perf_counter()
             summary["loss"] = last_loss
@@ -351,13 +431,19 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                 if final is not None:
                     _log(stats, {"event": "distance", "step": run.step, "sliced_wasserstein": final})
         finally:
-            stats.close()
+            if stats is not None:
+                stats.close()
 
     summary.update(step=run.step, initial_distance=run.initial_distance, seconds=time.perf_counter() - started)
     return summary
 
 
 def _log(stats, record: dict[str, Any]) -> None:
+    """Append one JSON line to stats.jsonl (rank 0 only: other ranks pass None)."""
+    if stats is None:
+        return
+    # strict JSON: a non-finite number is written as the string "nan" / "inf" / "-inf"
+    record = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     stats.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
     stats.flush()
 
@@ -386,12 +472,17 @@ def sampling_plans(recipe: Recipe) -> dict[str, list[float]]:
 
 
 def sample_with(run: Run, network: nn.Module, sigmas: list[float], seeds: list[int]) -> torch.Tensor:
+    """uint8 samples for `seeds` (on CPU); under torchrun each rank makes its share and all ranks get all."""
+    from ctcore.distributed import gather_rows
     from ctcore.sampling import generate
 
-    images, _ = generate(run.denoiser(network), run.data.shape, seeds, sigmas, num_classes=run.data.num_classes,
-                         sigma_min=run.recipe.consistency.sigma_min, clip=run.recipe.sampling.clip,
-                         device=run.device, batch_size=max(64, min(1024, run.recipe.training.batch_size)))
-    return images
+    mine = seeds[run.world.share(len(seeds))]
+    images = torch.zeros((0, *run.data.shape), dtype=torch.uint8)
+    if mine:
+        images, _ = generate(run.denoiser(network), run.data.shape, mine, sigmas, num_classes=run.data.num_classes,
+                             sigma_min=run.recipe.consistency.sigma_min, clip=run.recipe.sampling.clip,
+                             device=run.device, batch_size=max(64, min(1024, run.recipe.training.batch_size)))
+    return gather_rows(run.world, images, len(seeds))
 
 
 def save_samples(run: Run) -> Path:
@@ -404,8 +495,9 @@ def save_samples(run: Run) -> Path:
     path = None
     for plan, sigmas in sampling_plans(run.recipe).items():
         images = sample_with(run, run.eval_ema, sigmas, seeds)
-        path = save_side_by_side(images, data, run.out_dir / "samples" / f"step-{run.step:07d}-{plan}.png",
-                                 title=f"step {run.step}, {plan}")
+        path = run.out_dir / "samples" / f"step-{run.step:07d}-{plan}.png"
+        if run.world.is_main:
+            save_side_by_side(images, data, path, title=f"step {run.step}, {plan}")
     return path
 
 
@@ -438,7 +530,8 @@ def evaluate_fid(run: Run, tools: tuple[nn.Module, dict[str, Any]]) -> dict[str,
     sigmas = [c.sigma_max, *s.sigma_mid[: e.fid_steps - 1]]
     return fid_of_denoiser(run.denoiser(run.eval_ema), run.data.shape, sigmas, inception=inception, ref=ref,
                            num_samples=e.fid_num_samples, num_classes=run.data.num_classes, sigma_min=c.sigma_min,
-                           clip=s.clip, seed=s.seed, batch_size=e.fid_batch_size, device=run.device)
+                           clip=s.clip, seed=s.seed, batch_size=e.fid_batch_size, device=run.device,
+                           world=run.world)
 
 
 def plot_fid(out_dir: Path) -> Path:
@@ -463,7 +556,19 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run: Run) -> Path:
-    """Write checkpoints/ckpt-<step>.pt atomically (temporary file, fsync, rename); keep the last K."""
+    """Write checkpoints/ckpt-<step>.pt atomically (temporary file, fsync, rename); keep the last K.
+
+    Under torchrun every rank must call this (their dropout RNG states are gathered); rank 0 writes.
+    """
+    from ctcore.distributed import gather_objects
+
+    dropout_rng = {"torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
+    per_rank = gather_objects(run.world, dropout_rng) if run.world.distributed else None
+    folder = checkpoint_dir(run.out_dir)
+    path = folder / f"ckpt-{run.step:09d}.pt"
+    if not run.world.is_main:
+        return path
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": run.step,
@@ -472,20 +577,21 @@ def save_checkpoint(run: Run) -> Path:
         "teacher": run.teacher.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+            **dropout_rng,
             "index": run.index_generator.get_state(),
             "noise": run.noise_generator.get_state(),
+            "ranks": per_rank,  # torchrun: each rank's dropout RNG states, in rank order (None otherwise)
         },
         "loss_sum": run.loss_sum,
         "loss_count": run.loss_count,
         "initial_distance": run.initial_distance,
+        "last_good_step": run.last_good_step,
+        "nonfinite_run": run.nonfinite_run,
+        "world_size": run.world.world_size,
         "recipe": run.recipe_text,
         "provenance": run.provenance,
     }
-    folder = checkpoint_dir(run.out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"ckpt-{run.step:09d}.pt"
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
     for old in list_checkpoints(run.out_dir)[: -run.recipe.training.keep_checkpoints]:
@@ -536,21 +642,39 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.step = int(state["step"])
     rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and run.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    dropout_rng = rng
+    if run.world.distributed:
+        ranks = rng.get("ranks")
+        if ranks is not None and len(ranks) == run.world.world_size:
+            dropout_rng = ranks[run.world.rank]
+        else:  # a different number of processes than wrote the checkpoint: fresh per-rank dropout streams
+            seed = rank_seed(run.recipe.run.seed + run.step, run.world.rank)
+            dropout_rng = {"torch": torch.Generator().manual_seed(seed).get_state(), "cuda": None}
+            if run.device.type == "cuda":
+                torch.cuda.manual_seed(seed)
+    torch.set_rng_state(dropout_rng["torch"])
+    if dropout_rng.get("cuda") is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(dropout_rng["cuda"], run.device)
     run.index_generator.set_state(rng["index"])
     run.noise_generator.set_state(rng["noise"])
     run.loss_sum = float(state["loss_sum"])
     run.loss_count = int(state["loss_count"])
     run.initial_distance = state["initial_distance"]
+    run.last_good_step = int(state.get("last_good_step", run.step))
+    run.nonfinite_run = int(state.get("nonfinite_run", 0))
 
 
 # ------------------------------------------------------------------------------- starting and resuming
 
 
 def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None) -> Run:
-    """A fresh run in an empty (or new) directory; refuses to touch a directory that holds a run."""
+    """A fresh run in an empty (or new) directory; refuses to touch a directory that holds a run.
+
+    Under torchrun, joins the process group first; every rank checks the directory before rank 0 writes.
+    """
+    from ctcore.distributed import barrier, setup
+
+    world, device = setup(resolve_device(recipe.run.device))
     target = output_dir_for(recipe, out_dir)
     if target.exists() and not target.is_dir():
         raise RunError(f"output directory {str(target)!r} is a file; choose another directory with --output-dir")
@@ -560,10 +684,12 @@ def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
             f"output directory {str(target)!r} is not empty (it holds an earlier run); {hint}choose another "
             "directory with --output-dir (or run.output_dir), or delete it"
         )
-    run = build_run(recipe, registry, target)
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "recipe.toml").write_text(run.recipe_text, encoding="utf-8")
-    (target / "provenance.json").write_text(json.dumps(run.provenance, indent=2) + "\n", encoding="utf-8")
+    barrier(world)  # no rank may find the directory already written by rank 0
+    run = build_run(recipe, registry, target, world=world, device=device)
+    if world.is_main:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "recipe.toml").write_text(run.recipe_text, encoding="utf-8")
+        (target / "provenance.json").write_text(json.dumps(run.provenance, indent=2) + "\n", encoding="utf-8")
     return run
 
 
@@ -603,6 +729,10 @@ def resume_run(recipe: Recipe | None, registry: Registry, out_dir: str | Path) -
                 f"{recipe.source} differs from the recipe of the run in {str(out_dir)!r}, so it cannot resume it:\n"
                 + "\n".join(changed) + "\nresume with the run directory instead of a recipe, or start a new run"
             )
-    run = build_run(attrs.evolve(stored, source=str(out_dir / "recipe.toml")), registry, out_dir)
+    from ctcore.distributed import setup
+
+    world, device = setup(resolve_device(stored.run.device))
+    run = build_run(attrs.evolve(stored, source=str(out_dir / "recipe.toml")), registry, out_dir,
+                    world=world, device=device)
     restore(run, state)
     return run

@@ -221,7 +221,7 @@ BAD_RECIPES = {
         ["run.sed: unknown key; did you mean 'seed'?",
          "training.learning_rate: unknown key (known keys: total_steps, batch_size, optimizer, lr, betas, eps, "
          "weight_decay, warmup_steps, grad_clip, eval_ema_decay, precision, compile, log_every, checkpoint_every, "
-         "sample_every, keep_checkpoints)"],
+         "sample_every, keep_checkpoints, max_nonfinite_steps)"],
     ),
     "wrong-type": (
         tiny_recipe_text("OUT", training={"total_steps": 1.5, "batch_size": "big"}, sampling={"clip": "yes"}),

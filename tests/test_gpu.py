@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ def test_cuda_defaults_bf16_tf32_and_device_generators(tmp_path: Path) -> None:
 
 
 def test_a_training_step_never_synchronizes_with_the_host(tmp_path: Path) -> None:
-    run = _cuda_run(tmp_path)
+    """With the non-finite check off, nothing in a step waits for the GPU."""
+    run = _cuda_run(tmp_path, training={"max_nonfinite_steps": 0})
     train_step(run)  # first step: allocations, sigma grid, optimizer state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -41,6 +43,22 @@ def test_a_training_step_never_synchronizes_with_the_host(tmp_path: Path) -> Non
             train_step(run)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_non_finite_check_is_the_only_sync_in_a_step(tmp_path: Path) -> None:
+    """With the check on (the default) a step reads exactly one scalar back: the finite flag."""
+    run = _cuda_run(tmp_path)
+    train_step(run)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_step(run)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 class MaskRecorder(torch.nn.Module):

@@ -289,7 +289,7 @@ def test_trains_in_the_engine_from_a_recipe(tmp_path: Path) -> None:
     recipe = parse_recipe(tiny_recipe_text(tmp_path, network=network), registry)
     run = build_run(recipe, registry, tmp_path)
     before = [p.detach().clone() for p in run.student.parameters()]
-    losses = [train_step(run).item() for _ in range(2)]
+    losses = [train_step(run)[0].item() for _ in range(2)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(a, p) for a, p in zip(before, run.student.parameters(), strict=True))
 

@@ -92,7 +92,8 @@ def test_checkpoint_contents_and_retention(tmp_path, registry):
     state = load_checkpoint(run.out_dir / "checkpoints" / names[-1])
     assert state["step"] == 12
     assert set(state) >= {"student", "eval_ema", "teacher", "optimizer", "rng", "recipe", "provenance"}
-    assert set(state["rng"]) == {"torch", "cuda", "index", "noise"}
+    assert set(state["rng"]) == {"torch", "cuda", "index", "noise", "ranks"}
+    assert state["rng"]["ranks"] is None and state["world_size"] == 1 and state["last_good_step"] == 12
     assert state["teacher"] == {}  # the no-EMA teacher is the student: nothing extra to store
     assert state["provenance"]["components"]["metric"] == {"name": "pseudo-huber", "distribution": "ctcore",
                                                           "version": ctcore.__version__}

@@ -1,0 +1,139 @@
+"""Data-parallel training across processes started by torchrun: who this process is, and the few collectives
+the training loop needs.
+
+Every rank draws the same global batch, pair indices and noise from generators seeded by the recipe, and keeps
+its contiguous share; DDP averages the gradients, so all ranks hold identical weights and agree on N(k) and on
+every decision without talking. Only rank 0 writes files and shows progress. A single process (no torchrun)
+is a World of size 1, and every helper here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from ctcore.errors import UsageError
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@attrs.frozen
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files, logs and shows progress."""
+        return self.rank == 0
+
+    def share(self, n: int, rank: int | None = None) -> slice:
+        """The contiguous part of n items (a batch, a list of seeds) that `rank` (default: this one) handles."""
+        r = self.rank if rank is None else rank
+        return slice(r * n // self.world_size, (r + 1) * n // self.world_size)
+
+
+SINGLE = World()
+_control_group = None  # a gloo group for small host-side flags (the stop signal), also when training on NCCL
+
+
+def world_from_env() -> World:
+    """The World torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK, or a single process."""
+    if "WORLD_SIZE" not in os.environ:
+        return SINGLE
+    try:
+        world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    except (KeyError, ValueError):
+        found = {k: os.environ.get(k) for k in TORCHRUN_VARIABLES}
+        raise UsageError(f"incomplete torchrun environment {found}: start with `torchrun ... -m ctcore run`") from None
+    return world
+
+
+def setup(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU) and pick this rank's device.
+
+    Called once per process before anything is built; a second call returns the same World.
+    """
+    global _control_group
+    world = world_from_env()
+    if not world.distributed:
+        return world, device
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {world.local_rank} but only {torch.cuda.device_count()} CUDA devices: "
+                             "lower --nproc-per-node")
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+        _control_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    return world, device
+
+
+def shutdown() -> None:
+    """Leave the process group (end of `ctcore run`)."""
+    global _control_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _control_group = None
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier(group=_control_group)
+
+
+def any_rank(world: World, flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (a host-side gloo all-reduce; no GPU sync)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(t.item())
+
+
+def mean_over_ranks(world: World, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over ranks (the logged loss); unchanged in a single process."""
+    if not world.distributed:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / world.world_size
+
+
+def gather_rows(world: World, local: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenate every rank's `world.share(total)` rows, in rank order, on every rank.
+
+    Shares may differ by one row, so each is padded to the largest before the all-gather and trimmed after.
+    """
+    if not world.distributed:
+        return local
+    sizes = [world.share(total, r).stop - world.share(total, r).start for r in range(world.world_size)]
+    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    padded = local.new_zeros((max(sizes), *local.shape[1:]), device=comm_device)
+    padded[: local.shape[0]] = local.to(comm_device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(local.device)
+
+
+def gather_objects(world: World, obj: object) -> list[object]:
+    """Every rank's `obj` (small, picklable: RNG states for a checkpoint), in rank order."""
+    if not world.distributed:
+        return [obj]
+    out: list[object] = [None] * world.world_size
+    dist.all_gather_object(out, obj, group=_control_group)
+    return out

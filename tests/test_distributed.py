@@ -1,0 +1,149 @@
+"""torchrun + DDP on CPU (gloo): two processes train like one, only rank 0 writes, SIGTERM stops every rank
+after the same step, and a resumed two-process run is bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_tiny_recipe
+
+import ctcore
+from ctcore.distributed import World, world_from_env
+from ctcore.errors import UsageError
+from ctcore.recipe import read_recipe
+from ctcore.training import build_run, list_checkpoints, load_checkpoint, rank_seed
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+for name in ("CTCORE_DISABLE_PLUGINS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(name, None)
+NO_DROPOUT = {"name": "mlp", "width": 32, "num_blocks": 1, "embedding_features": 8, "dropout": 0.0}
+
+
+def _ctcore(*args: str, nproc: int = 1) -> subprocess.Popen:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    return subprocess.Popen([sys.executable, *launcher, "-m", "ctcore", "run", *args, "--no-progress"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, code: int = 0) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == code, err[-3000:]
+    return out, err
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    training = {"total_steps": 20, "checkpoint_every": 10, "sample_every": 10, "log_every": 5}
+    for name in ("one", "two"):
+        write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, network=NO_DROPOUT, training=training)
+    one = _ctcore(str(tmp_path / "one.toml"))
+    two = _ctcore(str(tmp_path / "two.toml"), nproc=2)
+    _finish(one)
+    out, _ = _finish(two)
+    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "ckpt-000000020.pt")
+    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "ckpt-000000020.pt")
+    for key in ("student", "eval_ema"):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(torch.as_tensor(b["optimizer"]["state"][pid][name]), torch.as_tensor(value),
+                                       rtol=1e-5, atol=1e-7)
+    assert b["world_size"] == 2 and len(b["rng"]["ranks"]) == 2
+    # the global batch was split, not repeated: the logged loss (mean over ranks) is the one-process loss
+    loss_a = [r["loss"] for r in _events(tmp_path / "one") if "event" not in r]
+    loss_b = [r["loss"] for r in _events(tmp_path / "two") if "event" not in r]
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    # evaluation sampling split over ranks gives the same images and distances; rank 0 alone wrote files
+    for png in sorted((tmp_path / "one" / "samples").iterdir()):
+        assert (tmp_path / "two" / "samples" / png.name).read_bytes() == png.read_bytes(), png.name
+    dist_a = [r["sliced_wasserstein"] for r in _events(tmp_path / "one") if r.get("event") == "distance"]
+    dist_b = [r["sliced_wasserstein"] for r in _events(tmp_path / "two") if r.get("event") == "distance"]
+    assert dist_b == pytest.approx(dist_a, rel=1e-5)
+    assert [r["step"] for r in _events(tmp_path / "two") if r.get("event") == "checkpoint"] == [10, 20]
+    assert out.count("run directory:") == 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_after_one_step_and_the_resumed_run_is_bit_identical(tmp_path: Path) -> None:
+    """Dropout on: each rank's own dropout stream is checkpointed and restored, so nothing differs."""
+    training = {"total_steps": 400, "checkpoint_every": 100_000, "sample_every": 100_000, "log_every": 10}
+    for name in ("whole", "stopped"):
+        write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, training=training,
+                          evaluation={"distance": "none"})
+    stopped = _ctcore(str(tmp_path / "stopped.toml"), nproc=2)
+    stats = tmp_path / "stopped" / "stats.jsonl"
+    deadline = time.monotonic() + 120
+    while not (stats.exists() and '"loss"' in stats.read_text()):
+        assert time.monotonic() < deadline and stopped.poll() is None, "no training step logged"
+        time.sleep(0.01)
+    stopped.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both workers
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode != 0
+    (ckpt,) = list_checkpoints(tmp_path / "stopped")
+    step = load_checkpoint(ckpt)["step"]
+    assert step < 400, "the run finished before the signal"
+    assert f"SIGTERM: stopped after step {step:,} and wrote {ckpt}." in err
+    assert err.count("SIGTERM: stopped after step") == 1  # rank 0 alone reports
+    assert [r["step"] for r in _events(tmp_path / "stopped") if r.get("event") == "stopped"] == [step]
+
+    whole = _ctcore(str(tmp_path / "whole.toml"), nproc=2)
+    _finish(whole)
+    resumed = _ctcore(str(tmp_path / "stopped"), "--resume", nproc=2)
+    _finish(resumed)
+    a = load_checkpoint(list_checkpoints(tmp_path / "whole")[-1])
+    b = load_checkpoint(list_checkpoints(tmp_path / "stopped")[-1])
+    assert a["step"] == b["step"] == 400
+    for key in ("student", "eval_ema"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), f"{key}.{name} differs"
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(b["optimizer"]["state"][pid][name]), torch.as_tensor(value))
+
+
+def test_shares_partition_a_batch_in_rank_order() -> None:
+    world = World(rank=0, world_size=3)
+    shares = [world.share(10, r) for r in range(3)]
+    assert [(s.start, s.stop) for s in shares] == [(0, 3), (3, 6), (6, 10)]
+    assert World(rank=2, world_size=3).share(10) == shares[2]
+    assert World().share(7) == slice(0, 7) and not World().distributed and World().is_main
+
+
+def test_the_global_batch_must_split_evenly(tmp_path: Path) -> None:
+    registry = ctcore.load_registry()
+    recipe = read_recipe(write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run"), registry)  # batch 8
+    with pytest.raises(UsageError) as info:
+        build_run(recipe, registry, world=World(rank=0, world_size=3))
+    assert info.value.message == (f"{tmp_path / 'r.toml'}: training.batch_size 8 is the global batch and must "
+                                  "split evenly over 3 processes; change one of them")
+
+
+def test_the_torchrun_environment_is_read_or_refused(monkeypatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert world_from_env() == World()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert world_from_env() == World(rank=3, world_size=4, local_rank=1)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(UsageError, match=r"incomplete torchrun environment .*'RANK': None"):
+        world_from_env()
+
+
+def test_ranks_draw_distinct_dropout_masks() -> None:
+    seeds = {rank_seed(0, r) for r in range(64)} | {rank_seed(1, r) for r in range(64)}
+    assert len(seeds) == 128
