@@ -732,6 +732,9 @@ def resume_run(recipe: Recipe | None, registry: Registry, out_dir: str | Path) -
     from ctcore.distributed import setup
 
     world, device = setup(resolve_device(stored.run.device))
+    if world.is_main:  # a checkpoint that was being written when the run was killed: its partial temporary file
+        for debris in checkpoint_dir(out_dir).glob(".ckpt-*.tmp"):
+            debris.unlink(missing_ok=True)
     run = build_run(attrs.evolve(stored, source=str(out_dir / "recipe.toml")), registry, out_dir,
                     world=world, device=device)
     restore(run, state)

@@ -83,3 +83,54 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path: Pat
 def load_step(path: Path) -> int:
     """The step of a checkpoint file, from its name (the file may be replaced while we look)."""
     return int(path.stem.split("-")[1])
+
+
+HANG_IN_SECOND_CHECKPOINT = """
+import os, sys, time
+from pathlib import Path
+import torch
+real_save, calls = torch.save, []
+
+def save_then_hang(obj, f):
+    calls.append(f)
+    real_save(obj, f)
+    if len(calls) == 2:  # the second checkpoint: half written when the kill comes
+        os.truncate(f, Path(f).stat().st_size // 2)
+        MARKER.write_text(str(f))
+        time.sleep(600)
+
+MARKER = Path(sys.argv[2])
+torch.save = save_then_hang
+from ctcore.cli import main
+sys.argv = ["ctcore", "run", sys.argv[1], "--no-progress"]
+main()
+"""
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path: Path) -> None:
+    training = {"total_steps": 12, "checkpoint_every": 6, "sample_every": 1_000_000}
+    write_tiny_recipe(tmp_path / "whole.toml", tmp_path / "whole", training=training)
+    killed_recipe = write_tiny_recipe(tmp_path / "killed.toml", tmp_path / "killed", training=training)
+    marker = tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", HANG_IN_SECOND_CHECKPOINT, str(killed_recipe), str(marker)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: marker.exists() or proc.poll() is not None)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    folder = tmp_path / "killed" / "checkpoints"
+    partial = Path(marker.read_text())
+    assert partial.parent == folder and partial.exists()  # the half-written temporary file is still there
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["ckpt-000000006.pt"]
+    assert load_checkpoint(folder / "ckpt-000000006.pt")["step"] == 6  # the latest checkpoint loads
+
+    resumed = _start(str(tmp_path / "killed"), "--resume")
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-000000006.pt", "ckpt-000000012.pt"]  # debris gone
+    whole = _start(str(tmp_path / "whole.toml"))
+    _, err = whole.communicate(timeout=120)
+    assert whole.returncode == 0, err
+    a = load_checkpoint(list_checkpoints(tmp_path / "whole")[-1])
+    b = load_checkpoint(folder / "ckpt-000000012.pt")
+    for key in ("student", "eval_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
