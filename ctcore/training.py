@@ -158,10 +158,8 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
         # buffers are deterministic (none are trained), so they need no broadcast before each forward
         forward = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-        # identical weights everywhere (seeded above), but each rank its own dropout masks
+        # identical weights everywhere (seeded above), but each rank its own dropout masks (CPU and CUDA)
         torch.manual_seed(rank_seed(recipe.run.seed, world.rank))
-        if device.type == "cuda":
-            torch.cuda.manual_seed(rank_seed(recipe.run.seed, world.rank))
     # torch.compile pays on GPUs; on CPU its compile time outweighs the gain for short runs ("auto": off)
     compiled = torch.compile(forward) if t.compile == "on" else forward
     index_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 1)
@@ -641,20 +639,17 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.teacher.load_state_dict(state["teacher"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.step = int(state["step"])
-    rng = state["rng"]
-    dropout_rng = rng
-    if run.world.distributed:
-        ranks = rng.get("ranks")
-        if ranks is not None and len(ranks) == run.world.world_size:
-            dropout_rng = ranks[run.world.rank]
-        else:  # a different number of processes than wrote the checkpoint: fresh per-rank dropout streams
-            seed = rank_seed(run.recipe.run.seed + run.step, run.world.rank)
-            dropout_rng = {"torch": torch.Generator().manual_seed(seed).get_state(), "cuda": None}
-            if run.device.type == "cuda":
-                torch.cuda.manual_seed(seed)
-    torch.set_rng_state(dropout_rng["torch"])
-    if dropout_rng.get("cuda") is not None and run.device.type == "cuda":
-        torch.cuda.set_rng_state(dropout_rng["cuda"], run.device)
+    rng, world = state["rng"], run.world
+    dropout_rng = rng  # the global generators (dropout): this rank's own under torchrun
+    if world.distributed:
+        same_world = rng.get("ranks") is not None and len(rng["ranks"]) == world.world_size
+        dropout_rng = rng["ranks"][world.rank] if same_world else None
+    if dropout_rng is None:  # another number of processes wrote it: fresh per-rank dropout streams (CPU and CUDA)
+        torch.manual_seed(rank_seed(run.recipe.run.seed + run.step, world.rank))
+    else:
+        torch.set_rng_state(dropout_rng["torch"])
+        if dropout_rng.get("cuda") is not None and run.device.type == "cuda":
+            torch.cuda.set_rng_state(dropout_rng["cuda"], run.device)
     run.index_generator.set_state(rng["index"])
     run.noise_generator.set_state(rng["noise"])
     run.loss_sum = float(state["loss_sum"])

@@ -147,3 +147,25 @@ def test_the_torchrun_environment_is_read_or_refused(monkeypatch) -> None:
 def test_ranks_draw_distinct_dropout_masks() -> None:
     seeds = {rank_seed(0, r) for r in range(64)} | {rank_seed(1, r) for r in range(64)}
     assert len(seeds) == 128
+
+
+def test_resume_restores_each_ranks_dropout_stream_or_starts_fresh_ones(tmp_path: Path) -> None:
+    """restore() under another World: the same number of processes gets its own saved state back, another
+    number gets fresh per-rank streams seeded from the seed and step (restore needs no process group)."""
+    from ctcore.training import restore, save_checkpoint, start_run, train
+
+    registry = ctcore.load_registry()
+    run = start_run(read_recipe(write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run"), registry), registry)
+    train(run, stop_at=4, progress=False)
+    state = load_checkpoint(save_checkpoint(run))
+    saved = [torch.Generator().manual_seed(r).get_state() for r in (11, 22)]
+    state["rng"]["ranks"] = [{"torch": saved[0], "cuda": None}, {"torch": saved[1], "cuda": None}]
+    run.world = World(rank=1, world_size=2)
+    restore(run, state)
+    assert torch.equal(torch.get_rng_state(), saved[1])
+    run.world = World(rank=1, world_size=3)
+    restore(run, state)
+    assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(rank_seed(0 + 4, 1)).get_state())
+    run.world = World()  # one process resuming a torchrun checkpoint: rank 0's stream
+    restore(run, state)
+    assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
