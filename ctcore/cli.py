@@ -265,7 +265,14 @@ def eval_checkpoint(
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """FID and Inception Score of a checkpoint's eval-EMA samples against reference statistics."""
+    """FID and Inception Score of a checkpoint's eval-EMA samples against reference statistics.
+
+    Under torchrun (`torchrun --nproc-per-node G -m ctcore eval ...`) each process samples its share; rank 0 prints.
+    """
+    import os
+
+    from ctcore.distributed import shutdown
+
     with _errors():
         from ctcore.fid import evaluate_checkpoint
         from ctcore.inception import load_inception
@@ -273,10 +280,15 @@ def eval_checkpoint(
         sigma_list = _parse_sigmas(sigmas)
         registry = _registry()
         model = load_inception(inception, download=download_inception)
-        result = evaluate_checkpoint(
-            checkpoint, registry, inception=model, num_samples=num_samples, steps=steps, sigmas=sigma_list,
-            batch_size=batch_size, ref_stats=ref, device=device, seed=seed, progress=progress,
-        )
+        try:
+            result = evaluate_checkpoint(
+                checkpoint, registry, inception=model, num_samples=num_samples, steps=steps, sigmas=sigma_list,
+                batch_size=batch_size, ref_stats=ref, device=device, seed=seed, progress=progress,
+            )
+        finally:
+            shutdown()
+        if os.environ.get("RANK", "0") != "0":
+            return
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return

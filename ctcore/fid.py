@@ -307,9 +307,11 @@ def evaluate_checkpoint(
     recipe's sampling.sigma_mid (or pass `sigmas`). `inception` is a loaded FIDInceptionV3 (moved to the
     device) or a weights path; `ref_stats` an .npz path or a mapping with `mu` and `sigma`.
     Returns {"fid", "inception_score", "inception_score_std", "num_samples", "steps", "sigmas", ...}; "notes"
-    lists caveats (fewer samples than feature dimensions).
+    lists caveats (fewer samples than feature dimensions). Under torchrun every process samples its share of
+    the seeds and all return the same result.
     """
     from ctcore.consistency import denoise
+    from ctcore.distributed import setup
     from ctcore.sampling import load_sampling_network, load_sampling_plan
 
     if num_samples < 2:
@@ -331,7 +333,8 @@ def evaluate_checkpoint(
     num_classes = state["provenance"]["num_classes"]
     _channels_ok(shape[0], f"checkpoint {str(checkpoint)!r}")
     network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
-    model = model.to(dev)
+    world, dev = setup(dev)  # under torchrun: this rank's GPU
+    network, model = network.to(dev), model.to(dev)
     c = recipe.consistency
 
     def denoiser(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -339,30 +342,28 @@ def evaluate_checkpoint(
 
     result = fid_of_denoiser(denoiser, shape, sigmas, inception=model, ref=ref, num_samples=num_samples,
                              num_classes=num_classes, sigma_min=c.sigma_min, clip=recipe.sampling.clip, seed=seed,
-                             batch_size=batch_size, device=dev, progress=progress, is_splits=is_splits)
+                             batch_size=batch_size, device=dev, progress=progress, is_splits=is_splits,
+                             world=world)
     return {**result, "steps": len(sigmas), "sigmas": sigmas, "seed": seed, "weights": weights,
             "checkpoint": str(checkpoint), "step": int(state["step"])}
 
 
-def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float], *, inception: FIDInceptionV3,
-                    ref: Mapping[str, Any], num_samples: int, num_classes: int = 0, sigma_min: float = 0.002,
-                    clip: bool = True, seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
-                    progress: bool = False, is_splits: int = 10, world: World = SINGLE) -> dict[str, Any]:
-    """FID and IS of `num_samples` samples of a consistency function, features accumulated on the fly.
+def sample_features(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float], *, inception: FIDInceptionV3,
+                    num_samples: int, num_classes: int = 0, sigma_min: float = 0.002, clip: bool = True, seed: int = 0,
+                    batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
+                    world: World = SINGLE) -> FeatureAccumulator:
+    """Inception features and logits of samples seed .. seed + num_samples - 1, accumulated batch by batch.
 
-    Shared by `ctcore eval` and the training loop's periodic evaluation; samples go through uint8 exactly
-    as `ctcore sample` writes them (sample j uses seed + j). Under torchrun (`world`) each rank samples its
-    share of the seeds and the features are gathered, so every rank returns the same result.
+    Under torchrun (`world`) each rank samples its contiguous share of the seeds and the features are gathered,
+    so every rank ends with the statistics of all samples.
     """
     from ctcore.distributed import gather_rows
     from ctcore.sampling import generate
 
     dev = torch.device(device)
     acc = FeatureAccumulator(device=dev if dev.type == "cuda" else "cpu")
-    all_seeds = list(range(seed, seed + num_samples))
-    seeds = all_seeds[world.share(num_samples)]
+    seeds = list(range(seed, seed + num_samples))[world.share(num_samples)]
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # this rank's features, gathered at the end
-    started = time.perf_counter()
     bar, task = _progress(progress and world.is_main, f"FID {len(sigmas)}-step", len(seeds))
     with bar:
         for start in range(0, len(seeds), batch_size):
@@ -381,6 +382,22 @@ def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
         features, logits = gather_rows(world, features, num_samples), gather_rows(world, logits, num_samples)
         for start in range(0, num_samples, 4096):
             acc.update(features[start:start + 4096], logits[start:start + 4096])
+    return acc
+
+
+def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float], *, inception: FIDInceptionV3,
+                    ref: Mapping[str, Any], num_samples: int, num_classes: int = 0, sigma_min: float = 0.002,
+                    clip: bool = True, seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
+                    progress: bool = False, is_splits: int = 10, world: World = SINGLE) -> dict[str, Any]:
+    """FID and IS of `num_samples` samples of a consistency function (features from `sample_features`).
+
+    Shared by `ctcore eval` and the training loop's periodic evaluation; samples go through uint8 exactly
+    as `ctcore sample` writes them (sample j uses seed + j). Under torchrun every rank returns the same result.
+    """
+    started = time.perf_counter()
+    acc = sample_features(denoiser, shape, sigmas, inception=inception, num_samples=num_samples,
+                          num_classes=num_classes, sigma_min=sigma_min, clip=clip, seed=seed, batch_size=batch_size,
+                          device=device, progress=progress, world=world)
     mu, sigma = acc.statistics()
     notes = []
     if num_samples < FEATURE_DIM:

@@ -169,3 +169,46 @@ def test_resume_restores_each_ranks_dropout_stream_or_starts_fresh_ones(tmp_path
     run.world = World()  # one process resuming a torchrun checkpoint: rank 0's stream
     restore(run, state)
     assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+
+
+def _features_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """One of two gloo processes: its share of 5 samples' Inception features, gathered (see the test below)."""
+    import torch.distributed as dist
+    from test_fid import randomised_inception
+
+    from ctcore.fid import sample_features
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        acc = sample_features(lambda x, s, y: torch.tanh(x), (3, 8, 8), [80.0], inception=randomised_inception(),
+                              num_samples=5, seed=3, batch_size=2, world=World(rank, world_size))
+        mu, sigma = acc.statistics()
+        torch.save({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma), "logits": acc.logits()},
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fid_features_split_over_two_processes_equal_one_process(tmp_path: Path) -> None:
+    """Uneven shares (2 and 3 of 5 seeds) gathered in seed order give the one-process statistics and logits."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from test_fid import randomised_inception
+
+    from ctcore.fid import sample_features
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_features_worker, args=(2, port, str(tmp_path / "stats")), nprocs=2, join=True)
+    one = sample_features(lambda x, s, y: torch.tanh(x), (3, 8, 8), [80.0], inception=randomised_inception(),
+                          num_samples=5, seed=3, batch_size=2)
+    mu, sigma = one.statistics()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"stats.{rank}", weights_only=True)
+        torch.testing.assert_close(got["mu"], torch.from_numpy(mu), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["sigma"], torch.from_numpy(sigma), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["logits"], one.logits(), rtol=1e-5, atol=1e-5)
