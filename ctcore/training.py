@@ -347,7 +347,7 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     if world.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
     # closed in finally; ranks other than 0 log nowhere
-    stats = open(run.out_dir / "stats.jsonl", "a", encoding="utf-8") if world.is_main else None  # noqa: SIM115
+    stats = open_stats(run.out_dir) if world.is_main else None
     summary: dict[str, Any] = {"start_step": run.step}
     started = time.perf_counter()
     with flush_denormals(run.device.type == "cpu"):
@@ -434,6 +434,29 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
 
     summary.update(step=run.step, initial_distance=run.initial_distance, seconds=time.perf_counter() - started)
     return summary
+
+
+def open_stats(out_dir: Path):
+    """stats.jsonl for appending; a line cut short by a killed run is ended first, so the next one stays whole."""
+    path = out_dir / "stats.jsonl"
+    stats = open(path, "a+b")  # noqa: SIM115 - the caller closes it
+    if stats.tell() > 0:
+        stats.seek(-1, 2)
+        if stats.read(1) != b"\n":
+            stats.write(b"\n")
+    stats.close()
+    return open(path, "a", encoding="utf-8")
+
+
+def read_stats(out_dir: Path) -> list[dict[str, Any]]:
+    """The records of stats.jsonl; a line cut short by a killed run is skipped."""
+    rows = []
+    for line in (out_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def _log(stats, record: dict[str, Any]) -> None:
@@ -536,7 +559,7 @@ def plot_fid(out_dir: Path) -> Path:
     """fid.png: FID over training from every `fid` event in stats.jsonl (so resumed runs show their history)."""
     from ctcore.images import save_line_plot
 
-    rows = [json.loads(line) for line in (out_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = read_stats(out_dir)
     points = sorted((r["step"], r["fid"]) for r in rows if r.get("event") == "fid")
     return save_line_plot([p[0] for p in points], [p[1] for p in points], out_dir / "fid.png", "FID (eval EMA)")
 

@@ -197,3 +197,19 @@ def test_training_leaves_the_process_floating_point_mode_as_it_found_it(tmp_path
     assert not flushing()
     _train(tmp_path, registry, "fp")
     assert not flushing()  # denormals are flushed only while training runs
+
+
+def test_a_stats_line_cut_short_by_a_kill_stays_on_its_own_line(tmp_path, registry):
+    from ctcore.training import read_stats
+
+    part = _train(tmp_path, registry, "cut", stop_at=6)
+    stats = part.out_dir / "stats.jsonl"
+    whole_lines = stats.read_text().splitlines()
+    with open(stats, "a") as f:
+        f.write('{"time": 1, "step": 7, "lo')  # SIGKILL in the middle of a write
+    resumed = resume_run(None, registry, part.out_dir)
+    train(resumed, progress=False)
+    lines = stats.read_text().splitlines()
+    assert lines[: len(whole_lines)] == whole_lines and lines[len(whole_lines)] == '{"time": 1, "step": 7, "lo'
+    rows = read_stats(part.out_dir)
+    assert len(rows) == len(lines) - 1 and [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8, 10, 12]
