@@ -81,10 +81,15 @@ def run(
     """
     from ctcore.distributed import shutdown
 
+    together = False  # did every torchrun rank end the same way (finished, or stopped by the same signal)?
     try:
         _run(target, resume, output_dir, progress)
+        together = True
+    except typer.Exit as end:
+        together = end.exit_code in (0, 130, 143)
+        raise
     finally:
-        shutdown()
+        shutdown(wait_for_all=together)
 
 
 def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) -> None:
@@ -280,13 +285,15 @@ def eval_checkpoint(
         sigma_list = _parse_sigmas(sigmas)
         registry = _registry()
         model = load_inception(inception, download=download_inception)
+        finished = False
         try:
             result = evaluate_checkpoint(
                 checkpoint, registry, inception=model, num_samples=num_samples, steps=steps, sigmas=sigma_list,
                 batch_size=batch_size, ref_stats=ref, device=device, seed=seed, progress=progress,
             )
+            finished = True
         finally:
-            shutdown()
+            shutdown(wait_for_all=finished)
         if os.environ.get("RANK", "0") != "0":
             return
         if as_json:

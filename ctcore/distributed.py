@@ -9,6 +9,7 @@ is a World of size 1, and every helper here is then a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -83,10 +84,18 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
     return world, device
 
 
-def shutdown() -> None:
-    """Leave the process group (end of `ctcore run`)."""
+def shutdown(wait_for_all: bool = True) -> None:
+    """Leave the process group (end of `ctcore run` / `ctcore eval`).
+
+    With `wait_for_all` (every rank got here the same way: finished, or stopped by a signal) the ranks first meet
+    at a barrier: a rank that tears down its gloo connections while a peer still uses them can abort the peer.
+    The barrier gives up after a minute, so a rank whose peers died still exits.
+    """
     global _control_group
     if dist.is_initialized():
+        if wait_for_all:
+            with contextlib.suppress(RuntimeError):
+                dist.monitored_barrier(group=_control_group, timeout=datetime.timedelta(minutes=1))
         dist.destroy_process_group()
     _control_group = None
 
