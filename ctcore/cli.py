@@ -79,17 +79,36 @@ def run(
     Under torchrun (`torchrun --nproc-per-node G -m ctcore run RECIPE`) every process trains its share of each
     global batch with DDP; rank 0 writes and prints.
     """
+    with _torchrun_worker():
+        _run(target, resume, output_dir, progress)
+
+
+@contextlib.contextmanager
+def _torchrun_worker() -> Iterator[None]:
+    """Around a command that may run under torchrun: leave the process group at the end, then exit at once.
+
+    Ranks that all finished, or all stopped on a signal (exit 0, 130, 143), first meet at a barrier. Everything
+    is written by then; exiting without the interpreter's teardown avoids an abort seen there, when gloo
+    threads still referenced by freed modules shut down. A single process, or an unexpected exception (whose
+    traceback must still print), ends normally.
+    """
+    import os
+    import sys
+
     from ctcore.distributed import shutdown
 
-    together = False  # did every torchrun rank end the same way (finished, or stopped by the same signal)?
+    code = None
     try:
-        _run(target, resume, output_dir, progress)
-        together = True
+        yield
+        code = 0
     except typer.Exit as end:
-        together = end.exit_code in (0, 130, 143)
+        code = end.exit_code
         raise
     finally:
-        shutdown(wait_for_all=together)
+        if shutdown(wait_for_all=code in (0, 130, 143)) and code is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) -> None:
@@ -276,24 +295,17 @@ def eval_checkpoint(
     """
     import os
 
-    from ctcore.distributed import shutdown
-
-    with _errors():
+    with _torchrun_worker(), _errors():
         from ctcore.fid import evaluate_checkpoint
         from ctcore.inception import load_inception
 
         sigma_list = _parse_sigmas(sigmas)
         registry = _registry()
         model = load_inception(inception, download=download_inception)
-        finished = False
-        try:
-            result = evaluate_checkpoint(
-                checkpoint, registry, inception=model, num_samples=num_samples, steps=steps, sigmas=sigma_list,
-                batch_size=batch_size, ref_stats=ref, device=device, seed=seed, progress=progress,
-            )
-            finished = True
-        finally:
-            shutdown(wait_for_all=finished)
+        result = evaluate_checkpoint(
+            checkpoint, registry, inception=model, num_samples=num_samples, steps=steps, sigmas=sigma_list,
+            batch_size=batch_size, ref_stats=ref, device=device, seed=seed, progress=progress,
+        )
         if os.environ.get("RANK", "0") != "0":
             return
         if as_json:

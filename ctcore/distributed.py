@@ -84,20 +84,22 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
     return world, device
 
 
-def shutdown(wait_for_all: bool = True) -> None:
+def shutdown(wait_for_all: bool = True) -> bool:
     """Leave the process group (end of `ctcore run` / `ctcore eval`).
 
     With `wait_for_all` (every rank got here the same way: finished, or stopped by a signal) the ranks first meet
     at a barrier: a rank that tears down its gloo connections while a peer still uses them can abort the peer.
-    The barrier gives up after a minute, so a rank whose peers died still exits.
+    The barrier gives up after a minute, so a rank whose peers died still exits. True if there was a group.
     """
     global _control_group
-    if dist.is_initialized():
-        if wait_for_all:
-            with contextlib.suppress(RuntimeError):
-                dist.monitored_barrier(group=_control_group, timeout=datetime.timedelta(minutes=1))
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return False
+    if wait_for_all:
+        with contextlib.suppress(RuntimeError):
+            dist.monitored_barrier(group=_control_group, timeout=datetime.timedelta(minutes=1))
+    dist.destroy_process_group()
     _control_group = None
+    return True
 
 
 def barrier(world: World) -> None:
