@@ -90,7 +90,7 @@ class TrainingSection:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the student; auto: off on CPU."""
+    """torch.compile the student; auto: on CUDA, off on CPU."""
     log_every: int = attrs.field(default=100, validator=at_least(1))
     checkpoint_every: int = attrs.field(default=10_000, validator=at_least(1))
     sample_every: int = attrs.field(default=10_000, validator=at_least(1))

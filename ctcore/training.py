@@ -160,8 +160,7 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
             student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
         # identical weights everywhere (seeded above), but each rank its own dropout masks (CPU and CUDA)
         torch.manual_seed(rank_seed(recipe.run.seed, world.rank))
-    # torch.compile pays on GPUs; on CPU its compile time outweighs the gain for short runs ("auto": off)
-    compiled = torch.compile(forward) if t.compile == "on" else forward
+    compiled = torch.compile(forward) if compile_enabled(t.compile, device) else forward
     index_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 2)
     provenance = make_provenance(recipe, registry, device, data)
@@ -170,6 +169,13 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
                noise_schedule=built["noise_schedule"], curriculum=built["curriculum"], optimizer=optimizer,
                index_generator=index_gen, noise_generator=noise_gen, provenance=provenance, precision=precision,
                student_forward=compiled, world=world)
+
+
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """training.compile resolved: "auto" compiles on CUDA, where it pays (NCSN++ on an H100, bf16, batch 512:
+    about 850 img/s eager vs 1460 compiled, the issue's reference figures), and not on CPU, where compiling
+    costs more than short runs gain."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def rank_seed(seed: int, rank: int) -> int:

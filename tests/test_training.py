@@ -163,7 +163,11 @@ def test_quickstart_learns_at_least_5x_better_than_untrained(tmp_path, registry)
 
 
 def test_compile_switch_wraps_the_student_and_auto_is_off_on_cpu(tmp_path, registry):
-    from ctcore.training import build_run
+    from ctcore.training import build_run, compile_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [compile_enabled(s, cpu) for s in ("auto", "on", "off")] == [False, True, False]
+    assert [compile_enabled(s, cuda) for s in ("auto", "on", "off")] == [True, True, False]
 
     auto = build_run(read_recipe(write_tiny_recipe(tmp_path / "a.toml", tmp_path / "a"), registry), registry)
     assert auto.student_forward is auto.student
