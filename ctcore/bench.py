@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ctcore.consistency import c_noise
+from ctcore.consistency import c_noise, noise_convention
 from ctcore.data import ImageData, data_shape
 from ctcore.recipe import Recipe
 from ctcore.registry import Registry
@@ -31,7 +31,7 @@ def forward_gflop_per_image(network: torch.nn.Module, shape: tuple[int, ...], nu
     """GFLOP of one raw network forward per image, as torch.utils.flop_counter counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    convention = type(getattr(network, "_orig_mod", network)).noise_conditioning
+    convention = noise_convention(network)
     x = torch.zeros((batch, *shape), device=device)
     sigma = torch.full((batch,), 1.0, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device) if num_classes > 0 else None

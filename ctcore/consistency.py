@@ -62,6 +62,16 @@ def c_noise(sigma: torch.Tensor, convention: str) -> torch.Tensor:
     return NOISE_CONVENTIONS[convention] * torch.log(sigma)
 
 
+def noise_convention(network: nn.Module) -> str:
+    """The c_noise convention a network declares, looking through torch.compile and DDP wrappers."""
+    inner = network
+    while not hasattr(type(inner), "noise_conditioning"):
+        inner = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
+        if inner is None:
+            raise TypeError(f"{type(network).__name__} declares no noise_conditioning convention")
+    return type(inner).noise_conditioning
+
+
 def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
@@ -78,13 +88,7 @@ def denoise(
     """The consistency function f(x, sigma) for a raw network F; `sigma` holds one value per sample."""
     sigma = sigma.to(device=x.device, dtype=torch.float32)
     c_skip, c_out, c_in = consistency_scalings(sigma, sigma_min, sigma_data)
-    inner = network
-    while not hasattr(type(inner), "noise_conditioning"):  # look through torch.compile and DDP wrappers
-        inner = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
-        if inner is None:
-            raise TypeError(f"{type(network).__name__} declares no noise_conditioning convention")
-    convention = type(inner).noise_conditioning
-    raw = network(_expand(c_in, x) * x, c_noise(sigma, convention), labels)
+    raw = network(_expand(c_in, x) * x, c_noise(sigma, noise_convention(network)), labels)
     return _expand(c_skip, x) * x + _expand(c_out, x) * raw.to(x.dtype)
 
 
