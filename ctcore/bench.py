@@ -47,7 +47,8 @@ def forward_gflop_per_image(network: torch.nn.Module, shape: tuple[int, ...], nu
 def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, steps: int = 10,
               warmup: int = 2) -> dict[str, Any]:
     """Time `steps` training steps and `steps` one-step sampling batches after `warmup` of each."""
-    from ctcore.training import build_run, train_step
+    from ctcore.build import build_run
+    from ctcore.training import train_step
 
     batch = batch or recipe.training.batch_size
     shape = data_shape(recipe.data)

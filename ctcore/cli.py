@@ -113,9 +113,11 @@ def _torchrun_worker() -> Iterator[None]:
 
 def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) -> None:
     with _errors():
+        from ctcore.build import output_dir_for, resume_run, start_run
+        from ctcore.checkpoints import list_checkpoints
         from ctcore.errors import UsageError
         from ctcore.recipe import read_recipe
-        from ctcore.training import list_checkpoints, output_dir_for, resume_run, start_run, train
+        from ctcore.training import train
 
         registry = _registry()
         out = _console()
@@ -191,9 +193,9 @@ def check(
         recipe = read_recipe(recipe_path, registry)
         typer.echo(dump_recipe(recipe), nl=False)
         if build:
+            from ctcore.build import build_components
             from ctcore.data import data_shape, hdf5_summary
             from ctcore.errors import RunError
-            from ctcore.training import build_components
 
             network = build_components(recipe, registry, device="meta")["network"]
             params = sum(p.numel() for p in network.parameters())

@@ -49,6 +49,11 @@ SINGLE = World()
 _control_group = None  # a gloo group for small host-side flags (the stop signal), also when training on NCCL
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of a rank's dropout generator: distinct per rank, so ranks never share masks."""
+    return seed + 1_000_003 * (rank + 1)
+
+
 def world_from_env() -> World:
     """The World torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK, or a single process."""
     if "WORLD_SIZE" not in os.environ:

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ import torch
 from ctcore.distributed import SINGLE, World
 from ctcore.errors import RunError, UsageError
 from ctcore.inception import FEATURE_DIM, NUM_LOGITS, FIDInceptionV3, load_inception
+
+if TYPE_CHECKING:
+    from ctcore.build import Run
 
 # ------------------------------------------------------------------------------------------ the metrics
 
@@ -213,7 +216,7 @@ def reference_statistics(dataset_h5: str | Path, inception: FIDInceptionV3 | str
     import h5py
 
     from ctcore.data import hdf5_summary
-    from ctcore.training import resolve_device
+    from ctcore.devices import resolve_device
 
     info = hdf5_summary(dataset_h5)  # validates the file with the same messages as training
     where = f"dataset file {str(dataset_h5)!r}"
@@ -411,3 +414,23 @@ def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
     is_mean, is_std = acc.inception_score(splits)
     return {"fid": fid, "inception_score": is_mean, "inception_score_std": is_std, "inception_score_splits": splits,
             "num_samples": num_samples, "seconds": time.perf_counter() - started, "notes": notes}
+
+
+# ------------------------------------------------------------------------------ FID during training
+
+
+def load_fid_tools(run: Run) -> tuple[FIDInceptionV3, dict[str, Any]]:
+    """The Inception network (on the run's device) and reference statistics named by [evaluation]."""
+    e = run.recipe.evaluation
+    return load_inception(e.inception).to(run.device).eval(), load_statistics(e.fid_reference)
+
+
+def evaluate_fid(run: Run, tools: tuple[FIDInceptionV3, dict[str, Any]]) -> dict[str, Any]:
+    """FID / IS of the eval EMA as `ctcore eval` computes them (same seeds as the sample grids)."""
+    inception, ref = tools
+    e, c, s = run.recipe.evaluation, run.recipe.consistency, run.recipe.sampling
+    sigmas = [c.sigma_max, *s.sigma_mid[: e.fid_steps - 1]]
+    return fid_of_denoiser(run.denoiser(run.eval_ema), run.data.shape, sigmas, inception=inception, ref=ref,
+                           num_samples=e.fid_num_samples, num_classes=run.data.num_classes, sigma_min=c.sigma_min,
+                           clip=s.clip, seed=s.seed, batch_size=e.fid_batch_size, device=run.device,
+                           world=run.world)

@@ -10,11 +10,17 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ctcore.data import to_uint8
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ctcore.build import Run
+    from ctcore.recipe import Recipe
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 """f(x, sigma per sample, labels) -> denoised x."""
@@ -135,8 +141,8 @@ def load_sampling_plan(
     A directory means its latest checkpoint; `steps` n samples at sigma_max then the first n - 1 of the
     recipe's sampling.sigma_mid, unless `sigmas` are given. Bad requests raise UsageError, bad files RunError.
     """
+    from ctcore.checkpoints import list_checkpoints, load_checkpoint, recipe_from_checkpoint
     from ctcore.errors import RunError, UsageError
-    from ctcore.training import list_checkpoints, load_checkpoint, recipe_from_checkpoint
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
@@ -170,8 +176,8 @@ def load_sampling_network(
     """The checkpoint's network rebuilt through the registry with its `weights` ("eval-ema" or "student"),
     in eval mode on `device` (default: the recipe's run.device), and that device."""
     from ctcore.components import BuildContext
+    from ctcore.devices import resolve_device
     from ctcore.errors import RunError
-    from ctcore.training import resolve_device
 
     prov = state["provenance"]
     spec = recipe.components["network"]
@@ -238,3 +244,44 @@ def sample_from_checkpoint(
     write_sample_store(out, images, seeds, labels, attrs)
     save_grid(images[:256], grid)
     return {"store": out, "grid": grid, "num_samples": num_samples, "plan": f"{len(sigmas)}-step {sigmas}"}
+
+
+# ----------------------------------------------------------------------- sample grids during training
+
+
+def sampling_plans(recipe: Recipe) -> dict[str, list[float]]:
+    """Name -> sigma list: always one-step, plus multistep when sampling.sigma_mid is set."""
+    sigma_max = recipe.consistency.sigma_max
+    plans = {"1step": [sigma_max]}
+    if recipe.sampling.sigma_mid:
+        plans[f"{1 + len(recipe.sampling.sigma_mid)}step"] = [sigma_max, *recipe.sampling.sigma_mid]
+    return plans
+
+
+def sample_with(run: Run, network: nn.Module, sigmas: list[float], seeds: list[int]) -> torch.Tensor:
+    """uint8 samples for `seeds` (on CPU); under torchrun each rank makes its share and all ranks get all."""
+    from ctcore.distributed import gather_rows
+
+    mine = seeds[run.world.share(len(seeds))]
+    images = torch.zeros((0, *run.data.shape), dtype=torch.uint8)
+    if mine:
+        images, _ = generate(run.denoiser(network), run.data.shape, mine, sigmas, num_classes=run.data.num_classes,
+                             sigma_min=run.recipe.consistency.sigma_min, clip=run.recipe.sampling.clip,
+                             device=run.device, batch_size=max(64, min(1024, run.recipe.training.batch_size)))
+    return gather_rows(run.world, images, len(seeds))
+
+
+def save_samples(run: Run) -> Path:
+    """A PNG per sampling plan: eval-EMA samples (fixed seeds) next to training images."""
+    from ctcore.images import save_side_by_side
+
+    s = run.recipe.sampling
+    seeds = list(range(s.seed, s.seed + s.num_samples))
+    data = to_uint8(run.data.batch(s.num_samples, torch.Generator().manual_seed(s.seed))[0])
+    path = None
+    for plan, sigmas in sampling_plans(run.recipe).items():
+        images = sample_with(run, run.eval_ema, sigmas, seeds)
+        path = run.out_dir / "samples" / f"step-{run.step:07d}-{plan}.png"
+        if run.world.is_main:
+            save_side_by_side(images, data, path, title=f"step {run.step}, {plan}")
+    return path

@@ -11,10 +11,11 @@ import torch
 from helpers import write_tiny_recipe
 
 import ctcore
+from ctcore.build import start_run
 from ctcore.data import GLYPH_NAMES, ImageData, _glyph_masks, read_hdf5_images, synthetic_glyphs, to_uint8
 from ctcore.errors import RunError
 from ctcore.recipe import read_recipe
-from ctcore.training import start_run, train
+from ctcore.training import train
 
 
 def _write_h5(path: Path, images: np.ndarray | None, labels: np.ndarray | None = None) -> Path:

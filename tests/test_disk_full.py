@@ -24,10 +24,10 @@ import torch
 from helpers import write_tiny_recipe
 from typer.testing import CliRunner, Result
 
+from ctcore.checkpoints import list_checkpoints, load_checkpoint
 from ctcore.cli import app
 from ctcore.errors import CtcoreError, RunError
 from ctcore.files import atomic_write
-from ctcore.training import list_checkpoints, load_checkpoint
 
 ENV = {**{k: v for k, v in os.environ.items() if k != "CTCORE_DISABLE_PLUGINS"},
        "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "200"}

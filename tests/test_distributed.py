@@ -16,10 +16,11 @@ import torch
 from helpers import write_tiny_recipe
 
 import ctcore
-from ctcore.distributed import World, world_from_env
+from ctcore.build import build_run
+from ctcore.checkpoints import list_checkpoints, load_checkpoint
+from ctcore.distributed import World, rank_seed, world_from_env
 from ctcore.errors import UsageError
 from ctcore.recipe import read_recipe
-from ctcore.training import build_run, list_checkpoints, load_checkpoint, rank_seed
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 for name in ("CTCORE_DISABLE_PLUGINS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -152,7 +153,9 @@ def test_ranks_draw_distinct_dropout_masks() -> None:
 def test_resume_restores_each_ranks_dropout_stream_or_starts_fresh_ones(tmp_path: Path) -> None:
     """restore() under another World: the same number of processes gets its own saved state back, another
     number gets fresh per-rank streams seeded from the seed and step (restore needs no process group)."""
-    from ctcore.training import restore, save_checkpoint, start_run, train
+    from ctcore.build import start_run
+    from ctcore.checkpoints import restore, save_checkpoint
+    from ctcore.training import train
 
     registry = ctcore.load_registry()
     run = start_run(read_recipe(write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run"), registry), registry)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import write_tiny_recipe
 
-from ctcore.training import list_checkpoints, load_checkpoint
+from ctcore.checkpoints import list_checkpoints, load_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("CTCORE_DISABLE_PLUGINS", None)

@@ -353,9 +353,11 @@ def test_bad_statistics_files_are_one_clear_error(tmp_path: Path, content, messa
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny trained run (MLP on 3x4x4 synthetic images, 4 steps); its last checkpoint."""
+    from ctcore.build import start_run
+    from ctcore.checkpoints import list_checkpoints
     from ctcore.recipe import read_recipe
     from ctcore.registry import load_registry
-    from ctcore.training import list_checkpoints, start_run, train
+    from ctcore.training import train
 
     root = tmp_path_factory.mktemp("fid-run")
     registry = load_registry()
@@ -483,7 +485,9 @@ def test_training_logs_fid_every_n_steps_and_plots_it(tmp_path: Path, weights_fi
     from helpers import write_tiny_recipe
     from PIL import Image
 
-    from ctcore.training import list_checkpoints, start_run, train
+    from ctcore.build import start_run
+    from ctcore.checkpoints import list_checkpoints
+    from ctcore.training import train
 
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))

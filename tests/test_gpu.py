@@ -10,9 +10,10 @@ import torch
 from helpers import write_tiny_recipe
 
 import ctcore
+from ctcore.build import build_run
 from ctcore.consistency import consistency_loss, karras_sigmas, shared_rng
 from ctcore.recipe import read_recipe
-from ctcore.training import build_run, train_step
+from ctcore.training import train_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -278,9 +278,10 @@ def test_needs_image_shaped_data() -> None:
 def test_trains_in_the_engine_from_a_recipe(tmp_path: Path) -> None:
     from helpers import tiny_recipe_text
 
+    from ctcore.build import build_run
     from ctcore.recipe import parse_recipe
     from ctcore.registry import Provider, load_registry
-    from ctcore.training import build_run, train_step
+    from ctcore.training import train_step
 
     registry = load_registry()
     if "ncsnpp" not in registry.names("network"):

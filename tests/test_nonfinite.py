@@ -14,8 +14,10 @@ from helpers import write_tiny_recipe
 from torch import nn
 
 import ctcore
+from ctcore.build import resume_run, start_run
+from ctcore.checkpoints import load_checkpoint
 from ctcore.recipe import read_recipe
-from ctcore.training import TrainingDiverged, load_checkpoint, resume_run, start_run, train
+from ctcore.training import TrainingDiverged, train
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import ctcore
+from ctcore.build import build_components, recipe_differences
 from ctcore.recipe import Recipe, read_recipe
-from ctcore.training import build_components, recipe_differences
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

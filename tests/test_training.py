@@ -10,8 +10,10 @@ import torch
 from helpers import write_tiny_recipe
 
 import ctcore
+from ctcore.build import resume_run, start_run
+from ctcore.checkpoints import list_checkpoints, load_checkpoint
 from ctcore.recipe import read_recipe
-from ctcore.training import list_checkpoints, load_checkpoint, resume_run, start_run, train
+from ctcore.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +165,8 @@ def test_quickstart_learns_at_least_5x_better_than_untrained(tmp_path, registry)
 
 
 def test_compile_switch_wraps_the_student_and_auto_is_off_on_cpu(tmp_path, registry):
-    from ctcore.training import build_run, compile_enabled
+    from ctcore.build import build_run
+    from ctcore.devices import compile_enabled
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert [compile_enabled(s, cpu) for s in ("auto", "on", "off")] == [False, True, False]
@@ -185,7 +188,7 @@ def test_the_teacher_runs_in_train_mode(tmp_path, registry):
 @pytest.mark.parametrize(("opt", "expected"), [(torch.optim.Adam, {"fused": True}),
                                                (torch.optim.RAdam, {"foreach": True})])
 def test_cuda_optimizer_options_are_ones_the_optimizer_accepts(opt, expected):
-    from ctcore.training import fast_optimizer_options
+    from ctcore.devices import fast_optimizer_options
 
     options = fast_optimizer_options(opt, torch.device("cuda"))
     assert options == expected
@@ -204,7 +207,7 @@ def test_training_leaves_the_process_floating_point_mode_as_it_found_it(tmp_path
 
 
 def test_a_stats_line_cut_short_by_a_kill_stays_on_its_own_line(tmp_path, registry):
-    from ctcore.training import read_stats
+    from ctcore.reporting import read_stats
 
     part = _train(tmp_path, registry, "cut", stop_at=6)
     stats = part.out_dir / "stats.jsonl"
