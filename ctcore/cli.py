@@ -194,8 +194,7 @@ def check(
         typer.echo(dump_recipe(recipe), nl=False)
         if build:
             from ctcore.build import build_components
-            from ctcore.data import data_shape, hdf5_summary
-            from ctcore.errors import RunError
+            from ctcore.data import check_data_file, data_shape
 
             network = build_components(recipe, registry, device="meta")["network"]
             params = sum(p.numel() for p in network.parameters())
@@ -206,11 +205,8 @@ def check(
                 data_note = (f"data file {d.path!r} does not exist yet: create it before training (an HDF5 file "
                              f"with uint8 `images` shaped (N, {', '.join(map(str, data_shape(d)))})"
                              f"{' and `labels`' if d.num_classes else ''})")
-            else:
-                info = hdf5_summary(d.path)
-                if info["shape"] != data_shape(d):
-                    raise RunError(f"dataset file {d.path!r} holds images of shape {info['shape']}, but the "
-                                   f"recipe declares {data_shape(d)} ([data] channels, resolution)")
+            else:  # the file's structure, shape, classes, size in memory and labels, reading labels only
+                info = check_data_file(d)
                 data_note = f"data {d.path!r}: {info['count']:,} images of shape {info['shape']}"
             _console(stderr=True).print(
                 f"ok: {recipe_path} is valid; network {recipe.components['network'].name} has {params:,} "

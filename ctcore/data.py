@@ -2,15 +2,25 @@
 
 Both give uint8 images (N, C, H, W) and optional integer labels; batches come out as float32 in [-1, 1]
 (x / 127.5 - 1, as the CM and iCT code feed pixels), drawn with an explicit generator so runs resume exactly.
+An HDF5 file is validated from its metadata (structure, dtype, shape, labels) and its size checked against the
+memory available before any array is read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ctcore.errors import RunError
+from ctcore.memory import require_memory
+
+if TYPE_CHECKING:
+    import h5py
+    import numpy as np
 
 GLYPH_NAMES: tuple[str, ...] = (
     "horizontal-bar", "vertical-bar", "diagonal", "anti-diagonal", "frame", "plus", "block", "checker",
@@ -55,50 +65,129 @@ def synthetic_glyphs(num_images: int, resolution: int = 8, seed: int = 0) -> tup
     return img.round().clamp(0, 255).to(torch.uint8), glyph
 
 
-def _read_hdf5(path: str | Path, arrays: bool) -> dict:
-    """Open and validate a dataset file; with `arrays` also read images and labels. One RunError per problem."""
+MAX_CHANNELS = 16
+MAX_SIDE = 16_384
+"""Bounds on an HDF5 file's per-image shape (C, H, W): anything beyond is a mislabelled or hostile file."""
+
+HDF5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
+"""What h5py raises on a file that is not HDF5, truncated, or damaged (OSError mostly; the rest on odd objects)."""
+
+
+def _describe(obj) -> str:
+    """What an HDF5 object holds, for messages: 'a group', 'float64 values of shape (5,)', 'strings of shape (5,)'."""
+    import h5py
+
+    if isinstance(obj, h5py.Group):
+        return "a group"
+    if not isinstance(obj, h5py.Dataset):
+        return f"a {type(obj).__name__}"
+    if h5py.check_string_dtype(obj.dtype) is not None or obj.dtype.kind in "SU":
+        return f"strings of shape {obj.shape}"
+    if obj.dtype.names:
+        return f"compound records ({', '.join(obj.dtype.names)}) of shape {obj.shape}"
+    return f"{obj.dtype} values of shape {obj.shape}"
+
+
+def _check_structure(f, where: str) -> dict:
+    """Validate `images` and `labels` of an open file from metadata alone (no array is read)."""
     import h5py
     import numpy as np
 
-    path = Path(path)
-    where = f"dataset file {str(path)!r}"
-    if not path.is_file():
-        raise RunError(
-            f"{where} not found (data.path in the recipe). Create it with `ctcore data import SOURCE {path}` "
-            "(SOURCE: cifar-10-python.tar.gz from `ctcore data download cifar10`, an image folder, zip or tar with "
-            "one subfolder per class, or ImageNet 64x64 .npz batches), or point data.path at an existing file."
-        )
+    images = f.get("images")
+    if images is None:
+        raise RunError(f"{where} has no `images` dataset (found: {', '.join(f) or 'nothing'})")
+    if not isinstance(images, h5py.Dataset) or images.dtype != np.uint8 or images.ndim != 4:
+        got = _describe(images) if not isinstance(images, h5py.Dataset) else f"{images.dtype} {images.shape}"
+        raise RunError(f"{where}: `images` must be uint8 (N, C, H, W), got {got}")
+    n, c, h, w = images.shape
+    if n == 0:
+        raise RunError(f"{where} holds no images (`images` has shape {images.shape}); import the data again")
+    if not (1 <= c <= MAX_CHANNELS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        hint = "; it looks like (N, H, W, C): store images as (N, C, H, W)" if w in (1, 3, 4) and c > 4 else ""
+        raise RunError(f"{where}: `images` has shape {images.shape}, outside (N, 1..{MAX_CHANNELS} channels, "
+                       f"1..{MAX_SIDE:,}, 1..{MAX_SIDE:,} pixels){hint}")
+    labels = f.get("labels")
+    if labels is not None:
+        if not isinstance(labels, h5py.Dataset) or labels.dtype.kind not in "iu":
+            raise RunError(f"{where}: `labels` must be integers (N,), got {_describe(labels)}; store class "
+                           f"indices 0, 1, ... as integers")
+        if labels.shape != (n,):
+            raise RunError(f"{where}: `labels` shape {labels.shape} does not match {n:,} images")
+    return {"count": n, "shape": (c, h, w), "has_labels": labels is not None,
+            "attrs": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}}
+
+
+@contextmanager
+def open_hdf5(path: str | Path) -> Iterator[h5py.File]:
+    """`h5py.File(path, "r")` whose failures to open or read (not HDF5, truncated, damaged) are one RunError."""
+    import h5py
+
     try:
         with h5py.File(path, "r") as f:
-            if "images" not in f:
-                raise RunError(f"{where} has no `images` dataset (found: {', '.join(f) or 'nothing'})")
-            images = f["images"]
-            if images.dtype != np.uint8 or images.ndim != 4:
-                raise RunError(f"{where}: `images` must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
-            labels = f.get("labels")
-            if labels is not None and labels.shape != (images.shape[0],):
-                raise RunError(f"{where}: `labels` shape {labels.shape} does not match {images.shape[0]} images")
-            info = {"count": images.shape[0], "shape": tuple(images.shape[1:]), "has_labels": labels is not None,
-                    "attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}}
-            if arrays:
-                info["images"] = torch.from_numpy(images[...])
-                info["labels"] = torch.from_numpy(labels[...].astype("int64")) if labels is not None else None
-            return info
+            yield f
     except RunError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
-        raise RunError(f"{where} cannot be read as HDF5 ({exc}); is it truncated?") from None
+    except HDF5_ERRORS as exc:
+        reason = (str(exc) or type(exc).__name__).splitlines()[0]
+        raise RunError(f"dataset file {str(path)!r} cannot be read as HDF5 ({reason}); is it truncated? "
+                       f"Import it again") from None
+
+
+def _not_found(path: Path) -> RunError:
+    return RunError(
+        f"dataset file {str(path)!r} not found (data.path in the recipe). Create it with `ctcore data import SOURCE "
+        f"{path}` (SOURCE: cifar-10-python.tar.gz from `ctcore data download cifar10`, an image folder, zip or tar "
+        "with one subfolder per class, or ImageNet 64x64 .npz batches), or point data.path at an existing file."
+    )
 
 
 def hdf5_summary(path: str | Path) -> dict:
-    """Count, per-image shape, whether labels exist, and attrs of a dataset file, without reading the images."""
-    return _read_hdf5(path, arrays=False)
+    """Count, per-image shape (C, H, W), whether labels exist, and attrs of a dataset file, validated from its
+    metadata alone: no array is read, so any file, even one claiming 10^12 images, answers at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise _not_found(path)
+    with open_hdf5(path) as f:
+        return _check_structure(f, f"dataset file {str(path)!r}")
 
 
-def read_hdf5_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Load `images` (N, C, H, W uint8) and optional `labels` from an HDF5 file, with clear errors."""
-    info = _read_hdf5(path, arrays=True)
-    return info["images"], info["labels"], info["attrs"]
+def dataset_bytes(info: dict) -> int:
+    """Memory that a dataset needs once read: its uint8 images plus int64 labels."""
+    c, h, w = info["shape"]
+    return info["count"] * (c * h * w + (8 if info["has_labels"] else 0))
+
+
+def require_fits(path: str | Path, info: dict, device: torch.device | str = "cpu") -> None:
+    """Refuse, with the numbers, a dataset that cannot be held in host memory (and on `device`, for CUDA)."""
+    c, h, w = info["shape"]
+    what = (f"dataset file {str(path)!r} holds {info['count']:,} images of {c}x{h}x{w}"
+            f"{' with labels' if info['has_labels'] else ''}")
+    fix = "use a smaller file (fewer images, or `ctcore data import --resolution`) or a machine with more memory"
+    need = dataset_bytes(info)
+    require_memory(need, "cpu", what, fix)  # read into host memory first on every device
+    if torch.device(device).type == "cuda":
+        require_memory(need, device, what, fix)
+
+
+def read_hdf5_labels(path: str | Path, info: dict) -> np.ndarray | None:
+    """The `labels` array of a validated file (`info` from hdf5_summary), in its stored integer type (numpy
+    compares uint64 exactly); None without labels."""
+    if not info["has_labels"]:
+        return None
+    with open_hdf5(path) as f:
+        return f["labels"][...]
+
+
+def read_hdf5_images(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                                  dict]:
+    """Load `images` (N, C, H, W uint8), optional `labels` (int64) and attrs, after checking that they fit in
+    memory (of `device` too, for CUDA); clear errors for every malformed file."""
+    info = hdf5_summary(path)
+    require_fits(path, info, device)
+    with open_hdf5(path) as f:
+        images = torch.from_numpy(f["images"][...])
+    labels = read_hdf5_labels(path, info)
+    return images, (torch.from_numpy(labels.astype("int64")) if labels is not None else None), info["attrs"]
 
 
 class ImageData:
@@ -145,24 +234,38 @@ def data_shape(section) -> tuple[int, int, int]:
     return (section.channels, section.resolution, section.resolution)
 
 
+def check_data_file(section, device: torch.device | str = "cpu") -> dict:
+    """Everything a run needs of a recipe's HDF5 file, checked before any image is read: its structure, the
+    declared shape, the classes, that it fits in memory (of `device` too), then the label range (labels only).
+
+    `ctcore check` (host memory) and `ctcore run` (the training device) share it; returns the file's summary.
+    """
+    path = section.path
+    where = f"dataset file {path!r}"
+    info = hdf5_summary(path)
+    if info["shape"] != data_shape(section):
+        raise RunError(f"{where} holds images of shape {info['shape']}, but the recipe's [data] declares "
+                       f"channels = {section.channels}, resolution = {section.resolution}; make them agree")
+    if section.num_classes > 0 and not info["has_labels"]:
+        raise RunError(f"data.num_classes is {section.num_classes} but {where} has no `labels` dataset")
+    require_fits(path, info, device)
+    if section.num_classes > 0:
+        labels = read_hdf5_labels(path, info)
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= section.num_classes:
+            raise RunError(f"{where} has labels in [{low}, {high}], outside 0..{section.num_classes - 1} "
+                           f"(data.num_classes = {section.num_classes})")
+    return info
+
+
 def load_data(section, seed: int, device: torch.device) -> ImageData:
-    """Build the training data described by a recipe's [data] section, checked against its declared shape."""
+    """Build the training data described by a recipe's [data] section; an HDF5 file is checked against the
+    recipe and the memory of `device` before any image is read."""
     if section.source == "synthetic":
         images, labels = synthetic_glyphs(section.num_images, section.resolution, seed=seed)
     else:
-        images, labels, _ = read_hdf5_images(section.path)
-        where = f"dataset file {section.path!r}"
-        if tuple(images.shape[1:]) != data_shape(section):
-            raise RunError(
-                f"{where} holds images of shape {tuple(images.shape[1:])}, but the recipe's [data] declares "
-                f"channels = {section.channels}, resolution = {section.resolution}; make them agree"
-            )
-        if section.num_classes > 0:
-            if labels is None:
-                raise RunError(f"data.num_classes is {section.num_classes} but {where} has no `labels` dataset")
-            if int(labels.min()) < 0 or int(labels.max()) >= section.num_classes:
-                raise RunError(f"{where} has labels in [{int(labels.min())}, {int(labels.max())}], outside "
-                               f"0..{section.num_classes - 1} (data.num_classes = {section.num_classes})")
+        check_data_file(section, device)
+        images, labels, _ = read_hdf5_images(section.path, device)
     return ImageData(images, labels, random_flip=section.random_flip, num_classes=section.num_classes, device=device)
 
 

@@ -751,15 +751,23 @@ def import_dataset(source: str | Path, out: str | Path, *, split: str = "train",
 
 
 def dataset_info(path: str | Path, grid: str | Path | None = None) -> dict:
-    """Count, shape, classes with per-class counts and attrs of a dataset file; optionally a PNG grid of <= 64."""
-    import h5py
+    """Count, shape, classes with per-class counts and attrs of a dataset file; optionally a PNG grid of <= 64.
 
-    from ctcore.data import hdf5_summary
+    The file is validated from its metadata and refused if it cannot fit in memory before anything is read;
+    then only the labels and the grid's (at most 64) images are read.
+    """
+    from ctcore.data import hdf5_summary, open_hdf5, read_hdf5_labels, require_fits
 
     path = Path(path)
+    where = f"dataset file {str(path)!r}"
     if not path.is_file():
-        raise RunError(f"dataset file {str(path)!r} not found; create one with: ctcore data import SOURCE {path}")
+        raise RunError(f"{where} not found; create one with: ctcore data import SOURCE {path}")
     summary = hdf5_summary(path)  # validates the file with clear errors
+    require_fits(path, summary)
+    count, (channels, _, _) = summary["count"], summary["shape"]
+    if grid is not None and channels == 2:
+        raise RunError(f"{where} holds 2-channel images, which a --grid cannot show (it draws 1-channel grey "
+                       f"or the first 3 channels as RGB); leave out --grid")
     attrs = dict(summary["attrs"])
     names: list[str] = []
     if isinstance(attrs.get("class_names"), str):
@@ -769,13 +777,12 @@ def dataset_info(path: str | Path, grid: str | Path | None = None) -> dict:
             attrs["class_names"] = names
         except json.JSONDecodeError:
             pass
-    count = summary["count"]
+    labels = read_hdf5_labels(path, summary)
     picked = None
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path) as f:
         images = f["images"]
         chunks = list(images.chunks) if images.chunks else None
-        labels = f["labels"][...].astype(np.int64) if "labels" in f else None
-        if grid is not None and count:
+        if grid is not None:  # at most 64 rows, spread over the file
             picked = images[np.unique(np.linspace(0, count - 1, min(64, count)).round().astype(np.int64))]
     classes = []
     if labels is not None:

@@ -1,4 +1,5 @@
-"""Shared test setup: the `plugin_path` fixture (defined in plugin_env.py) and one CPU thread per test."""
+"""Shared test setup: the `plugin_path` fixture (defined in plugin_env.py), one CPU thread per test, and a
+working directory outside the checkout for every test, whose data/ and runs/ the suite must leave untouched."""
 
 import threading
 from collections.abc import Iterator
@@ -8,8 +9,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT, tree_state
 
 pytest_plugins = ["plugin_env"]
+
+CHECKOUT_DIRS = ("data", "runs")
+"""What a user of the checkout fills by following the README (`ctcore data import`, the quickstart)."""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkout_left_alone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run the suite from a temporary folder (so relative paths such as a recipe's data/cifar10-train.h5 or the
+    default runs/<name> never reach the checkout) and without a memory override from the caller's environment;
+    fail the session if anything under the checkout's data/ or runs/ appeared, vanished or changed."""
+    before = {name: tree_state(REPO_ROOT / name) for name in CHECKOUT_DIRS}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        mp.delenv("CTCORE_MEMORY_LIMIT", raising=False)
+        yield
+    changed = []
+    for name in CHECKOUT_DIRS:
+        after = tree_state(REPO_ROOT / name)
+        changed += sorted(p for p in before[name].keys() | after.keys() if before[name].get(p) != after.get(p))
+    if changed:
+        pytest.fail(f"the tests changed {len(changed)} path(s) in the checkout {REPO_ROOT}: {', '.join(changed[:5])}; "
+                    f"tests must write under tmp_path only", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_working_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts in its own empty folder: a relative path one test writes is never seen by the next."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(autouse=True, scope="session")

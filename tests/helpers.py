@@ -1,4 +1,5 @@
-"""Small recipes for tests: a few training steps of a tiny MLP on tiny synthetic data, in seconds on CPU."""
+"""Small recipes for tests (a few training steps of a tiny MLP on tiny synthetic data, in seconds on CPU), and
+`tree_state`, which the suite uses to prove it leaves the checkout's data/ and runs/ alone."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ctcore.recipe import ALL_SECTIONS, _toml_value
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY: dict[str, dict[str, Any]] = {
     "run": {"name": "tiny", "seed": 0, "device": "cpu"},
@@ -46,3 +49,11 @@ def write_tiny_recipe(path: str | Path, output_dir: str | Path, **overrides: dic
     path = Path(path)
     path.write_text(tiny_recipe_text(output_dir, **overrides), encoding="utf-8")
     return path
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `root` (root included) with its size and mtime in ns; {} when root does not exist."""
+    if not root.exists() and not root.is_symlink():
+        return {}
+    paths = [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
+    return {str(p.relative_to(root.parent)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in paths}

@@ -621,5 +621,56 @@ def test_check_refuses_a_data_file_of_the_wrong_shape(tmp_path: Path) -> None:
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", data={"source": "hdf5", "path": str(data)})
     result = invoke("check", recipe)
     assert result.exit_code == 1
-    assert result.stderr == (f"error: dataset file {str(data)!r} holds images of shape (3, 8, 8), but the recipe "
-                             "declares (3, 4, 4) ([data] channels, resolution)\n")
+    assert result.stderr == (f"error: dataset file {str(data)!r} holds images of shape (3, 8, 8), but the recipe's "
+                             "[data] declares channels = 3, resolution = 4; make them agree\n")
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [(None, "data.num_classes is 3 but dataset file {data!r} has no `labels` dataset"),
+     ([0, 1, 2, 3, 0], "dataset file {data!r} has labels in [0, 3], outside 0..2 (data.num_classes = 3)"),
+     ([-1, 0, 1, 2, 0], "dataset file {data!r} has labels in [-1, 2], outside 0..2 (data.num_classes = 3)")],
+    ids=["no-labels", "label-too-high", "negative-label"],
+)
+def test_check_refuses_labels_that_a_class_conditional_run_would_refuse(tmp_path: Path, labels, message: str) -> None:
+    import h5py
+    import numpy as np
+
+    data = tmp_path / "d.h5"
+    with h5py.File(data, "w") as f:
+        f.create_dataset("images", data=np.zeros((5, 3, 4, 4), np.uint8))
+        if labels is not None:
+            f.create_dataset("labels", data=np.array(labels, np.int64))
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out",
+                               data={"source": "hdf5", "path": str(data), "num_classes": 3})
+    for command in (["check", recipe], ["run", recipe, "--no-progress"]):
+        result = invoke(*command)
+        assert assert_clean_failure(result, 1) == [f"error: {message.format(data=str(data))}"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe", ["ict_cifar10.toml", "ablations/l2_metric.toml"])
+def test_check_of_a_paper_recipe_after_the_readme_import_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              recipe: str) -> None:
+    """The README imports CIFAR-10 into data/cifar10-train.h5 and then checks the paper recipes from the checkout;
+    here in a folder of our own, so the result never depends on what the checkout's data/ holds."""
+    import h5py
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    path = REPO_ROOT / "recipes" / recipe
+    assert invoke("check", path).stderr.endswith(
+        "data file 'data/cifar10-train.h5' does not exist yet: create it before training (an HDF5 file with uint8 "
+        "`images` shaped (N, 3, 32, 32))\n")
+    (tmp_path / "data").mkdir()
+    with h5py.File(tmp_path / "data" / "cifar10-train.h5", "w") as f:
+        f.create_dataset("images", data=np.zeros((7, 3, 32, 32), np.uint8))
+        f.create_dataset("labels", data=np.arange(7) % 3)
+    result = invoke("check", path)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.endswith("; data 'data/cifar10-train.h5': 7 images of shape (3, 32, 32)\n"), result.stderr
+    with h5py.File(tmp_path / "data" / "cifar10-train.h5", "w") as f:
+        f.create_dataset("images", data=np.zeros((7, 3, 8, 8), np.uint8))
+    assert assert_clean_failure(invoke("check", path), 1) == [
+        "error: dataset file 'data/cifar10-train.h5' holds images of shape (3, 8, 8), but the recipe's [data] "
+        "declares channels = 3, resolution = 32; make them agree"]
