@@ -8,7 +8,7 @@ from typing import Any
 from ctcore.recipe import ALL_SECTIONS, _toml_value
 
 TINY: dict[str, dict[str, Any]] = {
-    "run": {"name": "tiny", "seed": 0, "device": "cpu"},
+    "run": {"name": "tiny", "seed": 0, "device": "cpu", "threads": 1},
     "data": {"source": "synthetic", "resolution": 4, "num_images": 256},
     "network": {"name": "mlp", "width": 32, "num_blocks": 1, "embedding_features": 8, "dropout": 0.1},
     "metric": {"name": "pseudo-huber"},
