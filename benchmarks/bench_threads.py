@@ -7,7 +7,8 @@ and the result a short fixed run reaches at each count.
 For each thread count: training img/s of the quickstart recipe (its real step, on CPU, `--steps` timed steps
 after `--warmup`) with the machine as it is, then with one busy process per other CPU started by this script
 (a `while True: pass` loop, killed afterwards), and the sliced-Wasserstein distance a `--run-steps` run of the
-quickstart reaches, trained twice: the same thread count gives the same value, another count a different one.
+quickstart reaches and a digest of its weights, trained twice: the same thread count gives the same weights,
+another count may not.
 os.getloadavg() is printed before and after, since a shared machine is rarely idle. Not a test: it prints
 numbers and exits 0.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -63,12 +65,16 @@ def train_speed(recipe: Recipe, registry, steps: int, warmup: int) -> float:
     return run_bench(recipe, registry, steps=steps, warmup=warmup)["train_img_per_s"]
 
 
-def short_run_distance(recipe: Recipe, registry) -> float:
-    """The sliced-Wasserstein distance to the data after a fresh run of `recipe` (in a temporary directory)."""
+def short_run(recipe: Recipe, registry) -> tuple[float, str]:
+    """After a fresh run of `recipe` (in a temporary directory): the sliced-Wasserstein distance to the data and
+    a digest of the student's weights (equal digests: bit-identical weights)."""
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(recipe, registry, Path(tmp) / "run")
         summary = train(run, progress=False)
-    return summary["final_distance"]
+    digest = hashlib.sha256()
+    for tensor in run.student.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return summary["final_distance"], digest.hexdigest()[:12]
 
 
 def main() -> None:
@@ -93,7 +99,9 @@ def main() -> None:
             row["loaded_img_per_s"] = train_speed(recipe, registry, args.steps, args.warmup)
         short = with_threads(base, setting, total_steps=args.run_steps, checkpoint_every=10**9,
                              sample_every=10**9, log_every=args.run_steps)
-        row["sliced_wasserstein"] = [short_run_distance(short, registry) for _ in range(2)]
+        runs = [short_run(short, registry) for _ in range(2)]
+        row["sliced_wasserstein"] = [r[0] for r in runs]
+        row["weights_sha256"] = [r[1] for r in runs]
         rows.append(row)
     load_after = os.getloadavg()
     result = {"cpus": cpus, "busy_processes": max(1, cpus - 1), "loadavg_before": load_before,
@@ -104,11 +112,13 @@ def main() -> None:
     print(f"{cpus} CPUs; load average (1, 5, 15 min) before {load_before}, after {load_after}")
     print(f"quickstart training, {args.steps} timed steps; loaded = {max(1, cpus - 1)} busy process(es) started here; "
           f"distance after a {args.run_steps}-step run, trained twice")
-    print(f"{'threads':>10} {'idle img/s':>11} {'loaded img/s':>13}  sliced Wasserstein (run 1, run 2)")
+    print(f"{'threads':>10} {'idle img/s':>11} {'loaded img/s':>13}  sliced Wasserstein (run 1, run 2)  "
+          f"weights sha256 (run 1, run 2)")
     for r in rows:
         name = f"{r['setting']}" + (f" ({r['threads']})" if r["setting"] == "auto" else "")
         sw = ", ".join(f"{v!r}" for v in r["sliced_wasserstein"])
-        print(f"{name:>10} {r['idle_img_per_s']:>11,.0f} {r['loaded_img_per_s']:>13,.0f}  {sw}")
+        print(f"{name:>10} {r['idle_img_per_s']:>11,.0f} {r['loaded_img_per_s']:>13,.0f}  {sw}  "
+              f"{', '.join(r['weights_sha256'])}")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,6 @@ from typing import Annotated, Any, Literal
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.2x carries its own copy of click
-    from typer._click.exceptions import ClickException
-except ImportError:  # pragma: no cover - typer on the click package
-    from click.exceptions import ClickException
-
 MAX_COUNT = 10**9
 """Upper bound of sample counts on the command line: far beyond any real use, and small enough that nothing
 derived from it overflows (memory is estimated separately, before anything is allocated)."""
@@ -51,7 +46,7 @@ class _OneLineUsageErrors(TyperGroup):
         args = list(sys.argv[1:] if args is None else args)
         try:
             code = super().main(args, prog_name or "ctcore", complete_var, standalone_mode=False, **extra)
-        except ClickException as exc:
+        except typer.TyperException as exc:  # click's usage errors (typer >= 0.29 carries its own click)
             code = exc.exit_code
             if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
                 _print_error(_usage_message(exc, self, args))
@@ -61,7 +56,7 @@ class _OneLineUsageErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _usage_message(exc: ClickException, group: TyperGroup, args: list[str]) -> str:
+def _usage_message(exc: typer.TyperException, group: TyperGroup, args: list[str]) -> str:
     """click's message on one line, with the help command of the (sub)command it concerns."""
     message = " ".join(exc.format_message().split()).replace(": Value error, ", ": ").removesuffix(".")
     ctx = getattr(exc, "ctx", None)

@@ -155,7 +155,7 @@ def test_quickstart_learns_at_least_5x_better_than_untrained(tmp_path, registry)
     recipe = read_recipe(REPO / "recipes" / "quickstart.toml", registry)
     run = start_run(recipe, registry, tmp_path / "quickstart")
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # as a user's run on the 2-core CI machine
+    torch.set_num_threads(2)  # the README quickstart figures: 2 threads on a 2-core machine
     try:
         summary = train(run, progress=False)
     finally:
