@@ -23,7 +23,7 @@ from ctcore.checkpoints import checkpoint_dir, list_checkpoints, load_checkpoint
 from ctcore.components import KINDS, BuildContext
 from ctcore.consistency import denoise
 from ctcore.data import ImageData, data_shape, load_data
-from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_device
+from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_device, use_threads
 from ctcore.distributed import SINGLE, World, rank_seed
 from ctcore.errors import RunError, UsageError
 from ctcore.recipe import Recipe, dump_recipe
@@ -106,8 +106,10 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     """Instantiate every component of a recipe (data, networks, teacher, optimizer); writes nothing.
 
     `data` replaces the recipe's data (the benchmark trains on random images of the declared shape). With a
-    distributed `world` (and its rank's `device`), the student is wrapped in DistributedDataParallel.
+    distributed `world` (and its rank's `device`), the student is wrapped in DistributedDataParallel. Sets
+    torch's CPU thread count from run.threads first (process-wide; the CLI restores it afterwards).
     """
+    use_threads(recipe.run.threads)
     device = device or resolve_device(recipe.run.device)
     if recipe.training.batch_size % world.world_size:
         raise UsageError(f"{recipe.source}: training.batch_size {recipe.training.batch_size} is the global batch "
@@ -160,6 +162,7 @@ def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, da
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),  # CPU results depend on it (run.threads)
         "components": components,
         "data_shape": list(data.shape),
         "num_classes": data.num_classes,

@@ -10,9 +10,89 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
+from typer.core import TyperGroup
+
+MAX_COUNT = 10**9
+"""Upper bound of sample counts on the command line: far beyond any real use, and small enough that nothing
+derived from it overflows (memory is estimated separately, before anything is allocated)."""
+MAX_SEED = 2**63 - 1 - MAX_COUNT
+"""Sample j uses seed + j, which the sample store keeps as int64 (and torch.Generator.manual_seed takes below
+2**64): seed + num_samples - 1 must fit in int64."""
+MAX_BATCH = 2**16
+"""16x the largest batch of the shipped recipes (4,096, ImageNet 64): a larger batch is a typo."""
+MAX_STEPS = 1000
+"""Sampling steps: more than any sigma grid has levels."""
+MAX_BENCH_STEPS = 10_000
+"""Timed (or warm-up) bench steps: a benchmark needs tens."""
+MAX_RESOLUTION = 4096
+"""Image side for `data import --resolution`: one 4096 x 4096 RGB image is 48 MiB, and datasets live in memory."""
+DEVICE_PATTERN = r"cpu|cuda|auto|cuda:[0-9]+"
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """The ctcore command group: a usage error (unknown command or option, missing argument, a value out of
+    range) prints one line, `error: <message> (see `ctcore <command> --help`)`, and exits 2 however the app is
+    called (console script, python -m ctcore, typer.testing.CliRunner), instead of click's boxed panel."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        import sys
+
+        args = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(args, prog_name or "ctcore", complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's usage errors (typer >= 0.29 carries its own click)
+            code = exc.exit_code
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                _print_error(_usage_message(exc, self, args))
+        except typer.Abort:
+            _print_error("aborted")
+            code = 1
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(exc: typer.TyperException, group: TyperGroup, args: list[str]) -> str:
+    """click's message on one line, with the help command of the (sub)command it concerns."""
+    message = " ".join(exc.format_message().split()).replace(": Value error, ", ": ").removesuffix(".")
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        path = ctx.command_path
+    else:  # errors raised before a context exists: follow the subcommand names in the arguments
+        names, command = ["ctcore"], group
+        for arg in args:
+            sub = getattr(command, "commands", {}).get(arg)
+            if sub is None and not arg.startswith("-"):
+                break
+            if sub is not None:
+                names.append(arg)
+                command = sub
+        path = " ".join(names)
+    return f"{message} (see `{path} --help`)"
+
+
+def _print_error(message: str) -> None:
+    """`error: <message>` on stderr (under torchrun only rank 0 prints)."""
+    import os
+
+    from rich.text import Text
+
+    quiet = os.environ.get("RANK", "0") != "0"
+    _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(message))
+
+
+def _device_option(value: str | None) -> str | None:
+    """--device: cpu, cuda, cuda:N or auto."""
+    import re
+
+    if value is not None and not re.fullmatch(DEVICE_PATTERN, value):
+        raise typer.BadParameter(f"must be cpu, cuda, cuda:N or auto, got {value!r}")
+    return value
+
 
 app = typer.Typer(
     name="ctcore",
@@ -20,6 +100,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=_OneLineUsageErrors,
 )
 
 
@@ -79,7 +160,9 @@ def run(
     Under torchrun (`torchrun --nproc-per-node G -m ctcore run RECIPE`) every process trains its share of each
     global batch with DDP; rank 0 writes and prints.
     """
-    with _torchrun_worker():
+    from ctcore.devices import threads_restored
+
+    with _torchrun_worker(), threads_restored():
         _run(target, resume, output_dir, progress)
 
 
@@ -217,31 +300,32 @@ def check(
 @app.command()
 def sample(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
-    num_samples: Annotated[
-        int | None, typer.Option("--num-samples", "-n", min=1, help="Default: the recipe's sampling.num_samples.")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(min=1, help="1: one-step; 2+: through the recipe's sampling.sigma_mid.")
-    ] = None,
+    num_samples: Annotated[int | None, typer.Option(
+        "--num-samples", "-n", min=1, max=MAX_COUNT, help="Default: the recipe's sampling.num_samples.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        min=1, max=MAX_STEPS, help="1: one-step; 2+: through the recipe's sampling.sigma_mid.")] = None,
     sigmas: Annotated[str | None, typer.Option(help='Explicit sigmas, e.g. "80,0.821" (overrides --steps).')] = None,
-    seed: Annotated[int | None, typer.Option(help="Sample j uses seed + j (default: sampling.seed).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        min=0, max=MAX_SEED, help="Sample j uses seed + j (default: sampling.seed).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HDF5 sample store (default: in the run).")] = None,
-    grid: Annotated[Path | None, typer.Option(help="PNG grid (default: the store's path with .png).")] = None,
-    weights: Annotated[str, typer.Option(help="eval-ema (default) or student.")] = "eval-ema",
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    grid: Annotated[Path | None, typer.Option(
+        help="Image grid, .png, .jpg or .webp (default: the store's path with .png).")] = None,
+    weights: Annotated[Literal["eval-ema", "student"], typer.Option(
+        help="eval-ema (default) or student.")] = "eval-ema",
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing sample store.")] = False,
 ) -> None:
     """Generate samples from a checkpoint into an HDF5 store (uint8 images, seeds, labels) and a PNG grid."""
-    with _errors():
-        from ctcore.errors import UsageError
+    from ctcore.devices import threads_restored
+
+    with _errors(), threads_restored():
         from ctcore.images import check_image_path
         from ctcore.sampling import sample_from_checkpoint
 
-        if weights not in ("eval-ema", "student"):
-            raise UsageError(f"--weights must be 'eval-ema' or 'student', got {weights!r}")
         check_image_path(grid)
+        sigma_list = _parse_sigmas(sigmas)
         result = sample_from_checkpoint(
-            checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=_parse_sigmas(sigmas), seed=seed,
+            checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigma_list, seed=seed,
             out=out,
             grid=grid, weights=weights, batch_size=batch_size, overwrite=overwrite,
         )
@@ -250,15 +334,24 @@ def sample(
 
 
 def _parse_sigmas(sigmas: str | None) -> list[float] | None:
-    """'80,0.821' -> [80.0, 0.821]; None stays None."""
+    """'80,0.821' -> [80.0, 0.821]: 1 to MAX_STEPS finite numbers; None stays None. Their range is checked
+    against the checkpoint's recipe when it is loaded."""
+    import math
+
     from ctcore.errors import UsageError
 
     if sigmas is None:
         return None
+    example = 'comma-separated numbers like "80,0.821"'
     try:
-        return [float(s) for s in sigmas.split(",") if s.strip()]
+        values = [float(s) for s in sigmas.split(",") if s.strip()]
     except ValueError:
-        raise UsageError(f'--sigmas must be comma-separated numbers like "80,0.821", got {sigmas!r}') from None
+        raise UsageError(f"--sigmas must be {example}, got {sigmas!r}") from None
+    if not values or len(values) > MAX_STEPS:
+        raise UsageError(f"--sigmas must be 1 to {MAX_STEPS} {example}, got {len(values)} values")
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"--sigmas must be finite numbers, got {sigmas!r}")
+    return values
 
 
 InceptionOption = Annotated[
@@ -278,12 +371,15 @@ def eval_checkpoint(
                                       "(ctcore eval-ref-stats, pytorch-fid, clean-fid).")],
     inception: InceptionOption = None,
     download_inception: DownloadOption = False,
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=2)] = 50_000,
-    steps: Annotated[int, typer.Option(min=1, help="1: one-step; 2: through the recipe's sampling.sigma_mid.")] = 1,
+    num_samples: Annotated[int, typer.Option(
+        "--num-samples", "-n", min=2, max=MAX_COUNT, help="At least 2 (FID needs a covariance).")] = 50_000,
+    steps: Annotated[int, typer.Option(
+        min=1, max=MAX_STEPS, help="1: one-step; 2: through the recipe's sampling.sigma_mid.")] = 1,
     sigmas: Annotated[str | None, typer.Option(help='Explicit sigmas, e.g. "80,0.821" (overrides --steps).')] = None,
-    seed: Annotated[int, typer.Option(help="Sample j uses seed + j, as in ctcore sample.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: the recipe's run.device).")] = None,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Sample j uses seed + j, as in ctcore sample.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
+    device: Annotated[str | None, typer.Option(
+        callback=_device_option, help="cpu, cuda, cuda:N or auto (default: the recipe's run.device).")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
@@ -293,7 +389,9 @@ def eval_checkpoint(
     """
     import os
 
-    with _torchrun_worker(), _errors():
+    from ctcore.devices import threads_restored
+
+    with _torchrun_worker(), _errors(), threads_restored():
         from ctcore.fid import evaluate_checkpoint
         from ctcore.inception import load_inception
 
@@ -331,8 +429,8 @@ def eval_ref_stats(
     out: Annotated[Path, typer.Argument(metavar="OUT.npz", help="Where to write mu and sigma.")],
     inception: InceptionOption = None,
     download_inception: DownloadOption = False,
-    batch_size: Annotated[int, typer.Option(min=1)] = 250,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 250,
+    device: Annotated[str, typer.Option(callback=_device_option, help="cpu, cuda, cuda:N or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.npz.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
@@ -353,13 +451,17 @@ def eval_ref_stats(
 @app.command()
 def bench(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose network to benchmark.")],
-    batch: Annotated[int | None, typer.Option(min=1, help="Batch size (default: training.batch_size).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Timed steps of each kind.")] = 10,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed steps first (compilation, autotuning).")] = 2,
+    batch: Annotated[int | None, typer.Option(
+        min=1, max=MAX_BATCH, help="Batch size (default: training.batch_size).")] = None,
+    steps: Annotated[int, typer.Option(min=1, max=MAX_BENCH_STEPS, help="Timed steps of each kind.")] = 10,
+    warmup: Annotated[int, typer.Option(
+        min=0, max=MAX_BENCH_STEPS, help="Untimed steps first (compilation, autotuning).")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Time the recipe's real training step and one-step sampling on random data of its shape."""
-    with _errors():
+    from ctcore.devices import threads_restored
+
+    with _errors(), threads_restored():
         from ctcore.bench import run_bench
         from ctcore.recipe import read_recipe
 
@@ -432,7 +534,8 @@ def data_import(
     out: Annotated[Path, typer.Argument(metavar="OUT.h5", help="The dataset file to write.")],
     split: Annotated[str, typer.Option(help="train or test (val for ImageNet .npz folders).")] = "train",
     resolution: Annotated[int | None, typer.Option(
-        min=1, help="Resize the short side to this and center-crop square (default: keep a shared size).")] = None,
+        min=1, max=MAX_RESOLUTION,
+        help="Resize the short side to this and center-crop square (default: keep a shared size).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.h5 if it exists.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
@@ -448,7 +551,8 @@ def data_import(
 @data_app.command("info")
 def data_info(
     file: Annotated[Path, typer.Argument(help="A dataset file (HDF5).")],
-    grid: Annotated[Path | None, typer.Option(help="Also write a PNG grid of up to 64 examples here.")] = None,
+    grid: Annotated[Path | None, typer.Option(
+        help="Also write a grid of up to 64 examples here (.png, .jpg or .webp).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Count, image shape, classes with per-class counts, and where the data came from."""
@@ -494,5 +598,5 @@ def data_download(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (and python -m ctcore): the app's group prints usage errors in one line."""
     app()

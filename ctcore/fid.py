@@ -186,11 +186,18 @@ def inception_outputs(inception: FIDInceptionV3, images: torch.Tensor,
 
 
 def _progress(enabled: bool, description: str, total: int):
+    """A rich bar on stderr where it can redraw itself, else a plain line every 30 s (logs, SLURM files)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False)
+    from ctcore.reporting import LineProgress, is_live
+
+    console = Console(stderr=True)
+    if enabled and not is_live(console):
+        bar = LineProgress(console)
+    else:
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                       TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
     return bar, bar.add_task(description, total=total)
 
 

@@ -31,17 +31,17 @@ def _auto_scale(h: int) -> int:
     return max(1, 64 // h) if h < 64 else 1
 
 
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
+"""Image files ctcore writes. Pillow registers more suffixes (.h5, .bufr, ...) whose formats it cannot write."""
+
+
 def check_image_path(path: str | Path | None, option: str = "--grid") -> None:
-    """Refuse, before any work, an image path whose suffix names no format Pillow can write."""
+    """Refuse, before any work, an image path that does not end in .png, .jpg (.jpeg) or .webp."""
     if path is None:
         return
-    from PIL import Image
-
     from ctcore.errors import UsageError
 
-    Image.init()
-    path = Path(path)
-    if path.suffix.lower() not in Image.registered_extensions():
+    if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
         raise UsageError(f"{option} {str(path)!r}: give an image file name ending in .png (or .jpg, .webp)")
 
 

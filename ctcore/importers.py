@@ -154,15 +154,19 @@ class _Bar:
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str, float | None], _Bar]]:
-    """Yield `bar(description, total)` making progress-bar tasks on stderr; no output when not enabled."""
+    """Yield `bar(description, total)` making progress-bar tasks on stderr (plain lines every 30 s where stderr
+    cannot redraw a bar: logs, SLURM files); no output when not enabled."""
     if not enabled:
         yield lambda description, total: _Bar(None, None)
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=Console(stderr=True), transient=True)
+    from ctcore.reporting import LineProgress, is_live
+
+    console = Console(stderr=True)
+    progress = (Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                         console=console, transient=True) if is_live(console) else LineProgress(console))
     with progress:
         yield lambda description, total: _Bar(progress, progress.add_task(description, total=total))
 

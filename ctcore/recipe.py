@@ -18,7 +18,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
 from cattrs.v import transform_error
 
-from ctcore.components import KINDS, at_least, non_negative, positive, unit_interval
+from ctcore.components import KINDS, at_least, non_negative, positive, requirement, unit_interval
 from ctcore.errors import RecipeError, did_you_mean, unknown_name_message
 
 if typing.TYPE_CHECKING:
@@ -36,6 +36,10 @@ class RunSection:
     """Empty means runs/<name>, relative to the working directory."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = attrs.field(default=0, validator=requirement(lambda v: 0 <= v <= 1024,
+                                                                "must be within [0, 1024] (0: automatic)"))
+    """torch's CPU threads (torch.set_num_threads) for training, sampling, evaluation and the bench; 0: half the
+    usable CPUs (split among torchrun's local processes), 1 to 8. CPU results depend on the count."""
 
 
 @attrs.frozen

@@ -174,11 +174,13 @@ def load_sampling_network(
     checkpoint: Path, state: dict[str, Any], recipe, registry, *, weights: str = "eval-ema", device: str | None = None
 ) -> tuple[torch.nn.Module, torch.device]:
     """The checkpoint's network rebuilt through the registry with its `weights` ("eval-ema" or "student"),
-    in eval mode on `device` (default: the recipe's run.device), and that device."""
+    in eval mode on `device` (default: the recipe's run.device), and that device. Sets torch's CPU thread
+    count from the recipe's run.threads."""
     from ctcore.components import BuildContext
-    from ctcore.devices import resolve_device
+    from ctcore.devices import resolve_device, use_threads
     from ctcore.errors import RunError
 
+    use_threads(recipe.run.threads)
     prov = state["provenance"]
     spec = recipe.components["network"]
     network = registry.get("network", spec.name)(

@@ -21,7 +21,7 @@ from ctcore.consistency import consistency_loss, karras_sigmas
 from ctcore.errors import RunError
 from ctcore.evaluation import evaluate_distance
 from ctcore.fid import evaluate_fid, load_fid_tools
-from ctcore.reporting import log_record, open_stats, plot_fid, progress_bar
+from ctcore.reporting import is_live, log_record, open_stats, plot_fid, progress_bar, progress_line
 from ctcore.sampling import save_samples
 
 if TYPE_CHECKING:
@@ -166,8 +166,9 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
 
     With `handle_signals`, SIGTERM / SIGINT finish the current step, write a checkpoint and raise
     TrainingStopped (under torchrun every rank stops after the same step). Too many consecutive non-finite
-    steps raise TrainingDiverged after checkpointing. Only rank 0 writes files and shows progress. Returns a
-    summary dict (final step, mean loss of the last interval, distances, run time).
+    steps raise TrainingDiverged after checkpointing. Only rank 0 writes files and shows progress: a rich bar
+    on a terminal, else one plain `progress_line` per log interval. Returns a summary dict (final step, mean
+    loss of the last interval, distances, run time).
     """
     from rich.console import Console
 
@@ -203,6 +204,8 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                     acc_count = 0
 
             last_time, last_step = time.perf_counter(), run.step
+            loop_started, first_step = last_time, run.step  # for the ETA of the plain progress lines
+            plain_lines = progress and world.is_main and not is_live(console)
             last_loss = None
             with progress_bar(progress and world.is_main, console) as bar, stop_on_signals(handle_signals) as signals:
                 task = bar.add_task("training", total=end, completed=run.step, loss="-", scales="-", speed="-")
@@ -230,6 +233,10 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                                      "lr": run.optimizer.param_groups[0]["lr"],
                                      "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
                         bar.update(task, loss=f"{last_loss:.4g}", scales=str(n), speed=f"{speed:,.0f}")
+                        if plain_lines:
+                            eta = (end - k) * (time.perf_counter() - loop_started) / max(k - first_step, 1)
+                            console.print(progress_line(k, end, last_loss, n, speed, eta), markup=False,
+                                          highlight=False, soft_wrap=True)
                         run.loss_sum, run.loss_count = 0.0, 0
                         last_step = k
                     if k % t.sample_every == 0 or k == end:

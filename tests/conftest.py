@@ -52,6 +52,14 @@ def _one_cpu_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _threads_as_they_were() -> Iterator[None]:
+    """A test that builds a run from a recipe with another run.threads leaves the next test one thread."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def file_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """An HTTP server on 127.0.0.1 serving a fresh folder, shut down after the test: (base URL, folder).

@@ -11,7 +11,7 @@ from ctcore.recipe import ALL_SECTIONS, _toml_value
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY: dict[str, dict[str, Any]] = {
-    "run": {"name": "tiny", "seed": 0, "device": "cpu"},
+    "run": {"name": "tiny", "seed": 0, "device": "cpu", "threads": 1},
     "data": {"source": "synthetic", "resolution": 4, "num_images": 256},
     "network": {"name": "mlp", "width": 32, "num_blocks": 1, "embedding_features": 8, "dropout": 0.1},
     "metric": {"name": "pseudo-huber"},

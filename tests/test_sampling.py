@@ -319,7 +319,8 @@ def test_more_steps_than_the_recipe_has_sigmas_suggests_sigmas(run_dir: Path) ->
         (["--sigmas", "80,abc"], "--sigmas must be comma-separated numbers like \"80,0.821\", got '80,abc'"),
         (["--sigmas", "100"], "sigmas must lie in (sigma_min, sigma_max] = (0.002, 80.0], got [100.0]"),
         (["--sigmas", "80,0.001"], "sigmas must lie in (sigma_min, sigma_max] = (0.002, 80.0], got [80.0, 0.001]"),
-        (["--weights", "teacher"], "--weights must be 'eval-ema' or 'student', got 'teacher'"),
+        (["--weights", "teacher"], "Invalid value for '--weights': 'teacher' is not one of 'eval-ema', 'student' "
+                                   "(see `ctcore sample --help`)"),
         (["--sigmas", "0.821,80"], "sigmas must decrease (e.g. 80,0.821), got [0.821, 80.0]"),
     ],
     ids=["not-numbers", "above-sigma-max", "below-sigma-min", "bad-weights", "increasing"],
