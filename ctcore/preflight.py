@@ -396,23 +396,26 @@ def _refuse_absurd(recipe: Recipe, estimate: MemoryEstimate, on_cpu: bool) -> No
 # ----------------------------------------------------------------------------------- the forward checks
 
 
-def _saved_bytes(forward: Callable[[], Any], half: bool) -> tuple[Any, int]:
-    """Run `forward` and count the bytes of the tensors autograd keeps for backward (views counted once);
-    with `half`, float32 counts as bfloat16 (what autocast keeps)."""
-    kept: dict[int, int] = {}
+def _saved_bytes(forward: Callable[[], Any], module: Any, half: bool) -> tuple[Any, int, int]:
+    """Run `forward` and count the bytes of the tensors autograd keeps for backward (views counted once): those
+    that grow with the batch, and the module's own weights and buffers (kept as they are in float32, as cast
+    copies under bf16 autocast, where every float32 tensor is kept as its bfloat16 copy)."""
+    own = {id(t) for t in (*module.parameters(), *module.buffers())} if isinstance(module, nn.Module) else set()
+    batch: dict[int, int] = {}
+    fixed: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         base = t if t._base is None else t._base
-        if isinstance(base, nn.Parameter) and not half:  # saved as it is: no extra memory
-            return t
-        # under bf16 autocast a float32 tensor is kept as its bfloat16 copy (a weight too)
-        size = 2 if (half and base.dtype == torch.float32) else base.element_size()
-        kept[id(base)] = base.numel() * size
+        size = base.numel() * (2 if (half and base.dtype == torch.float32) else base.element_size())
+        if id(base) not in own:
+            batch[id(base)] = size
+        elif half:
+            fixed[id(base)] = size
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
-    return out, sum(kept.values())
+    return out, sum(batch.values()), sum(fixed.values())
 
 
 def _meta_cannot(exc: Exception) -> bool:
@@ -454,45 +457,39 @@ class _Checks:
 
     def _network_on(self, net: nn.Module, device: str) -> tuple[int, int]:
         net.train()
-        saved = []
-        for n in (2, 4):
-            x = torch.zeros((n, *self.shape), device=device)
-            c_noise = torch.zeros(n, device=device)  # sigma = 1 in either convention
-            labels = torch.zeros(n, dtype=torch.long, device=device) if self.recipe.data.num_classes > 0 else None
-            out, kept = _saved_bytes(lambda x=x, c=c_noise, y=labels: net(x, c, y), self.half)
-            if not isinstance(out, torch.Tensor):
-                raise self.refuse("network", f"returns a {type(out).__name__} for input {tuple(x.shape)}; it must "
-                                             "return a tensor of the input's shape")
-            if out.shape != x.shape:
-                raise self.refuse("network", f"returns shape {tuple(out.shape)} for input {tuple(x.shape)}; its "
-                                             "output must have the input's shape")
-            if not out.is_floating_point():
-                raise self.refuse("network", f"returns {out.dtype} values; its output must be floating point")
-            saved.append(kept)
-        per_sample = max(0, (saved[1] - saved[0]) // 2)
-        return per_sample, max(0, saved[0] - 2 * per_sample)
+        n = 2
+        x = torch.zeros((n, *self.shape), device=device)
+        c_noise = torch.zeros(n, device=device)  # sigma = 1 in either convention
+        labels = torch.zeros(n, dtype=torch.long, device=device) if self.recipe.data.num_classes > 0 else None
+        out, kept, fixed = _saved_bytes(lambda: net(x, c_noise, labels), net, self.half)
+        if not isinstance(out, torch.Tensor):
+            raise self.refuse("network", f"returns a {type(out).__name__} for input {tuple(x.shape)}; it must "
+                                         "return a tensor of the input's shape")
+        if out.shape != x.shape:
+            raise self.refuse("network", f"returns shape {tuple(out.shape)} for input {tuple(x.shape)}; its "
+                                         "output must have the input's shape")
+        if not out.is_floating_point():
+            raise self.refuse("network", f"returns {out.dtype} values; its output must be floating point")
+        return kept // n, fixed
 
     def metric(self) -> int:
         """One value per sample on meta, values on a tiny CPU batch when small; returns saved bytes per sample."""
-        metric = self.built["metric"]
-        saved = []
-        for n in (2, 4):
-            x = torch.zeros((n, *self.shape), device="meta", requires_grad=True)
-            y = torch.zeros((n, *self.shape), device="meta")
-            try:
-                d, kept = _saved_bytes(lambda x=x, y=y: metric(x, y), self.half)
-            except Exception as exc:
-                if not _meta_cannot(exc):
-                    raise
-                d, kept = None, 0
-            if d is not None and (not isinstance(d, torch.Tensor) or d.shape != (n,)):
-                got = f"shape {tuple(d.shape)}" if isinstance(d, torch.Tensor) else f"a {type(d).__name__}"
-                raise self.refuse("metric", f"returns {got} for inputs of shape {tuple(x.shape)}; it must return "
-                                            f"one value per sample, shape ({n},)")
-            saved.append(kept)
+        metric, n = self.built["metric"], 2
+        x = torch.zeros((n, *self.shape), device="meta", requires_grad=True)
+        y = torch.zeros((n, *self.shape), device="meta")
+        try:
+            d, kept, _ = _saved_bytes(lambda: metric(x, y), metric, self.half)
+        except Exception as exc:
+            if not _meta_cannot(exc):
+                raise
+            d, kept = None, 0
+        if d is not None and (not isinstance(d, torch.Tensor) or d.shape != (n,)):
+            got = f"shape {tuple(d.shape)}" if isinstance(d, torch.Tensor) else f"a {type(d).__name__}"
+            raise self.refuse("metric", f"returns {got} for inputs of shape {tuple(x.shape)}; it must return "
+                                        f"one value per sample, shape ({n},)")
         if isinstance(metric, nn.Module) and sum(p.numel() for p in metric.parameters()) < SMALL_METRIC_PARAMETERS:
             self._metric_values()
-        return max(0, (saved[1] - saved[0]) // 2)
+        return kept // n
 
     def _metric_values(self) -> None:
         spec = self.recipe.components["metric"]
