@@ -47,13 +47,25 @@ def forward_gflop_per_image(network: torch.nn.Module, shape: tuple[int, ...], nu
 def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, steps: int = 10,
               warmup: int = 2) -> dict[str, Any]:
     """Time `steps` training steps and `steps` one-step sampling batches after `warmup` of each."""
+    import dataclasses
+    import math
+
     from ctcore.build import build_run
+    from ctcore.preflight import preflight, require_buffers
     from ctcore.training import train_step
 
     batch = batch or recipe.training.batch_size
+    recipe = _with_batch(recipe, batch)
     shape = data_shape(recipe.data)
     num_classes = recipe.data.num_classes
     device_probe = torch.device("cuda" if torch.cuda.is_available() and recipe.run.device != "cpu" else "cpu")
+    # the random images and one step at --batch must fit before either is allocated (estimated at batch 1, so
+    # that an absurd --batch is refused here, naming --batch)
+    memory = preflight(_with_batch(recipe, 1), registry).memory
+    memory = dataclasses.replace(memory, batch=batch, data=0, host_staging=0)
+    on_cpu = device_probe.type == "cpu"
+    require_buffers({"training": memory.peak(on_cpu), "images": max(2 * batch, 16) * (math.prod(shape) + 8)},
+                    device_probe, f"bench --batch {batch:,}", "choose a smaller --batch")
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (max(2 * batch, 16), *shape), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, max(num_classes, 1), (images.shape[0],), generator=g)
@@ -62,7 +74,6 @@ def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, s
     device = run.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run.recipe = _with_batch(recipe, batch)
 
     for _ in range(warmup):
         train_step(run)

@@ -20,12 +20,13 @@ from torch import nn
 
 import ctcore
 from ctcore.checkpoints import checkpoint_dir, list_checkpoints, load_checkpoint, recipe_from_checkpoint, restore
-from ctcore.components import KINDS, BuildContext
+from ctcore.components import KINDS
 from ctcore.consistency import denoise
-from ctcore.data import ImageData, data_shape, load_data
+from ctcore.data import ImageData, check_data_file, load_data
 from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_device, use_threads
 from ctcore.distributed import SINGLE, World, rank_seed
 from ctcore.errors import RunError, UsageError
+from ctcore.preflight import build_components, preflight
 from ctcore.recipe import Recipe, dump_recipe
 from ctcore.registry import Registry
 
@@ -81,26 +82,6 @@ def output_dir_for(recipe: Recipe, override: str | Path | None = None) -> Path:
     return Path(override or recipe.run.output_dir or Path("runs") / recipe.run.name)
 
 
-def build_components(recipe: Recipe, registry: Registry, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """One instance per kind, built for the data shape and classes the recipe declares (no data is read).
-
-    `device="meta"` builds shapes only: `ctcore check` uses it to validate even a 300M-parameter network
-    in no memory and no time.
-    """
-    context = BuildContext(data_shape=data_shape(recipe.data), num_classes=recipe.data.num_classes,
-                           total_steps=recipe.training.total_steps)
-    built = {}
-    with torch.device(device):
-        for kind in KINDS:
-            spec = recipe.components[kind]
-            cls = registry.get(kind, spec.name)
-            try:
-                built[kind] = cls(spec.options, context)
-            except (ValueError, TypeError) as exc:
-                raise UsageError(f"{recipe.source}: cannot build {kind} {spec.name!r}: {exc}") from None
-    return built
-
-
 def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None,
               data: ImageData | None = None, world: World = SINGLE, device: torch.device | None = None) -> Run:
     """Instantiate every component of a recipe (data, networks, teacher, optimizer); writes nothing.
@@ -114,6 +95,11 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     if recipe.training.batch_size % world.world_size:
         raise UsageError(f"{recipe.source}: training.batch_size {recipe.training.batch_size} is the global batch "
                          f"and must split evenly over {world.world_size} processes; change one of them")
+    if data is None and recipe.data.source == "hdf5":  # the file alone first: its own defects name the file
+        check_data_file(recipe.data, device)
+    # every component on the meta device first: a broken contract or a run that cannot fit stops here, before
+    # any real allocation (the data, the networks, the sample buffers)
+    preflight(recipe, registry, device=device, world_size=world.world_size, data=data)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls and convs on tensor cores
         torch.backends.cudnn.allow_tf32 = True

@@ -111,8 +111,12 @@ def _console(stderr: bool = False, quiet: bool = False):
 
 
 @contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Turn expected failures into one message on stderr and an exit code (under torchrun, rank 0 prints it)."""
+def _errors(plugin_exit_code: int = 1) -> Iterator[None]:
+    """Turn expected failures into one message on stderr and an exit code (under torchrun, rank 0 prints it).
+
+    An exception of any type raised inside a plugin's code is one line naming the component and its distribution
+    (exit `plugin_exit_code`); any other unexpected exception is a bug of ctcore and keeps its traceback.
+    """
     import os
 
     from ctcore.errors import CtcoreError
@@ -125,9 +129,20 @@ def _errors() -> Iterator[None]:
 
         _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(exc.render()))
         raise typer.Exit(exc.exit_code) from None
-    except OSError as exc:  # a file that cannot be written (a full disk) or read: one line, not a traceback
+    except typer.Exit:
+        raise
+    except Exception as exc:
         from rich.text import Text
 
+        from ctcore.preflight import plugin_failure
+
+        failure = plugin_failure(exc, exit_code=plugin_exit_code)
+        if failure is not None:
+            _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(failure.render()))
+            raise typer.Exit(failure.exit_code) from None
+        if not isinstance(exc, OSError):
+            raise
+        # a file that cannot be written (a full disk) or read: one line, not a traceback
         reason = (exc.strerror or str(exc) or type(exc).__name__).splitlines()[0]
         where = f": {str(exc.filename)!r}" if exc.filename is not None else ""
         _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(reason + where))
@@ -235,6 +250,13 @@ def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) ->
                 f"ctcore run {the_run.out_dir} --resume"
             )
             raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130) from None
+        except Exception as exc:  # raised in a plugin mid-run: one line with the step and the checkpoint to resume
+            from ctcore.preflight import plugin_failure
+
+            failure = plugin_failure(exc, the_run.registry, run=the_run)
+            if failure is None:
+                raise
+            raise failure from exc
         except KeyboardInterrupt:
             ckpts = list_checkpoints(the_run.out_dir)
             latest = f"the latest checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
@@ -269,18 +291,19 @@ def check(
     build: Annotated[bool, typer.Option(help="Also build every component for the declared data shape.")] = True,
 ) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""
-    with _errors():
+    with _errors(plugin_exit_code=2):
         from ctcore.recipe import dump_recipe, read_recipe
 
         registry = _registry()
         recipe = read_recipe(recipe_path, registry)
         typer.echo(dump_recipe(recipe), nl=False)
         if build:
-            from ctcore.build import build_components
             from ctcore.data import check_data_file, data_shape
+            from ctcore.files import human_bytes
+            from ctcore.preflight import preflight
 
-            network = build_components(recipe, registry, device="meta")["network"]
-            params = sum(p.numel() for p in network.parameters())
+            report = preflight(recipe, registry)  # every component on the meta device, checked and measured
+            params = report.parameters
             d = recipe.data
             if d.source == "synthetic":
                 data_note = f"synthetic data, {d.num_images:,} images of shape {data_shape(d)}"
@@ -291,9 +314,11 @@ def check(
             else:  # the file's structure, shape, classes, size in memory and labels, reading labels only
                 info = check_data_file(d)
                 data_note = f"data {d.path!r}: {info['count']:,} images of shape {info['shape']}"
+            m = report.memory
             _console(stderr=True).print(
                 f"ok: {recipe_path} is valid; network {recipe.components['network'].name} has {params:,} "
-                f"parameters; {data_note}"
+                f"parameters; {data_note}; training needs about {human_bytes(m.peak(report.on_cpu))} in one process "
+                f"({m.parts(m.names(report.on_cpu))})"
             )
 
 

@@ -31,6 +31,10 @@ HOOKS: dict[str, str] = {
 NOISE_CONVENTIONS: dict[str, float] = {"fourier": 0.25, "positional": 1000 * 0.25}
 """c_noise = factor * ln(sigma): 0.25 for Gaussian-Fourier embeddings (NCSN++), 250 for ADM positional ones."""
 
+MAX_NUM_SCALES: int = 2**24
+"""The most sigma-grid points a curriculum may ask for: torch.multinomial, which draws the pair indices, takes at
+most 2^24 categories (a grid that large is already 128 MiB of float64 per stage)."""
+
 
 @attrs.frozen
 class BuildContext:

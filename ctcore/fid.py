@@ -342,6 +342,14 @@ def evaluate_checkpoint(
     shape = tuple(state["provenance"]["data_shape"])
     num_classes = state["provenance"]["num_classes"]
     _channels_ok(shape[0], f"checkpoint {str(checkpoint)!r}")
+    from ctcore.devices import resolve_device
+    from ctcore.preflight import PYTHON_INT_BYTES, require_buffers
+
+    # the seeds and every logit stay on the host (twice, when joined), plus one batch at 299 x 299 on the device
+    batch = min(batch_size, num_samples) * (math.prod(shape) * 4 * (len(sigmas) + 3) + 3 * 299 * 299 * 4 * 2)
+    require_buffers({"host_logits": num_samples * NUM_LOGITS * 4 * 2, "host_seeds": num_samples * PYTHON_INT_BYTES,
+                     "batch": batch}, resolve_device(device or recipe.run.device),
+                    f"evaluating {num_samples:,} samples", "choose a smaller --num-samples or --batch-size")
     network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
     world, dev = setup(dev)  # under torchrun: this rank's GPU
     network, model = network.to(dev), model.to(dev)

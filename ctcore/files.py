@@ -84,12 +84,12 @@ def failed_write_message(path: Path, code: int) -> str:
 
 
 def human_bytes(n: int) -> str:
-    """Bytes as 512 B, 12.0 KiB, 3.4 GiB."""
+    """Bytes as 512 B, 12.0 KiB, 3.4 GiB (up to EiB, for the absurd sizes a recipe can ask for)."""
     if n < 1024:
         return f"{n} B"
     value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
         value /= 1024
-        if value < 1024 or unit == "TiB":
+        if value < 1024 or unit == "EiB":
             break
     return f"{value:.1f} {unit}"

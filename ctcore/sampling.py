@@ -217,6 +217,7 @@ def sample_from_checkpoint(
 
     checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas)
     c = recipe.consistency
+    asked = num_samples
     num_samples = recipe.sampling.num_samples if num_samples is None else num_samples
     seed = recipe.sampling.seed if seed is None else seed
     # inside a run directory samples go to its samples/ folder, otherwise next to the checkpoint
@@ -227,6 +228,14 @@ def sample_from_checkpoint(
     if out.exists() and not overwrite:
         raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
     prov = state["provenance"]
+    from ctcore.devices import resolve_device
+    from ctcore.preflight import require_buffers, sample_buffers
+
+    option = "--num-samples" if asked is not None else f"sampling.num_samples of {checkpoint} (pass --num-samples)"
+    require_buffers(sample_buffers(num_samples, tuple(prov["data_shape"]), len(sigmas), batch_size),
+                    resolve_device(device or recipe.run.device), f"making {num_samples:,} samples",
+                    f"choose a smaller {option}, or a smaller --batch-size; several smaller stores (--seed) "
+                    "make the same samples")
     network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
     seeds = list(range(seed, seed + num_samples))
     images, labels = generate(

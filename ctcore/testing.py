@@ -13,7 +13,14 @@ import attrs
 import torch
 from torch import nn
 
-from ctcore.components import KINDS, NAME_PATTERN, NOISE_CONVENTIONS, RESERVED_OPTIONS, BuildContext
+from ctcore.components import (
+    KINDS,
+    MAX_NUM_SCALES,
+    NAME_PATTERN,
+    NOISE_CONVENTIONS,
+    RESERVED_OPTIONS,
+    BuildContext,
+)
 from ctcore.consistency import karras_sigmas
 from ctcore.errors import CtcoreError
 
@@ -26,15 +33,26 @@ __all__ = [
     "check_component_class",
     "check_curriculum",
     "check_metric",
+    "check_metric_values",
     "check_network",
     "check_noise_schedule",
+    "check_num_scales",
+    "check_schedule_on_grid",
     "check_teacher",
 ]
 
 
 
+class ContractViolation(AssertionError):
+    """A broken contract rule; `problem` is the rule without the class name (ctcore check names the component)."""
+
+    def __init__(self, cls: type, problem: str) -> None:
+        super().__init__(f"{getattr(cls, '__qualname__', cls)!s}: {problem}")
+        self.problem = problem
+
+
 def _fail(cls: type, problem: str) -> AssertionError:
-    return AssertionError(f"{getattr(cls, '__qualname__', cls)!s}: {problem}")
+    return ContractViolation(cls, problem)
 
 
 def _build(cls: type, context: BuildContext, options: dict[str, Any]) -> Any:
@@ -193,7 +211,8 @@ def check_network(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_metric_values(cls: type, metric: nn.Module, data_shape: tuple[int, ...], when: str) -> None:
+def check_metric_values(cls: type, metric: nn.Module, data_shape: tuple[int, ...], when: str) -> None:
+    """d(x, y) of one built metric on 3 random CPU samples: shape (3,), finite, >= 0, differentiable, d(x, x) = 0."""
     x = torch.randn(3, *data_shape, requires_grad=True)
     y = torch.randn(3, *data_shape)
     d = metric(x, y)
@@ -223,10 +242,10 @@ def check_metric(cls: type, data_shape: tuple[int, ...] = (3, 8, 8), **options: 
         metric = _build(cls, BuildContext(data_shape=data_shape), options)
         if not isinstance(metric, nn.Module):
             raise _fail(cls, f"a metric must be a torch.nn.Module, got {type(metric).__name__}")
-        _check_metric_values(cls, metric, data_shape, f"with data_shape={data_shape}")
+        check_metric_values(cls, metric, data_shape, f"with data_shape={data_shape}")
         try:  # the core may not know the data shape: sizes must then come from the inputs
             unshaped = _build(cls, BuildContext(data_shape=None), options)
-            _check_metric_values(cls, unshaped, data_shape, "with data_shape=None")
+            check_metric_values(cls, unshaped, data_shape, "with data_shape=None")
         except AssertionError:
             raise
         except Exception as exc:
@@ -238,34 +257,39 @@ def check_metric(cls: type, data_shape: tuple[int, ...] = (3, 8, 8), **options: 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def check_schedule_on_grid(cls: type, schedule: Any, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and 4096 sampled indices of one built schedule on one sigma grid, checked; returns both."""
+    n = sigmas.shape[0]
+    p = schedule.probabilities(sigmas)
+    if not isinstance(p, torch.Tensor) or p.shape != (n - 1,):
+        got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+        raise _fail(cls, f"probabilities() of a {n}-point grid must have shape ({n - 1},), got {got}")
+    p64 = p.to(torch.float64)
+    if not torch.isfinite(p64).all() or (p64 < 0).any():
+        raise _fail(cls, f"probabilities() of a {n}-point grid must be finite and non-negative")
+    total = p64.sum().item()
+    if abs(total - 1.0) > 1e-9:
+        raise _fail(cls, f"probabilities() of a {n}-point grid sums to {total!r}, not 1 within 1e-9 "
+                         "(normalise in float64)")
+
+    idx = schedule.sample(sigmas, 4096, torch.Generator().manual_seed(0))
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.shape != (4096,):
+        got = (idx.dtype, tuple(idx.shape)) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise _fail(cls, f"sample(sigmas, 4096, generator) must give 4096 int64 indices, got {got}")
+    if idx.min() < 0 or idx.max() > n - 2:
+        raise _fail(cls, f"sample() indices must lie in [0, {n - 2}] for {n} sigmas, got "
+                         f"[{idx.min().item()}, {idx.max().item()}]")
+    again = schedule.sample(sigmas, 4096, torch.Generator().manual_seed(0))
+    if not torch.equal(idx, again):
+        raise _fail(cls, "sample() must draw only from its generator: the same seed gave other indices")
+    return p64, idx
+
+
 def check_noise_schedule(cls: type, **options: Any) -> None:
     """Check a noise schedule on Karras grids: valid probabilities, in-range and reproducible indices."""
     schedule = _build(cls, BuildContext(), options)
     for n in (2, 11, 161, 1281):
-        sigmas = karras_sigmas(n)
-        p = schedule.probabilities(sigmas)
-        if not isinstance(p, torch.Tensor) or p.shape != (n - 1,):
-            got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
-            raise _fail(cls, f"probabilities() of a {n}-point grid must have shape ({n - 1},), got {got}")
-        p64 = p.to(torch.float64)
-        if not torch.isfinite(p64).all() or (p64 < 0).any():
-            raise _fail(cls, f"probabilities() of a {n}-point grid must be finite and non-negative")
-        total = p64.sum().item()
-        if abs(total - 1.0) > 1e-9:
-            raise _fail(cls, f"probabilities() of a {n}-point grid sums to {total!r}, not 1 within 1e-9 "
-                             "(normalise in float64)")
-
-        idx = schedule.sample(sigmas, 4096, torch.Generator().manual_seed(0))
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.shape != (4096,):
-            got = (idx.dtype, tuple(idx.shape)) if isinstance(idx, torch.Tensor) else type(idx).__name__
-            raise _fail(cls, f"sample(sigmas, 4096, generator) must give 4096 int64 indices, got {got}")
-        if idx.min() < 0 or idx.max() > n - 2:
-            raise _fail(cls, f"sample() indices must lie in [0, {n - 2}] for {n} sigmas, got "
-                             f"[{idx.min().item()}, {idx.max().item()}]")
-        again = schedule.sample(sigmas, 4096, torch.Generator().manual_seed(0))
-        if not torch.equal(idx, again):
-            raise _fail(cls, "sample() must draw only from its generator: the same seed gave other indices")
-
+        p64, idx = check_schedule_on_grid(cls, schedule, karras_sigmas(n))
         if n == 11:  # the draws follow `probabilities` (generous bound; the seed makes it deterministic)
             freq = torch.bincount(idx, minlength=n - 1).to(torch.float64) / idx.numel()
             bound = 5 * torch.sqrt(p64 * (1 - p64) / idx.numel()) + 0.005
@@ -279,21 +303,31 @@ def check_noise_schedule(cls: type, **options: Any) -> None:
 
 
 def check_curriculum(cls: type, total_steps: int = 1000, **options: Any) -> None:
-    """Check a curriculum: num_scales(step) is an int >= 2, non-decreasing from step 0 to past the end."""
+    """Check a curriculum: num_scales(step) is an int in [2, 2^24], non-decreasing from step 0 to past the end."""
     curriculum = _build(cls, BuildContext(total_steps=total_steps), options)
     grid = {round(i * total_steps / 199) for i in range(200)}
-    steps = sorted(grid | {0, total_steps, total_steps + 1, 2 * total_steps, 10 * total_steps})
-    previous, previous_step = 0, None
+    check_num_scales(cls, curriculum, sorted(grid | {0, total_steps, total_steps + 1, 2 * total_steps,
+                                                      10 * total_steps}))
+
+
+def check_num_scales(cls: type, curriculum: Any, steps: list[int]) -> list[int]:
+    """N(k) of one built curriculum at increasing `steps`, checked (int, 2 <= N <= MAX_NUM_SCALES, non-decreasing)."""
+    previous, previous_step, found = 0, None, []
     for step in steps:
         n = curriculum.num_scales(step)
         if not isinstance(n, int) or isinstance(n, bool):
             raise _fail(cls, f"num_scales({step}) must return an int, got {type(n).__name__}")
         if n < 2:
             raise _fail(cls, f"num_scales({step}) must be >= 2 (a sigma grid needs two points), got {n}")
+        if n > MAX_NUM_SCALES:
+            raise _fail(cls, f"num_scales({step}) must be at most 2^24 = {MAX_NUM_SCALES:,} (torch.multinomial's "
+                             f"limit on categories), got {n:,}")
         if n < previous:
             raise _fail(cls, f"num_scales must be non-decreasing: num_scales({previous_step}) = {previous} "
                              f"but num_scales({step}) = {n}")
         previous, previous_step = n, step
+        found.append(n)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,7 +446,8 @@ def check_all(registry: Registry, options: dict[tuple[str, str], dict[str, Any]]
                 check_component(kind, registry.get(kind, name), **options.get((kind, name), {}))
             except Exception as exc:
                 where = registry.provider(kind, name).distribution
-                failures.append(f"{kind} {name!r} from {where}: {type(exc).__name__}: {exc}")
+                kind_of = "AssertionError" if isinstance(exc, AssertionError) else type(exc).__name__
+                failures.append(f"{kind} {name!r} from {where}: {kind_of}: {exc}")
     if failures:
         raise AssertionError(f"{len(failures)} component(s) break the contract:\n" + "\n".join(failures))
 

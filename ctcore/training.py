@@ -268,6 +268,12 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                 summary["final_distance"] = final
                 if final is not None:
                     log_record(stats, {"event": "distance", "step": run.step, "sliced_wasserstein": final})
+        except (TrainingStopped, TrainingDiverged):
+            raise
+        except Exception as exc:  # e.g. raised inside a plugin: the log says when; checkpoints stay as they were
+            with contextlib.suppress(OSError, ValueError):
+                log_record(stats, {"event": "error", "step": run.step, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            raise
         finally:
             if stats is not None:
                 stats.close()

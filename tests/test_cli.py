@@ -178,7 +178,9 @@ def test_every_shipped_recipe_passes_check_and_prints_itself_resolved(recipe: Pa
     assert re.fullmatch(
         rf"ok: {re.escape(str(recipe))} is valid; network \S+ has [\d,]+ parameters; "
         r"(synthetic data, [\d,]+ images of shape \(\d+, \d+, \d+\)"
-        r"|data file '[^']+' does not exist yet: create it before training \(.*\))\n",
+        r"|data file '[^']+' does not exist yet: create it before training \(.*\)); "
+        r"training needs about [\d.]+ [KMGT]iB in one process \(.*activations [\d.]+ [KMGT]iB for [\d,]+ images at "
+        r"[\d.]+ [KMGT]iB each.*\)\n",
         result.stderr,
     ), result.stderr
 
@@ -194,7 +196,8 @@ def test_check_quickstart() -> None:
     assert recipe.sampling.sigma_mid == (0.821,)
     assert re.fullmatch(
         rf"ok: {re.escape(str(QUICKSTART))} is valid; network mlp has [\d,]+ parameters; "
-        r"synthetic data, 20,000 images of shape \(3, 8, 8\)\n",
+        r"synthetic data, 20,000 images of shape \(3, 8, 8\); training needs about [\d.]+ MiB in one process "
+        r"\(.*activations [\d.]+ MiB for 256 images at 30.0 KiB each.*\)\n",
         result.stderr,
     ), result.stderr
 
@@ -605,10 +608,10 @@ def test_check_validates_a_recipe_whose_data_file_does_not_exist_yet(tmp_path: P
                                data={"source": "hdf5", "path": str(missing), "num_classes": 10})
     result = invoke("check", recipe)
     assert result.exit_code == 0, result.output
-    assert result.stderr.endswith(
+    assert (
         f"data file {str(missing)!r} does not exist yet: create it before training (an HDF5 file with uint8 "
-        "`images` shaped (N, 3, 4, 4) and `labels`)\n"
-    )
+        "`images` shaped (N, 3, 4, 4) and `labels`); training needs about "
+    ) in result.stderr
 
 
 def test_check_refuses_a_data_file_of_the_wrong_shape(tmp_path: Path) -> None:
@@ -659,16 +662,15 @@ def test_check_of_a_paper_recipe_after_the_readme_import_step(tmp_path: Path, mo
 
     monkeypatch.chdir(tmp_path)
     path = REPO_ROOT / "recipes" / recipe
-    assert invoke("check", path).stderr.endswith(
-        "data file 'data/cifar10-train.h5' does not exist yet: create it before training (an HDF5 file with uint8 "
-        "`images` shaped (N, 3, 32, 32))\n")
+    assert ("; data file 'data/cifar10-train.h5' does not exist yet: create it before training (an HDF5 file with "
+            "uint8 `images` shaped (N, 3, 32, 32)); training needs about ") in invoke("check", path).stderr
     (tmp_path / "data").mkdir()
     with h5py.File(tmp_path / "data" / "cifar10-train.h5", "w") as f:
         f.create_dataset("images", data=np.zeros((7, 3, 32, 32), np.uint8))
         f.create_dataset("labels", data=np.arange(7) % 3)
     result = invoke("check", path)
     assert result.exit_code == 0, result.output
-    assert result.stderr.endswith("; data 'data/cifar10-train.h5': 7 images of shape (3, 32, 32)\n"), result.stderr
+    assert "; data 'data/cifar10-train.h5': 7 images of shape (3, 32, 32); training needs about " in result.stderr
     with h5py.File(tmp_path / "data" / "cifar10-train.h5", "w") as f:
         f.create_dataset("images", data=np.zeros((7, 3, 8, 8), np.uint8))
     assert assert_clean_failure(invoke("check", path), 1) == [

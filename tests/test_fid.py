@@ -473,6 +473,12 @@ def test_evaluate_checkpoint_rejects_bad_requests_before_sampling(checkpoint: Pa
         evaluate_checkpoint(checkpoint, registry, inception=inception, num_samples=4, ref_stats=tmp_path / "x.npz")
     with pytest.raises(RunError, match="Inception weights file"):
         evaluate_checkpoint(checkpoint, registry, inception=tmp_path / "none.pth", num_samples=4, ref_stats=ref)
+    # -n 10^12: the seeds and logits are refused before a list of a trillion seeds is made
+    with pytest.raises(UsageError, match=r"^evaluating 1,000,000,000,000 samples needs about 7.2 PiB of memory on "
+                                         r"cpu \(logits 7.2 PiB, seeds 36.4 TiB, batch .*\) but .*; choose a smaller "
+                                         r"--num-samples or --batch-size$"):
+        evaluate_checkpoint(checkpoint, registry, inception=inception, num_samples=10**12, ref_stats=ref,
+                            device="cpu")
 
 
 # ------------------------------------------------------------------------------- FID during training
