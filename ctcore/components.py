@@ -278,6 +278,16 @@ def entries_of(field: attrs.Attribute) -> Entries | None:
     return next((v for v in _validators(field) if isinstance(v, Entries)), None)
 
 
+def range_text(field: attrs.Attribute) -> str | None:
+    """A field's range in words ("in [-20, 20]", "1 to 12 entries, each in [1, 64]"), or None."""
+    r, e = range_of(field), entries_of(field)
+    if r is None:
+        return None
+    if not r.each:
+        return f"in {r.interval}"
+    return f"{e.lo} to {e.hi} entries, each in {r.interval}" if e is not None else f"each in {r.interval}"
+
+
 DROPOUT_REASON = "kept activations are scaled by 1 / (1 - p); iCT uses 0.3"
 FOURIER_SCALE_REASON = "std of the frozen frequencies; iCT 0.02, CM 16"
 """Reasons shared by the builtin networks' ranges."""
