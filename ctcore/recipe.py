@@ -41,7 +41,6 @@ _SEED = within(0, MAX_SEED, "seeds derived from it, such as seed + 1 and per-ran
 _STEPS = within(1, MAX_STEPS, "checkpoint names hold 9 digits of the step")
 _STEPS_OR_0 = within(0, MAX_STEPS, "checkpoint names hold 9 digits of the step")
 _INTERVAL = within(1, MAX_STEPS, "an interval in steps; checkpoint names hold 9 digits of the step")
-_SIGMA_REASON = "a noise std in pixel units of data in [-1, 1]; outside, float32 rounding or 8-bit steps dominate"
 
 
 @attrs.frozen
@@ -80,8 +79,10 @@ class DataSection:
 class ConsistencySection:
     """The paper's constants (EDM/CM values) and the loss weighting lambda."""
 
-    sigma_min: float = attrs.field(default=0.002, validator=within(1e-5, 100.0, _SIGMA_REASON))
-    sigma_max: float = attrs.field(default=80.0, validator=within(1e-3, 1e4, _SIGMA_REASON))
+    sigma_min: float = attrs.field(default=0.002, validator=within(
+        1e-5, 100.0, "noise std for pixels in [-1, 1]; 1e-5 is far below one 8-bit step, 0.0078"))
+    sigma_max: float = attrs.field(default=80.0, validator=within(
+        1e-3, 1e4, "noise std for pixels in [-1, 1]; at 1e4 float32 rounds x + sigma z to 1/8 of an 8-bit step"))
     sigma_data: float = attrs.field(default=0.5, validator=within(
         1e-3, 1e3, "the data std; pixels are in [-1, 1] and its square enters c_skip, c_out, c_in"))
     rho: float = attrs.field(default=7.0, validator=within(
@@ -136,7 +137,8 @@ class SamplingSection:
     seed: int = attrs.field(default=0, validator=_SEED)
     """Sample j uses seed + j, so any subset can be regenerated."""
     sigma_mid: tuple[float, ...] = attrs.field(default=(), validator=[
-        entries(0, 1000, "one network evaluation each"), each_within(1e-5, 1e4, _SIGMA_REASON)])
+        entries(0, 1000, "one network evaluation each"), each_within(
+            1e-5, 1e4, "noise std between the smallest sigma_min and the largest sigma_max")])
     """Intermediate sigmas of multistep sampling: [0.821] is iCT's CIFAR-10 two-step; empty: one step."""
     clip: bool = True
     """Clamp every denoised output to [-1, 1]."""
