@@ -63,7 +63,7 @@ class DataSection:
     """HDF5 file with uint8 `images` (N, C, H, W) and optional `labels` (source = "hdf5")."""
     channels: int = attrs.field(default=3, validator=within(1, 1024, "1 grey, 3 RGB, more for multispectral data"))
     """Channels per image; an HDF5 file must match (the synthetic set is RGB)."""
-    resolution: int = attrs.field(default=32, validator=within(1, 4096, "image side in pixels"))
+    resolution: int = attrs.field(default=32, validator=within(1, 4096, "image side in pixels; CIFAR-10 32"))
     """Image side in pixels; an HDF5 file must match. Networks are built for (channels, resolution, resolution)."""
     num_images: int = attrs.field(default=20_000, validator=within(
         1, 100_000_000, "synthetic images are generated in memory"))
@@ -104,13 +104,13 @@ class TrainingSection:
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), validator=each_within(
         0.0, 1.0, "bias correction divides by 1 - beta^k", open_hi=True))
     eps: float = attrs.field(default=1e-8, validator=within(
-        1e-30, 1.0, "smaller values vanish in float32, and 0 / 0 is NaN"))
+        1e-30, 1.0, "below about 1e-38 it vanishes in float32, and 0 / 0 is NaN"))
     weight_decay: float = attrs.field(default=0.0, validator=within(
         0.0, 1.0, "coupled L2 added to the gradient; beyond 1 it outweighs the loss"))
     warmup_steps: int = attrs.field(default=0, validator=_STEPS_OR_0)
     """Linear learning-rate warmup over this many steps (0: none)."""
     grad_clip: float = attrs.field(default=0.0, validator=within(
-        0.0, 1e10, "0: no clipping; a cap on the global gradient norm"))
+        0.0, 1e10, "0: no clipping; a cap on the global gradient norm, useless far above 1e10"))
     """Max global gradient norm (0: no clipping)."""
     eval_ema_decay: float = attrs.field(default=0.99993, validator=within(
         0.0, 1.0, "the EMA weight 1 - decay must stay positive", open_hi=True))

@@ -421,6 +421,12 @@ def test_lognormal_far_off_the_grid_still_gives_a_distribution(p_mean, p_std, pe
     assert draws.min() >= 0 and draws.max() < len(p)
 
 
+def test_lognormal_on_a_device_decides_without_reading_back():
+    """Off the CPU, torch.where picks plain or log-space masses on the device (run here on the meta device)."""
+    p = _lognormal(20.0, 0.01).probabilities(karras_sigmas(11).to("meta"))
+    assert p.device.type == "meta" and p.shape == (10,)
+
+
 def test_log_space_masses_agree_with_erf_where_both_are_accurate():
     from ctcore_noise import _log_space_masses
 

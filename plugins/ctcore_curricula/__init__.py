@@ -13,7 +13,7 @@ from ctcore.components import BuildContext, within
 MAX_SCALES = 1_000_000
 """The largest s1 and num_scales: N(k) stays at most 1,000,001 grid points, far below torch.multinomial's limit of
 2^24 categories, and a new grid of that size costs milliseconds."""
-_SCALES_REASON = "pairs of the sigma grid; iCT ends at 1280"
+_SCALES_REASON = "pairs of the sigma grid: iCT ends at 1280; torch samples from at most 2^24"
 
 
 def _total_steps(context: BuildContext) -> int:
@@ -83,7 +83,8 @@ class Constant:
 
     @attrs.frozen
     class Options:
-        num_scales: int = attrs.field(default=18, validator=within(2, MAX_SCALES, "points of the sigma grid"))
+        num_scales: int = attrs.field(default=18, validator=within(
+            2, MAX_SCALES, "points of the sigma grid; torch samples from at most 2^24"))
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options

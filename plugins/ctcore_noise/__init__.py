@@ -23,7 +23,7 @@ class Lognormal(NoiseScheduleBase):
         p_mean: float = attrs.field(default=-1.1, validator=within(
             -20.0, 20.0, "ln sigma of any grid lies within [-11.6, 9.3]; iCT -1.1"))
         p_std: float = attrs.field(default=2.0, validator=within(
-            0.01, 100.0, "the spread of ln sigma; iCT 2.0, wider is flat over any grid"))
+            0.01, 100.0, "the spread of ln sigma: iCT 2.0; narrower is one noise level, wider is flat over any grid"))
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options
@@ -34,9 +34,14 @@ class Lognormal(NoiseScheduleBase):
         mass = cdf[1:] - cdf[:-1]
         total = mass.sum()
         # When the lognormal lies so far off the grid that every erf rounds to +-1, the masses are all 0: take
-        # them in log space instead. torch.where keeps the plain result bit-identical and reads nothing back.
-        far = _log_space_masses((torch.log(s) - self.options.p_mean) / self.options.p_std)
-        return torch.where(total > 0, mass / total, far)
+        # them in log space instead; the plain result stays bit-identical wherever it is usable. Reading the sum
+        # is free on CPU; on a GPU torch.where decides on the device instead of waiting for it.
+        if total.device.type == "cpu":
+            return mass / total if total > 0 else self._far_off_grid(s)
+        return torch.where(total > 0, mass / total, self._far_off_grid(s))
+
+    def _far_off_grid(self, s: torch.Tensor) -> torch.Tensor:
+        return _log_space_masses((torch.log(s) - self.options.p_mean) / self.options.p_std)
 
 
 def _log1mexp(d: torch.Tensor) -> torch.Tensor:
