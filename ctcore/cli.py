@@ -538,7 +538,9 @@ def list_components(
         for r in rows:
             cells = [r["kind"], r["name"], r["summary"], f"{r['distribution']} {r['version']}"]
             if options:
-                cells.append(", ".join(f"{k}={v!r}" for k, v in r["options"].items()) or "-")
+                ranges = r["ranges"]
+                cells.append(", ".join(f"{k}={v!r}" + (f" {ranges[k]}" if k in ranges else "")
+                                       for k, v in r["options"].items()) or "-")
             table.add_row(*(Text(c) for c in cells))
         _console().print(table)
 

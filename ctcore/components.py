@@ -177,6 +177,157 @@ def one_of(*choices: Any) -> Callable[[Any, attrs.Attribute, Any], None]:
     return requirement(lambda v: v in choices, f"must be one of {', '.join(map(repr, choices))}")
 
 
+def show(value: Any) -> str:
+    """A value as a message shows it: integers with `_` separators from 10_000 (as recipes write them), floats
+    in their shortest exact form (1e+10, 0.99993), tuples as arrays."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:_}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    return repr(value)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+@attrs.frozen
+class Within:
+    """An attrs validator: lo <= value <= hi (a bound with `open_lo` / `open_hi` is excluded), raising
+    ValueError("key: must be within [lo, hi] (reason), got value"). With `each`, the value is a tuple and every
+    entry must be within the range ("key[i]: ..."). None passes, so optional fields may stay unset.
+    `ctcore.components.range_of(field)` finds it on a field, so docs and tests can read the range."""
+
+    lo: float
+    hi: float
+    reason: str
+    open_lo: bool = False
+    open_hi: bool = False
+    each: bool = False
+
+    @property
+    def interval(self) -> str:
+        """"[lo, hi]", with "(" / ")" for an open bound."""
+        return f"{'(' if self.open_lo else '['}{show(self.lo)}, {show(self.hi)}{')' if self.open_hi else ']'}"
+
+    @property
+    def message(self) -> str:
+        return f"must be within {self.interval} ({self.reason})"
+
+    def contains(self, v: Any) -> bool:
+        if not _is_number(v):
+            return False
+        above = v > self.lo if self.open_lo else v >= self.lo
+        below = v < self.hi if self.open_hi else v <= self.hi
+        return above and below
+
+    def __call__(self, _instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None:
+            return
+        if not self.each:
+            if not self.contains(value):
+                raise ValueError(f"{attribute.name}: {self.message}, got {show(value)}")
+            return
+        for i, v in enumerate(value):
+            if not self.contains(v):
+                raise ValueError(f"{attribute.name}[{i}]: {self.message}, got {show(v)}")
+
+
+def within(lo: float, hi: float, reason: str, *, open_lo: bool = False, open_hi: bool = False) -> Within:
+    """Validator: lo <= value <= hi (inclusive unless open_lo / open_hi); `reason` says in a few words why."""
+    return Within(lo, hi, reason, open_lo, open_hi)
+
+
+def each_within(lo: float, hi: float, reason: str, *, open_lo: bool = False, open_hi: bool = False) -> Within:
+    """Validator for a tuple option: every entry lo <= v <= hi (pair it with `entries` for the length)."""
+    return Within(lo, hi, reason, open_lo, open_hi, each=True)
+
+
+@attrs.frozen
+class Entries:
+    """An attrs validator for tuple options: between lo and hi entries ("key: must have 1 to 12 entries (...)")."""
+
+    lo: int
+    hi: int
+    reason: str
+
+    def __call__(self, _instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and not self.lo <= len(value) <= self.hi:
+            what = f"{self.lo} to {self.hi} entries" if self.lo < self.hi else f"{self.lo} entries"
+            raise ValueError(f"{attribute.name}: must have {what} ({self.reason}), got {len(value)}")
+
+
+def entries(lo: int, hi: int, reason: str) -> Entries:
+    """Validator: a tuple option has lo..hi entries."""
+    return Entries(lo, hi, reason)
+
+
+def _validators(field: attrs.Attribute) -> list[Any]:
+    v = field.validator
+    return list(getattr(v, "_validators", ())) if v is not None and hasattr(v, "_validators") else [v]
+
+
+def range_of(field: attrs.Attribute) -> Within | None:
+    """The Within validator of an Options / section field, or None."""
+    return next((v for v in _validators(field) if isinstance(v, Within)), None)
+
+
+def entries_of(field: attrs.Attribute) -> Entries | None:
+    """The Entries validator of a tuple field, or None."""
+    return next((v for v in _validators(field) if isinstance(v, Entries)), None)
+
+
+def range_text(field: attrs.Attribute) -> str | None:
+    """A field's range in words ("in [-20, 20]", "1 to 12 entries, each in [1, 64]"), or None."""
+    r, e = range_of(field), entries_of(field)
+    if r is None:
+        return None
+    if not r.each:
+        return f"in {r.interval}"
+    return f"{e.lo} to {e.hi} entries, each in {r.interval}" if e is not None else f"each in {r.interval}"
+
+
+DROPOUT_REASON = "kept activations are scaled by 1 / (1 - p); iCT uses 0.3"
+FOURIER_SCALE_REASON = "std of the frozen frequencies; iCT 0.02, CM 16"
+"""Reasons shared by the builtin networks' ranges."""
+
 positive = requirement(lambda v: v > 0, "must be > 0")
 non_negative = requirement(lambda v: v >= 0, "must be >= 0")
 unit_interval = requirement(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in text)
+
+
+def path_text(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator for path options: no NUL or other control characters (no file system takes them intact)."""
+    if isinstance(value, str) and _has_control(value):
+        raise ValueError(f"{attribute.name}: must not contain control characters such as NUL or a newline (it is a "
+                         f"file path); retype it, got {value!r}")
+
+
+def directory_name(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator for run.name, which names the run directory runs/<name>: one usable path component."""
+    if not isinstance(value, str):
+        return
+    size = len(value.encode("utf-8", "surrogatepass"))
+    where = "(it names the run directory runs/<name>)"
+    problems = (
+        (not value, f"must not be empty {where}; choose a name"),
+        (_has_control(value), f"must not contain control characters such as NUL or a newline {where}; "
+                              "choose another name"),
+        ("/" in value or "\\" in value, "must not contain '/' or '\\' (it names one directory, runs/<name>); choose "
+                                        "another name, or set run.output_dir to place the run elsewhere"),
+        (value in (".", ".."), f"must not be '.' or '..' {where}; choose another name"),
+        (size > 255, f"must be at most 255 bytes in UTF-8 {where}, not {size}; choose a shorter name"),
+    )
+    for bad, text in problems:
+        if bad:
+            shown = value if size <= 255 else value[:20] + "..."
+            raise ValueError(f"{attribute.name}: {text}, got {shown!r}")

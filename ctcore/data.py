@@ -65,7 +65,7 @@ def synthetic_glyphs(num_images: int, resolution: int = 8, seed: int = 0) -> tup
     return img.round().clamp(0, 255).to(torch.uint8), glyph
 
 
-MAX_CHANNELS = 16
+MAX_CHANNELS = 1024  # as data.channels in a recipe
 MAX_SIDE = 16_384
 """Bounds on an HDF5 file's per-image shape (C, H, W): anything beyond is a mislabelled or hostile file."""
 
@@ -102,10 +102,12 @@ def _check_structure(f, where: str) -> dict:
     n, c, h, w = images.shape
     if n == 0:
         raise RunError(f"{where} holds no images (`images` has shape {images.shape}); import the data again")
+    if c == h > 4 and w in (1, 3, 4):  # square images stored channels-last
+        raise RunError(f"{where}: `images` has shape {images.shape}, which looks like (N, H, W, C): store images "
+                       f"as (N, C, H, W)")
     if not (1 <= c <= MAX_CHANNELS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
-        hint = "; it looks like (N, H, W, C): store images as (N, C, H, W)" if w in (1, 3, 4) and c > 4 else ""
         raise RunError(f"{where}: `images` has shape {images.shape}, outside (N, 1..{MAX_CHANNELS} channels, "
-                       f"1..{MAX_SIDE:,}, 1..{MAX_SIDE:,} pixels){hint}")
+                       f"1..{MAX_SIDE:,}, 1..{MAX_SIDE:,} pixels)")
     labels = f.get("labels")
     if labels is not None:
         if not isinstance(labels, h5py.Dataset) or labels.dtype.kind not in "iu":

@@ -18,7 +18,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
 from cattrs.v import transform_error
 
-from ctcore.components import KINDS, at_least, non_negative, positive, requirement, unit_interval
+from ctcore.components import KINDS, directory_name, each_within, entries, path_text, show, within
 from ctcore.errors import RecipeError, did_you_mean, unknown_name_message
 
 if typing.TYPE_CHECKING:
@@ -27,17 +27,32 @@ if typing.TYPE_CHECKING:
 
 
 
+MAX_SEED = 10**18
+"""Seeds are at most this, so every seed derived from one (seed + 1, seed + 2, seed + step + 1_000_003 (rank + 1),
+sampling seed + j) stays far inside the 64-bit range torch.Generator.manual_seed and the sample stores accept."""
+MAX_STEPS = 999_999_999
+"""Checkpoint names hold the step in 9 digits (ckpt-000400000.pt) so that they sort by step."""
+MAX_SIGMA_RATIO = 2.0
+"""sigma_max >= 2 sigma_min: measured, the Karras grid of up to 1,000,001 points then stays strictly increasing
+in float64 and in float32 (student and teacher see distinct sigmas) for every rho in range; at a ratio of 1.1 a
+1,000,001-point grid has 161,139 equal float32 neighbours, at 1 + 1e-9 its float64 weights become infinite."""
+
+_SEED = within(0, MAX_SEED, "seeds derived from it, such as seed + 1 and per-rank offsets, must fit in 64 bits")
+_STEPS = within(1, MAX_STEPS, "checkpoint names hold 9 digits of the step")
+_STEPS_OR_0 = within(0, MAX_STEPS, "checkpoint names hold 9 digits of the step")
+_INTERVAL = within(1, MAX_STEPS, "an interval in steps; checkpoint names hold 9 digits of the step")
+
+
 @attrs.frozen
 class RunSection:
     """Where the run lives and how it is seeded."""
 
-    name: str = "run"
-    output_dir: str = ""
+    name: str = attrs.field(default="run", validator=directory_name)
+    output_dir: str = attrs.field(default="", validator=path_text)
     """Empty means runs/<name>, relative to the working directory."""
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = attrs.field(default=0, validator=requirement(lambda v: 0 <= v <= 1024,
-                                                                "must be within [0, 1024] (0: automatic)"))
+    threads: int = attrs.field(default=0, validator=within(0, 1024, "0: automatic"))
     """torch's CPU threads (torch.set_num_threads) for training, sampling, evaluation and the bench; 0: half the
     usable CPUs (split among torchrun's local processes), 1 to 8. CPU results depend on the count."""
 
@@ -47,15 +62,16 @@ class DataSection:
     """Training data: the built-in synthetic set (no download) or an HDF5 file."""
 
     source: Literal["synthetic", "hdf5"] = "synthetic"
-    path: str = ""
+    path: str = attrs.field(default="", validator=path_text)
     """HDF5 file with uint8 `images` (N, C, H, W) and optional `labels` (source = "hdf5")."""
-    channels: int = attrs.field(default=3, validator=at_least(1))
+    channels: int = attrs.field(default=3, validator=within(1, 1024, "1 grey, 3 RGB, more for multispectral data"))
     """Channels per image; an HDF5 file must match (the synthetic set is RGB)."""
-    resolution: int = attrs.field(default=32, validator=at_least(1))
+    resolution: int = attrs.field(default=32, validator=within(1, 4096, "image side in pixels; CIFAR-10 32"))
     """Image side in pixels; an HDF5 file must match. Networks are built for (channels, resolution, resolution)."""
-    num_images: int = attrs.field(default=20_000, validator=at_least(1))
+    num_images: int = attrs.field(default=20_000, validator=within(
+        1, 100_000_000, "synthetic images are generated in memory"))
     """Synthetic data only: how many images to generate."""
-    num_classes: int = attrs.field(default=0, validator=at_least(0))
+    num_classes: int = attrs.field(default=0, validator=within(0, 100_000, "ImageNet-21k has 21,841"))
     """0: unconditional. Otherwise labels 0..num_classes-1 are fed to the network (HDF5 `labels`, or the
     synthetic set's 8 glyph shapes)."""
     random_flip: bool = False
@@ -66,10 +82,14 @@ class DataSection:
 class ConsistencySection:
     """The paper's constants (EDM/CM values) and the loss weighting lambda."""
 
-    sigma_min: float = attrs.field(default=0.002, validator=positive)
-    sigma_max: float = attrs.field(default=80.0, validator=positive)
-    sigma_data: float = attrs.field(default=0.5, validator=positive)
-    rho: float = attrs.field(default=7.0, validator=positive)
+    sigma_min: float = attrs.field(default=0.002, validator=within(
+        1e-5, 100.0, "noise std for pixels in [-1, 1]; 1e-5 is far below one 8-bit step, 0.0078"))
+    sigma_max: float = attrs.field(default=80.0, validator=within(
+        1e-3, 1e4, "noise std for pixels in [-1, 1]; at 1e4 float32 rounds x + sigma z to 1/8 of an 8-bit step"))
+    sigma_data: float = attrs.field(default=0.5, validator=within(
+        1e-3, 1e3, "the data std; pixels are in [-1, 1] and its square enters c_skip, c_out, c_in"))
+    rho: float = attrs.field(default=7.0, validator=within(
+        0.1, 1000.0, "the grid takes sigma^(1/rho), which leaves float64 near rho = 0.02; 1000 is already geometric"))
     weighting: Literal["inverse-delta", "uniform"] = "inverse-delta"
     """iCT: 1 / (sigma_{i+1} - sigma_i); CT: uniform (lambda = 1)."""
 
@@ -78,28 +98,35 @@ class ConsistencySection:
 class TrainingSection:
     """Optimizer, eval EMA of the student, precision and the cadence of logs, checkpoints and samples."""
 
-    total_steps: int = attrs.field(default=400_000, validator=at_least(1))
-    batch_size: int = attrs.field(default=1024, validator=at_least(1))
+    total_steps: int = attrs.field(default=400_000, validator=_STEPS)
+    batch_size: int = attrs.field(default=1024, validator=within(
+        1, 1_000_000, "examples per step; papers use up to 4096"))
     optimizer: Literal["radam", "adam"] = "radam"
-    lr: float = attrs.field(default=1e-4, validator=positive)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = attrs.field(default=1e-8, validator=positive)
-    weight_decay: float = attrs.field(default=0.0, validator=non_negative)
-    warmup_steps: int = attrs.field(default=0, validator=non_negative)
+    lr: float = attrs.field(default=1e-4, validator=within(
+        0.0, 1.0, "Adam moves each weight by about lr per step; papers use 1e-5 to 1e-3", open_lo=True))
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), validator=each_within(
+        0.0, 1.0, "bias correction divides by 1 - beta^k", open_hi=True))
+    eps: float = attrs.field(default=1e-8, validator=within(
+        1e-30, 1.0, "below about 1e-38 it vanishes in float32, and 0 / 0 is NaN"))
+    weight_decay: float = attrs.field(default=0.0, validator=within(
+        0.0, 1.0, "coupled L2 added to the gradient; beyond 1 it outweighs the loss"))
+    warmup_steps: int = attrs.field(default=0, validator=_STEPS_OR_0)
     """Linear learning-rate warmup over this many steps (0: none)."""
-    grad_clip: float = attrs.field(default=0.0, validator=non_negative)
+    grad_clip: float = attrs.field(default=0.0, validator=within(
+        0.0, 1e10, "0: no clipping; a cap on the global gradient norm, useless far above 1e10"))
     """Max global gradient norm (0: no clipping)."""
-    eval_ema_decay: float = attrs.field(default=0.99993, validator=unit_interval)
+    eval_ema_decay: float = attrs.field(default=0.99993, validator=within(
+        0.0, 1.0, "the EMA weight 1 - decay must stay positive", open_hi=True))
     """Decay of the eval EMA of the student (used for sampling); not the teacher."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the student; auto: on CUDA, off on CPU."""
-    log_every: int = attrs.field(default=100, validator=at_least(1))
-    checkpoint_every: int = attrs.field(default=10_000, validator=at_least(1))
-    sample_every: int = attrs.field(default=10_000, validator=at_least(1))
-    keep_checkpoints: int = attrs.field(default=3, validator=at_least(1))
-    max_nonfinite_steps: int = attrs.field(default=10, validator=at_least(0))
+    log_every: int = attrs.field(default=100, validator=_INTERVAL)
+    checkpoint_every: int = attrs.field(default=10_000, validator=_INTERVAL)
+    sample_every: int = attrs.field(default=10_000, validator=_INTERVAL)
+    keep_checkpoints: int = attrs.field(default=3, validator=within(1, 100_000, "checkpoints kept on disk"))
+    max_nonfinite_steps: int = attrs.field(default=10, validator=_STEPS_OR_0)
     """A step whose loss or gradient is not finite is skipped (logged in stats.jsonl); after this many in a row
     the run stops and checkpoints the last good weights. 0: no check (saves one scalar read per step)."""
 
@@ -108,10 +135,13 @@ class TrainingSection:
 class SamplingSection:
     """Sample grids during training and the default of `ctcore sample`."""
 
-    num_samples: int = attrs.field(default=64, validator=at_least(1))
-    seed: int = 0
+    num_samples: int = attrs.field(default=64, validator=within(
+        1, 100_000, "samples per grid; FID uses 50,000"))
+    seed: int = attrs.field(default=0, validator=_SEED)
     """Sample j uses seed + j, so any subset can be regenerated."""
-    sigma_mid: tuple[float, ...] = ()
+    sigma_mid: tuple[float, ...] = attrs.field(default=(), validator=[
+        entries(0, 1000, "one network evaluation each"), each_within(
+            1e-5, 1e4, "noise std between the smallest sigma_min and the largest sigma_max")])
     """Intermediate sigmas of multistep sampling: [0.821] is iCT's CIFAR-10 two-step; empty: one step."""
     clip: bool = True
     """Clamp every denoised output to [-1, 1]."""
@@ -122,18 +152,19 @@ class EvaluationSection:
     """The distribution distance printed at the start and end of a run (sliced Wasserstein in pixel space)."""
 
     distance: Literal["sliced-wasserstein", "none"] = "sliced-wasserstein"
-    num_samples: int = attrs.field(default=1000, validator=at_least(1))
-    num_projections: int = attrs.field(default=256, validator=at_least(1))
-    fid_every: int = attrs.field(default=0, validator=at_least(0))
+    num_samples: int = attrs.field(default=1000, validator=within(1, 100_000, "samples compared in pixel space"))
+    num_projections: int = attrs.field(default=256, validator=within(1, 10_000, "random directions averaged"))
+    fid_every: int = attrs.field(default=0, validator=_STEPS_OR_0)
     """FID and Inception Score of the eval EMA every this many steps and at the end (0: never)."""
-    fid_num_samples: int = attrs.field(default=10_000, validator=at_least(2))
+    fid_num_samples: int = attrs.field(default=10_000, validator=within(
+        2, 1_000_000, "a covariance needs 2; papers use 50,000"))
     """Samples per periodic FID (papers report 50,000; fewer is cheaper and biased upwards)."""
-    fid_steps: int = attrs.field(default=1, validator=at_least(1))
+    fid_steps: int = attrs.field(default=1, validator=within(1, 1001, "1 + the most sampling.sigma_mid values"))
     """1: one-step samples; n: through the first n - 1 values of sampling.sigma_mid."""
-    fid_batch_size: int = attrs.field(default=256, validator=at_least(1))
-    inception: str = ""
+    fid_batch_size: int = attrs.field(default=256, validator=within(1, 65_536, "samples per evaluation batch"))
+    inception: str = attrs.field(default="", validator=path_text)
     """Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth); required when fid_every > 0."""
-    fid_reference: str = ""
+    fid_reference: str = attrs.field(default="", validator=path_text)
     """Reference statistics .npz (mu, sigma), e.g. from `ctcore eval-ref-stats`; required when fid_every > 0."""
 
 
@@ -301,7 +332,7 @@ def read_recipe(path: str | Path, registry: Registry) -> Recipe:
     """Read and validate a recipe file; raises RecipeError listing every problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) reads like none
     except FileNotFoundError:
         raise RecipeError(str(path), ["file not found: check the path (recipes live in recipes/)"]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -365,14 +396,22 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
     """Checks across keys and sections; each runs when the sections it reads parsed cleanly."""
     problems = []
     c, sampling, training, data = (s.get(k) for k in ("consistency", "sampling", "training", "data"))
-    if c is not None and c.sigma_min >= c.sigma_max:
-        problems.append(f"consistency.sigma_min: must be < sigma_max ({c.sigma_max}), got {c.sigma_min}")
+    if c is not None and c.sigma_max < MAX_SIGMA_RATIO * c.sigma_min:
+        problems.append(f"consistency.sigma_max: must be at least {show(MAX_SIGMA_RATIO)} x sigma_min = "
+                        f"{show(MAX_SIGMA_RATIO * c.sigma_min)} (a finer grid between them has equal neighbours in "
+                        f"float32), got {show(c.sigma_max)}; lower sigma_min or raise sigma_max")
     if c is not None and sampling is not None:
         mids = sampling.sigma_mid
-        if any(not c.sigma_min < m < c.sigma_max for m in mids):
-            problems.append(f"sampling.sigma_mid: every value must lie in (sigma_min, sigma_max), got {list(mids)}")
-        if any(b >= a for a, b in zip(mids, mids[1:], strict=False)):
-            problems.append(f"sampling.sigma_mid: values must decrease, got {list(mids)}")
+        outside = [i for i, m in enumerate(mids) if not c.sigma_min < m < c.sigma_max]
+        if outside:
+            i = outside[0]
+            problems.append(f"sampling.sigma_mid[{i}]: every value must lie in (sigma_min, sigma_max) = "
+                            f"({show(c.sigma_min)}, {show(c.sigma_max)}), got {show(mids[i])}")
+        rising = [i for i in range(1, len(mids)) if mids[i] >= mids[i - 1]]
+        if rising:
+            i = rising[0]
+            problems.append(f"sampling.sigma_mid[{i}]: values must decrease, got {show(mids[i])} after "
+                            f"{show(mids[i - 1])}")
     e = s.get("evaluation")
     if e is not None and e.fid_every > 0:
         for key, what in (("inception", "the Inception-v3 FID weights file"),
@@ -382,8 +421,6 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
     if e is not None and sampling is not None and e.fid_steps - 1 > len(sampling.sigma_mid):
         problems.append(f"evaluation.fid_steps: {e.fid_steps} steps need {e.fid_steps - 1} values in "
                         f"sampling.sigma_mid, which has {len(sampling.sigma_mid)}")
-    if training is not None and any(not 0.0 <= b < 1.0 for b in training.betas):
-        problems.append(f"training.betas: each must be in [0, 1), got {list(training.betas)}")
     if data is not None and data.source == "hdf5" and not data.path:
         problems.append('data.path: required when data.source = "hdf5" (the HDF5 file to train on)')
     if data is not None and data.source == "synthetic":

@@ -14,7 +14,7 @@ import attrs
 import pluggy
 
 from ctcore import hookspecs
-from ctcore.components import CONTEXT_KEYS, HOOKS, KINDS, NAME_PATTERN, RESERVED_OPTIONS, BuildContext
+from ctcore.components import CONTEXT_KEYS, HOOKS, KINDS, NAME_PATTERN, RESERVED_OPTIONS, BuildContext, range_text
 from ctcore.errors import PluginError, UnknownComponentError, UsageError, unknown_name_message
 
 ENTRY_POINT_GROUP = "ctcore"
@@ -121,6 +121,7 @@ class Registry:
                         "distribution": prov.distribution,
                         "version": prov.version,
                         "options": {f.name: _default(f) for f in attrs.fields(cls.Options)},
+                        "ranges": {f.name: range_text(f) for f in attrs.fields(cls.Options) if range_text(f)},
                     }
                 )
         return out

@@ -48,6 +48,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     if sigmas is None:
         c = r.consistency
         sigmas = karras_sigmas(num_scales, c.sigma_min, c.sigma_max, c.rho).to(run.device)
+        run.sigma_grids.clear()  # N(k) never decreases: one grid, not one per N (up to 10^6 of them for CT)
         run.sigma_grids[num_scales] = sigmas
     x, labels = run.data.batch(t.batch_size, run.index_generator, rank=world.rank, world_size=world.world_size)
     share = world.share(t.batch_size)

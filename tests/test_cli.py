@@ -126,7 +126,7 @@ def test_list_components_options_shows_defaults() -> None:
     result = invoke("list-components", "--kind", "noise_schedule", "--options", env=WIDE)
     assert result.exit_code == 0, result.output
     rows = {r[1]: r for r in table_rows(result.stdout)}
-    assert rows["lognormal"][4] == "p_mean=-1.1, p_std=2.0"
+    assert rows["lognormal"][4] == "p_mean=-1.1 in [-20, 20], p_std=2.0 in [0.01, 100]"
     assert rows["uniform"][4] == "-"
 
 
@@ -134,7 +134,7 @@ def test_list_components_json() -> None:
     result = invoke("list-components", "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert all(set(r) == {"kind", "name", "summary", "distribution", "version", "options"} for r in rows)
+    assert all(set(r) == {"kind", "name", "summary", "distribution", "version", "options", "ranges"} for r in rows)
     by_name = {(r["kind"], r["name"]): r for r in rows}
     for kind, names in BUILTINS.items():
         for name in names:
@@ -144,6 +144,8 @@ def test_list_components_json() -> None:
     assert by_name[("curriculum", "exponential")]["options"] == {"s0": 10, "s1": 1280}
     assert by_name[("metric", "pseudo-huber")]["options"] == {"c": None}
     assert by_name[("metric", "l2")]["options"] == {}
+    assert by_name[("noise_schedule", "lognormal")]["ranges"] == {"p_mean": "in [-20, 20]", "p_std": "in [0.01, 100]"}
+    assert by_name[("network", "ncsnpp")]["ranges"]["ch_mult"] == "1 to 12 entries, each in [1, 64]"
 
     metrics = json.loads(invoke("list-components", "--json", "--kind", "metric").stdout)
     assert metrics == [r for r in rows if r["kind"] == "metric"]
@@ -560,7 +562,7 @@ def test_the_example_plugin_is_listed(example_plugin: None) -> None:
     assert rows[("metric", "l2")][3] == f"ctcore {CTCORE_VERSION}"
     rows_json = json.loads(invoke("list-components", "--json", "--kind", "metric").stdout)
     assert {"kind": "metric", "name": "l1", "summary": "mean absolute difference per sample",
-            "distribution": "ctcore-example", "version": "0.1.0", "options": {}} in rows_json
+            "distribution": "ctcore-example", "version": "0.1.0", "options": {}, "ranges": {}} in rows_json
 
 
 def test_a_run_records_the_plugin_that_provided_its_metric(l1_run: Path) -> None:

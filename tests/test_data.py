@@ -175,8 +175,11 @@ HOSTILE = {  # name: (builder, message after "dataset file '<path>'", data.num_c
                      0),
     "int16-images": (_with_images(dtype=np.int16), ": `images` must be uint8 (N, C, H, W), got int16 (5, 3, 4, 4)", 0),
     "channels-last": (_with_images((5, 32, 32, 3)),
-                      ": `images` has shape (5, 32, 32, 3), outside (N, 1..16 channels, 1..16,384, 1..16,384 pixels); "
-                      "it looks like (N, H, W, C): store images as (N, C, H, W)", 0),
+                      ": `images` has shape (5, 32, 32, 3), which looks like (N, H, W, C): store images as "
+                      "(N, C, H, W)", 0),
+    "too-many-channels": (_with_images((1, 2000, 2, 2)),
+                          ": `images` has shape (1, 2000, 2, 2), outside (N, 1..1024 channels, 1..16,384, 1..16,384 "
+                          "pixels)", 0),
     "string-labels": (_with_images(data=np.array([b"cat", b"dog", b"cat", b"dog", b"cat"])),
                       ": `labels` must be integers (N,), got strings of shape (5,); store class indices 0, 1, ... "
                       "as integers", 0),

@@ -14,7 +14,7 @@ import ctcore
 import ctcore.hookspecs
 import ctcore.testing
 from ctcore.cli import app
-from ctcore.components import KINDS, BuildContext
+from ctcore.components import KINDS, BuildContext, entries_of, range_of
 from ctcore.recipe import CORE_SECTIONS
 from ctcore.registry import DISABLE_ENV
 
@@ -134,6 +134,35 @@ def test_every_section_and_core_field_is_documented_in_recipes_md():
             continue
         missing += [f"{name}.{f.name}" for f in attrs.fields(cls) if f"`{f.name}`" not in body]
     _fail_if_missing(missing, RECIPES_DOC, "recipe sections or keys")
+
+
+def _documented_sections() -> list[tuple[str, str, type]]:
+    """(heading token, what, attrs class) for every core section and builtin component."""
+    out = [(f"`[{name}]`", f"[{name}]", cls) for name, cls in CORE_SECTIONS.items()]
+    registry = ctcore.load_registry()
+    for row in registry.rows():
+        if row["distribution"] == "ctcore":
+            options = registry.get(row["kind"], row["name"]).Options
+            out.append((f"`{row['name']}`", f"{row['kind']} {row['name']!r}", options))
+    return out
+
+
+def test_every_documented_range_is_the_validators_range():
+    """The type column of each option's row shows exactly the range its validator checks (e.g. `[-20, 20]`,
+    `(0, 1]`), and for arrays the allowed number of entries (`1 to 12`)."""
+    text = _read(RECIPES_DOC)
+    missing = []
+    for token, what, cls in _documented_sections():
+        body = _section(text, token) or ""
+        rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]*) \|", body, re.M)}
+        for field in attrs.fields(cls):
+            r, e = range_of(field), entries_of(field)
+            if r is None:
+                continue
+            wanted = [r.interval] + ([f"{e.lo} to {e.hi}"] if e is not None else [])
+            cell = rows.get(field.name, "")
+            missing += [f"{what}: `{field.name}` shows {cell!r}, not {w!r}" for w in wanted if w not in cell]
+    _fail_if_missing(missing, RECIPES_DOC, "ranges as the validators check them")
 
 
 def test_readme_shows_every_cli_command_and_the_two_main_commands():

@@ -144,16 +144,18 @@ def test_a_good_run_is_unchanged_by_the_check(tmp_path, registry):
 
 
 def test_a_diverging_run_exits_1_with_one_line_and_a_checkpoint(tmp_path):
-    """lr 1e30 blows the weights up after the first step: a real divergence, through the CLI."""
-    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run",
-                               training={"total_steps": 40, "lr": 1e30, "max_nonfinite_steps": 3})
+    """A real divergence, through the CLI, with in-range settings: Adam with beta2 = 0 (so v = g^2 of the last step
+    alone), beta1 = 0.9 and eps = 1e-30 divides momentum by a vanishing gradient; the weights blow up at step 3."""
+    training = {"total_steps": 40, "optimizer": "adam", "lr": 1.0, "betas": [0.9, 0.0], "eps": 1e-30,
+                "weight_decay": 1.0, "max_nonfinite_steps": 3}
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", training=training)
     proc = subprocess.run([sys.executable, "-m", "ctcore", "run", str(recipe), "--no-progress"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("error: training stopped at step 4: 3 consecutive steps had a non-finite loss")
-    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-000000004.pt"
-    assert f"{ckpt} holds the weights of the last good step 1" in line
+    assert line.startswith("error: training stopped at step 5: 3 consecutive steps had a non-finite loss")
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-000000005.pt"
+    assert f"{ckpt} holds the weights of the last good step 2" in line
     state = load_checkpoint(ckpt)
     assert all(torch.isfinite(v).all() for v in state["student"].values())
-    assert state["last_good_step"] == 1
+    assert state["last_good_step"] == 2

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, at_least, requirement, unit_interval
+from ctcore.components import DROPOUT_REASON, BuildContext, each_within, entries, requirement, within
 
 from .layers import AttentionBlock, Downsample, ResBlock, Upsample, sinusoidal_embedding, zero_module
 
@@ -41,11 +41,12 @@ def _as_tuple(value: object) -> object:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
-_positive_ints = requirement(
-    lambda v: isinstance(v, tuple) and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v),
-    "must be a list of positive integers",
+_ints = requirement(
+    lambda v: isinstance(v, tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+    "must be a list of integers",
 )
-_non_empty = requirement(lambda v: len(v) > 0, "must not be empty")
+MAX_LEVELS = 12
+"""Resolution levels: 12 halve a 4096-pixel image (the largest data.resolution) down to 2 pixels."""
 _attention_backend = requirement(lambda v: v in ("math", "sdpa"), "must be 'math' or 'sdpa'")
 
 
@@ -69,37 +70,42 @@ class ADM(nn.Module):
     class Options:
         """Defaults: the CM / iCT ImageNet 64x64 configuration (CM `scripts/launch.sh`, EDM `--arch=adm`)."""
 
-        model_channels: int = attrs.field(default=192, validator=at_least(1))
+        model_channels: int = attrs.field(default=192, validator=within(1, 4096, "base width; CM / iCT 192"))
         """Base width; level i has model_channels * channel_mult[i] channels, the embedding 4x this."""
         channel_mult: tuple[int, ...] = attrs.field(
-            default=(1, 2, 3, 4), converter=_as_tuple, validator=[_positive_ints, _non_empty]
+            default=(1, 2, 3, 4), converter=_as_tuple,
+            validator=[_ints, entries(1, MAX_LEVELS, "one per resolution level"),
+                       each_within(1, 64, "width multipliers")],
         )
         """Width multiplier per resolution level; len(channel_mult) - 1 down-samplings."""
-        num_res_blocks: int = attrs.field(default=3, validator=at_least(1))
+        num_res_blocks: int = attrs.field(default=3, validator=within(1, 64, "blocks per level; iCT-deep 6"))
         """Residual blocks per level in the encoder (the decoder has one more). iCT-deep: 6 (UNVERIFIED)."""
         attention_resolutions: tuple[int, ...] = attrs.field(
-            default=(32, 16, 8), converter=_as_tuple, validator=_positive_ints
+            default=(32, 16, 8), converter=_as_tuple,
+            validator=[_ints, entries(0, 16, "feature-map sizes"),
+                       each_within(1, 4096, "a feature-map size in pixels")],
         )
         """Feature-map resolutions (side lengths) that get attention after each residual block. For a 64x64
         input, (32, 16, 8) are ADM's downsample factors ds = 64 // res = (2, 4, 8), i.e. levels 1, 2, 3, not
         the 64x64 level. A resolution no level has at this data size is unused (as in ADM); the middle block
         always has attention. For non-square data the resolution is the feature map's height."""
-        num_head_channels: int = attrs.field(default=64, validator=at_least(1))
+        num_head_channels: int = attrs.field(default=64, validator=within(1, 65_536, "channels per attention head"))
         """Channels per attention head; heads = channels // num_head_channels (must divide evenly)."""
         resblock_updown: bool = True
         """Down/up-sample with residual blocks (avg-pool / nearest inside); False: strided conv / upsample+conv."""
         use_scale_shift_norm: bool = True
         """AdaGN: the embedding gives a per-channel scale and shift after the second GroupNorm (CM config: on).
         iCT probably turned it off for stability (sCM, Sec. 4.1: AdaGN made CM training diverge; UNVERIFIED)."""
-        dropout: float = attrs.field(default=0.2, validator=unit_interval)
+        dropout: float = attrs.field(default=0.2, validator=within(0.0, 0.99, DROPOUT_REASON))
         """Dropout rate inside residual blocks whose output resolution is <= dropout_max_resolution. iCT uses
         dropout only at resolutions <= 16 on ImageNet 64 (per sCM App. G.2); the rate 0.2 is UNVERIFIED."""
-        dropout_max_resolution: int = attrs.field(default=16, validator=at_least(1))
+        dropout_max_resolution: int = attrs.field(default=16, validator=within(
+            1, 4096, "a feature-map size; 4096, the largest data.resolution, means everywhere"))
         """Largest feature resolution that gets dropout; set it >= the image size for dropout everywhere."""
         attention: Literal["math", "sdpa"] = attrs.field(default="sdpa", validator=_attention_backend)
         """Attention kernel: "sdpa" = torch's scaled_dot_product_attention (fused, memory-efficient on GPU),
         "math" = the same computation spelled out (reference / debugging)."""
-        num_groups: int = attrs.field(default=32, validator=at_least(1))
+        num_groups: int = attrs.field(default=32, validator=within(1, 1024, "GroupNorm groups; ADM 32"))
         """GroupNorm groups (ADM: 32); every level width must be divisible by it."""
 
         def __attrs_post_init__(self) -> None:

@@ -8,7 +8,12 @@ from typing import ClassVar
 import attrs
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, at_least
+from ctcore.components import BuildContext, within
+
+MAX_SCALES = 1_000_000
+"""The largest s1 and num_scales: N(k) stays at most 1,000,001 grid points, far below torch.multinomial's limit of
+2^24 categories, and a new grid of that size costs milliseconds."""
+_SCALES_REASON = "pairs of the sigma grid: iCT ends at 1280; torch samples from at most 2^24"
 
 
 def _total_steps(context: BuildContext) -> int:
@@ -25,8 +30,8 @@ class Exponential:
 
     @attrs.frozen
     class Options:
-        s0: int = attrs.field(default=10, validator=at_least(1))
-        s1: int = attrs.field(default=1280, validator=at_least(1))
+        s0: int = attrs.field(default=10, validator=within(1, MAX_SCALES, _SCALES_REASON))
+        s1: int = attrs.field(default=1280, validator=within(1, MAX_SCALES, _SCALES_REASON))
 
         def __attrs_post_init__(self) -> None:
             if self.s1 < self.s0:
@@ -52,8 +57,8 @@ class SquareRoot:
 
     @attrs.frozen
     class Options:
-        s0: int = attrs.field(default=2, validator=at_least(1))
-        s1: int = attrs.field(default=150, validator=at_least(1))
+        s0: int = attrs.field(default=2, validator=within(1, MAX_SCALES, _SCALES_REASON))
+        s1: int = attrs.field(default=150, validator=within(1, MAX_SCALES, _SCALES_REASON))
 
         def __attrs_post_init__(self) -> None:
             if self.s1 < self.s0:
@@ -78,7 +83,8 @@ class Constant:
 
     @attrs.frozen
     class Options:
-        num_scales: int = attrs.field(default=18, validator=at_least(2))
+        num_scales: int = attrs.field(default=18, validator=within(
+            2, MAX_SCALES, "points of the sigma grid; torch samples from at most 2^24"))
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options

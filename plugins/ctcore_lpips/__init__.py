@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, one_of, requirement
+from ctcore.components import BuildContext, one_of, path_text, requirement, within
 
 from .weights import (
     LPIPS_HEADS_HINT,
@@ -125,12 +125,15 @@ class LPIPS(nn.Module):
 
     @attrs.frozen
     class Options:
-        backbone_weights: str = ""
+        backbone_weights: str = attrs.field(default="", validator=path_text)
         """torchvision's ImageNet VGG16 state dict (`features.N.weight` / `features.N.bias`)."""
-        heads_weights: str = ""
+        heads_weights: str = attrs.field(default="", validator=path_text)
         """LPIPS v0.1 VGG heads (`lin0.model.1.weight`, ...); empty: an installed lpips package's copy."""
-        resize: int = attrs.field(default=224, validator=requirement(
-            lambda v: v == 0 or v >= MIN_SIZE, f"must be 0 (no resizing) or >= {MIN_SIZE} (VGG16 pools four times)"))
+        resize: int = attrs.field(default=224, validator=[
+            within(0, 4096, "pixels of the bilinear resize; CM 224"),
+            requirement(lambda v: v == 0 or v >= MIN_SIZE,
+                        f"must be 0 (no resizing) or >= {MIN_SIZE} (VGG16 pools four times)"),
+        ])
         """Bilinear resize (align_corners False) to resize x resize before the trunk; 0 keeps the input size.
         CM resizes to 224 always in its CIFAR-10 (JAX) code and below 256 px in its PyTorch code: use 0 there."""
         pooling: Literal["max", "average"] = attrs.field(default="max", validator=one_of("max", "average"))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, positive
+from ctcore.components import BuildContext, within
 
 PSEUDO_HUBER_C_PER_SQRT_DIM = 0.00054
 """iCT: c = 0.00054 * sqrt(d), d = C*H*W (0.0299 for 3x32x32, 0.0599 for 3x64x64)."""
@@ -26,7 +26,8 @@ class PseudoHuber(nn.Module):
 
     @attrs.frozen
     class Options:
-        c: float | None = attrs.field(default=None, validator=positive)
+        c: float | None = attrs.field(default=None, validator=within(
+            1e-8, 1000.0, "c^2 must stay a normal float32 so that d is smooth at x = y; iCT 0.03"))
         """Omit to use c = 0.00054 * sqrt(C*H*W)."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, at_least, unit_interval
+from ctcore.components import DROPOUT_REASON, FOURIER_SCALE_REASON, BuildContext, within
 
 
 class FourierEmbedding(nn.Module):
@@ -49,12 +49,12 @@ class MLP(nn.Module):
 
     @attrs.frozen
     class Options:
-        width: int = attrs.field(default=256, validator=at_least(1))
-        num_blocks: int = attrs.field(default=3, validator=at_least(1))
-        embedding_features: int = attrs.field(default=64, validator=at_least(1))
-        fourier_scale: float = 0.02
+        width: int = attrs.field(default=256, validator=within(1, 65_536, "hidden units of every block"))
+        num_blocks: int = attrs.field(default=3, validator=within(1, 1000, "residual blocks"))
+        embedding_features: int = attrs.field(default=64, validator=within(1, 65_536, "Fourier frequencies"))
+        fourier_scale: float = attrs.field(default=0.02, validator=within(0.0, 1000.0, FOURIER_SCALE_REASON))
         """Std of the Fourier frequencies: iCT uses 0.02, the original CM 16."""
-        dropout: float = attrs.field(default=0.0, validator=unit_interval)
+        dropout: float = attrs.field(default=0.0, validator=within(0.0, 0.99, DROPOUT_REASON))
         zero_init_output: bool = True
 
     def __init__(self, options: Options, context: BuildContext) -> None:

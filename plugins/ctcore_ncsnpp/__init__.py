@@ -8,8 +8,7 @@ iCT-deep ("2x depth") is `num_res_blocks = 8`: 97,610,499 parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import attrs
 import torch
@@ -17,7 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, at_least, non_negative, one_of, positive, requirement, unit_interval
+from ctcore.components import (
+    DROPOUT_REASON,
+    FOURIER_SCALE_REASON,
+    BuildContext,
+    each_within,
+    entries,
+    one_of,
+    requirement,
+    within,
+)
 
 from .layers import (
     SQRT_HALF,
@@ -36,19 +44,15 @@ __all__ = ["NCSNpp", "ctcore_register_networks"]
 
 
 
-def _ints(at_least_value: int, empty_ok: bool) -> Callable[[Any, attrs.Attribute, Any], None]:
-    what = "a tuple of integers" if empty_ok else "a non-empty tuple of integers"
-    return requirement(
-        lambda v: isinstance(v, tuple) and (empty_ok or len(v) > 0)
-        and all(isinstance(m, int) and not isinstance(m, bool) and m >= at_least_value for m in v),
-        f"must be {what} >= {at_least_value}",
-    )
-
-
+_ints = requirement(lambda v: isinstance(v, tuple) and all(isinstance(m, int) and not isinstance(m, bool) for m in v),
+                    "must be a tuple of integers")
 _fir_taps = requirement(
-    lambda v: isinstance(v, tuple) and len(v) >= 1 and all(isinstance(t, int | float) for t in v) and sum(v) > 0,
-    "must be a non-empty tuple of FIR taps with a positive sum",
+    lambda v: isinstance(v, tuple) and all(isinstance(t, int | float) and not isinstance(t, bool) for t in v),
+    "must be a tuple of FIR taps (numbers)",
 )
+_positive_sum = requirement(lambda v: sum(v) > 0, "must have a positive sum (the taps are normalised by it)")
+MAX_LEVELS = 12
+"""Resolution levels: 12 halve a 4096-pixel image (the largest data.resolution) down to 2 pixels."""
 
 
 class NCSNpp(nn.Module):
@@ -60,21 +64,25 @@ class NCSNpp(nn.Module):
 
     @attrs.frozen
     class Options:
-        nf: int = attrs.field(default=128, validator=at_least(4))
+        nf: int = attrs.field(default=128, validator=within(4, 4096, "base channels; iCT 128"))
         """Base channel count; level i has nf * ch_mult[i] channels, the noise embedding 4 * nf."""
-        ch_mult: tuple[int, ...] = attrs.field(default=(2, 2, 2), validator=_ints(1, empty_ok=False))
+        ch_mult: tuple[int, ...] = attrs.field(default=(2, 2, 2), validator=[
+            _ints, entries(1, MAX_LEVELS, "one per resolution level"), each_within(1, 64, "channel multipliers")])
         """Channel multiplier per resolution; len(ch_mult) - 1 halvings of the image size."""
-        num_res_blocks: int = attrs.field(default=4, validator=at_least(1))
+        num_res_blocks: int = attrs.field(default=4, validator=within(1, 64, "blocks per level; iCT-deep 8"))
         """Residual blocks per resolution on the way down (the way up has one more). iCT-deep: 8."""
-        attn_resolutions: tuple[int, ...] = attrs.field(default=(16,), validator=_ints(1, empty_ok=True))
+        attn_resolutions: tuple[int, ...] = attrs.field(default=(16,), validator=[
+            _ints, entries(0, 16, "feature-map heights"), each_within(1, 4096, "a feature-map height in pixels")])
         """Feature-map heights that get self-attention (the middle of the U-Net always has one)."""
-        dropout: float = attrs.field(default=0.3, validator=unit_interval)
+        dropout: float = attrs.field(default=0.3, validator=within(0.0, 0.99, DROPOUT_REASON))
         """iCT: 0.3 (the original CM CT: 0.0)."""
         resblock_type: Literal["biggan", "ddpm"] = attrs.field(default="biggan", validator=one_of("biggan", "ddpm"))
         """biggan: resample inside residual blocks; ddpm: separate (FIR) Upsample / Downsample layers."""
         fir: bool = True
         """FIR resampling filters (otherwise nearest / 2 x 2 average)."""
-        fir_kernel: tuple[float, ...] = attrs.field(default=(1.0, 3.0, 3.0, 1.0), validator=_fir_taps)
+        fir_kernel: tuple[float, ...] = attrs.field(default=(1.0, 3.0, 3.0, 1.0), validator=[
+            _fir_taps, entries(1, 16, "1-D FIR taps"),
+            each_within(0.0, 1000.0, "non-negative taps keep the resampling gain at 1"), _positive_sum])
         """1-D FIR taps; the 2-D filter is their outer product, normalised (StyleGAN2's [1, 3, 3, 1])."""
         resamp_with_conv: bool = True
         """Resampling layers outside residual blocks (ddpm blocks, input pyramid) carry a 3 x 3 convolution."""
@@ -88,11 +96,13 @@ class NCSNpp(nn.Module):
         """Input pyramid on the way down: the image, downsampled, merged into the features at every level."""
         progressive_combine: Literal["sum", "cat"] = attrs.field(default="sum", validator=one_of("sum", "cat"))
         """How input_skip merges the pyramid (after a 1 x 1 convolution)."""
-        init_scale: float = attrs.field(default=0.0, validator=non_negative)
+        init_scale: float = attrs.field(default=0.0, validator=within(
+            0.0, 10.0, "DDPM variance scale of the last layers; DDPM uses at most 1"))
         """DDPM-init scale of the last layer of every block and of the output (0 means 1e-10: near-zero)."""
         embedding_type: Literal["fourier"] = attrs.field(default="fourier", validator=one_of("fourier"))
         """Only Gaussian Fourier features: the network's noise conditioning is c_noise = 0.25 ln sigma."""
-        fourier_scale: float = attrs.field(default=0.02, validator=positive)
+        fourier_scale: float = attrs.field(default=0.02, validator=within(
+            0.0, 1000.0, FOURIER_SCALE_REASON, open_lo=True))
         """Std of the frozen Fourier frequencies: iCT 0.02, the original CM 16."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, at_least, unit_interval
+from ctcore.components import BuildContext, within
 
 
 class NoEma:
@@ -62,9 +62,10 @@ class Ema:
 
     @attrs.frozen
     class Options:
-        mu0: float = attrs.field(default=0.9, validator=unit_interval)
+        mu0: float = attrs.field(default=0.9, validator=within(
+            0.0, 1.0, "the teacher must keep learning, 1 - mu > 0; CT 0.9 and 0.95", open_hi=True))
         schedule: Literal["adaptive", "adaptive-code", "fixed"] = "adaptive"
-        s0: int = attrs.field(default=2, validator=at_least(1))
+        s0: int = attrs.field(default=2, validator=within(1, 1_000_000, "the curriculum's s0, at most 1,000,000"))
         """The curriculum's initial s0 in mu(k); CT uses 2."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:
