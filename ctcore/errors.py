@@ -23,13 +23,17 @@ class UsageError(CtcoreError):
 
 
 class RecipeError(UsageError):
-    """A recipe with problems; every problem is listed as `section.key: message`."""
+    """A recipe with problems, each `section.key: message`: one problem is one line (`file: section.key: ...`),
+    several are a header line plus one line per problem."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
         self.problems = list(problems)
         n = len(self.problems)
-        header = f"{source}: {n} problem{'s' if n != 1 else ''} in the recipe"
+        if n == 1:
+            super().__init__(f"{source}: {self.problems[0]}")
+            return
+        header = f"{source}: {n} problems in the recipe"
         super().__init__("\n".join([header, *(f"  {p}" for p in self.problems)]))
 
 

@@ -231,7 +231,8 @@ def test_rendered_message_starts_with_source_file(registry, tmp_path):
     with pytest.raises(RecipeError) as info:
         read_recipe(path, registry)
     assert info.value.source == str(path)
-    assert str(info.value).startswith(f"{path}: 1 problem in the recipe")
+    assert str(info.value) == (f"{path}: training.batch_size: must be within [1, 1_000_000] (examples per step; "
+                               "papers use up to 4096), got -4")
     assert info.value.problems == [
         "training.batch_size: must be within [1, 1_000_000] (examples per step; papers use up to 4096), got -4"]
 

@@ -163,7 +163,9 @@ def check(text: str, source: str = "<fuzz>", *, toml_ok: bool | None = None) -> 
             pattern = _problem_pattern(doc)
             bad = [p for p in exc.problems if not pattern.match(p) or _TOML_ERROR.match(p)]
             assert not bad, f"malformed problems: {bad}"
-        assert str(exc).startswith(f"{source}: {len(exc.problems)} problem")
+        n = len(exc.problems)
+        assert str(exc) == (f"{source}: {exc.problems[0]}" if n == 1 else
+                            "\n".join([f"{source}: {n} problems in the recipe", *(f"  {p}" for p in exc.problems)]))
         return None
     assert isinstance(recipe, Recipe)
     assert doc is not None
