@@ -219,12 +219,17 @@ def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     except BaseException:
         if lock is not None:
             lock.release()
-        for folder in reversed(created):  # a run that could not start leaves no directory behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_created(created)  # a run that could not start leaves no directory behind
         raise
     run.lock = lock
     return run
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the (still empty) directories a refused or failed start created, innermost first."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def holds_a_run(folder: Path) -> bool:
@@ -241,7 +246,11 @@ def claim_new_run_directory(target: Path) -> tuple[FileLock, list[Path]]:
         raise RunError(f"output directory {str(target)!r} is a file; choose another directory with --output-dir")
     created = [p for p in (target, *target.parents) if not p.exists()][::-1]
     target.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_directory(target)
+    try:
+        lock = lock_run_directory(target)
+    except RunError:
+        _remove_created(created)
+        raise
     if holds_a_run(target):
         lock.release()
         resumable = list_checkpoints(target) or (target / "recipe.toml").is_file()

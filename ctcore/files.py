@@ -104,7 +104,8 @@ class FileLock:
     The OS drops the lock when the process ends in any way (a crash, SIGKILL), so a lock is never stale; a lock
     file left behind by a killed process is simply taken over. `release` deletes the file while still holding
     the lock; `acquire_lock` checks, after locking, that the file it locked is still the one at the path (not
-    one deleted meanwhile), so deleting it is race-free.
+    one deleted meanwhile), so deleting it is race-free. Where no lock can be taken (no flock on the platform or
+    filesystem, or a folder nobody can write), the lock holds nothing (`fd` None) and the command goes on.
     """
 
     def __init__(self, path: Path, fd: int | None) -> None:
@@ -122,6 +123,8 @@ class FileLock:
         self._fd = None
 
 
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 _HELD: dict[str, FileLock] = {}
 """Locks this process holds, by lock file path: taking one again (a library user resuming, in the same process,
 the run it just trained) shares it instead of refusing this process itself."""
@@ -140,7 +143,12 @@ def acquire_lock(path: str | Path, what: str, command: str) -> FileLock:
         held._holders += 1
         return held
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in _UNWRITABLE:  # this process cannot write here: its write will fail in one line
+                return FileLock(path, None)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -149,6 +157,11 @@ def acquire_lock(path: str | Path, what: str, command: str) -> FileLock:
             pid, _, cmd = holder.partition(" ")
             by = f"process {pid} ({cmd})" if pid.isdigit() else "another process"
             raise RunError(f"{what} is in use by {by}; wait for it to finish, or stop it first") from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _NO_FLOCK:  # a filesystem without flock (Lustre mounted without it): no locking
+                return FileLock(path, None)
+            raise
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
