@@ -1,7 +1,9 @@
-"""Checkpoints: write, load, list and restore; the only module that knows their layout.
+"""Checkpoints: write, validate, load, list and restore; the only module that knows their layout.
 
 A checkpoint is a dict of state_dicts (student, eval EMA, teacher, optimizer), the step, every RNG state, the
-resolved recipe text and provenance, written atomically and loaded with `torch.load(weights_only=True)`.
+resolved recipe text and provenance (with the run's id), written atomically and loaded with
+`torch.load(weights_only=True)`. `validate_checkpoint` checks one completely before anything is restored; the
+run-directory lock keeps a second writer out of a run.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ctcore.components import KINDS, BuildContext
+from ctcore.data import data_shape
 from ctcore.distributed import gather_objects, rank_seed
 from ctcore.errors import RunError
-from ctcore.files import atomic_write
+from ctcore.files import FileLock, acquire_lock, atomic_write
 from ctcore.recipe import Recipe, parse_recipe
 
 if TYPE_CHECKING:
@@ -21,6 +25,12 @@ if TYPE_CHECKING:
     from ctcore.registry import Registry
 
 CHECKPOINT_FORMAT = "ctcore-checkpoint-1"
+RUN_LOCK = ".lock"
+"""The lock file of a run directory (ignored when deciding whether a directory is empty)."""
+OPTIMIZER_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+"""What Adam and RAdam keep per parameter (torch 2.13), all needed by their next step."""
+PARAM_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay")
+"""What their param groups must hold; torch fills in the other keys (foreach, fused, ...) when they are absent."""
 
 
 def checkpoint_dir(out_dir: Path) -> Path:
@@ -32,15 +42,37 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(checkpoint_dir(out_dir).glob("ckpt-*.pt"))
 
 
-def save_checkpoint(run: Run) -> Path:
-    """Write checkpoints/ckpt-<step>.pt atomically (temporary file, fsync, rename); keep the last K.
+def lock_run_directory(out_dir: Path) -> FileLock:
+    """Claim a run directory for this process (rank 0 under torchrun) for the life of its run, or raise one line
+    naming the process that trains it; the OS releases the lock however the process ends."""
+    return acquire_lock(Path(out_dir) / RUN_LOCK, f"run directory {str(out_dir)!r}", "ctcore run")
 
-    Under torchrun every rank must call this (their dropout RNG states are gathered); rank 0 writes.
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write checkpoints/ckpt-<step>.pt atomically (temporary file, fsync, rename); keep this run's last K.
+
+    Weights or optimizer state that are not finite are never written (every rank checks, so under torchrun all
+    ranks stop together): a RunError names the first bad tensor and the previous checkpoints stay. Under torchrun
+    every rank must call this (their dropout RNG states are gathered); rank 0 writes.
     """
+    folder = checkpoint_dir(run.out_dir)
+    bad = first_nonfinite(_trained_tensors(run.student.state_dict(), run.eval_ema.state_dict(),
+                                           run.teacher.state_dict(), run.optimizer.state_dict()))
+    if bad is not None:
+        latest = list_checkpoints(run.out_dir)
+        kept = f"the latest, {str(latest[-1])!r}, is kept" if latest else "there is no earlier one"
+        guard = (" and set training.max_nonfinite_steps above 0 (0 switches off the guard that skips non-finite "
+                 "steps)" if run.recipe.training.max_nonfinite_steps == 0 else "")
+        raise RunError(
+            f"training produced non-finite values in {bad} by step {run.step:,}, so its checkpoint was not written "
+            f"({kept}): start a new run with a lower training.lr or a training.grad_clip{guard}"
+        )
     dropout_rng = {"torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
     per_rank = gather_objects(run.world, dropout_rng) if run.world.distributed else None
-    folder = checkpoint_dir(run.out_dir)
     path = folder / f"ckpt-{run.step:09d}.pt"
     if not run.world.is_main:
         return path
@@ -64,14 +96,59 @@ def save_checkpoint(run: Run) -> Path:
         "nonfinite_run": run.nonfinite_run,
         "world_size": run.world.world_size,
         "recipe": run.recipe_text,
-        "provenance": run.provenance,
+        "provenance": run.provenance,  # holds the run's id (run_id) from its start
     }
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
-    for old in list_checkpoints(run.out_dir)[: -run.recipe.training.keep_checkpoints]:
+    run_id, body = run.provenance.get("run_id"), _recipe_body(run.recipe_text)
+    ours = [p for p in list_checkpoints(run.out_dir) if p == path or written_by(p, run_id, body)]
+    for old in ours[: -run.recipe.training.keep_checkpoints]:
         old.unlink()
     return path
+
+
+def _recipe_body(text: str) -> str:
+    """A resolved recipe without its `# resolved from` line (which names the file it was read from)."""
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+
+
+def written_by(path: Path, run_id: str | None, recipe_body: str) -> bool:
+    """Whether the checkpoint at `path` belongs to the run with this id, so retention may delete it.
+
+    Reads only the pickled metadata (mmap: no tensor data is read). Checkpoints of runs from before run ids
+    belong to an id-less run with the same recipe; an unreadable file belongs to no run and is never deleted.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        theirs = state["provenance"].get("run_id")
+        return theirs == run_id and (run_id is not None or _recipe_body(state["recipe"]) == recipe_body)
+    except Exception:  # noqa: BLE001 - any unreadable or foreign file is simply not ours
+        return False
+
+
+def _trained_tensors(student: dict, eval_ema: dict, teacher: dict, optimizer: dict) -> dict[str, Any]:
+    """Label -> tensor of everything training changes, labelled as messages name them (eval_ema['fc.weight'])."""
+    out: dict[str, Any] = {}
+    for name, sd in (("student", student), ("eval_ema", eval_ema), ("teacher", teacher)):
+        out |= {f"{name}[{k!r}]": v for k, v in sd.items()}
+    for pid, st in optimizer.get("state", {}).items():
+        out |= {f"optimizer['state'][{pid!r}][{k!r}]": v for k, v in st.items()}
+    return out
+
+
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """The label of the first floating-point tensor holding a NaN or infinity, or None (one device sync)."""
+    floats = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not floats:
+        return None
+    flags = torch.stack([torch.isfinite(v).all() for _, v in floats])
+    if bool(flags.all()):
+        return None
+    return floats[int((~flags).nonzero()[0])][0]
+
+
+# ------------------------------------------------------------------------------------------ reading
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -109,8 +186,248 @@ def recipe_from_checkpoint(state: dict[str, Any], registry: Registry, path: Path
     return parse_recipe(state["recipe"], registry, source=f"{path} (embedded recipe)")
 
 
+# ------------------------------------------------------------------------------------------ validating
+
+USES = ("resume", "eval-ema", "student")
+"""What a caller needs of a checkpoint: `ctcore run --resume` everything; `ctcore sample` and `ctcore eval` the
+format, step, recipe, provenance and the weights they sample (eval-ema by default, or student), nothing else."""
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shape(value: Any) -> str:
+    return str(tuple(value.shape))
+
+
+def validate_checkpoint(state: Any, path: str | Path, registry: Registry, *, use: str = "resume",
+                        device: torch.device | None = None) -> Recipe:
+    """Check a loaded checkpoint completely before anything is restored; returns its recipe.
+
+    Every part `use` needs (see USES) must be present with the right type; tensors must match, by name, shape
+    and dtype, the networks rebuilt from the checkpoint's own recipe on the meta device (no memory, no time);
+    weights and optimizer state must be finite; RNG states must be accepted by scratch generators of `device`'s
+    type (default: the recipe's run.device). The first defect raises one RunError naming the file, the defect
+    and the fix.
+    """
+    if use not in USES:
+        raise ValueError(f"use must be one of {USES}, got {use!r}")
+    path = Path(path)
+    where = f"checkpoint {str(path)!r}"
+    resume = use == "resume"
+    damaged = ("it is damaged or was not written by ctcore run: resume from an earlier checkpoint (move this one "
+               "out of checkpoints/)" if resume else
+               "it is damaged or was not written by ctcore run: use an earlier checkpoint from its checkpoints/ folder")
+    resume_only = ("it was not written by ctcore run, or is damaged: resume from an earlier checkpoint (move this "
+                   "one out of checkpoints/) or sample from it with ctcore sample")
+    diverged = ("the run had diverged when it was written: resume from an earlier checkpoint (move this one out of "
+                "checkpoints/), or start a new run with a lower training.lr or a training.grad_clip" if resume else
+                "the run had diverged when it was written: use an earlier checkpoint from its checkpoints/ folder")
+
+    def fail(defect: str, fix: str = damaged) -> None:
+        raise RunError(f"{where} {defect}; {fix}")
+
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        fail(f"is not a ctcore checkpoint (format {CHECKPOINT_FORMAT})")
+    # --- what every use needs: step, recipe, provenance
+    if "step" not in state:
+        fail("has no step (key `step`)")
+    if not _is_int(state["step"]):
+        fail(f"has step {state['step']!r}, but a step is a whole number >= 0")
+    if not isinstance(state.get("recipe"), str):
+        fail("has no recipe (key `recipe`, the resolved recipe as text)")
+    prov = state.get("provenance")
+    if not isinstance(prov, dict):
+        fail("has no provenance (key `provenance`)")
+    components = prov.get("components")
+    if not isinstance(components, dict) or set(components) != set(KINDS) or not all(
+            isinstance(c, dict) and all(isinstance(c.get(k), str) for k in ("name", "distribution", "version"))
+            for c in components.values()):
+        fail(f"has no valid provenance['components'] (the name, distribution and version of each of "
+             f"{', '.join(KINDS)})")
+    shape = prov.get("data_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(d, 1) for d in shape)):
+        fail(f"has provenance['data_shape'] {shape!r}, but it must be the image shape [C, H, W]")
+    if not _is_int(prov.get("num_classes")):
+        fail(f"has provenance['num_classes'] {prov.get('num_classes')!r}, but it must be a whole number >= 0")
+    check_plugins(state, registry, path)
+    recipe = parse_recipe(state["recipe"], registry, source=f"{path} (embedded recipe)")
+    if tuple(shape) != data_shape(recipe.data) or prov["num_classes"] != recipe.data.num_classes:
+        fail(f"has provenance data_shape {shape} and num_classes {prov['num_classes']}, but its recipe declares "
+             f"{list(data_shape(recipe.data))} and {recipe.data.num_classes}")
+    network, teacher = _meta_networks(recipe, registry, BuildContext(tuple(shape), prov["num_classes"],
+                                                                     recipe.training.total_steps), fail)
+    expected = network.state_dict()
+    net = f"network {recipe.components['network'].name!r} of its recipe"
+
+    def check_weights(key: str, want: dict[str, Any], what: str, fix: str) -> None:
+        found = state.get(key)
+        if not isinstance(found, dict):
+            fail(f"has no {key} weights (key `{key}`)", fix)
+        for name in want:
+            if name not in found:
+                fail(f"lacks {key}[{name!r}], which {what} has", fix)
+        for name, value in found.items():
+            if name not in want:
+                fail(f"has {key}[{name!r}], which {what} does not have", fix)
+            w = want[name]
+            if isinstance(w, torch.Tensor):
+                if not isinstance(value, torch.Tensor):
+                    fail(f"has {key}[{name!r}] of type {type(value).__name__}, but {what} expects a tensor", fix)
+                if value.shape != w.shape:
+                    fail(f"has {key}[{name!r}] of the wrong shape: {what} expects {_shape(w)}, found "
+                         f"{_shape(value)}", fix)
+                if value.dtype != w.dtype:
+                    fail(f"has {key}[{name!r}] of the wrong dtype: {what} expects {w.dtype}, found {value.dtype}",
+                         fix)
+            elif type(value) is not type(w):
+                fail(f"has {key}[{name!r}] of type {type(value).__name__}, but {what} expects "
+                     f"{type(w).__name__}", fix)
+        bad = first_nonfinite({f"{key}[{k!r}]": v for k, v in found.items()})
+        if bad is not None:
+            fail(f"holds non-finite values in {bad}", diverged)
+
+    if resume or use == "eval-ema":
+        check_weights("eval_ema", expected, net, damaged)
+    if not resume:
+        if use == "student":
+            check_weights("student", expected, net, damaged)
+        return recipe
+    # --- what only resuming needs: student, teacher, optimizer, RNG states, loss and step counters
+    check_weights("student", expected, net, resume_only)
+    check_weights("teacher", teacher.state_dict(),
+                  f"teacher {recipe.components['teacher'].name!r} of its recipe", resume_only)
+    _check_optimizer(state.get("optimizer"), list(network.parameters()), lambda d: fail(d, resume_only),
+                     lambda d: fail(d, diverged))
+    from ctcore.devices import resolve_device
+
+    device = device or resolve_device(recipe.run.device)
+    _check_rng(state.get("rng"), device, lambda d: fail(d, resume_only))
+    for key, ok, rule in (("loss_sum", _is_number, "a number"), ("loss_count", _is_int, "a whole number >= 0"),
+                          ("initial_distance", lambda v: v is None or _is_number(v), "a number or None")):
+        if key not in state:
+            fail(f"has no `{key}`", resume_only)
+        if not ok(state[key]):
+            fail(f"has {key} {state[key]!r}, but it must be {rule}", resume_only)
+    for key, low in (("last_good_step", 0), ("nonfinite_run", 0), ("world_size", 1)):  # absent in older files
+        if key in state and not _is_int(state[key], low):
+            fail(f"has {key} {state[key]!r}, but it must be a whole number >= {low}", resume_only)
+    return recipe
+
+
+def _meta_networks(recipe: Recipe, registry: Registry, context: BuildContext, fail) -> tuple[Any, Any]:
+    """The recipe's network and its teacher bound to it, built on the meta device: shapes only."""
+    kind = "network"
+    try:
+        with torch.device("meta"):
+            spec = recipe.components[kind]
+            network = registry.get(kind, spec.name)(spec.options, context)
+            kind = "teacher"
+            spec = recipe.components[kind]
+            teacher = registry.get(kind, spec.name)(spec.options, context)
+            teacher.bind(network)
+    except Exception as exc:  # noqa: BLE001 - a plugin may raise anything; it is one line either way
+        fail(f"has a recipe whose {kind} {spec.name!r} cannot be built ({type(exc).__name__}: {exc})")
+    return network, teacher
+
+
+def _check_optimizer(opt: Any, params: list[torch.Tensor], fail, fail_nonfinite) -> None:
+    """An Adam / RAdam state_dict for `params` (one param group): group keys, sizes and per-parameter state."""
+    if not isinstance(opt, dict):
+        fail("has no optimizer state (key `optimizer`)")
+    groups, states = opt.get("param_groups"), opt.get("state")
+    if not isinstance(groups, list) or not isinstance(states, dict):
+        fail("has an optimizer state without `state` and `param_groups`")
+    if len(groups) != 1:
+        fail(f"has {len(groups)} optimizer param groups, but ctcore's optimizer has 1")
+    group = groups[0]
+    if not isinstance(group, dict) or any(k not in group for k in PARAM_GROUP_KEYS):
+        missing = [k for k in PARAM_GROUP_KEYS if not isinstance(group, dict) or k not in group]
+        fail(f"has an optimizer param group without {', '.join(f'`{k}`' for k in missing)}")
+    ids = group["params"]
+    if not isinstance(ids, list) or len(ids) != len(params) or not all(_is_int(i) for i in ids) \
+            or len(set(ids)) != len(ids):
+        fail(f"has an optimizer param group for {len(ids) if isinstance(ids, list) else '?'} parameters, but the "
+             f"network of its recipe has {len(params)}")
+    for key in ("lr", "eps", "weight_decay"):
+        if not (_is_number(group[key]) or isinstance(group[key], torch.Tensor)):
+            fail(f"has optimizer param group {key} {group[key]!r}, but it must be a number")
+    betas = group["betas"]
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) for b in betas)):
+        fail(f"has optimizer betas {betas!r}, but they must be two numbers")
+    shapes = dict(zip(ids, (p.shape for p in params), strict=True))
+    for pid, st in states.items():
+        if pid not in shapes:
+            fail(f"has optimizer state for parameter {pid!r}, which its param group does not list")
+        if not isinstance(st, dict):
+            fail(f"has optimizer['state'][{pid!r}] of type {type(st).__name__}, but it must be a dict")
+        for key in OPTIMIZER_STATE_KEYS:
+            if key not in st:
+                fail(f"lacks optimizer['state'][{pid!r}][{key!r}] (the optimizer keeps "
+                     f"{', '.join(OPTIMIZER_STATE_KEYS)} for each parameter)")
+        step = st["step"]
+        if not (_is_number(step) or isinstance(step, torch.Tensor) and step.numel() == 1):
+            fail(f"has optimizer['state'][{pid!r}]['step'] {step!r}, but it must be one number")
+        for key in OPTIMIZER_STATE_KEYS[1:]:
+            value = st[key]
+            if not isinstance(value, torch.Tensor) or value.shape != shapes[pid]:
+                found = _shape(value) if isinstance(value, torch.Tensor) else type(value).__name__
+                fail(f"has optimizer['state'][{pid!r}][{key!r}] of the wrong shape: its parameter has "
+                     f"{tuple(shapes[pid])}, found {found}")
+    bad = first_nonfinite({f"optimizer['state'][{pid!r}][{k!r}]": v for pid, st in states.items()
+                           for k, v in st.items()})
+    if bad is not None:
+        fail_nonfinite(f"holds non-finite values in {bad}")
+
+
+def _check_rng(rng: Any, device: torch.device, fail) -> None:
+    """Every RNG state a resume restores, tried on a scratch generator of the device it will be restored on."""
+    if not isinstance(rng, dict):
+        fail("has no RNG states (key `rng`)")
+
+    def accepted(label: str, value: Any, dev: torch.device) -> None:
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+            found = f"of dtype {value.dtype}" if isinstance(value, torch.Tensor) else f"of type {type(value).__name__}"
+            fail(f"has {label} {found}, but an RNG state is a torch.ByteTensor (uint8)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            return  # the run itself cannot start here: resolving its device says so
+        try:
+            torch.Generator(device=dev).set_state(value)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            fail(f"has {label} that a {dev.type} random generator does not accept ({str(exc).splitlines()[0]})")
+
+    def dropout(label: str, value: Any) -> None:
+        if not isinstance(value, dict) or "torch" not in value:
+            fail(f"has no {label}['torch'] (the dropout RNG state)")
+        accepted(f"{label}['torch']", value["torch"], torch.device("cpu"))
+        if value.get("cuda") is not None:
+            accepted(f"{label}['cuda']", value["cuda"], torch.device("cuda"))
+
+    dropout("rng", rng)
+    for key in ("index", "noise"):
+        if key not in rng:
+            fail(f"has no rng[{key!r}]")
+        accepted(f"rng[{key!r}]", rng[key], device)
+    ranks = rng.get("ranks")
+    if ranks is not None:
+        if not isinstance(ranks, list):
+            fail(f"has rng['ranks'] of type {type(ranks).__name__}, but it must be a list (one per process)")
+        for r, value in enumerate(ranks):
+            dropout(f"rng['ranks'][{r}]", value)
+
+
+# ------------------------------------------------------------------------------------------ restoring
+
+
 def restore(run: Run, state: dict[str, Any]) -> None:
-    """Put a run exactly where the checkpoint left it: weights, optimizer, step, every RNG state."""
+    """Put a run exactly where the checkpoint left it: weights, optimizer, step, every RNG state.
+
+    `state` must have passed validate_checkpoint (use="resume")."""
     run.student.load_state_dict(state["student"])
     run.eval_ema.load_state_dict(state["eval_ema"])
     run.teacher.load_state_dict(state["teacher"])

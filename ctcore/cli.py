@@ -212,13 +212,10 @@ def _torchrun_worker() -> Iterator[None]:
 def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) -> None:
     with _errors():
         from ctcore.build import output_dir_for, resume_run, start_run
-        from ctcore.checkpoints import list_checkpoints
         from ctcore.errors import UsageError
         from ctcore.recipe import read_recipe
-        from ctcore.training import train
 
         registry = _registry()
-        out = _console()
         if resume:
             if target.is_dir():
                 if output_dir is not None and output_dir.resolve() != target.resolve():
@@ -228,44 +225,56 @@ def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) ->
                 recipe = read_recipe(target, registry)
                 run_dir = output_dir_for(recipe, output_dir)
             the_run = resume_run(recipe, registry, run_dir)
-            out.quiet = not the_run.world.is_main
-            if the_run.step >= the_run.recipe.training.total_steps:
-                out.print(f"{the_run.out_dir} already finished at step {the_run.step:,}; nothing to do")
-                return
-            out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}")
         else:
             if target.is_dir():
                 raise UsageError(f"{str(target)!r} is a directory: give a recipe file, or add --resume")
-            recipe = read_recipe(target, registry)
-            the_run = start_run(recipe, registry, output_dir)
-            out.quiet = not the_run.world.is_main
-            out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
-        from ctcore.training import TrainingStopped
+            the_run = start_run(read_recipe(target, registry), registry, output_dir)
+        try:  # the run holds its directory's lock until it ends
+            _train(the_run, resume, progress)
+        finally:
+            the_run.close()
 
-        try:
-            summary = train(the_run, progress=progress, handle_signals=True)
-        except TrainingStopped as stop:
-            _console(stderr=True, quiet=not the_run.world.is_main).print(
-                f"{stop.signal_name}: stopped after step {stop.step:,} and wrote {stop.checkpoint}. Continue with: "
-                f"ctcore run {the_run.out_dir} --resume"
-            )
-            raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130) from None
-        except Exception as exc:  # raised in a plugin mid-run: one line with the step and the checkpoint to resume
-            from ctcore.preflight import plugin_failure
 
-            failure = plugin_failure(exc, the_run.registry, run=the_run)
-            if failure is None:
-                raise
-            raise failure from exc
-        except KeyboardInterrupt:
-            ckpts = list_checkpoints(the_run.out_dir)
-            latest = f"the latest checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-            _console(stderr=True, quiet=not the_run.world.is_main).print(
-                f"interrupted at step {the_run.step:,}; {latest}. Continue with: "
-                f"ctcore run {the_run.out_dir} --resume"
-            )
-            raise typer.Exit(130) from None
-        _print_summary(out, the_run, summary)
+def _train(the_run, resume: bool, progress: bool) -> None:
+    """Say what the run does, train it, and report how it ended."""
+    from ctcore.checkpoints import checkpoint_dir, list_checkpoints
+    from ctcore.training import TrainingStopped, train
+
+    out = _console(quiet=not the_run.world.is_main)
+    if the_run.restarted:
+        out.print(f"no checkpoint in {checkpoint_dir(the_run.out_dir)} (the run was stopped before its first one): "
+                  f"restarting {the_run.out_dir} from step 0 with its recipe.toml; stats.jsonl begins anew")
+    elif resume:
+        if the_run.step >= the_run.recipe.training.total_steps:
+            out.print(f"{the_run.out_dir} already finished at step {the_run.step:,}; nothing to do")
+            return
+        out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}")
+    else:
+        out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
+    try:
+        summary = train(the_run, progress=progress, handle_signals=True)
+    except TrainingStopped as stop:
+        _console(stderr=True, quiet=not the_run.world.is_main).print(
+            f"{stop.signal_name}: stopped after step {stop.step:,} and wrote {stop.checkpoint}. Continue with: "
+            f"ctcore run {the_run.out_dir} --resume"
+        )
+        raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130) from None
+    except Exception as exc:  # raised in a plugin mid-run: one line with the step and the checkpoint to resume
+        from ctcore.preflight import plugin_failure
+
+        failure = plugin_failure(exc, the_run.registry, run=the_run)
+        if failure is None:
+            raise
+        raise failure from exc
+    except KeyboardInterrupt:
+        ckpts = list_checkpoints(the_run.out_dir)
+        latest = f"the latest checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+        _console(stderr=True, quiet=not the_run.world.is_main).print(
+            f"interrupted at step {the_run.step:,}; {latest}. Continue with: "
+            f"ctcore run {the_run.out_dir} --resume"
+        )
+        raise typer.Exit(130) from None
+    _print_summary(out, the_run, summary)
 
 
 def _print_summary(out, the_run, summary: dict) -> None:

@@ -17,7 +17,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from ctcore.errors import UsageError
+from ctcore.errors import CtcoreError, RunError, UsageError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -153,3 +153,17 @@ def gather_objects(world: World, obj: object) -> list[object]:
     out: list[object] = [None] * world.world_size
     dist.all_gather_object(out, obj, group=_control_group)
     return out
+
+
+def raise_together(world: World, failure: CtcoreError | None) -> None:
+    """Raise rank 0's `failure` (a refused run directory) on every rank, so all ranks refuse together instead of
+    waiting for a rank 0 that left; with no failure on rank 0 it returns on every rank. A single process raises
+    its own failure."""
+    if world.distributed:
+        shared = [None if failure is None else (failure.exit_code, failure.message)]
+        dist.broadcast_object_list(shared, src=0, group=_control_group)
+        if shared[0] is not None and failure is None:
+            code, message = shared[0]
+            failure = UsageError(message) if code == UsageError.exit_code else RunError(message)
+    if failure is not None:
+        raise failure

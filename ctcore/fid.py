@@ -338,7 +338,8 @@ def evaluate_checkpoint(
                        f"{FEATURE_DIM}-d pool3 features of the FID Inception; recompute them with "
                        f"ctcore eval-ref-stats")
     model = _as_inception(inception)
-    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas)
+    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
+                                                           weights=weights)
     shape = tuple(state["provenance"]["data_shape"])
     num_classes = state["provenance"]["num_classes"]
     _channels_ok(shape[0], f"checkpoint {str(checkpoint)!r}")

@@ -93,3 +93,102 @@ def human_bytes(n: int) -> str:
         if value < 1024 or unit == "EiB":
             break
     return f"{value:.1f} {unit}"
+
+
+# ------------------------------------------------------------------------------------------------ locks
+
+
+class FileLock:
+    """An advisory OS lock (fcntl.flock) on a lock file that holds its owner's pid and command.
+
+    The OS drops the lock when the process ends in any way (a crash, SIGKILL), so a lock is never stale; a lock
+    file left behind by a killed process is simply taken over. `release` deletes the file while still holding
+    the lock; `acquire_lock` checks, after locking, that the file it locked is still the one at the path (not
+    one deleted meanwhile), so deleting it is race-free. Where no lock can be taken (no flock on the platform or
+    filesystem, or a folder nobody can write), the lock holds nothing (`fd` None) and the command goes on.
+    """
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path, self._fd, self._holders = path, fd, 1
+
+    def release(self) -> None:
+        """Delete the lock file and unlock it (a process that took the lock twice unlocks on its last release)."""
+        self._holders -= 1
+        if self._holders > 0 or self._fd is None:
+            return
+        _HELD.pop(str(self.path), None)
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)  # closing the last descriptor releases the flock
+        self._fd = None
+
+
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_HELD: dict[str, FileLock] = {}
+"""Locks this process holds, by lock file path: taking one again (a library user resuming, in the same process,
+the run it just trained) shares it instead of refusing this process itself."""
+
+
+def acquire_lock(path: str | Path, what: str, command: str) -> FileLock:
+    """Lock `path` (created if needed) for this process, or raise one RunError naming the process that holds it:
+    "<what> is in use by process <pid> (<command>); wait for it to finish, or stop it first"."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): no locking
+        return FileLock(Path(path), None)
+    path = Path(os.path.abspath(path))
+    held = _HELD.get(str(path))
+    if held is not None:
+        held._holders += 1
+        return held
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in _UNWRITABLE:  # this process cannot write here: its write will fail in one line
+                return FileLock(path, None)
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            pid, _, cmd = holder.partition(" ")
+            by = f"process {pid} ({cmd})" if pid.isdigit() else "another process"
+            raise RunError(f"{what} is in use by {by}; wait for it to finish, or stop it first") from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _NO_FLOCK:  # a filesystem without flock (Lustre mounted without it): no locking
+                return FileLock(path, None)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder deleted this file as it released it: lock the one at the path now
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+    lock = _HELD[str(path)] = FileLock(path, fd)
+    return lock
+
+
+def lock_path_for(output: str | Path) -> Path:
+    """The lock file of an output file (a dataset, a sample store): `.<name>.lock` beside it."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path, what: str, command: str) -> Iterator[None]:
+    """Hold the lock of an output file while it is checked and written, so two commands never write it at once;
+    the lock file is removed afterwards."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(lock_path_for(output), f"{what} {str(output)!r}", command)
+    try:
+        yield
+    finally:
+        lock.release()

@@ -739,7 +739,10 @@ def import_dataset(source: str | Path, out: str | Path, *, split: str = "train",
     sha = info.get("source_sha256") or _sha256_file(source)
     attrs = {"source": source.name, "source_sha256": sha, "format": info["format"], "split": info["split"],
              "class_names": result.class_names}
-    write_dataset(out, images, result.labels, attrs, overwrite=overwrite)
+    from ctcore.files import output_lock
+
+    with output_lock(out, "dataset", "ctcore data import"):  # one writer at a time; the existence check under it
+        write_dataset(out, images, result.labels, attrs, overwrite=overwrite)
     counts = np.bincount(result.labels, minlength=len(result.class_names)) if result.labels.size else np.zeros(0)
     return {
         "out": str(out), "source": str(source), "format": info["format"], "split": info["split"],

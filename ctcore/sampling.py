@@ -134,14 +134,17 @@ def read_sample_store(path: str | Path) -> dict[str, Any]:
 
 
 def load_sampling_plan(
-    checkpoint: str | Path, registry, *, steps: int | None = None, sigmas: Sequence[float] | None = None
+    checkpoint: str | Path, registry, *, steps: int | None = None, sigmas: Sequence[float] | None = None,
+    weights: str = "eval-ema",
 ) -> tuple[Path, dict[str, Any], Any, list[float]]:
     """(checkpoint file, its state, its recipe, the sigmas to sample at) for a checkpoint or a run directory.
 
     A directory means its latest checkpoint; `steps` n samples at sigma_max then the first n - 1 of the
-    recipe's sampling.sigma_mid, unless `sigmas` are given. Bad requests raise UsageError, bad files RunError.
+    recipe's sampling.sigma_mid, unless `sigmas` are given. The checkpoint is validated for sampling its
+    `weights` (eval-ema or student): it needs its step, recipe, provenance and those weights, finite; optimizer
+    and RNG states are not read. Bad requests raise UsageError, bad files RunError.
     """
-    from ctcore.checkpoints import list_checkpoints, load_checkpoint, recipe_from_checkpoint
+    from ctcore.checkpoints import list_checkpoints, load_checkpoint, validate_checkpoint
     from ctcore.errors import RunError, UsageError
 
     checkpoint = Path(checkpoint)
@@ -151,7 +154,7 @@ def load_sampling_plan(
             raise RunError(f"{str(checkpoint)!r} holds no checkpoint (checkpoints/ckpt-*.pt)")
         checkpoint = found[-1]
     state = load_checkpoint(checkpoint)
-    recipe = recipe_from_checkpoint(state, registry, checkpoint)
+    recipe = validate_checkpoint(state, checkpoint, registry, use=weights)
     c = recipe.consistency
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
@@ -210,12 +213,16 @@ def sample_from_checkpoint(
     overwrite: bool = False,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Rebuild the network of a checkpoint through the registry, sample, write the store and a PNG grid."""
+    """Rebuild the network of a checkpoint through the registry, sample, write the store and a PNG grid.
+
+    The store's lock (`.<store name>.lock` beside it, removed afterwards) keeps two samplers from writing it."""
     from ctcore.consistency import denoise
     from ctcore.errors import UsageError
+    from ctcore.files import output_lock
     from ctcore.images import save_grid
 
-    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas)
+    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
+                                                           weights=weights)
     c = recipe.consistency
     asked = num_samples
     num_samples = recipe.sampling.num_samples if num_samples is None else num_samples
@@ -225,7 +232,7 @@ def sample_from_checkpoint(
     folder = checkpoint.parent.parent / "samples" if in_run else checkpoint.parent
     out = Path(out) if out is not None else folder / f"{checkpoint.stem}-{len(sigmas)}step-{num_samples}.h5"
     grid = Path(grid) if grid is not None else out.with_suffix(".png")
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite:  # before any work; checked again under the store's lock
         raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
     prov = state["provenance"]
     from ctcore.devices import resolve_device
@@ -238,22 +245,25 @@ def sample_from_checkpoint(
                     "make the same samples")
     network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
     seeds = list(range(seed, seed + num_samples))
-    images, labels = generate(
-        lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),
-        tuple(prov["data_shape"]), seeds, sigmas, num_classes=prov["num_classes"], sigma_min=c.sigma_min,
-        clip=recipe.sampling.clip, batch_size=batch_size, device=dev,
-    )
-    attrs = {
-        "recipe": state["recipe"],
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": file_digest(checkpoint),
-        "step": int(state["step"]),
-        "sigmas": sigmas,
-        "weights": weights,
-        "ctcore_version": prov.get("ctcore", "?"),
-    }
-    write_sample_store(out, images, seeds, labels, attrs)
-    save_grid(images[:256], grid)
+    with output_lock(out, "sample store", "ctcore sample"):  # one process at a time checks and writes it
+        if out.exists() and not overwrite:
+            raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
+        images, labels = generate(
+            lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),
+            tuple(prov["data_shape"]), seeds, sigmas, num_classes=prov["num_classes"], sigma_min=c.sigma_min,
+            clip=recipe.sampling.clip, batch_size=batch_size, device=dev,
+        )
+        attrs = {
+            "recipe": state["recipe"],
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": file_digest(checkpoint),
+            "step": int(state["step"]),
+            "sigmas": sigmas,
+            "weights": weights,
+            "ctcore_version": prov.get("ctcore", "?"),
+        }
+        write_sample_store(out, images, seeds, labels, attrs)
+        save_grid(images[:256], grid)
     return {"store": out, "grid": grid, "num_samples": num_samples, "plan": f"{len(sigmas)}-step {sigmas}"}
 
 

@@ -16,6 +16,7 @@ from torch import nn
 import ctcore
 from ctcore.build import resume_run, start_run
 from ctcore.checkpoints import load_checkpoint
+from ctcore.errors import RunError
 from ctcore.recipe import read_recipe
 from ctcore.training import TrainingDiverged, train
 
@@ -126,12 +127,23 @@ def test_too_many_consecutive_bad_steps_stop_with_a_checkpoint_of_the_last_good_
     assert (resumed.step, resumed.last_good_step, resumed.nonfinite_run) == (5, 2, 3)
 
 
-def test_the_check_can_be_switched_off(tmp_path, registry):
-    run = _run(tmp_path, registry, "off", max_nonfinite_steps=0)
-    run.metric = PoisonedMetric(run.metric, {1})
-    train(run, stop_at=2, progress=False)
+def test_the_check_can_be_switched_off_but_non_finite_weights_are_never_checkpointed(tmp_path, registry):
+    """max_nonfinite_steps = 0: the NaN goes into the weights; the next checkpoint refuses to write them, so
+    retention never replaces the last finite checkpoint with a non-finite one."""
+    run = _run(tmp_path, registry, "off", max_nonfinite_steps=0, checkpoint_every=2, keep_checkpoints=1)
+    run.metric = PoisonedMetric(run.metric, {2})  # step k = 2
+    with pytest.raises(RunError) as info:
+        train(run, progress=False)
     assert not _events(run, "nonfinite")
     assert not all(torch.isfinite(p).all() for p in run.student.parameters())  # the NaN went into the weights
+    good = run.out_dir / "checkpoints" / "ckpt-000000002.pt"
+    assert info.value.message == (
+        "training produced non-finite values in student['embed.0.weight'] by step 4, so its checkpoint was not "
+        f"written (the latest, {str(good)!r}, is kept): start a new run with a lower training.lr or a "
+        "training.grad_clip and set training.max_nonfinite_steps above 0 (0 switches off the guard that skips "
+        "non-finite steps)")
+    assert sorted(p.name for p in good.parent.iterdir()) == [good.name]  # no temporary file either
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(good)["student"].values())
 
 
 def test_a_good_run_is_unchanged_by_the_check(tmp_path, registry):
