@@ -190,6 +190,9 @@ def time_limit(seconds: float | None, message: Callable[[str], str],
         return
 
     def expire(_signum: int, _frame: object) -> None:
+        # re-armed first: an exception raised inside a finalizer or weakref callback is swallowed by Python
+        # ("Exception ignored in ..."), so the alarm keeps firing until the block has really stopped
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
         raise TimeLimitExceeded
 
     from torch.overrides import _get_current_function_mode_stack, _pop_mode, _push_mode
