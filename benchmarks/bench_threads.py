@@ -97,8 +97,8 @@ def main() -> None:
         row["idle_img_per_s"] = train_speed(recipe, registry, args.steps, args.warmup)
         with busy_cpus(max(1, cpus - 1)):
             row["loaded_img_per_s"] = train_speed(recipe, registry, args.steps, args.warmup)
-        short = with_threads(base, setting, total_steps=args.run_steps, checkpoint_every=10**9,
-                             sample_every=10**9, log_every=args.run_steps)
+        short = with_threads(base, setting, total_steps=args.run_steps, checkpoint_every=999_999_999,
+                             sample_every=999_999_999, log_every=args.run_steps)
         runs = [short_run(short, registry) for _ in range(2)]
         row["sliced_wasserstein"] = [r[0] for r in runs]
         row["weights_sha256"] = [r[1] for r in runs]
