@@ -104,6 +104,10 @@ app = typer.Typer(
 )
 
 
+HDF5_SUFFIXES = (".h5", ".hdf5")
+"""Names ctcore accepts for the HDF5 files it writes (sample stores, datasets)."""
+
+
 def _console(stderr: bool = False, quiet: bool = False):
     from rich.console import Console
 
@@ -353,10 +357,12 @@ def sample(
     from ctcore.devices import threads_restored
 
     with _errors(), threads_restored():
+        from ctcore.files import check_suffix
         from ctcore.images import check_image_path
         from ctcore.sampling import sample_from_checkpoint
 
         check_image_path(grid)
+        check_suffix(out, "--out", HDF5_SUFFIXES, "an HDF5")
         sigma_list = _parse_sigmas(sigmas)
         result = sample_from_checkpoint(
             checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigma_list, seed=seed,
@@ -472,8 +478,10 @@ def eval_ref_stats(
     with _errors():
         from ctcore.errors import UsageError
         from ctcore.fid import reference_statistics, save_statistics
+        from ctcore.files import check_suffix
         from ctcore.inception import load_inception
 
+        check_suffix(out, "OUT.npz", (".npz",), "a statistics")
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
         model = load_inception(inception, download=download_inception)
@@ -577,8 +585,10 @@ def data_import(
 ) -> None:
     """Convert a dataset into ctcore's training format (what data.path in a recipe points at)."""
     with _errors():
+        from ctcore.files import check_suffix
         from ctcore.importers import import_dataset
 
+        check_suffix(out, "OUT.h5", HDF5_SUFFIXES, "an HDF5")
         r = import_dataset(source, out, split=split, resolution=resolution, overwrite=overwrite, progress=progress)
         _console().print(f"wrote {r['count']:,} images of shape {tuple(r['shape'])} in {r['num_classes']} classes "
                          f"({r['format']}, split {r['split']}) to {r['out']} in {r['seconds']:.1f} s")

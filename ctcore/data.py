@@ -169,6 +169,26 @@ def require_fits(path: str | Path, info: dict, device: torch.device | str = "cpu
     require_memory(need, "cpu", what, fix)  # read into host memory first on every device
     if torch.device(device).type == "cuda":
         require_memory(need, device, what, fix)
+    check_complete(path, info)
+
+
+def check_complete(path: str | Path, info: dict) -> None:
+    """Refuse a file whose `images` were never completely written (an interrupted writer, a file made to claim
+    more than it holds): its unwritten chunks would read as black images, and a streaming reader such as
+    `ctcore eval-ref-stats` would grind through billions of them. Reads the chunk index only."""
+    import math
+
+    with open_hdf5(path) as f:
+        images = f["images"]
+        if images.chunks:
+            expected = math.prod(-(-n // c) for n, c in zip(images.shape, images.chunks, strict=True))
+            written = images.id.get_num_chunks()
+        else:
+            expected, written = 1, int(images.id.get_storage_size() > 0)
+    if written < expected:
+        raise RunError(f"dataset file {str(path)!r} claims {info['count']:,} images but only {written:,} of its "
+                       f"{expected:,} storage chunks were ever written (an interrupted or damaged file); import it "
+                       f"again")
 
 
 def read_hdf5_labels(path: str | Path, info: dict) -> np.ndarray | None:

@@ -222,10 +222,11 @@ def reference_statistics(dataset_h5: str | Path, inception: FIDInceptionV3 | str
     """
     import h5py
 
-    from ctcore.data import hdf5_summary
+    from ctcore.data import check_complete, hdf5_summary
     from ctcore.devices import resolve_device
 
     info = hdf5_summary(dataset_h5)  # validates the file with the same messages as training
+    check_complete(dataset_h5, info)  # read in chunks, not all at once: a file claiming 10^9 images is refused here
     where = f"dataset file {str(dataset_h5)!r}"
     _channels_ok(info["shape"][0], where)
     if info["count"] < 2:

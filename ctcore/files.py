@@ -83,6 +83,15 @@ def failed_write_message(path: Path, code: int) -> str:
     return f"could not write {str(path)!r}: {reason}{free}; {kept}{advice}"
 
 
+def check_suffix(path: str | Path | None, option: str, suffixes: tuple[str, ...], what: str) -> None:
+    """Refuse, before any work, an output name without one of `suffixes` (`--out x.png` for a sample store would
+    otherwise be overwritten by its own grid, and tools that open it by suffix would not find it)."""
+    if path is not None and Path(path).suffix.lower() not in suffixes:
+        from ctcore.errors import UsageError
+
+        raise UsageError(f"{option} {str(path)!r}: give {what} file name ending in {' or '.join(suffixes)}")
+
+
 def human_bytes(n: int) -> str:
     """Bytes as 512 B, 12.0 KiB, 3.4 GiB (up to EiB, for the absurd sizes a recipe can ask for)."""
     if n < 1024:

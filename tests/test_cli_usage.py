@@ -158,6 +158,9 @@ def test_every_integer_option_refuses_out_of_range_and_malformed_values(value_ki
                                                  ".jpg, .webp)"),
         (["data", "info", "d.h5", "--grid", "out.h5"], "--grid 'out.h5': give an image file name ending in .png "
                                                        "(or .jpg, .webp)"),
+        (["sample", "c.pt", "--out", "x.png"], "--out 'x.png': give an HDF5 file name ending in .h5 or .hdf5"),
+        (["data", "import", "s", "o.png"], "OUT.h5 'o.png': give an HDF5 file name ending in .h5 or .hdf5"),
+        (["eval-ref-stats", "d.h5", "o.npy"], "OUT.npz 'o.npy': give a statistics file name ending in .npz"),
         (["sample", "c.pt", "--sigmas", "80,nan"], "--sigmas must be finite numbers, got '80,nan'"),
         (["eval", "c.pt", "--ref", "r.npz", "--sigmas", "1e400"], "--sigmas must be finite numbers, got '1e400'"),
         (["sample", "c.pt", "--sigmas", ","], "--sigmas must be 1 to 1000 comma-separated numbers like \"80,0.821\", "

@@ -156,6 +156,11 @@ def _with_images(images_shape: tuple[int, ...] = (5, 3, 4, 4), dtype=np.uint8, *
     return build
 
 
+def _half_written(f: h5py.File) -> None:
+    images = f.create_dataset("images", shape=(2048, 3, 4, 4), dtype=np.uint8, chunks=(1024, 3, 4, 4))
+    images[:1024] = 7  # a writer killed half way
+
+
 def _huge(f: h5py.File, labels: bool = False) -> None:
     """10^9 images claimed, none written: HDF5 allocates chunks lazily, so the file stays a few KiB."""
     f.create_dataset("images", shape=(10**9, 3, 4, 4), dtype=np.uint8, chunks=(4096, 3, 4, 4))
@@ -202,6 +207,12 @@ HOSTILE = {  # name: (builder, message after "dataset file '<path>'", data.num_c
     "10^9-labelled": (lambda f: _huge(f, labels=True),
                       f" holds 1,000,000,000 images of 3x4x4 with labels = 52.2 GiB, more than the 1.0 GiB of memory "
                       f"available (CTCORE_MEMORY_LIMIT); {TOO_BIG}", 3),
+    "unwritten-images": (lambda f: f.create_dataset("images", shape=(10**6, 3, 4, 4), dtype=np.uint8,
+                                                    chunks=(4096, 3, 4, 4)),
+                         " claims 1,000,000 images but only 0 of its 245 storage chunks were ever written (an "
+                         "interrupted or damaged file); import it again", 0),
+    "half-written-images": (_half_written, " claims 2,048 images but only 1 of its 2 storage chunks were ever "
+                                           "written (an interrupted or damaged file); import it again", 0),
 }
 DATA_COMMANDS = {  # how each command is invoked on a data file `d` and a recipe `r` that points at it
     "check": lambda d, r, tmp: ["check", str(r)],
@@ -335,3 +346,20 @@ def test_data_info_grid_refuses_two_channel_images_that_no_grid_can_show(tmp_pat
     assert result.stderr == (f"error: dataset file {str(data)!r} holds 2-channel images, which a --grid cannot show "
                              "(it draws 1-channel grey or the first 3 channels as RGB); leave out --grid\n")
     assert dataset_info(data)["shape"] == [2, 4, 4]
+
+
+def test_reference_statistics_refuse_a_file_that_was_never_completely_written(tmp_path: Path) -> None:
+    """eval-ref-stats reads in chunks (a real dataset may exceed memory), so without this check a file claiming
+    10^9 images would be fed to Inception as a billion black images."""
+    from ctcore.fid import reference_statistics
+
+    data = tmp_path / "claims.h5"
+    with h5py.File(data, "w") as f:
+        f.create_dataset("images", shape=(10**9, 3, 32, 32), dtype=np.uint8, chunks=(64, 3, 32, 32))
+    start = time.perf_counter()
+    with pytest.raises(RunError) as err:
+        reference_statistics(data, None, progress=False)
+    assert time.perf_counter() - start < 2.0
+    assert err.value.message == (f"dataset file {str(data)!r} claims 1,000,000,000 images but only 0 of its "
+                                 "15,625,000 storage chunks were ever written (an interrupted or damaged file); "
+                                 "import it again")
