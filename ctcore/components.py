@@ -8,6 +8,7 @@ class whose fields are its recipe settings (all with defaults). Every component 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -322,6 +323,9 @@ def directory_name(_instance: Any, attribute: attrs.Attribute, value: Any) -> No
         (not value, f"must not be empty {where}; choose a name"),
         (_has_control(value), f"must not contain control characters such as NUL or a newline {where}; "
                               "choose another name"),
+        (any(unicodedata.category(ch) == "Cf" for ch in value),
+         f"must not contain invisible formatting characters such as a direction override or a zero-width space "
+         f"{where}: the name would display differently from the directory; choose another name"),
         ("/" in value or "\\" in value, "must not contain '/' or '\\' (it names one directory, runs/<name>); choose "
                                         "another name, or set run.output_dir to place the run elsewhere"),
         (value in (".", ".."), f"must not be '.' or '..' {where}; choose another name"),

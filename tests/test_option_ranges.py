@@ -314,6 +314,12 @@ _NAME = "(it names the run directory runs/<name>)"
             "run.output_dir to place the run elsewhere, got 'a/b'"),
     ("a\\b", "must not contain '/' or '\\' (it names one directory, runs/<name>); choose another name, or set "
              "run.output_dir to place the run elsewhere, got 'a\\\\b'"),
+    ("\u202eevil", "must not contain invisible formatting characters such as a direction override or a "
+                   f"zero-width space {_NAME}: the name would display differently from the directory; choose "
+                   "another name, got '\\u202eevil'"),
+    ("a\u200bb", "must not contain invisible formatting characters such as a direction override or a "
+                 f"zero-width space {_NAME}: the name would display differently from the directory; choose "
+                 "another name, got 'a\\u200bb'"),
     (".", f"must not be '.' or '..' {_NAME}; choose another name, got '.'"),
     ("..", f"must not be '.' or '..' {_NAME}; choose another name, got '..'"),
     ("é" * 128, f"must be at most 255 bytes in UTF-8 {_NAME}, not 256; choose a shorter name, got "
