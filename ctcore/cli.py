@@ -173,6 +173,12 @@ def run(
         Path | None, typer.Option("--output-dir", "-o", help="Run directory (default: run.output_dir).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", metavar="CHECKPOINT",
+        help="Start the network from another run's weights (a checkpoint, or a run directory: its newest); "
+             "optimizer, step and curriculum start fresh.")] = None,
+    init_weights: Annotated[Literal["eval-ema", "student"] | None, typer.Option(
+        "--init-weights", help="With --init-from: eval-ema (default) or student.")] = None,
 ) -> None:
     """Train a consistency model as a recipe describes; writes a run directory.
 
@@ -182,7 +188,7 @@ def run(
     from ctcore.devices import threads_restored
 
     with _torchrun_worker(), threads_restored():
-        _run(target, resume, output_dir, progress)
+        _run(target, resume, output_dir, progress, init_from, init_weights)
 
 
 @contextlib.contextmanager
@@ -213,12 +219,19 @@ def _torchrun_worker() -> Iterator[None]:
             os._exit(code)
 
 
-def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) -> None:
+def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool, init_from: Path | None = None,
+         init_weights: str | None = None) -> None:
     with _errors():
         from ctcore.build import output_dir_for, resume_run, start_run
         from ctcore.errors import UsageError
         from ctcore.recipe import read_recipe
 
+        if init_from is not None and resume:
+            raise UsageError(f"--init-from {str(init_from)!r} starts a new run from another run's weights, and "
+                             "--resume continues a run from its own: give one of them")
+        if init_weights is not None and init_from is None:
+            raise UsageError(f"--init-weights {init_weights} chooses the weights of --init-from "
+                             "CHECKPOINT: add --init-from, or leave out --init-weights")
         registry = _registry()
         if resume:
             if target.is_dir():
@@ -232,7 +245,8 @@ def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) ->
         else:
             if target.is_dir():
                 raise UsageError(f"{str(target)!r} is a directory: give a recipe file, or add --resume")
-            the_run = start_run(read_recipe(target, registry), registry, output_dir)
+            the_run = start_run(read_recipe(target, registry), registry, output_dir, init_from=init_from,
+                                init_weights=init_weights or "eval-ema")
         try:  # the run holds its directory's lock until it ends
             _train(the_run, resume, progress)
         finally:
@@ -255,6 +269,10 @@ def _train(the_run, resume: bool, progress: bool) -> None:
         out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}")
     else:
         out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
+        init = the_run.provenance.get("init_from")
+        if init is not None:
+            out.print(f"initialised from {init['checkpoint']} (its {init['weights']} weights at step "
+                      f"{init['step']:,}); optimizer, step and curriculum start fresh")
     try:
         summary = train(the_run, progress=progress, handle_signals=True)
     except TrainingStopped as stop:
@@ -291,7 +309,8 @@ def _print_summary(out, the_run, summary: dict) -> None:
         table.add_row("loss (last interval)", f"{summary['loss']:.4g}")
     first, last = summary.get("initial_distance"), summary.get("final_distance")
     if first is not None and last is not None:
-        table.add_row("sliced Wasserstein to data", f"untrained {first:.4f} -> trained {last:.4f} "
+        start = "initial" if "init_from" in the_run.provenance else "untrained"
+        table.add_row("sliced Wasserstein to data", f"{start} {first:.4f} -> trained {last:.4f} "
                       f"({first / max(last, 1e-12):.1f}x better)")
     table.add_row("run directory", str(the_run.out_dir))
     table.add_row("samples", str(the_run.out_dir / "samples"))
