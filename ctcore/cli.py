@@ -104,6 +104,30 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    """--version: `ctcore <version>` from the installed package's metadata (the source's own when not installed)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("ctcore")
+    except PackageNotFoundError:
+        import ctcore
+
+        number = ctcore.__version__
+    typer.echo(f"ctcore {number}")
+    raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False,
+) -> None:
+    """Train, sample and inspect consistency models with the iCT techniques."""
+
+
 HDF5_SUFFIXES = (".h5", ".hdf5")
 """Names ctcore accepts for the HDF5 files it writes (sample stores, datasets)."""
 
