@@ -395,6 +395,10 @@ def sample(
         help="eval-ema (default) or student.")] = "eval-ema",
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing sample store.")] = False,
+    labels: Annotated[str | None, typer.Option(
+        help='Class-conditional models: these class labels, cycled over the samples, e.g. "0,3,7".')] = None,
+    class_balanced: Annotated[bool, typer.Option(
+        "--class-balanced", help="Class-conditional models: sample j has class j mod num_classes.")] = False,
 ) -> None:
     """Generate samples from a checkpoint into an HDF5 store (uint8 images, seeds, labels) and a PNG grid."""
     from ctcore.devices import threads_restored
@@ -407,13 +411,29 @@ def sample(
         check_image_path(grid)
         check_suffix(out, "--out", HDF5_SUFFIXES, "an HDF5")
         sigma_list = _parse_sigmas(sigmas)
+        label_list = _parse_labels(labels)
         result = sample_from_checkpoint(
             checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigma_list, seed=seed,
             out=out,
             grid=grid, weights=weights, batch_size=batch_size, overwrite=overwrite,
+            labels=label_list, class_balanced=class_balanced,
         )
         _console().print(f"wrote {result['num_samples']:,} samples ({result['plan']}) to {result['store']} "
                          f"and a grid to {result['grid']}")
+
+
+def _parse_labels(labels: str | None) -> list[int] | None:
+    """'0,3,7' -> [0, 3, 7]; None stays None. Their range is checked against the checkpoint's classes."""
+    import re
+
+    from ctcore.errors import UsageError
+
+    if labels is None:
+        return None
+    values = [s.strip() for s in labels.split(",")]
+    if not all(re.fullmatch(r"-?[0-9]{1,18}", v) for v in values):
+        raise UsageError(f'--labels must be comma-separated class numbers like "0,3,7", got {labels!r}')
+    return [int(v) for v in values]
 
 
 def _parse_sigmas(sigmas: str | None) -> list[float] | None:
