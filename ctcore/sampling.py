@@ -281,7 +281,10 @@ def sample_from_checkpoint(
         if num_classes:
             attrs["label_choice"] = label_choice
         write_sample_store(out, images, seeds, drawn, attrs)
-        save_grid(images[:256], grid, captions=[str(v) for v in drawn[:256].tolist()] if num_classes else None)
+        if num_classes:  # each image captioned with its class label
+            save_grid(images[:256], grid, captions=[str(v) for v in drawn[:256].tolist()])
+        else:
+            save_grid(images[:256], grid)
     return {"store": out, "grid": grid, "num_samples": num_samples, "plan": f"{len(sigmas)}-step {sigmas}"}
 
 
