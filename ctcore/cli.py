@@ -688,7 +688,10 @@ def data_info(
             if key != "class_names":
                 table.add_row(key, Text(str(value)))
         if info["grid"]:
-            table.add_row("grid", info["grid"])
+            rows, shown = info["grid_rows"], sum(1 for c in info["classes"] if c["count"])
+            note = "" if rows is None else " (one row per class)" if len(rows) == shown else (
+                f" (one row per class, for the first {len(rows)} of {shown} classes)")
+            table.add_row("grid", info["grid"] + note)
         _console().print(table)
 
 
