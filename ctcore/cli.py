@@ -661,7 +661,8 @@ def data_import(
 def data_info(
     file: Annotated[Path, typer.Argument(help="A dataset file (HDF5).")],
     grid: Annotated[Path | None, typer.Option(
-        help="Also write a grid of up to 64 examples here (.png, .jpg or .webp).")] = None,
+        help="Also write a grid of examples here (.png, .jpg or .webp): 64, or for a labelled file one row of 8 "
+             "per class.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Count, image shape, classes with per-class counts, and where the data came from."""
