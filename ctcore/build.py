@@ -24,10 +24,12 @@ from torch import nn
 import ctcore
 from ctcore.checkpoints import (
     RUN_LOCK,
+    WarmStart,
     checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
     lock_run_directory,
+    read_warm_start,
     restore,
     validate_checkpoint,
 )
@@ -105,12 +107,15 @@ def output_dir_for(recipe: Recipe, override: str | Path | None = None) -> Path:
 
 
 def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None,
-              data: ImageData | None = None, world: World = SINGLE, device: torch.device | None = None) -> Run:
+              data: ImageData | None = None, world: World = SINGLE, device: torch.device | None = None,
+              warm_start: WarmStart | None = None) -> Run:
     """Instantiate every component of a recipe (data, networks, teacher, optimizer); writes nothing.
 
     `data` replaces the recipe's data (the benchmark trains on random images of the declared shape). With a
     distributed `world` (and its rank's `device`), the student is wrapped in DistributedDataParallel. Sets
-    torch's CPU thread count from run.threads first (process-wide; the CLI restores it afterwards).
+    torch's CPU thread count from run.threads first (process-wide; the CLI restores it afterwards). A
+    `warm_start` sets the student's weights before the eval EMA and the teacher are made from it, so all three
+    start equal (as in a fresh run); it must fit the recipe's network tensor for tensor.
     """
     use_threads(recipe.run.threads)
     device = device or resolve_device(recipe.run.device)
@@ -127,6 +132,8 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(recipe.run.seed)
     built = build_components(recipe, registry)
+    if warm_start is not None:  # before the data is loaded: a checkpoint that does not fit stops here
+        warm_start.load_into(built["network"], recipe)
     data = data if data is not None else load_data(recipe.data, recipe.run.seed, device)
     student = built["network"].to(device)
     student.train()
@@ -150,6 +157,8 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     index_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 2)
     provenance = make_provenance(recipe, registry, device, data)
+    if warm_start is not None:
+        provenance["init_from"] = warm_start.record()
     return Run(recipe=recipe, registry=registry, out_dir=output_dir_for(recipe, out_dir), device=device, data=data,
                student=student, eval_ema=eval_ema, teacher=teacher, metric=built["metric"].to(device),
                noise_schedule=built["noise_schedule"], curriculum=built["curriculum"], optimizer=optimizer,
@@ -182,14 +191,18 @@ def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, da
 # ------------------------------------------------------------------------------- starting and resuming
 
 
-def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None) -> Run:
+def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = None,
+              init_from: str | Path | None = None, init_weights: str = "eval-ema") -> Run:
     """A fresh run in an empty (or new) directory; refuses a directory that holds a run or that another process
     holds. The returned run holds the directory's lock until `Run.close` (or the process ends).
 
+    `init_from` (a checkpoint, or a run directory: its newest) gives the network its `init_weights` (eval-ema or
+    student), checked before the directory is claimed; optimizer, step, curriculum and RNG streams start fresh.
     Under torchrun, joins the process group first; rank 0 claims the directory and every rank learns the outcome.
     """
     from ctcore.distributed import raise_together, setup
 
+    warm_start = read_warm_start(init_from, init_weights, registry) if init_from is not None else None
     world, device = setup(resolve_device(recipe.run.device))
     target = output_dir_for(recipe, out_dir)
     lock, failure, created = None, None, []
@@ -200,7 +213,7 @@ def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
             failure = exc
     raise_together(world, failure)  # no rank goes on when rank 0 refused the directory
     try:
-        run = build_run(recipe, registry, target, world=world, device=device)
+        run = build_run(recipe, registry, target, world=world, device=device, warm_start=warm_start)
         if world.is_main:
             run.provenance["run_id"] = uuid.uuid4().hex  # in provenance.json and every checkpoint of this run
             (target / "recipe.toml").write_text(run.recipe_text, encoding="utf-8")
@@ -349,16 +362,23 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
                 f"{recipe.source} differs from the recipe of the run in {str(out_dir)!r}, so it cannot resume it:\n"
                 + "\n".join(changed) + "\nresume with the run directory instead of a recipe, or start a new run"
             )
-    run_id = read_provenance(out_dir).get("run_id")
+    provenance = read_provenance(out_dir)
+    run_id = provenance.get("run_id")
+    init_record = provenance.get("init_from")
     if state is not None:
         _refuse_foreign(state, stored, run_recipe, run_id, ckpts, out_dir)
         run_id = run_id or state["provenance"].get("run_id")
+        init_record = init_record or state["provenance"].get("init_from")
     world, device = setup(resolve_device(run_recipe.run.device))
     raise_together(world, failure)
     if world.is_main:  # a checkpoint that was being written when the run was killed: its partial temporary file
         for debris in checkpoint_dir(out_dir).glob(".ckpt-*.tmp"):
             debris.unlink(missing_ok=True)
-    run = build_run(run_recipe, registry, out_dir, world=world, device=device)
+    # a warm-started run killed before its first checkpoint starts again from the same weights
+    warm_start = _recorded_warm_start(init_record, registry, out_dir) if state is None and init_record else None
+    run = build_run(run_recipe, registry, out_dir, world=world, device=device, warm_start=warm_start)
+    if init_record:
+        run.provenance["init_from"] = init_record
     if state is not None:
         restore(run, state)
     else:  # killed before its first checkpoint: the same run again from step 0, its stats begun anew
@@ -373,6 +393,25 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
     if run_id is not None:
         run.provenance["run_id"] = run_id
     return run
+
+
+def _recorded_warm_start(record: Any, registry: Registry, out_dir: Path) -> WarmStart:
+    """The warm start provenance.json records, read again for a restart; refused if the file changed."""
+    where = str(out_dir / "provenance.json")
+    if not (isinstance(record, dict) and isinstance(record.get("checkpoint"), str)
+            and record.get("weights") in ("eval-ema", "student")):
+        raise RunError(f"{where!r} has a damaged `init_from` record ({record!r}); put the run's provenance.json back, "
+                       "or start a new run")
+    path = record["checkpoint"]
+    if not Path(path).is_file():
+        raise RunError(f"the run in {str(out_dir)!r} was started with --init-from {path!r}, which is gone, so it "
+                       "cannot restart from step 0; put the checkpoint back, or start a new run")
+    warm_start = read_warm_start(path, record["weights"], registry)
+    if warm_start.sha256 != record.get("sha256"):
+        raise RunError(f"the run in {str(out_dir)!r} was started with --init-from {path!r}, which has changed since "
+                       f"(sha256 {warm_start.sha256}, recorded {record.get('sha256')}), so it cannot restart from "
+                       "step 0; put the original checkpoint back, or start a new run")
+    return warm_start
 
 
 def _refuse_foreign(state: dict[str, Any], stored: Recipe, run_recipe: Recipe, run_id: str | None,

@@ -8,10 +8,13 @@ run-directory lock keeps a second writer out of a run.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import torch
+from torch import nn
 
 from ctcore.components import KINDS, BuildContext
 from ctcore.data import data_shape
@@ -451,3 +454,81 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.initial_distance = state["initial_distance"]
     run.last_good_step = int(state.get("last_good_step", run.step))
     run.nonfinite_run = int(state.get("nonfinite_run", 0))
+
+
+# ------------------------------------------------------------------------------------------ warm starts
+
+INIT_WEIGHTS = ("eval-ema", "student")
+"""Which weights of another run `ctcore run --init-from` starts a network from (eval-ema by default)."""
+
+
+@attrs.frozen
+class WarmStart:
+    """The weights a new run starts from (`--init-from`), read and validated, and where they came from."""
+
+    checkpoint: Path
+    weights: str
+    """eval-ema or student: which of the checkpoint's networks."""
+    state_dict: dict[str, Any]
+    sha256: str
+    step: int
+    run_id: str | None
+
+    def record(self) -> dict[str, Any]:
+        """What provenance.json (and every checkpoint of the new run) keeps under `init_from`."""
+        return {"checkpoint": str(self.checkpoint), "sha256": self.sha256, "weights": self.weights,
+                "step": self.step, "run_id": self.run_id}
+
+    def load_into(self, network: nn.Module, recipe: Recipe) -> None:
+        """Copy the weights into the recipe's freshly built network; the first tensor that does not fit it (by
+        name, shape or dtype) is one RunError naming both shapes, and nothing is loaded."""
+        key = "eval_ema" if self.weights == "eval-ema" else "student"
+        found, expected = self.state_dict, network.state_dict()
+        theirs, ours = f"the checkpoint's {key}", "the recipe's network"
+
+        def describe(value: Any) -> str:
+            return _shape(value) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+
+        defect = None
+        for name, want in expected.items():
+            if name not in found:
+                defect = f"tensor {name!r}: {ours} has it, {theirs} does not"
+            elif isinstance(want, torch.Tensor) != isinstance(found[name], torch.Tensor) or (
+                    isinstance(want, torch.Tensor) and want.shape != found[name].shape):
+                defect = f"tensor {name!r}: {ours} expects shape {describe(want)}, {theirs} has {describe(found[name])}"
+            elif isinstance(want, torch.Tensor) and want.dtype != found[name].dtype:
+                defect = f"tensor {name!r}: {ours} expects dtype {want.dtype}, {theirs} has {found[name].dtype}"
+            if defect:
+                break
+        extra = [name for name in found if name not in expected]
+        if defect is None and extra:
+            defect = f"tensor {extra[0]!r}: {theirs} has it, {ours} does not"
+        if defect is not None:
+            raise RunError(
+                f"--init-from {str(self.checkpoint)!r} does not fit network {recipe.components['network'].name!r} "
+                f"of {recipe.source}: {defect}; initialise from a run of the same network (options, image shape, "
+                "num_classes), or change the recipe to match it")
+        network.load_state_dict(found)
+
+
+def read_warm_start(source: str | Path, weights: str, registry: Registry) -> WarmStart:
+    """The `weights` of a checkpoint, or of a run directory's newest checkpoint, validated as `ctcore sample`
+    validates them (present, of its own recipe's shapes, finite); bad files raise one RunError."""
+    if weights not in INIT_WEIGHTS:
+        raise ValueError(f"weights must be one of {INIT_WEIGHTS}, got {weights!r}")
+    path = Path(source)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise RunError(f"--init-from {str(path)!r} holds no checkpoint (checkpoints/ckpt-*.pt); give a checkpoint "
+                           "file, or a run directory that has written one")
+        path = found[-1]
+    state = load_checkpoint(path)
+    validate_checkpoint(state, path, registry, use=weights)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return WarmStart(checkpoint=path, weights=weights, state_dict=state["eval_ema" if weights == "eval-ema" else
+                     "student"], sha256=digest.hexdigest(), step=int(state["step"]),
+                     run_id=state["provenance"].get("run_id"))

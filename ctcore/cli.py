@@ -104,6 +104,30 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    """--version: `ctcore <version>` from the installed package's metadata (the source's own when not installed)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("ctcore")
+    except PackageNotFoundError:
+        import ctcore
+
+        number = ctcore.__version__
+    typer.echo(f"ctcore {number}")
+    raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False,
+) -> None:
+    """Train, sample and inspect consistency models with the iCT techniques."""
+
+
 HDF5_SUFFIXES = (".h5", ".hdf5")
 """Names ctcore accepts for the HDF5 files it writes (sample stores, datasets)."""
 
@@ -173,6 +197,12 @@ def run(
         Path | None, typer.Option("--output-dir", "-o", help="Run directory (default: run.output_dir).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", metavar="CHECKPOINT",
+        help="Start the network from another run's weights (a checkpoint, or a run directory: its newest); "
+             "optimizer, step and curriculum start fresh.")] = None,
+    init_weights: Annotated[Literal["eval-ema", "student"] | None, typer.Option(
+        "--init-weights", help="With --init-from: eval-ema (default) or student.")] = None,
 ) -> None:
     """Train a consistency model as a recipe describes; writes a run directory.
 
@@ -182,7 +212,7 @@ def run(
     from ctcore.devices import threads_restored
 
     with _torchrun_worker(), threads_restored():
-        _run(target, resume, output_dir, progress)
+        _run(target, resume, output_dir, progress, init_from, init_weights)
 
 
 @contextlib.contextmanager
@@ -213,12 +243,19 @@ def _torchrun_worker() -> Iterator[None]:
             os._exit(code)
 
 
-def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) -> None:
+def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool, init_from: Path | None = None,
+         init_weights: str | None = None) -> None:
     with _errors():
         from ctcore.build import output_dir_for, resume_run, start_run
         from ctcore.errors import UsageError
         from ctcore.recipe import read_recipe
 
+        if init_from is not None and resume:
+            raise UsageError(f"--init-from {str(init_from)!r} starts a new run from another run's weights, and "
+                             "--resume continues a run from its own: give one of them")
+        if init_weights is not None and init_from is None:
+            raise UsageError(f"--init-weights {init_weights} chooses the weights of --init-from "
+                             "CHECKPOINT: add --init-from, or leave out --init-weights")
         registry = _registry()
         if resume:
             if target.is_dir():
@@ -232,7 +269,8 @@ def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool) ->
         else:
             if target.is_dir():
                 raise UsageError(f"{str(target)!r} is a directory: give a recipe file, or add --resume")
-            the_run = start_run(read_recipe(target, registry), registry, output_dir)
+            the_run = start_run(read_recipe(target, registry), registry, output_dir, init_from=init_from,
+                                init_weights=init_weights or "eval-ema")
         try:  # the run holds its directory's lock until it ends
             _train(the_run, resume, progress)
         finally:
@@ -255,6 +293,10 @@ def _train(the_run, resume: bool, progress: bool) -> None:
         out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}")
     else:
         out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
+        init = the_run.provenance.get("init_from")
+        if init is not None:
+            out.print(f"initialised from {init['checkpoint']} (its {init['weights']} weights at step "
+                      f"{init['step']:,}); optimizer, step and curriculum start fresh")
     try:
         summary = train(the_run, progress=progress, handle_signals=True)
     except TrainingStopped as stop:
@@ -291,7 +333,8 @@ def _print_summary(out, the_run, summary: dict) -> None:
         table.add_row("loss (last interval)", f"{summary['loss']:.4g}")
     first, last = summary.get("initial_distance"), summary.get("final_distance")
     if first is not None and last is not None:
-        table.add_row("sliced Wasserstein to data", f"untrained {first:.4f} -> trained {last:.4f} "
+        start = "initial" if "init_from" in the_run.provenance else "untrained"
+        table.add_row("sliced Wasserstein to data", f"{start} {first:.4f} -> trained {last:.4f} "
                       f"({first / max(last, 1e-12):.1f}x better)")
     table.add_row("run directory", str(the_run.out_dir))
     table.add_row("samples", str(the_run.out_dir / "samples"))
@@ -352,6 +395,10 @@ def sample(
         help="eval-ema (default) or student.")] = "eval-ema",
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing sample store.")] = False,
+    labels: Annotated[str | None, typer.Option(
+        help='Class-conditional models: these class labels, cycled over the samples, e.g. "0,3,7".')] = None,
+    class_balanced: Annotated[bool, typer.Option(
+        "--class-balanced", help="Class-conditional models: sample j has class j mod num_classes.")] = False,
 ) -> None:
     """Generate samples from a checkpoint into an HDF5 store (uint8 images, seeds, labels) and a PNG grid."""
     from ctcore.devices import threads_restored
@@ -364,13 +411,29 @@ def sample(
         check_image_path(grid)
         check_suffix(out, "--out", HDF5_SUFFIXES, "an HDF5")
         sigma_list = _parse_sigmas(sigmas)
+        label_list = _parse_labels(labels)
         result = sample_from_checkpoint(
             checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigma_list, seed=seed,
             out=out,
             grid=grid, weights=weights, batch_size=batch_size, overwrite=overwrite,
+            labels=label_list, class_balanced=class_balanced,
         )
         _console().print(f"wrote {result['num_samples']:,} samples ({result['plan']}) to {result['store']} "
                          f"and a grid to {result['grid']}")
+
+
+def _parse_labels(labels: str | None) -> list[int] | None:
+    """'0,3,7' -> [0, 3, 7]; None stays None. Their range is checked against the checkpoint's classes."""
+    import re
+
+    from ctcore.errors import UsageError
+
+    if labels is None:
+        return None
+    values = [s.strip() for s in labels.split(",")]
+    if not all(re.fullmatch(r"-?[0-9]{1,18}", v) for v in values):
+        raise UsageError(f'--labels must be comma-separated class numbers like "0,3,7", got {labels!r}')
+    return [int(v) for v in values]
 
 
 def _parse_sigmas(sigmas: str | None) -> list[float] | None:
@@ -598,7 +661,8 @@ def data_import(
 def data_info(
     file: Annotated[Path, typer.Argument(help="A dataset file (HDF5).")],
     grid: Annotated[Path | None, typer.Option(
-        help="Also write a grid of up to 64 examples here (.png, .jpg or .webp).")] = None,
+        help="Also write a grid of examples here (.png, .jpg or .webp): 64, or for a labelled file one row of 8 "
+             "per class.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Count, image shape, classes with per-class counts, and where the data came from."""
@@ -625,7 +689,10 @@ def data_info(
             if key != "class_names":
                 table.add_row(key, Text(str(value)))
         if info["grid"]:
-            table.add_row("grid", info["grid"])
+            rows, shown = info["grid_rows"], sum(1 for c in info["classes"] if c["count"])
+            note = "" if rows is None else " (one row per class)" if len(rows) == shown else (
+                f" (one row per class, for the first {len(rows)} of {shown} classes)")
+            table.add_row("grid", info["grid"] + note)
         _console().print(table)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,14 +46,59 @@ def check_image_path(path: str | Path | None, option: str = "--grid") -> None:
         raise UsageError(f"{option} {str(path)!r}: give an image file name ending in .png (or .jpg, .webp)")
 
 
-def save_grid(images: torch.Tensor, path: str | Path, ncol: int | None = None) -> Path:
-    """Write uint8 images (N, C, H, W) as one PNG grid."""
-    from PIL import Image
+def save_grid(images: torch.Tensor, path: str | Path, ncol: int | None = None,
+              captions: Sequence[str] | None = None) -> Path:
+    """Write uint8 images (N, C, H, W) as one PNG grid; `captions` (one per image, e.g. class labels) are
+    written in black under each image."""
+    from PIL import Image, ImageDraw
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = grid_array(images, ncol, scale=_auto_scale(images.shape[2]))
-    Image.fromarray(arr.numpy()).save(path)
+    scale = _auto_scale(images.shape[2])
+    if captions is None:
+        Image.fromarray(grid_array(images, ncol, scale=scale).numpy()).save(path)
+        return path
+    if len(captions) != len(images):
+        raise ValueError(f"need one caption per image: {len(captions)} captions, {len(images)} images")
+    n, _, h, w = images.shape
+    h, w, pad, line = h * scale, w * scale, 1, _TEXT_HEIGHT + 2
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = max(1, math.ceil(n / ncol))
+    canvas = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + line + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k in range(n):
+        r, col = divmod(k, ncol)
+        x, y = pad + col * (w + pad), pad + r * (h + line + pad)
+        canvas.paste(Image.fromarray(grid_array(images[k : k + 1], 1, pad=0, scale=scale).numpy()), (x, y))
+        width = draw.textlength(captions[k])
+        draw.text((x + max(0.0, (w - width) / 2), y + h + 1), captions[k], fill="black")
+    canvas.save(path)
+    return path
+
+
+_TEXT_HEIGHT = 11
+"""Pixel height of a line in Pillow's default font (a fixed bitmap font, or its builtin FreeType font at 10 px)."""
+
+
+def save_rows(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, ncol: int = 8) -> Path:
+    """One row of up to `ncol` uint8 images (N, C, H, W) per (caption, images) pair, each captioned at its left
+    (e.g. one row per class, labelled with the class name)."""
+    from PIL import Image, ImageDraw
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _, _, h, w = rows[0][1].shape
+    scale = _auto_scale(h)
+    row_h, row_w = h * scale + 2, ncol * (w * scale + 1) + 1  # as grid_array pads: 1 pixel around each image
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = int(max(draw.textlength(caption) for caption, _ in rows)) + 8
+    canvas = Image.new("RGB", (margin + row_w, len(rows) * row_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (caption, images) in enumerate(rows):
+        y = r * row_h
+        canvas.paste(Image.fromarray(grid_array(images[:ncol], ncol, scale=scale).numpy()), (margin, y))
+        draw.text((4, y + max(0, (row_h - _TEXT_HEIGHT) // 2)), caption, fill="black")
+    canvas.save(path)
     return path
 
 

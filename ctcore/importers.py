@@ -757,11 +757,18 @@ def import_dataset(source: str | Path, out: str | Path, *, split: str = "train",
 # inspecting a dataset file
 
 
+GRID_CLASSES = 64
+"""`data info --grid` of a labelled dataset: one row per class, for at most this many classes (the lowest labels)."""
+GRID_PER_CLASS = 8
+"""Examples per class row, spread over the class's images."""
+
+
 def dataset_info(path: str | Path, grid: str | Path | None = None) -> dict:
-    """Count, shape, classes with per-class counts and attrs of a dataset file; optionally a PNG grid of <= 64.
+    """Count, shape, classes with per-class counts and attrs of a dataset file; optionally a PNG grid: 64
+    examples, or for a labelled file one row of 8 per class labelled with its stored class name (else its label).
 
     The file is validated from its metadata and refused if it cannot fit in memory before anything is read;
-    then only the labels and the grid's (at most 64) images are read.
+    then only the labels and the grid's images (at most 64 rows of 8) are read.
     """
     from ctcore.data import hdf5_summary, open_hdf5, read_hdf5_labels, require_fits
 
@@ -785,11 +792,13 @@ def dataset_info(path: str | Path, grid: str | Path | None = None) -> dict:
         except json.JSONDecodeError:
             pass
     labels = read_hdf5_labels(path, summary)
-    picked = None
+    picked, rows = None, None
     with open_hdf5(path) as f:
         images = f["images"]
         chunks = list(images.chunks) if images.chunks else None
-        if grid is not None:  # at most 64 rows, spread over the file
+        if grid is not None and labels is not None:
+            rows = _class_rows(images, labels, names)
+        elif grid is not None:  # at most 64 images, spread over the file
             picked = images[np.unique(np.linspace(0, count - 1, min(64, count)).round().astype(np.int64))]
     classes = []
     if labels is not None:
@@ -805,8 +814,34 @@ def dataset_info(path: str | Path, grid: str | Path | None = None) -> dict:
         from ctcore.images import save_grid
 
         grid_path = str(save_grid(torch.from_numpy(picked), grid, ncol=8))
+    elif rows is not None:
+        from ctcore.images import save_rows
+
+        grid_path = str(save_rows(rows, grid, ncol=GRID_PER_CLASS))
     return {"path": str(path), "count": count, "shape": list(summary["shape"]), "has_labels": labels is not None,
-            "chunks": chunks, "classes": classes, "attrs": _jsonable(attrs), "grid": grid_path}
+            "chunks": chunks, "classes": classes, "attrs": _jsonable(attrs), "grid": grid_path,
+            "grid_rows": [caption for caption, _ in rows] if rows is not None else None}
+
+
+def _class_rows(images: Any, labels: np.ndarray, names: list[str]) -> list[tuple[str, Any]]:
+    """(caption, up to GRID_PER_CLASS images spread over the class) for the GRID_CLASSES lowest labels present;
+    the caption is the stored class name, or the label when the file names no class."""
+    import torch
+
+    order = np.argsort(labels, kind="stable")
+    present, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
+    picks = []
+    for start, size in zip(starts[:GRID_CLASSES].tolist(), sizes[:GRID_CLASSES].tolist(), strict=True):
+        spread = np.unique(np.linspace(0, size - 1, min(GRID_PER_CLASS, size)).round().astype(np.int64))
+        picks.append(np.sort(order[start + spread]))
+    wanted = np.unique(np.concatenate(picks))
+    block = images[wanted]  # one read of every example, in file order
+    where = {int(i): k for k, i in enumerate(wanted.tolist())}
+    rows = []
+    for label, pick in zip(present[:GRID_CLASSES].tolist(), picks, strict=True):
+        caption = names[label] if 0 <= label < len(names) else str(label)
+        rows.append((caption, torch.from_numpy(block[[where[int(i)] for i in pick.tolist()]])))
+    return rows
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,7 +1,8 @@
 """One-step and multistep consistency sampling with per-sample seeds, and the HDF5 sample store.
 
 Sample j draws all its noise (and its class label, for conditional models) from its own generator seeded
-with seeds[j], so any subset of a sample set can be regenerated exactly.
+with seeds[j], so any subset of a sample set can be regenerated exactly. Labels chosen instead (`ctcore sample
+--labels`, `--class-balanced`) replace the drawn label and leave the noise as it is.
 """
 
 from __future__ import annotations
@@ -72,14 +73,23 @@ def generate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    class_labels: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples for the given seeds, batch by batch: uint8 images (N, C, H, W) and labels (N,), -1 if none."""
+    """Samples for the given seeds, batch by batch: uint8 images (N, C, H, W) and labels (N,), -1 if none.
+
+    A conditional model's labels are drawn from each sample's seed, or given as `class_labels`, cycled over the
+    samples (sample j gets class_labels[j % len]); the noise is the same either way."""
+    if class_labels is not None and (num_classes == 0 or not class_labels):
+        raise ValueError("class_labels need a conditional model (num_classes > 0) and at least one label")
     images, labels = [], []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
         draws = [sample_noise(s, shape, len(sigmas), num_classes) for s in chunk]
         z = torch.stack([d[0] for d in draws], dim=1).to(device)
         lab = torch.tensor([d[1] for d in draws], dtype=torch.long)
+        if class_labels is not None:
+            lab = torch.tensor([class_labels[j % len(class_labels)] for j in range(start, start + len(chunk))],
+                               dtype=torch.long)
         x = multistep_sample(denoiser, z, sigmas, lab.to(device) if num_classes > 0 else None,
                              sigma_min=sigma_min, clip=clip)
         images.append(to_uint8(x).cpu())
@@ -212,10 +222,14 @@ def sample_from_checkpoint(
     batch_size: int = 256,
     overwrite: bool = False,
     device: str | None = None,
+    labels: Sequence[int] | None = None,
+    class_balanced: bool = False,
 ) -> dict[str, Any]:
     """Rebuild the network of a checkpoint through the registry, sample, write the store and a PNG grid.
 
-    The store's lock (`.<store name>.lock` beside it, removed afterwards) keeps two samplers from writing it."""
+    A class-conditional model samples the given `labels` (cycled), or with `class_balanced` sample j gets class
+    j mod num_classes, or by default a label drawn from each seed; the grid shows each image's label. The
+    store's lock (`.<store name>.lock` beside it, removed afterwards) keeps two samplers from writing it."""
     from ctcore.consistency import denoise
     from ctcore.errors import UsageError
     from ctcore.files import output_lock
@@ -223,6 +237,8 @@ def sample_from_checkpoint(
 
     checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
                                                            weights=weights)
+    num_classes = state["provenance"]["num_classes"]
+    class_labels, label_choice = choose_labels(checkpoint, num_classes, labels, class_balanced)
     c = recipe.consistency
     asked = num_samples
     num_samples = recipe.sampling.num_samples if num_samples is None else num_samples
@@ -248,10 +264,10 @@ def sample_from_checkpoint(
     with output_lock(out, "sample store", "ctcore sample"):  # one process at a time checks and writes it
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
-        images, labels = generate(
+        images, drawn = generate(
             lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),
             tuple(prov["data_shape"]), seeds, sigmas, num_classes=prov["num_classes"], sigma_min=c.sigma_min,
-            clip=recipe.sampling.clip, batch_size=batch_size, device=dev,
+            clip=recipe.sampling.clip, batch_size=batch_size, device=dev, class_labels=class_labels,
         )
         attrs = {
             "recipe": state["recipe"],
@@ -262,9 +278,40 @@ def sample_from_checkpoint(
             "weights": weights,
             "ctcore_version": prov.get("ctcore", "?"),
         }
-        write_sample_store(out, images, seeds, labels, attrs)
-        save_grid(images[:256], grid)
+        if num_classes:
+            attrs["label_choice"] = label_choice
+        write_sample_store(out, images, seeds, drawn, attrs)
+        if num_classes:  # each image captioned with its class label
+            save_grid(images[:256], grid, captions=[str(v) for v in drawn[:256].tolist()])
+        else:
+            save_grid(images[:256], grid)
     return {"store": out, "grid": grid, "num_samples": num_samples, "plan": f"{len(sigmas)}-step {sigmas}"}
+
+
+def choose_labels(checkpoint: Path, num_classes: int, labels: Sequence[int] | None,
+                  class_balanced: bool) -> tuple[list[int] | None, str]:
+    """The class labels `ctcore sample` cycles over (None: drawn from each seed) and how they were chosen, as
+    the sample store records it; labels for a model that takes none, or outside 0..num_classes-1, are a
+    UsageError."""
+    from ctcore.errors import UsageError
+
+    if labels is not None and class_balanced:
+        raise UsageError("--labels and --class-balanced both choose the class labels: give one of them")
+    option = "--labels" if labels is not None else "--class-balanced" if class_balanced else None
+    if option is None:
+        return None, "drawn from each seed"
+    if num_classes == 0:
+        raise UsageError(f"{option}: checkpoint {str(checkpoint)!r} is of an unconditional model (num_classes 0), "
+                         f"which takes no class labels; leave out {option}")
+    if class_balanced:
+        return list(range(num_classes)), f"class-balanced: sample j has class j mod {num_classes}"
+    if not labels:
+        raise UsageError('--labels needs at least one class label, e.g. "0,3,7"')
+    bad = next((v for v in labels if not 0 <= v < num_classes), None)
+    if bad is not None:
+        raise UsageError(f"--labels {bad}: checkpoint {str(checkpoint)!r} has {num_classes} classes, so a label "
+                         f"lies in 0..{num_classes - 1}")
+    return list(labels), "cycled: " + ",".join(map(str, labels))
 
 
 # ----------------------------------------------------------------------- sample grids during training

@@ -198,6 +198,18 @@ def test_help_and_no_arguments_still_show_the_help() -> None:
     assert bare.exit_code == 2 and "Usage: ctcore" in bare.stdout and "error" not in bare.stderr
 
 
+def test_version_prints_the_installed_package_version(monkeypatch, capsys) -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert (result.exit_code, result.stdout, result.stderr) == (0, f"ctcore {version('ctcore')}\n", "")
+    assert version("ctcore") == ctcore.__version__
+    monkeypatch.setattr(sys, "argv", ["ctcore", "--version", "run"])  # eager: before the command's arguments
+    with pytest.raises(SystemExit) as exit_info:
+        ctcore.cli.main()
+    assert exit_info.value.code == 0 and capsys.readouterr() == (f"ctcore {ctcore.__version__}\n", "")
+
+
 def test_image_names_take_only_formats_ctcore_writes() -> None:
     from ctcore.errors import UsageError
     from ctcore.images import check_image_path

@@ -518,3 +518,65 @@ def test_data_commands_through_the_cli(tmp_path: Path) -> None:
     assert (tmp_path / "g.png").is_file()
     missing = runner.invoke(app, ["data", "info", str(tmp_path / "nope.h5")])
     assert missing.exit_code == 1 and "Traceback" not in missing.output
+
+
+# ------------------------------------------------------------------------------ data info --grid by class
+
+
+def _tile(image: np.ndarray, scale: int) -> np.ndarray:
+    """One (C, H, W) uint8 image as the grid draws it: (H*scale, W*scale, 3)."""
+    return image.transpose(1, 2, 0).repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def test_data_info_grid_has_one_row_per_class_labelled_with_its_name(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 3, 4, 4), dtype=np.uint8)
+    labels = np.array([2, 0] * 5 + [1] * 20)  # class 0: 5 images, 1: 20, 2: 5
+    named = write_dataset(tmp_path / "named.h5", images, labels, {"class_names": ["cat", "dog", "frog"]})
+    unnamed = write_dataset(tmp_path / "unnamed.h5", images, labels, {})
+    info = dataset_info(named, tmp_path / "named.png")
+    assert info["grid_rows"] == ["cat", "dog", "frog"]
+    assert dataset_info(unnamed, tmp_path / "unnamed.png")["grid_rows"] == ["0", "1", "2"]
+    grid = np.asarray(Image.open(tmp_path / "named.png").convert("RGB"))
+    margin = grid.shape[1] - (8 * 65 + 1)  # 8 images of 4x4 shown at 64x64, 1 pixel apart, after the names
+    assert grid.shape[0] == 3 * 66 and margin > 20
+    for row, label in enumerate((0, 1, 2)):
+        members = np.flatnonzero(labels == label)
+        shown = members[np.unique(np.linspace(0, len(members) - 1, min(8, len(members))).round().astype(int))]
+        for col, index in enumerate(shown):  # the class's examples, spread over it, in file order
+            y, x = row * 66 + 1, margin + 1 + col * 65
+            assert np.array_equal(grid[y : y + 64, x : x + 64], _tile(images[index], 16)), (row, col)
+        assert (grid[row * 66 : row * 66 + 66, margin + 1 + len(shown) * 65 :] == 255).all()  # the rest blank
+        assert grid[row * 66 : (row + 1) * 66, :margin].min() < 100  # the caption in dark text
+    assert Image.open(tmp_path / "unnamed.png").size[0] < grid.shape[1]  # "0", "1", "2" need a narrower margin
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["data", "info", str(named), "--grid",
+                                                            str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    assert f"grid           │ {tmp_path / 'g.png'} (one row per class)" in result.stdout
+
+
+def test_data_info_grid_shows_the_first_64_classes_and_an_unlabelled_file_as_before(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    images = np.arange(70 * 3 * 2 * 2, dtype=np.int64).reshape(70, 3, 2, 2).astype(np.uint8)
+    many = write_dataset(tmp_path / "many.h5", images, np.arange(70)[::-1].copy(), {})
+    info = dataset_info(many, tmp_path / "many.png")
+    assert info["grid_rows"] == [str(k) for k in range(64)]
+    assert Image.open(tmp_path / "many.png").size[1] == 64 * 66
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["data", "info", str(many), "--grid",
+                                                            str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    assert "(one row per class, for the first 64 of 70 classes)" in result.stdout
+    plain = write_dataset(tmp_path / "plain.h5", images, None, {})
+    info = dataset_info(plain, tmp_path / "plain.png")
+    assert info["grid_rows"] is None
+    grid = np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))
+    assert grid.shape == (8 * 65 + 1, 8 * 65 + 1, 3)  # 64 of the 70 images, 8 per row, no captions
+    picked = np.unique(np.linspace(0, 69, 64).round().astype(int))
+    assert np.array_equal(grid[1:65, 1:65], _tile(images[picked[0]], 32))

@@ -408,3 +408,91 @@ def test_sample_defaults_come_from_the_recipe_sampling_section(run_dir: Path) ->
     assert result.exit_code == 0, result.output
     s = read_sample_store(run_dir / "samples" / "ckpt-000000012-1step-4.h5")
     assert s["seeds"].tolist() == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------------- class labels chosen by the user
+
+
+def test_given_class_labels_are_cycled_and_leave_the_noise_as_drawn() -> None:
+    drawn, given = Recorder(scaled), Recorder(scaled)
+    _, default = generate(drawn, SHAPE, list(range(7)), [SIGMA_MAX], num_classes=10, batch_size=3)
+    _, labels = generate(given, SHAPE, list(range(7)), [SIGMA_MAX], num_classes=10, batch_size=3,
+                         class_labels=[0, 3, 7])
+    assert labels.tolist() == [0, 3, 7, 0, 3, 7, 0]  # across batches of 3: sample j has class_labels[j % 3]
+    assert torch.cat([c[2] for c in given.calls]).tolist() == labels.tolist()
+    assert default.tolist() != labels.tolist()
+    for a, b in zip(drawn.calls, given.calls, strict=True):  # the same noise, only the labels differ
+        assert torch.equal(a[0], b[0])
+    with pytest.raises(ValueError, match="class_labels need a conditional model"):
+        generate(scaled, SHAPE, [0], [SIGMA_MAX], class_labels=[1])
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny class-conditional run (8 classes: the synthetic glyph shapes)."""
+    root = tmp_path_factory.mktemp("conditional")
+    recipe = write_tiny_recipe(root / "cond.toml", root / "run", data={"num_classes": 8})
+    result = invoke("run", recipe, "--no-progress")
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+@pytest.mark.parametrize(("args", "labels", "choice"), [
+    ([], None, "drawn from each seed"),
+    (["--labels", "0,3, 7"], [0, 3, 7, 0, 3, 7, 0, 3, 7, 0], "cycled: 0,3,7"),
+    (["--class-balanced"], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1], "class-balanced: sample j has class j mod 8"),
+], ids=["default", "labels", "class-balanced"])
+def test_conditional_samples_store_their_labels_and_caption_them_on_the_grid(
+        conditional: Path, tmp_path: Path, args: list[str], labels: list[int] | None, choice: str) -> None:
+    store, grid = tmp_path / "s.h5", tmp_path / "s.png"
+    result = invoke("sample", conditional, "-n", "10", "--seed", "3", "--out", store, *args)
+    assert result.exit_code == 0, result.output
+    s = read_sample_store(store)
+    expected = labels or [sample_noise(seed, SHAPE, 1, 8)[1] for seed in range(3, 13)]  # default: as before
+    assert s["labels"].tolist() == expected and s["attrs"]["label_choice"] == choice
+    # 10 images of 4x4 shown at 64x64 in 4 columns, each with a caption line (13 px) of dark text beneath
+    image = np.asarray(Image.open(grid).convert("L"))
+    assert image.shape == (3 * (64 + 13 + 1) + 1, 4 * 65 + 1)
+    caption = image[1 + 64 : 1 + 64 + 13, 1 : 1 + 64]  # under the first image
+    assert caption.min() < 100 and (caption == 255).mean() > 0.5
+
+
+def test_labels_given_as_drawn_reproduce_the_default_samples_exactly(conditional: Path, tmp_path: Path) -> None:
+    """Choosing labels changes only the labels: given the ones drawn by default, the images are the same."""
+    assert invoke("sample", conditional, "-n", "6", "--out", tmp_path / "d.h5").exit_code == 0
+    default = read_sample_store(tmp_path / "d.h5")
+    given = ",".join(map(str, default["labels"].tolist()))
+    assert invoke("sample", conditional, "-n", "6", "--out", tmp_path / "g.h5", "--labels", given).exit_code == 0
+    again = read_sample_store(tmp_path / "g.h5")
+    assert torch.equal(again["images"], default["images"]) and torch.equal(again["labels"], default["labels"])
+    assert invoke("sample", conditional, "-n", "6", "--out", tmp_path / "o.h5", "--labels", "5").exit_code == 0
+    assert not torch.equal(read_sample_store(tmp_path / "o.h5")["images"], default["images"])  # labels matter
+
+
+def test_unconditional_samples_have_no_captions_and_no_label_choice(run_dir: Path, tmp_path: Path) -> None:
+    result = invoke("sample", run_dir, "-n", "4", "--out", tmp_path / "s.h5")
+    assert result.exit_code == 0, result.output
+    assert "label_choice" not in read_sample_store(tmp_path / "s.h5")["attrs"]
+    assert Image.open(tmp_path / "s.png").size == (2 * 65 + 1, 2 * 65 + 1)  # the grid as before
+
+
+@pytest.mark.parametrize(("which", "args", "message"), [
+    ("conditional", ["--labels", "8"], "--labels 8: checkpoint '{ckpt}' has 8 classes, so a label lies in 0..7"),
+    ("conditional", ["--labels=-1"], "--labels -1: checkpoint '{ckpt}' has 8 classes, so a label lies in 0..7"),
+    ("conditional", ["--labels", "1.5"], "--labels must be comma-separated class numbers like \"0,3,7\", got '1.5'"),
+    ("conditional", ["--labels", "0,,3"], "--labels must be comma-separated class numbers like \"0,3,7\", got '0,,3'"),
+    ("conditional", ["--labels", "cat"], "--labels must be comma-separated class numbers like \"0,3,7\", got 'cat'"),
+    ("conditional", ["--labels", "1", "--class-balanced"],
+     "--labels and --class-balanced both choose the class labels: give one of them"),
+    ("unconditional", ["--labels", "0"], "--labels: checkpoint '{ckpt}' is of an unconditional model (num_classes "
+                                         "0), which takes no class labels; leave out --labels"),
+    ("unconditional", ["--class-balanced"], "--class-balanced: checkpoint '{ckpt}' is of an unconditional model "
+                                            "(num_classes 0), which takes no class labels; leave out --class-balanced"),
+], ids=["above", "negative", "fraction", "empty-item", "word", "both", "unconditional", "unconditional-balanced"])
+def test_invalid_labels_are_one_line_exit_2_and_write_nothing(conditional: Path, run_dir: Path, tmp_path: Path,
+                                                              which: str, args: list[str], message: str) -> None:
+    source = conditional if which == "conditional" else run_dir
+    before = stores(source / "samples")
+    result = invoke("sample", source, "-n", "4", "--out", tmp_path / "out" / "s.h5", *args)
+    assert_usage_error(result, 2, message.format(ckpt=source / "checkpoints" / LAST_CKPT))
+    assert not (tmp_path / "out").exists() and stores(source / "samples") == before
