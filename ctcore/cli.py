@@ -431,7 +431,8 @@ def eval_checkpoint(
     seed: Annotated[int | None, typer.Option(
         min=0, max=MAX_SEED, help="Sample j uses seed + j, as in ctcore sample (FID: 0; sliced-wasserstein: "
                                   "10,000,000, the training loop's).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, max=MAX_BATCH, help="FID: 256; sliced-wasserstein: the training loop's.")] = None,
     device: Annotated[str | None, typer.Option(
         callback=_device_option, help="cpu, cuda, cuda:N or auto (default: the recipe's run.device).")] = None,
     fid_protocol: FidProtocolOption = "tensorflow",
@@ -455,7 +456,7 @@ def eval_checkpoint(
         sigma_list = _parse_sigmas(sigmas)
         if metric == "sliced-wasserstein":
             _eval_distance(checkpoint, ref, inception, download_inception, num_samples, steps, sigma_list, seed,
-                           device, as_json)
+                           batch_size, device, as_json)
             return
         from ctcore.errors import RunError, UsageError
         from ctcore.fid import evaluate_checkpoint
@@ -474,7 +475,8 @@ def eval_checkpoint(
         seed = 0 if seed is None else seed
         result = evaluate_checkpoint(
             checkpoint, registry, inception=model, num_samples=50_000 if num_samples is None else num_samples,
-            steps=steps, sigmas=sigma_list, batch_size=batch_size, ref_stats=ref, device=device, seed=seed,
+            steps=steps, sigmas=sigma_list, batch_size=256 if batch_size is None else batch_size, ref_stats=ref,
+            device=device, seed=seed,
             progress=progress, fid_protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed,
         )
         if os.environ.get("RANK", "0") != "0":
@@ -503,7 +505,7 @@ def eval_checkpoint(
 
 def _eval_distance(checkpoint: Path, ref: Path | None, inception: Path | None, download_inception: bool,
                    num_samples: int | None, steps: int, sigmas: list[float] | None, seed: int | None,
-                   device: str | None, as_json: bool) -> None:
+                   batch_size: int | None, device: str | None, as_json: bool) -> None:
     """`ctcore eval --metric sliced-wasserstein`: one line (or --json) with the distance to the training data."""
     import os
 
@@ -516,7 +518,7 @@ def _eval_distance(checkpoint: Path, ref: Path | None, inception: Path | None, d
             raise UsageError(f"{name} is for --metric fid; --metric sliced-wasserstein compares the samples with "
                              f"the recipe's training data and needs no file: drop {name}")
     r = evaluate_checkpoint_distance(checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigmas,
-                                     seed=seed, device=device)
+                                     seed=seed, batch_size=batch_size, device=device)
     if os.environ.get("RANK", "0") != "0":
         return
     if as_json:

@@ -62,12 +62,12 @@ def evaluate_distance(run: Run) -> float | None:
 
 def evaluate_checkpoint_distance(checkpoint: str | Path, registry, *, num_samples: int | None = None,
                                  steps: int | None = None, sigmas: Sequence[float] | None = None,
-                                 seed: int | None = None, device: str | None = None,
-                                 weights: str = "eval-ema") -> dict[str, Any]:
+                                 seed: int | None = None, batch_size: int | None = None,
+                                 device: str | None = None, weights: str = "eval-ema") -> dict[str, Any]:
     """The sliced Wasserstein distance of a checkpoint's samples to its recipe's training data; no weights file.
 
     Defaults are the training loop's (the recipe's evaluation.num_samples and num_projections, one step, seeds
-    from DISTANCE_SEED, the same batches), so the final checkpoint of a run scores what its stats.jsonl logged
+    from DISTANCE_SEED, its sampling batch), so the final checkpoint of a run scores what its stats.jsonl logged
     at the end. The data is the recipe's: the synthetic set regenerated from run.seed, or its HDF5 file.
     """
     from ctcore.consistency import denoise
@@ -91,7 +91,8 @@ def evaluate_checkpoint_distance(checkpoint: str | Path, registry, *, num_sample
                        f"checkpoint was trained on {shape}")
     images, _ = generate(lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),
                          shape, list(range(seed, seed + n)), sigmas, num_classes=state["provenance"]["num_classes"],
-                         sigma_min=c.sigma_min, clip=recipe.sampling.clip, batch_size=sampling_batch(recipe),
+                         sigma_min=c.sigma_min, clip=recipe.sampling.clip,
+                         batch_size=sampling_batch(recipe) if batch_size is None else batch_size,
                          device=dev)
     value = distance_to_data(images, data, e.num_projections)
     d = recipe.data

@@ -415,7 +415,8 @@ def evaluate_checkpoint(
     from ctcore.preflight import PYTHON_INT_BYTES, require_buffers
 
     # the seeds and every logit stay on the host (twice, when joined), plus one batch at 299 x 299 on the device
-    batch = min(batch_size, num_samples) * (math.prod(shape) * 4 * (len(sigmas) + 3) + 3 * 299 * 299 * 4 * 2)
+    # (the resized images and the resize's rows and neighbours)
+    batch = min(batch_size, num_samples) * (math.prod(shape) * 4 * (len(sigmas) + 3) + 3 * 299 * 299 * 4 * 4)
     require_buffers({"host_logits": num_samples * NUM_LOGITS * 4 * 2, "host_seeds": num_samples * PYTHON_INT_BYTES,
                      "batch": batch}, resolve_device(device or recipe.run.device),
                     f"evaluating {num_samples:,} samples", "choose a smaller --num-samples or --batch-size")

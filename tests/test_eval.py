@@ -207,3 +207,26 @@ def test_training_refuses_a_reference_of_another_protocol_before_it_starts(tmp_p
     assert info.value.message.endswith('or choose evaluation.fid_protocol = "tensorflow"')
     assert "made under the tensorflow FID protocol, but this FID uses the pytorch-fid protocol" in info.value.message
     assert list_checkpoints(run.out_dir) == []
+
+
+def test_eval_ref_stats_records_the_protocol_it_used(tmp_path: Path) -> None:
+    from test_fid import randomised_inception
+
+    weights = tmp_path / "w.pth"
+    torch.save(randomised_inception().state_dict(), weights)
+    data = tmp_path / "d.h5"
+    with h5py.File(data, "w") as f:
+        f.create_dataset("images", data=np.random.default_rng(0).integers(0, 256, (3, 3, 4, 4), dtype=np.uint8))
+    outputs = {}
+    for protocol in ("tensorflow", "pytorch-fid"):
+        out = tmp_path / f"{protocol}.npz"
+        extra = [] if protocol == "tensorflow" else ["--fid-protocol", protocol]  # tensorflow is the default
+        result = invoke("eval-ref-stats", data, out, "--inception", weights, "--device", "cpu", "--no-progress",
+                        *extra)
+        assert result.exit_code == 0, result.output
+        assert result.stdout == (f"wrote the Inception statistics of 3 images of {data} to {out} (FID protocol "
+                                 f"{protocol})\n")
+        with np.load(out, allow_pickle=False) as f:
+            assert str(f["fid_protocol"]) == protocol
+            outputs[protocol] = f["mu"]
+    assert not np.allclose(outputs["tensorflow"], outputs["pytorch-fid"], rtol=1e-3)
