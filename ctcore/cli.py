@@ -467,26 +467,47 @@ DownloadOption = Annotated[
 ]
 
 
+FidProtocolOption = Annotated[
+    Literal["tensorflow", "pytorch-fid"], typer.Option(
+        "--fid-protocol", help="Resize to 299x299 as the TensorFlow FID graph (published numbers) or pytorch-fid.")
+]
+MAX_NUMPY_SEED = 2**32 - 1
+"""numpy.random.RandomState seeds (the Inception Score's shuffle) are 32-bit."""
+
+
 @app.command("eval")
 def eval_checkpoint(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
-    ref: Annotated[Path, typer.Option("--ref", help="Reference statistics .npz with mu and sigma "
-                                      "(ctcore eval-ref-stats, pytorch-fid, clean-fid).")],
+    metric: Annotated[Literal["fid", "sliced-wasserstein"], typer.Option(
+        help="fid: FID and Inception Score (Inception weights, --ref); sliced-wasserstein: distance to the "
+             "recipe's training data, no weights file.")] = "fid",
+    ref: Annotated[Path | None, typer.Option("--ref", help="FID: reference statistics .npz with mu and sigma "
+                                             "(ctcore eval-ref-stats, pytorch-fid, clean-fid).")] = None,
     inception: InceptionOption = None,
     download_inception: DownloadOption = False,
-    num_samples: Annotated[int, typer.Option(
-        "--num-samples", "-n", min=2, max=MAX_COUNT, help="At least 2 (FID needs a covariance).")] = 50_000,
+    num_samples: Annotated[int | None, typer.Option(
+        "--num-samples", "-n", min=2, max=MAX_COUNT,
+        help="FID: 50,000 (at least 2); sliced-wasserstein: the recipe's evaluation.num_samples.")] = None,
     steps: Annotated[int, typer.Option(
         min=1, max=MAX_STEPS, help="1: one-step; 2: through the recipe's sampling.sigma_mid.")] = 1,
     sigmas: Annotated[str | None, typer.Option(help='Explicit sigmas, e.g. "80,0.821" (overrides --steps).')] = None,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Sample j uses seed + j, as in ctcore sample.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
+    seed: Annotated[int | None, typer.Option(
+        min=0, max=MAX_SEED, help="Sample j uses seed + j, as in ctcore sample (FID: 0; sliced-wasserstein: "
+                                  "10,000,000, the training loop's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, max=MAX_BATCH, help="FID: 256; sliced-wasserstein: the training loop's.")] = None,
     device: Annotated[str | None, typer.Option(
         callback=_device_option, help="cpu, cuda, cuda:N or auto (default: the recipe's run.device).")] = None,
+    fid_protocol: FidProtocolOption = "tensorflow",
+    is_split: Annotated[Literal["ordered", "shuffled"], typer.Option(
+        "--is-split", help="Inception Score splits: in seed order, or shuffled first (torch-fidelity).")] = "ordered",
+    is_split_seed: Annotated[int, typer.Option(
+        "--is-split-seed", min=0, max=MAX_NUMPY_SEED, help="The shuffle's seed (torch-fidelity: 2020).")] = 2020,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """FID and Inception Score of a checkpoint's eval-EMA samples against reference statistics.
+    """FID and Inception Score of a checkpoint's eval-EMA samples against reference statistics, or (--metric
+    sliced-wasserstein) their distance to the training data.
 
     Under torchrun (`torchrun --nproc-per-node G -m ctcore eval ...`) each process samples its share; rank 0 prints.
     """
@@ -495,27 +516,46 @@ def eval_checkpoint(
     from ctcore.devices import threads_restored
 
     with _torchrun_worker(), _errors(), threads_restored():
+        sigma_list = _parse_sigmas(sigmas)
+        if metric == "sliced-wasserstein":
+            _eval_distance(checkpoint, ref, inception, download_inception, num_samples, steps, sigma_list, seed,
+                           batch_size, device, as_json)
+            return
+        from ctcore.errors import RunError, UsageError
         from ctcore.fid import evaluate_checkpoint
         from ctcore.inception import load_inception
 
-        sigma_list = _parse_sigmas(sigmas)
+        if ref is None:
+            raise UsageError("--metric fid needs --ref STATS.npz, reference statistics of the training data (make "
+                             "them with `ctcore eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein "
+                             "needs no file")
         registry = _registry()
-        model = load_inception(inception, download=download_inception)
+        try:
+            model = load_inception(inception, download=download_inception)
+        except RunError as exc:
+            raise RunError(f"{exc.message}\nor score the checkpoint without any weights file: ctcore eval "
+                           f"{checkpoint} --metric sliced-wasserstein") from None
+        seed = 0 if seed is None else seed
         result = evaluate_checkpoint(
-            checkpoint, registry, inception=model, num_samples=num_samples, steps=steps, sigmas=sigma_list,
-            batch_size=batch_size, ref_stats=ref, device=device, seed=seed, progress=progress,
+            checkpoint, registry, inception=model, num_samples=50_000 if num_samples is None else num_samples,
+            steps=steps, sigmas=sigma_list, batch_size=256 if batch_size is None else batch_size, ref_stats=ref,
+            device=device, seed=seed,
+            progress=progress, fid_protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed,
         )
         if os.environ.get("RANK", "0") != "0":
             return
         if as_json:
-            typer.echo(json.dumps(result, indent=2))
+            typer.echo(json.dumps({"metric": "fid", "value": result["fid"], **result}, indent=2))
             return
         from rich.table import Table
         from rich.text import Text
 
+        split = ("shuffled (seed " + str(result["inception_score_split_seed"]) + ")"
+                 if result["inception_score_split"] == "shuffled" else "ordered")
         table = Table(title=f"ctcore eval {checkpoint}", show_header=False)
-        table.add_row("FID", f"{result['fid']:.3f}")
-        table.add_row("Inception Score", f"{result['inception_score']:.3f} ± {result['inception_score_std']:.3f}")
+        table.add_row("FID", f"{result['fid']:.3f} ({result['fid_protocol']} protocol)")
+        table.add_row("Inception Score", f"{result['inception_score']:.3f} ± {result['inception_score_std']:.3f} "
+                      f"({result['inception_score_splits']} {split} splits)")
         table.add_row("samples", f"{result['num_samples']:,} (seeds {seed}..{seed + result['num_samples'] - 1})")
         table.add_row("sampling", f"{result['steps']}-step {result['sigmas']}")
         table.add_row("checkpoint", f"{result['checkpoint']} (step {result['step']:,})")
@@ -526,6 +566,32 @@ def eval_checkpoint(
             _console(stderr=True).print(Text("note: ", style="yellow") + Text(note))
 
 
+def _eval_distance(checkpoint: Path, ref: Path | None, inception: Path | None, download_inception: bool,
+                   num_samples: int | None, steps: int, sigmas: list[float] | None, seed: int | None,
+                   batch_size: int | None, device: str | None, as_json: bool) -> None:
+    """`ctcore eval --metric sliced-wasserstein`: one line (or --json) with the distance to the training data."""
+    import os
+
+    from ctcore.errors import UsageError
+    from ctcore.evaluation import evaluate_checkpoint_distance
+
+    for given, name in ((ref, "--ref"), (inception, "--inception"), (download_inception or None,
+                                                                      "--download-inception")):
+        if given is not None:
+            raise UsageError(f"{name} is for --metric fid; --metric sliced-wasserstein compares the samples with "
+                             f"the recipe's training data and needs no file: drop {name}")
+    r = evaluate_checkpoint_distance(checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigmas,
+                                     seed=seed, batch_size=batch_size, device=device)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    _console().print(f"sliced Wasserstein distance to the training data: {r['value']:.4f} ({r['num_samples']:,} "
+                     f"{r['steps']}-step samples, seeds {r['seed']}..{r['seed'] + r['num_samples'] - 1}, "
+                     f"{r['num_projections']} projections; {r['checkpoint']} at step {r['step']:,})")
+
+
 @app.command("eval-ref-stats")
 def eval_ref_stats(
     dataset: Annotated[Path, typer.Argument(metavar="DATASET.h5", help="HDF5 file with uint8 `images` (N, C, H, W).")],
@@ -534,10 +600,12 @@ def eval_ref_stats(
     download_inception: DownloadOption = False,
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 250,
     device: Annotated[str, typer.Option(callback=_device_option, help="cpu, cuda, cuda:N or auto.")] = "auto",
+    fid_protocol: FidProtocolOption = "tensorflow",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.npz.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
-    """Inception statistics (mu, sigma) of every image of a dataset, for ctcore eval --ref."""
+    """Inception statistics (mu, sigma) of every image of a dataset, for ctcore eval --ref; the file records the
+    FID protocol, and eval refuses to compare it with features made under another."""
     with _errors():
         from ctcore.errors import UsageError
         from ctcore.fid import reference_statistics, save_statistics
@@ -548,9 +616,11 @@ def eval_ref_stats(
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
         model = load_inception(inception, download=download_inception)
-        stats = reference_statistics(dataset, model, batch_size=batch_size, device=device, progress=progress)
+        stats = reference_statistics(dataset, model, batch_size=batch_size, device=device, progress=progress,
+                                     protocol=fid_protocol)
         save_statistics(out, stats)
-        _console().print(f"wrote the Inception statistics of {stats['num_images']:,} images of {dataset} to {out}")
+        _console().print(f"wrote the Inception statistics of {stats['num_images']:,} images of {dataset} to {out} "
+                         f"(FID protocol {fid_protocol})")
 
 
 @app.command()

@@ -1,12 +1,17 @@
-"""Distribution distances between samples and data: sliced Wasserstein in pixel space (FID / IS: ctcore.fid)."""
+"""Distribution distances between samples and data: sliced Wasserstein in pixel space (FID / IS: ctcore.fid),
+during training and of a checkpoint (`ctcore eval --metric sliced-wasserstein`, no weights file needed)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ctcore.data import to_uint8
+from ctcore.data import ImageData, to_uint8
+from ctcore.errors import RunError, UsageError
 
 if TYPE_CHECKING:
     from ctcore.build import Run
@@ -28,6 +33,21 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 
     return float((pa - pb).abs().mean())
 
 
+DISTANCE_SEED = 10_000_000
+"""Sample j of the distance uses seed DISTANCE_SEED + j: away from the seeds of the sample grids and FID."""
+DATA_SEED = 12345
+"""Seed of the draw of training images (with replacement, flipped as in training) the samples are compared with."""
+MAX_DISTANCE_SAMPLES = 100_000
+"""As evaluation.num_samples: both sets sit in memory in float64."""
+
+
+def distance_to_data(samples: torch.Tensor, data: ImageData, num_projections: int) -> float:
+    """Sliced Wasserstein distance in [-1, 1] pixel space between uint8 samples and as many training images."""
+    n = samples.shape[0]
+    real = to_uint8(data.batch(n, torch.Generator().manual_seed(DATA_SEED))[0])
+    return sliced_wasserstein(samples.float() / 127.5 - 1, real.float() / 127.5 - 1, num_projections)
+
+
 def evaluate_distance(run: Run) -> float | None:
     """Sliced Wasserstein distance between one-step eval-EMA samples and training data (None if disabled)."""
     from ctcore.sampling import sample_with
@@ -35,7 +55,50 @@ def evaluate_distance(run: Run) -> float | None:
     e = run.recipe.evaluation
     if e.distance == "none":
         return None
-    seeds = list(range(10_000_000, 10_000_000 + e.num_samples))
+    seeds = list(range(DISTANCE_SEED, DISTANCE_SEED + e.num_samples))
     samples = sample_with(run, run.eval_ema, [run.recipe.consistency.sigma_max], seeds)
-    data = to_uint8(run.data.batch(e.num_samples, torch.Generator().manual_seed(12345))[0])
-    return sliced_wasserstein(samples.float() / 127.5 - 1, data.float() / 127.5 - 1, e.num_projections)
+    return distance_to_data(samples, run.data, e.num_projections)
+
+
+def evaluate_checkpoint_distance(checkpoint: str | Path, registry, *, num_samples: int | None = None,
+                                 steps: int | None = None, sigmas: Sequence[float] | None = None,
+                                 seed: int | None = None, batch_size: int | None = None,
+                                 device: str | None = None, weights: str = "eval-ema") -> dict[str, Any]:
+    """The sliced Wasserstein distance of a checkpoint's samples to its recipe's training data; no weights file.
+
+    Defaults are the training loop's (the recipe's evaluation.num_samples and num_projections, one step, seeds
+    from DISTANCE_SEED, its sampling batch), so the final checkpoint of a run scores what its stats.jsonl logged
+    at the end. The data is the recipe's: the synthetic set regenerated from run.seed, or its HDF5 file.
+    """
+    from ctcore.consistency import denoise
+    from ctcore.data import load_data
+    from ctcore.sampling import file_digest, generate, load_sampling_network, load_sampling_plan, sampling_batch
+
+    started = time.perf_counter()
+    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
+                                                           weights=weights)
+    e, c = recipe.evaluation, recipe.consistency
+    n = e.num_samples if num_samples is None else num_samples
+    if not 1 <= n <= MAX_DISTANCE_SAMPLES:
+        raise UsageError(f"--num-samples for the sliced Wasserstein distance must be 1 to {MAX_DISTANCE_SAMPLES:,} "
+                         f"(the range of evaluation.num_samples), got {n:,}")
+    seed = DISTANCE_SEED if seed is None else seed
+    network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
+    data = load_data(recipe.data, recipe.run.seed, dev)
+    shape = tuple(state["provenance"]["data_shape"])
+    if data.shape != shape:
+        raise RunError(f"the training data of {str(checkpoint)!r} now holds images of shape {data.shape}, but the "
+                       f"checkpoint was trained on {shape}")
+    images, _ = generate(lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),
+                         shape, list(range(seed, seed + n)), sigmas, num_classes=state["provenance"]["num_classes"],
+                         sigma_min=c.sigma_min, clip=recipe.sampling.clip,
+                         batch_size=sampling_batch(recipe) if batch_size is None else batch_size,
+                         device=dev)
+    value = distance_to_data(images, data, e.num_projections)
+    d = recipe.data
+    source = (f"synthetic ({d.num_images:,} images, run.seed {recipe.run.seed})" if d.source == "synthetic"
+              else d.path)
+    return {"metric": "sliced-wasserstein", "value": value, "checkpoint": str(checkpoint),
+            "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"]), "num_samples": n, "seed": seed,
+            "data": source, "data_seed": DATA_SEED, "num_projections": e.num_projections, "steps": len(sigmas),
+            "sigmas": sigmas, "weights": weights, "seconds": time.perf_counter() - started}

@@ -22,7 +22,16 @@ import torch
 
 from ctcore.distributed import SINGLE, World
 from ctcore.errors import RunError, UsageError
-from ctcore.inception import FEATURE_DIM, NUM_LOGITS, FIDInceptionV3, load_inception
+from ctcore.inception import (
+    DEFAULT_FID_PROTOCOL,
+    FEATURE_DIM,
+    FID_PROTOCOLS,
+    NUM_LOGITS,
+    UNRECORDED_FID_PROTOCOL,
+    FIDInceptionV3,
+    load_inception,
+    prepare_images,
+)
 
 if TYPE_CHECKING:
     from ctcore.build import Run
@@ -72,14 +81,23 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
 
-def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
+IS_SPLITS = ("ordered", "shuffled")
+"""How samples are cut into Inception Score splits: in sample order (ctcore's default, the original code's), or
+after a seeded shuffle (torch-fidelity's default: numpy.random.RandomState(2020).permutation(N))."""
+TORCH_FIDELITY_SEED = 2020
+
+
+def inception_score(logits: Any, splits: int = 10, split: str = "ordered",
+                    seed: int = TORCH_FIDELITY_SEED) -> tuple[float, float]:
     """Inception Score (mean, std over `splits` consecutive chunks) from Inception logits (N, C), in float64.
 
     All columns enter the softmax (the 1008 of the FID Inception), as in the original code (openai/improved-gan:
     pool_3 times the `softmax/logits/MatMul` weights, no bias, softmax over 1008) and in torch-fidelity
     (`logits_unbiased`): the 2015 graph's 8 extra outputs are part of its classifier, and keeping only the first
     1000 would renormalise the probabilities away from the code the published scores came from. Chunk k holds rows
-    [k N / splits, (k + 1) N / splits); each scores exp(mean KL(p(y|x) || p(y))). The std is the population std.
+    [k N / splits, (k + 1) N / splits) of the logits in their order (`split` "ordered") or after the rows are put in
+    the order numpy.random.RandomState(seed).permutation(N) gives ("shuffled", torch-fidelity's default with its
+    seed 2020); each chunk scores exp(mean KL(p(y|x) || p(y))). The std is the population std.
     """
     x = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits)
     x = x.detach().to("cpu", torch.float64)
@@ -88,6 +106,10 @@ def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
     n = x.shape[0]
     if not 1 <= splits <= n:
         raise ValueError(f"inception score: need at least `splits` = {splits} samples, got {n}")
+    if split not in IS_SPLITS:
+        raise ValueError(f"inception score: split must be one of {', '.join(IS_SPLITS)}, got {split!r}")
+    if split == "shuffled":
+        x = x[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
     log_p = torch.log_softmax(x, dim=1)
     scores = []
     for k in range(splits):
@@ -152,8 +174,9 @@ class FeatureAccumulator:
             raise ValueError("no logits were accumulated")
         return torch.cat(self._logits)
 
-    def inception_score(self, splits: int = 10) -> tuple[float, float]:
-        return inception_score(self.logits(), splits)
+    def inception_score(self, splits: int = 10, split: str = "ordered",
+                        seed: int = TORCH_FIDELITY_SEED) -> tuple[float, float]:
+        return inception_score(self.logits(), splits, split, seed)
 
 
 # ------------------------------------------------------------------------------------- feature extraction
@@ -173,16 +196,17 @@ def _full_fp32() -> Iterator[None]:
 
 
 @torch.no_grad()
-def inception_outputs(inception: FIDInceptionV3, images: torch.Tensor,
-                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool3 features and logits of uint8 images (N, C, H, W), C = 3 or 1 (grey, repeated to RGB)."""
+def inception_outputs(inception: FIDInceptionV3, images: torch.Tensor, device: torch.device | str = "cpu",
+                      protocol: str = DEFAULT_FID_PROTOCOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool3 features and logits of uint8 images (N, C, H, W), C = 3 or 1 (grey, repeated to RGB), resized and
+    scaled as the FID `protocol` says ("tensorflow" or "pytorch-fid", see `ctcore.inception.prepare_images`)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 images (N, 3 or 1, H, W), got {images.dtype} {tuple(images.shape)}")
-    x = images.to(device).float() / 127.5 - 1.0
+    x = images.to(device)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     with _full_fp32():
-        return inception(x)
+        return inception(prepare_images(x, protocol))
 
 
 def _progress(enabled: bool, description: str, total: int):
@@ -215,10 +239,11 @@ def _channels_ok(channels: int, where: str) -> None:
 
 def reference_statistics(dataset_h5: str | Path, inception: FIDInceptionV3 | str | Path | None, *,
                          batch_size: int = 250, device: str | torch.device | None = None,
-                         progress: bool = True) -> dict[str, Any]:
-    """Inception statistics of every image of an HDF5 dataset (uint8 `images` (N, C, H, W)), read in chunks.
+                         progress: bool = True, protocol: str = DEFAULT_FID_PROTOCOL) -> dict[str, Any]:
+    """Inception statistics of every image of an HDF5 dataset (uint8 `images` (N, C, H, W)), read in chunks,
+    under the FID `protocol`.
 
-    Returns {"mu", "sigma", "num_images", "source"}; write it with `save_statistics`.
+    Returns {"mu", "sigma", "num_images", "source", "fid_protocol"}; write it with `save_statistics`.
     """
     import h5py
 
@@ -239,21 +264,26 @@ def reference_statistics(dataset_h5: str | Path, inception: FIDInceptionV3 | str
         images = f["images"]
         for start in range(0, info["count"], batch_size):
             chunk = torch.from_numpy(images[start:start + batch_size])
-            features, _ = inception_outputs(model, chunk, dev)
+            features, _ = inception_outputs(model, chunk, dev, protocol)
             acc.update(features)
             bar.advance(task, chunk.shape[0])
     mu, sigma = acc.statistics()
-    return {"mu": mu, "sigma": sigma, "num_images": acc.count, "source": str(dataset_h5)}
+    return {"mu": mu, "sigma": sigma, "num_images": acc.count, "source": str(dataset_h5), "fid_protocol": protocol}
 
 
 def save_statistics(path: str | Path, stats: Mapping[str, Any]) -> Path:
-    """Write `mu` and `sigma` (plus `num_images` when known) to an uncompressed .npz, atomically."""
+    """Write `mu` and `sigma` (plus `num_images` and `fid_protocol` when known) to an uncompressed .npz,
+    atomically; the protocol is a plain string array, so numpy reads it without pickle."""
     path = Path(path)
     mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
     _check_statistics(mu, sigma, f"statistics for {str(path)!r}")
     arrays = {"mu": mu, "sigma": sigma}
     if stats.get("num_images") is not None:
         arrays["num_images"] = np.asarray(int(stats["num_images"]), dtype=np.int64)
+    if stats.get("fid_protocol") is not None:
+        if stats["fid_protocol"] not in FID_PROTOCOLS:
+            raise ValueError(f"unknown FID protocol {stats['fid_protocol']!r}; one of: {', '.join(FID_PROTOCOLS)}")
+        arrays["fid_protocol"] = np.asarray(stats["fid_protocol"])
     from ctcore.files import atomic_write
 
     with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" to the name
@@ -262,7 +292,8 @@ def save_statistics(path: str | Path, stats: Mapping[str, Any]) -> Path:
 
 
 def load_statistics(path: str | Path) -> dict[str, Any]:
-    """Read `mu` and `sigma` from an .npz (ours, pytorch-fid's, clean-fid's, guided-diffusion's reference batches)."""
+    """Read `mu` and `sigma` from an .npz (ours, pytorch-fid's, clean-fid's, guided-diffusion's reference batches),
+    and the FID protocol it records (`fid_protocol`, None when the file records none)."""
     path = Path(path)
     where = f"reference statistics {str(path)!r}"
     make = "compute them with `ctcore eval-ref-stats DATASET.h5 OUT.npz --inception PATH`"
@@ -277,12 +308,37 @@ def load_statistics(path: str | Path) -> dict[str, Any]:
                                f"{make}")
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             count = int(f["num_images"]) if "num_images" in keys else None
+            protocol = str(f["fid_protocol"]) if "fid_protocol" in keys else None
     except RunError:
         raise
     except Exception as exc:  # zipfile, pickle and value errors of a truncated or foreign file
         raise RunError(f"{where} cannot be read as .npz ({type(exc).__name__}: {exc}); {make}") from None
     _check_statistics(mu, sigma, where)
-    return {"mu": mu, "sigma": sigma, "num_images": count, "source": str(path)}
+    if protocol is not None and protocol not in FID_PROTOCOLS:
+        raise RunError(f"{where} records the FID protocol {protocol!r}, which ctcore does not know (it knows "
+                       f"{', '.join(FID_PROTOCOLS)}); {make}")
+    return {"mu": mu, "sigma": sigma, "num_images": count, "source": str(path), "fid_protocol": protocol}
+
+
+def check_protocol(ref: Mapping[str, Any], protocol: str, switch: str) -> None:
+    """Refuse reference statistics made under another FID protocol than `protocol`: their features differ.
+
+    A file that records no protocol counts as "pytorch-fid" (`UNRECORDED_FID_PROTOCOL`). `switch` is how the user
+    selects a protocol, formatted with one (e.g. "--fid-protocol {}"), for the message.
+    """
+    source = ref.get("source")
+    where = f"reference statistics {source!r}" if source else "reference statistics"
+    made = ref.get("fid_protocol")
+    if made == protocol or (made is None and protocol == UNRECORDED_FID_PROTOCOL):
+        return
+    if made is None:
+        raise RunError(f"{where} record no FID protocol, so they are taken as {UNRECORDED_FID_PROTOCOL} (how "
+                       f"ctcore made them before it recorded one, and how pytorch-fid makes its own), but this FID "
+                       f"uses the {protocol} protocol: recompute them with `ctcore eval-ref-stats DATASET.h5 OUT.npz "
+                       f"--fid-protocol {protocol}`, or choose {switch.format(UNRECORDED_FID_PROTOCOL)}")
+    raise RunError(f"{where} were made under the {made} FID protocol, but this FID uses the {protocol} protocol "
+                   f"(another resize to 299x299: the features differ): recompute them with `ctcore eval-ref-stats "
+                   f"DATASET.h5 OUT.npz --fid-protocol {protocol}`, or choose {switch.format(made)}")
 
 
 def _check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
@@ -310,13 +366,18 @@ def evaluate_checkpoint(
     sigmas: Sequence[float] | None = None,
     weights: str = "eval-ema",
     is_splits: int = 10,
+    fid_protocol: str = DEFAULT_FID_PROTOCOL,
+    is_split: str = "ordered",
+    is_split_seed: int = TORCH_FIDELITY_SEED,
 ) -> dict[str, Any]:
     """FID and Inception Score of `num_samples` samples of a checkpoint (or a run directory's latest one).
 
     The network is rebuilt through the registry with the eval-EMA weights; sample j uses seed + j, so the
     images are exactly those `ctcore sample --seed SEED` writes. `steps` 1 samples at sigma_max, 2 also at the
     recipe's sampling.sigma_mid (or pass `sigmas`). `inception` is a loaded FIDInceptionV3 (moved to the
-    device) or a weights path; `ref_stats` an .npz path or a mapping with `mu` and `sigma`.
+    device) or a weights path; `ref_stats` an .npz path or a mapping with `mu`, `sigma` and optionally
+    `fid_protocol`. Statistics made under another `fid_protocol` are refused (`check_protocol`); `is_split` and
+    `is_split_seed` choose the Inception Score's splits (`inception_score`).
     Returns {"fid", "inception_score", "inception_score_std", "num_samples", "steps", "sigmas", ...}; "notes"
     lists caveats (fewer samples than feature dimensions). Under torchrun every process samples its share of
     the seeds and all return the same result.
@@ -329,8 +390,13 @@ def evaluate_checkpoint(
         raise UsageError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if isinstance(ref_stats, Mapping):
-        ref = {"mu": np.asarray(ref_stats["mu"], np.float64), "sigma": np.asarray(ref_stats["sigma"], np.float64)}
+    if fid_protocol not in FID_PROTOCOLS:
+        raise UsageError(f"--fid-protocol must be one of {', '.join(FID_PROTOCOLS)}, got {fid_protocol!r}")
+    if is_split not in IS_SPLITS:
+        raise UsageError(f"--is-split must be one of {', '.join(IS_SPLITS)}, got {is_split!r}")
+    if isinstance(ref_stats, Mapping):  # the caller's own statistics: checked when they name a protocol
+        ref = {"mu": np.asarray(ref_stats["mu"], np.float64), "sigma": np.asarray(ref_stats["sigma"], np.float64),
+               "fid_protocol": ref_stats.get("fid_protocol", fid_protocol)}
         _check_statistics(ref["mu"], ref["sigma"], "reference statistics")
     else:
         ref = load_statistics(ref_stats)
@@ -341,6 +407,7 @@ def evaluate_checkpoint(
     model = _as_inception(inception)
     checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
                                                            weights=weights)
+    check_protocol(ref, fid_protocol, "--fid-protocol {}")  # after the checkpoint's own checks, before sampling
     shape = tuple(state["provenance"]["data_shape"])
     num_classes = state["provenance"]["num_classes"]
     _channels_ok(shape[0], f"checkpoint {str(checkpoint)!r}")
@@ -348,7 +415,8 @@ def evaluate_checkpoint(
     from ctcore.preflight import PYTHON_INT_BYTES, require_buffers
 
     # the seeds and every logit stay on the host (twice, when joined), plus one batch at 299 x 299 on the device
-    batch = min(batch_size, num_samples) * (math.prod(shape) * 4 * (len(sigmas) + 3) + 3 * 299 * 299 * 4 * 2)
+    # (the resized images and the resize's rows and neighbours)
+    batch = min(batch_size, num_samples) * (math.prod(shape) * 4 * (len(sigmas) + 3) + 3 * 299 * 299 * 4 * 4)
     require_buffers({"host_logits": num_samples * NUM_LOGITS * 4 * 2, "host_seeds": num_samples * PYTHON_INT_BYTES,
                      "batch": batch}, resolve_device(device or recipe.run.device),
                     f"evaluating {num_samples:,} samples", "choose a smaller --num-samples or --batch-size")
@@ -363,16 +431,19 @@ def evaluate_checkpoint(
     result = fid_of_denoiser(denoiser, shape, sigmas, inception=model, ref=ref, num_samples=num_samples,
                              num_classes=num_classes, sigma_min=c.sigma_min, clip=recipe.sampling.clip, seed=seed,
                              batch_size=batch_size, device=dev, progress=progress, is_splits=is_splits,
-                             world=world)
+                             world=world, protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed)
+    from ctcore.sampling import file_digest
+
     return {**result, "steps": len(sigmas), "sigmas": sigmas, "seed": seed, "weights": weights,
-            "checkpoint": str(checkpoint), "step": int(state["step"])}
+            "checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"])}
 
 
 def sample_features(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float], *, inception: FIDInceptionV3,
                     num_samples: int, num_classes: int = 0, sigma_min: float = 0.002, clip: bool = True, seed: int = 0,
                     batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
-                    world: World = SINGLE) -> FeatureAccumulator:
-    """Inception features and logits of samples seed .. seed + num_samples - 1, accumulated batch by batch.
+                    world: World = SINGLE, protocol: str = DEFAULT_FID_PROTOCOL) -> FeatureAccumulator:
+    """Inception features and logits of samples seed .. seed + num_samples - 1, accumulated batch by batch,
+    under the FID `protocol`.
 
     Under torchrun (`world`) each rank samples its contiguous share of the seeds and the features are gathered,
     so every rank ends with the statistics of all samples.
@@ -390,7 +461,7 @@ def sample_features(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
             chunk = seeds[start:start + batch_size]
             images, _ = generate(denoiser, shape, chunk, sigmas, num_classes=num_classes, sigma_min=sigma_min,
                                  clip=clip, batch_size=len(chunk), device=dev)
-            features, logits = inception_outputs(inception, images, dev)
+            features, logits = inception_outputs(inception, images, dev, protocol)
             if world.distributed:
                 kept.append((features.float(), logits.float()))
             else:
@@ -408,8 +479,11 @@ def sample_features(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
 def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float], *, inception: FIDInceptionV3,
                     ref: Mapping[str, Any], num_samples: int, num_classes: int = 0, sigma_min: float = 0.002,
                     clip: bool = True, seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
-                    progress: bool = False, is_splits: int = 10, world: World = SINGLE) -> dict[str, Any]:
-    """FID and IS of `num_samples` samples of a consistency function (features from `sample_features`).
+                    progress: bool = False, is_splits: int = 10, world: World = SINGLE,
+                    protocol: str = DEFAULT_FID_PROTOCOL, is_split: str = "ordered",
+                    is_split_seed: int = TORCH_FIDELITY_SEED) -> dict[str, Any]:
+    """FID and IS of `num_samples` samples of a consistency function (features from `sample_features` under the
+    FID `protocol`; IS splits as `inception_score` cuts them).
 
     Shared by `ctcore eval` and the training loop's periodic evaluation; samples go through uint8 exactly
     as `ctcore sample` writes them (sample j uses seed + j). Under torchrun every rank returns the same result.
@@ -417,7 +491,7 @@ def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
     started = time.perf_counter()
     acc = sample_features(denoiser, shape, sigmas, inception=inception, num_samples=num_samples,
                           num_classes=num_classes, sigma_min=sigma_min, clip=clip, seed=seed, batch_size=batch_size,
-                          device=device, progress=progress, world=world)
+                          device=device, progress=progress, world=world, protocol=protocol)
     mu, sigma = acc.statistics()
     notes = []
     if num_samples < FEATURE_DIM:
@@ -428,8 +502,10 @@ def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
         fid = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     # the standard 10 splits; one split when that would leave fewer than 2 samples per split
     splits = is_splits if num_samples >= 2 * is_splits else 1
-    is_mean, is_std = acc.inception_score(splits)
-    return {"fid": fid, "inception_score": is_mean, "inception_score_std": is_std, "inception_score_splits": splits,
+    is_mean, is_std = acc.inception_score(splits, is_split, is_split_seed)
+    return {"fid": fid, "fid_protocol": protocol, "inception_score": is_mean, "inception_score_std": is_std,
+            "inception_score_splits": splits, "inception_score_split": is_split,
+            "inception_score_split_seed": is_split_seed if is_split == "shuffled" else None,
             "num_samples": num_samples, "seconds": time.perf_counter() - started, "notes": notes}
 
 
@@ -437,9 +513,12 @@ def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
 
 
 def load_fid_tools(run: Run) -> tuple[FIDInceptionV3, dict[str, Any]]:
-    """The Inception network (on the run's device) and reference statistics named by [evaluation]."""
+    """The Inception network (on the run's device) and reference statistics named by [evaluation], which must have
+    been made under its fid_protocol."""
     e = run.recipe.evaluation
-    return load_inception(e.inception).to(run.device).eval(), load_statistics(e.fid_reference)
+    ref = load_statistics(e.fid_reference)
+    check_protocol(ref, e.fid_protocol, 'evaluation.fid_protocol = "{}"')
+    return load_inception(e.inception).to(run.device).eval(), ref
 
 
 def evaluate_fid(run: Run, tools: tuple[FIDInceptionV3, dict[str, Any]]) -> dict[str, Any]:
@@ -450,4 +529,5 @@ def evaluate_fid(run: Run, tools: tuple[FIDInceptionV3, dict[str, Any]]) -> dict
     return fid_of_denoiser(run.denoiser(run.eval_ema), run.data.shape, sigmas, inception=inception, ref=ref,
                            num_samples=e.fid_num_samples, num_classes=run.data.num_classes, sigma_min=c.sigma_min,
                            clip=s.clip, seed=s.seed, batch_size=e.fid_batch_size, device=run.device,
-                           world=run.world)
+                           world=run.world, protocol=e.fid_protocol, is_split=e.is_split,
+                           is_split_seed=e.is_split_seed)

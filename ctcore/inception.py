@@ -10,9 +10,11 @@ with differs in three places, reproduced here:
 Module and parameter names follow torchvision's, so the usual weights file
 (`pt_inception-2015-12-05-6726825d.pth`, a plain state dict) loads with `load_state_dict(strict=True)`.
 
-Inputs are images in [-1, 1], resized to 299x299 with bilinear interpolation (half-pixel centres, no
-antialiasing: `F.interpolate(..., mode="bilinear", align_corners=False)`), as pytorch-fid does. The outputs
-are the 2048-d pool3 features (FID) and the 1008 class logits (Inception Score).
+How images reach the network is the FID protocol (`prepare_images`): "tensorflow", the TensorFlow graph the
+published FIDs come from (its ResizeBilinear to 299x299 with align_corners=False and half_pixel_centers=False on
+pixels in [0, 255], then (x - 128) / 128; what clean-fid's legacy_tensorflow mode reproduces), or "pytorch-fid"
+(x / 127.5 - 1, then `F.interpolate(..., mode="bilinear", align_corners=False)`: half-pixel centres). Both are
+without antialiasing. The outputs are the 2048-d pool3 features (FID) and the 1008 class logits (Inception Score).
 """
 
 from __future__ import annotations
@@ -39,6 +41,58 @@ WEIGHTS_SHA256 = "6726825d"
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
+
+FID_PROTOCOLS = ("tensorflow", "pytorch-fid")
+"""How images are resized and scaled for the FID Inception; "tensorflow" is the published numbers' protocol."""
+DEFAULT_FID_PROTOCOL = "tensorflow"
+UNRECORDED_FID_PROTOCOL = "pytorch-fid"
+"""The protocol of statistics files that record none: ctcore wrote them with pytorch-fid's resize before it
+recorded a protocol, and pytorch-fid's own files use it."""
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def _tf_axis_weights(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """Source indices (lower, upper) and float32 weights of TensorFlow's legacy bilinear resize along one axis.
+
+    Output index i reads source coordinate s = i * (in_size / out_size), in float32 as TensorFlow computes it (no
+    half-pixel offset): lower = floor(s), upper = min(lower + 1, in_size - 1), weight s - lower.
+    """
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)  # in / out rounds to the float TF divides to
+    s = torch.arange(out_size, dtype=torch.float32) * scale
+    lower = s.floor()
+    upper = torch.clamp(lower + 1, max=in_size - 1)
+    return lower.long().to(device), upper.long().to(device), (s - lower).to(device)
+
+
+def resize_bilinear_tf(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """TensorFlow's ResizeBilinear (align_corners=False, half_pixel_centers=False) of (N, C, H, W) to size x size.
+
+    Float32, in TensorFlow's order: along each row top = a + (b - a) * wx, then between rows
+    top + (bottom - top) * wy (separate operations, so no fused multiply-add changes the rounding).
+    """
+    x = x.float()
+    lo, hi, w = _tf_axis_weights(x.shape[-1], size, x.device)
+    left, right = x[..., lo], x[..., hi]
+    rows = left + (right - left) * w
+    lo, hi, w = _tf_axis_weights(x.shape[-2], size, x.device)
+    top, bottom = rows[..., lo, :], rows[..., hi, :]
+    return top + (bottom - top) * w[:, None]
+
+
+def prepare_images(images: torch.Tensor, protocol: str = DEFAULT_FID_PROTOCOL) -> torch.Tensor:
+    """uint8 RGB images (N, 3, H, W) as the FID Inception takes them under `protocol`.
+
+    "tensorflow": resized to 299x299 on [0, 255] by `resize_bilinear_tf`, then (x - 128) / 128, as the graph does.
+    "pytorch-fid": x / 127.5 - 1, at the input size (`FIDInceptionV3.features` resizes with half-pixel centres).
+    """
+    if protocol == "tensorflow":
+        return (resize_bilinear_tf(images.float()) - 128.0) / 128.0
+    if protocol == "pytorch-fid":
+        return images.float() / 127.5 - 1.0
+    raise ValueError(f"unknown FID protocol {protocol!r}; one of: {', '.join(FID_PROTOCOLS)}")
 
 
 # ------------------------------------------------------------------------------------------- layers
@@ -179,7 +233,8 @@ class BlockE(nn.Module):
 class FIDInceptionV3(nn.Module):
     """Inception-v3 as the FID protocol defines it; `forward(x)` -> (pool3 features (N, 2048), logits (N, 1008)).
 
-    `x` is (N, 3, H, W) in [-1, 1] at any size; it is resized to 299x299 bilinearly. The logits are
+    `x` is (N, 3, H, W) in [-1, 1] at any size; other sizes than 299x299 are resized bilinearly with half-pixel
+    centres (the pytorch-fid protocol; `prepare_images` makes the inputs of either protocol). The logits are
     `features @ fc.weight.T`, without the classifier bias, by default: that is what the original Inception
     Score code (openai/improved-gan, the `softmax/logits/MatMul` weights applied to pool_3) and torch-fidelity
     (`logits_unbiased`) feed the softmax. `logits_bias=True` adds `fc.bias` (the graph's own `softmax` output).
@@ -212,7 +267,9 @@ class FIDInceptionV3(nn.Module):
         """pool3: the 2048-d global average of the last block, for images in [-1, 1]."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images (N, 3, H, W), got shape {tuple(x.shape)}")
-        x = F.interpolate(x.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):  # at 299 the interpolation is the identity
+            x = F.interpolate(x.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        x = x.float()
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # 147x147
         x = F.max_pool2d(x, 3, stride=2)  # 73x73
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # 71x71

@@ -166,6 +166,14 @@ class EvaluationSection:
     """Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth); required when fid_every > 0."""
     fid_reference: str = attrs.field(default="", validator=path_text)
     """Reference statistics .npz (mu, sigma), e.g. from `ctcore eval-ref-stats`; required when fid_every > 0."""
+    fid_protocol: Literal["tensorflow", "pytorch-fid"] = "tensorflow"
+    """How images are resized to 299x299 for FID: the TensorFlow graph's (the published numbers) or pytorch-fid's;
+    fid_reference must have been made under the same one."""
+    is_split: Literal["ordered", "shuffled"] = "ordered"
+    """Inception Score splits: consecutive samples in seed order, or after a seeded shuffle (torch-fidelity's)."""
+    is_split_seed: int = attrs.field(default=2020, validator=within(
+        0, 2**32 - 1, "numpy.random.RandomState takes 32-bit seeds; torch-fidelity uses 2020"))
+    """The shuffle's seed when is_split = "shuffled"."""
 
 
 CORE_SECTIONS: dict[str, type] = {

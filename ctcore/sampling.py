@@ -326,6 +326,11 @@ def sampling_plans(recipe: Recipe) -> dict[str, list[float]]:
     return plans
 
 
+def sampling_batch(recipe: Recipe) -> int:
+    """The batch evaluation images are sampled in during training (`ctcore eval` uses it to make the same ones)."""
+    return max(64, min(1024, recipe.training.batch_size))
+
+
 def sample_with(run: Run, network: nn.Module, sigmas: list[float], seeds: list[int]) -> torch.Tensor:
     """uint8 samples for `seeds` (on CPU); under torchrun each rank makes its share and all ranks get all."""
     from ctcore.distributed import gather_rows
@@ -335,7 +340,7 @@ def sample_with(run: Run, network: nn.Module, sigmas: list[float], seeds: list[i
     if mine:
         images, _ = generate(run.denoiser(network), run.data.shape, mine, sigmas, num_classes=run.data.num_classes,
                              sigma_min=run.recipe.consistency.sigma_min, clip=run.recipe.sampling.clip,
-                             device=run.device, batch_size=max(64, min(1024, run.recipe.training.batch_size)))
+                             device=run.device, batch_size=sampling_batch(run.recipe))
     return gather_rows(run.world, images, len(seeds))
 
 

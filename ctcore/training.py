@@ -247,7 +247,8 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         result = evaluate_fid(run, fid_tools)
                         log_record(stats, {"event": "fid", "step": k, "fid": result["fid"],
                                            "num_samples": e.fid_num_samples, "steps": e.fid_steps,
-                                           "inception_score": result["inception_score"]})
+                                           "inception_score": result["inception_score"],
+                                           "fid_protocol": e.fid_protocol, "is_split": e.is_split})
                         if world.is_main:
                             plot_fid(run.out_dir)
                     if k % t.checkpoint_every == 0 or k == end:

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import write_tiny_recipe
 from torch import nn
 
@@ -32,7 +33,7 @@ from ctcore.fid import (
     reference_statistics,
     save_statistics,
 )
-from ctcore.inception import FIDInceptionV3, download_weights, load_inception
+from ctcore.inception import FIDInceptionV3, download_weights, load_inception, prepare_images, resize_bilinear_tf
 
 # ---------------------------------------------------------------------------------------- Fréchet distance
 
@@ -132,6 +133,47 @@ def test_confident_distinct_classes_score_the_number_of_classes_per_split() -> N
     assert inception_score(logits.numpy(), splits=1)[0] == pytest.approx(30.0, rel=1e-9)
 
 
+def confident(labels: list[int]) -> torch.Tensor:
+    """Logits that put all probability on `labels` (one per sample)."""
+    logits = torch.zeros(len(labels), 1008)
+    logits[torch.arange(len(labels)), torch.tensor(labels)] = 60.0
+    return logits
+
+
+def score_by_hand(parts: list[list[int]]) -> tuple[float, float]:
+    """IS of confident splits from its definition: p(y|x) one-hot, so mean KL(p(y|x) || p(y)) is the entropy of the
+    split's label frequencies, and each split scores exp(entropy); mean and population std over the splits."""
+    scores = []
+    for part in parts:
+        freq = np.bincount(part) / len(part)
+        freq = freq[freq > 0]
+        scores.append(float(np.exp(-(freq * np.log(freq)).sum())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_ordered_splits_cut_the_samples_in_their_order() -> None:
+    labels = [0, 0, 0, 0, 1, 1, 1, 2]
+    mean, std = inception_score(confident(labels), splits=2)  # the default: "ordered", what ctcore always did
+    assert (mean, std) == pytest.approx(score_by_hand([[0, 0, 0, 0], [1, 1, 1, 2]]), rel=1e-9)
+    assert inception_score(confident(labels), splits=2, split="ordered") == (mean, std)
+
+
+def test_shuffled_splits_follow_numpys_permutation_of_the_seed() -> None:
+    """torch-fidelity's default: rows reordered by numpy.random.RandomState(2020).permutation(N), then cut."""
+    labels = [0, 0, 0, 0, 1, 1, 1, 2]
+    order = np.random.RandomState(2020).permutation(8)
+    shuffled = [labels[i] for i in order]
+    expected = score_by_hand([shuffled[:4], shuffled[4:]])
+    assert inception_score(confident(labels), splits=2, split="shuffled") == pytest.approx(expected, rel=1e-9)
+    assert expected != pytest.approx(score_by_hand([labels[:4], labels[4:]]))  # the two protocols differ here
+    order7 = np.random.RandomState(7).permutation(8)
+    other = [labels[i] for i in order7]
+    assert inception_score(confident(labels), splits=2, split="shuffled", seed=7) == pytest.approx(
+        score_by_hand([other[:4], other[4:]]), rel=1e-9)
+    with pytest.raises(ValueError, match="split must be one of ordered, shuffled, got 'random'"):
+        inception_score(confident(labels), splits=2, split="random")
+
+
 def test_more_splits_than_samples_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least"):
         inception_score(torch.zeros(3, 1008), splits=10)
@@ -212,6 +254,81 @@ def test_standard_keys_load_strictly_and_give_features_and_logits(weights_file: 
     assert torch.isfinite(features).all() and torch.isfinite(logits).all() and features.std() > 1e-3
     # logits are pool3 @ fc.weight.T without the bias (the Inception Score convention)
     torch.testing.assert_close(logits, features @ inception.fc.weight.T)
+
+
+# ------------------------------------------------------------------------------------ the FID protocols
+
+
+def test_the_tensorflow_resize_of_2x2_to_3x3_by_hand() -> None:
+    """Source coordinate i * 2/3 (no half-pixel offset): 0, 2/3, 4/3; the last reads the edge pixel (upper index
+    clamped to 1). Rows first: top = a + (b - a) w; then between the rows."""
+    a, b, c, d = 10.0, 40.0, 100.0, 250.0
+    got = resize_bilinear_tf(torch.tensor([[[[a, b], [c, d]]]]), 3)[0, 0]
+    w = 2 / 3
+    top = [a, a + (b - a) * w, b]
+    bottom = [c, c + (d - c) * w, d]
+    middle = [t + (u - t) * w for t, u in zip(top, bottom, strict=True)]
+    torch.testing.assert_close(got, torch.tensor([top, middle, bottom]), rtol=1e-6, atol=0)
+    # and bit for bit as TensorFlow's float32 kernel: scale = 2 / 3 in float32, s = i * scale, w = s - floor(s)
+    f32 = np.float32
+    w32 = f32(1) * (f32(2) / f32(3)) - f32(0)
+    top32 = [f32(a), f32(a) + (f32(b) - f32(a)) * w32, f32(b)]
+    bottom32 = [f32(c), f32(c) + (f32(d) - f32(c)) * w32, f32(d)]
+    middle32 = [t + (u - t) * w32 for t, u in zip(top32, bottom32, strict=True)]
+    assert got.numpy().tolist() == np.array([top32, middle32, bottom32], dtype=np.float32).tolist()
+    # pytorch-fid's half-pixel centres read coordinates -1/6 (clamped to 0), 1/2, 7/6: another image
+    half = F.interpolate(torch.tensor([[[[a, b], [c, d]]]]), size=(3, 3), mode="bilinear", align_corners=False)[0, 0]
+    assert half[0].tolist() == pytest.approx([a, (a + b) / 2, b]) and half[0, 1] != pytest.approx(got[0, 1])
+
+
+def test_the_tensorflow_resize_of_32_to_299_at_spot_values() -> None:
+    """A row of 32 values k^2 (varying along one axis, constant along the other), read at i * 32 / 299."""
+    v = torch.arange(32, dtype=torch.float32) ** 2
+    wide = resize_bilinear_tf(v.expand(1, 1, 32, 32).contiguous())[0, 0]
+    tall = resize_bilinear_tf(v[:, None].expand(1, 1, 32, 32).contiguous())[0, 0]
+    assert wide.shape == tall.shape == (299, 299)
+    for i in (0, 1, 150, 280, 298):
+        s = i * 32 / 299
+        f = int(s)
+        expected = f**2 + ((min(f + 1, 31)) ** 2 - f**2) * (s - f)
+        assert float(wide[7, i]) == pytest.approx(expected, rel=1e-6, abs=1e-5)
+        assert float(tall[i, 7]) == pytest.approx(expected, rel=1e-6, abs=1e-5)
+    assert float(wide[0, 150]) == pytest.approx(256 + 33 * (150 * 32 / 299 - 16), rel=1e-6)  # 257.766
+    assert float(wide[0, 298]) == 961.0  # 31.89 reads pixel 31 alone (the upper index is clamped)
+    half = F.interpolate(v.expand(1, 1, 32, 32).contiguous(), size=(299, 299), mode="bilinear", align_corners=False)
+    assert float(half[0, 0, 0, 150]) == pytest.approx(225 + 31 * (150.5 * 32 / 299 - 0.5 - 15), rel=1e-6)  # 243.8
+    same = torch.rand(1, 3, 299, 299) * 255
+    assert torch.equal(resize_bilinear_tf(same), same)  # at 299 the resize is the identity
+
+
+def test_each_protocol_feeds_the_network_its_own_inputs(inception: FIDInceptionV3) -> None:
+    """pytorch-fid: x / 127.5 - 1 resized with half-pixel centres inside the network, exactly as before protocols
+    existed; tensorflow: the TF resize on [0, 255], then (x - 128) / 128."""
+    images = torch.randint(0, 256, (2, 3, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    f_torch, l_torch = inception_outputs(inception, images, protocol="pytorch-fid")
+    f_old, l_old = inception(images.float() / 127.5 - 1.0)
+    assert torch.equal(f_torch, f_old) and torch.equal(l_torch, l_old)
+    f_tf, _ = inception_outputs(inception, images)  # the default
+    assert torch.equal(f_tf, inception((resize_bilinear_tf(images.float()) - 128) / 128)[0])
+    assert not torch.allclose(f_tf, f_torch, rtol=1e-3)
+    assert torch.equal(prepare_images(images, "pytorch-fid"), images.float() / 127.5 - 1.0)
+    with pytest.raises(ValueError, match="unknown FID protocol 'clean'; one of: tensorflow, pytorch-fid"):
+        prepare_images(images, "clean")
+
+
+def test_statistics_files_record_their_protocol(dataset: Path, inception: FIDInceptionV3, tmp_path: Path) -> None:
+    stats = reference_statistics(dataset, inception, batch_size=6, device="cpu", progress=False,
+                                 protocol="pytorch-fid")
+    assert stats["fid_protocol"] == "pytorch-fid"
+    path = save_statistics(tmp_path / "ref.npz", stats)
+    with np.load(path, allow_pickle=False) as f:  # a plain string array: no pickle needed
+        assert sorted(f.keys()) == ["fid_protocol", "mu", "num_images", "sigma"] and str(f["fid_protocol"]) \
+            == "pytorch-fid"
+    assert load_statistics(path)["fid_protocol"] == "pytorch-fid"
+    np.savez(tmp_path / "foreign.npz", mu=stats["mu"], sigma=stats["sigma"])
+    assert load_statistics(tmp_path / "foreign.npz")["fid_protocol"] is None
+    with pytest.raises(ValueError, match="unknown FID protocol 'clean'"):
+        save_statistics(tmp_path / "x.npz", {**stats, "fid_protocol": "clean"})
 
 
 def test_grey_images_are_repeated_to_rgb(inception: FIDInceptionV3) -> None:
@@ -496,7 +613,7 @@ def test_training_logs_fid_every_n_steps_and_plots_it(tmp_path: Path, weights_fi
     from ctcore.training import train
 
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), fid_protocol="tensorflow")  # the recipe's default protocol
     calls: list[int] = []
 
     def distance(mu1, sigma1, mu2, sigma2, eps=1e-6):  # the real one takes ~20 s at 2048-d on 2 cores
@@ -515,6 +632,7 @@ def test_training_logs_fid_every_n_steps_and_plots_it(tmp_path: Path, weights_fi
     fids = [r for r in rows if r.get("event") == "fid"]
     assert [(r["step"], r["fid"], r["num_samples"], r["steps"]) for r in fids] == [(6, 10.0, 2, 2), (12, 5.0, 2, 2)]
     assert all(np.isfinite(r["inception_score"]) for r in fids) and calls == [2048, 2048]
+    assert all(r["fid_protocol"] == "tensorflow" and r["is_split"] == "ordered" for r in fids)
     with Image.open(run.out_dir / "fid.png") as im:
         assert im.format == "PNG"
 

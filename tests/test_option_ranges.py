@@ -63,6 +63,7 @@ RANGES = [
     ("evaluation", None, "fid_num_samples", 2, 1_000_000, "[]"),
     ("evaluation", None, "fid_steps", 1, 1001, "[]"),
     ("evaluation", None, "fid_batch_size", 1, 65_536, "[]"),
+    ("evaluation", None, "is_split_seed", 0, 2**32 - 1, "[]"),
     ("network", "mlp", "width", 1, 65_536, "[]"),
     ("network", "mlp", "num_blocks", 1, 1000, "[]"),
     ("network", "mlp", "embedding_features", 1, 65_536, "[]"),
@@ -182,7 +183,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 65  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 66  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)

@@ -1,0 +1,232 @@
+"""`ctcore eval`: the sliced Wasserstein distance of a checkpoint without any weights file (the number the training
+loop logs), and the command's FID side: the advice when Inception weights are absent, the protocol and split options
+it records, and the refusals of statistics made under another FID protocol."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from helpers import write_tiny_recipe
+from typer.testing import CliRunner
+
+import ctcore
+import ctcore.fid
+import ctcore.inception
+from ctcore.build import start_run
+from ctcore.checkpoints import list_checkpoints
+from ctcore.cli import app
+from ctcore.errors import RunError
+from ctcore.fid import save_statistics
+from ctcore.inception import FIDInceptionV3
+from ctcore.sampling import file_digest
+from ctcore.training import train
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def trained(root: Path, **overrides) -> tuple[Path, list[dict]]:
+    """A finished tiny run (12 steps) and the rows of its stats.jsonl."""
+    registry = ctcore.load_registry()
+    recipe = ctcore.read_recipe(write_tiny_recipe(root / "r.toml", root / "run", **overrides), registry)
+    run = start_run(recipe, registry)
+    try:
+        train(run, progress=False)
+    finally:
+        run.close()
+    rows = [json.loads(line) for line in (run.out_dir / "stats.jsonl").read_text().splitlines()]
+    return run.out_dir, rows
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    return trained(tmp_path_factory.mktemp("eval-run"))
+
+
+# ------------------------------------------------------------------------------------- sliced Wasserstein
+
+
+def test_the_distance_of_a_checkpoint_is_the_one_training_logged(finished: tuple[Path, list[dict]]) -> None:
+    run_dir, rows = finished
+    logged = [r["sliced_wasserstein"] for r in rows if r.get("event") == "distance"]
+    assert len(logged) == 2 and logged[0] != logged[1]  # untrained at step 0, trained at step 12
+    ckpt = list_checkpoints(run_dir)[-1]
+    result = invoke("eval", run_dir, "--metric", "sliced-wasserstein", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["value"] == logged[1]  # the same samples, data and projections: the same number, exactly
+    assert {k: out[k] for k in ("metric", "checkpoint", "checkpoint_sha256", "step", "num_samples", "seed",
+                                "data_seed", "num_projections", "steps", "sigmas", "weights", "data")} == {
+        "metric": "sliced-wasserstein", "checkpoint": str(ckpt), "checkpoint_sha256": file_digest(ckpt), "step": 12,
+        "num_samples": 32, "seed": 10_000_000, "data_seed": 12345, "num_projections": 16, "steps": 1,
+        "sigmas": [80.0], "weights": "eval-ema", "data": "synthetic (256 images, run.seed 0)"}
+
+    plain = invoke("eval", ckpt, "--metric", "sliced-wasserstein")
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout == (f"sliced Wasserstein distance to the training data: {logged[1]:.4f} (32 1-step samples, "
+                            f"seeds 10000000..10000031, 16 projections; {ckpt} at step 12)\n")
+
+
+def test_the_distance_takes_other_seeds_counts_and_steps(finished: tuple[Path, list[dict]]) -> None:
+    run_dir, rows = finished
+    out = json.loads(invoke("eval", run_dir, "--metric", "sliced-wasserstein", "--json", "-n", "8", "--seed", "5",
+                            "--steps", "2").stdout)
+    assert (out["num_samples"], out["seed"], out["steps"], out["sigmas"]) == (8, 5, 2, [80.0, 0.821])
+    assert np.isfinite(out["value"]) and out["value"] > 0
+    assert out["value"] not in [r["sliced_wasserstein"] for r in rows if r.get("event") == "distance"]
+
+
+def test_the_distance_reads_the_recipes_hdf5_file(tmp_path: Path) -> None:
+    images = torch.randint(0, 256, (40, 3, 4, 4), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    data = tmp_path / "d.h5"
+    with h5py.File(data, "w") as f:
+        f.create_dataset("images", data=images.numpy())
+    run_dir, rows = trained(tmp_path, data={"source": "hdf5", "path": str(data), "resolution": 4},
+                            training={"total_steps": 4, "checkpoint_every": 4, "sample_every": 4})
+    out = json.loads(invoke("eval", run_dir, "--metric", "sliced-wasserstein", "--json").stdout)
+    assert out["data"] == str(data)
+    assert out["value"] == [r["sliced_wasserstein"] for r in rows if r.get("event") == "distance"][-1]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--ref", "r.npz"], "--ref is for --metric fid; --metric sliced-wasserstein compares the samples with the "
+                         "recipe's training data and needs no file: drop --ref"),
+    (["--inception", "w.pth"], "--inception is for --metric fid; --metric sliced-wasserstein compares the samples "
+                               "with the recipe's training data and needs no file: drop --inception"),
+    (["-n", "100001"], "--num-samples for the sliced Wasserstein distance must be 1 to 100,000 (the range of "
+                       "evaluation.num_samples), got 100,001"),
+])
+def test_distance_requests_that_cannot_work_are_one_line_and_exit_2(finished: tuple[Path, list[dict]],
+                                                                    extra: list[str], message: str) -> None:
+    result = invoke("eval", finished[0], "--metric", "sliced-wasserstein", *extra)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"error: {message}\n"
+
+
+# ------------------------------------------------------------------------------------------- FID side
+
+
+def test_without_weights_fid_says_so_and_suggests_the_distance(finished: tuple[Path, list[dict]],
+                                                               tmp_path: Path) -> None:
+    run_dir = finished[0]
+    missing = tmp_path / "nowhere.pth"
+    result = invoke("eval", run_dir, "--ref", tmp_path / "r.npz", "--inception", missing)
+    assert result.exit_code == 1 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"error: Inception weights file {str(missing)!r} (--inception) not found.")
+    assert lines[-1] == (f"or score the checkpoint without any weights file: ctcore eval {run_dir} --metric "
+                         f"sliced-wasserstein")
+    no_ref = invoke("eval", run_dir)
+    assert no_ref.exit_code == 2 and no_ref.stderr == (
+        "error: --metric fid needs --ref STATS.npz, reference statistics of the training data (make them with "
+        "`ctcore eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein needs no file\n")
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> FIDInceptionV3:
+    """An Inception on the meta device in place of the weights: the refusals come before any feature."""
+    with torch.device("meta"):
+        model = FIDInceptionV3()
+    monkeypatch.setattr(ctcore.inception, "load_inception", lambda *args, **kwargs: model)
+    return model
+
+
+def _ref(path: Path, protocol: str | None) -> Path:
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "fid_protocol": protocol}
+    return save_statistics(path, stats)
+
+
+def test_statistics_of_another_protocol_are_refused_in_one_line(finished: tuple[Path, list[dict]], tmp_path: Path,
+                                                                stand_in: FIDInceptionV3) -> None:
+    run_dir = finished[0]
+    torch_ref = _ref(tmp_path / "torch.npz", "pytorch-fid")
+    result = invoke("eval", run_dir, "--ref", torch_ref, "-n", "2", "--no-progress")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"error: reference statistics {str(torch_ref)!r} were made under the pytorch-fid FID protocol, but this FID "
+        f"uses the tensorflow protocol (another resize to 299x299: the features differ): recompute them with "
+        f"`ctcore eval-ref-stats DATASET.h5 OUT.npz --fid-protocol tensorflow`, or choose --fid-protocol "
+        f"pytorch-fid\n")
+    tf_ref = _ref(tmp_path / "tf.npz", "tensorflow")
+    result = invoke("eval", run_dir, "--ref", tf_ref, "-n", "2", "--fid-protocol", "pytorch-fid", "--no-progress")
+    assert result.exit_code == 1 and "made under the tensorflow FID protocol, but this FID uses the pytorch-fid" \
+        in result.stderr and result.stderr.endswith("or choose --fid-protocol tensorflow\n")
+
+    old = _ref(tmp_path / "old.npz", None)  # as ctcore wrote them before recording the protocol
+    assert "fid_protocol" not in np.load(old)
+    result = invoke("eval", run_dir, "--ref", old, "-n", "2", "--no-progress")
+    assert result.exit_code == 1 and result.stderr == (
+        f"error: reference statistics {str(old)!r} record no FID protocol, so they are taken as pytorch-fid (how "
+        f"ctcore made them before it recorded one, and how pytorch-fid makes its own), but this FID uses the "
+        f"tensorflow protocol: recompute them with `ctcore eval-ref-stats DATASET.h5 OUT.npz --fid-protocol "
+        f"tensorflow`, or choose --fid-protocol pytorch-fid\n")
+
+    np.savez(tmp_path / "clean.npz", mu=np.zeros(2048), sigma=np.eye(2048), fid_protocol="clean")
+    result = invoke("eval", run_dir, "--ref", tmp_path / "clean.npz", "-n", "2", "--no-progress")
+    assert result.exit_code == 1 and result.stderr.startswith(
+        f"error: reference statistics {str(tmp_path / 'clean.npz')!r} records the FID protocol 'clean', which "
+        f"ctcore does not know (it knows tensorflow, pytorch-fid)")
+
+
+def test_fid_results_record_the_protocol_and_the_split(finished: tuple[Path, list[dict]], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old statistics (no protocol) still serve under --fid-protocol pytorch-fid; the JSON says what was done."""
+    from test_fid import RecordingDistance, randomised_inception
+
+    weights = tmp_path / "w.pth"
+    torch.save(randomised_inception().state_dict(), weights)
+    monkeypatch.setattr(ctcore.fid, "frechet_distance", RecordingDistance())
+    result = invoke("eval", finished[0], "--ref", _ref(tmp_path / "old.npz", None), "--inception", weights, "-n", "2",
+                    "--fid-protocol", "pytorch-fid", "--is-split", "shuffled", "--is-split-seed", "7",
+                    "--no-progress", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert (out["metric"], out["value"], out["fid"], out["fid_protocol"]) == ("fid", 12.5, 12.5, "pytorch-fid")
+    assert (out["inception_score_split"], out["inception_score_split_seed"], out["step"]) == ("shuffled", 7, 12)
+
+
+def test_training_refuses_a_reference_of_another_protocol_before_it_starts(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    ref = _ref(tmp_path / "ref.npz", "tensorflow")
+    registry = ctcore.load_registry()
+    recipe = ctcore.read_recipe(write_tiny_recipe(
+        tmp_path / "r.toml", tmp_path / "run",
+        evaluation={"fid_every": 6, "inception": str(weights), "fid_reference": str(ref),
+                    "fid_protocol": "pytorch-fid", "distance": "none"}), registry)
+    run = start_run(recipe, registry)
+    with pytest.raises(RunError) as info:
+        train(run, progress=False)
+    run.close()
+    assert info.value.message.endswith('or choose evaluation.fid_protocol = "tensorflow"')
+    assert "made under the tensorflow FID protocol, but this FID uses the pytorch-fid protocol" in info.value.message
+    assert list_checkpoints(run.out_dir) == []
+
+
+def test_eval_ref_stats_records_the_protocol_it_used(tmp_path: Path) -> None:
+    from test_fid import randomised_inception
+
+    weights = tmp_path / "w.pth"
+    torch.save(randomised_inception().state_dict(), weights)
+    data = tmp_path / "d.h5"
+    with h5py.File(data, "w") as f:
+        f.create_dataset("images", data=np.random.default_rng(0).integers(0, 256, (3, 3, 4, 4), dtype=np.uint8))
+    outputs = {}
+    for protocol in ("tensorflow", "pytorch-fid"):
+        out = tmp_path / f"{protocol}.npz"
+        extra = [] if protocol == "tensorflow" else ["--fid-protocol", protocol]  # tensorflow is the default
+        result = invoke("eval-ref-stats", data, out, "--inception", weights, "--device", "cpu", "--no-progress",
+                        *extra)
+        assert result.exit_code == 0, result.output
+        assert result.stdout == (f"wrote the Inception statistics of 3 images of {data} to {out} (FID protocol "
+                                 f"{protocol})\n")
+        with np.load(out, allow_pickle=False) as f:
+            assert str(f["fid_protocol"]) == protocol
+            outputs[protocol] = f["mu"]
+    assert not np.allclose(outputs["tensorflow"], outputs["pytorch-fid"], rtol=1e-3)
