@@ -55,6 +55,14 @@ class _OneLineUsageErrors(TyperGroup):
             code = 1
         sys.exit(code if isinstance(code, int) else 0)
 
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """The command list with each command's whole first sentence, wrapped (click cuts it at the width)."""
+        rows = [(name, command.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
 
 def _usage_message(exc: typer.TyperException, group: TyperGroup, args: list[str]) -> str:
     """click's message on one line, with the help command of the (sub)command it concerns."""
@@ -94,13 +102,17 @@ def _device_option(value: str | None) -> str | None:
     return value
 
 
+PLAIN_HELP: dict[str, Any] = {"rich_markup_mode": None, "cls": _OneLineUsageErrors}
+"""Give every typer.Typer of the CLI these: click's plain help wraps at 80 columns and shows no type on flags,
+where typer's rich panels cut option help short (`sampling.num_sampl…`) and print `<bool>` (tests/test_help.py)."""
+
 app = typer.Typer(
     name="ctcore",
     help="Train, sample and inspect consistency models with the iCT techniques.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    cls=_OneLineUsageErrors,
+    **PLAIN_HELP,
 )
 
 
@@ -167,7 +179,8 @@ def _registry():
 
 @app.command()
 def run(
-    target: Annotated[Path, typer.Argument(help="A recipe (.toml), or with --resume a run directory.")],
+    target: Annotated[Path, typer.Argument(
+        metavar="RECIPE", help="A recipe (.toml), or with --resume a RUN_DIR (a run directory).")],
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Run directory (default: run.output_dir).")
@@ -310,6 +323,8 @@ def check(
         registry = _registry()
         recipe = read_recipe(recipe_path, registry)
         typer.echo(dump_recipe(recipe), nl=False)
+        if not build:
+            _console(stderr=True).print(f"ok: {recipe_path} is valid; components not built (--no-build)")
         if build:
             from ctcore.data import check_data_file, data_shape
             from ctcore.files import human_bytes
@@ -337,7 +352,8 @@ def check(
 
 @app.command()
 def sample(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", help="A checkpoint file, or a RUN_DIR (its latest checkpoint).")],
     num_samples: Annotated[int | None, typer.Option(
         "--num-samples", "-n", min=1, max=MAX_COUNT, help="Default: the recipe's sampling.num_samples.")] = None,
     steps: Annotated[int | None, typer.Option(
@@ -406,7 +422,8 @@ DownloadOption = Annotated[
 
 @app.command("eval")
 def eval_checkpoint(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", help="A checkpoint file, or a RUN_DIR (its latest checkpoint).")],
     ref: Annotated[Path, typer.Option("--ref", help="Reference statistics .npz with mu and sigma "
                                       "(ctcore eval-ref-stats, pytorch-fid, clean-fid).")],
     inception: InceptionOption = None,
@@ -544,27 +561,52 @@ def list_components(
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
+        if options:
+            typer.echo(_options_text(rows))
+            return
         from rich.table import Table
         from rich.text import Text
 
         table = Table(title="ctcore components")
         for col in ("kind", "name", "summary", "provided by"):
             table.add_column(col)
-        if options:
-            table.add_column("options (defaults)")
         for r in rows:
             cells = [r["kind"], r["name"], r["summary"], f"{r['distribution']} {r['version']}"]
-            if options:
-                ranges = r["ranges"]
-                cells.append(", ".join(f"{k}={v!r}" + (f" {ranges[k]}" if k in ranges else "")
-                                       for k, v in r["options"].items()) or "-")
             table.add_row(*(Text(c) for c in cells))
         _console().print(table)
+
+
+def _options_text(rows: list[dict[str, Any]]) -> str:
+    """list-components --options: one block per component, one option a line as a recipe writes it, wrapped to
+    the terminal (a table column cannot hold 20 options at 80 columns)."""
+    import shutil
+    import textwrap
+
+    from ctcore.recipe import _toml_value
+
+    width = max(40, shutil.get_terminal_size().columns)
+
+    def wrap(text: str, indent: str) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + "    ",
+                             break_long_words=False, break_on_hyphens=False)
+
+    blocks = []
+    for r in rows:
+        lines = wrap(f"[{r['kind']}] name = {_toml_value(r['name'])}  ({r['distribution']} {r['version']})", "")
+        lines += wrap(r["summary"], "  ")
+        for key, value in r["options"].items():
+            shown = "(computed when omitted; ctcore check shows it)" if value is None else _toml_value(value)
+            lines += wrap(f"{key} = {shown}" + (f"  # {r['ranges'][key]}" if key in r["ranges"] else ""), "  ")
+        if not r["options"]:
+            lines.append("  (no options)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 data_app = typer.Typer(
     help="Import, inspect and download training datasets (HDF5: uint8 images (N, C, H, W), labels, attrs).",
     no_args_is_help=True,
+    **PLAIN_HELP,
 )
 app.add_typer(data_app, name="data")
 
@@ -596,7 +638,7 @@ def data_import(
 
 @data_app.command("info")
 def data_info(
-    file: Annotated[Path, typer.Argument(help="A dataset file (HDF5).")],
+    file: Annotated[Path, typer.Argument(metavar="DATASET.h5", help="A dataset file (HDF5).")],
     grid: Annotated[Path | None, typer.Option(
         help="Also write a grid of up to 64 examples here (.png, .jpg or .webp).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -631,7 +673,7 @@ def data_info(
 
 @data_app.command("download")
 def data_download(
-    name: Annotated[str, typer.Argument(help="The dataset: cifar10.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The dataset: cifar10.")],
     dest: Annotated[Path, typer.Option(help="Folder to save the archive in.")] = Path("data"),
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
