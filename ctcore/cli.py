@@ -679,10 +679,10 @@ def data_download(
 ) -> None:
     """Download a dataset's official archive and verify its SHA-256; then run `ctcore data import` on it."""
     with _errors():
-        from ctcore.importers import download
+        from ctcore.importers import download, import_command
 
         path = download(name, dest, progress=progress)
-        _console().print(f"{path} is in place (sha256 verified). Next: ctcore data import {path} {name}-train.h5")
+        _console().print(f"{path} is in place (sha256 verified). Next: {import_command(name, path)}")
 
 
 def main() -> None:
