@@ -48,7 +48,9 @@ class _OneLineUsageErrors(TyperGroup):
             code = super().main(args, prog_name or "ctcore", complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:  # click's usage errors (typer >= 0.29 carries its own click)
             code = exc.exit_code
-            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `ctcore`, `ctcore data`: the help, on stdout
+                typer.echo(exc.format_message())
+            else:
                 _print_error(_usage_message(exc, self, args))
         except typer.Abort:
             _print_error("aborted")

@@ -96,3 +96,11 @@ def test_list_components_options_reads_well_at_80_columns() -> None:
         assert _flat(row["summary"]) in block
         for key in row["options"]:
             assert _flat(f"{key} = ") in block and _flat(row["ranges"].get(key, "")) in block, (row["name"], key)
+
+
+@pytest.mark.parametrize("path", [p for p, c in COMMANDS.items() if hasattr(c, "commands")],
+                         ids=lambda p: " ".join(p) or "ctcore")
+def test_a_group_without_a_command_prints_its_help(path: tuple[str, ...]) -> None:
+    runner = CliRunner(env={"COLUMNS": str(COLUMNS)})
+    bare, help_ = runner.invoke(app, list(path)), runner.invoke(app, [*path, "--help"])
+    assert (bare.exit_code, bare.stdout, bare.stderr) == (2, help_.stdout, "")
