@@ -588,6 +588,14 @@ def _options_text(rows: list[dict[str, Any]]) -> str:
 
     width = max(40, shutil.get_terminal_size().columns)
 
+    def shown(value: Any) -> str:
+        if value is None:
+            return "(computed when omitted; ctcore check shows it)"
+        try:
+            return _toml_value(value)
+        except TypeError:  # a plugin's default TOML cannot write
+            return repr(value)
+
     def wrap(text: str, indent: str) -> list[str]:
         return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + "    ",
                              break_long_words=False, break_on_hyphens=False)
@@ -597,8 +605,7 @@ def _options_text(rows: list[dict[str, Any]]) -> str:
         lines = wrap(f"[{r['kind']}] name = {_toml_value(r['name'])}  ({r['distribution']} {r['version']})", "")
         lines += wrap(r["summary"], "  ")
         for key, value in r["options"].items():
-            shown = "(computed when omitted; ctcore check shows it)" if value is None else _toml_value(value)
-            lines += wrap(f"{key} = {shown}" + (f"  # {r['ranges'][key]}" if key in r["ranges"] else ""), "  ")
+            lines += wrap(f"{key} = {shown(value)}" + (f"  # {r['ranges'][key]}" if key in r["ranges"] else ""), "  ")
         if not r["options"]:
             lines.append("  (no options)")
         blocks.append("\n".join(lines))
