@@ -48,12 +48,22 @@ class _OneLineUsageErrors(TyperGroup):
             code = super().main(args, prog_name or "ctcore", complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:  # click's usage errors (typer >= 0.29 carries its own click)
             code = exc.exit_code
-            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `ctcore`, `ctcore data`: the help, on stdout
+                typer.echo(exc.format_message())
+            else:
                 _print_error(_usage_message(exc, self, args))
         except typer.Abort:
             _print_error("aborted")
             code = 1
         sys.exit(code if isinstance(code, int) else 0)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """The command list with each command's whole first sentence, wrapped (click cuts it at the width)."""
+        rows = [(name, command.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def _usage_message(exc: typer.TyperException, group: TyperGroup, args: list[str]) -> str:
@@ -94,13 +104,17 @@ def _device_option(value: str | None) -> str | None:
     return value
 
 
+PLAIN_HELP: dict[str, Any] = {"rich_markup_mode": None, "cls": _OneLineUsageErrors}
+"""Give every typer.Typer of the CLI these: click's plain help wraps at 80 columns and shows no type on flags,
+where typer's rich panels cut option help short (`sampling.num_sampl…`) and print `<bool>` (tests/test_help.py)."""
+
 app = typer.Typer(
     name="ctcore",
     help="Train, sample and inspect consistency models with the iCT techniques.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    cls=_OneLineUsageErrors,
+    **PLAIN_HELP,
 )
 
 
@@ -191,7 +205,8 @@ def _registry():
 
 @app.command()
 def run(
-    target: Annotated[Path, typer.Argument(help="A recipe (.toml), or with --resume a run directory.")],
+    target: Annotated[Path, typer.Argument(
+        metavar="RECIPE", help="A recipe (.toml), or with --resume a RUN_DIR (a run directory).")],
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Run directory (default: run.output_dir).")
@@ -353,6 +368,8 @@ def check(
         registry = _registry()
         recipe = read_recipe(recipe_path, registry)
         typer.echo(dump_recipe(recipe), nl=False)
+        if not build:
+            _console(stderr=True).print(f"ok: {recipe_path} is valid; components not built (--no-build)")
         if build:
             from ctcore.data import check_data_file, data_shape
             from ctcore.files import human_bytes
@@ -380,7 +397,8 @@ def check(
 
 @app.command()
 def sample(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", help="A checkpoint file, or a RUN_DIR (its latest checkpoint).")],
     num_samples: Annotated[int | None, typer.Option(
         "--num-samples", "-n", min=1, max=MAX_COUNT, help="Default: the recipe's sampling.num_samples.")] = None,
     steps: Annotated[int | None, typer.Option(
@@ -477,7 +495,8 @@ MAX_NUMPY_SEED = 2**32 - 1
 
 @app.command("eval")
 def eval_checkpoint(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or a run directory (latest checkpoint).")],
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", help="A checkpoint file, or a RUN_DIR (its latest checkpoint).")],
     metric: Annotated[Literal["fid", "sliced-wasserstein"], typer.Option(
         help="fid: FID and Inception Score (Inception weights, --ref); sliced-wasserstein: distance to the "
              "recipe's training data, no weights file.")] = "fid",
@@ -677,27 +696,59 @@ def list_components(
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
+        if options:
+            typer.echo(_options_text(rows))
+            return
         from rich.table import Table
         from rich.text import Text
 
         table = Table(title="ctcore components")
         for col in ("kind", "name", "summary", "provided by"):
             table.add_column(col)
-        if options:
-            table.add_column("options (defaults)")
         for r in rows:
             cells = [r["kind"], r["name"], r["summary"], f"{r['distribution']} {r['version']}"]
-            if options:
-                ranges = r["ranges"]
-                cells.append(", ".join(f"{k}={v!r}" + (f" {ranges[k]}" if k in ranges else "")
-                                       for k, v in r["options"].items()) or "-")
             table.add_row(*(Text(c) for c in cells))
         _console().print(table)
+
+
+def _options_text(rows: list[dict[str, Any]]) -> str:
+    """list-components --options: one block per component, one option a line as a recipe writes it, wrapped to
+    the terminal (a table column cannot hold 20 options at 80 columns)."""
+    import shutil
+    import textwrap
+
+    from ctcore.recipe import _toml_value
+
+    width = max(40, shutil.get_terminal_size().columns)
+
+    def shown(value: Any) -> str:
+        if value is None:
+            return "(computed when omitted; ctcore check shows it)"
+        try:
+            return _toml_value(value)
+        except TypeError:  # a plugin's default TOML cannot write
+            return repr(value)
+
+    def wrap(text: str, indent: str) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + "    ",
+                             break_long_words=False, break_on_hyphens=False)
+
+    blocks = []
+    for r in rows:
+        lines = wrap(f"[{r['kind']}] name = {_toml_value(r['name'])}  ({r['distribution']} {r['version']})", "")
+        lines += wrap(r["summary"], "  ")
+        for key, value in r["options"].items():
+            lines += wrap(f"{key} = {shown(value)}" + (f"  # {r['ranges'][key]}" if key in r["ranges"] else ""), "  ")
+        if not r["options"]:
+            lines.append("  (no options)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 data_app = typer.Typer(
     help="Import, inspect and download training datasets (HDF5: uint8 images (N, C, H, W), labels, attrs).",
     no_args_is_help=True,
+    **PLAIN_HELP,
 )
 app.add_typer(data_app, name="data")
 
@@ -729,7 +780,7 @@ def data_import(
 
 @data_app.command("info")
 def data_info(
-    file: Annotated[Path, typer.Argument(help="A dataset file (HDF5).")],
+    file: Annotated[Path, typer.Argument(metavar="DATASET.h5", help="A dataset file (HDF5).")],
     grid: Annotated[Path | None, typer.Option(
         help="Also write a grid of examples here (.png, .jpg or .webp): 64, or for a labelled file one row of 8 "
              "per class.")] = None,
@@ -768,16 +819,16 @@ def data_info(
 
 @data_app.command("download")
 def data_download(
-    name: Annotated[str, typer.Argument(help="The dataset: cifar10.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The dataset: cifar10.")],
     dest: Annotated[Path, typer.Option(help="Folder to save the archive in.")] = Path("data"),
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Download a dataset's official archive and verify its SHA-256; then run `ctcore data import` on it."""
     with _errors():
-        from ctcore.importers import download
+        from ctcore.importers import download, import_command
 
         path = download(name, dest, progress=progress)
-        _console().print(f"{path} is in place (sha256 verified). Next: ctcore data import {path} {name}-train.h5")
+        _console().print(f"{path} is in place (sha256 verified). Next: {import_command(name, path)}")
 
 
 def main() -> None:

@@ -37,6 +37,19 @@ MAX_NUM_SCALES: int = 2**24
 most 2^24 categories (a grid that large is already 128 MiB of float64 per stage)."""
 
 
+class WeightsUnavailable(ValueError):
+    """A weights file that a component needs is absent: no path given and none found, or no file at the path.
+
+    Components raise it (instead of a plain ValueError, whose handling it shares) when built on a real device;
+    `option` names the option that takes the file. `ctcore.testing.check_all` skips such a component with its
+    message, so a stock install without the file passes a plugin author's tests.
+    """
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 @attrs.frozen
 class BuildContext:
     """What a component learns from the run rather than from its own options."""

@@ -51,6 +51,8 @@ DOWNLOADS: dict[str, tuple[str, str, str]] = {
         "cifar-10-python.tar.gz",
     ),
 }
+RECIPE_PATHS: dict[str, str] = {"cifar10": "data/cifar10-train.h5"}
+"""Where the shipped recipes (recipes/*.toml, data.path) read each downloadable dataset once it is imported."""
 
 
 class Imported(NamedTuple):
@@ -865,13 +867,9 @@ def _jsonable(value: Any) -> Any:
 
 def download(name: str, dest_dir: str | Path, *, url: str | None = None, progress: bool = True,
              timeout: float = 60.0) -> Path:
-    """Fetch a registered archive (DOWNLOADS) into dest_dir and verify its SHA-256 before it gets its final name."""
-    import http.client
-    import urllib.error
-    import urllib.request
+    """Fetch a registered archive (DOWNLOADS) into dest_dir and verify its SHA-256 before it gets its final name.
 
-    from ctcore import __version__
-
+    A failed download leaves nothing behind: no partial file, and no folder of dest_dir that it created."""
     if name not in DOWNLOADS:
         raise UsageError(unknown_name_message("dataset", name, list(DOWNLOADS)))
     default_url, expected, filename = DOWNLOADS[name]
@@ -879,12 +877,39 @@ def download(name: str, dest_dir: str | Path, *, url: str | None = None, progres
     dest_dir = Path(dest_dir)
     final = dest_dir / filename
     by_hand = (f"download {url} by hand (e.g. in a browser) into {dest_dir}/, check that its sha256 is {expected}, "
-               f"then run: ctcore data import {final} {name}-train.h5")
+               f"then run: {import_command(name, final)}")
     if final.exists():
         got = _sha256_file(final)
         if got == expected:
             return final
         raise RunError(f"{final} already exists but its sha256 is {got}, not {expected}; delete it and download again")
+    created = [p for p in (dest_dir, *dest_dir.parents) if not p.exists()]
+    try:
+        return _fetch(name, url, expected, final, by_hand, progress=progress, timeout=timeout)
+    except BaseException:
+        for folder in created:  # innermost first; a folder that holds anything stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def import_command(name: str, archive: str | Path) -> str:
+    """The `ctcore data import` that turns a downloaded archive into the file the recipes read."""
+    return f"ctcore data import {archive} {RECIPE_PATHS[name]} (the path the recipes read)"
+
+
+def _fetch(name: str, url: str, expected: str, final: Path, by_hand: str, *, progress: bool,
+           timeout: float) -> Path:
+    """Download `url` to `final` through a temporary file, kept only when its SHA-256 is `expected`."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from ctcore import __version__
+
+    filename = final.name
     sha = hashlib.sha256()
     with atomic_write(final) as tmp:  # kept only if the download completes and its checksum matches
         try:

@@ -18,7 +18,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
 from cattrs.v import transform_error
 
-from ctcore.components import KINDS, directory_name, each_within, entries, path_text, show, within
+from ctcore.components import KINDS, BuildContext, directory_name, each_within, entries, path_text, show, within
 from ctcore.errors import RecipeError, did_you_mean, unknown_name_message
 
 if typing.TYPE_CHECKING:
@@ -476,22 +476,54 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
-def _section_lines(header: str, items: list[tuple[str, Any]]) -> list[str]:
+def _section_lines(header: str, items: list[tuple[str, Any]], computed: dict[str, tuple[Any, str]]) -> list[str]:
     lines = [f"[{header}]"]
     for key, value in items:
-        lines.append(f"# {key} = (not set: the component's computed default)" if value is None
-                     else f"{key} = {_toml_value(value)}")
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+        elif key in computed:
+            lines.append(f"# {key} = {_toml_value(computed[key][0])}  (computed: {_printable(computed[key][1])}; "
+                         "omitted from the recipe)")
+        else:
+            lines.append(f"# {key} = (not set: the component's computed default)")
     return lines
 
 
+def build_context(recipe: Recipe) -> BuildContext:
+    """The context the recipe's components are built with: its declared (C, H, W), classes and total steps."""
+    d = recipe.data
+    return BuildContext(data_shape=(d.channels, d.resolution, d.resolution), num_classes=d.num_classes,
+                        total_steps=recipe.training.total_steps)
+
+
+def computed_defaults(options: Any, context: BuildContext) -> dict[str, tuple[Any, str]]:
+    """What a component computes for its options left at None: `Options.computed_defaults(context)`, an optional
+    method returning {option: (value, how it was computed)}; entries that are not such pairs are ignored."""
+    method = getattr(options, "computed_defaults", None)
+    found = method(context) if callable(method) else None
+    if not isinstance(found, dict):
+        return {}
+    return {key: (v[0], v[1]) for key, v in found.items()
+            if getattr(options, str(key), 0) is None and isinstance(v, tuple) and len(v) == 2
+            and isinstance(v[1], str) and isinstance(v[0], int | float | str) and not isinstance(v[0], bool)
+            and (not isinstance(v[0], float) or math.isfinite(v[0]))}
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as TOML, every default filled in; reading it back gives the same recipe."""
+    """The resolved recipe as TOML, every default filled in; reading it back gives the same recipe.
+
+    An option a component computes when it is omitted (Pseudo-Huber's c) is a comment with its value: the
+    recipe read back leaves it out again, so it keeps following the data shape.
+    """
     blocks = [f"# resolved from {_printable(recipe.source)}"]
+    context = build_context(recipe)
     for name in ALL_SECTIONS:
+        computed: dict[str, tuple[Any, str]] = {}
         if name in KINDS:
             spec = recipe.components[name]
             items = [("name", spec.name), *attrs.asdict(spec.options, recurse=False).items()]
+            computed = computed_defaults(spec.options, context)
         else:
             items = list(attrs.asdict(getattr(recipe, name), recurse=False).items())
-        blocks.append("\n".join(_section_lines(name, items)))
+        blocks.append("\n".join(_section_lines(name, items, computed)))
     return "\n\n".join(blocks) + "\n"

@@ -7,6 +7,7 @@ under a second for small components, and raises `AssertionError` naming the clas
 from __future__ import annotations
 
 import io
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -20,6 +21,7 @@ from ctcore.components import (
     NOISE_CONVENTIONS,
     RESERVED_OPTIONS,
     BuildContext,
+    WeightsUnavailable,
 )
 from ctcore.consistency import karras_sigmas
 from ctcore.errors import CtcoreError
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from ctcore.registry import Registry
 
 __all__ = [
+    "SkippedComponentWarning",
     "check_all",
     "check_component",
     "check_component_class",
@@ -41,6 +44,11 @@ __all__ = [
     "check_teacher",
 ]
 
+
+
+class SkippedComponentWarning(UserWarning):
+    """check_all skipped a component whose weights file is absent (make it an error with
+    `-W error::ctcore.testing.SkippedComponentWarning`, or pass `require_weights=True`)."""
 
 
 class ContractViolation(AssertionError):
@@ -432,22 +440,33 @@ def check_component(kind: str, cls: type, **kwargs: Any) -> None:
     _CHECKS[kind](cls, **kwargs)
 
 
-def check_all(registry: Registry, options: dict[tuple[str, str], dict[str, Any]] | None = None) -> None:
+def check_all(registry: Registry, options: dict[tuple[str, str], dict[str, Any]] | None = None, *,
+              require_weights: bool = False) -> list[str]:
     """Check every component of a `ctcore.registry.Registry`; report all failures.
 
     Components use default options unless `options[(kind, name)]` gives others (e.g. a reduced width, so a
-    300M-parameter network checks in a second).
+    300M-parameter network checks in a second). A component whose weights file is absent (it raises
+    `ctcore.components.WeightsUnavailable`, as lpips does on a stock install) is skipped with a
+    SkippedComponentWarning, unless `require_weights`; returns the skip messages.
     """
     options = options or {}
-    failures = []
+    failures, skipped = [], []
     for kind in KINDS:
         for name in registry.names(kind):
+            where = registry.provider(kind, name).distribution
             try:
                 check_component(kind, registry.get(kind, name), **options.get((kind, name), {}))
+            except WeightsUnavailable as exc:
+                if require_weights:
+                    failures.append(f"{kind} {name!r} from {where}: WeightsUnavailable: {exc}")
+                    continue
+                skipped.append(f"skipped {kind} {name!r} from {where}: {exc}; to check it, pass "
+                               f"options={{({kind!r}, {name!r}): {{{exc.option!r}: PATH}}}} to check_all")
+                warnings.warn(skipped[-1], SkippedComponentWarning, stacklevel=2)
             except Exception as exc:
-                where = registry.provider(kind, name).distribution
                 kind_of = "AssertionError" if isinstance(exc, AssertionError) else type(exc).__name__
                 failures.append(f"{kind} {name!r} from {where}: {kind_of}: {exc}")
     if failures:
         raise AssertionError(f"{len(failures)} component(s) break the contract:\n" + "\n".join(failures))
+    return skipped
 

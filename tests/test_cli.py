@@ -72,8 +72,8 @@ def test_help_lists_every_command() -> None:
     result = invoke("--help", env=WIDE)
     assert result.exit_code == 0, result.output
     assert "Train, sample and inspect consistency models with the iCT techniques." in result.stdout
-    panel = result.stdout.split("─ Commands ─", 1)[1]
-    commands = [m.group(1) for m in re.finditer(r"^│ (\S+)\s{2,}", panel, re.MULTILINE)]
+    panel = result.stdout.split("\nCommands:\n", 1)[1]
+    commands = [m.group(1) for m in re.finditer(r"^  (\S+)\s{2,}", panel, re.MULTILINE)]
     assert commands == ["run", "check", "sample", "eval", "eval-ref-stats", "bench", "list-components", "data"]
 
 
@@ -123,11 +123,19 @@ def test_list_components_kind_filters() -> None:
 
 
 def test_list_components_options_shows_defaults() -> None:
-    result = invoke("list-components", "--kind", "noise_schedule", "--options", env=WIDE)
+    result = invoke("list-components", "--kind", "noise_schedule", "--options", env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
-    rows = {r[1]: r for r in table_rows(result.stdout)}
-    assert rows["lognormal"][4] == "p_mean=-1.1 in [-20, 20], p_std=2.0 in [0.01, 100]"
-    assert rows["uniform"][4] == "-"
+    assert result.stdout.split("\n\n") == [
+        '[noise_schedule] name = "lognormal"  (ctcore 0.1.0)\n'
+        "  iCT pair sampling: lognormal mass on [sigma_i, sigma_{i+1}]\n"
+        "  p_mean = -1.1  # in [-20, 20]\n"
+        "  p_std = 2.0  # in [0.01, 100]",
+        '[noise_schedule] name = "uniform"  (ctcore 0.1.0)\n'
+        "  CT pair sampling: every adjacent pair equally likely\n"
+        "  (no options)\n",
+    ]
+    metric = invoke("list-components", "--kind", "metric", "--options", env={"COLUMNS": "80"}).stdout
+    assert "  c = (computed when omitted; ctcore check shows it)  # in [1e-08, 1000]\n" in metric
 
 
 def test_list_components_json() -> None:
@@ -208,10 +216,13 @@ def test_check_fills_in_every_default(tmp_path: Path) -> None:
     recipe = write_tiny_recipe(tmp_path / "tiny.toml", tmp_path / "out")
     result = invoke("check", recipe, "--no-build")
     assert result.exit_code == 0, result.output
-    assert result.stderr == ""
+    assert result.stderr == f"ok: {recipe} is valid; components not built (--no-build)\n"
     for line in ["sigma_max = 80.0", "rho = 7.0", 'optimizer = "radam"', "betas = [0.9, 0.999]",
-                 'distance = "sliced-wasserstein"', "p_mean = -1.1", "fourier_scale = 0.02", "clip = true"]:
+                 'distance = "sliced-wasserstein"', "p_mean = -1.1", "fourier_scale = 0.02", "clip = true",
+                 # Pseudo-Huber's c, computed for the data shape (3, 4, 4): a value, not "not set"
+                 f"# c = {0.00054 * math.sqrt(48)!r}  (computed: 0.00054 * sqrt(3*4*4); omitted from the recipe)"]:
         assert f"\n{line}\n" in result.stdout, line
+    assert "not set" not in result.stdout
     assert "[evaluation]\n" in result.stdout
     assert not (tmp_path / "out").exists()
 

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import importlib
+import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
+import ctcore_lpips.weights as lpips_weights
 import pytest
 import torch
 from ctcore_lpips.testing import write_random_weights
+from ctcore_lpips.weights import LPIPS_HEADS_HINT, VGG16_BACKBONE_HINT
 from plugin_env import EXAMPLE_PLUGIN_DIR
 from torch import nn
 
 from ctcore.components import BuildContext, NoiseScheduleBase
-from ctcore.registry import load_registry
+from ctcore.registry import Registry, load_registry
 from ctcore.testing import (
+    SkippedComponentWarning,
     check_all,
     check_component,
     check_component_class,
@@ -55,7 +60,7 @@ def test_mlp_meets_the_network_contract_with_class_labels() -> None:
 
 
 def test_check_all_passes_on_the_builtins() -> None:
-    check_all(load_registry(), REDUCED)
+    assert check_all(load_registry(), REDUCED) == []  # nothing skipped: lpips has its (random) weights
 
 
 def test_example_plugin_metric_meets_its_contract(plugin_path: Callable[[Path], Path]) -> None:
@@ -398,3 +403,52 @@ def test_check_all_reports_every_broken_component() -> None:
     expected = r"1 component\(s\) break the contract:\nmetric 'summing' from ctcore: AssertionError"
     with pytest.raises(AssertionError, match=expected):
         check_all(registry, REDUCED)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Components whose weights are absent are skipped by check_all, with the way to provide them
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _lpips_only() -> Registry:
+    stock = load_registry()
+    registry = Registry()
+    registry.add("metric", stock.get("metric", "lpips"), stock.provider("metric", "lpips"))
+    return registry
+
+
+def test_check_all_skips_a_component_whose_weights_are_absent(tmp_path: Path) -> None:
+    backbone = (f"backbone_weights: no VGG16 weights given; set [metric] backbone_weights = \"/path/vgg16.pth\" "
+                f"({VGG16_BACKBONE_HINT})")
+    how = "; to check it, pass options={('metric', 'lpips'): {'backbone_weights': PATH}} to check_all"
+    with pytest.warns(SkippedComponentWarning) as caught:
+        skipped = check_all(_lpips_only())  # a stock install: neither weights file is given
+    assert skipped == [f"skipped metric 'lpips' from ctcore: {backbone}{how}"]
+    assert [str(w.message) for w in caught] == skipped
+
+    absent = tmp_path / "vgg16.pth"  # a path to a file that is not there is absent weights too
+    with pytest.warns(SkippedComponentWarning):
+        skipped = check_all(_lpips_only(), {("metric", "lpips"): {"backbone_weights": str(absent)}})
+    assert skipped == [f"skipped metric 'lpips' from ctcore: backbone_weights: {str(absent)!r} not found (a "
+                       f"relative path is taken from the working directory); expected {VGG16_BACKBONE_HINT}{how}"]
+
+    with pytest.raises(AssertionError, match=re.escape(
+            "1 component(s) break the contract:\nmetric 'lpips' from ctcore: WeightsUnavailable: " + backbone)):
+        check_all(_lpips_only(), require_weights=True)
+
+
+def test_check_all_skips_lpips_without_heads_and_checks_it_with_both_files(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    monkeypatch.setattr(lpips_weights.importlib.util, "find_spec", lambda name: None)  # no lpips package
+    monkeypatch.setattr(lpips_weights.importlib.metadata, "files", lambda name: [])
+    files = write_random_weights(tmp_path)
+    with pytest.warns(SkippedComponentWarning, match="heads_weights: no LPIPS heads given"):
+        skipped = check_all(_lpips_only(), {("metric", "lpips"): {"resize": 16,
+                                                                  "backbone_weights": files["backbone_weights"]}})
+    assert skipped == [
+        "skipped metric 'lpips' from ctcore: heads_weights: no LPIPS heads given and no installed lpips package "
+        f"ships weights/v0.1/vgg.pth; set [metric] heads_weights = \"/path/vgg.pth\" ({LPIPS_HEADS_HINT}); to "
+        "check it, pass options={('metric', 'lpips'): {'heads_weights': PATH}} to check_all"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped once both files are given
+        assert check_all(_lpips_only(), {("metric", "lpips"): {"resize": 16, **files}}) == []

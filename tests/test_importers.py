@@ -4,6 +4,7 @@ ImageNet npz batches, the HDF5 training format they write, `dataset_info`, and `
 from __future__ import annotations
 
 import builtins
+import errno
 import hashlib
 import io
 import json
@@ -451,7 +452,7 @@ def test_download_deletes_a_file_with_the_wrong_checksum(tmp_path: Path, file_se
     monkeypatch.setitem(importers.DOWNLOADS, "cifar10", ("http://unused.invalid/", "0" * 64, "c.tar.gz"))
     with pytest.raises(RunError, match="has sha256 .* expected 0{64}.*deleted"):
         download("cifar10", tmp_path / "dl", url=f"{base}/archive.tar.gz", progress=False, timeout=10)
-    assert list((tmp_path / "dl").iterdir()) == []
+    assert not (tmp_path / "dl").exists()  # the folder it created went with the file
     with pytest.raises(RunError, match="HTTP Error 404.*by hand.*ctcore data import"):
         download("cifar10", tmp_path / "dl", url=f"{base}/missing.tar.gz", progress=False, timeout=10)
 
@@ -461,9 +462,36 @@ def test_download_failure_says_how_to_do_it_by_hand(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="could not download cifar10.*by hand.*ctcore data import") as err:
         download("cifar10", tmp_path / "dl", url=_closed_port_url(), progress=False, timeout=10)
     assert importers.DOWNLOADS["cifar10"][1] in str(err.value)  # the checksum to compare against
-    assert list((tmp_path / "dl").iterdir()) == [] and time.perf_counter() - start < 10
+    assert not (tmp_path / "dl").exists() and time.perf_counter() - start < 10
     with pytest.raises(UsageError, match="unknown dataset 'cifar-10'; did you mean 'cifar10'"):
         download("cifar-10", tmp_path / "dl")
+
+
+def test_a_failed_download_names_the_recipes_path_and_leaves_no_folder(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    url, sha, filename = importers.DOWNLOADS["cifar10"]
+    unreachable = _closed_port_url()
+    monkeypatch.setitem(importers.DOWNLOADS, "cifar10", (unreachable, sha, filename))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["data", "download", "cifar10", "--no-progress"])  # --dest data, the default
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"error: could not download cifar10 from {unreachable} ([Errno {errno.ECONNREFUSED}] "
+        f"{os.strerror(errno.ECONNREFUSED)}); download "
+        f"{unreachable} by hand (e.g. in a browser) into data/, check that its sha256 is {sha}, then run: ctcore "
+        "data import data/cifar-10-python.tar.gz data/cifar10-train.h5 (the path the recipes read)\n")
+    assert list(tmp_path.iterdir()) == []  # data/ was created for the download and removed with it
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    assert 'path = "data/cifar10-train.h5"' in (recipes / "ict_cifar10.toml").read_text()
+
+    (tmp_path / "keep").mkdir()  # only folders the download created go: an existing one stays, empty or not
+    with pytest.raises(RunError, match=r"into keep/a/b/, .* ctcore data import keep/a/b/cifar-10-python.tar.gz "
+                                       r"data/cifar10-train.h5 \(the path the recipes read\)$"):
+        download("cifar10", Path("keep/a/b"), progress=False, timeout=10)
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [Path("keep")]
 
 
 def test_the_registry_names_the_official_archive() -> None:

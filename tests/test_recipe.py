@@ -68,6 +68,22 @@ def test_minimal_recipe_round_trips(registry):
     assert dump_recipe(again) == text
 
 
+def test_the_dump_shows_a_computed_default_as_its_value_and_reads_back_unset(registry):
+    from ctcore.recipe import build_context
+
+    data = '[data]\nsource = "hdf5"\npath = "mnist.h5"\nchannels = 1\nresolution = 28\n'
+    recipe = parse_recipe(MINIMAL + data, registry, source="mnist.toml")
+    text = dump_recipe(recipe)
+    built = registry.get("metric", "pseudo-huber")(recipe.components["metric"].options, build_context(recipe))
+    assert built.c == 0.00054 * 28  # what training uses: 0.00054 * sqrt(1*28*28)
+    assert f"\n# c = {built.c!r}  (computed: 0.00054 * sqrt(1*28*28); omitted from the recipe)\n" in text
+    assert "not set" not in text
+    again = parse_recipe(text, registry, source="mnist.toml")
+    assert again == recipe and again.components["metric"].options.c is None  # still follows the data shape
+    explicit = dump_recipe(parse_recipe(MINIMAL.replace('"pseudo-huber"', '"pseudo-huber"\nc = 0.03'), registry))
+    assert "\nc = 0.03\n" in explicit and "computed" not in explicit
+
+
 def test_non_default_recipe_round_trips(registry):
     text = MINIMAL.replace('name = "no-ema"', 'name = "ema"\nschedule = "adaptive-code"\nmu0 = 0.95').replace(
         'name = "pseudo-huber"', 'name = "pseudo-huber"\nc = 0.03'

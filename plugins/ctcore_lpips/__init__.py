@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, one_of, path_text, requirement, within
+from ctcore.components import BuildContext, WeightsUnavailable, one_of, path_text, requirement, within
 
 from .weights import (
     LPIPS_HEADS_HINT,
@@ -160,8 +160,8 @@ class LPIPS(nn.Module):
 
     def _load(self, options: Options) -> None:
         if not options.backbone_weights:
-            raise ValueError('backbone_weights: no VGG16 weights given; set [metric] backbone_weights = '
-                             f'"/path/vgg16.pth" ({VGG16_BACKBONE_HINT})')
+            raise WeightsUnavailable('backbone_weights: no VGG16 weights given; set [metric] backbone_weights = '
+                                     f'"/path/vgg16.pth" ({VGG16_BACKBONE_HINT})', "backbone_weights")
         backbone = load_state_dict("backbone_weights", options.backbone_weights, VGG16_BACKBONE_HINT)
         # torchvision's full vgg16 state dict; a saved `vgg16().features` (keys "0.weight", ...) is taken too
         prefix = "" if "0.weight" in backbone and "features.0.weight" not in backbone else "features."
@@ -174,9 +174,9 @@ class LPIPS(nn.Module):
         if not heads_path:
             heads_path = installed_lpips_heads() or ""
             if not heads_path:
-                raise ValueError('heads_weights: no LPIPS heads given and no installed lpips package ships '
-                                 'weights/v0.1/vgg.pth; set [metric] heads_weights = "/path/vgg.pth" '
-                                 f"({LPIPS_HEADS_HINT})")
+                raise WeightsUnavailable('heads_weights: no LPIPS heads given and no installed lpips package '
+                                         'ships weights/v0.1/vgg.pth; set [metric] heads_weights = "/path/vgg.pth" '
+                                         f"({LPIPS_HEADS_HINT})", "heads_weights")
 
         heads = load_state_dict("heads_weights", heads_path, LPIPS_HEADS_HINT)
         variant = 1 if head_keys(1)[0] in heads or head_keys(0)[0] not in heads else 0

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ctcore.components import WeightsUnavailable
+
 VGG16_BACKBONE_HINT = (
     "torchvision's ImageNet vgg16 state dict, e.g. vgg16-397923af.pth from "
     "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -55,10 +57,11 @@ def load_state_dict(option: str, path: str | Path, hint: str) -> dict[str, torch
     """Read a state dict of tensors from `path` with weights_only=True; ValueError naming `option` otherwise."""
     where = f"{option}: {str(path)!r}"
     file = Path(path).expanduser()
+    relative = "(a relative path is taken from the working directory)"
+    if file.is_dir():
+        raise ValueError(f"{where} is a directory, not a file {relative}; expected {hint}")
     if not file.is_file():
-        state = "is a directory, not a file" if file.is_dir() else "not found"
-        raise ValueError(f"{where} {state} (a relative path is taken from the working directory); "
-                         f"expected {hint}")
+        raise WeightsUnavailable(f"{where} not found {relative}; expected {hint}", option)
     try:
         state_dict = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for refused objects, RuntimeError for a corrupt archive, ...

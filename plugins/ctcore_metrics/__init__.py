@@ -30,6 +30,13 @@ class PseudoHuber(nn.Module):
             1e-8, 1000.0, "c^2 must stay a normal float32 so that d is smooth at x = y; iCT 0.03"))
         """Omit to use c = 0.00054 * sqrt(C*H*W)."""
 
+        def computed_defaults(self, context: BuildContext) -> dict[str, tuple[float, str]]:
+            """c when omitted, as `ctcore check` shows it: the value __init__ computes for the data shape."""
+            if self.c is not None or context.data_shape is None:
+                return {}
+            shape = "*".join(map(str, context.data_shape))
+            return {"c": (default_c(math.prod(context.data_shape)), f"{PSEUDO_HUBER_C_PER_SQRT_DIM} * sqrt({shape})")}
+
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
         self.options = options

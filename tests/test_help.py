@@ -1,0 +1,106 @@
+"""Every `--help` of the command line, found by walking the app (so commands added later are covered too), reads
+well at 80 columns: no line wider, nothing cut short, no `<bool>` on flags, and argument names from one
+vocabulary (RECIPE, CHECKPOINT, RUN_DIR, ...)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import typer
+import typer.main
+from typer.testing import CliRunner
+
+from ctcore.cli import app
+from ctcore.registry import load_registry
+
+COLUMNS = 80
+ARGUMENT_NAMES = {"RECIPE", "CHECKPOINT", "RUN_DIR", "DATASET.h5", "OUT.h5", "OUT.npz", "SOURCE", "NAME"}
+"""The names arguments may show. A new kind of argument adds its name here, once, so that every command calls
+the same thing by the same name."""
+CANONICAL = {"recipe": "RECIPE", "recipe_path": "RECIPE", "checkpoint": "CHECKPOINT", "run_dir": "RUN_DIR",
+             "run_dirs": "RUN_DIR", "dataset": "DATASET.h5"}
+"""Parameter names whose argument must show one name."""
+
+
+def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(command path, click command) of `command` and every command below it."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        if not sub.hidden:
+            yield from _commands(sub, (*path, name))
+
+
+COMMANDS = dict(_commands(typer.main.get_command(app)))
+
+
+def _is_argument(param: Any) -> bool:
+    return param.param_type_name == "argument"
+
+
+def _flat(text: str) -> str:
+    """`text` without any whitespace: wrapping (and click's breaks after hyphens) cannot hide a cut."""
+    return "".join(text.split())
+
+
+def test_the_walk_finds_every_command() -> None:
+    assert {" ".join(p) for p in COMMANDS} >= {"", "run", "check", "sample", "eval", "eval-ref-stats", "bench",
+                                              "list-components", "data", "data import", "data info",
+                                              "data download"}
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=lambda p: " ".join(p) or "ctcore")
+def test_help_reads_well_at_80_columns(path: tuple[str, ...]) -> None:
+    command = COMMANDS[path]
+    result = CliRunner(env={"COLUMNS": str(COLUMNS)}).invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.startswith(f"Usage: {' '.join(('ctcore', *path))} [OPTIONS]"), out
+    wide = [line for line in out.splitlines() if len(line) > COLUMNS]
+    assert wide == [], f"lines over {COLUMNS} columns"
+    assert not re.search("[…╭╮╰╯│─┃━]", out), "a rich panel (it cuts help short at 80 columns)"
+    assert "<bool>" not in out
+    flat = _flat(out)
+    assert _flat(command.help or "") in flat, "the command's help is cut short"
+    for param in command.params:
+        if getattr(param, "is_flag", False):
+            record = param.get_help_record(typer.Context(command))
+            assert record is not None and "<" not in record[0], f"{param.name}: a type shown on a flag: {record}"
+        assert _flat(getattr(param, "help", None) or "") in flat, f"{param.name}: its help is cut short"
+    for name, sub in getattr(command, "commands", {}).items():
+        assert _flat(f"{name}{sub.get_short_help_str(limit=10_000)}") in flat, f"{name}: its summary is cut short"
+
+
+@pytest.mark.parametrize("path", [p for p, c in COMMANDS.items() if any(_is_argument(a) for a in c.params)],
+                         ids=lambda p: " ".join(p))
+def test_arguments_have_one_name_for_one_thing(path: tuple[str, ...]) -> None:
+    for arg in (a for a in COMMANDS[path].params if _is_argument(a)):
+        metavar = arg.metavar or arg.name
+        assert metavar is not None and set(metavar.removesuffix("...").split("|")) <= ARGUMENT_NAMES, (
+            f"argument {arg.name!r} shows {metavar!r}: set metavar= to one of {sorted(ARGUMENT_NAMES)} (or add a "
+            "new name to ARGUMENT_NAMES)")
+        if arg.name in CANONICAL:
+            assert metavar.removesuffix("...") == CANONICAL[arg.name], (arg.name, metavar)
+
+
+def test_list_components_options_reads_well_at_80_columns() -> None:
+    result = CliRunner(env={"COLUMNS": str(COLUMNS)}).invoke(app, ["list-components", "--options"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if len(line) > COLUMNS] == []
+    assert "…" not in result.stdout
+    for row in load_registry().rows():  # every component, its summary and each option with its range, in full
+        block = _flat(result.stdout.split(f'[{row["kind"]}] name = "{row["name"]}"', 1)[1].split("\n\n", 1)[0])
+        assert _flat(row["summary"]) in block
+        for key in row["options"]:
+            assert _flat(f"{key} = ") in block and _flat(row["ranges"].get(key, "")) in block, (row["name"], key)
+
+
+@pytest.mark.parametrize("path", [p for p, c in COMMANDS.items() if hasattr(c, "commands")],
+                         ids=lambda p: " ".join(p) or "ctcore")
+def test_a_group_without_a_command_prints_its_help(path: tuple[str, ...]) -> None:
+    runner = CliRunner(env={"COLUMNS": str(COLUMNS)})
+    bare, help_ = runner.invoke(app, list(path)), runner.invoke(app, [*path, "--help"])
+    assert (bare.exit_code, bare.stdout, bare.stderr) == (2, help_.stdout, "")
