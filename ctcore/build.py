@@ -447,8 +447,7 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
             raise UsageError(
                 f"{recipe.source} differs from the recipe of the run in {str(out_dir)!r}, so it cannot resume it:\n"
                 + "\n".join(f"  {k}: {changes[k][0]} -> {changes[k][1]}" for k in refused)
-                + f"\nonly {EXTENSIBLE_TEXT} may change on resume; resume with the run directory instead of a recipe, "
-                "or start a new run"
+                + "\nresume with the run directory instead of a recipe, or start a new run"
             )
         if changes:
             new_recipe = recipe

@@ -398,7 +398,8 @@ def test_resume_of_a_finished_run_has_nothing_to_do(run_copy: Path) -> None:
     before = snapshot(run_copy)
     result = invoke("run", run_copy, "--resume", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"{run_copy} already finished at step 12; nothing to do\n"
+    assert result.stdout == (f"{run_copy} already finished at step 12; nothing to do (extend it with `ctcore run "
+                             f"{run_copy} --resume --set training.total_steps=...`)\n")
     assert snapshot(run_copy) == before
 
 
