@@ -405,11 +405,14 @@ def apply_overrides(data: dict[str, Any], sets: Sequence[str]) -> dict[str, str]
 def _blame(problem: str, overrides: dict[str, str]) -> str:
     """`--set k=v: problem` when a --set caused `problem` (its key, a part of it, its section, or the component
     section whose name it set), else `problem` as it is."""
-    where = problem.split(": ", 1)[0]
+    where, _, message = problem.partition(": ")
     for path, text in overrides.items():
         section = path.split(".", 1)[0]
         if (where in (path, section) or where.startswith((f"{path}.", f"{path}["))
                 or (path == f"{section}.name" and section in KINDS and where.startswith(f"{section}."))):
+            return f"--set {_printable(text)}: {problem}"
+    for path, text in overrides.items():  # a check across keys that names the key (`... x sigma_min = ...`)
+        if re.search(rf"(?<![\w.]){re.escape(path.split('.', 1)[1])}(?!\w)", message):
             return f"--set {_printable(text)}: {problem}"
     return problem
 

@@ -152,6 +152,19 @@ def test_a_problem_of_the_file_itself_is_not_blamed_on_a_set(tmp_path):
     ]
 
 
+def test_a_check_across_keys_names_the_set_whose_key_it_mentions(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out")
+    result = invoke("check", recipe, "--no-build", "--set", "consistency.sigma_min=50")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {recipe}: 2 problems in the recipe",
+        "  --set consistency.sigma_min=50: consistency.sigma_max: must be at least 2 x sigma_min = 100 (a finer grid "
+        "between them has equal neighbours in float32), got 80; lower sigma_min or raise sigma_max",
+        "  --set consistency.sigma_min=50: sampling.sigma_mid[0]: every value must lie in (sigma_min, sigma_max) = "
+        "(50, 80), got 0.821",
+    ]
+
+
 # ------------------------------------------------------------------------------------------------- sweeps
 
 
