@@ -320,20 +320,20 @@ def checkpoint_fits_run(checkpoint_recipe: Recipe, run_recipe: Recipe) -> list[s
             if k not in EXTENSIBLE_KEYS]
 
 
-def _extend(run: Run, old: Recipe, new: Recipe, recipe_path: Path) -> None:
-    """Record an allowed change of a resumed run: recipe.toml rewritten atomically, a `recipe_changed` event in
-    stats.jsonl with each key's old and new value (rank 0 only)."""
+def _extend(run: Run, recipe_path: Path) -> None:
+    """Record the allowed changes of a resumed run (run.recipe_changes): recipe.toml rewritten atomically, a
+    `recipe_changed` event in stats.jsonl with each key's old and new value (rank 0 only)."""
     from ctcore.reporting import log_record, open_stats
 
-    changes = recipe_changes(old, new)
-    if not changes or not run.world.is_main:
+    if not run.world.is_main:
         return
     with atomic_write(recipe_path) as tmp:
         tmp.write_text(run.recipe_text, encoding="utf-8")
     stats = open_stats(run.out_dir)
     try:
-        log_record(stats, {"event": "recipe_changed", "step": run.step, "source": new.source,
-                           "changes": {k: [_toml_scalar(a), _toml_scalar(b)] for k, (a, b) in changes.items()},
+        log_record(stats, {"event": "recipe_changed", "step": run.step, "source": run.recipe.source,
+                           "changes": {k: [_toml_scalar(a), _toml_scalar(b)] for k, (a, b) in
+                                       run.recipe_changes.items()},
                            "num_scales": list(run.extended_num_scales or ())})
     finally:
         stats.close()
@@ -435,7 +435,7 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
         changes = recipe_changes(run_recipe, recipe)
         refused = [k for k in changes if k not in EXTENSIBLE_KEYS]
         if refused and sets:
-            blame = {f"{s.partition('=')[0].strip()}": s for s in sets}
+            blame = {s.partition("=")[0].strip(): s for s in sets}
             k = refused[0]
             cause = f"--set {blame[k]}: " if k in blame else f"{recipe.source}: "
             raise UsageError(
@@ -477,7 +477,7 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
     if new_recipe is not run_recipe:
         run.recipe_changes = recipe_changes(run_recipe, new_recipe)
         run.extended_num_scales = _num_scales_before_and_after(run, run_recipe)
-        _extend(run, run_recipe, new_recipe, recipe_path)
+        _extend(run, recipe_path)
     return run
 
 
