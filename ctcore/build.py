@@ -14,6 +14,7 @@ import platform
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from ctcore.data import ImageData, check_data_file, load_data
 from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_device, use_threads
 from ctcore.distributed import SINGLE, World, rank_seed
 from ctcore.errors import CtcoreError, RunError, UsageError
-from ctcore.files import FileLock
+from ctcore.files import FileLock, atomic_write
 from ctcore.preflight import build_components, preflight
 from ctcore.recipe import Recipe, dump_recipe, read_recipe
 from ctcore.registry import Registry
@@ -85,6 +86,10 @@ class Run:
     """The run directory's lock, held by start_run / resume_run (rank 0) until `close`."""
     restarted: bool = False
     """resume_run found no checkpoint and started the run again from step 0."""
+    recipe_changes: dict[str, tuple[str, str]] = attrs.field(factory=dict)
+    """resume_run changed these settings (EXTENSIBLE_KEYS): {section.key: (old, new)} as TOML text."""
+    extended_num_scales: tuple[int, int] | None = None
+    """resume_run changed the recipe (EXTENSIBLE_KEYS): N(k) at the resume step under the old and the new one."""
 
     def close(self) -> None:
         """Release the run directory (the OS also releases it when the process ends, however it ends)."""
@@ -255,8 +260,13 @@ def claim_new_run_directory(target: Path) -> tuple[FileLock, list[Path]]:
         raise
     if holds_a_run(target):
         lock.release()
-        resumable = list_checkpoints(target) or (target / "recipe.toml").is_file()
+        ckpts = list_checkpoints(target)
+        resumable = ckpts or (target / "recipe.toml").is_file()
         hint = "pass --resume to continue it, or " if resumable else ""
+        finished = _finished_at(target, ckpts)
+        if finished is not None:
+            hint = (f"it finished at step {finished:,}: extend it with `ctcore run {target} --resume --set "
+                    "training.total_steps=...`, or ")
         raise RunError(
             f"output directory {str(target)!r} is not empty (it holds an earlier run); {hint}choose another "
             "directory with --output-dir (or run.output_dir), or delete it"
@@ -264,8 +274,25 @@ def claim_new_run_directory(target: Path) -> tuple[FileLock, list[Path]]:
     return lock, created
 
 
-def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
-    """`  section.key: old -> new` for every setting that differs between two recipes."""
+EXTENSIBLE_KEYS: frozenset[str] = frozenset({
+    "training.total_steps", "training.log_every", "training.checkpoint_every", "training.sample_every",
+    "training.keep_checkpoints",
+    "evaluation.distance", "evaluation.num_samples", "evaluation.num_projections", "evaluation.fid_every",
+    "evaluation.fid_num_samples", "evaluation.fid_steps", "evaluation.fid_batch_size", "evaluation.inception",
+    "evaluation.fid_reference", "evaluation.fid_protocol", "evaluation.is_split", "evaluation.is_split_seed",
+})
+"""The settings a resumed run may change (`ctcore run RUN_DIR --resume --set training.total_steps=...`): none of
+them changes a step already trained, because logging, sampling, checkpointing and evaluation use their own random
+generators. Everything else would make the run disagree with its own past and is refused. training.total_steps
+is K of curricula such as iCT's exponential one, so N(k) of the steps after the resume follows the new K."""
+
+
+EXTENSIBLE_TEXT = ("training.total_steps, log_every, checkpoint_every, sample_every, keep_checkpoints and the "
+                   "[evaluation] settings")
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple[str, str]]:
+    """{section.key: (old, new)} as TOML text for every setting that differs between two resolved recipes."""
     def flat(recipe: Recipe) -> dict[str, Any]:
         out = {}
         for line in dump_recipe(recipe).splitlines()[1:]:
@@ -277,15 +304,72 @@ def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
         return out
 
     a, b = flat(old), flat(new)
-    return [f"  {k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in dict.fromkeys([*a, *b])
-            if a.get(k) != b.get(k)]
+    return {k: (a.get(k, "(unset)"), b.get(k, "(unset)")) for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)}
+
+
+def _finished_at(run_dir: Path, ckpts: list[Path]) -> int | None:
+    """The step of a run directory's newest checkpoint when it reached its recipe.toml's total_steps, else None
+    (read from the file names and the TOML alone: a message hint, never a check)."""
+    import tomllib
+
+    try:
+        step = int(ckpts[-1].stem.removeprefix("ckpt-"))
+        total = tomllib.loads((run_dir / "recipe.toml").read_text(encoding="utf-8"))["training"]["total_steps"]
+    except (IndexError, ValueError, OSError, KeyError, TypeError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return step if isinstance(total, int) and step >= total else None
+
+
+def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
+    """`  section.key: old -> new` for every setting that differs between two recipes."""
+    return [f"  {k}: {a} -> {b}" for k, (a, b) in recipe_changes(old, new).items()]
 
 
 def checkpoint_fits_run(checkpoint_recipe: Recipe, run_recipe: Recipe) -> list[str]:
     """The one rule for which checkpoints a run directory resumes: the checkpoint's resolved recipe must equal the
-    directory's recipe.toml. Returns the differences (`section.key: checkpoint -> recipe.toml`), empty when it
-    fits. (Allowed extensions of a recipe, a later issue, belong here.)"""
-    return recipe_differences(checkpoint_recipe, run_recipe)
+    directory's recipe.toml except in EXTENSIBLE_KEYS (a run extended after it). Returns the other differences
+    (`section.key: checkpoint -> recipe.toml`), empty when it fits."""
+    return [f"  {k}: {a} -> {b}" for k, (a, b) in recipe_changes(checkpoint_recipe, run_recipe).items()
+            if k not in EXTENSIBLE_KEYS]
+
+
+def _extend(run: Run, recipe_path: Path) -> None:
+    """Record the allowed changes of a resumed run (run.recipe_changes): recipe.toml rewritten atomically, a
+    `recipe_changed` event in stats.jsonl with each key's old and new value (rank 0 only)."""
+    from ctcore.reporting import log_record, open_stats
+
+    if not run.world.is_main:
+        return
+    with atomic_write(recipe_path) as tmp:
+        tmp.write_text(run.recipe_text, encoding="utf-8")
+    stats = open_stats(run.out_dir)
+    try:
+        log_record(stats, {"event": "recipe_changed", "step": run.step, "source": run.recipe.source,
+                           "changes": {k: [_toml_scalar(a), _toml_scalar(b)] for k, (a, b) in
+                                       run.recipe_changes.items()},
+                           "num_scales": list(run.extended_num_scales or ())})
+    finally:
+        stats.close()
+
+
+def _toml_scalar(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _num_scales_before_and_after(run: Run, old: Recipe) -> tuple[int, int]:
+    """N(k) at the resume step under the run's old recipe and under its new one (they differ when K changed)."""
+    from ctcore.components import BuildContext
+    from ctcore.data import data_shape
+
+    spec = old.components["curriculum"]
+    context = BuildContext(data_shape(old.data), old.data.num_classes, old.training.total_steps)
+    before = type(run.curriculum)(spec.options, context)
+    return int(before.num_scales(run.step)), int(run.curriculum.num_scales(run.step))
 
 
 def read_provenance(out_dir: Path) -> dict[str, Any]:
@@ -303,8 +387,10 @@ def read_provenance(out_dir: Path) -> dict[str, Any]:
     return prov
 
 
-def resume_run(recipe: Recipe | None, registry: Registry, out_dir: str | Path) -> Run:
-    """Continue the run in `out_dir` from its newest checkpoint; a given recipe must match its recipe.toml.
+def resume_run(recipe: Recipe | None, registry: Registry, out_dir: str | Path, sets: Sequence[str] = ()) -> Run:
+    """Continue the run in `out_dir` from its newest checkpoint; a given recipe (or recipe.toml with `sets`, the
+    command line's --set overrides) must match its recipe.toml except in EXTENSIBLE_KEYS, whose changes extend
+    the run: recipe.toml is rewritten and stats.jsonl records a `recipe_changed` event.
 
     Claims the directory first (rank 0 under torchrun; all ranks refuse together). The newest checkpoint is
     validated completely and must belong to the directory (its recipe equals recipe.toml, and its run id, when
@@ -325,7 +411,7 @@ def resume_run(recipe: Recipe | None, registry: Registry, out_dir: str | Path) -
                 raise
             failure = exc  # raised on every rank once they meet
     try:
-        run = _resume_claimed(recipe, registry, out_dir, world, failure)
+        run = _resume_claimed(recipe, registry, out_dir, world, failure, sets)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -335,7 +421,7 @@ def resume_run(recipe: Recipe | None, registry: Registry, out_dir: str | Path) -
 
 
 def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, world: World,
-                    failure: CtcoreError | None) -> Run:
+                    failure: CtcoreError | None, sets: Sequence[str] = ()) -> Run:
     from ctcore.distributed import raise_together, setup
 
     ckpts = list_checkpoints(out_dir)
@@ -355,13 +441,29 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
         raise RunError(f"run directory {str(out_dir)!r} has no recipe.toml, so its checkpoints cannot be checked "
                        "against its recipe; put the run's recipe.toml back, or start a new run")
     run_recipe = attrs.evolve(read_recipe(recipe_path, registry), source=str(recipe_path))
+    if sets:
+        recipe = read_recipe(recipe_path, registry, sets)
+    new_recipe = run_recipe
     if recipe is not None:
-        changed = recipe_differences(run_recipe, recipe)
-        if changed:
+        changes = recipe_changes(run_recipe, recipe)
+        refused = [k for k in changes if k not in EXTENSIBLE_KEYS]
+        if refused and sets:
+            blame = {s.partition("=")[0].strip(): s for s in sets}
+            k = refused[0]
+            cause = f"--set {blame[k]}: " if k in blame else f"{recipe.source}: "
+            raise UsageError(
+                f"{cause}{k} cannot change when the run in {str(out_dir)!r} resumes ({changes[k][0]} -> "
+                f"{changes[k][1]}): its past steps were trained with it; on resume only {EXTENSIBLE_TEXT} may "
+                "change; start a new run instead"
+            )
+        if refused:
             raise UsageError(
                 f"{recipe.source} differs from the recipe of the run in {str(out_dir)!r}, so it cannot resume it:\n"
-                + "\n".join(changed) + "\nresume with the run directory instead of a recipe, or start a new run"
+                + "\n".join(f"  {k}: {changes[k][0]} -> {changes[k][1]}" for k in refused)
+                + "\nresume with the run directory instead of a recipe, or start a new run"
             )
+        if changes:
+            new_recipe = recipe
     provenance = read_provenance(out_dir)
     run_id = provenance.get("run_id")
     init_record = provenance.get("init_from")
@@ -376,7 +478,7 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
             debris.unlink(missing_ok=True)
     # a warm-started run killed before its first checkpoint starts again from the same weights
     warm_start = _recorded_warm_start(init_record, registry, out_dir) if state is None and init_record else None
-    run = build_run(run_recipe, registry, out_dir, world=world, device=device, warm_start=warm_start)
+    run = build_run(new_recipe, registry, out_dir, world=world, device=device, warm_start=warm_start)
     if init_record:
         run.provenance["init_from"] = init_record
     if state is not None:
@@ -392,6 +494,10 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
                                                          encoding="utf-8")
     if run_id is not None:
         run.provenance["run_id"] = run_id
+    if new_recipe is not run_recipe:
+        run.recipe_changes = recipe_changes(run_recipe, new_recipe)
+        run.extended_num_scales = _num_scales_before_and_after(run, run_recipe)
+        _extend(run, recipe_path)
     return run
 
 

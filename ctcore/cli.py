@@ -203,6 +203,11 @@ def _registry():
     return registry
 
 
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="SECTION.KEY=VALUE",
+    help="Override one recipe key (repeatable); VALUE is a TOML value, a bare word a string.")]
+
+
 @app.command()
 def run(
     target: Annotated[Path, typer.Argument(
@@ -211,6 +216,7 @@ def run(
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Run directory (default: run.output_dir).")
     ] = None,
+    sets: SetOption = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     init_from: Annotated[Path | None, typer.Option(
         "--init-from", metavar="CHECKPOINT",
@@ -221,13 +227,14 @@ def run(
 ) -> None:
     """Train a consistency model as a recipe describes; writes a run directory.
 
-    Under torchrun (`torchrun --nproc-per-node G -m ctcore run RECIPE`) every process trains its share of each
-    global batch with DDP; rank 0 writes and prints.
+    With --resume, --set may extend a run: training.total_steps, the log, checkpoint and sample intervals and the
+    [evaluation] settings. Under torchrun (`torchrun --nproc-per-node G -m ctcore run RECIPE`) every process trains
+    its share of each global batch with DDP; rank 0 writes and prints.
     """
     from ctcore.devices import threads_restored
 
     with _torchrun_worker(), threads_restored():
-        _run(target, resume, output_dir, progress, init_from, init_weights)
+        _run(target, resume, output_dir, progress, sets or [], init_from, init_weights)
 
 
 @contextlib.contextmanager
@@ -258,8 +265,8 @@ def _torchrun_worker() -> Iterator[None]:
             os._exit(code)
 
 
-def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool, init_from: Path | None = None,
-         init_weights: str | None = None) -> None:
+def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool, sets: list[str],
+         init_from: Path | None = None, init_weights: str | None = None) -> None:
     with _errors():
         from ctcore.build import output_dir_for, resume_run, start_run
         from ctcore.errors import UsageError
@@ -276,15 +283,14 @@ def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool, in
             if target.is_dir():
                 if output_dir is not None and output_dir.resolve() != target.resolve():
                     raise UsageError(f"--resume {target} names the run directory; drop --output-dir {output_dir}")
-                recipe, run_dir = None, target
+                the_run = resume_run(None, registry, target, sets=sets)
             else:
-                recipe = read_recipe(target, registry)
-                run_dir = output_dir_for(recipe, output_dir)
-            the_run = resume_run(recipe, registry, run_dir)
+                recipe = read_recipe(target, registry, sets)
+                the_run = resume_run(recipe, registry, output_dir_for(recipe, output_dir))
         else:
             if target.is_dir():
                 raise UsageError(f"{str(target)!r} is a directory: give a recipe file, or add --resume")
-            the_run = start_run(read_recipe(target, registry), registry, output_dir, init_from=init_from,
+            the_run = start_run(read_recipe(target, registry, sets), registry, output_dir, init_from=init_from,
                                 init_weights=init_weights or "eval-ema")
         try:  # the run holds its directory's lock until it ends
             _train(the_run, resume, progress)
@@ -302,10 +308,17 @@ def _train(the_run, resume: bool, progress: bool) -> None:
         out.print(f"no checkpoint in {checkpoint_dir(the_run.out_dir)} (the run was stopped before its first one): "
                   f"restarting {the_run.out_dir} from step 0 with its recipe.toml; stats.jsonl begins anew")
     elif resume:
+        changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in the_run.recipe_changes.items())
+        changes = f" ({changes})" if changes else ""
         if the_run.step >= the_run.recipe.training.total_steps:
-            out.print(f"{the_run.out_dir} already finished at step {the_run.step:,}; nothing to do")
+            out.print(f"{the_run.out_dir} already finished at step {the_run.step:,}{changes}; nothing to do (extend "
+                      f"it with `ctcore run {the_run.out_dir} --resume --set training.total_steps=...`)")
             return
-        out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}")
+        out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}{changes}")
+        before, after = the_run.extended_num_scales or (0, 0)
+        if before != after:
+            out.print(f"note: the curriculum's N(k) depends on training.total_steps: at step {the_run.step:,} it "
+                      f"was {before} and is now {after}")
     else:
         out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
         init = the_run.provenance.get("init_from")
@@ -360,13 +373,14 @@ def _print_summary(out, the_run, summary: dict) -> None:
 def check(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe to validate.")],
     build: Annotated[bool, typer.Option(help="Also build every component for the declared data shape.")] = True,
+    sets: SetOption = None,
 ) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""
     with _errors(plugin_exit_code=2):
         from ctcore.recipe import dump_recipe, read_recipe
 
         registry = _registry()
-        recipe = read_recipe(recipe_path, registry)
+        recipe = read_recipe(recipe_path, registry, sets or [])
         typer.echo(dump_recipe(recipe), nl=False)
         if not build:
             _console(stderr=True).print(f"ok: {recipe_path} is valid; components not built (--no-build)")
@@ -393,6 +407,79 @@ def check(
                 f"parameters; {data_note}; training needs about {human_bytes(m.peak(report.on_cpu))} in one process "
                 f"({m.parts(m.names(report.on_cpu))})"
             )
+
+
+@app.command()
+def sweep(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe every point starts from.")],
+    sets: Annotated[list[str], typer.Option(
+        "--set", metavar="SECTION.KEY=V1,V2", help="A key and its comma-separated values (repeatable; commas inside "
+        "[...] and quotes do not split).")],
+    output_dir: Annotated[Path | None, typer.Option(
+        "--output-dir", "-o", help="Sweep directory (default: the recipe's run directory).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the ctcore run command of each point.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train the grid of --set values, one run after another, each in <sweep dir>/<key=value,...>.
+
+    Started again, a sweep skips finished points, resumes an interrupted one and starts the rest.
+    """
+    import shlex
+
+    from ctcore.devices import threads_restored
+
+    with _errors(), threads_restored():
+        from ctcore.build import holds_a_run, output_dir_for, resume_run, start_run
+        from ctcore.checkpoints import list_checkpoints
+        from ctcore.errors import RecipeError, RunError, UsageError
+        from ctcore.preflight import preflight
+        from ctcore.recipe import point_name, read_recipe, sweep_grid
+
+        registry = _registry()
+        grid = sweep_grid(sets)
+        names = [point_name(point) for point in grid]
+        for i, name in enumerate(names):
+            if names.index(name) != i:
+                raise UsageError(f"sweep points {grid[names.index(name)]} and {grid[i]} would share the run directory "
+                                 f"{name!r}; give values that differ in letters, digits or ._+=,-")
+            if len(name.encode()) > 255:
+                raise UsageError(f"the sweep point's directory name {name[:60]}... is longer than 255 bytes; sweep "
+                                 "fewer keys or shorter values")
+        recipes, problems = [], []
+        for point in grid:  # every point is checked before any trains
+            try:
+                recipes.append(read_recipe(recipe_path, registry, point))
+                preflight(recipes[-1], registry)
+            except RecipeError as exc:
+                problems += [p for p in exc.problems if p not in problems]
+            except UsageError as exc:
+                message = f"--set {' --set '.join(point)}: {exc.message}"
+                problems += [message] if message not in problems else []
+        if problems:
+            raise RecipeError(str(recipe_path), problems)
+        top = output_dir or output_dir_for(recipes[0])
+        if list_checkpoints(top) or (top / "recipe.toml").is_file():
+            raise RunError(f"{str(top)!r} holds a run, not a sweep; choose another sweep directory with --output-dir")
+        if dry_run:
+            for point, name in zip(grid, names, strict=True):
+                typer.echo(shlex.join(["ctcore", "run", str(recipe_path), *(a for s in point for a in ("--set", s)),
+                                       "-o", str(top / name)]))
+            return
+        out = _console()
+        for i, (recipe, name) in enumerate(zip(recipes, names, strict=True), start=1):
+            run_dir = top / name
+            out.print(f"sweep point {i}/{len(grid)}: {run_dir}")
+            resume = holds_a_run(run_dir)
+            the_run = resume_run(recipe, registry, run_dir) if resume else start_run(recipe, registry, run_dir)
+            try:
+                _train(the_run, resume, progress)
+            except typer.Exit as stop:
+                _console(stderr=True).print(f"the sweep stopped at point {i}/{len(grid)}; run the same ctcore sweep "
+                                            "command again to continue it")
+                raise stop from None
+            finally:
+                the_run.close()
+        out.print(f"sweep of {len(grid)} runs finished in {top}")
 
 
 @app.command()

@@ -8,8 +8,11 @@ have defaults here, and each component section (network, metric, noise_schedule,
 from __future__ import annotations
 
 import math
+import re
+import shlex
 import tomllib
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +22,7 @@ from cattrs.errors import ClassValidationError, IterableValidationError, Iterabl
 from cattrs.v import transform_error
 
 from ctcore.components import KINDS, BuildContext, directory_name, each_within, entries, path_text, show, within
-from ctcore.errors import RecipeError, did_you_mean, unknown_name_message
+from ctcore.errors import RecipeError, UsageError, did_you_mean, unknown_name_message
 
 if typing.TYPE_CHECKING:
     from ctcore.registry import Registry
@@ -336,8 +339,9 @@ def _structure(conv: cattrs.Converter, data: dict[str, Any], cls: type, prefix: 
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def read_recipe(path: str | Path, registry: Registry) -> Recipe:
-    """Read and validate a recipe file; raises RecipeError listing every problem."""
+def read_recipe(path: str | Path, registry: Registry, sets: Sequence[str] = ()) -> Recipe:
+    """Read and validate a recipe file, after the command line's `--set section.key=value` overrides; raises
+    RecipeError listing every problem (one that a --set caused names it)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) reads like none
@@ -345,17 +349,84 @@ def read_recipe(path: str | Path, registry: Registry) -> Recipe:
         raise RecipeError(str(path), ["file not found: check the path (recipes live in recipes/)"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(str(path), [f"cannot read the file: {exc}"]) from None
-    return parse_recipe(text, registry, source=str(path))
+    return parse_recipe(text, registry, source=str(path), sets=sets)
 
 
-def parse_recipe(text: str, registry: Registry, source: str = "<recipe>") -> Recipe:
-    """Validate recipe text (TOML) against the core sections and the registry's components."""
+def parse_recipe(text: str, registry: Registry, source: str = "<recipe>", sets: Sequence[str] = ()) -> Recipe:
+    """Validate recipe text (TOML), with `sets` applied (see apply_overrides), against the core sections and the
+    registry's components. With overrides the recipe's source reads `FILE --set k=v ...`."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(source, [f"invalid TOML: {exc}"]) from None
     except RecursionError:
         raise RecipeError(source, ["invalid TOML: arrays or tables nested too deeply"]) from None
+    if not sets:
+        return _validate(data, registry, source)
+    overrides = apply_overrides(data, sets)
+    try:
+        recipe = _validate(data, registry, source)
+    except RecipeError as exc:
+        raise RecipeError(source, [_blame(p, overrides) for p in exc.problems]) from None
+    return attrs.evolve(recipe, source=" ".join([source, *(f"--set {shlex.quote(s)}" for s in sets)]))
+
+
+# ---------------------------------------------------------------------------------- command-line overrides
+
+
+def parse_set(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value): the value read as a TOML value (`2e-4`, `true`, `[0.9, 0.99]`,
+    `"a b"`), anything that is not one (`pseudo-huber`, an empty value) as the string itself. UsageError otherwise."""
+    where, eq, raw = text.partition("=")
+    section, dot, key = where.strip().partition(".")
+    if not eq or not dot or not section or not key:
+        raise UsageError(f"--set {_printable(text)}: expected section.key=value, e.g. --set training.lr=2e-4")
+    return section, key, parse_set_value(raw)
+
+
+def parse_set_value(raw: str) -> Any:
+    """One --set value: a TOML value when it is exactly one, else the text itself (a bare word)."""
+    try:
+        doc = tomllib.loads(f"v = {raw.strip()}")
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return raw.strip()
+    return doc["v"] if list(doc) == ["v"] else raw.strip()  # `1\nx = 2` is text, not a second key
+
+
+def apply_overrides(data: dict[str, Any], sets: Sequence[str]) -> dict[str, str]:
+    """Set each `section.key=value` of `sets` in a parsed recipe document (in place), before it is validated like
+    the file; returns {"section.key": the --set text} for naming a --set in errors. A key given twice is refused."""
+    given: dict[str, str] = {}
+    for text in sets:
+        section, key, value = parse_set(text)
+        path = f"{section}.{key}"
+        if path in given:
+            raise UsageError(f"--set {_printable(text)}: {_printable(path)} is already set by --set "
+                             f"{_printable(given[path])}; give each key once")
+        given[path] = text
+        table = data.setdefault(section, {})
+        if isinstance(table, dict):  # otherwise the file's own `section = value` is the problem reported
+            table[key] = value
+    return given
+
+
+def _blame(problem: str, overrides: dict[str, str]) -> str:
+    """`--set k=v: problem` when a --set caused `problem` (its key, a part of it, its section, or the component
+    section whose name it set), else `problem` as it is."""
+    where, _, message = problem.partition(": ")
+    for path, text in overrides.items():
+        section = path.split(".", 1)[0]
+        if (where in (path, section) or where.startswith((f"{path}.", f"{path}["))
+                or (path == f"{section}.name" and section in KINDS and where.startswith(f"{section}."))):
+            return f"--set {_printable(text)}: {problem}"
+    for path, text in overrides.items():  # a check across keys that names the key (`... x sigma_min = ...`)
+        if re.search(rf"(?<![\w.]){re.escape(path.split('.', 1)[1])}(?!\w)", message):
+            return f"--set {_printable(text)}: {problem}"
+    return problem
+
+
+def _validate(data: dict[str, Any], registry: Registry, source: str) -> Recipe:
+    """A parsed recipe document -> Recipe; RecipeError listing every problem."""
     conv = _strict_converter()
     problems: list[str] = []
     for key, value in data.items():
@@ -527,3 +598,53 @@ def dump_recipe(recipe: Recipe) -> str:
             items = list(attrs.asdict(getattr(recipe, name), recurse=False).items())
         blocks.append("\n".join(_section_lines(name, items, computed)))
     return "\n\n".join(blocks) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------- sweeps
+
+
+def split_values(raw: str) -> list[str]:
+    """A sweep's `v1,v2,...`: split at commas outside brackets, braces and quotes, so `[0.9,0.99],[0.8,0.9]` is
+    two arrays and `"a,b"` one string."""
+    values, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(raw):
+        if quote:
+            if ch == quote and (quote == "'" or raw[i - 1] != "\\"):
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            values.append(raw[start:i])
+            start = i + 1
+    values.append(raw[start:])
+    return [v.strip() for v in values]
+
+
+def sweep_grid(sets: Sequence[str]) -> list[list[str]]:
+    """The cartesian grid of a sweep's `--set section.key=v1,v2` options, first key slowest: one list of
+    `section.key=value` overrides per point."""
+    import itertools
+
+    axes, seen = [], set()
+    for text in sets:
+        section, key, _ = parse_set(text)
+        path = f"{section}.{key}"
+        if path in seen:
+            raise UsageError(f"--set {_printable(text)}: {_printable(path)} is set twice; give each key once, with "
+                             "all its values comma-separated")
+        seen.add(path)
+        axes.append([f"{path}={v}" for v in split_values(text.partition("=")[2])])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
+
+
+def point_name(point: Sequence[str]) -> str:
+    """A sweep point's directory name: its `section.key=value` overrides joined by commas, every character other
+    than letters, digits and `._+=,-` replaced by `_` (`training.lr=1e-4,metric.name=l2`)."""
+    return _UNSAFE.sub("_", ",".join(s.strip() for s in point))

@@ -262,8 +262,7 @@ def test_a_checkpoint_of_another_run_copied_in_is_refused_and_the_runs_own_check
     before = snapshot(run_dir)
     assert clean_failure(invoke("run", run_dir, "--resume", "--no-progress")) == [
         f"error: checkpoint {str(foreign)!r} was written under another recipe than "
-        f"{str(run_dir / 'recipe.toml')!r} (training.total_steps: 18 -> 12; training.lr: 0.002 -> 0.001; "
-        f"training.checkpoint_every: 18 -> 6; 1 more), so it belongs to another run; {fix}"]
+        f"{str(run_dir / 'recipe.toml')!r} (training.lr: 0.002 -> 0.001), so it belongs to another run; {fix}"]
     assert snapshot(run_dir) == before
 
 

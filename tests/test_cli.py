@@ -74,7 +74,7 @@ def test_help_lists_every_command() -> None:
     assert "Train, sample and inspect consistency models with the iCT techniques." in result.stdout
     panel = result.stdout.split("\nCommands:\n", 1)[1]
     commands = [m.group(1) for m in re.finditer(r"^  (\S+)\s{2,}", panel, re.MULTILINE)]
-    assert commands == ["run", "check", "sample", "eval", "eval-ref-stats", "bench", "list-components", "data"]
+    assert commands == ["run", "check", "sweep", "sample", "eval", "eval-ref-stats", "bench", "list-components", "data"]
 
 
 @pytest.mark.parametrize(
@@ -371,8 +371,9 @@ def test_running_into_an_existing_run_exits_1_and_changes_nothing(
     before = snapshot(run_copy)
     result = invoke("run", recipe_path, "--output-dir", run_copy, "--no-progress")
     assert assert_clean_failure(result, 1) == [
-        f"error: output directory {str(run_copy)!r} is not empty (it holds an earlier run); pass --resume to "
-        "continue it, or choose another directory with --output-dir (or run.output_dir), or delete it"
+        f"error: output directory {str(run_copy)!r} is not empty (it holds an earlier run); it finished at step 12: "
+        f"extend it with `ctcore run {run_copy} --resume --set training.total_steps=...`, or choose another "
+        "directory with --output-dir (or run.output_dir), or delete it"
     ]
     assert result.stdout == ""
     assert snapshot(run_copy) == before
@@ -409,7 +410,8 @@ def test_resume_of_a_finished_run_has_nothing_to_do(run_copy: Path) -> None:
     before = snapshot(run_copy)
     result = invoke("run", run_copy, "--resume", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"{run_copy} already finished at step 12; nothing to do\n"
+    assert result.stdout == (f"{run_copy} already finished at step 12; nothing to do (extend it with `ctcore run "
+                             f"{run_copy} --resume --set training.total_steps=...`)\n")
     assert snapshot(run_copy) == before
 
 
@@ -452,10 +454,10 @@ def test_resume_with_a_changed_recipe_exits_2_and_names_the_change(
 
 
 def test_a_changed_key_is_named_with_its_section(finished: tuple[Path, Path, Result], run_copy: Path) -> None:
-    recipe = write_tiny_recipe(run_copy.parent / "changed.toml", finished[1], evaluation={"num_samples": 64})
+    recipe = write_tiny_recipe(run_copy.parent / "changed.toml", finished[1], sampling={"num_samples": 8})
     result = invoke("run", recipe, "--resume", "--output-dir", run_copy, "--no-progress")
     lines = assert_clean_failure(result, 2)
-    assert "  evaluation.num_samples: 32 -> 64" in lines, lines
+    assert "  sampling.num_samples: 4 -> 8" in lines, lines
 
 
 def test_resume_without_checkpoints_exits_1(tmp_path: Path) -> None:

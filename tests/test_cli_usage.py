@@ -27,6 +27,7 @@ BOX = set("─│╭╮╰╯┌┐└┘━┃")
 BASE_ARGS: dict[str, list[str]] = {
     "run": ["r.toml"],
     "check": ["r.toml"],
+    "sweep": ["r.toml", "--set", "training.lr=1e-4,2e-4"],
     "sample": ["ckpt.pt"],
     "eval": ["ckpt.pt", "--ref", "ref.npz"],
     "eval-ref-stats": ["data.h5", "stats.npz"],

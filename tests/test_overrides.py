@@ -1,0 +1,368 @@
+"""Command-line overrides (`--set section.key=value`), sweeps over a grid of them, and extending a resumed run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_tiny_recipe
+from typer.testing import CliRunner, Result
+
+import ctcore
+from ctcore.build import EXTENSIBLE_KEYS, resume_run, start_run
+from ctcore.checkpoints import list_checkpoints
+from ctcore.cli import app
+from ctcore.errors import UsageError
+from ctcore.recipe import CORE_SECTIONS, parse_set_value, point_name, read_recipe, split_values, sweep_grid
+from ctcore.training import train
+
+CONSTANT = {"name": "constant", "num_scales": 9}
+"""A curriculum whose N(k) does not depend on training.total_steps: extending changes no step."""
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return ctcore.load_registry()
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(result: Result, code: int) -> str:
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def stats(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def same_weights(a, b) -> bool:
+    for key in ("student", "eval_ema"):
+        da, db = getattr(a, key).state_dict(), getattr(b, key).state_dict()
+        if da.keys() != db.keys() or not all(torch.equal(da[n], db[n]) for n in da):
+            return False
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    return all(torch.equal(torch.as_tensor(v), torch.as_tensor(ob[p][k])) for p, s in oa.items() for k, v in s.items())
+
+
+# ------------------------------------------------------------------------------------------ --set values
+
+
+@pytest.mark.parametrize(("raw", "value"), [
+    ("2e-4", 2e-4), ("3", 3), ("true", True), ("[0.9, 0.99]", [0.9, 0.99]), ("[1,2]", [1, 2]),
+    ("pseudo-huber", "pseudo-huber"), ('"a,b"', "a,b"), ("", ""), (" l2 ", "l2"), ("runs/x y", "runs/x y"),
+    ("1\nx = 2", "1\nx = 2"),  # one value, never a second key
+])
+def test_a_set_value_is_a_toml_value_or_a_bare_string(raw, value):
+    assert parse_set_value(raw) == value and type(parse_set_value(raw)) is type(value)
+
+
+def test_sweep_values_split_at_commas_outside_brackets_and_quotes():
+    assert split_values("1e-4,2e-4") == ["1e-4", "2e-4"]
+    assert split_values("[1,2]") == ["[1,2]"]
+    assert split_values("[0.9,0.99], [0.8,0.9]") == ["[0.9,0.99]", "[0.8,0.9]"]
+    assert split_values('"a,b",c') == ['"a,b"', "c"]
+    assert split_values("l2") == ["l2"]
+    grid = sweep_grid(["training.lr=1e-4,2e-4", "metric.name=pseudo-huber,l2"])
+    assert grid == [["training.lr=1e-4", "metric.name=pseudo-huber"], ["training.lr=1e-4", "metric.name=l2"],
+                    ["training.lr=2e-4", "metric.name=pseudo-huber"], ["training.lr=2e-4", "metric.name=l2"]]
+    assert [point_name(p) for p in grid][1] == "training.lr=1e-4,metric.name=l2"
+    assert point_name(["sampling.sigma_mid=[1.5, 0.5]", "run.output_dir=a/b"]) == \
+        "sampling.sigma_mid=_1.5,_0.5_,run.output_dir=a_b"
+    with pytest.raises(UsageError, match=r"^--set training.lr=3: training.lr is set twice; give each key once, "
+                                         r"with all its values comma-separated$"):
+        sweep_grid(["training.lr=1,2", "training.lr=3"])
+
+
+# ------------------------------------------------------------------------------------------ run and check
+
+
+def test_run_with_set_trains_the_override_and_recipe_toml_records_it(tmp_path, registry):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", training={"total_steps": 2})
+    result = invoke("run", recipe, "--set", "training.lr=2e-4", "--set", "network.dropout=0.2",
+                    "--set", "metric.name=l2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "recipe.toml").read_text(encoding="utf-8")
+    assert text.splitlines()[0] == (f"# resolved from {recipe} --set training.lr=2e-4 --set network.dropout=0.2 "
+                                    "--set metric.name=l2")
+    stored = read_recipe(tmp_path / "out" / "recipe.toml", registry)
+    assert stored.training.lr == 2e-4 and stored.components["network"].options.dropout == 0.2
+    assert stored.components["metric"].name == "l2" and stored.training.total_steps == 2
+    assert list_checkpoints(tmp_path / "out")[-1].name == "ckpt-000000002.pt"
+
+
+def test_check_with_set_prints_the_resolved_override(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out")
+    result = invoke("check", recipe, "--no-build", "--set", "training.betas=[0.9,0.99]", "--set",
+                    "run.name=a b")
+    assert result.exit_code == 0, result.output
+    assert "\nbetas = [0.9, 0.99]\n" in result.stdout and '\nname = "a b"\n' in result.stdout
+    assert result.stdout.splitlines()[0] == f"# resolved from {recipe} --set 'training.betas=[0.9,0.99]' " \
+                                            "--set 'run.name=a b'"
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["training.lr=abc"], "{r}: --set training.lr=abc: training.lr: expected a number, got 'abc' (a string)"),
+    (["training.lr=2"], "{r}: --set training.lr=2: training.lr: must be within (0, 1] (Adam moves each weight by "
+                        "about lr per step; papers use 1e-5 to 1e-3), got 2"),
+    (["trainig.lr=1e-4"], "{r}: --set trainig.lr=1e-4: trainig: unknown section; did you mean [training]?"),
+    (["training.lrr=1e-4"], "{r}: --set training.lrr=1e-4: training.lrr: unknown key; did you mean 'lr'?"),
+    (["metric.name=foo"], "{r}: --set metric.name=foo: metric.name: unknown metric 'foo' (available: l2, lpips, "
+                          "pseudo-huber)"),
+    (["training.betas=[0.9]"], "{r}: --set training.betas=[0.9]: training.betas: expected an array of 2 values, "
+                               "got 1"),
+    (["training.lr"], "--set training.lr: expected section.key=value, e.g. --set training.lr=2e-4"),
+    (["lr=1e-4"], "--set lr=1e-4: expected section.key=value, e.g. --set training.lr=2e-4"),
+    (["=1"], "--set =1: expected section.key=value, e.g. --set training.lr=2e-4"),
+    (["training.lr=1e-4", "training.lr=2e-4"], "--set training.lr=2e-4: training.lr is already set by --set "
+                                               "training.lr=1e-4; give each key once"),
+])
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_a_bad_set_is_one_line_naming_it_and_exit_2(tmp_path, command, sets, message):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out")
+    before = snapshot(tmp_path)
+    result = invoke(command, recipe, *(a for s in sets for a in ("--set", s)))
+    assert one_line_error(result, 2) == "error: " + message.format(r=recipe)
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_a_problem_of_the_file_itself_is_not_blamed_on_a_set(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", training={"lr": 5.0})
+    result = invoke("check", recipe, "--no-build", "--set", "training.batch_size=4", "--set", "metric.name=l3")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {recipe}: 2 problems in the recipe",
+        "  training.lr: must be within (0, 1] (Adam moves each weight by about lr per step; papers use 1e-5 to "
+        "1e-3), got 5",
+        "  --set metric.name=l3: metric.name: unknown metric 'l3' (available: l2, lpips, pseudo-huber)",
+    ]
+
+
+def test_a_check_across_keys_names_the_set_whose_key_it_mentions(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out")
+    result = invoke("check", recipe, "--no-build", "--set", "consistency.sigma_min=50")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {recipe}: 2 problems in the recipe",
+        "  --set consistency.sigma_min=50: consistency.sigma_max: must be at least 2 x sigma_min = 100 (a finer grid "
+        "between them has equal neighbours in float32), got 80; lower sigma_min or raise sigma_max",
+        "  --set consistency.sigma_min=50: sampling.sigma_mid[0]: every value must lie in (sigma_min, sigma_max) = "
+        "(50, 80), got 0.821",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_dry_run_prints_one_run_command_per_point(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "runs" / "tiny")
+    result = invoke("sweep", recipe, "--set", "training.lr=1e-4,2e-4", "--set", "metric.name=pseudo-huber,l2",
+                    "--set", "training.betas=[0.9,0.99]", "--dry-run")
+    assert result.exit_code == 0, result.output
+    top = tmp_path / "runs" / "tiny"
+    assert result.stdout.splitlines() == [
+        f"ctcore run {recipe} --set training.lr={lr} --set metric.name={metric} --set 'training.betas=[0.9,0.99]' "
+        f"-o {top}/training.lr={lr},metric.name={metric},training.betas=_0.9,0.99_"
+        for lr in ("1e-4", "2e-4") for metric in ("pseudo-huber", "l2")]
+    assert not top.exists()
+
+
+def test_a_bad_value_in_any_point_is_reported_before_any_run_starts(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "runs" / "tiny")
+    result = invoke("sweep", recipe, "--set", "training.lr=1e-4,abc", "--set", "metric.name=l2,foo")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {recipe}: 2 problems in the recipe",
+        "  --set metric.name=foo: metric.name: unknown metric 'foo' (available: l2, lpips, pseudo-huber)",
+        "  --set training.lr=abc: training.lr: expected a number, got 'abc' (a string)",
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_points_that_would_share_a_directory_are_refused(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "runs" / "tiny")
+    result = invoke("sweep", recipe, "--set", 'run.name="a b","a_b"', "--dry-run")
+    assert one_line_error(result, 2) == ("error: sweep points ['run.name=\"a b\"'] and ['run.name=\"a_b\"'] would "
+                                         "share the run directory 'run.name=_a_b_'; give values that differ in "
+                                         "letters, digits or ._+=,-")
+
+
+def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, registry, monkeypatch):
+    """A SIGINT during point 2 (after step 3): exit 130 with point 1 finished, point 2 checkpointed at step 3,
+    point 3 never started. Started again, the sweep skips the first (files byte-identical), resumes the second
+    and starts the third."""
+    import signal
+
+    import ctcore.training
+
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "runs" / "tiny", training={"total_steps": 6})
+    top = tmp_path / "runs" / "tiny"
+    sets = ["training.lr=1e-3,2e-3,3e-3"]
+    step = ctcore.training.train_step
+
+    def interrupted(run):
+        out = step(run)
+        if run.out_dir.name == "training.lr=2e-3" and run.step == 3:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(ctcore.training, "train_step", interrupted)
+    result = invoke("sweep", recipe, "--set", *sets, "--no-progress")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == ("the sweep stopped at point 2/3; run the same ctcore sweep command "
+                                              "again to continue it")
+    assert [p.name for p in list_checkpoints(top / "training.lr=2e-3")] == ["ckpt-000000003.pt"]
+    assert sorted(p.name for p in top.iterdir()) == ["training.lr=1e-3", "training.lr=2e-3"]
+    monkeypatch.setattr(ctcore.training, "train_step", step)
+    finished = snapshot(top / "training.lr=1e-3")
+    result = invoke("sweep", recipe, "--set", *sets, "--no-progress")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if not line.startswith(("┌", "│", "└", "├", " "))]
+    assert lines == [
+        f"sweep point 1/3: {top}/training.lr=1e-3",
+        f"{top}/training.lr=1e-3 already finished at step 6; nothing to do (extend it with `ctcore run "
+        f"{top}/training.lr=1e-3 --resume --set training.total_steps=...`)",
+        f"sweep point 2/3: {top}/training.lr=2e-3",
+        f"resuming {top}/training.lr=2e-3 at step 3",
+        "run tiny",
+        f"sweep point 3/3: {top}/training.lr=3e-3",
+        f"run directory: {top}/training.lr=3e-3  (device cpu, precision fp32)",
+        "run tiny",
+        f"sweep of 3 runs finished in {top}",
+    ]
+    assert snapshot(top / "training.lr=1e-3") == finished
+    for lr in ("2e-3", "3e-3"):
+        assert list_checkpoints(top / f"training.lr={lr}")[-1].name == "ckpt-000000006.pt"
+        assert read_recipe(top / f"training.lr={lr}" / "recipe.toml", registry).training.lr == float(lr)
+
+
+def test_a_sweep_refuses_a_directory_that_holds_a_run(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", training={"total_steps": 2})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    result = invoke("sweep", recipe, "--set", "training.lr=1e-4,2e-4", "--dry-run")
+    assert one_line_error(result, 1) == (f"error: {str(tmp_path / 'out')!r} holds a run, not a sweep; choose "
+                                         "another sweep directory with --output-dir")
+
+
+# ------------------------------------------------------------------------------------------ extending a run
+
+
+def test_the_extensible_keys_exist_and_leave_the_training_numerics_alone():
+    import attrs
+
+    fields = {f"{s}.{f.name}" for s, cls in CORE_SECTIONS.items() for f in attrs.fields(cls)}
+    assert fields >= EXTENSIBLE_KEYS
+    assert {k for k in EXTENSIBLE_KEYS if k.startswith("evaluation.")} == {
+        k for k in fields if k.startswith("evaluation.")}
+    assert not {"training.lr", "training.batch_size", "run.seed", "run.threads"} & EXTENSIBLE_KEYS
+
+
+def test_a_run_extended_on_resume_equals_a_straight_run_bit_for_bit(tmp_path, registry):
+    """6 steps, then `--resume --set training.total_steps=10` (and other intervals), killed right after the
+    extension (before a checkpoint under it), resumed again: the weights equal a straight 10-step run's."""
+    def recipe(name: str, steps: int):
+        path = write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, curriculum=CONSTANT,
+                                 training={"total_steps": steps, "checkpoint_every": 4, "sample_every": 4})
+        return read_recipe(path, registry)
+
+    straight = start_run(recipe("straight", 10), registry)
+    train(straight, progress=False)
+    straight.close()
+    part = start_run(recipe("part", 6), registry)
+    train(part, progress=False)
+    part.close()
+    sets = ["training.total_steps=10", "training.log_every=3", "training.sample_every=5",
+            "evaluation.num_samples=16"]
+    extended = resume_run(None, registry, tmp_path / "part", sets=sets)
+    assert extended.step == 6 and extended.recipe.training.total_steps == 10
+    assert extended.recipe_changes == {"training.total_steps": ("6", "10"), "training.log_every": ("2", "3"),
+                                       "training.sample_every": ("4", "5"), "evaluation.num_samples": ("32", "16")}
+    extended.close()  # killed before it wrote a checkpoint: ckpt-6 (recipe total_steps = 6) must still resume
+    text = (tmp_path / "part" / "recipe.toml").read_text(encoding="utf-8")
+    assert text == extended.recipe_text and "\ntotal_steps = 10\n" in text
+    assert not list((tmp_path / "part").glob(".recipe.toml.*"))  # written atomically, no temporary file left
+    event = stats(tmp_path / "part")[-1]
+    assert {k: v for k, v in event.items() if k != "time"} == {
+        "event": "recipe_changed", "step": 6, "source": f"{tmp_path / 'part' / 'recipe.toml'} --set "
+        + " --set ".join(sets), "num_scales": [9, 9],
+        "changes": {"training.total_steps": [6, 10], "training.log_every": [2, 3], "training.sample_every": [4, 5],
+                    "evaluation.num_samples": [32, 16]}}
+    again = resume_run(None, registry, tmp_path / "part")
+    assert again.step == 6 and again.recipe_changes == {}
+    train(again, progress=False)
+    again.close()
+    assert again.step == straight.step == 10 and same_weights(straight, again)
+    assert [r["step"] for r in stats(tmp_path / "part") if "loss" in r] == [2, 4, 6, 9, 10]
+    assert [r.get("event") for r in stats(tmp_path / "part")].count("recipe_changed") == 1
+    from ctcore.training import train_step  # and the comparison can fail
+
+    train_step(again)
+    assert not same_weights(straight, again)
+
+
+def test_extending_a_k_dependent_curriculum_changes_n_of_the_later_steps(tmp_path):
+    """iCT's exponential curriculum has K = total_steps: 6 steps with K' = 2 reach N = 9; extended to K = 30
+    (K' = 10), steps 6..9 use N = 3, 10..19 N = 5, then 9 — the schedule of a 30-step run from step 6 on."""
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", training={"total_steps": 6, "log_every": 1})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    result = invoke("run", tmp_path / "out", "--resume", "--set", "training.total_steps=30", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[:2] == [
+        f"resuming {tmp_path / 'out'} at step 6 (training.total_steps: 6 -> 30)",
+        "note: the curriculum's N(k) depends on training.total_steps: at step 6 it was 9 and is now 3",
+    ]
+    n = {r["step"]: r["num_scales"] for r in stats(tmp_path / "out") if "loss" in r}
+    assert [n[k] for k in range(1, 7)] == [3, 3, 5, 5, 9, 9]  # logged at k for step k - 1
+    assert [n[k] for k in (7, 10, 11, 20, 21, 30)] == [3, 3, 5, 5, 9, 9]
+
+
+def test_a_change_that_would_rewrite_the_past_is_refused_on_resume(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", training={"total_steps": 2})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    before = snapshot(tmp_path / "out")
+    result = invoke("run", tmp_path / "out", "--resume", "--set", "training.total_steps=4", "--set",
+                    "training.lr=2e-3", "--no-progress")
+    assert one_line_error(result, 2) == (
+        f"error: --set training.lr=2e-3: training.lr cannot change when the run in {str(tmp_path / 'out')!r} "
+        "resumes (0.001 -> 0.002): its past steps were trained with it; on resume only training.total_steps, "
+        "log_every, checkpoint_every, sample_every, keep_checkpoints and the [evaluation] settings may change; "
+        "start a new run instead")
+    result = invoke("run", tmp_path / "out", "--resume", "--set", "training.total_steps=abc")
+    assert one_line_error(result, 2) == (f"error: {tmp_path / 'out' / 'recipe.toml'}: --set training.total_steps=abc: "
+                                         "training.total_steps: expected an integer, got 'abc' (a string)")
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_a_recipe_with_a_longer_total_steps_extends_on_resume(tmp_path, registry):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", curriculum=CONSTANT,
+                               training={"total_steps": 2})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    result = invoke("run", recipe, "--resume", "--set", "training.total_steps=4", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"resuming {tmp_path / 'out'} at step 2 (training.total_steps: 2 -> 4)\n")
+    assert list_checkpoints(tmp_path / "out")[-1].name == "ckpt-000000004.pt"
+
+
+def test_the_occupied_directory_message_of_a_finished_run_says_how_to_extend_it(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", training={"total_steps": 2})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    result = invoke("run", recipe, "--no-progress")
+    out = tmp_path / "out"
+    assert one_line_error(result, 1) == (
+        f"error: output directory {str(out)!r} is not empty (it holds an earlier run); it finished at step 2: "
+        f"extend it with `ctcore run {out} --resume --set training.total_steps=...`, or choose another directory "
+        "with --output-dir (or run.output_dir), or delete it")
