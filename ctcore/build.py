@@ -31,14 +31,14 @@ from ctcore.checkpoints import (
     restore,
     validate_checkpoint,
 )
-from ctcore.components import KINDS
+from ctcore.components import KINDS, LOGGER
 from ctcore.consistency import denoise
 from ctcore.data import ImageData, check_data_file, load_data
 from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_device, use_threads
 from ctcore.distributed import SINGLE, World, rank_seed
 from ctcore.errors import CtcoreError, RunError, UsageError
 from ctcore.files import FileLock
-from ctcore.preflight import build_components, preflight
+from ctcore.preflight import build_components, build_loggers, preflight
 from ctcore.recipe import Recipe, dump_recipe, read_recipe
 from ctcore.registry import Registry
 
@@ -83,6 +83,8 @@ class Run:
     """The run directory's lock, held by start_run / resume_run (rank 0) until `close`."""
     restarted: bool = False
     """resume_run found no checkpoint and started the run again from step 0."""
+    loggers: list[Any] = attrs.field(factory=list)
+    """The recipe's loggers (logging.backends, jsonl first); `train` starts them on rank 0 only."""
 
     def close(self) -> None:
         """Release the run directory (the OS also releases it when the process ends, however it ends)."""
@@ -154,7 +156,7 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
                student=student, eval_ema=eval_ema, teacher=teacher, metric=built["metric"].to(device),
                noise_schedule=built["noise_schedule"], curriculum=built["curriculum"], optimizer=optimizer,
                index_generator=index_gen, noise_generator=noise_gen, provenance=provenance, precision=precision,
-               student_forward=compiled, world=world)
+               student_forward=compiled, world=world, loggers=build_loggers(recipe, registry))
 
 
 def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, data: ImageData) -> dict[str, Any]:
@@ -164,6 +166,10 @@ def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, da
         name = recipe.components[kind].name
         p = registry.provider(kind, name)
         components[kind] = {"name": name, "distribution": p.distribution, "version": p.version}
+    loggers = {}
+    for name in recipe.logging.backends:
+        p = registry.provider(LOGGER, name)
+        loggers[name] = {"distribution": p.distribution, "version": p.version}
     return {
         "ctcore": ctcore.__version__,
         "torch": str(torch.__version__),  # TorchVersion is not a plain str and would not load weights_only
@@ -172,6 +178,7 @@ def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, da
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),  # CPU results depend on it (run.threads)
         "components": components,
+        "loggers": loggers,
         "data_shape": list(data.shape),
         "num_classes": data.num_classes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

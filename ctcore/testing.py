@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ctcore.components import (
-    KINDS,
+    ALL_KINDS,
     MAX_NUM_SCALES,
     NAME_PATTERN,
     NOISE_CONVENTIONS,
@@ -32,6 +32,7 @@ __all__ = [
     "check_component",
     "check_component_class",
     "check_curriculum",
+    "check_logger",
     "check_metric",
     "check_metric_values",
     "check_network",
@@ -71,8 +72,8 @@ def _option_names(cls: type) -> list[str]:
 
 def check_component_class(kind: str, cls: type) -> None:
     """Check the class attributes every component needs: `name`, `summary` and a frozen attrs `Options`."""
-    if kind not in KINDS:
-        raise AssertionError(f"unknown component kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in ALL_KINDS:
+        raise AssertionError(f"unknown component kind {kind!r}; expected one of {', '.join(ALL_KINDS)}")
     if not isinstance(cls, type):
         raise _fail(cls, f"a {kind} component must be a class, got {type(cls).__name__}")
 
@@ -414,6 +415,61 @@ def check_teacher(cls: type, **options: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Loggers
+# ---------------------------------------------------------------------------------------------------------
+
+LOGGER_RECORDS: tuple[dict[str, Any], ...] = (
+    {"time": 1.0, "event": "distance", "step": 0, "sliced_wasserstein": 0.5},
+    {"time": 2.0, "step": 2, "loss": 1.5, "num_scales": 11, "lr": 1e-4, "teacher_decay": 0.0, "img_per_s": 900.0},
+    {"time": 3.0, "event": "nonfinite", "step": 3, "loss": float("nan"), "consecutive": 1, "last_good_step": 2},
+    {"time": 4.0, "step": 4, "loss": float("inf"), "num_scales": 11, "lr": 1e-4, "teacher_decay": 0.0,
+     "img_per_s": 900.0},
+    {"time": 5.0, "event": "samples", "step": 4, "path": "samples/step-000000004.png"},
+    {"time": 6.0, "event": "fid", "step": 4, "fid": 30.5, "num_samples": 100, "steps": 1, "inception_score": 2.5},
+    {"time": 7.0, "event": "checkpoint", "step": 4, "path": "checkpoints/ckpt-000000004.pt"},
+    {"time": 8.0, "event": "a-future-event", "step": 4, "value": [1, 2]},
+)
+"""What `check_logger` logs: every kind of record a run writes, non-finite losses and an event no logger knows."""
+
+
+def check_logger(cls: type, **options: Any) -> None:
+    """Check a logger: builds without writing, then start / log every kind of record / close in a fresh
+    directory, leaving each record unchanged; returns nothing, raises AssertionError on a broken rule."""
+    import copy
+    import math
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from ctcore.images import save_grid
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        before = set(os.listdir(tmp))
+        logger = _build(cls, BuildContext(data_shape=(3, 4, 4), total_steps=4), options)
+        if set(os.listdir(tmp)) != before or run_dir.exists():
+            raise _fail(cls, "the constructor must not write anything (open files in start())")
+        run_dir.mkdir()
+        save_grid(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), run_dir / "samples" / "step-000000004.png")
+        records = [{**r, "path": str(run_dir / r["path"])} if "path" in r else dict(r) for r in LOGGER_RECORDS]
+        logger.start(run_dir, 0, {"run": {"name": "check"}, "logging": {"backends": ["jsonl", cls.name]}})
+        for record in records:
+            kept = copy.deepcopy(record)
+            logger.log(record)
+            same = kept.keys() == record.keys() and all(
+                (isinstance(v, float) and math.isnan(v) and isinstance(record[k], float) and math.isnan(record[k]))
+                or v == record[k] for k, v in kept.items())
+            if not same:
+                raise _fail(cls, f"log(record) must not change the record (every logger gets the same one), "
+                                 f"but it changed {kept!r} into {record!r}")
+        logger.close()
+        resumed = _build(cls, BuildContext(data_shape=(3, 4, 4), total_steps=4), options)
+        resumed.start(run_dir, 4, {"run": {"name": "check"}})  # a resumed run starts again in the same directory
+        resumed.log(dict(records[1]))
+        resumed.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------------
 
@@ -423,6 +479,7 @@ _CHECKS = {
     "noise_schedule": check_noise_schedule,
     "curriculum": check_curriculum,
     "teacher": check_teacher,
+    "logger": check_logger,
 }
 
 
@@ -440,7 +497,7 @@ def check_all(registry: Registry, options: dict[tuple[str, str], dict[str, Any]]
     """
     options = options or {}
     failures = []
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         for name in registry.names(kind):
             try:
                 check_component(kind, registry.get(kind, name), **options.get((kind, name), {}))
