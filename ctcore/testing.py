@@ -433,8 +433,10 @@ LOGGER_RECORDS: tuple[dict[str, Any], ...] = (
 
 
 def check_logger(cls: type, **options: Any) -> None:
-    """Check a logger: builds without writing, then start / log every kind of record / close in a fresh
-    directory, leaving each record unchanged; returns nothing, raises AssertionError on a broken rule."""
+    """Check a logger, in a fresh working directory: the constructor writes nothing; start, log of every kind of
+    record a run writes, close, then a resumed start in the same directory write only under the run directory and
+    leave each record as it was."""
+    import contextlib
     import copy
     import math
     import os
@@ -443,30 +445,35 @@ def check_logger(cls: type, **options: Any) -> None:
 
     from ctcore.images import save_grid
 
-    with tempfile.TemporaryDirectory() as tmp:
+    def unchanged(kept: dict[str, Any], record: dict[str, Any]) -> bool:
+        return kept.keys() == record.keys() and all(
+            v == record[k] or (isinstance(v, float) and math.isnan(v) and isinstance(record[k], float)
+                               and math.isnan(record[k])) for k, v in kept.items())
+
+    context = BuildContext(data_shape=(3, 4, 4), total_steps=4)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        logger = _build(cls, context, options)
+        if os.listdir(tmp):
+            raise _fail(cls, f"the constructor must not write anything (open files in start()), but it wrote "
+                             f"{sorted(os.listdir(tmp))}")
         run_dir = Path(tmp) / "run"
-        before = set(os.listdir(tmp))
-        logger = _build(cls, BuildContext(data_shape=(3, 4, 4), total_steps=4), options)
-        if set(os.listdir(tmp)) != before or run_dir.exists():
-            raise _fail(cls, "the constructor must not write anything (open files in start())")
-        run_dir.mkdir()
         save_grid(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), run_dir / "samples" / "step-000000004.png")
         records = [{**r, "path": str(run_dir / r["path"])} if "path" in r else dict(r) for r in LOGGER_RECORDS]
         logger.start(run_dir, 0, {"run": {"name": "check"}, "logging": {"backends": ["jsonl", cls.name]}})
         for record in records:
             kept = copy.deepcopy(record)
             logger.log(record)
-            same = kept.keys() == record.keys() and all(
-                (isinstance(v, float) and math.isnan(v) and isinstance(record[k], float) and math.isnan(record[k]))
-                or v == record[k] for k, v in kept.items())
-            if not same:
+            if not unchanged(kept, record):
                 raise _fail(cls, f"log(record) must not change the record (every logger gets the same one), "
                                  f"but it changed {kept!r} into {record!r}")
         logger.close()
-        resumed = _build(cls, BuildContext(data_shape=(3, 4, 4), total_steps=4), options)
+        resumed = _build(cls, context, options)
         resumed.start(run_dir, 4, {"run": {"name": "check"}})  # a resumed run starts again in the same directory
         resumed.log(dict(records[1]))
         resumed.close()
+        if os.listdir(tmp) != ["run"]:
+            raise _fail(cls, f"write only under the run directory given to start(); it also wrote "
+                             f"{sorted(set(os.listdir(tmp)) - {'run'})} in the working directory")
 
 
 # ---------------------------------------------------------------------------------------------------------
