@@ -38,9 +38,10 @@ from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_devi
 from ctcore.distributed import SINGLE, World, rank_seed
 from ctcore.errors import CtcoreError, RunError, UsageError
 from ctcore.files import FileLock
-from ctcore.preflight import build_components, build_loggers, preflight
+from ctcore.preflight import build_components, preflight
 from ctcore.recipe import Recipe, dump_recipe, read_recipe
 from ctcore.registry import Registry
+from ctcore.reporting import build_loggers
 
 
 @attrs.define(eq=False)
@@ -83,8 +84,6 @@ class Run:
     """The run directory's lock, held by start_run / resume_run (rank 0) until `close`."""
     restarted: bool = False
     """resume_run found no checkpoint and started the run again from step 0."""
-    loggers: list[Any] = attrs.field(factory=list)
-    """The recipe's loggers (logging.backends, jsonl first); `train` starts them on rank 0 only."""
 
     def close(self) -> None:
         """Release the run directory (the OS also releases it when the process ends, however it ends)."""
@@ -156,7 +155,7 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
                student=student, eval_ema=eval_ema, teacher=teacher, metric=built["metric"].to(device),
                noise_schedule=built["noise_schedule"], curriculum=built["curriculum"], optimizer=optimizer,
                index_generator=index_gen, noise_generator=noise_gen, provenance=provenance, precision=precision,
-               student_forward=compiled, world=world, loggers=build_loggers(recipe, registry))
+               student_forward=compiled, world=world)
 
 
 def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, data: ImageData) -> dict[str, Any]:
@@ -197,6 +196,7 @@ def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     """
     from ctcore.distributed import raise_together, setup
 
+    build_loggers(recipe, registry)  # a logger that cannot work here (a missing package) is refused before any write
     world, device = setup(resolve_device(recipe.run.device))
     target = output_dir_for(recipe, out_dir)
     lock, failure, created = None, None, []
@@ -356,6 +356,7 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
                 f"{recipe.source} differs from the recipe of the run in {str(out_dir)!r}, so it cannot resume it:\n"
                 + "\n".join(changed) + "\nresume with the run directory instead of a recipe, or start a new run"
             )
+    build_loggers(run_recipe, registry)  # a logger that cannot work here is refused before anything changes
     run_id = read_provenance(out_dir).get("run_id")
     if state is not None:
         _refuse_foreign(state, stored, run_recipe, run_id, ckpts, out_dir)

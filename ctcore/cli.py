@@ -314,7 +314,9 @@ def check(
             from ctcore.data import check_data_file, data_shape
             from ctcore.files import human_bytes
             from ctcore.preflight import preflight
+            from ctcore.reporting import build_loggers
 
+            build_loggers(recipe, registry)  # e.g. the tensorboard logger without its package
             report = preflight(recipe, registry)  # every component on the meta device, checked and measured
             params = report.parameters
             d = recipe.data

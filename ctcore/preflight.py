@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ctcore.components import ALL_KINDS, KINDS, LOGGER, NOISE_CONVENTIONS, BuildContext
+from ctcore.components import ALL_KINDS, KINDS, NOISE_CONVENTIONS, BuildContext
 from ctcore.consistency import karras_sigmas
 from ctcore.data import data_shape, hdf5_summary
 from ctcore.errors import CtcoreError, RunError, UsageError
@@ -249,26 +249,6 @@ def build_components(recipe: Recipe, registry: Registry, device: str | torch.dev
                     built[kind] = cls(spec.options, context)
             except (ValueError, TypeError) as exc:
                 raise UsageError(f"{recipe.source}: cannot build {kind} {spec.name!r}: {exc}") from None
-    return built
-
-
-def build_loggers(recipe: Recipe, registry: Registry) -> list[Any]:
-    """One instance per logger of logging.backends (jsonl first), built with its options; writes nothing.
-
-    A logger that cannot work here (its package is missing) raises UsageError, so `check` and a run refuse
-    the recipe before anything is written."""
-    context = BuildContext(data_shape=data_shape(recipe.data), num_classes=recipe.data.num_classes,
-                           total_steps=recipe.training.total_steps)
-    built = []
-    for name in recipe.logging.backends:
-        cls = registry.get(LOGGER, name)
-        options = recipe.loggers.get(name) or cls.Options()
-        try:
-            built.append(cls(options, context))
-        except CtcoreError as exc:
-            raise UsageError(f"{recipe.source}: {exc.message}") from None
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"{recipe.source}: cannot build logger {name!r}: {exc}") from None
     return built
 
 
@@ -605,7 +585,6 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
         parts.pop("host_staging", None)
     _refuse_absurd(recipe, MemoryEstimate(**parts), on_cpu)  # before building meta inputs that large
 
-    build_loggers(recipe, registry)  # a logger whose package is missing stops here, before anything is written
     built = build_components(recipe, registry, "meta")
     checks = _Checks(recipe, registry, built, half)
     with time_limit(BUILD_TIME_LIMIT_S, lambda stopped: f"{recipe.source}: the checks of the components (one "

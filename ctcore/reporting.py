@@ -8,7 +8,11 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ctcore.recipe import Recipe
+    from ctcore.registry import Registry
 
 
 def open_stats(out_dir: Path):
@@ -42,6 +46,30 @@ def log_record(stats, record: dict[str, Any]) -> None:
     record = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     stats.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
     stats.flush()
+
+
+def build_loggers(recipe: Recipe, registry: Registry) -> list[Any]:
+    """One instance per logger of logging.backends (jsonl first), built with its options; writes nothing.
+
+    A logger that cannot work here (its package is missing) raises UsageError: `check`, and a run before it
+    claims its directory, build them first so that such a recipe is refused before anything is written."""
+    from ctcore.components import LOGGER, BuildContext
+    from ctcore.data import data_shape
+    from ctcore.errors import CtcoreError, UsageError
+
+    context = BuildContext(data_shape=data_shape(recipe.data), num_classes=recipe.data.num_classes,
+                           total_steps=recipe.training.total_steps)
+    built = []
+    for name in recipe.logging.backends:
+        cls = registry.get(LOGGER, name)
+        options = recipe.loggers.get(name) or cls.Options()
+        try:
+            built.append(cls(options, context))
+        except CtcoreError as exc:
+            raise UsageError(f"{recipe.source}: {exc.message}") from None
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{recipe.source}: cannot build logger {name!r}: {exc}") from None
+    return built
 
 
 class RunLog:

@@ -22,7 +22,7 @@ from ctcore.consistency import consistency_loss, karras_sigmas
 from ctcore.errors import RunError
 from ctcore.evaluation import evaluate_distance
 from ctcore.fid import evaluate_fid, load_fid_tools
-from ctcore.reporting import RunLog, is_live, plot_fid, progress_bar, progress_line
+from ctcore.reporting import RunLog, build_loggers, is_live, plot_fid, progress_bar, progress_line
 from ctcore.sampling import save_samples
 
 if TYPE_CHECKING:
@@ -182,8 +182,11 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     if world.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
     # stats.jsonl and the recipe's other loggers, closed in finally; ranks other than 0 log nowhere
-    config = tomllib.loads(run.recipe_text) if world.is_main else {}
-    log = RunLog.start(run.loggers, run.out_dir, run.step, config) if world.is_main else RunLog()
+    if world.is_main:  # the recipe's loggers, jsonl first
+        loggers = build_loggers(run.recipe, run.registry)
+        log = RunLog.start(loggers, run.out_dir, run.step, tomllib.loads(run.recipe_text))
+    else:
+        log = RunLog()
     summary: dict[str, Any] = {"start_step": run.step}
     started = time.perf_counter()
     finished = False

@@ -112,6 +112,25 @@ def test_tensorboard_logger_writes_every_scalar_and_sample_grid_of_the_run(tmp_p
     assert sorted(p.parent.name for p in run.rglob("events.out.tfevents.*")) == ["tensorboard"]
 
 
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    recipe = write_tiny_recipe(tmp_path / "r.toml", run, logging={"backends": ["tensorboard"]})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    (run / "checkpoints" / "ckpt-000000012.pt").unlink()  # as if killed after step 12 was logged, before its checkpoint
+    result = invoke("run", run, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    logged = [r for r in records(run) if "event" not in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8, 10, 12, 8, 10, 12]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("train/loss")
+    last = {r["step"]: r["loss"] for r in logged}
+    assert [(s.step, s.value) for s in scalars] == [(k, pytest.approx(v, rel=1e-6)) for k, v in last.items()]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
 def test_a_missing_tensorboard_package_is_one_line_exit_2_and_nothing_is_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError

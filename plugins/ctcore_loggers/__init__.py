@@ -76,8 +76,9 @@ class TensorBoard:
     def start(self, run_dir: Path, step: int, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: a resumed run's new events replace those an earlier process logged past its last checkpoint
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=step or None,
+        # purge_step: events an earlier process logged after the step this run (re)starts from are dropped, as the
+        # run logs those steps again (a restarted run, step 0, drops them all)
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=step + 1 if step else 0,
                                     flush_secs=self.options.flush_secs)
 
     def log(self, record: dict[str, Any]) -> None:
