@@ -301,8 +301,8 @@ def _strict_converter() -> cattrs.Converter:
             except Exception as exc:
                 exc.add_note(IterableValidationNote(f"Structuring index {i}", i, ty))
                 errors.append(exc)
-        if errors:
-            raise IterableValidationError("array", errors, t)
+        if errors:  # the first bad entry only: an array of 1,000 wrong values is one problem, not 1,000
+            raise IterableValidationError("array", errors[:1], t)
         return tuple(out)
 
     conv.register_structure_hook(bool, s_bool)

@@ -53,11 +53,10 @@ def test_jsonl_is_always_on_and_the_resolved_recipe_lists_it_first(tmp_path: Pat
         assert recipe.logging.backends == resolved
         assert parse_recipe(dump_recipe(recipe), REGISTRY) == recipe
     text = dump_recipe(parse_recipe(tiny_recipe_text(tmp_path, logging={"backends": ["tensorboard"]}), REGISTRY))
-    assert '[logging]\nbackends = ["jsonl", "tensorboard"]\n\n[logging.tensorboard]\nimages = true\nflush_secs = 30\n' \
-        in text
+    assert '[logging]\nbackends = ["jsonl", "tensorboard"]\n\n[logging.tensorboard]\nimages = true\n\n[network]' in text
     tuned = parse_recipe(tiny_recipe_text(tmp_path, logging={"backends": ["tensorboard"]})
                          + "\n[logging.tensorboard]\nimages = false\n", REGISTRY)
-    assert tuned.loggers["tensorboard"].images is False and tuned.loggers["tensorboard"].flush_secs == 30
+    assert tuned.loggers["tensorboard"].images is False
 
 
 @pytest.mark.parametrize(("logging", "expected"), [
@@ -70,8 +69,8 @@ def test_jsonl_is_always_on_and_the_resolved_recipe_lists_it_first(tmp_path: Pat
     ('backends = ["jsonl"]\n[logging.tensorboard]\nimages = false',
      ["logging.tensorboard: options of a logger that logging.backends does not list; add 'tensorboard' to "
       "logging.backends or delete the table [logging.tensorboard]"]),
-    ('backends = ["tensorboard"]\n[logging.tensorboard]\nflush_secs = 0\nimage = true',
-     ["logging.tensorboard.flush_secs: must be within [1, 86_400] (seconds between writes to disk), got 0",
+    ('backends = ["tensorboard"]\n[logging.tensorboard]\nimages = 1\nimage = true',
+     ["logging.tensorboard.images: expected true or false, got 1 (an integer)",
       "logging.tensorboard.image: unknown key; did you mean 'images'?"]),
     ('[logging.wandb]\nproject = "x"', ["logging.wandb: unknown logger 'wandb' (available: jsonl, tensorboard)"]),
 ])
@@ -243,7 +242,7 @@ def _logger(**methods: Any) -> type:
 def test_check_logger_passes_the_builtins_and_catches_broken_loggers(tmp_path: Path) -> None:
     for name in ("jsonl", "tensorboard"):
         check_logger(REGISTRY.get("logger", name))
-    check_logger(REGISTRY.get("logger", "tensorboard"), images=False, flush_secs=1)
+    check_logger(REGISTRY.get("logger", "tensorboard"), images=False)
     check_logger(_logger())
 
     def writes_early(self: Any, options: Any, context: Any) -> None:

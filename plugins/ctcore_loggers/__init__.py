@@ -8,11 +8,13 @@ from typing import Any, ClassVar
 import attrs
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, within
+from ctcore.components import BuildContext
 from ctcore.errors import UsageError
 from ctcore.reporting import log_record, open_stats
 
 TENSORBOARD_INSTALL = "pip install 'ctcore[tensorboard]'"
+FLUSH_SECS = 30
+"""Pending TensorBoard events are written to disk at least this often (and when the run ends)."""
 
 
 class Jsonl:
@@ -60,8 +62,6 @@ class TensorBoard:
     class Options:
         images: bool = True
         """Also write every sample grid (samples/*.png) as an image."""
-        flush_secs: int = attrs.field(default=30, validator=within(1, 86_400, "seconds between writes to disk"))
-        """How often pending events are written to disk (and so how soon TensorBoard shows them)."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         try:
@@ -79,7 +79,7 @@ class TensorBoard:
         # purge_step: events an earlier process logged after the step this run (re)starts from are dropped, as the
         # run logs those steps again (a restarted run, step 0, drops them all)
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=step + 1 if step else 0,
-                                    flush_secs=self.options.flush_secs)
+                                    flush_secs=FLUSH_SECS)
 
     def log(self, record: dict[str, Any]) -> None:
         event, step = record.get("event"), record.get("step")
