@@ -181,10 +181,10 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     end = min(t.total_steps, stop_at) if stop_at is not None else t.total_steps
     if world.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-    # stats.jsonl and the recipe's other loggers, closed in finally; ranks other than 0 log nowhere
-    if world.is_main:  # the recipe's loggers, jsonl first
-        loggers = build_loggers(run.recipe, run.registry)
-        log = RunLog.start(loggers, run.out_dir, run.step, tomllib.loads(run.recipe_text))
+    # rank 0 logs to the recipe's loggers (stats.jsonl first), closed in finally; the other ranks log nowhere
+    if world.is_main:
+        log = RunLog.start(build_loggers(run.recipe, run.registry), run.out_dir, run.step,
+                           tomllib.loads(run.recipe_text))
     else:
         log = RunLog()
     summary: dict[str, Any] = {"start_step": run.step}
@@ -224,7 +224,7 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         acc_count += 1
                     else:
                         log({"event": "nonfinite", "step": k, "loss": float(loss),
-                                     "consecutive": run.nonfinite_run, "last_good_step": run.last_good_step})
+                             "consecutive": run.nonfinite_run, "last_good_step": run.last_good_step})
                         if run.nonfinite_run >= t.max_nonfinite_steps:
                             fold_losses()
                             path = save_checkpoint(run)
@@ -237,8 +237,8 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         speed = (k - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
                         n = run.curriculum.num_scales(k - 1)
                         log({"step": k, "loss": last_loss, "num_scales": n,
-                                     "lr": run.optimizer.param_groups[0]["lr"],
-                                     "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
+                             "lr": run.optimizer.param_groups[0]["lr"],
+                             "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
                         bar.update(task, loss=f"{last_loss:.4g}", scales=str(n), speed=f"{speed:,.0f}")
                         if plain_lines:
                             eta = (end - k) * (time.perf_counter() - loop_started) / max(k - first_step, 1)
