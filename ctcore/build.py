@@ -34,7 +34,7 @@ from ctcore.checkpoints import (
     restore,
     validate_checkpoint,
 )
-from ctcore.components import KINDS
+from ctcore.components import KINDS, LOGGER
 from ctcore.consistency import denoise
 from ctcore.data import ImageData, check_data_file, load_data
 from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_device, use_threads
@@ -44,6 +44,7 @@ from ctcore.files import FileLock, atomic_write
 from ctcore.preflight import build_components, preflight
 from ctcore.recipe import Recipe, dump_recipe, read_recipe
 from ctcore.registry import Registry
+from ctcore.reporting import build_loggers
 
 
 @attrs.define(eq=False)
@@ -178,6 +179,10 @@ def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, da
         name = recipe.components[kind].name
         p = registry.provider(kind, name)
         components[kind] = {"name": name, "distribution": p.distribution, "version": p.version}
+    loggers = {}
+    for name in recipe.logging.backends:
+        p = registry.provider(LOGGER, name)
+        loggers[name] = {"distribution": p.distribution, "version": p.version}
     return {
         "ctcore": ctcore.__version__,
         "torch": str(torch.__version__),  # TorchVersion is not a plain str and would not load weights_only
@@ -186,6 +191,7 @@ def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, da
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),  # CPU results depend on it (run.threads)
         "components": components,
+        "loggers": loggers,
         "data_shape": list(data.shape),
         "num_classes": data.num_classes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -207,6 +213,7 @@ def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     """
     from ctcore.distributed import raise_together, setup
 
+    build_loggers(recipe, registry)  # a logger that cannot work here (a missing package) is refused before any write
     warm_start = read_warm_start(init_from, init_weights, registry) if init_from is not None else None
     world, device = setup(resolve_device(recipe.run.device))
     target = output_dir_for(recipe, out_dir)
@@ -467,6 +474,7 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
     provenance = read_provenance(out_dir)
     run_id = provenance.get("run_id")
     init_record = provenance.get("init_from")
+    build_loggers(new_recipe, registry)  # a logger that cannot work here is refused before anything changes
     if state is not None:
         _refuse_foreign(state, stored, run_recipe, run_id, ckpts, out_dir)
         run_id = run_id or state["provenance"].get("run_id")

@@ -388,7 +388,9 @@ def check(
             from ctcore.data import check_data_file, data_shape
             from ctcore.files import human_bytes
             from ctcore.preflight import preflight
+            from ctcore.reporting import build_loggers
 
+            build_loggers(recipe, registry)  # e.g. the tensorboard logger without its package
             report = preflight(recipe, registry)  # every component on the meta device, checked and measured
             params = report.parameters
             d = recipe.data
@@ -768,17 +770,17 @@ def bench(
 
 @app.command("list-components")
 def list_components(
-    kind: Annotated[str | None, typer.Option(help="Only this kind (network, metric, ...).")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind (network, metric, ..., logger).")] = None,
     options: Annotated[bool, typer.Option("--options", help="Show each component's options and defaults.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List installed components: kind, name, summary and the distribution that provides them."""
     with _errors():
-        from ctcore.components import KINDS
+        from ctcore.components import ALL_KINDS
         from ctcore.errors import UsageError, unknown_name_message
 
-        if kind is not None and kind not in KINDS:
-            raise UsageError(unknown_name_message("component kind", kind, list(KINDS)))
+        if kind is not None and kind not in ALL_KINDS:
+            raise UsageError(unknown_name_message("component kind", kind, list(ALL_KINDS)))
         rows = [r for r in _registry().rows() if kind is None or r["kind"] == kind]
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
@@ -830,6 +832,48 @@ def _options_text(rows: list[dict[str, Any]]) -> str:
             lines.append("  (no options)")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(
+        metavar="RUN_DIR...", help="Run directories (each holds the stats.jsonl its run wrote).")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="The figure: .png, .jpg or .webp.")] = Path("report.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table of final figures as JSON.")] = False,
+) -> None:
+    """Plot loss, distance (FID, IS when logged) and img/s against steps for one or more runs, and print a table
+    of their final figures."""
+    with _errors():
+        from ctcore.reporting import run_report
+
+        rows = run_report(run_dirs, output)
+        if as_json:
+            typer.echo(json.dumps([_finite(r) for r in rows], indent=2))
+            _console(stderr=True).print(f"wrote the figure to {output}")
+            return
+        from rich.table import Table
+        from rich.text import Text
+
+        def fmt(v: float | None, spec: str) -> str:
+            return "-" if v is None else format(v, spec)
+
+        table = Table(title="ctcore report")
+        columns = ["run", "step", "loss", "sliced W", "FID", "IS", "img/s"]
+        has_is = any(r["inception_score"] is not None for r in rows)
+        for col in columns if has_is else [c for c in columns if c != "IS"]:
+            table.add_column(col, justify="left" if col == "run" else "right")
+        for r in rows:
+            cells = [r["run"], f"{r['step']:,}", fmt(r["loss"], ".4g"), fmt(r["sliced_wasserstein"], ".4f"),
+                     fmt(r["fid"], ".2f"), fmt(r["inception_score"], ".2f"), fmt(r["img_per_s"], ",.0f")]
+            table.add_row(*(Text(c) for i, c in enumerate(cells) if has_is or i != 5))
+        _console().print(table)
+        _console().print(f"wrote the figure to {output}")
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON: a non-finite number as the string "nan" / "inf" / "-inf", as stats.jsonl writes it."""
+    import math
+
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 data_app = typer.Typer(

@@ -1,4 +1,4 @@
-"""The five component kinds, the context components are built with, and one Protocol per kind.
+"""The component kinds, the context components are built with, and one Protocol per kind.
 
 A component is a class with a kebab-case `name`, a one-line `summary` and a nested frozen attrs `Options`
 class whose fields are its recipe settings (all with defaults). Every component is constructed the same way:
@@ -15,11 +15,19 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 import attrs
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from torch import nn
 
 KINDS: tuple[str, ...] = ("network", "metric", "noise_schedule", "curriculum", "teacher")
-"""Recipe section names; also the `kind` argument of the registry."""
+"""The kinds a run has exactly one of, each selected by its own recipe section ([network] name = ...)."""
+
+LOGGER: str = "logger"
+"""The kind of tracking backends: a run has any number, selected by `[logging] backends = [...]`."""
+
+ALL_KINDS: tuple[str, ...] = (*KINDS, LOGGER)
+"""Every kind the registry holds; the `kind` argument of the registry and of `ctcore.testing`."""
 
 HOOKS: dict[str, str] = {
     "network": "ctcore_register_networks",
@@ -27,6 +35,7 @@ HOOKS: dict[str, str] = {
     "noise_schedule": "ctcore_register_noise_schedules",
     "curriculum": "ctcore_register_curricula",
     "teacher": "ctcore_register_teachers",
+    "logger": "ctcore_register_loggers",
 }
 
 NOISE_CONVENTIONS: dict[str, float] = {"fourier": 0.25, "positional": 1000 * 0.25}
@@ -145,12 +154,34 @@ class Teacher(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@runtime_checkable
+class Logger(Protocol):
+    """A tracking backend: receives every record of the run's stats.jsonl, on rank 0 only."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def start(self, run_dir: Path, step: int, config: dict[str, Any]) -> None:
+        """Open the backend before the first record: the run directory, the step the run (re)starts at and the
+        resolved recipe as a dict. The constructor must not write anything."""
+        ...
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record, exactly as stats.jsonl holds it (floats may be non-finite here); never modify it."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release the backend; called once when the run ends, however it ends."""
+        ...
+
+
 PROTOCOLS: dict[str, type] = {
     "network": Network,
     "metric": Metric,
     "noise_schedule": NoiseSchedule,
     "curriculum": Curriculum,
     "teacher": Teacher,
+    "logger": Logger,
 }
 
 

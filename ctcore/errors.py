@@ -22,6 +22,12 @@ class UsageError(CtcoreError):
     exit_code = 2
 
 
+class PackageUnavailable(UsageError):
+    """A component needs an optional package that is not installed (`tensorboard` without its extra): exit 2.
+
+    `ctcore.testing.check_all` skips such a component with the message, so a stock install passes."""
+
+
 class RecipeError(UsageError):
     """A recipe with problems, each `section.key: message`: one problem is one line (`file: section.key: ...`),
     several are a header line plus one line per problem."""

@@ -59,3 +59,14 @@ def ctcore_register_teachers() -> list[type]:
     hold what a checkpoint must keep (nothing when the teacher is the student). The teacher runs in train mode
     under no_grad, with the student's dropout mask.
     """
+
+
+@hookspec
+def ctcore_register_loggers() -> list[type]:
+    """Return logger classes: tracking backends selected by `[logging] backends = [...]` (rank 0 only).
+
+    Contract: the constructor writes nothing (a missing package raises `ctcore.errors.UsageError` saying how to
+    install it); `start(run_dir, step, config)` opens the backend, `log(record)` receives every stats.jsonl record
+    (a dict with `time` and `step`; `event` names the kind of non-training records) without changing it, and
+    `close()` runs once when the run ends, however it ends.
+    """

@@ -154,3 +154,56 @@ def save_line_plot(xs: list[float], ys: list[float], path: str | Path, title: st
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+"""Line colours of `save_curves`, one per run, repeating after ten."""
+
+
+def save_curves(panels: list[tuple[str, list[list[tuple[float, float]]]]], names: list[str],
+                path: str | Path, xlabel: str = "step") -> Path:
+    """One PNG (or .jpg, .webp) of line charts drawn with Pillow: a panel per (title, one list of (x, y) points
+    per run), two panels a row, under a legend naming each run in its colour. Non-finite points are left out."""
+    from PIL import Image, ImageDraw
+
+    panel_w, panel_h, left, right, top, bottom = 480, 300, 64, 16, 28, 36
+    legend_h = 16 * len(names) + 12
+    cols = 2 if len(panels) > 1 else 1
+    rows = max(1, math.ceil(len(panels) / cols))
+    image = Image.new("RGB", (panel_w * cols, legend_h + panel_h * rows), "white")
+    draw = ImageDraw.Draw(image)
+    for i, name in enumerate(names):
+        colour = PALETTE[i % len(PALETTE)]
+        y = 6 + 16 * i
+        draw.rectangle([8, y + 3, 28, y + 7], fill=colour)
+        draw.text((36, y), name, fill="black")
+    for p, (title, series) in enumerate(panels):
+        ox, oy = panel_w * (p % cols), legend_h + panel_h * (p // cols)
+        x0, x1, y0, y1 = ox + left, ox + panel_w - right, oy + panel_h - bottom, oy + top
+        draw.text((x0, oy + 8), title, fill="black")
+        draw.line([(x0, y1), (x0, y0), (x1, y0)], fill="black")
+        points = [[(x, y) for x, y in s if math.isfinite(x) and math.isfinite(y)] for s in series]
+        every = [pt for s in points for pt in s]
+        if every:
+            lo_x, hi_x = min(x for x, _ in every), max(x for x, _ in every)
+            lo_y, hi_y = min(y for _, y in every), max(y for _, y in every)
+            span_x, span_y = (hi_x - lo_x) or 1.0, (hi_y - lo_y) or 1.0
+            for i, s in enumerate(points):
+                colour = PALETTE[i % len(PALETTE)]
+                xy = [(x0 + (x - lo_x) / span_x * (x1 - x0), y0 - (y - lo_y) / span_y * (y0 - y1)) for x, y in s]
+                if len(xy) > 1:
+                    draw.line(xy, fill=colour, width=2)
+                for px, py in xy:
+                    draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+            draw.text((ox + 4, y1 - 6), f"{hi_y:.4g}", fill="black")
+            draw.text((ox + 4, y0 - 6), f"{lo_y:.4g}", fill="black")
+            draw.text((x0, y0 + 6), f"{lo_x:g}", fill="black")
+            draw.text((x1 - 48, y0 + 6), f"{hi_x:g}", fill="black")
+        draw.text(((x0 + x1) // 2 - 12, oy + panel_h - 16), xlabel, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ctcore.components import KINDS, NOISE_CONVENTIONS, BuildContext
+from ctcore.components import ALL_KINDS, KINDS, NOISE_CONVENTIONS, BuildContext
 from ctcore.consistency import karras_sigmas
 from ctcore.data import data_shape, hdf5_summary
 from ctcore.errors import CtcoreError, RunError, UsageError
@@ -100,7 +100,7 @@ def find_plugin(exc: BaseException, registry: Registry) -> tuple[str, str, str] 
     """
     classes: dict[type, tuple[str, str]] = {}
     packages: dict[str, list[tuple[str, str]]] = {}
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         for name in registry.names(kind):
             cls = registry.get(kind, name)
             classes[cls] = classes[getattr(cls, "Options", cls)] = (kind, name)

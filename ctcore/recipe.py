@@ -1,8 +1,9 @@
 """TOML recipes → attrs sections via a strict cattrs converter; every problem reported at once.
 
-A recipe is complete and standalone: core sections (run, data, consistency, training, sampling, evaluation)
-have defaults here, and each component section (network, metric, noise_schedule, curriculum, teacher) has a
-`name` plus that component's options, whose defaults live on the component's `Options` class.
+A recipe is complete and standalone: core sections (run, data, consistency, training, sampling, evaluation,
+logging) have defaults here, and each component section (network, metric, noise_schedule, curriculum, teacher)
+has a `name` plus that component's options, whose defaults live on the component's `Options` class. Loggers are
+listed in `[logging] backends`; a logger's options go in its own table `[logging.<name>]`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
 from cattrs.v import transform_error
 
-from ctcore.components import KINDS, BuildContext, directory_name, each_within, entries, path_text, show, within
+from ctcore.components import KINDS, LOGGER, BuildContext, directory_name, each_within, entries, path_text, show, within
 from ctcore.errors import RecipeError, UsageError, did_you_mean, unknown_name_message
 
 if typing.TYPE_CHECKING:
@@ -179,6 +180,33 @@ class EvaluationSection:
     """The shuffle's seed when is_split = "shuffled"."""
 
 
+ALWAYS_ON_LOGGER = "jsonl"
+"""stats.jsonl: the run's own record (resume, `ctcore report` and the FID plot read it), written whether listed or
+not; the resolved recipe lists it first."""
+
+
+def _with_jsonl(backends: Any) -> Any:
+    """backends with "jsonl" first (it is always on); anything but a tuple is left for the validators to refuse."""
+    if not isinstance(backends, tuple):
+        return backends
+    return (ALWAYS_ON_LOGGER, *(b for b in backends if b != ALWAYS_ON_LOGGER))
+
+
+def _no_repeats(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    repeated = sorted({b for b in value if value.count(b) > 1}) if isinstance(value, tuple) else []
+    if repeated:
+        raise ValueError(f"{attribute.name}: lists {repeated[0]!r} more than once; list each backend once")
+
+
+@attrs.frozen
+class LoggingSection:
+    """Tracking backends (loggers) the run's records go to, on rank 0; `jsonl` (stats.jsonl) is always on."""
+
+    backends: tuple[str, ...] = attrs.field(default=(ALWAYS_ON_LOGGER,), converter=_with_jsonl, validator=[
+        entries(0, 64, "logger names"), _no_repeats])
+    """Logger names, e.g. ["jsonl", "tensorboard"]; options of a logger go in a table [logging.<name>]."""
+
+
 CORE_SECTIONS: dict[str, type] = {
     "run": RunSection,
     "data": DataSection,
@@ -186,6 +214,7 @@ CORE_SECTIONS: dict[str, type] = {
     "training": TrainingSection,
     "sampling": SamplingSection,
     "evaluation": EvaluationSection,
+    "logging": LoggingSection,
 }
 ALL_SECTIONS: tuple[str, ...] = (*CORE_SECTIONS, *KINDS)
 
@@ -210,6 +239,9 @@ class Recipe:
     evaluation: EvaluationSection
     components: dict[str, ComponentSpec]
     source: str = "<recipe>"
+    logging: LoggingSection = LoggingSection()
+    loggers: dict[str, Any] = attrs.field(factory=dict)
+    """Options of each logger in logging.backends, by name."""
 
     def section(self, name: str) -> Any:
         return self.components[name] if name in KINDS else getattr(self, name)
@@ -280,8 +312,8 @@ def _strict_converter() -> cattrs.Converter:
             except Exception as exc:
                 exc.add_note(IterableValidationNote(f"Structuring index {i}", i, ty))
                 errors.append(exc)
-        if errors:
-            raise IterableValidationError("array", errors, t)
+        if errors:  # the first bad entry only: an array of 1,000 wrong values is one problem, not 1,000
+            raise IterableValidationError("array", errors[:1], t)
         return tuple(out)
 
     conv.register_structure_hook(bool, s_bool)
@@ -437,8 +469,12 @@ def _validate(data: dict[str, Any], registry: Registry, source: str) -> Recipe:
         elif not isinstance(value, dict):
             problems.append(f"{key}: expected a table [{key}], got {_type_word(value)}")
     sections: dict[str, Any] = {}
+    logger_tables: dict[str, Any] = {}
     for name, cls in CORE_SECTIONS.items():
         raw = data.get(name, {})
+        if name == "logging" and isinstance(raw, dict):  # [logging.<name>] tables hold a logger's options
+            logger_tables = {k: v for k, v in raw.items() if isinstance(v, dict)}
+            raw = {k: v for k, v in raw.items() if k not in logger_tables}
         if isinstance(raw, dict):
             sections[name], found = _structure(conv, raw, cls, name)
             problems += found
@@ -465,10 +501,36 @@ def _validate(data: dict[str, Any], registry: Registry, source: str) -> Recipe:
         options, found = _structure(conv, raw, registry.get(kind, name).Options, kind)
         problems += found
         components[kind] = ComponentSpec(name, options)
+    loggers, found = _loggers(conv, sections.get("logging"), logger_tables, registry)
+    problems += found
     problems += _cross_checks(sections)
     if problems:
         raise RecipeError(source, problems)
-    return Recipe(components=components, source=source, **sections)
+    return Recipe(components=components, source=source, loggers=loggers, **sections)
+
+
+def _loggers(conv: cattrs.Converter, section: LoggingSection | None, tables: dict[str, Any],
+             registry: Registry) -> tuple[dict[str, Any], list[str]]:
+    """The options of every listed logger (from its [logging.<name>] table, or the defaults), and the problems."""
+    installed = registry.names(LOGGER)
+    problems: list[str] = []
+    backends = section.backends if section is not None else ()
+    for name in backends:
+        if name not in installed:
+            problems.append(f"logging.backends: {unknown_name_message('logger', name, installed)}")
+    for name in tables:
+        if name not in installed:
+            problems.append(f"logging.{name}: {unknown_name_message('logger', name, installed)}")
+        elif section is not None and name not in backends:
+            problems.append(f"logging.{name}: options of a logger that logging.backends does not list; add "
+                            f"{name!r} to logging.backends or delete the table [logging.{name}]")
+    loggers = {}
+    for name in backends:
+        if name in installed:
+            loggers[name], found = _structure(conv, tables.get(name, {}), registry.get(LOGGER, name).Options,
+                                              f"logging.{name}")
+            problems += found
+    return loggers, problems
 
 
 def _cross_checks(s: dict[str, Any]) -> list[str]:
@@ -597,6 +659,11 @@ def dump_recipe(recipe: Recipe) -> str:
         else:
             items = list(attrs.asdict(getattr(recipe, name), recurse=False).items())
         blocks.append("\n".join(_section_lines(name, items, computed)))
+        if name == "logging":  # each listed logger's options, when it has any
+            for logger, options in recipe.loggers.items():
+                fields = attrs.asdict(options, recurse=False)
+                if fields:
+                    blocks.append("\n".join(_section_lines(f"logging.{logger}", list(fields.items()))))
     return "\n\n".join(blocks) + "\n"
 
 

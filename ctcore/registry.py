@@ -14,7 +14,7 @@ import attrs
 import pluggy
 
 from ctcore import hookspecs
-from ctcore.components import CONTEXT_KEYS, HOOKS, KINDS, NAME_PATTERN, RESERVED_OPTIONS, BuildContext, range_text
+from ctcore.components import ALL_KINDS, CONTEXT_KEYS, HOOKS, NAME_PATTERN, RESERVED_OPTIONS, BuildContext, range_text
 from ctcore.errors import PluginError, UnknownComponentError, UsageError, unknown_name_message
 
 ENTRY_POINT_GROUP = "ctcore"
@@ -52,14 +52,14 @@ class Registry:
     """Component classes by kind and name, with the distribution that provides each."""
 
     def __init__(self) -> None:
-        self._classes: dict[str, dict[str, type]] = {k: {} for k in KINDS}
+        self._classes: dict[str, dict[str, type]] = {k: {} for k in ALL_KINDS}
         self._providers: dict[tuple[str, str], Provider] = {}
         self.failures: list[PluginLoadFailure] = []
         self.plugin_manager: pluggy.PluginManager | None = None
 
     def _check_kind(self, kind: str) -> None:
-        if kind not in KINDS:
-            raise UsageError(unknown_name_message("component kind", kind, list(KINDS)))
+        if kind not in ALL_KINDS:
+            raise UsageError(unknown_name_message("component kind", kind, list(ALL_KINDS)))
 
     def names(self, kind: str) -> list[str]:
         """Sorted component names of one kind."""
@@ -110,7 +110,7 @@ class Registry:
     def rows(self) -> list[dict[str, Any]]:
         """One dict per component: kind, name, summary, provider, options with defaults."""
         out = []
-        for kind in KINDS:
+        for kind in ALL_KINDS:
             for name in self.names(kind):
                 cls, prov = self._classes[kind][name], self._providers[(kind, name)]
                 out.append(

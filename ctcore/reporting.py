@@ -8,7 +8,11 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ctcore.recipe import Recipe
+    from ctcore.registry import Registry
 
 
 def open_stats(out_dir: Path):
@@ -42,6 +46,69 @@ def log_record(stats, record: dict[str, Any]) -> None:
     record = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     stats.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
     stats.flush()
+
+
+def build_loggers(recipe: Recipe, registry: Registry) -> list[Any]:
+    """One instance per logger of logging.backends (jsonl first), built with its options; writes nothing.
+
+    A logger that cannot work here (its package is missing) raises UsageError: `check`, and a run before it
+    claims its directory, build them first so that such a recipe is refused before anything is written."""
+    from ctcore.components import LOGGER, BuildContext
+    from ctcore.data import data_shape
+    from ctcore.errors import CtcoreError, UsageError
+
+    context = BuildContext(data_shape=data_shape(recipe.data), num_classes=recipe.data.num_classes,
+                           total_steps=recipe.training.total_steps)
+    built = []
+    for name in recipe.logging.backends:
+        cls = registry.get(LOGGER, name)
+        options = recipe.loggers.get(name) or cls.Options()
+        try:
+            built.append(cls(options, context))
+        except CtcoreError as exc:
+            raise UsageError(f"{recipe.source}: {exc.message}") from None
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{recipe.source}: cannot build logger {name!r}: {exc}") from None
+    return built
+
+
+class RunLog:
+    """A run's loggers (rank 0): each record, stamped with the time, goes to every one of them; other ranks get
+    a RunLog without loggers, which logs nowhere."""
+
+    def __init__(self, loggers: list[Any] | None = None) -> None:
+        self.loggers = list(loggers or [])
+
+    @classmethod
+    def start(cls, loggers: list[Any], run_dir: Path, step: int, config: dict[str, Any]) -> RunLog:
+        """Start every logger in order; when one fails, those already started are closed again."""
+        log = cls()
+        try:
+            for logger in loggers:
+                logger.start(run_dir, step, config)
+                log.loggers.append(logger)
+        except BaseException:
+            log.close(quiet=True)
+            raise
+        return log
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        for logger in self.loggers:
+            logger.log(record)
+
+    def close(self, quiet: bool = False) -> None:
+        """Close every logger, each even when one before it fails; the first failure is raised unless `quiet`
+        (set while another exception is on its way out, which is the better report)."""
+        failure = None
+        for logger in self.loggers:
+            try:
+                logger.close()
+            except Exception as exc:
+                failure = failure or exc
+        self.loggers = []
+        if failure is not None and not quiet:
+            raise failure
 
 
 def is_live(console) -> bool:
@@ -119,3 +186,110 @@ def plot_fid(out_dir: Path) -> Path:
     rows = read_stats(out_dir)
     points = sorted((r["step"], r["fid"]) for r in rows if r.get("event") == "fid")
     return save_line_plot([p[0] for p in points], [p[1] for p in points], out_dir / "fid.png", "FID (eval EMA)")
+
+
+# ------------------------------------------------------------------------------------------- ctcore report
+
+REPORT_SERIES: tuple[tuple[str, str | None, str], ...] = (
+    ("loss", None, "loss (mean of each log interval)"),
+    ("sliced_wasserstein", "distance", "sliced Wasserstein distance to the data"),
+    ("fid", "fid", "FID (eval EMA)"),
+    ("inception_score", "fid", "Inception Score (eval EMA)"),
+    ("img_per_s", None, "training speed (img/s)"),
+)
+"""(record key, the records' `event` (None: training records), panel title) of every curve `ctcore report` draws."""
+
+
+def _number(value: Any) -> float | None:
+    """A logged number as a float: "nan" / "inf" / "-inf" are how stats.jsonl writes non-finite ones."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if value in ("nan", "inf", "-inf"):
+        return float(value)
+    return None
+
+
+def stats_records(path: Path) -> list[dict[str, Any]]:
+    """Every whole record of a stats.jsonl: a line cut short by a kill, damaged bytes or a non-object is skipped."""
+    rows = []
+    for line in path.read_bytes().splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+            rows.append(row)
+    return rows
+
+
+def run_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each REPORT_SERIES key's (step, value) points, by step; a step logged twice (a resumed run logs again the
+    steps after its last checkpoint) keeps its last value."""
+    from ctcore.errors import UsageError
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"RUN_DIR {str(run_dir)!r} is not a directory; give a run directory that `ctcore run` "
+                         "wrote (it holds stats.jsonl)")
+    stats = run_dir / "stats.jsonl"
+    if not stats.is_file():
+        raise UsageError(f"RUN_DIR {str(run_dir)!r} has no stats.jsonl, so it is no run directory (or its run has "
+                         "not logged yet); give a directory that `ctcore run` wrote")
+    records = stats_records(stats)
+    if not records:
+        raise UsageError(f"{str(stats)!r} holds no records yet; report the run once it has logged a step")
+    curves: dict[str, dict[int, float]] = {key: {} for key, _, _ in REPORT_SERIES}
+    for row in records:
+        for key, event, _ in REPORT_SERIES:
+            value = _number(row.get(key))
+            if row.get("event") == event and value is not None:
+                curves[key][row["step"]] = value
+    return {key: sorted(points.items()) for key, points in curves.items()}
+
+
+def run_name(run_dir: Path) -> str:
+    """The run's run.name from its recipe.toml, or the directory's name when that cannot be read."""
+    import tomllib
+
+    try:
+        name = tomllib.loads((Path(run_dir) / "recipe.toml").read_text(encoding="utf-8"))["run"]["name"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        name = None
+    return name if isinstance(name, str) and name else Path(run_dir).resolve().name
+
+
+def _final_row(name: str, run_dir: Path, curves: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
+    speeds = sorted(v for _, v in curves["img_per_s"] if math.isfinite(v))
+    steps = [s for points in curves.values() for s, _ in points]
+
+    def last(key: str) -> float | None:
+        return curves[key][-1][1] if curves[key] else None
+
+    return {"run": name, "run_dir": str(run_dir), "step": max(steps) if steps else 0, "loss": last("loss"),
+            "sliced_wasserstein": last("sliced_wasserstein"), "fid": last("fid"),
+            "inception_score": last("inception_score"),
+            "img_per_s": speeds[len(speeds) // 2] if speeds else None}
+
+
+def run_report(run_dirs: list[Path], figure: Path) -> list[dict[str, Any]]:
+    """`ctcore report`: one figure of every run's curves against steps, and one row of final figures per run
+    (the last logged loss, distance, FID and Inception Score, the median img/s). Legends name runs by run.name,
+    or by their directory where two runs share a name."""
+    from ctcore.errors import UsageError
+    from ctcore.images import check_image_path, save_curves
+
+    check_image_path(figure, "--output")
+    seen: set[Path] = set()
+    for run_dir in run_dirs:
+        if Path(run_dir).resolve() in seen:
+            raise UsageError(f"RUN_DIR {str(run_dir)!r} is given twice; name each run once")
+        seen.add(Path(run_dir).resolve())
+    curves = [run_curves(d) for d in run_dirs]
+    names = [run_name(d) for d in run_dirs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in run_dirs]
+    panels = [(title, [c[key] for c in curves]) for key, _, title in REPORT_SERIES if any(c[key] for c in curves)]
+    save_curves(panels, names, figure)
+    return [_final_row(n, d, c) for n, d, c in zip(names, run_dirs, curves, strict=True)]

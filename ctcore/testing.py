@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ctcore.components import (
-    KINDS,
+    ALL_KINDS,
     MAX_NUM_SCALES,
     NAME_PATTERN,
     NOISE_CONVENTIONS,
@@ -24,7 +24,7 @@ from ctcore.components import (
     WeightsUnavailable,
 )
 from ctcore.consistency import karras_sigmas
-from ctcore.errors import CtcoreError
+from ctcore.errors import CtcoreError, PackageUnavailable
 
 if TYPE_CHECKING:
     from ctcore.registry import Registry
@@ -35,6 +35,7 @@ __all__ = [
     "check_component",
     "check_component_class",
     "check_curriculum",
+    "check_logger",
     "check_metric",
     "check_metric_values",
     "check_network",
@@ -79,8 +80,8 @@ def _option_names(cls: type) -> list[str]:
 
 def check_component_class(kind: str, cls: type) -> None:
     """Check the class attributes every component needs: `name`, `summary` and a frozen attrs `Options`."""
-    if kind not in KINDS:
-        raise AssertionError(f"unknown component kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in ALL_KINDS:
+        raise AssertionError(f"unknown component kind {kind!r}; expected one of {', '.join(ALL_KINDS)}")
     if not isinstance(cls, type):
         raise _fail(cls, f"a {kind} component must be a class, got {type(cls).__name__}")
 
@@ -422,6 +423,68 @@ def check_teacher(cls: type, **options: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Loggers
+# ---------------------------------------------------------------------------------------------------------
+
+LOGGER_RECORDS: tuple[dict[str, Any], ...] = (
+    {"time": 1.0, "event": "distance", "step": 0, "sliced_wasserstein": 0.5},
+    {"time": 2.0, "step": 2, "loss": 1.5, "num_scales": 11, "lr": 1e-4, "teacher_decay": 0.0, "img_per_s": 900.0},
+    {"time": 3.0, "event": "nonfinite", "step": 3, "loss": float("nan"), "consecutive": 1, "last_good_step": 2},
+    {"time": 4.0, "step": 4, "loss": float("inf"), "num_scales": 11, "lr": 1e-4, "teacher_decay": 0.0,
+     "img_per_s": 900.0},
+    {"time": 5.0, "event": "samples", "step": 4, "path": "samples/step-000000004.png"},
+    {"time": 6.0, "event": "fid", "step": 4, "fid": 30.5, "num_samples": 100, "steps": 1, "inception_score": 2.5},
+    {"time": 7.0, "event": "checkpoint", "step": 4, "path": "checkpoints/ckpt-000000004.pt"},
+    {"time": 8.0, "event": "a-future-event", "step": 4, "value": [1, 2]},
+)
+"""What `check_logger` logs: every kind of record a run writes, non-finite losses and an event no logger knows."""
+
+
+def check_logger(cls: type, **options: Any) -> None:
+    """Check a logger, in a fresh working directory: the constructor writes nothing; start, log of every kind of
+    record a run writes, close, then a resumed start in the same directory write only under the run directory and
+    leave each record as it was."""
+    import contextlib
+    import copy
+    import math
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from ctcore.images import save_grid
+
+    def unchanged(kept: dict[str, Any], record: dict[str, Any]) -> bool:
+        return kept.keys() == record.keys() and all(
+            v == record[k] or (isinstance(v, float) and math.isnan(v) and isinstance(record[k], float)
+                               and math.isnan(record[k])) for k, v in kept.items())
+
+    context = BuildContext(data_shape=(3, 4, 4), total_steps=4)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        logger = _build(cls, context, options)
+        if os.listdir(tmp):
+            raise _fail(cls, f"the constructor must not write anything (open files in start()), but it wrote "
+                             f"{sorted(os.listdir(tmp))}")
+        run_dir = Path(tmp) / "run"
+        save_grid(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), run_dir / "samples" / "step-000000004.png")
+        records = [{**r, "path": str(run_dir / r["path"])} if "path" in r else dict(r) for r in LOGGER_RECORDS]
+        logger.start(run_dir, 0, {"run": {"name": "check"}, "logging": {"backends": ["jsonl", cls.name]}})
+        for record in records:
+            kept = copy.deepcopy(record)
+            logger.log(record)
+            if not unchanged(kept, record):
+                raise _fail(cls, f"log(record) must not change the record (every logger gets the same one), "
+                                 f"but it changed {kept!r} into {record!r}")
+        logger.close()
+        resumed = _build(cls, context, options)
+        resumed.start(run_dir, 4, {"run": {"name": "check"}})  # a resumed run starts again in the same directory
+        resumed.log(dict(records[1]))
+        resumed.close()
+        if os.listdir(tmp) != ["run"]:
+            raise _fail(cls, f"write only under the run directory given to start(); it also wrote "
+                             f"{sorted(set(os.listdir(tmp)) - {'run'})} in the working directory")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------------
 
@@ -431,6 +494,7 @@ _CHECKS = {
     "noise_schedule": check_noise_schedule,
     "curriculum": check_curriculum,
     "teacher": check_teacher,
+    "logger": check_logger,
 }
 
 
@@ -441,17 +505,19 @@ def check_component(kind: str, cls: type, **kwargs: Any) -> None:
 
 
 def check_all(registry: Registry, options: dict[tuple[str, str], dict[str, Any]] | None = None, *,
-              require_weights: bool = False) -> list[str]:
+              require_weights: bool = False, require_packages: bool = False) -> list[str]:
     """Check every component of a `ctcore.registry.Registry`; report all failures.
 
     Components use default options unless `options[(kind, name)]` gives others (e.g. a reduced width, so a
     300M-parameter network checks in a second). A component whose weights file is absent (it raises
     `ctcore.components.WeightsUnavailable`, as lpips does on a stock install) is skipped with a
-    SkippedComponentWarning, unless `require_weights`; returns the skip messages.
+    SkippedComponentWarning, unless `require_weights`; so is one whose optional package is not installed (it raises
+    `ctcore.errors.PackageUnavailable`, as the tensorboard logger does), unless `require_packages`. Returns the skip
+    messages.
     """
     options = options or {}
     failures, skipped = [], []
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         for name in registry.names(kind):
             where = registry.provider(kind, name).distribution
             try:
@@ -462,6 +528,12 @@ def check_all(registry: Registry, options: dict[tuple[str, str], dict[str, Any]]
                     continue
                 skipped.append(f"skipped {kind} {name!r} from {where}: {exc}; to check it, pass "
                                f"options={{({kind!r}, {name!r}): {{{exc.option!r}: PATH}}}} to check_all")
+                warnings.warn(skipped[-1], SkippedComponentWarning, stacklevel=2)
+            except PackageUnavailable as exc:
+                if require_packages:
+                    failures.append(f"{kind} {name!r} from {where}: PackageUnavailable: {exc}")
+                    continue
+                skipped.append(f"skipped {kind} {name!r} from {where}: {exc}")
                 warnings.warn(skipped[-1], SkippedComponentWarning, stacklevel=2)
             except Exception as exc:
                 kind_of = "AssertionError" if isinstance(exc, AssertionError) else type(exc).__name__

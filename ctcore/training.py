@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+import tomllib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from ctcore.consistency import consistency_loss, karras_sigmas
 from ctcore.errors import RunError
 from ctcore.evaluation import evaluate_distance
 from ctcore.fid import evaluate_fid, load_fid_tools
-from ctcore.reporting import is_live, log_record, open_stats, plot_fid, progress_bar, progress_line
+from ctcore.reporting import RunLog, build_loggers, is_live, plot_fid, progress_bar, progress_line
 from ctcore.sampling import save_samples
 
 if TYPE_CHECKING:
@@ -180,16 +181,21 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     end = min(t.total_steps, stop_at) if stop_at is not None else t.total_steps
     if world.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-    # closed in finally; ranks other than 0 log nowhere
-    stats = open_stats(run.out_dir) if world.is_main else None
+    # rank 0 logs to the recipe's loggers (stats.jsonl first), closed in finally; the other ranks log nowhere
+    if world.is_main:
+        log = RunLog.start(build_loggers(run.recipe, run.registry), run.out_dir, run.step,
+                           tomllib.loads(run.recipe_text))
+    else:
+        log = RunLog()
     summary: dict[str, Any] = {"start_step": run.step}
     started = time.perf_counter()
+    finished = False
     with flush_denormals(run.device.type == "cpu"):
         try:
             if run.initial_distance is None and run.step == 0:
                 run.initial_distance = evaluate_distance(run)
                 if run.initial_distance is not None:
-                    log_record(stats, {"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
+                    log({"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
             e = run.recipe.evaluation
             fid_tools = load_fid_tools(run) if e.fid_every > 0 else None  # fail before training, not mid-run
             loss_acc = torch.zeros((), device=run.device, dtype=torch.float64)  # summed on device: no sync per step
@@ -217,12 +223,12 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         loss_acc += loss.double()
                         acc_count += 1
                     else:
-                        log_record(stats, {"event": "nonfinite", "step": k, "loss": float(loss),
-                                     "consecutive": run.nonfinite_run, "last_good_step": run.last_good_step})
+                        log({"event": "nonfinite", "step": k, "loss": float(loss),
+                             "consecutive": run.nonfinite_run, "last_good_step": run.last_good_step})
                         if run.nonfinite_run >= t.max_nonfinite_steps:
                             fold_losses()
                             path = save_checkpoint(run)
-                            log_record(stats, {"event": "diverged", "step": k, "path": str(path)})
+                            log({"event": "diverged", "step": k, "path": str(path)})
                             raise TrainingDiverged(run, path, float(loss))
                     bar.update(task, completed=k)
                     if k % t.log_every == 0 or k == end:
@@ -230,9 +236,9 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         last_loss = run.loss_sum / run.loss_count if run.loss_count else float("nan")
                         speed = (k - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
                         n = run.curriculum.num_scales(k - 1)
-                        log_record(stats, {"step": k, "loss": last_loss, "num_scales": n,
-                                     "lr": run.optimizer.param_groups[0]["lr"],
-                                     "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
+                        log({"step": k, "loss": last_loss, "num_scales": n,
+                             "lr": run.optimizer.param_groups[0]["lr"],
+                             "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
                         bar.update(task, loss=f"{last_loss:.4g}", scales=str(n), speed=f"{speed:,.0f}")
                         if plain_lines:
                             eta = (end - k) * (time.perf_counter() - loop_started) / max(k - first_step, 1)
@@ -242,10 +248,10 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         last_step = k
                     if k % t.sample_every == 0 or k == end:
                         path = save_samples(run)
-                        log_record(stats, {"event": "samples", "step": k, "path": str(path)})
+                        log({"event": "samples", "step": k, "path": str(path)})
                     if fid_tools is not None and (k % e.fid_every == 0 or k == t.total_steps):
                         result = evaluate_fid(run, fid_tools)
-                        log_record(stats, {"event": "fid", "step": k, "fid": result["fid"],
+                        log({"event": "fid", "step": k, "fid": result["fid"],
                                            "num_samples": e.fid_num_samples, "steps": e.fid_steps,
                                            "inception_score": result["inception_score"],
                                            "fid_protocol": e.fid_protocol, "is_split": e.is_split})
@@ -254,13 +260,13 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                     if k % t.checkpoint_every == 0 or k == end:
                         fold_losses()  # a partial log interval survives a resume
                         path = save_checkpoint(run)
-                        log_record(stats, {"event": "checkpoint", "step": k, "path": str(path)})
+                        log({"event": "checkpoint", "step": k, "path": str(path)})
                     # ranks receive a signal at different moments: all stop after the first step any rank saw it
                     if any_rank(world, bool(signals)):
                         name = signals[0] if signals else "SIGTERM"
                         fold_losses()
                         path = save_checkpoint(run)
-                        log_record(stats, {"event": "stopped", "step": k, "signal": name, "path": str(path)})
+                        log({"event": "stopped", "step": k, "signal": name, "path": str(path)})
                         raise TrainingStopped(name, k, path)
                     if k == last_step:  # img/s measures training: restart the clock after logging and file writes
                         last_time = time.perf_counter()
@@ -269,16 +275,16 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                 final = evaluate_distance(run)
                 summary["final_distance"] = final
                 if final is not None:
-                    log_record(stats, {"event": "distance", "step": run.step, "sliced_wasserstein": final})
+                    log({"event": "distance", "step": run.step, "sliced_wasserstein": final})
+            finished = True
         except (TrainingStopped, TrainingDiverged):
             raise
         except Exception as exc:  # e.g. raised inside a plugin: the log says when; checkpoints stay as they were
-            with contextlib.suppress(OSError, ValueError):
-                log_record(stats, {"event": "error", "step": run.step, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            with contextlib.suppress(Exception):  # a failing logger may fail again
+                log({"event": "error", "step": run.step, "error": f"{type(exc).__name__}: {exc}"[:500]})
             raise
         finally:
-            if stats is not None:
-                stats.close()
+            log.close(quiet=not finished)  # an exception on its way out is the better report
 
     summary.update(step=run.step, initial_distance=run.initial_distance, seconds=time.perf_counter() - started)
     return summary

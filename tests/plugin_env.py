@@ -79,5 +79,6 @@ BUILTINS: dict[str, list[str]] = {
     "noise_schedule": ["lognormal", "uniform"],
     "curriculum": ["constant", "ct", "exponential"],
     "teacher": ["ema", "no-ema"],
+    "logger": ["jsonl", "tensorboard"],
 }
 """Every component the ctcore distribution registers, by kind."""

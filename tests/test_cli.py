@@ -74,7 +74,8 @@ def test_help_lists_every_command() -> None:
     assert "Train, sample and inspect consistency models with the iCT techniques." in result.stdout
     panel = result.stdout.split("\nCommands:\n", 1)[1]
     commands = [m.group(1) for m in re.finditer(r"^  (\S+)\s{2,}", panel, re.MULTILINE)]
-    assert commands == ["run", "check", "sweep", "sample", "eval", "eval-ref-stats", "bench", "list-components", "data"]
+    assert commands == ["run", "check", "sweep", "sample", "eval", "eval-ref-stats", "bench", "list-components",
+                        "report", "data"]
 
 
 @pytest.mark.parametrize(
@@ -162,11 +163,12 @@ def test_list_components_json() -> None:
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("bogus", "unknown component kind 'bogus' (available: curriculum, metric, network, noise_schedule, teacher)"),
+        ("bogus", "unknown component kind 'bogus' (available: curriculum, logger, metric, network, noise_schedule, "
+                  "teacher)"),
         ("metrc", "unknown component kind 'metrc'; did you mean 'metric'? "
-                  "(available: curriculum, metric, network, noise_schedule, teacher)"),
+                  "(available: curriculum, logger, metric, network, noise_schedule, teacher)"),
         ("noise-schedule", "unknown component kind 'noise-schedule'; did you mean 'noise_schedule'? "
-                           "(available: curriculum, metric, network, noise_schedule, teacher)"),
+                           "(available: curriculum, logger, metric, network, noise_schedule, teacher)"),
     ],
 )
 def test_list_components_unknown_kind_exits_2(kind: str, message: str) -> None:

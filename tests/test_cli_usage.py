@@ -33,6 +33,7 @@ BASE_ARGS: dict[str, list[str]] = {
     "eval-ref-stats": ["data.h5", "stats.npz"],
     "bench": ["r.toml"],
     "list-components": [],
+    "report": ["runs/x"],
     "data import": ["source.tar.gz", "out.h5"],
     "data info": ["data.h5"],
     "data download": ["cifar10"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -52,7 +53,7 @@ def test_registered_component_meets_its_contract(kind: str, name: str) -> None:
 
 
 def test_builtins_cover_every_kind() -> None:
-    assert {r["kind"] for r in ROWS} == {"network", "metric", "noise_schedule", "curriculum", "teacher"}
+    assert {r["kind"] for r in ROWS} == {"network", "metric", "noise_schedule", "curriculum", "teacher", "logger"}
 
 
 def test_mlp_meets_the_network_contract_with_class_labels() -> None:
@@ -452,3 +453,17 @@ def test_check_all_skips_lpips_without_heads_and_checks_it_with_both_files(monke
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is skipped once both files are given
         assert check_all(_lpips_only(), {("metric", "lpips"): {"resize": 16, **files}}) == []
+
+
+def test_check_all_skips_a_logger_whose_package_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    stock = load_registry()
+    registry = Registry()
+    registry.add("logger", stock.get("logger", "tensorboard"), stock.provider("logger", "tensorboard"))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError: a stock install
+    missing = ("logging.backends: the 'tensorboard' logger needs the tensorboard package, which is not installed: "
+               "pip install 'ctcore[tensorboard]' (or remove 'tensorboard' from logging.backends)")
+    with pytest.warns(SkippedComponentWarning):
+        assert check_all(registry) == [f"skipped logger 'tensorboard' from ctcore: {missing}"]
+    with pytest.raises(AssertionError, match=re.escape(
+            "1 component(s) break the contract:\nlogger 'tensorboard' from ctcore: PackageUnavailable: " + missing)):
+        check_all(registry, require_packages=True)

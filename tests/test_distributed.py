@@ -47,8 +47,10 @@ def _events(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     training = {"total_steps": 20, "checkpoint_every": 10, "sample_every": 10, "log_every": 5}
-    for name in ("one", "two"):
-        write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, network=NO_DROPOUT, training=training)
+    for name in ("one", "two"):  # logging never changes what a run computes; under torchrun rank 0 alone logs
+        logging = {"backends": ["tensorboard"] if name == "two" else []}
+        write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, network=NO_DROPOUT, training=training,
+                          logging=logging)
     one = _ctcore(str(tmp_path / "one.toml"))
     two = _ctcore(str(tmp_path / "two.toml"), nproc=2)
     _finish(one)
@@ -75,6 +77,7 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tm
     assert dist_b == pytest.approx(dist_a, rel=1e-5)
     assert [r["step"] for r in _events(tmp_path / "two") if r.get("event") == "checkpoint"] == [10, 20]
     assert out.count("run directory:") == 1
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.slow

@@ -1,0 +1,271 @@
+"""Loggers are plugins: `[logging] backends` selects them, `jsonl` is always on, `tensorboard` writes event files
+whose values are read back here, a missing package or a failing logger is one line, and `check_logger` catches
+loggers that break the contract."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import pytest
+from helpers import tiny_recipe_text, write_tiny_recipe
+from PIL import Image
+from plugin_env import fake_distribution
+from typer.testing import CliRunner, Result
+
+from ctcore.cli import app
+from ctcore.errors import RecipeError
+from ctcore.recipe import dump_recipe, parse_recipe
+from ctcore.registry import load_registry
+from ctcore.testing import check_logger
+
+REGISTRY = load_registry()
+TB_MISSING = ("logging.backends: the 'tensorboard' logger needs the tensorboard package, which is not installed: "
+              "pip install 'ctcore[tensorboard]' (or remove 'tensorboard' from logging.backends)")
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def records(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, REGISTRY, source="r.toml")
+    return info.value.problems
+
+
+# ------------------------------------------------------------------------------------------------- recipes
+
+
+def test_jsonl_is_always_on_and_the_resolved_recipe_lists_it_first(tmp_path: Path) -> None:
+    cases = {None: ("jsonl",), (): ("jsonl",), ("tensorboard",): ("jsonl", "tensorboard"),
+             ("tensorboard", "jsonl"): ("jsonl", "tensorboard")}
+    for given, resolved in cases.items():
+        extra = {} if given is None else {"logging": {"backends": list(given)}}
+        recipe = parse_recipe(tiny_recipe_text(tmp_path, **extra), REGISTRY)
+        assert recipe.logging.backends == resolved
+        assert parse_recipe(dump_recipe(recipe), REGISTRY) == recipe
+    text = dump_recipe(parse_recipe(tiny_recipe_text(tmp_path, logging={"backends": ["tensorboard"]}), REGISTRY))
+    assert '[logging]\nbackends = ["jsonl", "tensorboard"]\n\n[logging.tensorboard]\nimages = true\n\n[network]' in text
+    tuned = parse_recipe(tiny_recipe_text(tmp_path, logging={"backends": ["tensorboard"]})
+                         + "\n[logging.tensorboard]\nimages = false\n", REGISTRY)
+    assert tuned.loggers["tensorboard"].images is False
+
+
+@pytest.mark.parametrize(("logging", "expected"), [
+    ('backends = ["tensorbord"]', ["logging.backends: unknown logger 'tensorbord'; did you mean 'tensorboard'? "
+                                   "(available: jsonl, tensorboard)"]),
+    ('backends = ["tensorboard", "tensorboard"]',
+     ["logging.backends: lists 'tensorboard' more than once; list each backend once"]),
+    ('backends = "tensorboard"', ["logging.backends: expected an array, got 'tensorboard' (a string)"]),
+    ('backend = ["jsonl"]', ["logging.backend: unknown key; did you mean 'backends'?"]),
+    ('backends = ["jsonl"]\n[logging.tensorboard]\nimages = false',
+     ["logging.tensorboard: options of a logger that logging.backends does not list; add 'tensorboard' to "
+      "logging.backends or delete the table [logging.tensorboard]"]),
+    ('backends = ["tensorboard"]\n[logging.tensorboard]\nimages = 1\nimage = true',
+     ["logging.tensorboard.images: expected true or false, got 1 (an integer)",
+      "logging.tensorboard.image: unknown key; did you mean 'images'?"]),
+    ('[logging.wandb]\nproject = "x"', ["logging.wandb: unknown logger 'wandb' (available: jsonl, tensorboard)"]),
+])
+def test_a_bad_logging_section_names_the_key_and_the_fix(tmp_path: Path, logging: str, expected: list[str]) -> None:
+    assert problems(tiny_recipe_text(tmp_path) + "\n[logging]\n" + logging + "\n") == expected
+
+
+# ------------------------------------------------------------------------------------------------ tensorboard
+
+
+def test_tensorboard_logger_writes_every_scalar_and_sample_grid_of_the_run(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", logging={"backends": ["tensorboard"]})
+    result = invoke("run", recipe, "--no-progress")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    logged = records(run)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    training = [r for r in logged if "event" not in r]
+    assert [r["step"] for r in training] == [2, 4, 6, 8, 10, 12]
+    for key in ("loss", "num_scales", "lr", "teacher_decay", "img_per_s"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [s.step for s in scalars] == [r["step"] for r in training], key
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in training], rel=1e-6), key
+        assert [s.wall_time for s in scalars] == pytest.approx([r["time"] for r in training], abs=1e-3)
+    distances = [r for r in logged if r.get("event") == "distance"]
+    scalars = events.Scalars("eval/sliced_wasserstein")
+    assert [(s.step, s.value) for s in scalars] == [(r["step"], pytest.approx(r["sliced_wasserstein"], rel=1e-6))
+                                                   for r in distances] and len(distances) == 2
+    grids = [r for r in logged if r.get("event") == "samples"]
+    images = events.Images("samples")
+    assert [i.step for i in images] == [r["step"] for r in grids] == [6, 12]
+    for image, grid in zip(images, grids, strict=True):
+        with Image.open(grid["path"]) as png:
+            assert (image.width, image.height) == png.size
+    assert sorted(p.parent.name for p in run.rglob("events.out.tfevents.*")) == ["tensorboard"]
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    recipe = write_tiny_recipe(tmp_path / "r.toml", run, logging={"backends": ["tensorboard"]})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    (run / "checkpoints" / "ckpt-000000012.pt").unlink()  # as if killed after step 12 was logged, before its checkpoint
+    result = invoke("run", run, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    logged = [r for r in records(run) if "event" not in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8, 10, 12, 8, 10, 12]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("train/loss")
+    last = {r["step"]: r["loss"] for r in logged}
+    assert [(s.step, s.value) for s in scalars] == [(k, pytest.approx(v, rel=1e-6)) for k, v in last.items()]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+def test_a_missing_tensorboard_package_is_one_line_exit_2_and_nothing_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out" / "run", logging={"backends": ["tensorboard"]})
+    for command in ("check", "run"):
+        result = invoke(command, recipe)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.splitlines() == [f"error: {recipe}: {TB_MISSING}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]
+
+
+# ------------------------------------------------------------------------------------------ a third-party one
+
+FLAKY = '''
+from pathlib import Path
+from typing import ClassVar
+
+import attrs
+
+from ctcore import hookimpl
+
+
+class Flaky:
+    name: ClassVar[str] = "flaky"
+    summary: ClassVar[str] = "fails at step 4"
+
+    @attrs.frozen
+    class Options:
+        fail_at: int = 4
+
+    def __init__(self, options, context):
+        self.options, self.seen, self.dir = options, [], None
+
+    def start(self, run_dir, step, config):
+        self.dir = Path(run_dir)
+        (self.dir / "flaky-started").write_text(f"{step} {config['run']['name']}")
+
+    def log(self, record):
+        self.seen.append(record["step"])
+        if record.get("event") is None and record["step"] == self.options.fail_at:
+            raise RuntimeError("backend down")  # FAIL
+
+    def close(self):
+        (self.dir / "flaky-closed").write_text(" ".join(map(str, self.seen)))
+
+
+@hookimpl
+def ctcore_register_loggers():
+    return [Flaky]
+'''
+
+
+def test_a_third_party_logger_gets_every_record_and_its_exception_stops_the_run_in_one_line(
+        tmp_path: Path, plugin_path) -> None:
+    plugin_path(fake_distribution(tmp_path, "ctcore-flaky", {"flaky": "ctcore_flaky"},
+                                  {"ctcore_flaky.__init__": FLAKY}, version="1.0"))
+    result = invoke("list-components", "--kind", "logger", "--json")
+    assert [(r["name"], r["distribution"]) for r in json.loads(result.stdout)] == [
+        ("flaky", "ctcore-flaky"), ("jsonl", "ctcore"), ("tensorboard", "ctcore")]
+    run = tmp_path / "run"
+    recipe = write_tiny_recipe(tmp_path / "r.toml", run, logging={"backends": ["flaky"]})
+    result = invoke("run", recipe, "--no-progress")
+    line = next(i for i, text in enumerate(FLAKY.splitlines(), 1) if text.endswith("# FAIL"))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [
+        f"error: logger 'flaky' from distribution 'ctcore-flaky 1.0' raised RuntimeError: backend down (in "
+        f"ctcore_flaky/__init__.py:{line}, log); the run stopped at step 4, no checkpoint was written yet: fix or "
+        f"update the plugin, then ctcore run {run} --resume"]
+    assert (run / "flaky-started").read_text() == "0 tiny"
+    assert (run / "flaky-closed").read_text() == "0 2 4 4"  # the error event reached it too, then it was closed
+    logged = records(run)
+    assert [r.get("event") for r in logged] == ["distance", None, None, "error"]
+    assert logged[-1]["error"] == "RuntimeError: backend down"
+    assert json.loads((run / "provenance.json").read_text())["loggers"] == {
+        "jsonl": {"distribution": "ctcore", "version": "0.1.0"},
+        "flaky": {"distribution": "ctcore-flaky", "version": "1.0"}}
+
+
+# --------------------------------------------------------------------------------------------- the contract
+
+
+def _logger(**methods: Any) -> type:
+    """A logger class whose methods are the defaults below, replaced by `methods`."""
+
+    class Probe:
+        name: ClassVar[str] = "probe"
+        summary: ClassVar[str] = "a test logger"
+
+        @attrs.frozen
+        class Options:
+            pass
+
+        def __init__(self, options: Any, context: Any) -> None:
+            self.dir = None
+
+        def start(self, run_dir: Path, step: int, config: dict) -> None:
+            self.dir = run_dir
+
+        def log(self, record: dict) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    for name, fn in methods.items():
+        setattr(Probe, name, fn)
+    return Probe
+
+
+def test_check_logger_passes_the_builtins_and_catches_broken_loggers(tmp_path: Path) -> None:
+    for name in ("jsonl", "tensorboard"):
+        check_logger(REGISTRY.get("logger", name))
+    check_logger(REGISTRY.get("logger", "tensorboard"), images=False)
+    check_logger(_logger())
+
+    def writes_early(self: Any, options: Any, context: Any) -> None:
+        Path("stray.txt").write_text("x")
+
+    def writes_elsewhere(self: Any, run_dir: Path, step: int, config: dict) -> None:
+        Path("wandb").mkdir(exist_ok=True)
+
+    def mutates(self: Any, record: dict) -> None:
+        record.pop("time", None)
+
+    def rejects_unknown_events(self: Any, record: dict) -> None:
+        if record.get("event") not in (None, "distance", "samples", "fid", "checkpoint", "nonfinite"):
+            raise KeyError(record["event"])
+
+    with pytest.raises(AssertionError, match=r"Probe: the constructor must not write anything \(open files in "
+                                             r"start\(\)\), but it wrote \['stray.txt'\]$"):
+        check_logger(_logger(__init__=writes_early))
+    with pytest.raises(AssertionError, match=r"Probe: write only under the run directory given to start\(\); it also "
+                                             r"wrote \['wandb'\] in the working directory$"):
+        check_logger(_logger(start=writes_elsewhere))
+    with pytest.raises(AssertionError, match=r"Probe: log\(record\) must not change the record \(every logger gets "
+                                             r"the same one\), but it changed \{'time': 1\.0, 'event': 'distance'"):
+        check_logger(_logger(log=mutates))
+    with pytest.raises(KeyError, match="a-future-event"):
+        check_logger(_logger(log=rejects_unknown_events))

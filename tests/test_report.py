@@ -1,0 +1,131 @@
+"""`ctcore report`: one figure of several runs' curves, a table (or JSON) of their final figures read robustly from
+stats.jsonl, and one line with exit 2 for what is no run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import write_tiny_recipe
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from ctcore.cli import app
+from ctcore.images import PALETTE
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def fake_run(folder: Path, name: str | None, lines: list[Any]) -> Path:
+    """A run directory with a recipe.toml naming the run (None: none) and a stats.jsonl of these lines
+    (dicts become JSON, str and bytes are written as they are)."""
+    folder.mkdir(parents=True)
+    if name is not None:
+        (folder / "recipe.toml").write_text(f'[run]\nname = "{name}"\n')
+    raw = b"".join((json.dumps(x).encode() if isinstance(x, dict) else x.encode() if isinstance(x, str) else x)
+                   + b"\n" for x in lines)
+    (folder / "stats.jsonl").write_bytes(raw.rstrip(b"\n") if lines and isinstance(lines[-1], str) else raw)
+    return folder
+
+
+def train(step: int, loss: Any, speed: float) -> dict[str, Any]:
+    return {"time": 1.0, "step": step, "loss": loss, "num_scales": 11, "lr": 1e-3, "teacher_decay": 0.0,
+            "img_per_s": speed}
+
+
+A = [{"event": "distance", "step": 0, "sliced_wasserstein": 0.6},
+     train(100, 2.5, 1000.0), train(200, 1.5, 3000.0),
+     {"event": "checkpoint", "step": 200, "path": "x"},
+     train(300, 9.0, 9.0),  # logged by a process killed before its checkpoint; the resumed run logs 300 again
+     train(300, 1.25, 2000.0),
+     b"\xff\xfe not json \x00",  # damaged bytes
+     "[1, 2]",  # valid JSON, but no record
+     {"event": "fid", "step": 300, "fid": 41.5, "inception_score": 7.25, "num_samples": 10, "steps": 1},
+     {"event": "distance", "step": 300, "sliced_wasserstein": 0.05},
+     '{"time": 9.0, "step": 400, "loss": 0.'  # cut short by a kill
+     ]
+B = [train(100, "nan", 500.0), train(200, 3.0, 700.0), train(300, "inf", 600.0)]
+
+
+def test_report_of_two_runs_prints_their_final_figures_and_draws_one_figure(tmp_path: Path) -> None:
+    a, b = fake_run(tmp_path / "a", "ict", A), fake_run(tmp_path / "b", None, B)
+    figure = tmp_path / "out" / "figure.png"
+    result = invoke("report", a, b, "-o", figure, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [
+        {"run": "ict", "run_dir": str(a), "step": 300, "loss": 1.25, "sliced_wasserstein": 0.05, "fid": 41.5,
+         "inception_score": 7.25, "img_per_s": 2000.0},
+        {"run": "b", "run_dir": str(b), "step": 300, "loss": "inf", "sliced_wasserstein": None, "fid": None,
+         "inception_score": None, "img_per_s": 600.0}]
+    assert result.stderr == f"wrote the figure to {figure}\n"
+    with Image.open(figure) as image:
+        # five panels (loss, distance, FID, IS, img/s), two a row, under a legend of two lines
+        assert image.size == (2 * 480, 16 * 2 + 12 + 3 * 300)
+        colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 20)}
+    assert {PALETTE[0], PALETTE[1]} <= colours
+
+    table = invoke("report", a, b, "-o", tmp_path / "t.webp")
+    assert table.exit_code == 0, table.output
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in table.stdout.splitlines() if line.startswith("│")]
+    assert rows == [["ict", "300", "1.25", "0.0500", "41.50", "7.25", "2,000"],
+                    ["b", "300", "inf", "-", "-", "-", "600"]]
+    assert table.stdout.endswith(f"wrote the figure to {tmp_path / 't.webp'}\n")
+    assert (tmp_path / "t.webp").is_file()
+
+
+def test_runs_sharing_a_name_are_told_apart_by_their_directories(tmp_path: Path) -> None:
+    a, b = fake_run(tmp_path / "x" / "r", "same", A[:3]), fake_run(tmp_path / "y" / "r", "same", B)
+    result = invoke("report", a, b, "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["run"] for r in json.loads(result.stdout)] == [str(a), str(b)]
+    with Image.open("report.png") as image:  # the default: report.png in the working directory
+        assert image.size == (960, 16 * 2 + 12 + 2 * 300)  # loss, distance, img/s
+
+
+def test_report_of_a_real_run(tmp_path: Path) -> None:
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run")
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    result = invoke("report", tmp_path / "run", "--json", "-o", tmp_path / "r.png")
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    training = [r for r in logged if "event" not in r]
+    speeds = sorted(r["img_per_s"] for r in training)
+    assert row == {"run": "tiny", "run_dir": str(tmp_path / "run"), "step": 12, "loss": training[-1]["loss"],
+                   "sliced_wasserstein": [r for r in logged if r.get("event") == "distance"][-1]["sliced_wasserstein"],
+                   "fid": None, "inception_score": None, "img_per_s": speeds[len(speeds) // 2]}
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing", "RUN_DIR '{d}' is not a directory; give a run directory that `ctcore run` wrote (it holds "
+                "stats.jsonl)"),
+    ("file", "RUN_DIR '{d}' is not a directory; give a run directory that `ctcore run` wrote (it holds stats.jsonl)"),
+    ("empty-dir", "RUN_DIR '{d}' has no stats.jsonl, so it is no run directory (or its run has not logged yet); give "
+                  "a directory that `ctcore run` wrote"),
+    ("no-records", "'{d}/stats.jsonl' holds no records yet; report the run once it has logged a step"),
+    ("twice", "RUN_DIR '{d}' is given twice; name each run once"),
+    ("suffix", "--output 'report.txt': give an image file name ending in .png (or .jpg, .webp)"),
+])
+def test_what_is_no_run_is_one_line_and_exit_2(tmp_path: Path, case: str, message: str) -> None:
+    good = fake_run(tmp_path / "good", "good", A)
+    d = tmp_path / "bad"
+    args: list[object] = [good, d]
+    if case == "file":
+        d.write_text("")
+    elif case == "empty-dir":
+        d.mkdir()
+    elif case == "no-records":
+        fake_run(d, "x", ["", '{"event": "distance"}', '{"step": 1, "loss": '])
+    elif case == "twice":
+        d = good
+        args = [good, tmp_path / "good"]
+    elif case == "suffix":
+        args = [good, "-o", "report.txt"]
+    result = invoke("report", *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == ["error: " + message.format(d=d)]
+    assert result.stdout == "" and not Path("report.png").exists() and not Path("report.txt").exists()
