@@ -663,7 +663,8 @@ def dump_recipe(recipe: Recipe) -> str:
             for logger, options in recipe.loggers.items():
                 fields = attrs.asdict(options, recurse=False)
                 if fields:
-                    blocks.append("\n".join(_section_lines(f"logging.{logger}", list(fields.items()))))
+                    blocks.append("\n".join(_section_lines(f"logging.{logger}", list(fields.items()),
+                                                            computed_defaults(options, context))))
     return "\n\n".join(blocks) + "\n"
 
 
