@@ -204,7 +204,7 @@ def test_check_quickstart() -> None:
     recipe = parse_recipe(result.stdout, registry, source=str(QUICKSTART))
     assert recipe == read_recipe(QUICKSTART, registry)
     assert recipe.components["network"].name == "mlp"
-    assert recipe.training.total_steps == 4000
+    assert recipe.training.total_steps == 1000
     assert recipe.sampling.sigma_mid == (0.821,)
     assert re.fullmatch(
         rf"ok: {re.escape(str(QUICKSTART))} is valid; network mlp has [\d,]+ parameters; "

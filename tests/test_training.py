@@ -150,13 +150,14 @@ def test_run_writes_resolved_recipe_provenance_and_pictures(tmp_path, registry):
 
 
 @pytest.mark.slow
-def test_quickstart_learns_at_least_5x_better_than_untrained(tmp_path, registry):
-    """The README's main job: the full quickstart recipe ends >= 5x closer to the data than at step 0."""
+def test_quickstart_learns_at_least_10x_better_than_untrained(tmp_path, registry):
+    """The README's main job: the full quickstart recipe ends >= 10x closer to the data than at step 0 (12.7x with
+    one thread, 12.8x with two)."""
     recipe = read_recipe(REPO / "recipes" / "quickstart.toml", registry)
     run = start_run(recipe, registry, tmp_path / "quickstart")  # run.threads = 0: as a user's run picks threads
     summary = train(run, progress=False)
     assert summary["step"] == recipe.training.total_steps
-    assert summary["final_distance"] * 5 <= summary["initial_distance"], summary
+    assert summary["final_distance"] * 10 <= summary["initial_distance"], summary
 
 
 def test_compile_switch_wraps_the_student_and_auto_is_off_on_cpu(tmp_path, registry):
