@@ -294,8 +294,14 @@ generators. Everything else would make the run disagree with its own past and is
 is K of curricula such as iCT's exponential one, so N(k) of the steps after the resume follows the new K."""
 
 
-EXTENSIBLE_TEXT = ("training.total_steps, log_every, checkpoint_every, sample_every, keep_checkpoints and the "
-                   "[evaluation] settings")
+EXTENSIBLE_TEXT = ("training.total_steps, log_every, checkpoint_every, sample_every, keep_checkpoints, the "
+                   "[evaluation] settings and [logging]")
+
+
+def extensible(key: str) -> bool:
+    """Whether a resumed run may change this `section.key`: EXTENSIBLE_KEYS, and every [logging] setting (the
+    backends a run's records also go to, and their options), which no trained step depends on."""
+    return key in EXTENSIBLE_KEYS or key.startswith("logging.")
 
 
 def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple[str, str]]:
@@ -337,7 +343,7 @@ def checkpoint_fits_run(checkpoint_recipe: Recipe, run_recipe: Recipe) -> list[s
     directory's recipe.toml except in EXTENSIBLE_KEYS (a run extended after it). Returns the other differences
     (`section.key: checkpoint -> recipe.toml`), empty when it fits."""
     return [f"  {k}: {a} -> {b}" for k, (a, b) in recipe_changes(checkpoint_recipe, run_recipe).items()
-            if k not in EXTENSIBLE_KEYS]
+            if not extensible(k)]
 
 
 def _extend(run: Run, recipe_path: Path) -> None:
@@ -453,7 +459,7 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
     new_recipe = run_recipe
     if recipe is not None:
         changes = recipe_changes(run_recipe, recipe)
-        refused = [k for k in changes if k not in EXTENSIBLE_KEYS]
+        refused = [k for k in changes if not extensible(k)]
         if refused and sets:
             blame = {s.partition("=")[0].strip(): s for s in sets}
             k = refused[0]

@@ -339,12 +339,26 @@ def test_a_change_that_would_rewrite_the_past_is_refused_on_resume(tmp_path):
     assert one_line_error(result, 2) == (
         f"error: --set training.lr=2e-3: training.lr cannot change when the run in {str(tmp_path / 'out')!r} "
         "resumes (0.001 -> 0.002): its past steps were trained with it; on resume only training.total_steps, "
-        "log_every, checkpoint_every, sample_every, keep_checkpoints and the [evaluation] settings may change; "
-        "start a new run instead")
+        "log_every, checkpoint_every, sample_every, keep_checkpoints, the [evaluation] settings and [logging] "
+        "may change; start a new run instead")
     result = invoke("run", tmp_path / "out", "--resume", "--set", "training.total_steps=abc")
     assert one_line_error(result, 2) == (f"error: {tmp_path / 'out' / 'recipe.toml'}: --set training.total_steps=abc: "
                                          "training.total_steps: expected an integer, got 'abc' (a string)")
     assert snapshot(tmp_path / "out") == before
+
+
+def test_a_tensorboard_logger_can_be_added_when_a_run_resumes(tmp_path):
+    """Where records go changes no trained step: `--resume --set logging.backends=[...]` adds TensorBoard to a
+    finished run extended by two steps, and recipe.toml records it."""
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", curriculum=CONSTANT,
+                               training={"total_steps": 2, "log_every": 1})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    result = invoke("run", tmp_path / "out", "--resume", "--set", "training.total_steps=4", "--set",
+                    'logging.backends=["jsonl","tensorboard"]', "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert 'backends = ["jsonl", "tensorboard"]' in (tmp_path / "out" / "recipe.toml").read_text(encoding="utf-8")
+    assert len(list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [r["step"] for r in stats(tmp_path / "out") if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_a_recipe_with_a_longer_total_steps_extends_on_resume(tmp_path, registry):
