@@ -152,6 +152,14 @@ def _console(stderr: bool = False, quiet: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=True, quiet=quiet)
 
 
+def _folded(table: Any) -> Any:
+    """A rich table whose cells wrap instead of ending in an ellipsis: a run directory or checkpoint path must be
+    readable whole (and copyable) at 80 columns."""
+    for column in table.columns:
+        column.overflow = "fold"
+    return table
+
+
 @contextlib.contextmanager
 def _errors(plugin_exit_code: int = 1) -> Iterator[None]:
     """Turn expected failures into one message on stderr and an exit code (under torchrun, rank 0 prints it).
@@ -366,7 +374,7 @@ def _print_summary(out, the_run, summary: dict) -> None:
                       f"({first / max(last, 1e-12):.1f}x better)")
     table.add_row("run directory", str(the_run.out_dir))
     table.add_row("samples", str(the_run.out_dir / "samples"))
-    out.print(table)
+    out.print(_folded(table))
 
 
 @app.command()
@@ -669,7 +677,7 @@ def eval_checkpoint(
         table.add_row("checkpoint", f"{result['checkpoint']} (step {result['step']:,})")
         table.add_row("reference", str(ref))
         table.add_row("time", f"{result['seconds']:.1f} s")
-        _console().print(table)
+        _console().print(_folded(table))
         for note in result["notes"]:
             _console(stderr=True).print(Text("note: ", style="yellow") + Text(note))
 
@@ -765,7 +773,7 @@ def bench(
         table = Table(title=f"ctcore bench {recipe_path}", show_header=False)
         for key, value in result.items():
             table.add_row(key.replace("_", " "), fmt(value))
-        _console().print(table)
+        _console().print(_folded(table))
 
 
 @app.command("list-components")
@@ -797,7 +805,7 @@ def list_components(
         for r in rows:
             cells = [r["kind"], r["name"], r["summary"], f"{r['distribution']} {r['version']}"]
             table.add_row(*(Text(c) for c in cells))
-        _console().print(table)
+        _console().print(_folded(table))
 
 
 def _options_text(rows: list[dict[str, Any]]) -> str:
@@ -865,7 +873,7 @@ def report(
             cells = [r["run"], f"{r['step']:,}", fmt(r["loss"], ".4g"), fmt(r["sliced_wasserstein"], ".4f"),
                      fmt(r["fid"], ".2f"), fmt(r["inception_score"], ".2f"), fmt(r["img_per_s"], ",.0f")]
             table.add_row(*(Text(c) for i, c in enumerate(cells) if has_is or i != 5))
-        _console().print(table)
+        _console().print(_folded(table))
         _console().print(f"wrote the figure to {output}")
 
 
@@ -945,7 +953,7 @@ def data_info(
             note = "" if rows is None else " (one row per class)" if len(rows) == shown else (
                 f" (one row per class, for the first {len(rows)} of {shown} classes)")
             table.add_row("grid", info["grid"] + note)
-        _console().print(table)
+        _console().print(_folded(table))
 
 
 @data_app.command("download")

@@ -129,3 +129,14 @@ def test_what_is_no_run_is_one_line_and_exit_2(tmp_path: Path, case: str, messag
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == ["error: " + message.format(d=d)]
     assert result.stdout == "" and not Path("report.png").exists() and not Path("report.txt").exists()
+
+
+def test_a_long_run_directory_is_printed_whole_at_80_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Table cells wrap instead of ending in an ellipsis, so a sweep point's directory can be read and copied."""
+    monkeypatch.setenv("COLUMNS", "80")
+    run = fake_run(tmp_path / "sweep" / "training.lr=1e-3,training.total_steps=60,metric.name=pseudo-huber", None, A)
+    result = invoke("report", run, "-o", tmp_path / "r.png")
+    assert result.exit_code == 0, result.output
+    table = [line for line in result.stdout.splitlines() if line[:1] in "┏┃┡│└"]
+    assert not [line for line in table if "…" in line or len(line) > 80], table
+    assert run.name in "".join(line.split("│")[1].strip() for line in table if line.startswith("│"))
