@@ -154,22 +154,26 @@ def first_nonfinite(tensors: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only=True); a corrupt or foreign file gives one clear RunError."""
+def load_checkpoint(path: str | Path, fix: str = "use an earlier file in its checkpoints/ folder") -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only=True); a missing, corrupt or foreign file gives one RunError ending
+    in `fix` (what the caller's user should do instead)."""
     path = Path(path)
     if not path.is_file():
-        raise RunError(f"checkpoint {str(path)!r} not found")
+        what = "is not a file" if path.exists() else "not found"
+        raise RunError(f"checkpoint {str(path)!r} {what}" + ("" if what == "not found" else f"; {fix}"))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "error" in ln.lower() and ":" in ln), lines[0] if lines else "")
+        text = str(exc)  # torch's refusals bury the reason after "WeightsUnpickler error:" in a long advice text
+        reason = text.split("WeightsUnpickler error:", 1)[-1]
+        lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
+        detail = lines[0] if lines else ("the file is empty" if path.stat().st_size == 0 else "no detail")
         raise RunError(
             f"checkpoint {str(path)!r} is corrupt or not a ctcore checkpoint ({type(exc).__name__}: "
-            f"{detail[:200]}); use an earlier file in its checkpoints/ folder"
+            f"{detail[:200]}); {fix}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"checkpoint {str(path)!r} is not a ctcore checkpoint (format {CHECKPOINT_FORMAT})")
+        raise RunError(f"checkpoint {str(path)!r} is not a ctcore checkpoint (format {CHECKPOINT_FORMAT}); {fix}")
     return state
 
 
@@ -523,7 +527,8 @@ def read_warm_start(source: str | Path, weights: str, registry: Registry) -> War
             raise RunError(f"--init-from {str(path)!r} holds no checkpoint (checkpoints/ckpt-*.pt); give a checkpoint "
                            "file, or a run directory that has written one")
         path = found[-1]
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, fix="give --init-from a checkpoint that ctcore wrote (checkpoints/ckpt-*.pt), "
+                                      "or its run directory")
     validate_checkpoint(state, path, registry, use=weights)
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -541,7 +541,8 @@ def test_a_file_that_is_not_a_checkpoint_exits_1(tmp_path: Path) -> None:
     foreign = tmp_path / "weights.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     lines = assert_clean_failure(invoke("sample", foreign), 1)
-    assert lines == [f"error: checkpoint {str(foreign)!r} is not a ctcore checkpoint (format ctcore-checkpoint-1)"]
+    assert lines == [f"error: checkpoint {str(foreign)!r} is not a ctcore checkpoint (format ctcore-checkpoint-1); "
+                     "use an earlier file in its checkpoints/ folder"]
 
 
 # --------------------------------------------------------------------------------------- plugins

@@ -121,7 +121,7 @@ def _nan_eval_ema(path: Path) -> None:
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("case", ["wider", "conditional", "nan", "corrupt", "empty-dir", "missing"])
+@pytest.mark.parametrize("case", ["wider", "conditional", "nan", "corrupt", "empty-dir", "missing", "a-recipe"])
 def test_a_source_that_does_not_fit_or_is_unsound_is_one_line_and_writes_nothing(source: Path, tmp_path: Path,
                                                                                  case: str) -> None:
     copy = Path(shutil.copytree(source, tmp_path / "src"))
@@ -145,6 +145,9 @@ def test_a_source_that_does_not_fit_or_is_unsound_is_one_line_and_writes_nothing
         "nan": f"checkpoint {str(ckpt)!r} holds non-finite values in eval_ema['fourier.freqs']; the run had diverged "
                "when it was written: use an earlier checkpoint from its checkpoints/ folder",
         "corrupt": f"checkpoint {str(ckpt)!r} is corrupt or not a ctcore checkpoint (",
+        "a-recipe": f"checkpoint {str(recipe)!r} is corrupt or not a ctcore checkpoint (UnpicklingError: Unsupported "
+                    "operand 91); give --init-from a checkpoint that ctcore wrote (checkpoints/ckpt-*.pt), or its run "
+                    "directory",
         "empty-dir": f"--init-from {str(tmp_path / 'empty')!r} holds no checkpoint (checkpoints/ckpt-*.pt); give a "
                      "checkpoint file, or a run directory that has written one",
         "missing": f"checkpoint {str(tmp_path / 'absent.pt')!r} not found",
@@ -158,6 +161,8 @@ def test_a_source_that_does_not_fit_or_is_unsound_is_one_line_and_writes_nothing
         target.mkdir()
     elif case == "missing":
         target = tmp_path / "absent.pt"
+    elif case == "a-recipe":
+        target = recipe
     before = tree_state(copy)
     message = one_line(invoke("run", recipe, "--init-from", target, "--no-progress"), 1)
     assert (message[: len(expected)] if case == "corrupt" else message) == expected
