@@ -475,6 +475,15 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
                 + "\n".join(f"  {k}: {changes[k][0]} -> {changes[k][1]}" for k in refused)
                 + "\nresume with the run directory instead of a recipe, or start a new run"
             )
+        reached = int(state["step"]) if state is not None else 0
+        if recipe.training.total_steps < reached:  # a shorter run than the one already trained is no extension
+            given = next((s for s in sets if s.partition("=")[0].strip() == "training.total_steps"), None)
+            cause = f"--set {given}: " if given else f"{recipe.source}: "
+            raise UsageError(
+                f"{cause}the run in {str(out_dir)!r} has already trained {reached:,} steps, so training.total_steps "
+                f"cannot become {recipe.training.total_steps:,} on resume; give at least {reached:,}, or start a new "
+                "run (a checkpoint of an earlier step can seed one with --init-from)"
+            )
         if changes:
             new_recipe = recipe
     provenance = read_provenance(out_dir)

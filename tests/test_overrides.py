@@ -347,6 +347,19 @@ def test_a_change_that_would_rewrite_the_past_is_refused_on_resume(tmp_path):
     assert snapshot(tmp_path / "out") == before
 
 
+def test_total_steps_cannot_shrink_below_the_steps_already_trained(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", curriculum=CONSTANT,
+                               training={"total_steps": 4})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    before = snapshot(tmp_path / "out")
+    result = invoke("run", tmp_path / "out", "--resume", "--set", "training.total_steps=2", "--no-progress")
+    assert one_line_error(result, 2) == (
+        f"error: --set training.total_steps=2: the run in {str(tmp_path / 'out')!r} has already trained 4 steps, so "
+        "training.total_steps cannot become 2 on resume; give at least 4, or start a new run (a checkpoint of an "
+        "earlier step can seed one with --init-from)")
+    assert snapshot(tmp_path / "out") == before  # recipe.toml and stats.jsonl untouched
+
+
 def test_a_tensorboard_logger_can_be_added_when_a_run_resumes(tmp_path):
     """Where records go changes no trained step: `--resume --set logging.backends=[...]` adds TensorBoard to a
     finished run extended by two steps, and recipe.toml records it."""
