@@ -182,3 +182,31 @@ def test_fid_without_weights_says_so_as_eval_does(run_dir: Path, tmp_path: Path)
     assert lines[-1] == (f"or search without any weights file: ctcore search-sigmas {run_dir} --steps 2 --metric "
                          f"sliced-wasserstein")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fid_search_scores_what_eval_scores(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FID through eval's code: random Inception weights, and a cheap stand-in for the Frechet distance that
+    depends on the features (scipy's sqrtm of 2048 x 2048 takes seconds; the distance itself is tested in
+    test_fid.py)."""
+    import numpy as np
+    import torch
+    from test_fid import randomised_inception
+
+    import ctcore.fid
+    from ctcore.fid import save_statistics
+
+    weights = tmp_path / "w.pth"
+    torch.save(randomised_inception().state_dict(), weights)
+    ref = save_statistics(tmp_path / "ref.npz", {"mu": np.zeros(2048), "sigma": np.eye(2048),
+                                                 "fid_protocol": "tensorflow"})
+    monkeypatch.setattr(ctcore.fid, "frechet_distance", lambda mu1, sigma1, mu2, sigma2: float(np.abs(mu1).sum()))
+    common = ["--metric", "fid", "--ref", ref, "--inception", weights, "-n", "2", "--json"]
+    result = invoke("search-sigmas", run_dir, "--steps", "2", "--tolerance", "1", "--plot", tmp_path / "p.png",
+                    "--no-progress", *common)
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert (r["metric"], r["num_samples"], r["seed"], len(r["evaluations"])) == ("fid", 2, 0, 6)
+    assert len({e["value"] for e in r["evaluations"]}) == 6  # the sigmas change the features
+    e = next(e for e in r["evaluations"] if e["sigma"] == r["sigma_mid"][0])
+    out = invoke("eval", run_dir, "--sigmas", ",".join(repr(s) for s in e["sigmas"]), *common)
+    assert json.loads(out.stdout)["fid"] == e["value"] == r["value"]
