@@ -708,6 +708,37 @@ def _eval_distance(checkpoint: Path, ref: Path | None, inception: Path | None, d
                      f"{r['num_projections']} projections; {r['checkpoint']} at step {r['step']:,})")
 
 
+@app.command("eval-ref-stats")
+def eval_ref_stats(
+    dataset: Annotated[Path, typer.Argument(metavar="DATASET.h5", help="HDF5 file with uint8 `images` (N, C, H, W).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT.npz", help="Where to write mu and sigma.")],
+    inception: InceptionOption = None,
+    download_inception: DownloadOption = False,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 250,
+    device: Annotated[str, typer.Option(callback=_device_option, help="cpu, cuda, cuda:N or auto.")] = "auto",
+    fid_protocol: FidProtocolOption = "tensorflow",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.npz.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Inception statistics (mu, sigma) of every image of a dataset, for ctcore eval --ref; the file records the
+    FID protocol, and eval refuses to compare it with features made under another."""
+    with _errors():
+        from ctcore.errors import UsageError
+        from ctcore.fid import reference_statistics, save_statistics
+        from ctcore.files import check_suffix
+        from ctcore.inception import load_inception
+
+        check_suffix(out, "OUT.npz", (".npz",), "a statistics")
+        if out.exists() and not overwrite:
+            raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
+        model = load_inception(inception, download=download_inception)
+        stats = reference_statistics(dataset, model, batch_size=batch_size, device=device, progress=progress,
+                                     protocol=fid_protocol)
+        save_statistics(out, stats)
+        _console().print(f"wrote the Inception statistics of {stats['num_images']:,} images of {dataset} to {out} "
+                         f"(FID protocol {fid_protocol})")
+
+
 @app.command("search-sigmas")
 def search_sigmas(
     checkpoint: Annotated[Path, typer.Argument(
@@ -806,37 +837,6 @@ def search_sigmas(
         out.print(line, markup=False)
         out.print(f"wrote the plot to {plot}", markup=False)
         typer.echo(r["paste"])
-
-
-@app.command("eval-ref-stats")
-def eval_ref_stats(
-    dataset: Annotated[Path, typer.Argument(metavar="DATASET.h5", help="HDF5 file with uint8 `images` (N, C, H, W).")],
-    out: Annotated[Path, typer.Argument(metavar="OUT.npz", help="Where to write mu and sigma.")],
-    inception: InceptionOption = None,
-    download_inception: DownloadOption = False,
-    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 250,
-    device: Annotated[str, typer.Option(callback=_device_option, help="cpu, cuda, cuda:N or auto.")] = "auto",
-    fid_protocol: FidProtocolOption = "tensorflow",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.npz.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
-) -> None:
-    """Inception statistics (mu, sigma) of every image of a dataset, for ctcore eval --ref; the file records the
-    FID protocol, and eval refuses to compare it with features made under another."""
-    with _errors():
-        from ctcore.errors import UsageError
-        from ctcore.fid import reference_statistics, save_statistics
-        from ctcore.files import check_suffix
-        from ctcore.inception import load_inception
-
-        check_suffix(out, "OUT.npz", (".npz",), "a statistics")
-        if out.exists() and not overwrite:
-            raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
-        model = load_inception(inception, download=download_inception)
-        stats = reference_statistics(dataset, model, batch_size=batch_size, device=device, progress=progress,
-                                     protocol=fid_protocol)
-        save_statistics(out, stats)
-        _console().print(f"wrote the Inception statistics of {stats['num_images']:,} images of {dataset} to {out} "
-                         f"(FID protocol {fid_protocol})")
 
 
 @app.command()
