@@ -739,6 +739,106 @@ def eval_ref_stats(
                          f"(FID protocol {fid_protocol})")
 
 
+@app.command("search-sigmas")
+def search_sigmas(
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", help="A checkpoint file, or a RUN_DIR (its latest checkpoint).")],
+    steps: Annotated[int, typer.Option(
+        min=2, max=3, help="2: search sigma_mid[0]; 3: then sigma_mid[1] below it.")],
+    metric: Annotated[Literal["sliced-wasserstein", "fid"], typer.Option(
+        help="sliced-wasserstein: distance to the recipe's training data, no weights file; fid: Inception "
+             "weights and --ref.")] = "sliced-wasserstein",
+    num_samples: Annotated[int | None, typer.Option(
+        "--num-samples", "-n", min=1, max=MAX_COUNT,
+        help="Samples per evaluation (sliced-wasserstein: evaluation.num_samples; fid: 10,000, at least 2).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        min=0, max=MAX_SEED, help="Sample j uses seed + j in every evaluation (default: as ctcore eval).")] = None,
+    tolerance: Annotated[float, typer.Option(
+        min=0.01, max=1.0, help="Stop a coordinate when its bracket is this wide in log sigma (0.01 to 1; 0.05: "
+                                "13 evaluations on (0.002, 80)).")] = 0.05,
+    plot: Annotated[Path | None, typer.Option(
+        help="The plot, .png, .jpg or .webp (default: search-sigmas-<N>step.png in the run's samples/).")] = None,
+    ref: Annotated[Path | None, typer.Option("--ref", help="FID: reference statistics .npz with mu and sigma "
+                                             "(ctcore eval-ref-stats).")] = None,
+    inception: InceptionOption = None,
+    download_inception: DownloadOption = False,
+    fid_protocol: FidProtocolOption = "tensorflow",
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, max=MAX_BATCH, help="FID: 256; sliced-wasserstein: the training loop's.")] = None,
+    device: Annotated[str | None, typer.Option(
+        callback=_device_option, help="cpu, cuda, cuda:N or auto (default: the recipe's run.device).")] = None,
+    progress: Annotated[bool, typer.Option(help="Print a line per evaluation on stderr.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Find the intermediate sigmas of multistep sampling by golden-section search on a distance, one at a time,
+    with the same seeds in every evaluation; prints every evaluation, the best and the sigma_mid line to paste
+    into the recipe's [sampling], and plots distance against sigma."""
+    from ctcore.devices import threads_restored
+
+    with _errors(), threads_restored():
+        from ctcore.errors import RunError, UsageError
+        from ctcore.images import check_image_path
+        from ctcore.sigma_search import run_search, save_search_plot
+
+        check_image_path(plot, "--plot")
+        model = None
+        if metric == "fid":
+            if ref is None:
+                raise UsageError("--metric fid needs --ref STATS.npz, reference statistics of the training data (make "
+                                 "them with `ctcore eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein "
+                                 "needs no file")
+            from ctcore.inception import load_inception
+
+            try:
+                model = load_inception(inception, download=download_inception)
+            except RunError as exc:
+                raise RunError(f"{exc.message}\nor search without any weights file: ctcore search-sigmas "
+                               f"{checkpoint} --steps {steps} --metric sliced-wasserstein") from None
+        else:
+            for given, name in ((ref, "--ref"), (inception, "--inception"),
+                                (download_inception or None, "--download-inception")):
+                if given is not None:
+                    raise UsageError(f"{name} is for --metric fid; --metric sliced-wasserstein compares the samples "
+                                     f"with the recipe's training data and needs no file: drop {name}")
+        err = _console(stderr=True)
+
+        def report(row: dict[str, Any]) -> None:
+            if progress:
+                err.print(f"evaluation {row['index']}/{row['total']}: sigma_mid[{row['coordinate'] - 1}] = "
+                          f"{row['sigma']:g} (sigmas {row['sigmas']}) -> {metric} {row['value']:.5g}",
+                          markup=False)
+
+        r = run_search(checkpoint, _registry(), steps=steps, metric=metric, num_samples=num_samples, seed=seed,
+                       tolerance=tolerance, device=device, batch_size=batch_size, ref=ref, inception=model,
+                       fid_protocol=fid_protocol, report=report)
+        ckpt = Path(r["checkpoint"])
+        folder = ckpt.parent.parent / "samples" if ckpt.parent.name == "checkpoints" else ckpt.parent
+        plot = plot if plot is not None else folder / f"search-sigmas-{steps}step.png"
+        save_search_plot(r, plot, metric)
+        r["plot"] = str(plot)
+        if as_json:
+            typer.echo(json.dumps(r, indent=2))
+            return
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=f"ctcore search-sigmas {checkpoint} ({r['num_samples']:,} samples, seeds from "
+                            f"{r['seed']:,}, tolerance {tolerance:g} in log sigma)")
+        for col in ("#", "coordinate", "sigmas", metric):
+            table.add_column(col, justify="left" if col == "sigmas" else "right")
+        for i, e in enumerate(r["evaluations"], start=1):
+            table.add_row(str(i), f"sigma_mid[{e['coordinate'] - 1}]", Text(str(e["sigmas"])), f"{e['value']:.5g}")
+        out = _console()
+        out.print(_folded(table))
+        best = [r["sigma_max"], *r["sigma_mid"]]
+        line = f"best: sigmas {best}, {metric} {r['value']:.5g}"
+        if r["recipe_value"] is not None:
+            line += f" (the recipe's sigma_mid {r['recipe_sigma_mid']}: {r['recipe_value']:.5g})"
+        out.print(line, markup=False)
+        out.print(f"wrote the plot to {plot}", markup=False)
+        typer.echo(r["paste"])
+
+
 @app.command()
 def bench(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose network to benchmark.")],

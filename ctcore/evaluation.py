@@ -4,7 +4,7 @@ during training and of a checkpoint (`ctcore eval --metric sliced-wasserstein`, 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,21 +60,20 @@ def evaluate_distance(run: Run) -> float | None:
     return distance_to_data(samples, run.data, e.num_projections)
 
 
-def evaluate_checkpoint_distance(checkpoint: str | Path, registry, *, num_samples: int | None = None,
-                                 steps: int | None = None, sigmas: Sequence[float] | None = None,
-                                 seed: int | None = None, batch_size: int | None = None,
-                                 device: str | None = None, weights: str = "eval-ema") -> dict[str, Any]:
-    """The sliced Wasserstein distance of a checkpoint's samples to its recipe's training data; no weights file.
+def distance_evaluator(checkpoint: str | Path, registry, *, num_samples: int | None = None,
+                       steps: int | None = None, sigmas: Sequence[float] | None = None, seed: int | None = None,
+                       batch_size: int | None = None, device: str | None = None,
+                       weights: str = "eval-ema") -> tuple[dict[str, Any], Any, list[float],
+                                                           Callable[[Sequence[float]], float]]:
+    """(facts of the evaluation, the checkpoint's recipe, the sigmas asked for, distance(sigmas)) for a checkpoint.
 
-    Defaults are the training loop's (the recipe's evaluation.num_samples and num_projections, one step, seeds
-    from DISTANCE_SEED, its sampling batch), so the final checkpoint of a run scores what its stats.jsonl logged
-    at the end. The data is the recipe's: the synthetic set regenerated from run.seed, or its HDF5 file.
+    The network and data are loaded once; distance(sigmas) samples the same seeds for any sigmas, so
+    `ctcore eval --metric sliced-wasserstein` and `ctcore search-sigmas` score one plan identically.
     """
     from ctcore.consistency import denoise
     from ctcore.data import load_data
     from ctcore.sampling import file_digest, generate, load_sampling_network, load_sampling_plan, sampling_batch
 
-    started = time.perf_counter()
     checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
                                                            weights=weights)
     e, c = recipe.evaluation, recipe.consistency
@@ -89,16 +88,40 @@ def evaluate_checkpoint_distance(checkpoint: str | Path, registry, *, num_sample
     if data.shape != shape:
         raise RunError(f"the training data of {str(checkpoint)!r} now holds images of shape {data.shape}, but the "
                        f"checkpoint was trained on {shape}")
-    images, _ = generate(lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),
-                         shape, list(range(seed, seed + n)), sigmas, num_classes=state["provenance"]["num_classes"],
-                         sigma_min=c.sigma_min, clip=recipe.sampling.clip,
-                         batch_size=sampling_batch(recipe) if batch_size is None else batch_size,
-                         device=dev)
-    value = distance_to_data(images, data, e.num_projections)
+    batch = sampling_batch(recipe) if batch_size is None else batch_size
+
+    def distance(plan: Sequence[float]) -> float:
+        images, _ = generate(lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),
+                             shape, list(range(seed, seed + n)), [float(v) for v in plan],
+                             num_classes=state["provenance"]["num_classes"], sigma_min=c.sigma_min,
+                             clip=recipe.sampling.clip, batch_size=batch, device=dev)
+        return distance_to_data(images, data, e.num_projections)
+
     d = recipe.data
     source = (f"synthetic ({d.num_images:,} images, run.seed {recipe.run.seed})" if d.source == "synthetic"
               else d.path)
-    return {"metric": "sliced-wasserstein", "value": value, "checkpoint": str(checkpoint),
-            "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"]), "num_samples": n, "seed": seed,
-            "data": source, "data_seed": DATA_SEED, "num_projections": e.num_projections, "steps": len(sigmas),
-            "sigmas": sigmas, "weights": weights, "seconds": time.perf_counter() - started}
+    info = {"metric": "sliced-wasserstein", "checkpoint": str(checkpoint),
+            "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"]), "num_samples": n,
+            "seed": seed, "data": source, "data_seed": DATA_SEED,
+            "num_projections": e.num_projections, "weights": weights}
+    return info, recipe, sigmas, distance
+
+
+def evaluate_checkpoint_distance(checkpoint: str | Path, registry, *, num_samples: int | None = None,
+                                 steps: int | None = None, sigmas: Sequence[float] | None = None,
+                                 seed: int | None = None, batch_size: int | None = None,
+                                 device: str | None = None, weights: str = "eval-ema") -> dict[str, Any]:
+    """The sliced Wasserstein distance of a checkpoint's samples to its recipe's training data; no weights file.
+
+    Defaults are the training loop's (the recipe's evaluation.num_samples and num_projections, one step, seeds
+    from DISTANCE_SEED, its sampling batch), so the final checkpoint of a run scores what its stats.jsonl logged
+    at the end. The data is the recipe's: the synthetic set regenerated from run.seed, or its HDF5 file.
+    """
+    started = time.perf_counter()
+    info, _, sigmas, distance = distance_evaluator(checkpoint, registry, num_samples=num_samples, steps=steps,
+                                                   sigmas=sigmas, seed=seed, batch_size=batch_size, device=device,
+                                                   weights=weights)
+    value = distance(sigmas)
+    facts = {k: v for k, v in info.items() if k not in ("metric", "weights")}
+    return {"metric": "sliced-wasserstein", "value": value, **facts, "steps": len(sigmas), "sigmas": sigmas,
+            "weights": weights, "seconds": time.perf_counter() - started}

@@ -382,6 +382,24 @@ def evaluate_checkpoint(
     lists caveats (fewer samples than feature dimensions). Under torchrun every process samples its share of
     the seeds and all return the same result.
     """
+    info, _, sigmas, fid_of = fid_evaluator(
+        checkpoint, registry, inception=inception, num_samples=num_samples, steps=steps, batch_size=batch_size,
+        ref_stats=ref_stats, device=device, seed=seed, sigmas=sigmas, weights=weights, is_splits=is_splits,
+        fid_protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed)
+    result = fid_of(sigmas, progress)
+    return {**result, "steps": len(sigmas), "sigmas": sigmas, **info}
+
+
+def fid_evaluator(
+    checkpoint: str | Path, registry, *, inception: FIDInceptionV3 | str | Path | None, num_samples: int = 50_000,
+    steps: int | None = None, batch_size: int = 256, ref_stats: str | Path | Mapping[str, Any],
+    device: str | None = None, seed: int = 0, sigmas: Sequence[float] | None = None, weights: str = "eval-ema",
+    is_splits: int = 10, fid_protocol: str = DEFAULT_FID_PROTOCOL, is_split: str = "ordered",
+    is_split_seed: int = TORCH_FIDELITY_SEED,
+) -> tuple[dict[str, Any], Any, list[float], Any]:
+    """(facts of the evaluation, the checkpoint's recipe, the sigmas asked for, fid_of(sigmas, progress)) with every
+    check of `evaluate_checkpoint` done and the network, Inception and statistics loaded once; fid_of returns
+    `fid_of_denoiser`'s result for samples seed .. seed + num_samples - 1, the same seeds for any sigmas."""
     from ctcore.consistency import denoise
     from ctcore.distributed import setup
     from ctcore.sampling import load_sampling_network, load_sampling_plan
@@ -428,14 +446,18 @@ def evaluate_checkpoint(
     def denoiser(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
 
-    result = fid_of_denoiser(denoiser, shape, sigmas, inception=model, ref=ref, num_samples=num_samples,
-                             num_classes=num_classes, sigma_min=c.sigma_min, clip=recipe.sampling.clip, seed=seed,
-                             batch_size=batch_size, device=dev, progress=progress, is_splits=is_splits,
-                             world=world, protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed)
+    def fid_of(plan: Sequence[float], progress: bool = False) -> dict[str, Any]:
+        return fid_of_denoiser(denoiser, shape, [float(v) for v in plan], inception=model, ref=ref,
+                               num_samples=num_samples, num_classes=num_classes, sigma_min=c.sigma_min,
+                               clip=recipe.sampling.clip, seed=seed, batch_size=batch_size, device=dev,
+                               progress=progress, is_splits=is_splits, world=world, protocol=fid_protocol,
+                               is_split=is_split, is_split_seed=is_split_seed)
+
     from ctcore.sampling import file_digest
 
-    return {**result, "steps": len(sigmas), "sigmas": sigmas, "seed": seed, "weights": weights,
-            "checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"])}
+    info = {"seed": seed, "weights": weights, "checkpoint": str(checkpoint),
+            "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"])}
+    return info, recipe, sigmas, fid_of
 
 
 def sample_features(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float], *, inception: FIDInceptionV3,

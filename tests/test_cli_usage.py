@@ -31,6 +31,7 @@ BASE_ARGS: dict[str, list[str]] = {
     "sample": ["ckpt.pt"],
     "eval": ["ckpt.pt", "--ref", "ref.npz"],
     "eval-ref-stats": ["data.h5", "stats.npz"],
+    "search-sigmas": ["ckpt.pt", "--steps", "2"],
     "bench": ["r.toml"],
     "list-components": [],
     "report": ["runs/x"],
