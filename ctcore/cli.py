@@ -236,8 +236,8 @@ def run(
     """Train a consistency model as a recipe describes; writes a run directory.
 
     With --resume, --set may extend a run: training.total_steps, the log, checkpoint and sample intervals,
-    keep_checkpoints, the [evaluation] settings and [logging]. Under torchrun (`torchrun --nproc-per-node G -m ctcore run RECIPE`) every process trains
-    its share of each global batch with DDP; rank 0 writes and prints.
+    keep_checkpoints, the [evaluation] settings and [logging]. Under torchrun (`torchrun --nproc-per-node G -m
+    ctcore run RECIPE`) every process trains its share of each global batch with DDP; rank 0 writes and prints.
     """
     from ctcore.devices import threads_restored
 
