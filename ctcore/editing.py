@@ -1,0 +1,373 @@
+"""Zero-shot image editing with a consistency model (Song et al. 2023, Algorithm 4) and noise interpolation.
+
+Editing works in the space of an orthogonal linear transform A: the components of A(reference) that the mask
+Omega marks known (1) are kept, the others generated. Algorithm 4 (mask 1 = known here, as in the stores):
+    y = A^-1[Omega * A y]                              the reference's known components alone
+    x = f(y + sigma_1 z_1, sigma_1);  x = A^-1[Omega * A y + (1 - Omega) * A x]
+    for n = 2..N:  x = f(x + sqrt(sigma_n^2 - sigma_min^2) z_n, sigma_n);  x = A^-1[Omega * A y + (1 - Omega) * A x]
+As in the paper's reference code, every f(.) output is clamped to [-1, 1] before its known components are put
+back. The result is then brought into [-1, 1] without changing its known components (`Transform.fit`), so the
+guarantees hold in uint8: inpainting keeps the known pixels exactly, super-resolution every FxF patch mean and
+colorization every pixel's luminance within one grey level.
+
+Write your own task as a `Transform`: an orthogonal `forward` (B, C, H, W) -> components of the same shape, its
+`inverse` (the transpose) and a `mask` broadcastable to the components; `check_orthogonal` tests it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ctcore.data import to_uint8
+from ctcore.sampling import Denoiser, multistep_sample, sample_noise
+
+LUMINANCE = (0.2989, 0.5870, 0.1140)
+"""ITU-R 601 luma weights of R, G, B, as the CM paper's colorization uses them."""
+
+EDIT_GRID_POINTS = 40
+EDIT_LEVELS = (0, 10, 20, 30)
+"""The default editing schedule: sigma_max (level 0), then levels 10, 20 and 30 of the 40-point Karras grid
+counted from sigma_max (16.78, 2.240 and 0.1312 for sigma 0.002..80, rho 7): four steps, so that what is
+generated settles around what is kept."""
+
+STROKE_LEVELS = (20, 30)
+"""Stroke editing (SDEdit) starts at level 20 (2.240 for sigma 0.002..80) and takes one more step at level 30."""
+
+MASK_KINDS = ("box", "half", "random-pixels", "strokes")
+MASK_SEED_OFFSET = 2**63
+"""A random mask of sample j is drawn from seed_j + 2^63, so it is not the stream its noise comes from."""
+
+
+def _clamp(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """An orthogonal linear map A of images (B, C, H, W) to components of the same shape, its inverse A^T, and
+    which components edit() keeps from the reference (`mask` 1, broadcastable to the components).
+
+    `fit` brings a result into [-1, 1] without changing its known components (the default clamp is exact when
+    the known components are pixels); `anchor`, when given, is the in-range image made of a reference's known
+    components alone (what the grid shows as degraded)."""
+
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    inverse: Callable[[torch.Tensor], torch.Tensor]
+    mask: torch.Tensor
+    fit: Callable[[torch.Tensor], torch.Tensor] = _clamp
+    anchor: Callable[[torch.Tensor], torch.Tensor] | None = None
+    attrs: dict[str, object] = field(default_factory=dict)
+
+    def known_only(self, reference: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A^-1[Omega * A y]: the reference with its unknown components set to 0 (Algorithm 4, line 2)."""
+        m = (self.mask if mask is None else mask).to(reference.device) > 0.5
+        return self.inverse(torch.where(m, self.forward(reference), torch.zeros((), device=reference.device)))
+
+    def replace(self, x: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A^-1[Omega * A y + (1 - Omega) * A x]: x with the reference's known components put back."""
+        m = (self.mask if mask is None else mask).to(x.device) > 0.5
+        return self.inverse(torch.where(m, self.forward(reference), self.forward(x)))
+
+    def degraded(self, reference: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What edit() knows of the reference, as a picture in [-1, 1]."""
+        return self.anchor(reference) if self.anchor is not None else _clamp(self.known_only(reference, mask))
+
+
+def _pull(x: torch.Tensor, anchor: torch.Tensor, group_min: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """anchor + t (x - anchor) with the largest t in [0, 1], one per group, that keeps the group in [-1, 1].
+
+    x and anchor share their known components, so every point of the segment has them too."""
+    anchor = anchor.clamp(-1.0, 1.0)
+    d = x - anchor
+    inf = torch.full_like(d, math.inf)
+    t = torch.where(d > 0, (1.0 - anchor) / d, torch.where(d < 0, (-1.0 - anchor) / d, inf))
+    t = group_min(t.clamp(0.0, 1.0))
+    return (anchor + t * d).clamp(-1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------- inpainting
+
+
+def inpaint(mask: torch.Tensor) -> Transform:
+    """Inpainting: A is the identity and the mask (N or 1, 1, H, W) marks the known pixels (1)."""
+    return Transform("inpaint", forward=lambda x: x, inverse=lambda y: y, mask=mask.float())
+
+
+# ------------------------------------------------------------------------------------------ colorization
+
+
+def luminance_matrix() -> torch.Tensor:
+    """The orthogonal 3x3 matrix (float64) whose first row is the normalised luminance direction."""
+    w = torch.tensor(LUMINANCE, dtype=torch.float64)
+    basis = torch.eye(3, dtype=torch.float64)
+    basis[:, 0] = w / w.norm()
+    q, _ = torch.linalg.qr(basis)  # q[:, 0] = +-w / |w|; the other columns complete an orthonormal basis
+    if q[:, 0].sum() < 0:
+        q = -q
+    return q.T.contiguous()
+
+
+def colorize() -> Transform:
+    """Colorization: per pixel, component 0 is the luminance direction (kept), 1 and 2 the colour (generated).
+
+    The result is brought into [-1, 1] by moving each out-of-range pixel toward the grey of its luminance."""
+    t64 = luminance_matrix()
+    t = t64.float()
+    w = torch.tensor(LUMINANCE, dtype=torch.float64)
+    grey_per_component = float(w.norm() / w.sum())  # grey g has component 0 equal to g * sum(w) / |w|
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("dc,bchw->bdhw", t.to(x.device), x)
+
+    def inverse(y: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("dc,bdhw->bchw", t.to(y.device), y)
+
+    def anchor(x: torch.Tensor) -> torch.Tensor:
+        grey = forward(x)[:, :1] * grey_per_component
+        return grey.expand(-1, 3, -1, -1)
+
+    def fit(x: torch.Tensor) -> torch.Tensor:
+        return _pull(x, anchor(x), lambda t_: t_.amin(dim=1, keepdim=True))
+
+    mask = torch.tensor([1.0, 0.0, 0.0]).reshape(1, 3, 1, 1)
+    return Transform("colorize", forward, inverse, mask, fit=fit, anchor=anchor)
+
+
+def luminance(images: torch.Tensor) -> torch.Tensor:
+    """Luminance 0.2989 R + 0.5870 G + 0.1140 B of images (N, 3, H, W), in their own units (float64)."""
+    w = torch.tensor(LUMINANCE, dtype=torch.float64).reshape(1, 3, 1, 1)
+    return (images.double() * w).sum(dim=1)
+
+
+# ------------------------------------------------------------------------------------- super-resolution
+
+
+def patch_matrix(factor: int) -> torch.Tensor:
+    """The orthogonal F^2 x F^2 matrix (float64) whose first row is the patch mean direction (all 1/F)."""
+    n = factor * factor
+    basis = torch.eye(n, dtype=torch.float64)
+    basis[:, 0] = 1.0 / factor
+    q, _ = torch.linalg.qr(basis)
+    if q[:, 0].sum() < 0:
+        q = -q
+    return q.T.contiguous()
+
+
+def superres(factor: int, resolution: int) -> Transform:
+    """Super-resolution by `factor`: per FxF patch of each channel, component 0 is the patch mean direction
+    (kept, at the patch's top-left position), the other F^2 - 1 are generated. F must divide the resolution.
+
+    The result is brought into [-1, 1] by moving each out-of-range patch toward its mean."""
+    if factor < 1 or resolution % factor:
+        raise ValueError(f"the factor {factor} does not divide the resolution {resolution}")
+    f = factor
+    t = patch_matrix(f).float()
+
+    def to_patches(x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h // f, f, w // f, f).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h // f, w // f, f * f)
+
+    def from_patches(p: torch.Tensor) -> torch.Tensor:
+        b, c, hp, wp, _ = p.shape
+        return p.reshape(b, c, hp, wp, f, f).permute(0, 1, 2, 4, 3, 5).reshape(b, c, hp * f, wp * f)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return from_patches(to_patches(x) @ t.to(x.device).T)
+
+    def inverse(y: torch.Tensor) -> torch.Tensor:
+        return from_patches(to_patches(y) @ t.to(y.device))
+
+    def per_patch(values: torch.Tensor, reduce: str) -> torch.Tensor:
+        p = to_patches(values)
+        r = p.mean(dim=-1, keepdim=True) if reduce == "mean" else p.amin(dim=-1, keepdim=True)
+        return from_patches(r.expand_as(p))
+
+    def anchor(x: torch.Tensor) -> torch.Tensor:
+        return per_patch(x, "mean")
+
+    def fit(x: torch.Tensor) -> torch.Tensor:
+        return _pull(x, anchor(x), lambda t_: per_patch(t_, "min"))
+
+    mask = torch.zeros(1, 1, resolution, resolution)
+    mask[..., ::f, ::f] = 1.0
+    return Transform("superres", forward, inverse, mask, fit=fit, anchor=anchor, attrs={"factor": factor})
+
+
+def patch_means(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The mean of every FxF patch of every channel (float64), for checking super-resolution results."""
+    n, c, h, w = images.shape
+    return images.double().reshape(n, c, h // factor, factor, w // factor, factor).mean(dim=(3, 5))
+
+
+# ------------------------------------------------------------------------------------------------- checks
+
+
+def transform_matrix(transform: Transform, shape: Sequence[int]) -> torch.Tensor:
+    """The dense matrix of `transform.forward` on images of `shape` (C, H, W), one row per component."""
+    n = math.prod(shape)
+    basis = torch.eye(n).reshape(n, *shape)
+    return transform.forward(basis).reshape(n, n).T
+
+
+def check_orthogonal(transform: Transform, shape: Sequence[int], atol: float = 1e-5) -> None:
+    """Raise ValueError unless forward is orthogonal (A A^T = I) and inverse is its transpose, on `shape`."""
+    a = transform_matrix(transform, shape)
+    n = a.shape[0]
+    error = float((a @ a.T - torch.eye(n)).abs().max())
+    if error > atol:
+        raise ValueError(f"transform {transform.name!r} is not orthogonal: max |A A^T - I| = {error:.3g}")
+    basis = torch.eye(n).reshape(n, *shape)
+    back = float((transform.inverse(transform.forward(basis)) - basis).abs().max())
+    if back > atol:
+        raise ValueError(f"transform {transform.name!r}: inverse(forward(x)) differs from x by {back:.3g}")
+
+
+# -------------------------------------------------------------------------------------------------- edit
+
+
+@torch.no_grad()
+def edit(
+    denoiser: Denoiser,
+    reference: torch.Tensor,
+    transform: Transform,
+    mask: torch.Tensor | None,
+    sigmas: Sequence[float],
+    generator: torch.Generator | None = None,
+    *,
+    noise: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    sigma_min: float = 0.002,
+    clip: bool = True,
+) -> torch.Tensor:
+    """Algorithm 4: edit references (B, C, H, W) in [-1, 1], keeping the components `mask` marks (1; None: the
+    transform's mask); returns results in [-1, 1] whose known components are the reference's.
+
+    The noise is (len(sigmas), B, C, H, W) standard normals drawn from `generator`, or `noise` as given (the CLI
+    passes each sample's seeded draws, as `ctcore sample` makes them). The first step noises `init` (default:
+    the reference's known components alone, line 2; stroke editing passes the whole painting)."""
+    if noise is None:
+        noise = torch.randn((len(sigmas), *reference.shape), generator=generator).to(reference.device)
+    mask = transform.mask if mask is None else mask
+    start = transform.known_only(reference, mask) if init is None else init
+    x = multistep_sample(denoiser, noise, sigmas, labels, sigma_min=sigma_min, clip=clip, start=start,
+                         project=lambda x: transform.replace(x, reference, mask))
+    return transform.fit(x)
+
+
+def edit_images(
+    denoiser: Denoiser,
+    references: torch.Tensor,
+    transform: Transform,
+    masks: torch.Tensor | None,
+    sigmas: Sequence[float],
+    seeds: Sequence[int],
+    *,
+    num_classes: int = 0,
+    labels: torch.Tensor | None = None,
+    from_reference: bool = False,
+    sigma_min: float = 0.002,
+    clip: bool = True,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edit uint8 references (N, C, H, W) batch by batch, sample j with the noise of seeds[j] exactly as `ctcore
+    sample` draws it; uint8 results (N, C, H, W) and the labels used (N,; -1 if unconditional): `labels`, or for
+    a conditional model without them the label drawn from each seed. `from_reference`: SDEdit, the first step
+    noises the whole reference (stroke editing) instead of its known components."""
+    shape = tuple(references.shape[1:])
+    out, used = [], []
+    for start in range(0, len(seeds), batch_size):
+        chunk = list(seeds[start : start + batch_size])
+        draws = [sample_noise(s, shape, len(sigmas), num_classes) for s in chunk]
+        z = torch.stack([d[0] for d in draws], dim=1).to(device)
+        lab = torch.tensor([d[1] for d in draws], dtype=torch.long)
+        if labels is not None:
+            lab = labels[start : start + len(chunk)].long()
+        ref = references[start : start + len(chunk)].to(device).float().div(127.5).sub(1.0)
+        mask = None if masks is None else masks[start : start + len(chunk)].to(device).float()
+        x = edit(denoiser, ref, transform, mask, sigmas, noise=z, labels=lab.to(device) if num_classes else None,
+                 init=ref if from_reference else None, sigma_min=sigma_min, clip=clip)
+        out.append(to_uint8(x).cpu())
+        used.append(lab)
+    return torch.cat(out), torch.cat(used)
+
+
+def make_masks(kind: str, seeds: Sequence[int], resolution: int) -> torch.Tensor:
+    """uint8 masks (N, 1, R, R), 1 = known: `box` hides a centred square of half the side, `half` the right
+    half, `random-pixels` each pixel with probability 1/2 and `strokes` three brush strokes, drawn per sample
+    from seed_j + 2^63."""
+    r = resolution
+    masks = torch.ones((len(seeds), 1, r, r), dtype=torch.uint8)
+    if kind == "box":
+        lo, hi = r // 4, r - r // 4
+        masks[..., lo:hi, lo:hi] = 0
+    elif kind == "half":
+        masks[..., r // 2 :] = 0
+    elif kind in ("random-pixels", "strokes"):
+        for j, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(int(seed) + MASK_SEED_OFFSET)
+            if kind == "random-pixels":
+                masks[j, 0] = (torch.rand((r, r), generator=g) < 0.5).to(torch.uint8)
+            else:
+                masks[j, 0] = _strokes(r, g)
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}: use one of {', '.join(MASK_KINDS)}")
+    return masks
+
+
+def _strokes(r: int, g: torch.Generator) -> torch.Tensor:
+    """1 everywhere but three thick random line strokes (0)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (r, r), 1)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(3):
+        a, b, c, d = (torch.rand(4, generator=g) * (r - 1)).tolist()
+        draw.line([(a, b), (c, d)], fill=0, width=max(1, r // 6))
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(canvas, dtype=np.uint8).copy())
+
+
+# ------------------------------------------------------------------------------------------ interpolation
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation of two noise draws: z0 at alpha 0 and z1 at alpha 1, exactly."""
+    if alpha == 0.0:
+        return z0.clone()
+    if alpha == 1.0:
+        return z1.clone()
+    a, b = z0.double().flatten(), z1.double().flatten()
+    cos = float((a @ b) / (a.norm() * b.norm()))
+    theta = math.acos(max(-1.0, min(1.0, cos)))
+    if theta < 1e-8:
+        return ((1 - alpha) * z0.double() + alpha * z1.double()).to(z0.dtype)
+    w0, w1 = math.sin((1 - alpha) * theta) / math.sin(theta), math.sin(alpha * theta) / math.sin(theta)
+    return (w0 * z0.double() + w1 * z1.double()).to(z0.dtype)
+
+
+def interpolation_noise(seed_a: int, seed_b: int, num: int, shape: Sequence[int], num_steps: int,
+                        num_classes: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Noise (num_steps, num, C, H, W) from seed A's draws to seed B's, each step's draw interpolated
+    spherically; labels (num,): seed A's drawn label up to alpha 1/2, B's after (-1 if unconditional); alphas."""
+    za, la = sample_noise(seed_a, shape, num_steps, num_classes)
+    zb, lb = sample_noise(seed_b, shape, num_steps, num_classes)
+    alphas = [k / (num - 1) for k in range(num)] if num > 1 else [0.0]
+    z = torch.stack([torch.stack([slerp(za[s], zb[s], a) for a in alphas]) for s in range(num_steps)])
+    labels = torch.tensor([la if a <= 0.5 else lb for a in alphas], dtype=torch.long)
+    return z, labels, alphas
+
+
+def karras_levels(sigma_min: float, sigma_max: float, rho: float, levels: Sequence[int]) -> list[float]:
+    """The given levels of the EDIT_GRID_POINTS-point Karras grid, counted from sigma_max (level 0)."""
+    from ctcore.consistency import karras_sigmas
+
+    grid = karras_sigmas(EDIT_GRID_POINTS, sigma_min, sigma_max, rho).flip(0)
+    return [float(grid[i]) for i in levels]
