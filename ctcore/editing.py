@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -371,3 +372,296 @@ def karras_levels(sigma_min: float, sigma_max: float, rho: float, levels: Sequen
 
     grid = karras_sigmas(EDIT_GRID_POINTS, sigma_min, sigma_max, rho).flip(0)
     return [float(grid[i]) for i in levels]
+
+
+# ------------------------------------------------------------------------------------- `ctcore edit`
+
+TASKS = ("inpaint", "colorize", "superres", "stroke", "interpolate")
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_SOURCE_COUNT = 64
+
+
+def parse_indices(text: str | None, count: int, where: str) -> list[int]:
+    """--indices: `START:STOP` (Python slice, STOP may be omitted) or `i,j,k`; default the first 64 images."""
+    from ctcore.errors import UsageError
+
+    if text is None:
+        return list(range(min(count, DEFAULT_SOURCE_COUNT)))
+    try:
+        if ":" in text:
+            lo, _, hi = text.partition(":")
+            picked = list(range(int(lo or 0), int(hi) if hi.strip() else count))
+        else:
+            picked = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f'--indices must be START:STOP or comma-separated numbers like "0:64" or "3,5,8", '
+                         f"got {text!r}") from None
+    bad = next((i for i in picked if not 0 <= i < count), None)
+    if bad is not None or not picked:
+        raise UsageError(f"--indices {text}: {where} holds {count:,} images, so an index lies in 0..{count - 1}")
+    return picked
+
+
+def _fit_image(img, resolution: int, where: str):
+    """A PIL image resized (short side) and center-cropped to resolution x resolution; never enlarged."""
+    from ctcore.errors import UsageError
+    from ctcore.importers import _fit
+
+    w, h = img.size
+    if min(w, h) < resolution:
+        raise UsageError(f"{where} is {w}x{h} pixels, smaller than the model's {resolution}x{resolution} images: "
+                         f"give images at least {resolution} pixels on their short side")
+    return _fit(img, resolution)
+
+
+def read_source(source: str | Path, shape: Sequence[int], indices: str | None = None) -> tuple[
+        torch.Tensor, torch.Tensor | None, list[str]]:
+    """References for editing: uint8 (N, C, H, W) fitted to `shape`, labels (N,) or None, and a name for each:
+    a ctcore HDF5 dataset (--indices), a PNG (or .jpg, .webp) or a folder of them (sorted by name)."""
+    import numpy as np
+    from PIL import Image
+
+    from ctcore.data import hdf5_summary, open_hdf5
+    from ctcore.errors import UsageError
+
+    c, r = shape[0], shape[1]
+    source = Path(source)
+    where = f"--images {str(source)!r}"
+    if not source.exists():
+        raise UsageError(f"{where} not found: give a ctcore HDF5 dataset, an image file or a folder of images")
+    mode = {1: "L", 3: "RGB"}.get(c)
+    if source.suffix.lower() in (".h5", ".hdf5"):
+        info = hdf5_summary(source)
+        if info["shape"][0] != c:
+            raise UsageError(f"{where} holds {info['shape'][0]}-channel images but the model makes {c}-channel "
+                             f"ones: give images with {c} channels")
+        picked = parse_indices(indices, info["count"], where)
+        with open_hdf5(source) as f:
+            order = sorted(set(picked))
+            stored = f["images"][order]
+            rows = {i: k for k, i in enumerate(order)}
+            images = np.stack([stored[rows[i]] for i in picked])
+            labels = None
+            if info["has_labels"]:
+                stored_labels = f["labels"][order]
+                labels = torch.tensor([int(stored_labels[rows[i]]) for i in picked], dtype=torch.long)
+        if images.shape[2:] != (r, r):
+            if mode is None:
+                raise UsageError(f"{where} holds {c}-channel images of {images.shape[2]}x{images.shape[3]} pixels; "
+                                 f"only 1- or 3-channel images can be resized to the model's {r}x{r}")
+            fitted = [_fit_image(Image.fromarray(im.transpose(1, 2, 0).squeeze(-1) if c == 1 else
+                                                 im.transpose(1, 2, 0)), r, f"{where} image {i}")
+                      for i, im in zip(picked, images, strict=True)]
+            images = np.stack([np.asarray(im).reshape(r, r, c).transpose(2, 0, 1) for im in fitted])
+        return torch.from_numpy(np.ascontiguousarray(images)), labels, [f"{source.name}[{i}]" for i in picked]
+    if indices is not None:
+        raise UsageError(f"--indices selects images of an HDF5 dataset; {where} is not one: drop --indices")
+    if mode is None:
+        raise UsageError(f"{where}: the model makes {c}-channel images, which no image file holds: give an HDF5 "
+                         "dataset with them")
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_FILES) if source.is_dir() else [source]
+    if not files:
+        raise UsageError(f"{where} holds no image files (.png, .jpg, .webp)")
+    out = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img = img.convert(mode)
+        except OSError as exc:
+            raise UsageError(f"--images {str(path)!r} cannot be read as an image ({exc})") from None
+        out.append(np.asarray(_fit_image(img, r, f"--images {str(path)!r}")).reshape(r, r, c).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out)), None, [p.name for p in files]
+
+
+def read_mask(path: str | Path, resolution: int) -> torch.Tensor:
+    """A mask PNG (white = keep) as uint8 (1, 1, R, R), 1 = known; its size must be the model's resolution."""
+    import numpy as np
+    from PIL import Image
+
+    from ctcore.errors import UsageError
+
+    try:
+        with Image.open(path) as img:
+            grey = img.convert("L")
+    except OSError as exc:
+        raise UsageError(f"--mask {str(path)!r} cannot be read as an image ({exc})") from None
+    if grey.size != (resolution, resolution):
+        raise UsageError(f"--mask {str(path)!r} is {grey.size[0]}x{grey.size[1]} pixels but the model's images are "
+                         f"{resolution}x{resolution}: give a mask of that size (white = keep)")
+    return torch.from_numpy((np.asarray(grey) >= 128).astype(np.uint8))[None, None]
+
+
+_FOREIGN = ("is not a ctcore checkpoint", "which is not installed or is disabled")
+"""RunErrors of a checkpoint that is not of a model ctcore can edit with (a diffusion model's file, a network
+whose plugin is missing): `ctcore edit` reports them as usage errors, exit 2."""
+
+
+def edit_from_checkpoint(
+    task: str,
+    checkpoint: str | Path,
+    registry,
+    *,
+    out: str | Path,
+    grid: str | Path | None = None,
+    images: str | Path | None = None,
+    indices: str | None = None,
+    mask: str | Path | None = None,
+    mask_kind: str | None = None,
+    factor: int | None = None,
+    start_sigma: float | None = None,
+    seeds: tuple[int, int] | None = None,
+    num: int = 8,
+    sigmas: Sequence[float] | None = None,
+    seed: int | None = None,
+    labels: Sequence[int] | None = None,
+    weights: str = "eval-ema",
+    batch_size: int = 256,
+    overwrite: bool = False,
+    device: str | None = None,
+) -> dict[str, object]:
+    """`ctcore edit`: check every input, edit (or interpolate), then write the store atomically under its lock and
+    a grid (reference | degraded | result per row; interpolate: one row). Bad input raises UsageError, nothing
+    written."""
+    from ctcore.consistency import denoise
+    from ctcore.errors import RunError, UsageError
+    from ctcore.files import output_lock
+    from ctcore.images import save_grid
+    from ctcore.sampling import (
+        choose_labels,
+        file_digest,
+        load_sampling_network,
+        load_sampling_plan,
+        write_sample_store,
+    )
+
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r} (available: {', '.join(TASKS)})")
+    out = Path(out)
+    grid = Path(grid) if grid is not None else out.with_suffix(".png")
+    given = {"--images": images, "--indices": indices, "--mask": mask, "--mask-kind": mask_kind,
+             "--factor": factor, "--start-sigma": start_sigma, "--seeds": seeds}
+    allowed = {"inpaint": {"--images", "--indices", "--mask", "--mask-kind"}, "colorize": {"--images", "--indices"},
+               "superres": {"--images", "--indices", "--factor"},
+               "stroke": {"--images", "--indices", "--start-sigma"}, "interpolate": {"--seeds"}}[task]
+    extra = next((k for k, v in given.items() if v is not None and k not in allowed), None)
+    if extra is not None:
+        raise UsageError(f"{extra} is not an option of `ctcore edit {task}` (it takes {', '.join(sorted(allowed))}): "
+                         f"drop {extra}")
+    if task == "interpolate" and seeds is None:
+        raise UsageError('`ctcore edit interpolate` needs --seeds A,B, e.g. --seeds 0,1')
+    if task != "interpolate" and images is None:
+        raise UsageError(f"`ctcore edit {task}` needs --images SOURCE: a ctcore HDF5 dataset, an image file or a "
+                         "folder of images")
+    if task == "inpaint" and (mask is None) == (mask_kind is None):
+        raise UsageError("`ctcore edit inpaint` needs one of --mask MASK.png (white = keep) or --mask-kind "
+                         f"{'|'.join(MASK_KINDS)}")
+    if task == "superres" and factor is None:
+        raise UsageError("`ctcore edit superres` needs --factor F (F x F patches keep their mean)")
+    if task == "stroke" and start_sigma is not None and sigmas is not None:
+        raise UsageError("--start-sigma and --sigmas both set the schedule of stroke editing: give one of them")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose -o")
+
+    explicit_sigmas = sigmas is not None
+    try:
+        checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, sigmas=sigmas, weights=weights)
+    except RunError as exc:
+        if any(s in exc.message for s in _FOREIGN):
+            raise UsageError(f"{exc.message}; ctcore edit needs a consistency model trained by ctcore run") from None
+        raise
+    prov = state["provenance"]
+    shape, num_classes, c = tuple(prov["data_shape"]), prov["num_classes"], recipe.consistency
+    if task == "stroke":
+        if start_sigma is not None:
+            if not c.sigma_min < start_sigma <= c.sigma_max:
+                raise UsageError(f"--start-sigma must lie in (sigma_min, sigma_max] = ({c.sigma_min}, "
+                                 f"{c.sigma_max}], got {start_sigma}")
+            below = [s for s in karras_levels(c.sigma_min, c.sigma_max, c.rho, EDIT_LEVELS) if s < start_sigma]
+            sigmas = [float(start_sigma), *below]
+        elif not explicit_sigmas:
+            sigmas = karras_levels(c.sigma_min, c.sigma_max, c.rho, STROKE_LEVELS)
+    elif task != "interpolate" and not explicit_sigmas:
+        sigmas = karras_levels(c.sigma_min, c.sigma_max, c.rho, EDIT_LEVELS)
+    class_labels, _ = choose_labels(checkpoint, num_classes, labels, False)
+    seed = recipe.sampling.seed if seed is None else seed
+    r = shape[1]
+
+    inputs = source_labels = masks = None
+    if task == "interpolate":
+        z, drawn, alphas = interpolation_noise(seeds[0], seeds[1], num, shape, len(sigmas), num_classes)
+        lab = drawn if class_labels is None else torch.tensor([class_labels[j % len(class_labels)]
+                                                               for j in range(num)], dtype=torch.long)
+    else:
+        inputs, source_labels, _ = read_source(images, shape, indices)
+        n = len(inputs)
+        if task == "colorize" and shape[0] != 3:
+            raise UsageError(f"colorize needs a model of RGB images; checkpoint {str(checkpoint)!r} makes "
+                             f"{shape[0]}-channel images")
+        if task == "superres" and (factor < 1 or r % factor):
+            divisors = ", ".join(str(d) for d in range(2, r + 1) if r % d == 0)
+            raise UsageError(f"--factor {factor} does not divide the model's resolution {r}: use one of {divisors}")
+        if task == "inpaint":
+            masks = read_mask(mask, r).expand(n, 1, r, r).clone() if mask is not None else None
+        if class_labels is not None:
+            lab = torch.tensor([class_labels[j % len(class_labels)] for j in range(n)], dtype=torch.long)
+        elif num_classes and source_labels is not None:
+            bad = next((v for v in source_labels.tolist() if not 0 <= v < num_classes), None)
+            if bad is not None:
+                raise UsageError(f"--images {str(images)!r} has label {bad}, outside the model's classes "
+                                 f"0..{num_classes - 1}; choose labels with --labels")
+            lab = source_labels
+        else:
+            lab = None
+
+    network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
+
+    def denoiser(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+
+    attrs: dict[str, object] = {"task": task, "checkpoint": str(checkpoint),
+                                "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"]),
+                                "sigmas": [float(s) for s in sigmas], "weights": weights,
+                                "recipe": state["recipe"], "ctcore_version": prov.get("ctcore", "?")}
+    with output_lock(out, "edit store", "ctcore edit"):
+        if out.exists() and not overwrite:
+            raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose -o")
+        if task == "interpolate":
+            with torch.no_grad():
+                x = multistep_sample(denoiser, z.to(dev), sigmas, lab.to(dev) if num_classes else None,
+                                     sigma_min=c.sigma_min, clip=recipe.sampling.clip)
+            results = to_uint8(x).cpu()
+            attrs.update(seeds_interpolated=list(seeds), num=num)
+            extra = {"alphas": torch.tensor(alphas, dtype=torch.float64)}
+            write_sample_store(out, results, list(seeds), lab if num_classes else None, attrs, extra)
+            save_grid(results, grid, ncol=len(results))
+            return {"store": out, "grid": grid, "count": len(results), "sigmas": sigmas}
+        sample_seeds = list(range(seed, seed + len(inputs)))
+        if task == "inpaint":
+            if masks is None:
+                masks = make_masks(mask_kind, sample_seeds, r)
+            transform, step_masks = inpaint(masks.float()), masks
+        elif task == "colorize":
+            transform, step_masks = colorize(), None
+        elif task == "superres":
+            transform, step_masks = superres(factor, r), None
+        else:
+            transform, step_masks = inpaint(torch.zeros(1, 1, r, r)), None
+        results, used = edit_images(denoiser, inputs, transform, step_masks, sigmas, sample_seeds,
+                                    num_classes=num_classes, labels=lab, from_reference=task == "stroke",
+                                    sigma_min=c.sigma_min, clip=recipe.sampling.clip, batch_size=batch_size,
+                                    device=dev)
+        stored_masks = masks if masks is not None else torch.zeros((len(inputs), 1, r, r), dtype=torch.uint8)
+        attrs.update(transform={"inpaint": "identity", "colorize": "luminance", "superres": "patch-mean",
+                                "stroke": "identity"}[task], factor=int(factor or 1),
+                     source=str(images), mask=str(mask) if mask is not None else (mask_kind or "none"))
+        if task == "stroke":
+            attrs["start_sigma"] = float(sigmas[0])
+        write_sample_store(out, results, sample_seeds, used if num_classes else None, attrs,
+                           {"inputs": inputs, "masks": stored_masks})
+        ref = inputs.float() / 127.5 - 1
+        shown = to_uint8(ref) if task == "stroke" else to_uint8(transform.degraded(
+            ref, None if step_masks is None else step_masks.float()))
+        rows = torch.stack([inputs, shown, results], dim=1).reshape(-1, *shape)[: 3 * 64]
+        save_grid(rows, grid, ncol=3)
+    return {"store": out, "grid": grid, "count": len(inputs), "sigmas": sigmas}
+

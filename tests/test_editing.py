@@ -4,13 +4,22 @@ they promise to keep, exactly, for any model (an untrained toy MLP here)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
+from helpers import tree_state, write_tiny_recipe
+from PIL import Image
+from typer.testing import CliRunner, Result
 
+from ctcore.cli import app
 from ctcore.consistency import denoise
 from ctcore.editing import (
     EDIT_LEVELS,
+    STROKE_LEVELS,
     colorize,
     edit,
     edit_images,
@@ -25,10 +34,12 @@ from ctcore.editing import (
     superres,
     transform_matrix,
 )
+from ctcore.importers import write_dataset
 from ctcore.registry import load_registry
 from ctcore.sampling import generate, sample_noise
 
 SHAPE = (3, 8, 8)
+LAST_CKPT = "ckpt-000000012.pt"
 SIGMAS = karras_levels(0.002, 80.0, 7.0, EDIT_LEVELS)
 
 
@@ -123,3 +134,175 @@ def test_interpolation_endpoints_are_the_seeds_noise_exactly() -> None:
     assert labels.tolist() == [la, la, la, lb, lb]
     norms = z[0].flatten(1).norm(dim=1)
     assert (norms - za[0].norm()).abs().max() < 0.2 * za[0].norm()  # on the sphere, not through its inside
+
+
+# ---------------------------------------------------------------------------------------------- `ctcore edit`
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run (RGB 4x4 images) and nothing else; tests write only into their own tmp_path."""
+    root = tmp_path_factory.mktemp("edit-run")
+    result = invoke("run", write_tiny_recipe(root / "tiny.toml", root / "run"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ctcore HDF5 dataset of 10 saturated 4x4 RGB images with labels."""
+    path = tmp_path_factory.mktemp("edit-source") / "refs.h5"
+    images = torch.randint(0, 256, (10, 3, 4, 4), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    images[0] = 255
+    write_dataset(path, images.numpy(), np.arange(10) % 8, {"source": "test"})
+    return path
+
+
+def test_edit_inpaint_writes_the_store_and_the_grid_and_keeps_known_pixels(run_dir: Path, source: Path,
+                                                                           tmp_path: Path) -> None:
+    out = tmp_path / "inpaint.h5"
+    result = invoke("edit", "inpaint", run_dir, "--images", source, "--indices", "2:8", "--mask-kind",
+                    "random-pixels", "--seed", 5, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("wrote 6 inpaint results (sigmas [80.0, 16.7798") and str(out) in result.stdout
+    with h5py.File(out) as f:
+        assert sorted(f) == ["images", "inputs", "masks", "seeds"]  # no labels: the model is unconditional
+        images, inputs, masks = (torch.from_numpy(f[k][...]) for k in ("images", "inputs", "masks"))
+        assert f["seeds"][...].tolist() == [5, 6, 7, 8, 9, 10]
+        attrs = dict(f.attrs)
+    assert images.dtype == inputs.dtype == masks.dtype == torch.uint8
+    assert images.shape == inputs.shape == (6, 3, 4, 4) and masks.shape == (6, 1, 4, 4)
+    with h5py.File(source) as f:
+        assert torch.equal(inputs, torch.from_numpy(f["images"][2:8]))
+    known = masks.bool().expand_as(images)
+    assert torch.equal(images[known], inputs[known]) and not torch.equal(images, inputs)
+    ckpt = run_dir / "checkpoints" / LAST_CKPT
+    assert attrs["task"] == "inpaint" and attrs["checkpoint"] == str(ckpt)
+    assert attrs["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert list(attrs["sigmas"]) == karras_levels(0.002, 80.0, 7.0, EDIT_LEVELS)
+    assert attrs["transform"] == "identity" and attrs["factor"] == 1 and attrs["mask"] == "random-pixels"
+    grid = Image.open(out.with_suffix(".png"))
+    assert grid.size == (3 * (64 + 1) + 1, 6 * (64 + 1) + 1)  # reference | degraded | result, 6 rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inpaint.h5", "inpaint.png"]  # no lock, no temporary
+
+
+def test_edit_superres_and_colorize_keep_their_components_and_store_zero_masks(run_dir: Path, source: Path,
+                                                                               tmp_path: Path) -> None:
+    for task, extra, check in (("superres", ["--factor", 2], lambda a, b: patch_means(a, 2) - patch_means(b, 2)),
+                               ("colorize", [], lambda a, b: luminance(a) - luminance(b))):
+        out = tmp_path / f"{task}.h5"
+        result = invoke("edit", task, run_dir, "--images", source, *extra, "-o", out, "--sigmas", "80,0.5")
+        assert result.exit_code == 0, result.output
+        with h5py.File(out) as f:
+            images, inputs = torch.from_numpy(f["images"][...]), torch.from_numpy(f["inputs"][...])
+            assert f["masks"].shape == (10, 1, 4, 4) and not f["masks"][...].any()
+            assert (f.attrs["transform"], f.attrs["factor"]) == (
+                ("patch-mean", 2) if task == "superres" else ("luminance", 1))
+            assert list(f.attrs["sigmas"]) == [80.0, 0.5]
+        assert check(images, inputs).abs().max() <= 1.0, task
+        assert not torch.equal(images, inputs)
+
+
+def test_interpolation_endpoints_reproduce_ctcore_sample_bit_for_bit(run_dir: Path, tmp_path: Path) -> None:
+    for sigmas in ([], ["--sigmas", "80,0.821"]):
+        out = tmp_path / "interp.h5"
+        result = invoke("edit", "interpolate", run_dir, "--seeds", "3,11", "--num", 5, "-o", out, "--overwrite",
+                        *sigmas)
+        assert result.exit_code == 0, result.output
+        with h5py.File(out) as f:
+            images = torch.from_numpy(f["images"][...])
+            assert f["seeds"][...].tolist() == [3, 11] and f["alphas"][...].tolist() == [0, 0.25, 0.5, 0.75, 1]
+        assert images.shape == (5, 3, 4, 4)
+        for seed, image in ((3, images[0]), (11, images[-1])):
+            store = tmp_path / f"sample-{seed}.h5"
+            result = invoke("sample", run_dir, "--seed", seed, "-n", 1, "-o", store, "--overwrite", *sigmas)
+            assert result.exit_code == 0, result.output
+            with h5py.File(store) as f:
+                assert torch.equal(torch.from_numpy(f["images"][0]), image), (seed, sigmas)
+        assert not torch.equal(images[0], images[-1])
+
+
+def test_stroke_editing_and_png_sources(run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "paintings"
+    folder.mkdir()
+    Image.new("RGB", (12, 8), (200, 30, 30)).save(folder / "a.png")  # resized to 6x4, then cropped to 4x4
+    Image.new("L", (4, 4), 90).save(folder / "b.png")
+    out = tmp_path / "stroke.h5"
+    result = invoke("edit", "stroke", run_dir, "--images", folder, "-o", out)
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        inputs = f["inputs"][...]
+        assert list(f.attrs["sigmas"]) == karras_levels(0.002, 80.0, 7.0, STROKE_LEVELS)
+    assert inputs.shape == (2, 3, 4, 4)
+    assert (inputs[0].reshape(3, -1).T == [200, 30, 30]).all() and (inputs[1] == 90).all()
+    result = invoke("edit", "stroke", run_dir, "--images", folder / "a.png", "--start-sigma", 1.0, "-o",
+                    tmp_path / "s1.h5")
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "s1.h5") as f:
+        assert list(f.attrs["sigmas"]) == [1.0, karras_levels(0.002, 80.0, 7.0, EDIT_LEVELS)[3]]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["inpaint", "--mask", "{mask5}"], "--mask '{mask5}' is 5x5 pixels but the model's images are 4x4: give a mask "
+                                       "of that size (white = keep)"),
+    (["colorize", "--images", "{small}"], "--images '{small}' is 6x3 pixels, smaller than the model's 4x4 images: "
+                                          "give images at least 4 pixels on their short side"),
+    (["colorize", "--images", "{grey}"], "--images '{grey}' holds 1-channel images but the model makes 3-channel "
+                                         "ones: give images with 3 channels"),
+    (["superres", "--factor", "3"], "--factor 3 does not divide the model's resolution 4: use one of 2, 4"),
+    (["inpaint"], "`ctcore edit inpaint` needs one of --mask MASK.png (white = keep) or --mask-kind "
+                  "box|half|random-pixels|strokes"),
+    (["superres"], "`ctcore edit superres` needs --factor F (F x F patches keep their mean)"),
+    (["colorize", "--factor", "2"], "--factor is not an option of `ctcore edit colorize` (it takes --images, "
+                                    "--indices): drop --factor"),
+    (["colorize", "--indices", "9:12"], "--indices 9:12: --images '{source}' holds 10 images, so an index lies in "
+                                        "0..9"),
+    (["interpolate", "--seeds", "1"], '--seeds must be two seeds "A,B" in 0..9223372035854775807, e.g. "0,1", '
+                                      "got '1'"),
+    (["stroke", "--start-sigma", "100"], "--start-sigma must lie in (sigma_min, sigma_max] = (0.002, 80.0], got "
+                                         "100.0"),
+    (["colorize", "--labels", "1"], "--labels: checkpoint '{ckpt}' is of an unconditional model (num_classes 0), "
+                                    "which takes no class labels; leave out --labels"),
+    (["colorize", "{foreign}"], "checkpoint '{foreign}' is not a ctcore checkpoint (format ctcore-checkpoint-1); "
+                                "ctcore edit needs a consistency model trained by ctcore run"),
+], ids=["mask-size", "too-small", "channels", "factor", "no-mask", "no-factor", "wrong-option", "indices",
+        "seeds", "start-sigma", "labels", "foreign-checkpoint"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, source: Path, tmp_path: Path,
+                                                         args: list[str], message: str) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.new("L", (5, 5), 255).save(inputs / "mask5.png")
+    Image.new("RGB", (6, 3)).save(inputs / "small.png")
+    write_dataset(inputs / "grey.h5", np.zeros((2, 1, 4, 4), np.uint8), None, {})
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, inputs / "foreign.pt")
+    ckpt = run_dir / "checkpoints" / LAST_CKPT
+    names = {"mask5": inputs / "mask5.png", "small": inputs / "small.png", "grey": inputs / "grey.h5",
+             "foreign": inputs / "foreign.pt", "source": source, "ckpt": ckpt}
+    args = [a.format(**names) for a in args]
+    task, rest = args[0], args[1:]
+    target = rest.pop(0) if rest and rest[0] == str(names["foreign"]) else ckpt
+    if task != "interpolate" and "--images" not in rest:
+        rest += ["--images", str(source)]
+    before = tree_state(tmp_path)
+    result = invoke("edit", task, target, *rest, "-o", tmp_path / "out" / "e.h5")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {message.format(**names)}\n"
+    assert result.stdout == "" and "Traceback" not in result.output
+    assert tree_state(tmp_path) == before  # no store, grid, lock or folder
+
+
+def test_an_existing_store_is_kept_unless_overwrite(run_dir: Path, source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e.h5"
+    out.write_bytes(b"keep me")
+    args = ["edit", "colorize", run_dir, "--images", source, "--indices", "0,1", "-o", out]
+    result = invoke(*args)
+    assert result.exit_code == 2 and result.stderr == f"error: {str(out)!r} exists; pass --overwrite to replace " \
+                                                      f"it, or choose -o\n"
+    assert out.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["e.h5"]
+    assert invoke(*args, "--overwrite").exit_code == 0
+    with h5py.File(out) as f:
+        assert f["images"].shape == (2, 3, 4, 4)
