@@ -539,8 +539,7 @@ def sample(
 
 @app.command()
 def edit(
-    task: Annotated[Literal["inpaint", "colorize", "superres", "stroke", "interpolate"], typer.Argument(
-        metavar="TASK", help="inpaint, colorize, superres, stroke or interpolate.")],
+    task: Annotated[str, typer.Argument(metavar="TASK", help="inpaint, colorize, superres, stroke or interpolate.")],
     checkpoint: Annotated[Path, typer.Argument(
         metavar="CHECKPOINT", help="A checkpoint file, or a RUN_DIR (its latest checkpoint).")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT.h5", help="The edit store to write.")],

@@ -535,7 +535,9 @@ def edit_from_checkpoint(
     )
 
     if task not in TASKS:
-        raise UsageError(f"unknown task {task!r} (available: {', '.join(TASKS)})")
+        from ctcore.errors import unknown_name_message
+
+        raise UsageError(unknown_name_message("task", task, TASKS))
     out = Path(out)
     grid = Path(grid) if grid is not None else out.with_suffix(".png")
     given = {"--images": images, "--indices": indices, "--mask": mask, "--mask-kind": mask_kind,

@@ -113,6 +113,30 @@ def test_without_the_fit_clamping_would_break_the_luminance(denoiser) -> None:
     assert (luminance(images) - luminance(inputs)).abs().max() > 5.0
 
 
+def test_edit_follows_algorithm_4_step_by_step() -> None:
+    """x = f(y_known + s1 z1); clamp; put the known back; x = f(x + sqrt(s^2 - s_min^2) z_n); clamp; ..."""
+    calls = []
+
+    def f(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        calls.append((x.clone(), sigma.clone()))
+        return 0.3 * x + 0.01
+
+    ref = references(2).float() / 127.5 - 1
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4] = 1
+    z = torch.randn((3, 2, *SHAPE), generator=torch.Generator().manual_seed(0))
+    sigmas = [80.0, 2.0, 0.5]
+    out = edit(f, ref, inpaint(mask), mask, sigmas, noise=z, sigma_min=0.002)
+    keep = mask.bool().expand_as(ref)
+    x = torch.where(keep, ref, 0.0) + 80.0 * z[0]
+    for k, sigma in enumerate(sigmas):
+        if k:
+            x = x + (sigma**2 - 0.002**2) ** 0.5 * z[k]
+        assert torch.allclose(calls[k][0], x, atol=1e-5) and torch.all(calls[k][1] == sigma)
+        x = torch.where(keep, ref, (0.3 * x + 0.01).clamp(-1, 1))
+    assert torch.allclose(out, x, atol=1e-6) and torch.equal(out[keep], ref[keep])
+
+
 def test_edit_with_nothing_known_is_sampling_and_draws_from_the_generator(denoiser) -> None:
     seeds = [3, 4]
     sampled, _ = generate(denoiser, SHAPE, seeds, SIGMAS)
@@ -269,8 +293,10 @@ def test_stroke_editing_and_png_sources(run_dir: Path, tmp_path: Path) -> None:
                                     "which takes no class labels; leave out --labels"),
     (["colorize", "{foreign}"], "checkpoint '{foreign}' is not a ctcore checkpoint (format ctcore-checkpoint-1); "
                                 "ctcore edit needs a consistency model trained by ctcore run"),
+    (["colourise"], "unknown task 'colourise'; did you mean 'colorize'? (available: colorize, inpaint, "
+                    "interpolate, stroke, superres)"),
 ], ids=["mask-size", "too-small", "channels", "factor", "no-mask", "no-factor", "wrong-option", "indices",
-        "seeds", "start-sigma", "labels", "foreign-checkpoint"])
+        "seeds", "start-sigma", "labels", "foreign-checkpoint", "unknown-task"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, source: Path, tmp_path: Path,
                                                          args: list[str], message: str) -> None:
     inputs = tmp_path / "inputs"
@@ -306,3 +332,16 @@ def test_an_existing_store_is_kept_unless_overwrite(run_dir: Path, source: Path,
     assert invoke(*args, "--overwrite").exit_code == 0
     with h5py.File(out) as f:
         assert f["images"].shape == (2, 3, 4, 4)
+
+
+def test_a_conditional_model_gets_the_source_labels_or_the_given_ones(source: Path, tmp_path: Path) -> None:
+    recipe = write_tiny_recipe(tmp_path / "cond.toml", tmp_path / "run", data={"num_classes": 8},
+                               training={"total_steps": 2, "checkpoint_every": 2, "sample_every": 2})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    for extra, expected in (([], [3, 4, 5, 6, 7, 0]), (["--labels", "1,2"], [1, 2, 1, 2, 1, 2])):
+        out = tmp_path / "c.h5"
+        result = invoke("edit", "superres", tmp_path / "run", "--images", source, "--indices", "3:9", "--factor", 4,
+                        "-o", out, "--overwrite", *extra)
+        assert result.exit_code == 0, result.output
+        with h5py.File(out) as f:
+            assert f["labels"][...].tolist() == expected
