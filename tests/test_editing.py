@@ -121,7 +121,7 @@ def test_edit_follows_algorithm_4_step_by_step() -> None:
         calls.append((x.clone(), sigma.clone()))
         return 0.3 * x + 0.01
 
-    ref = references(2).float() / 127.5 - 1
+    ref = references(3)[:2].float() / 127.5 - 1
     mask = torch.zeros(2, 1, 8, 8)
     mask[..., :4] = 1
     z = torch.randn((3, 2, *SHAPE), generator=torch.Generator().manual_seed(0))
