@@ -597,8 +597,8 @@ def edit(
             mask_kind=mask_kind, factor=factor, start_sigma=start_sigma, seeds=pair, num=num,
             sigmas=_parse_sigmas(sigmas), seed=seed, labels=_parse_labels(labels), weights=weights,
             batch_size=batch_size, overwrite=overwrite)
-        _console().print(f"wrote {result['count']:,} {task} results (sigmas {result['sigmas']}) to {result['store']} "
-                         f"and a grid to {result['grid']}")
+        _console().print(f"wrote {result['count']:,} {task} results ({result['plan']}) to {result['store']} and a "
+                         f"grid to {result['grid']}")
 
 
 def _parse_labels(labels: str | None) -> list[int] | None:

@@ -421,7 +421,7 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
     import numpy as np
     from PIL import Image
 
-    from ctcore.data import hdf5_summary, open_hdf5
+    from ctcore.data import check_complete, hdf5_summary, open_hdf5
     from ctcore.errors import UsageError
 
     c, r = shape[0], shape[1]
@@ -436,6 +436,7 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
             raise UsageError(f"{where} holds {info['shape'][0]}-channel images but the model makes {c}-channel "
                              f"ones: give images with {c} channels")
         picked = parse_indices(indices, info["count"], where)
+        check_complete(source, info)  # unwritten chunks would read as black images
         with open_hdf5(source) as f:
             order = sorted(set(picked))
             stored = f["images"][order]
@@ -636,7 +637,7 @@ def edit_from_checkpoint(
             extra = {"alphas": torch.tensor(alphas, dtype=torch.float64)}
             write_sample_store(out, results, list(seeds), lab if num_classes else None, attrs, extra)
             save_grid(results, grid, ncol=len(results))
-            return {"store": out, "grid": grid, "count": len(results), "sigmas": sigmas}
+            return {"store": out, "grid": grid, "count": len(results), "plan": _plan(sigmas)}
         sample_seeds = list(range(seed, seed + len(inputs)))
         if task == "inpaint":
             if masks is None:
@@ -665,5 +666,10 @@ def edit_from_checkpoint(
             ref, None if step_masks is None else step_masks.float()))
         rows = torch.stack([inputs, shown, results], dim=1).reshape(-1, *shape)[: 3 * 64]
         save_grid(rows, grid, ncol=3)
-    return {"store": out, "grid": grid, "count": len(inputs), "sigmas": sigmas}
+    return {"store": out, "grid": grid, "count": len(inputs), "plan": _plan(sigmas)}
+
+
+def _plan(sigmas: Sequence[float]) -> str:
+    """'4-step 80, 16.78, 2.24, 0.1312' for messages (the store keeps the exact values)."""
+    return f"{len(sigmas)}-step " + ", ".join(f"{s:.4g}" for s in sigmas)
 

@@ -192,7 +192,8 @@ def test_edit_inpaint_writes_the_store_and_the_grid_and_keeps_known_pixels(run_d
     result = invoke("edit", "inpaint", run_dir, "--images", source, "--indices", "2:8", "--mask-kind",
                     "random-pixels", "--seed", 5, "-o", out)
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("wrote 6 inpaint results (sigmas [80.0, 16.7798") and str(out) in result.stdout
+    assert result.stdout == f"wrote 6 inpaint results (4-step 80, 16.78, 2.24, 0.1312) to {out} and a grid to " \
+                            f"{out.with_suffix('.png')}\n"
     with h5py.File(out) as f:
         assert sorted(f) == ["images", "inputs", "masks", "seeds"]  # no labels: the model is unconditional
         images, inputs, masks = (torch.from_numpy(f[k][...]) for k in ("images", "inputs", "masks"))
