@@ -542,10 +542,11 @@ def edit_from_checkpoint(
     out = Path(out)
     grid = Path(grid) if grid is not None else out.with_suffix(".png")
     given = {"--images": images, "--indices": indices, "--mask": mask, "--mask-kind": mask_kind,
-             "--factor": factor, "--start-sigma": start_sigma, "--seeds": seeds}
-    allowed = {"inpaint": {"--images", "--indices", "--mask", "--mask-kind"}, "colorize": {"--images", "--indices"},
-               "superres": {"--images", "--indices", "--factor"},
-               "stroke": {"--images", "--indices", "--start-sigma"}, "interpolate": {"--seeds"}}[task]
+             "--factor": factor, "--start-sigma": start_sigma, "--seeds": seeds, "--seed": seed}
+    allowed = {"inpaint": {"--images", "--indices", "--mask", "--mask-kind", "--seed"},
+               "colorize": {"--images", "--indices", "--seed"}, "superres": {"--images", "--indices", "--factor",
+                                                                             "--seed"},
+               "stroke": {"--images", "--indices", "--start-sigma", "--seed"}, "interpolate": {"--seeds"}}[task]
     extra = next((k for k, v in given.items() if v is not None and k not in allowed), None)
     if extra is not None:
         raise UsageError(f"{extra} is not an option of `ctcore edit {task}` (it takes {', '.join(sorted(allowed))}): "

@@ -143,14 +143,15 @@ def write_sample_store(path: str | Path, images: torch.Tensor, seeds: Sequence[i
 
 
 def read_sample_store(path: str | Path) -> dict[str, Any]:
-    """Read a sample store back: images, seeds, labels as tensors and attrs as a dict."""
+    """Read a sample store back: images, seeds, labels (None in an edit store of an unconditional model) as
+    tensors and attrs as a dict."""
     import h5py
 
     with h5py.File(path, "r") as f:
         return {
             "images": torch.from_numpy(f["images"][...]),
             "seeds": torch.from_numpy(f["seeds"][...]),
-            "labels": torch.from_numpy(f["labels"][...]),
+            "labels": torch.from_numpy(f["labels"][...]) if "labels" in f else None,
             "attrs": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in f.attrs.items()},
         }
 

@@ -283,7 +283,7 @@ def test_stroke_editing_and_png_sources(run_dir: Path, tmp_path: Path) -> None:
                   "box|half|random-pixels|strokes"),
     (["superres"], "`ctcore edit superres` needs --factor F (F x F patches keep their mean)"),
     (["colorize", "--factor", "2"], "--factor is not an option of `ctcore edit colorize` (it takes --images, "
-                                    "--indices): drop --factor"),
+                                    "--indices, --seed): drop --factor"),
     (["colorize", "--indices", "9:12"], "--indices 9:12: --images '{source}' holds 10 images, so an index lies in "
                                         "0..9"),
     (["interpolate", "--seeds", "1"], '--seeds must be two seeds "A,B" in 0..9223372035854775807, e.g. "0,1", '
@@ -294,10 +294,12 @@ def test_stroke_editing_and_png_sources(run_dir: Path, tmp_path: Path) -> None:
                                     "which takes no class labels; leave out --labels"),
     (["colorize", "{foreign}"], "checkpoint '{foreign}' is not a ctcore checkpoint (format ctcore-checkpoint-1); "
                                 "ctcore edit needs a consistency model trained by ctcore run"),
+    (["interpolate", "--seeds", "1,2", "--seed", "3"], "--seed is not an option of `ctcore edit interpolate` (it "
+                                                       "takes --seeds): drop --seed"),
     (["colourise"], "unknown task 'colourise'; did you mean 'colorize'? (available: colorize, inpaint, "
                     "interpolate, stroke, superres)"),
 ], ids=["mask-size", "too-small", "channels", "factor", "no-mask", "no-factor", "wrong-option", "indices",
-        "seeds", "start-sigma", "labels", "foreign-checkpoint", "unknown-task"])
+        "seeds", "start-sigma", "labels", "foreign-checkpoint", "seed-for-interpolate", "unknown-task"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, source: Path, tmp_path: Path,
                                                          args: list[str], message: str) -> None:
     inputs = tmp_path / "inputs"
