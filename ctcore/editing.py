@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +62,6 @@ class Transform:
     mask: torch.Tensor
     fit: Callable[[torch.Tensor], torch.Tensor] = _clamp
     anchor: Callable[[torch.Tensor], torch.Tensor] | None = None
-    attrs: dict[str, object] = field(default_factory=dict)
 
     def known_only(self, reference: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """A^-1[Omega * A y]: the reference with its unknown components set to 0 (Algorithm 4, line 2)."""
@@ -196,7 +195,7 @@ def superres(factor: int, resolution: int) -> Transform:
 
     mask = torch.zeros(1, 1, resolution, resolution)
     mask[..., ::f, ::f] = 1.0
-    return Transform("superres", forward, inverse, mask, fit=fit, anchor=anchor, attrs={"factor": factor})
+    return Transform("superres", forward, inverse, mask, fit=fit, anchor=anchor)
 
 
 def patch_means(images: torch.Tensor, factor: int) -> torch.Tensor:
