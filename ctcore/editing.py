@@ -569,8 +569,10 @@ def edit_from_checkpoint(
     try:
         checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, sigmas=sigmas, weights=weights)
     except RunError as exc:
-        if any(s in exc.message for s in _FOREIGN):
+        if _FOREIGN[0] in exc.message:
             raise UsageError(f"{exc.message}; ctcore edit needs a consistency model trained by ctcore run") from None
+        if _FOREIGN[1] in exc.message:
+            raise UsageError(exc.message) from None
         raise
     prov = state["provenance"]
     shape, num_classes, c = tuple(prov["data_shape"]), prov["num_classes"], recipe.consistency
@@ -616,6 +618,14 @@ def edit_from_checkpoint(
         else:
             lab = None
 
+    from ctcore.devices import resolve_device
+    from ctcore.preflight import require_buffers, sample_buffers
+
+    count = num if task == "interpolate" else len(inputs)
+    parts = sample_buffers(count, shape, len(sigmas), batch_size)
+    parts["host_inputs_and_masks"] = 0 if inputs is None else count * (math.prod(shape) + r * r) * 3
+    require_buffers(parts, resolve_device(device or recipe.run.device), f"editing {count:,} images",
+                    "choose fewer images (--indices, --num), or a smaller --batch-size")
     network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
 
     def denoiser(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

@@ -296,10 +296,14 @@ def test_stroke_editing_and_png_sources(run_dir: Path, tmp_path: Path) -> None:
                                 "ctcore edit needs a consistency model trained by ctcore run"),
     (["interpolate", "--seeds", "1,2", "--seed", "3"], "--seed is not an option of `ctcore edit interpolate` (it "
                                                        "takes --seeds): drop --seed"),
+    (["colorize", "{unknown}"], "checkpoint '{unknown}' needs network 'unet' from the distribution 'ctcore' "
+                                "(version {version}), which is not installed or is disabled; install it (pip "
+                                "install ctcore) and try again"),
     (["colourise"], "unknown task 'colourise'; did you mean 'colorize'? (available: colorize, inpaint, "
                     "interpolate, stroke, superres)"),
 ], ids=["mask-size", "too-small", "channels", "factor", "no-mask", "no-factor", "wrong-option", "indices",
-        "seeds", "start-sigma", "labels", "foreign-checkpoint", "seed-for-interpolate", "unknown-task"])
+        "seeds", "start-sigma", "labels", "foreign-checkpoint", "seed-for-interpolate", "unknown-network",
+        "unknown-task"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, source: Path, tmp_path: Path,
                                                          args: list[str], message: str) -> None:
     inputs = tmp_path / "inputs"
@@ -309,11 +313,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, source: 
     write_dataset(inputs / "grey.h5", np.zeros((2, 1, 4, 4), np.uint8), None, {})
     torch.save({"state_dict": {"w": torch.zeros(2)}}, inputs / "foreign.pt")
     ckpt = run_dir / "checkpoints" / LAST_CKPT
+    state = torch.load(ckpt, weights_only=True)
+    state["provenance"]["components"]["network"]["name"] = "unet"  # e.g. a diffusion network of another package
+    torch.save(state, inputs / "unknown.pt")
     names = {"mask5": inputs / "mask5.png", "small": inputs / "small.png", "grey": inputs / "grey.h5",
-             "foreign": inputs / "foreign.pt", "source": source, "ckpt": ckpt}
+             "foreign": inputs / "foreign.pt", "unknown": inputs / "unknown.pt", "source": source, "ckpt": ckpt,
+             "version": state["provenance"]["components"]["network"]["version"]}
     args = [a.format(**names) for a in args]
     task, rest = args[0], args[1:]
-    target = rest.pop(0) if rest and rest[0] == str(names["foreign"]) else ckpt
+    target = rest.pop(0) if rest and rest[0] in (str(names["foreign"]), str(names["unknown"])) else ckpt
     if task != "interpolate" and "--images" not in rest:
         rest += ["--images", str(source)]
     before = tree_state(tmp_path)
@@ -348,3 +356,13 @@ def test_a_conditional_model_gets_the_source_labels_or_the_given_ones(source: Pa
         assert result.exit_code == 0, result.output
         with h5py.File(out) as f:
             assert f["labels"][...].tolist() == expected
+
+
+def test_more_images_than_memory_holds_are_refused_before_any_work(run_dir: Path, source: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTCORE_MEMORY_LIMIT", "1000")
+    result = invoke("edit", "colorize", run_dir, "--images", source, "-o", tmp_path / "e.h5")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: editing 10 images needs about ")
+    assert result.stderr.endswith("choose fewer images (--indices, --num), or a smaller --batch-size\n")
+    assert list(tmp_path.iterdir()) == []
