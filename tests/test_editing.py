@@ -366,3 +366,19 @@ def test_more_images_than_memory_holds_are_refused_before_any_work(run_dir: Path
     assert result.stderr.startswith("error: editing 10 images needs about ")
     assert result.stderr.endswith("choose fewer images (--indices, --num), or a smaller --batch-size\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mask_png_keeps_its_white_pixels(run_dir: Path, source: Path, tmp_path: Path) -> None:
+    keep = np.zeros((4, 4), np.uint8)
+    keep[:, :2], keep[3, 3] = 255, 200  # white (>= 128) is kept
+    Image.fromarray(keep, "L").save(tmp_path / "keep.png")
+    out = tmp_path / "m.h5"
+    result = invoke("edit", "inpaint", run_dir, "--images", source, "--indices", "0,4", "--mask", tmp_path / "keep.png",
+                    "-o", out)
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        masks, images, inputs = (torch.from_numpy(f[k][...]) for k in ("masks", "images", "inputs"))
+        assert f.attrs["mask"] == str(tmp_path / "keep.png")
+    assert torch.equal(masks, torch.from_numpy(keep >= 128).to(torch.uint8).expand(2, 1, 4, 4))
+    known = masks.bool().expand_as(images)
+    assert torch.equal(images[known], inputs[known])
