@@ -154,7 +154,11 @@ def first_nonfinite(tensors: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def load_checkpoint(path: str | Path, fix: str = "use an earlier file in its checkpoints/ folder") -> dict[str, Any]:
+EARLIER_CHECKPOINT = "use an earlier file in its checkpoints/ folder"
+"""load_checkpoint's default advice for a file it cannot use (callers with a better one pass their own)."""
+
+
+def load_checkpoint(path: str | Path, fix: str = EARLIER_CHECKPOINT) -> dict[str, Any]:
     """Load a checkpoint safely (weights_only=True); a missing, corrupt or foreign file gives one RunError ending
     in `fix` (what the caller's user should do instead)."""
     path = Path(path)

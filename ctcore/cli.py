@@ -537,6 +537,70 @@ def sample(
                          f"and a grid to {result['grid']}")
 
 
+@app.command()
+def edit(
+    task: Annotated[str, typer.Argument(metavar="TASK", help="inpaint, colorize, superres, stroke or interpolate.")],
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", help="A checkpoint file, or a RUN_DIR (its latest checkpoint).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT.h5", help="The edit store to write.")],
+    images: Annotated[Path | None, typer.Option(
+        "--images", metavar="SOURCE",
+        help="A ctcore HDF5 dataset, an image file or a folder of images (fitted to the model's size).")] = None,
+    indices: Annotated[str | None, typer.Option(
+        help='HDF5 SOURCE: which images, "0:64" (the default) or "3,5,8".')] = None,
+    mask: Annotated[Path | None, typer.Option(
+        metavar="MASK.png", help="inpaint: the pixels to keep (white), at the model's resolution.")] = None,
+    mask_kind: Annotated[Literal["box", "half", "random-pixels", "strokes"] | None, typer.Option(
+        "--mask-kind", help="inpaint: a generated mask instead of --mask.")] = None,
+    factor: Annotated[int | None, typer.Option(
+        min=1, max=MAX_RESOLUTION, help="superres: keep the mean of every F x F patch.")] = None,
+    start_sigma: Annotated[float | None, typer.Option(
+        "--start-sigma", help="stroke: the noise level the painting starts from (default 2.24 for sigma_max 80).")
+    ] = None,
+    seeds: Annotated[str | None, typer.Option(
+        metavar="A,B", help="interpolate: the two seeds whose noises are interpolated.")] = None,
+    num: Annotated[int, typer.Option(min=2, max=MAX_STEPS, help="interpolate: images from A to B.")] = 8,
+    sigmas: Annotated[str | None, typer.Option(
+        help='The schedule, e.g. "80,2.24" (default: docs/editing.md; interpolate: one step).')] = None,
+    seed: Annotated[int | None, typer.Option(
+        min=0, max=MAX_SEED, help="Image j uses the noise of seed + j (default: sampling.seed).")] = None,
+    labels: Annotated[str | None, typer.Option(
+        help="Class-conditional models: these labels, cycled (default: the SOURCE's, else drawn per seed).")
+    ] = None,
+    grid: Annotated[Path | None, typer.Option(
+        help="reference | degraded | result per row, .png, .jpg or .webp (default: OUT with .png).")] = None,
+    weights: Annotated[Literal["eval-ema", "student"], typer.Option(
+        help="eval-ema (default) or student.")] = "eval-ema",
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.h5.")] = False,
+) -> None:
+    """Edit images zero-shot with a consistency model (inpaint, colorize, superres, stroke) or interpolate
+    between two seeds' noises; writes an HDF5 store and a grid (docs/editing.md)."""
+    from ctcore.devices import threads_restored
+
+    with _errors(), threads_restored():
+        from ctcore.editing import edit_from_checkpoint
+        from ctcore.errors import UsageError
+        from ctcore.files import check_suffix
+        from ctcore.images import check_image_path
+
+        check_image_path(grid)
+        check_suffix(out, "-o", HDF5_SUFFIXES, "an HDF5")
+        pair = None
+        if seeds is not None:
+            parts = [p.strip() for p in seeds.split(",")]
+            if len(parts) != 2 or not all(p.isdigit() and int(p) <= MAX_SEED for p in parts):
+                raise UsageError(f'--seeds must be two seeds "A,B" in 0..{MAX_SEED}, e.g. "0,1", got {seeds!r}')
+            pair = (int(parts[0]), int(parts[1]))
+        result = edit_from_checkpoint(
+            task, checkpoint, _registry(), out=out, grid=grid, images=images, indices=indices, mask=mask,
+            mask_kind=mask_kind, factor=factor, start_sigma=start_sigma, seeds=pair, num=num,
+            sigmas=_parse_sigmas(sigmas), seed=seed, labels=_parse_labels(labels), weights=weights,
+            batch_size=batch_size, overwrite=overwrite)
+        _console().print(f"wrote {result['count']:,} {task} results ({result['plan']}) to {result['store']} and a "
+                         f"grid to {result['grid']}")
+
+
 def _parse_labels(labels: str | None) -> list[int] | None:
     """'0,3,7' -> [0, 3, 7]; None stays None. Their range is checked against the checkpoint's classes."""
     import re

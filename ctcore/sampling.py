@@ -43,21 +43,29 @@ def multistep_sample(
     *,
     sigma_min: float = 0.002,
     clip: bool = True,
+    start: torch.Tensor | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """x = f(sigma_0 z_0, sigma_0); then for each next sigma: x = f(x + sqrt(sigma^2 - sigma_min^2) z_k, sigma).
 
     `z` is (num_steps, B, ...) noise; `sigmas` starts at sigma_max ([sigma_max] is one-step sampling,
-    [sigma_max, sigma_mid] two-step). Outputs are clamped to [-1, 1] after every step when `clip`.
+    [sigma_max, sigma_mid] two-step). Outputs are clamped to [-1, 1] after every step when `clip`. Editing
+    (ctcore.editing) starts from `start` + sigma_0 z_0 and applies `project` after every step's clamp.
     """
     if len(sigmas) != z.shape[0]:
         raise ValueError(f"need one noise draw per step: {len(sigmas)} sigmas, {z.shape[0]} draws")
     batch = z.shape[1]
     x = None
     for k, sigma in enumerate(sigmas):
-        x_in = sigma * z[0] if k == 0 else x + (sigma**2 - sigma_min**2) ** 0.5 * z[k]
+        if k == 0:
+            x_in = sigma * z[0] if start is None else start + sigma * z[0]
+        else:
+            x_in = x + (sigma**2 - sigma_min**2) ** 0.5 * z[k]
         x = denoiser(x_in, torch.full((batch,), float(sigma), device=z.device), labels)
         if clip:
             x = x.clamp(-1.0, 1.0)
+        if project is not None:
+            x = project(x)
     return x
 
 
@@ -108,9 +116,11 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_sample_store(path: str | Path, images: torch.Tensor, seeds: Sequence[int], labels: torch.Tensor,
-                       attrs: dict[str, Any]) -> Path:
-    """Write samples to HDF5 atomically: `images` uint8 (N, C, H, W), `seeds`, `labels`, and attrs."""
+def write_sample_store(path: str | Path, images: torch.Tensor, seeds: Sequence[int], labels: torch.Tensor | None,
+                       attrs: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write samples to HDF5 atomically: `images` uint8 (N, C, H, W), `seeds`, `labels` (left out when None),
+    the `extra` datasets (an edit store's inputs and masks; a (data, attributes) pair gives a dataset its own
+    attributes) and attrs."""
     import h5py
     import numpy as np
 
@@ -122,7 +132,13 @@ def write_sample_store(path: str | Path, images: torch.Tensor, seeds: Sequence[i
     with atomic_write(path) as tmp, h5py.File(tmp, "w", driver="core", backing_store=True, block_size=1 << 20) as f:
         f.create_dataset("images", data=images.numpy(), chunks=(min(len(images), 256), *images.shape[1:]))
         f.create_dataset("seeds", data=np.asarray(list(seeds), dtype=np.int64))
-        f.create_dataset("labels", data=labels.numpy().astype(np.int64))
+        if labels is not None:
+            f.create_dataset("labels", data=labels.numpy().astype(np.int64))
+        for name, data in (extra or {}).items():
+            data, dataset_attrs = data if isinstance(data, tuple) else (data, {})  # (data, its own attributes)
+            ds = f.create_dataset(name, data=data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data))
+            for k, v in dataset_attrs.items():
+                ds.attrs[k] = v
         f.attrs["layout"] = "NCHW"
         f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for k, v in attrs.items():
@@ -131,14 +147,15 @@ def write_sample_store(path: str | Path, images: torch.Tensor, seeds: Sequence[i
 
 
 def read_sample_store(path: str | Path) -> dict[str, Any]:
-    """Read a sample store back: images, seeds, labels as tensors and attrs as a dict."""
+    """Read a sample store back: images, seeds, labels (None in an edit store of an unconditional model) as
+    tensors and attrs as a dict."""
     import h5py
 
     with h5py.File(path, "r") as f:
         return {
             "images": torch.from_numpy(f["images"][...]),
             "seeds": torch.from_numpy(f["seeds"][...]),
-            "labels": torch.from_numpy(f["labels"][...]),
+            "labels": torch.from_numpy(f["labels"][...]) if "labels" in f else None,
             "attrs": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in f.attrs.items()},
         }
 

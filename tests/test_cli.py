@@ -74,8 +74,8 @@ def test_help_lists_every_command() -> None:
     assert "Train, sample and inspect consistency models with the iCT techniques." in result.stdout
     panel = result.stdout.split("\nCommands:\n", 1)[1]
     commands = [m.group(1) for m in re.finditer(r"^  (\S+)\s{2,}", panel, re.MULTILINE)]
-    assert commands == ["run", "check", "sweep", "sample", "eval", "eval-ref-stats", "search-sigmas", "bench",
-                        "list-components", "report", "data"]
+    assert commands == ["run", "check", "sweep", "sample", "edit", "eval", "eval-ref-stats", "search-sigmas",
+                        "bench", "list-components", "report", "data"]
 
 
 @pytest.mark.parametrize(

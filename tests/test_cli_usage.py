@@ -29,6 +29,7 @@ BASE_ARGS: dict[str, list[str]] = {
     "check": ["r.toml"],
     "sweep": ["r.toml", "--set", "training.lr=1e-4,2e-4"],
     "sample": ["ckpt.pt"],
+    "edit": ["inpaint", "ckpt.pt", "-o", "out.h5"],
     "eval": ["ckpt.pt", "--ref", "ref.npz"],
     "eval-ref-stats": ["data.h5", "stats.npz"],
     "search-sigmas": ["ckpt.pt", "--steps", "2"],

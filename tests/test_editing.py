@@ -1,0 +1,385 @@
+"""Zero-shot editing (ctcore.editing, `ctcore edit`): the transforms are orthogonal, and the results keep what
+they promise to keep, exactly, for any model (an untrained toy MLP here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from helpers import tree_state, write_tiny_recipe
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from ctcore.cli import app
+from ctcore.consistency import denoise
+from ctcore.editing import (
+    EDIT_LEVELS,
+    STROKE_LEVELS,
+    colorize,
+    edit,
+    edit_images,
+    inpaint,
+    interpolation_noise,
+    karras_levels,
+    luminance,
+    luminance_matrix,
+    make_masks,
+    patch_matrix,
+    patch_means,
+    superres,
+    transform_matrix,
+)
+from ctcore.importers import write_dataset
+from ctcore.registry import load_registry
+from ctcore.sampling import generate, sample_noise
+
+SHAPE = (3, 8, 8)
+LAST_CKPT = "ckpt-000000012.pt"
+SIGMAS = karras_levels(0.002, 80.0, 7.0, EDIT_LEVELS)
+
+
+@pytest.fixture(scope="module")
+def denoiser():
+    """An untrained toy MLP whose output layer is random (not zero), so results are far from the references."""
+    torch.manual_seed(0)
+    net = load_registry().create("network", "mlp", data_shape=SHAPE, num_classes=0, total_steps=10, width=64,
+                                 num_blocks=1, embedding_features=16, zero_init_output=False).eval()
+    return lambda x, s, y: denoise(net, x, s, y) * 3.0  # pushed hard against [-1, 1]
+
+
+def references(n: int = 6) -> torch.Tensor:
+    """uint8 references with saturated colours and extremes (0 and 255), where clamping would break exactness."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, *SHAPE), generator=g, dtype=torch.uint8)
+    images[0] = 255
+    images[1] = 0
+    images[2, 0], images[2, 1:] = 255, 0
+    return images
+
+
+def test_the_transforms_are_orthogonal_to_float_precision() -> None:
+    for m in (luminance_matrix(), patch_matrix(2), patch_matrix(4)):
+        assert torch.allclose(m @ m.T, torch.eye(len(m), dtype=torch.float64), atol=1e-12)
+    lum = luminance_matrix()[0]
+    w = torch.tensor([0.2989, 0.5870, 0.1140], dtype=torch.float64)
+    assert torch.allclose(lum, w / w.norm(), atol=1e-12)
+    assert torch.allclose(patch_matrix(2)[0], torch.full((4,), 0.5, dtype=torch.float64), atol=1e-12)
+    for transform in (colorize(), superres(2, 8), superres(4, 8), inpaint(torch.ones(1, 1, 8, 8))):
+        a = transform_matrix(transform, SHAPE)
+        assert (a @ a.T - torch.eye(len(a))).abs().max() < 1e-6, transform.name
+        x = torch.randn(2, *SHAPE)
+        assert (transform.inverse(transform.forward(x)) - x).abs().max() < 1e-5
+
+
+def test_inpainting_keeps_every_known_pixel_exactly(denoiser) -> None:
+    inputs = references()
+    seeds = list(range(len(inputs)))
+    for kind in ("box", "half", "random-pixels", "strokes"):
+        masks = make_masks(kind, seeds, 8)
+        assert 0 < int(masks.sum()) < masks.numel(), kind
+        images, _ = edit_images(denoiser, inputs, inpaint(masks.float()), masks, SIGMAS, seeds)
+        known = masks.bool().expand_as(inputs)
+        assert torch.equal(images[known], inputs[known]), kind
+        assert not torch.equal(images[~known], inputs[~known]), kind
+
+
+def test_superres_keeps_every_patch_mean_within_one_grey_level(denoiser) -> None:
+    inputs = references()
+    for factor in (2, 4):
+        transform = superres(factor, 8)
+        images, _ = edit_images(denoiser, inputs, transform, None, SIGMAS, list(range(len(inputs))))
+        gap = (patch_means(images, factor) - patch_means(inputs, factor)).abs().max()
+        assert gap <= 1.0, (factor, gap)
+        assert not torch.equal(images, inputs)
+
+
+def test_colorize_keeps_every_pixel_luminance_within_one_grey_level(denoiser) -> None:
+    inputs = references()
+    images, _ = edit_images(denoiser, inputs, colorize(), None, SIGMAS, list(range(len(inputs))))
+    assert (luminance(images) - luminance(inputs)).abs().max() <= 1.0
+    assert (images.int() - inputs.int()).abs().max() > 20  # the colour is generated, not copied
+
+
+def test_without_the_fit_clamping_would_break_the_luminance(denoiser) -> None:
+    """The references and model above push results out of [-1, 1]: the guarantee needs Transform.fit."""
+    inputs = references()
+    clamped = dataclasses.replace(colorize(), fit=lambda x: x.clamp(-1.0, 1.0))
+    images, _ = edit_images(denoiser, inputs, clamped, None, SIGMAS, list(range(len(inputs))))
+    assert (luminance(images) - luminance(inputs)).abs().max() > 5.0
+
+
+def test_edit_follows_algorithm_4_step_by_step() -> None:
+    """x = f(y_known + s1 z1); clamp; put the known back; x = f(x + sqrt(s^2 - s_min^2) z_n); clamp; ..."""
+    calls = []
+
+    def f(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        calls.append((x.clone(), sigma.clone()))
+        return 0.3 * x + 0.01
+
+    ref = references(3)[:2].float() / 127.5 - 1
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4] = 1
+    z = torch.randn((3, 2, *SHAPE), generator=torch.Generator().manual_seed(0))
+    sigmas = [80.0, 2.0, 0.5]
+    out = edit(f, ref, inpaint(mask), mask, sigmas, noise=z, sigma_min=0.002)
+    keep = mask.bool().expand_as(ref)
+    x = torch.where(keep, ref, 0.0) + 80.0 * z[0]
+    for k, sigma in enumerate(sigmas):
+        if k:
+            x = x + (sigma**2 - 0.002**2) ** 0.5 * z[k]
+        assert torch.allclose(calls[k][0], x, atol=1e-5) and torch.all(calls[k][1] == sigma)
+        x = torch.where(keep, ref, (0.3 * x + 0.01).clamp(-1, 1))
+    assert torch.allclose(out, x, atol=1e-6) and torch.equal(out[keep], ref[keep])
+
+
+def test_edit_with_nothing_known_is_sampling_and_draws_from_the_generator(denoiser) -> None:
+    seeds = [3, 4]
+    sampled, _ = generate(denoiser, SHAPE, seeds, SIGMAS)
+    nothing = torch.zeros((2, 1, 8, 8), dtype=torch.uint8)
+    edited, _ = edit_images(denoiser, references(3)[:2], inpaint(nothing.float()), nothing, SIGMAS, seeds)
+    assert torch.equal(edited, sampled)
+    ref = references(3)[:2].float() / 127.5 - 1
+    a = edit(denoiser, ref, colorize(), None, SIGMAS, torch.Generator().manual_seed(5))
+    b = edit(denoiser, ref, colorize(), None, SIGMAS, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_interpolation_endpoints_are_the_seeds_noise_exactly() -> None:
+    z, labels, alphas = interpolation_noise(7, 9, 5, SHAPE, 2, num_classes=4)
+    assert alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+    za, la = sample_noise(7, SHAPE, 2, 4)
+    zb, lb = sample_noise(9, SHAPE, 2, 4)
+    assert torch.equal(z[:, 0], za) and torch.equal(z[:, -1], zb)
+    assert labels.tolist() == [la, la, la, lb, lb]
+    norms = z[0].flatten(1).norm(dim=1)
+    assert (norms - za[0].norm()).abs().max() < 0.2 * za[0].norm()  # on the sphere, not through its inside
+
+
+# ---------------------------------------------------------------------------------------------- `ctcore edit`
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run (RGB 4x4 images) and nothing else; tests write only into their own tmp_path."""
+    root = tmp_path_factory.mktemp("edit-run")
+    result = invoke("run", write_tiny_recipe(root / "tiny.toml", root / "run"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ctcore HDF5 dataset of 10 saturated 4x4 RGB images with labels."""
+    path = tmp_path_factory.mktemp("edit-source") / "refs.h5"
+    images = torch.randint(0, 256, (10, 3, 4, 4), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    images[0] = 255
+    write_dataset(path, images.numpy(), np.arange(10) % 8, {"source": "test"})
+    return path
+
+
+def test_edit_inpaint_writes_the_store_and_the_grid_and_keeps_known_pixels(run_dir: Path, source: Path,
+                                                                           tmp_path: Path) -> None:
+    out = tmp_path / "inpaint.h5"
+    result = invoke("edit", "inpaint", run_dir, "--images", source, "--indices", "2:8", "--mask-kind",
+                    "random-pixels", "--seed", 5, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote 6 inpaint results (4-step 80, 16.78, 2.24, 0.1312) to {out} and a grid to " \
+                            f"{out.with_suffix('.png')}\n"
+    with h5py.File(out) as f:
+        assert sorted(f) == ["images", "inputs", "masks", "seeds"]  # no labels: the model is unconditional
+        images, inputs, masks = (torch.from_numpy(f[k][...]) for k in ("images", "inputs", "masks"))
+        assert f["seeds"][...].tolist() == [5, 6, 7, 8, 9, 10]
+        attrs = dict(f.attrs)
+    assert images.dtype == inputs.dtype == masks.dtype == torch.uint8
+    assert images.shape == inputs.shape == (6, 3, 4, 4) and masks.shape == (6, 1, 4, 4)
+    with h5py.File(source) as f:
+        assert torch.equal(inputs, torch.from_numpy(f["images"][2:8]))
+    known = masks.bool().expand_as(images)
+    assert torch.equal(images[known], inputs[known]) and not torch.equal(images, inputs)
+    ckpt = run_dir / "checkpoints" / LAST_CKPT
+    assert attrs["task"] == "inpaint" and attrs["checkpoint"] == str(ckpt)
+    assert attrs["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert list(attrs["sigmas"]) == karras_levels(0.002, 80.0, 7.0, EDIT_LEVELS)
+    assert attrs["transform"] == "identity" and attrs["factor"] == 1 and attrs["mask"] == "random-pixels"
+    grid = Image.open(out.with_suffix(".png"))
+    assert grid.size == (3 * (64 + 1) + 1, 6 * (64 + 1) + 1)  # reference | degraded | result, 6 rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inpaint.h5", "inpaint.png"]  # no lock, no temporary
+
+
+def test_edit_superres_and_colorize_keep_their_components_and_store_zero_masks(run_dir: Path, source: Path,
+                                                                               tmp_path: Path) -> None:
+    for task, extra, check in (("superres", ["--factor", 2], lambda a, b: patch_means(a, 2) - patch_means(b, 2)),
+                               ("colorize", [], lambda a, b: luminance(a) - luminance(b))):
+        out = tmp_path / f"{task}.h5"
+        result = invoke("edit", task, run_dir, "--images", source, *extra, "-o", out, "--sigmas", "80,0.5")
+        assert result.exit_code == 0, result.output
+        with h5py.File(out) as f:
+            images, inputs = torch.from_numpy(f["images"][...]), torch.from_numpy(f["inputs"][...])
+            assert f["masks"].shape == (10, 1, 4, 4) and not f["masks"][...].any()
+            expected = ("patch-mean", 2) if task == "superres" else ("luminance", 1)
+            assert (f.attrs["transform"], f.attrs["factor"]) == expected
+            assert (f["masks"].attrs["transform"], f["masks"].attrs["factor"]) == expected
+            assert list(f.attrs["sigmas"]) == [80.0, 0.5]
+        assert check(images, inputs).abs().max() <= 1.0, task
+        assert not torch.equal(images, inputs)
+
+
+def test_interpolation_endpoints_reproduce_ctcore_sample_bit_for_bit(run_dir: Path, tmp_path: Path) -> None:
+    for sigmas in ([], ["--sigmas", "80,0.821"]):
+        out = tmp_path / "interp.h5"
+        result = invoke("edit", "interpolate", run_dir, "--seeds", "3,11", "--num", 5, "-o", out, "--overwrite",
+                        *sigmas)
+        assert result.exit_code == 0, result.output
+        with h5py.File(out) as f:
+            images = torch.from_numpy(f["images"][...])
+            assert f["seeds"][...].tolist() == [3, 11] and f["alphas"][...].tolist() == [0, 0.25, 0.5, 0.75, 1]
+        assert images.shape == (5, 3, 4, 4)
+        for seed, image in ((3, images[0]), (11, images[-1])):
+            store = tmp_path / f"sample-{seed}.h5"
+            result = invoke("sample", run_dir, "--seed", seed, "-n", 1, "-o", store, "--overwrite", *sigmas)
+            assert result.exit_code == 0, result.output
+            with h5py.File(store) as f:
+                assert torch.equal(torch.from_numpy(f["images"][0]), image), (seed, sigmas)
+        assert not torch.equal(images[0], images[-1])
+
+
+def test_stroke_editing_and_png_sources(run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "paintings"
+    folder.mkdir()
+    Image.new("RGB", (12, 8), (200, 30, 30)).save(folder / "a.png")  # resized to 6x4, then cropped to 4x4
+    Image.new("L", (4, 4), 90).save(folder / "b.png")
+    out = tmp_path / "stroke.h5"
+    result = invoke("edit", "stroke", run_dir, "--images", folder, "-o", out)
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        inputs = f["inputs"][...]
+        assert list(f.attrs["sigmas"]) == karras_levels(0.002, 80.0, 7.0, STROKE_LEVELS)
+    assert inputs.shape == (2, 3, 4, 4)
+    assert (inputs[0].reshape(3, -1).T == [200, 30, 30]).all() and (inputs[1] == 90).all()
+    result = invoke("edit", "stroke", run_dir, "--images", folder / "a.png", "--start-sigma", 1.0, "-o",
+                    tmp_path / "s1.h5")
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "s1.h5") as f:
+        assert list(f.attrs["sigmas"]) == [1.0, karras_levels(0.002, 80.0, 7.0, EDIT_LEVELS)[3]]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["inpaint", "--mask", "{mask5}"], "--mask '{mask5}' is 5x5 pixels but the model's images are 4x4: give a mask "
+                                       "of that size (white = keep)"),
+    (["colorize", "--images", "{small}"], "--images '{small}' is 6x3 pixels, smaller than the model's 4x4 images: "
+                                          "give images at least 4 pixels on their short side"),
+    (["colorize", "--images", "{grey}"], "--images '{grey}' holds 1-channel images but the model makes 3-channel "
+                                         "ones: give images with 3 channels"),
+    (["superres", "--factor", "3"], "--factor 3 does not divide the model's resolution 4: use one of 2, 4"),
+    (["inpaint"], "`ctcore edit inpaint` needs one of --mask MASK.png (white = keep) or --mask-kind "
+                  "box|half|random-pixels|strokes"),
+    (["superres"], "`ctcore edit superres` needs --factor F (F x F patches keep their mean)"),
+    (["colorize", "--factor", "2"], "--factor is not an option of `ctcore edit colorize` (it takes --images, "
+                                    "--indices, --seed): drop --factor"),
+    (["colorize", "--indices", "9:12"], "--indices 9:12: --images '{source}' holds 10 images, so an index lies in "
+                                        "0..9"),
+    (["interpolate", "--seeds", "1"], '--seeds must be two seeds "A,B" in 0..9223372035854775807, e.g. "0,1", '
+                                      "got '1'"),
+    (["stroke", "--start-sigma", "100"], "--start-sigma must lie in (sigma_min, sigma_max] = (0.002, 80.0], got "
+                                         "100.0"),
+    (["colorize", "--labels", "1"], "--labels: checkpoint '{ckpt}' is of an unconditional model (num_classes 0), "
+                                    "which takes no class labels; leave out --labels"),
+    (["colorize", "{foreign}"], "checkpoint '{foreign}' is not a ctcore checkpoint (format ctcore-checkpoint-1); "
+                                "ctcore edit needs a consistency model trained by ctcore run"),
+    (["interpolate", "--seeds", "1,2", "--seed", "3"], "--seed is not an option of `ctcore edit interpolate` (it "
+                                                       "takes --seeds): drop --seed"),
+    (["colorize", "{unknown}"], "checkpoint '{unknown}' needs network 'unet' from the distribution 'ctcore' "
+                                "(version {version}), which is not installed or is disabled; install it (pip "
+                                "install ctcore) and try again"),
+    (["colourise"], "unknown task 'colourise'; did you mean 'colorize'? (available: colorize, inpaint, "
+                    "interpolate, stroke, superres)"),
+], ids=["mask-size", "too-small", "channels", "factor", "no-mask", "no-factor", "wrong-option", "indices",
+        "seeds", "start-sigma", "labels", "foreign-checkpoint", "seed-for-interpolate", "unknown-network",
+        "unknown-task"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, source: Path, tmp_path: Path,
+                                                         args: list[str], message: str) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.new("L", (5, 5), 255).save(inputs / "mask5.png")
+    Image.new("RGB", (6, 3)).save(inputs / "small.png")
+    write_dataset(inputs / "grey.h5", np.zeros((2, 1, 4, 4), np.uint8), None, {})
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, inputs / "foreign.pt")
+    ckpt = run_dir / "checkpoints" / LAST_CKPT
+    state = torch.load(ckpt, weights_only=True)
+    state["provenance"]["components"]["network"]["name"] = "unet"  # e.g. a diffusion network of another package
+    torch.save(state, inputs / "unknown.pt")
+    names = {"mask5": inputs / "mask5.png", "small": inputs / "small.png", "grey": inputs / "grey.h5",
+             "foreign": inputs / "foreign.pt", "unknown": inputs / "unknown.pt", "source": source, "ckpt": ckpt,
+             "version": state["provenance"]["components"]["network"]["version"]}
+    args = [a.format(**names) for a in args]
+    task, rest = args[0], args[1:]
+    target = rest.pop(0) if rest and rest[0] in (str(names["foreign"]), str(names["unknown"])) else ckpt
+    if task != "interpolate" and "--images" not in rest:
+        rest += ["--images", str(source)]
+    before = tree_state(tmp_path)
+    result = invoke("edit", task, target, *rest, "-o", tmp_path / "out" / "e.h5")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {message.format(**names)}\n"
+    assert result.stdout == "" and "Traceback" not in result.output
+    assert tree_state(tmp_path) == before  # no store, grid, lock or folder
+
+
+def test_an_existing_store_is_kept_unless_overwrite(run_dir: Path, source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e.h5"
+    out.write_bytes(b"keep me")
+    args = ["edit", "colorize", run_dir, "--images", source, "--indices", "0,1", "-o", out]
+    result = invoke(*args)
+    assert result.exit_code == 2 and result.stderr == f"error: {str(out)!r} exists; pass --overwrite to replace " \
+                                                      f"it, or choose -o\n"
+    assert out.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["e.h5"]
+    assert invoke(*args, "--overwrite").exit_code == 0
+    with h5py.File(out) as f:
+        assert f["images"].shape == (2, 3, 4, 4)
+
+
+def test_a_conditional_model_gets_the_source_labels_or_the_given_ones(source: Path, tmp_path: Path) -> None:
+    recipe = write_tiny_recipe(tmp_path / "cond.toml", tmp_path / "run", data={"num_classes": 8},
+                               training={"total_steps": 2, "checkpoint_every": 2, "sample_every": 2})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    for extra, expected in (([], [3, 4, 5, 6, 7, 0]), (["--labels", "1,2"], [1, 2, 1, 2, 1, 2])):
+        out = tmp_path / "c.h5"
+        result = invoke("edit", "superres", tmp_path / "run", "--images", source, "--indices", "3:9", "--factor", 4,
+                        "-o", out, "--overwrite", *extra)
+        assert result.exit_code == 0, result.output
+        with h5py.File(out) as f:
+            assert f["labels"][...].tolist() == expected
+
+
+def test_more_images_than_memory_holds_are_refused_before_any_work(run_dir: Path, source: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTCORE_MEMORY_LIMIT", "1000")
+    result = invoke("edit", "colorize", run_dir, "--images", source, "-o", tmp_path / "e.h5")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: editing 10 images needs about ")
+    assert result.stderr.endswith("choose fewer images (--indices, --num), or a smaller --batch-size\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mask_png_keeps_its_white_pixels(run_dir: Path, source: Path, tmp_path: Path) -> None:
+    keep = np.zeros((4, 4), np.uint8)
+    keep[:, :2], keep[3, 3] = 255, 200  # white (>= 128) is kept
+    Image.fromarray(keep, "L").save(tmp_path / "keep.png")
+    out = tmp_path / "m.h5"
+    result = invoke("edit", "inpaint", run_dir, "--images", source, "--indices", "0,4", "--mask", tmp_path / "keep.png",
+                    "-o", out)
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        masks, images, inputs = (torch.from_numpy(f[k][...]) for k in ("masks", "images", "inputs"))
+        assert f.attrs["mask"] == str(tmp_path / "keep.png")
+    assert torch.equal(masks, torch.from_numpy(keep >= 128).to(torch.uint8).expand(2, 1, 4, 4))
+    known = masks.bool().expand_as(images)
+    assert torch.equal(images[known], inputs[known])
