@@ -1081,7 +1081,7 @@ app.add_typer(convert_app, name="convert")
 @convert_app.command("openai-cm")
 def convert_openai_cm(
     source: Annotated[Path, typer.Argument(
-        metavar="SOURCE.pt", help="A released OpenAI consistency model (openai/consistency_models), e.g. "
+        metavar="SOURCE", help="A released OpenAI consistency model (openai/consistency_models), e.g. "
                                   "cd_imagenet64_lpips.pt.")],
     out: Annotated[Path, typer.Argument(metavar="OUT.pt", help="The ctcore checkpoint to write.")],
     config: Annotated[Literal["imagenet64", "lsun256"] | None, typer.Option(

@@ -190,6 +190,9 @@ def _read_state_dict(source: Path) -> dict[str, Any]:
         reason = [ln.strip() for ln in str(exc).split("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()]
         raise RunError(f"{str(source)!r} is not a loadable PyTorch state dict ({type(exc).__name__}: "
                        f"{(reason[0] if reason else 'no detail')[:200]}); {fix}") from None
+    if isinstance(state, Mapping) and state.get("format") == "ctcore-checkpoint-1":
+        raise RunError(f"{str(source)!r} is already a ctcore checkpoint: use it as it is (ctcore sample, eval, "
+                       "run --init-from)")
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise RunError(f"{str(source)!r} holds a {type(state).__name__}, not a state dict (names -> tensors); {fix}")
     return dict(state)

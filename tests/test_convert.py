@@ -403,3 +403,71 @@ def test_released_configurations(registry) -> None:
     learned_variances = 3 * math.prod(shapes["out.2.weight"][1:]) + 3
     assert round((sum(math.prod(v) for v in shapes.values()) + learned_variances) / 1e6, 1) == 552.8
     assert CONFIGS["imagenet64"].sigma_mid == (1.382368,) and CONFIGS["lsun256"].sigma_mid == (4.365562,)
+
+
+def test_eval_and_init_from_accept_a_converted_checkpoint(registry, tmp_path, monkeypatch) -> None:
+    """FID of the converted model (a stand-in Inception with random weights) and a warm start from it."""
+    import json
+
+    import numpy as np
+    from test_fid import RecordingDistance, randomised_inception
+
+    import ctcore.fid
+    from ctcore.checkpoints import read_warm_start
+    from ctcore.fid import save_statistics
+
+    sd = released_state_dict(SMALL)
+    torch.save(sd, tmp_path / "cd.pt")
+    out = tmp_path / "conv.pt"
+    convert_openai_cm(tmp_path / "cd.pt", out, registry, configs={"small": SMALL})
+    weights = tmp_path / "w.pth"
+    torch.save(randomised_inception().state_dict(), weights)
+    ref = save_statistics(tmp_path / "ref.npz", {"mu": np.zeros(2048), "sigma": np.eye(2048),
+                                                 "fid_protocol": "tensorflow"})
+    monkeypatch.setattr(ctcore.fid, "frechet_distance", RecordingDistance())
+    r = CliRunner().invoke(app, ["eval", str(out), "--ref", str(ref), "--inception", str(weights), "-n", "2",
+                                 "--steps", "2", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert (result["step"], result["num_samples"], result["sigmas"]) == (0, 2, [80.0, SMALL.sigma_mid[0]])
+    warm = read_warm_start(out, "eval-ema", registry)
+    assert warm.step == 0 and sorted(released_name(k) for k in warm.state_dict) == sorted(sd)
+
+
+def _bad_source(case: str, path: Path) -> str:
+    """Write a bad SOURCE for `case`; return the essential part of its one-line refusal."""
+    sd = released_state_dict(SMALL)
+    if case == "missing":
+        return f"{str(path)!r} not found; give a released OpenAI consistency-model file"
+    if case == "garbage":
+        path.write_bytes(b"not a pickle at all")
+        return f"{str(path)!r} is not a loadable PyTorch state dict (UnpicklingError: "
+    if case == "a-list":
+        torch.save([torch.zeros(1)], path)
+        return f"{str(path)!r} holds a list, not a state dict (names -> tensors); give a released"
+    if case == "ctcore-checkpoint":
+        torch.save({"format": "ctcore-checkpoint-1"}, path)
+        return f"{str(path)!r} is already a ctcore checkpoint: use it as it is (ctcore sample, eval, run --init-from)"
+    if case == "integer-tensor":
+        sd["out.0.bias"] = sd["out.0.bias"].long()
+        torch.save(sd, path)
+        return "key 'out.0.bias' has dtype torch.int64, not a floating-point dtype"
+    if case == "extra-key":
+        sd["extra.weight"] = torch.zeros(1)
+        torch.save(sd, path)
+        return "key 'extra.weight' is not in the model"
+    sd["out.2.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(sd, path)
+    return f"{str(path)!r} holds non-finite values in key 'out.2.weight'; give an undamaged copy of the file"
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "a-list", "ctcore-checkpoint", "integer-tensor", "extra-key",
+                                  "non-finite"])
+def test_a_bad_source_is_one_line_exit_1_and_nothing_written(case, small_imagenet64, tmp_path) -> None:
+    src, out = tmp_path / "src.pt", tmp_path / "out" / "conv.pt"
+    expected = _bad_source(case, src)
+    before = sorted(tmp_path.rglob("*"))
+    r = CliRunner().invoke(app, ["convert", "openai-cm", str(src), str(out)])
+    assert r.exit_code == 1 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
+    assert expected in r.output
+    assert sorted(tmp_path.rglob("*")) == before
