@@ -179,6 +179,8 @@ def _sha256(path: Path) -> str:
 
 
 def _read_state_dict(source: Path) -> dict[str, Any]:
+    """The source file as a dict (names -> values), read with weights_only=True; anything else is one RunError."""
+    from ctcore.checkpoints import CHECKPOINT_FORMAT
     from ctcore.errors import RunError
 
     fix = "give a released OpenAI consistency-model file (e.g. cd_imagenet64_lpips.pt from openai/consistency_models)"
@@ -190,7 +192,7 @@ def _read_state_dict(source: Path) -> dict[str, Any]:
         reason = [ln.strip() for ln in str(exc).split("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()]
         raise RunError(f"{str(source)!r} is not a loadable PyTorch state dict ({type(exc).__name__}: "
                        f"{(reason[0] if reason else 'no detail')[:200]}); {fix}") from None
-    if isinstance(state, Mapping) and state.get("format") == "ctcore-checkpoint-1":
+    if isinstance(state, Mapping) and state.get("format") == CHECKPOINT_FORMAT:
         raise RunError(f"{str(source)!r} is already a ctcore checkpoint: use it as it is (ctcore sample, eval, "
                        "run --init-from)")
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
