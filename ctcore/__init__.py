@@ -25,6 +25,7 @@ _LAZY = {
     "CtcoreError": "ctcore.errors",
     "BuildContext": "ctcore.components",
     "KINDS": "ctcore.components",
+    "load_denoiser": "ctcore.convert",
 }
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "frechet_distance",
     "hookimpl",
     "karras_sigmas",
+    "load_denoiser",
     "load_registry",
     "read_recipe",
 ]
@@ -45,6 +47,7 @@ __all__ = [
 if TYPE_CHECKING:
     from ctcore.components import KINDS, BuildContext
     from ctcore.consistency import consistency_scalings, karras_sigmas
+    from ctcore.convert import load_denoiser
     from ctcore.errors import CtcoreError, RecipeError
     from ctcore.fid import frechet_distance
     from ctcore.recipe import read_recipe

@@ -1134,6 +1134,33 @@ def data_download(
         _console().print(f"{path} is in place (sha256 verified). Next: {import_command(name, path)}")
 
 
+convert_app = typer.Typer(
+    help="Import models trained elsewhere as ctcore checkpoints (for ctcore sample, eval and run --init-from).",
+    no_args_is_help=True,
+    **PLAIN_HELP,
+)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("openai-cm")
+def convert_openai_cm(
+    source: Annotated[Path, typer.Argument(
+        metavar="SOURCE", help="A released OpenAI consistency model (openai/consistency_models), e.g. "
+                                  "cd_imagenet64_lpips.pt.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT.pt", help="The ctcore checkpoint to write.")],
+    config: Annotated[Literal["imagenet64", "lsun256"] | None, typer.Option(
+        help="The released architecture (default: inferred from the tensor shapes).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.pt if it exists.")] = False,
+) -> None:
+    """Convert a released OpenAI consistency model into a ctcore checkpoint (its weights as eval EMA)."""
+    with _errors():
+        from ctcore.convert import convert_openai_cm as convert
+
+        r = convert(source, out, _registry(), config=config, overwrite=overwrite)
+        _console().print(f"wrote {r['out']} ({r['config']}, {r['parameters']:,} parameters from "
+                         f"{'/'.join(r['dtypes'])} {source}, sha256 {r['sha256'][:12]}...)")
+
+
 def main() -> None:
     """Console-script entry point (and python -m ctcore): the app's group prints usage errors in one line."""
     app()

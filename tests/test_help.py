@@ -17,7 +17,8 @@ from ctcore.cli import app
 from ctcore.registry import load_registry
 
 COLUMNS = 80
-ARGUMENT_NAMES = {"RECIPE", "CHECKPOINT", "RUN_DIR", "DATASET.h5", "OUT.h5", "OUT.npz", "SOURCE", "NAME", "TASK"}
+ARGUMENT_NAMES = {"RECIPE", "CHECKPOINT", "RUN_DIR", "DATASET.h5", "OUT.h5", "OUT.npz", "OUT.pt", "SOURCE", "NAME",
+                  "TASK"}
 """The names arguments may show. A new kind of argument adds its name here, once, so that every command calls
 the same thing by the same name."""
 CANONICAL = {"recipe": "RECIPE", "recipe_path": "RECIPE", "checkpoint": "CHECKPOINT", "run_dir": "RUN_DIR",
