@@ -1007,7 +1007,7 @@ def _options_text(rows: list[dict[str, Any]]) -> str:
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(
-        metavar="RUN_DIR...", help="Run directories (each holds the stats.jsonl its run wrote).")],
+        metavar="RUN_DIR", help="Run directories (each holds the stats.jsonl its run wrote).")],
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="The figure: .png, .jpg or .webp.")] = Path("report.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the table of final figures as JSON.")] = False,
