@@ -24,8 +24,8 @@ from ctcore.files import FileLock, acquire_lock, atomic_write
 from ctcore.recipe import Recipe, parse_recipe
 
 if TYPE_CHECKING:
-    from ctcore.build import Run
     from ctcore.registry import Registry
+    from ctcore.runstate import Run
 
 CHECKPOINT_FORMAT = "ctcore-checkpoint-1"
 RUN_LOCK = ".lock"

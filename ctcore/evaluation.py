@@ -14,7 +14,7 @@ from ctcore.data import ImageData, to_uint8
 from ctcore.errors import RunError, UsageError
 
 if TYPE_CHECKING:
-    from ctcore.build import Run
+    from ctcore.runstate import Run
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:

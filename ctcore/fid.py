@@ -34,7 +34,7 @@ from ctcore.inception import (
 )
 
 if TYPE_CHECKING:
-    from ctcore.build import Run
+    from ctcore.runstate import Run
 
 # ------------------------------------------------------------------------------------------ the metrics
 

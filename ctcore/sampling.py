@@ -20,8 +20,8 @@ from ctcore.data import to_uint8
 if TYPE_CHECKING:
     from torch import nn
 
-    from ctcore.build import Run
     from ctcore.recipe import Recipe
+    from ctcore.runstate import Run
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 """f(x, sigma per sample, labels) -> denoised x."""

@@ -28,7 +28,7 @@ from ctcore.sampling import save_samples
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ctcore.build import Run
+    from ctcore.runstate import Run
 
 
 # ------------------------------------------------------------------------------------------- the step

@@ -25,18 +25,13 @@ def test_public_api_names_resolve_lazily() -> None:
 
 
 def _ctcore_imports(path) -> set[str]:
-    """ctcore modules a source file imports, at module level or inside functions (TYPE_CHECKING blocks excluded)."""
+    """ctcore modules a source file imports, at module level, inside functions or for type checking only (a
+    type-only import is still a dependency between the modules)."""
     import ast
 
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for n in ast.walk(node))
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctcore."):
             found.add(node.module)
         elif isinstance(node, ast.Import):

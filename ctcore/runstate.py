@@ -1,0 +1,79 @@
+"""The state of one training run (`Run`), in its own module so that the modules the training loop calls
+(checkpoints, sampling, evaluation, FID) can name it without importing the code that builds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from ctcore.consistency import denoise
+from ctcore.data import ImageData
+from ctcore.distributed import SINGLE, World
+from ctcore.files import FileLock
+from ctcore.recipe import Recipe, dump_recipe
+from ctcore.registry import Registry
+
+
+@attrs.define(eq=False)
+class Run:
+    """Everything a training run holds; `build_run` makes it, `train` advances it."""
+
+    recipe: Recipe
+    registry: Registry
+    out_dir: Path
+    device: torch.device
+    data: ImageData
+    student: nn.Module
+    eval_ema: nn.Module
+    teacher: Any
+    metric: nn.Module
+    noise_schedule: Any
+    curriculum: Any
+    optimizer: torch.optim.Optimizer
+    index_generator: torch.Generator
+    """Generator on the training device for batch indices, flips and pair indices."""
+    noise_generator: torch.Generator
+    """Generator on the training device for the noise z."""
+    provenance: dict[str, Any]
+    precision: str
+    student_forward: nn.Module
+    """The student as called in the loss: the student itself, or its torch.compile wrapper."""
+    step: int = 0
+    sigma_grids: dict[int, torch.Tensor] = attrs.field(factory=dict)
+    """Karras grids on the training device by N, made once per curriculum stage (no copy per step)."""
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    initial_distance: float | None = None
+    world: World = SINGLE
+    """This process among the torchrun processes (a single process by default)."""
+    nonfinite_run: int = 0
+    """Consecutive skipped (non-finite) steps up to run.step."""
+    last_good_step: int = 0
+    """run.step after the last step whose update was applied."""
+    lock: FileLock | None = None
+    """The run directory's lock, held by start_run / resume_run (rank 0) until `close`."""
+    restarted: bool = False
+    """resume_run found no checkpoint and started the run again from step 0."""
+    recipe_changes: dict[str, tuple[str, str]] = attrs.field(factory=dict)
+    """resume_run changed these settings (EXTENSIBLE_KEYS): {section.key: (old, new)} as TOML text."""
+    extended_num_scales: tuple[int, int] | None = None
+    """resume_run changed the recipe (EXTENSIBLE_KEYS): N(k) at the resume step under the old and the new one."""
+
+    def close(self) -> None:
+        """Release the run directory (the OS also releases it when the process ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    @property
+    def recipe_text(self) -> str:
+        return dump_recipe(self.recipe)
+
+    def denoiser(self, network: nn.Module):
+        """f(x, sigma, labels) for sampling with `network` (normally the eval EMA)."""
+        c = self.recipe.consistency
+        return lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
