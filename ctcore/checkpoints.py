@@ -8,7 +8,6 @@ run-directory lock keeps a second writer out of a run.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ from ctcore.components import KINDS, BuildContext
 from ctcore.data import data_shape
 from ctcore.distributed import gather_objects, rank_seed
 from ctcore.errors import RunError
-from ctcore.files import FileLock, acquire_lock, atomic_write
+from ctcore.files import FileLock, acquire_lock, atomic_write, file_digest
 from ctcore.recipe import Recipe, parse_recipe
 
 if TYPE_CHECKING:
@@ -534,10 +533,6 @@ def read_warm_start(source: str | Path, weights: str, registry: Registry) -> War
     state = load_checkpoint(path, fix="give --init-from a checkpoint that ctcore wrote (checkpoints/ckpt-*.pt), "
                                       "or its run directory")
     validate_checkpoint(state, path, registry, use=weights)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     return WarmStart(checkpoint=path, weights=weights, state_dict=state["eval_ema" if weights == "eval-ema" else
-                     "student"], sha256=digest.hexdigest(), step=int(state["step"]),
+                     "student"], sha256=file_digest(path), step=int(state["step"]),
                      run_id=state["provenance"].get("run_id"))

@@ -14,7 +14,6 @@ RNG state: `ctcore sample`, `ctcore eval` and `ctcore run --init-from` use it; `
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import re
 import sys
@@ -25,6 +24,8 @@ from typing import Any
 
 import attrs
 import torch
+
+from ctcore.files import file_digest
 
 CONFIG_NAMES = ("imagenet64", "lsun256")
 
@@ -170,14 +171,6 @@ def _first_mismatch(found: Mapping[str, Any], want: Mapping[str, torch.Size]) ->
     return (len(want), f"key {extra[0]!r} is not in the model") if extra else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_state_dict(source: Path) -> dict[str, Any]:
     """The source file as a dict (names -> values), read with weights_only=True; anything else is one RunError."""
     from ctcore.checkpoints import CHECKPOINT_FORMAT
@@ -250,7 +243,7 @@ def convert_openai_cm(source: str | Path, out: str | Path, registry, *, config: 
     import ctcore
     from ctcore.recipe import dump_recipe
 
-    digest = _sha256(source)
+    digest = file_digest(source)
     provenance = {
         "ctcore": ctcore.__version__, "torch": str(torch.__version__), "python": platform.python_version(),
         "platform": platform.platform(), "components": components, "loggers": {},

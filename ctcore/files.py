@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -201,3 +202,12 @@ def output_lock(output: str | Path, what: str, command: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks: what provenance, stores and checksums record of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ctcore.errors import RunError, UsageError, unknown_name_message
-from ctcore.files import atomic_write, human_bytes
+from ctcore.files import atomic_write, file_digest, human_bytes
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 SPLIT_FOLDERS = frozenset({"train", "test", "val", "valid", "validation"})
@@ -171,15 +171,6 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, float | None], _Bar]]:
                          console=console, transient=True) if is_live(console) else LineProgress(console))
     with progress:
         yield lambda description, total: _Bar(progress, progress.add_task(description, total=total))
-
-
-def _sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 class _HashingReader(io.RawIOBase):
@@ -646,12 +637,12 @@ def import_imagenet_npz(source: str | Path, split: str = "train", *, progress: b
                 raise RunError(f"{where}: `labels` must be 1-based integers (1..1000, as the downsampled ImageNet "
                                f"release stores them), found {lab.dtype} with minimum {low}")
             labels[start:start + n] = lab.astype(np.int64) - 1
-            digest.update(f.name.encode() + b"\0" + bytes.fromhex(_sha256_file(f)))
+            digest.update(f.name.encode() + b"\0" + bytes.fromhex(file_digest(f)))
             start += n
             task.update(start)
     num_classes = int(labels.max()) + 1 if total else 0
     info = {"format": "imagenet-npz", "split": split, "members": [f.name for f in files],
-            "source_sha256": _sha256_file(files[0]) if source.is_file() else digest.hexdigest()}
+            "source_sha256": file_digest(files[0]) if source.is_file() else digest.hexdigest()}
     return Imported(images, labels, [str(k) for k in range(num_classes)], info)
 
 
@@ -738,7 +729,7 @@ def import_dataset(source: str | Path, out: str | Path, *, split: str = "train",
         with _progress(progress) as bar:
             images = _resize_all(images, resolution, bar)
     info = result.info
-    sha = info.get("source_sha256") or _sha256_file(source)
+    sha = info.get("source_sha256") or file_digest(source)
     attrs = {"source": source.name, "source_sha256": sha, "format": info["format"], "split": info["split"],
              "class_names": result.class_names}
     from ctcore.files import output_lock
@@ -879,7 +870,7 @@ def download(name: str, dest_dir: str | Path, *, url: str | None = None, progres
     by_hand = (f"download {url} by hand (e.g. in a browser) into {dest_dir}/, check that its sha256 is {expected}, "
                f"then run: {import_command(name, final)}")
     if final.exists():
-        got = _sha256_file(final)
+        got = file_digest(final)
         if got == expected:
             return final
         raise RunError(f"{final} already exists but its sha256 is {got}, not {expected}; delete it and download again")

@@ -7,7 +7,6 @@ with seeds[j], so any subset of a sample set can be regenerated exactly. Labels 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ctcore.data import to_uint8
+from ctcore.files import file_digest
 
 if TYPE_CHECKING:
     from torch import nn
@@ -105,15 +105,6 @@ def generate(
         if progress is not None:
             progress(len(chunk))
     return torch.cat(images), torch.cat(labels)
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file, to tie a sample store to the exact checkpoint it came from."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_sample_store(path: str | Path, images: torch.Tensor, seeds: Sequence[int], labels: torch.Tensor | None,

@@ -35,7 +35,7 @@ BASE_ARGS: dict[str, list[str]] = {
     "search-sigmas": ["ckpt.pt", "--steps", "2"],
     "bench": ["r.toml"],
     "list-components": [],
-    "report": ["runs/x"],
+    "report": ["run_dir"],
     "data import": ["source.tar.gz", "out.h5"],
     "data info": ["data.h5"],
     "data download": ["cifar10"],
