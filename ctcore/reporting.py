@@ -28,14 +28,8 @@ def open_stats(out_dir: Path):
 
 
 def read_stats(out_dir: Path) -> list[dict[str, Any]]:
-    """The records of stats.jsonl; a line cut short by a killed run is skipped."""
-    rows = []
-    for line in (out_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """The records of a run directory's stats.jsonl (see `stats_records`: cut or damaged lines are skipped)."""
+    return stats_records(out_dir / "stats.jsonl")
 
 
 def log_record(stats, record: dict[str, Any]) -> None:
