@@ -34,7 +34,7 @@ from ctcore.checkpoints import (
     restore,
     validate_checkpoint,
 )
-from ctcore.components import KINDS, LOGGER
+from ctcore.components import KINDS, LOGGER, OBJECTIVE_PARTS
 from ctcore.data import ImageData, check_data_file, load_data
 from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_device, use_threads
 from ctcore.distributed import SINGLE, World, rank_seed
@@ -83,9 +83,14 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     student = built["network"].to(device)
     student.train()
     eval_ema = copy.deepcopy(student).eval().requires_grad_(False)
-    teacher = built["teacher"]
-    teacher.bind(student)
-    teacher.network.train()  # the teacher runs with dropout active, sharing the student's mask
+    teacher = built.get("teacher")
+    if teacher is not None:
+        teacher.bind(student)
+        teacher.network.train()  # the teacher runs with dropout active, sharing the student's mask
+    if "metric" in built:
+        built["metric"] = built["metric"].to(device)
+    objective = built["objective"]
+    objective.bind(student, {kind: built[kind] for kind in OBJECTIVE_PARTS if kind in built})
     t = recipe.training
     opt_cls = torch.optim.RAdam if t.optimizer == "radam" else torch.optim.Adam
     optimizer = opt_cls(student.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
@@ -105,16 +110,17 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     if warm_start is not None:
         provenance["init_from"] = warm_start.record()
     return Run(recipe=recipe, registry=registry, out_dir=output_dir_for(recipe, out_dir), device=device, data=data,
-               student=student, eval_ema=eval_ema, teacher=teacher, metric=built["metric"].to(device),
-               noise_schedule=built["noise_schedule"], curriculum=built["curriculum"], optimizer=optimizer,
-               index_generator=index_gen, noise_generator=noise_gen, provenance=provenance, precision=precision,
-               student_forward=compiled, world=world)
+               student=student, eval_ema=eval_ema, objective=objective, sampler=built["sampler"], teacher=teacher,
+               metric=built.get("metric"), noise_schedule=built.get("noise_schedule"),
+               curriculum=built.get("curriculum"), optimizer=optimizer, index_generator=index_gen,
+               noise_generator=noise_gen, provenance=provenance, precision=precision, student_forward=compiled,
+               world=world)
 
 
 def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, data: ImageData) -> dict[str, Any]:
     """Versions and the distribution that provided each component, so a checkpoint names what it needs."""
     components = {}
-    for kind in KINDS:
+    for kind in (k for k in KINDS if k in recipe.components):
         name = recipe.components[kind].name
         p = registry.provider(kind, name)
         components[kind] = {"name": name, "distribution": p.distribution, "version": p.version}
@@ -313,11 +319,14 @@ def _toml_scalar(text: str) -> Any:
         return text
 
 
-def _num_scales_before_and_after(run: Run, old: Recipe) -> tuple[int, int]:
-    """N(k) at the resume step under the run's old recipe and under its new one (they differ when K changed)."""
+def _num_scales_before_and_after(run: Run, old: Recipe) -> tuple[int, int] | None:
+    """N(k) at the resume step under the run's old recipe and under its new one (they differ when K changed);
+    None for an objective without a curriculum."""
     from ctcore.components import BuildContext
     from ctcore.data import data_shape
 
+    if run.curriculum is None:
+        return None
     spec = old.components["curriculum"]
     context = BuildContext(data_shape(old.data), old.data.num_classes, old.training.total_steps)
     before = type(run.curriculum)(spec.options, context)

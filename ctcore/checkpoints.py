@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from ctcore.runstate import Run
 
 CHECKPOINT_FORMAT = "ctcore-checkpoint-1"
+REQUIRED_COMPONENTS = ("network",)
+"""provenance['components'] always names these; the others (KINDS) as the recipe has them: checkpoints from
+before objectives and samplers existed name neither, those of a diffusion run no teacher or curriculum."""
 RUN_LOCK = ".lock"
 """The lock file of a run directory (ignored when deciding whether a directory is empty)."""
 OPTIMIZER_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -61,8 +64,9 @@ def save_checkpoint(run: Run) -> Path:
     every rank must call this (their dropout RNG states are gathered); rank 0 writes.
     """
     folder = checkpoint_dir(run.out_dir)
+    teacher_state = run.teacher.state_dict() if run.teacher is not None else {}
     bad = first_nonfinite(_trained_tensors(run.student.state_dict(), run.eval_ema.state_dict(),
-                                           run.teacher.state_dict(), run.optimizer.state_dict()))
+                                           teacher_state, run.optimizer.state_dict()))
     if bad is not None:
         latest = list_checkpoints(run.out_dir)
         kept = f"the latest, {str(latest[-1])!r}, is kept" if latest else "there is no earlier one"
@@ -83,7 +87,7 @@ def save_checkpoint(run: Run) -> Path:
         "step": run.step,
         "student": run.student.state_dict(),
         "eval_ema": run.eval_ema.state_dict(),
-        "teacher": run.teacher.state_dict(),
+        "teacher": teacher_state,  # {} when the teacher is the student, or the objective has no teacher
         "optimizer": run.optimizer.state_dict(),
         "rng": {
             **dropout_rng,
@@ -255,11 +259,11 @@ def validate_checkpoint(state: Any, path: str | Path, registry: Registry, *, use
     if not isinstance(prov, dict):
         fail("has no provenance (key `provenance`)")
     components = prov.get("components")
-    if not isinstance(components, dict) or set(components) != set(KINDS) or not all(
+    if not isinstance(components, dict) or not set(REQUIRED_COMPONENTS) <= set(components) <= set(KINDS) or not all(
             isinstance(c, dict) and all(isinstance(c.get(k), str) for k in ("name", "distribution", "version"))
             for c in components.values()):
-        fail(f"has no valid provenance['components'] (the name, distribution and version of each of "
-             f"{', '.join(KINDS)})")
+        fail(f"has no valid provenance['components'] (the name, distribution and version of each of its "
+             f"components: {', '.join(REQUIRED_COMPONENTS)}, and those of {', '.join(KINDS[1:])} it has)")
     shape = prov.get("data_shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(d, 1) for d in shape)):
         fail(f"has provenance['data_shape'] {shape!r}, but it must be the image shape [C, H, W]")
@@ -310,8 +314,12 @@ def validate_checkpoint(state: Any, path: str | Path, registry: Registry, *, use
         return recipe
     # --- what only resuming needs: student, teacher, optimizer, RNG states, loss and step counters
     check_weights("student", expected, net, resume_only)
-    check_weights("teacher", teacher.state_dict(),
-                  f"teacher {recipe.components['teacher'].name!r} of its recipe", resume_only)
+    if teacher is not None:
+        check_weights("teacher", teacher.state_dict(),
+                      f"teacher {recipe.components['teacher'].name!r} of its recipe", resume_only)
+    elif state.get("teacher") != {}:
+        fail(f"has teacher weights, but objective {recipe.components['objective'].name!r} of its recipe trains "
+             "without a teacher", resume_only)
     _check_optimizer(state.get("optimizer"), list(network.parameters()), lambda d: fail(d, resume_only),
                      lambda d: fail(d, diverged))
     from ctcore.devices import resolve_device
@@ -331,16 +339,19 @@ def validate_checkpoint(state: Any, path: str | Path, registry: Registry, *, use
 
 
 def _meta_networks(recipe: Recipe, registry: Registry, context: BuildContext, fail) -> tuple[Any, Any]:
-    """The recipe's network and its teacher bound to it, built on the meta device: shapes only."""
+    """The recipe's network and its teacher bound to it (None without one), built on the meta device: shapes
+    only."""
     kind = "network"
     try:
         with torch.device("meta"):
             spec = recipe.components[kind]
             network = registry.get(kind, spec.name)(spec.options, context)
-            kind = "teacher"
-            spec = recipe.components[kind]
-            teacher = registry.get(kind, spec.name)(spec.options, context)
-            teacher.bind(network)
+            teacher = None
+            if "teacher" in recipe.components:
+                kind = "teacher"
+                spec = recipe.components[kind]
+                teacher = registry.get(kind, spec.name)(spec.options, context)
+                teacher.bind(network)
     except Exception as exc:  # noqa: BLE001 - a plugin may raise anything; it is one line either way
         fail(f"has a recipe whose {kind} {spec.name!r} cannot be built ({type(exc).__name__}: {exc})")
     return network, teacher
@@ -440,7 +451,8 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     `state` must have passed validate_checkpoint (use="resume")."""
     run.student.load_state_dict(state["student"])
     run.eval_ema.load_state_dict(state["eval_ema"])
-    run.teacher.load_state_dict(state["teacher"])
+    if run.teacher is not None:
+        run.teacher.load_state_dict(state["teacher"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.step = int(state["step"])
     rng, world = state["rng"], run.world

@@ -492,6 +492,11 @@ def sweep(
         out.print(f"sweep of {len(grid)} runs finished in {top}")
 
 
+SamplerOption = Annotated[str | None, typer.Option(
+    metavar="NAME", help="Another installed sampler for the checkpoint's kind of model, e.g. heun or euler for "
+                         "a diffusion model (default: its recipe's [sampler]).")]
+
+
 @app.command()
 def sample(
     checkpoint: Annotated[Path, typer.Argument(
@@ -499,8 +504,10 @@ def sample(
     num_samples: Annotated[int | None, typer.Option(
         "--num-samples", "-n", min=1, max=MAX_COUNT, help="Default: the recipe's sampling.num_samples.")] = None,
     steps: Annotated[int | None, typer.Option(
-        min=1, max=MAX_STEPS, help="1: one-step; 2+: through the recipe's sampling.sigma_mid.")] = None,
+        min=1, max=MAX_STEPS, help="Consistency sampling: 1 (the default) one-step, 2+ through the recipe's "
+                                   "sampling.sigma_mid; heun / euler: levels of the Karras grid (default 18).")] = None,
     sigmas: Annotated[str | None, typer.Option(help='Explicit sigmas, e.g. "80,0.821" (overrides --steps).')] = None,
+    sampler: SamplerOption = None,
     seed: Annotated[int | None, typer.Option(
         min=0, max=MAX_SEED, help="Sample j uses seed + j (default: sampling.seed).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HDF5 sample store (default: in the run).")] = None,
@@ -531,7 +538,7 @@ def sample(
             checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigma_list, seed=seed,
             out=out,
             grid=grid, weights=weights, batch_size=batch_size, overwrite=overwrite,
-            labels=label_list, class_balanced=class_balanced,
+            labels=label_list, class_balanced=class_balanced, sampler=sampler,
         )
         _console().print(f"wrote {result['num_samples']:,} samples ({result['plan']}) to {result['store']} "
                          f"and a grid to {result['grid']}")
@@ -668,9 +675,10 @@ def eval_checkpoint(
     num_samples: Annotated[int | None, typer.Option(
         "--num-samples", "-n", min=2, max=MAX_COUNT,
         help="FID: 50,000 (at least 2); sliced-wasserstein: the recipe's evaluation.num_samples.")] = None,
-    steps: Annotated[int, typer.Option(
-        min=1, max=MAX_STEPS, help="1: one-step; 2: through the recipe's sampling.sigma_mid.")] = 1,
+    steps: Annotated[int | None, typer.Option(
+        min=1, max=MAX_STEPS, help="As in ctcore sample (consistency sampling: 1, the default, is one-step).")] = None,
     sigmas: Annotated[str | None, typer.Option(help='Explicit sigmas, e.g. "80,0.821" (overrides --steps).')] = None,
+    sampler: SamplerOption = None,
     seed: Annotated[int | None, typer.Option(
         min=0, max=MAX_SEED, help="Sample j uses seed + j, as in ctcore sample (FID: 0; sliced-wasserstein: "
                                   "10,000,000, the training loop's).")] = None,
@@ -699,7 +707,7 @@ def eval_checkpoint(
         sigma_list = _parse_sigmas(sigmas)
         if metric == "sliced-wasserstein":
             _eval_distance(checkpoint, ref, inception, download_inception, num_samples, steps, sigma_list, seed,
-                           batch_size, device, as_json)
+                           batch_size, device, as_json, sampler)
             return
         from ctcore.errors import RunError, UsageError
         from ctcore.fid import evaluate_checkpoint
@@ -721,6 +729,7 @@ def eval_checkpoint(
             steps=steps, sigmas=sigma_list, batch_size=256 if batch_size is None else batch_size, ref_stats=ref,
             device=device, seed=seed,
             progress=progress, fid_protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed,
+            sampler=sampler,
         )
         if os.environ.get("RANK", "0") != "0":
             return
@@ -737,7 +746,7 @@ def eval_checkpoint(
         table.add_row("Inception Score", f"{result['inception_score']:.3f} ± {result['inception_score_std']:.3f} "
                       f"({result['inception_score_splits']} {split} splits)")
         table.add_row("samples", f"{result['num_samples']:,} (seeds {seed}..{seed + result['num_samples'] - 1})")
-        table.add_row("sampling", f"{result['steps']}-step {result['sigmas']}")
+        table.add_row("sampling", _plan_text(result))
         table.add_row("checkpoint", f"{result['checkpoint']} (step {result['step']:,})")
         table.add_row("reference", str(ref))
         table.add_row("time", f"{result['seconds']:.1f} s")
@@ -746,9 +755,17 @@ def eval_checkpoint(
             _console(stderr=True).print(Text("note: ", style="yellow") + Text(note))
 
 
+def _plan_text(result: dict[str, Any], levels: bool = True) -> str:
+    """How an evaluation sampled, as `ctcore sample` prints it (`1-step [80.0]`, `18-level heun (35 ...) [...]`)."""
+    from ctcore.sampling import plan_text
+
+    return plan_text(result["sampler"], result["sigmas"], result["network_evaluations"], result["noise_draws"],
+                     levels=levels)
+
+
 def _eval_distance(checkpoint: Path, ref: Path | None, inception: Path | None, download_inception: bool,
-                   num_samples: int | None, steps: int, sigmas: list[float] | None, seed: int | None,
-                   batch_size: int | None, device: str | None, as_json: bool) -> None:
+                   num_samples: int | None, steps: int | None, sigmas: list[float] | None, seed: int | None,
+                   batch_size: int | None, device: str | None, as_json: bool, sampler: str | None = None) -> None:
     """`ctcore eval --metric sliced-wasserstein`: one line (or --json) with the distance to the training data."""
     import os
 
@@ -761,14 +778,14 @@ def _eval_distance(checkpoint: Path, ref: Path | None, inception: Path | None, d
             raise UsageError(f"{name} is for --metric fid; --metric sliced-wasserstein compares the samples with "
                              f"the recipe's training data and needs no file: drop {name}")
     r = evaluate_checkpoint_distance(checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigmas,
-                                     seed=seed, batch_size=batch_size, device=device)
+                                     seed=seed, batch_size=batch_size, device=device, sampler=sampler)
     if os.environ.get("RANK", "0") != "0":
         return
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
     _console().print(f"sliced Wasserstein distance to the training data: {r['value']:.4f} ({r['num_samples']:,} "
-                     f"{r['steps']}-step samples, seeds {r['seed']}..{r['seed'] + r['num_samples'] - 1}, "
+                     f"{_plan_text(r, levels=False)} samples, seeds {r['seed']}..{r['seed'] + r['num_samples'] - 1}, "
                      f"{r['num_projections']} projections; {r['checkpoint']} at step {r['step']:,})")
 
 

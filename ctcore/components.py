@@ -20,8 +20,21 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-KINDS: tuple[str, ...] = ("network", "metric", "noise_schedule", "curriculum", "teacher")
-"""The kinds a run has exactly one of, each selected by its own recipe section ([network] name = ...)."""
+KINDS: tuple[str, ...] = ("network", "objective", "metric", "noise_schedule", "curriculum", "teacher", "sampler")
+"""The kinds a run has at most one of, each selected by its own recipe section ([network] name = ...). Every run
+has a network, an objective and a sampler; the objective says which of OBJECTIVE_PARTS it trains with."""
+
+OBJECTIVE_PARTS: tuple[str, ...] = ("metric", "noise_schedule", "curriculum", "teacher")
+"""The kinds a training objective may use (`Objective.uses`): a run has exactly these of them, no others. The
+consistency objective uses all four; the EDM denoising objective none."""
+
+DEFAULT_OBJECTIVE: str = "consistency"
+"""The objective of a recipe without an [objective] section: every recipe written before objectives existed."""
+
+MODELS: tuple[str, ...] = ("consistency", "diffusion")
+"""What a trained network computes, as `Objective.model` and `Sampler.model` name it: "consistency", the
+consistency function f(x, sigma) that maps a noisy image to a clean one in one evaluation; "diffusion", the
+denoiser D(x, sigma) whose probability-flow ODE an ODE solver integrates."""
 
 LOGGER: str = "logger"
 """The kind of tracking backends: a run has any number, selected by `[logging] backends = [...]`."""
@@ -35,6 +48,8 @@ HOOKS: dict[str, str] = {
     "noise_schedule": "ctcore_register_noise_schedules",
     "curriculum": "ctcore_register_curricula",
     "teacher": "ctcore_register_teachers",
+    "objective": "ctcore_register_objectives",
+    "sampler": "ctcore_register_samplers",
     "logger": "ctcore_register_loggers",
 }
 
@@ -154,6 +169,110 @@ class Teacher(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@attrs.frozen
+class TrainingBatch:
+    """What an objective's `loss` sees at one training step (built by the training loop)."""
+
+    step: int
+    """k, the step being trained (0-based)."""
+    x: torch.Tensor
+    """This process's share of the clean images, in [-1, 1], on the training device."""
+    labels: torch.Tensor | None
+    """Their class labels (None for unconditional data)."""
+    batch_size: int
+    """The global batch: draw per-example randomness for this many examples, then keep `share` of them, so that
+    any number of processes together compute the single-process step."""
+    share: slice
+    """This process's rows of a global-batch draw."""
+    student: nn.Module
+    """The student as the loss calls it (itself, or its torch.compile / DDP wrapper); gradients flow into it."""
+    constants: Any
+    """The recipe's [consistency] section: sigma_min, sigma_max, sigma_data, rho, weighting."""
+    index_generator: torch.Generator
+    """Generator on the training device for discrete draws (pair indices); the data batch was drawn from it."""
+    noise_generator: torch.Generator
+    """Generator on the training device for the Gaussian noise z."""
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """The training objective: the loss of one step, and the model function the trained network makes."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    model: ClassVar[Literal["consistency", "diffusion"]]
+    """What the trained network computes (see MODELS); a run's sampler must sample this kind of model."""
+    uses: ClassVar[tuple[str, ...]]
+    """The OBJECTIVE_PARTS it trains with; the recipe has exactly these sections of them."""
+    default_sampler: ClassVar[str]
+    """The sampler of a recipe that has no [sampler] section."""
+
+    def bind(self, student: nn.Module, parts: dict[str, Any]) -> None:
+        """Called once at run building with the student (unwrapped) and the components named in `uses`."""
+        ...
+
+    def loss(self, batch: TrainingBatch) -> torch.Tensor:
+        """The scalar loss of this step (the core runs it under autocast, then backward and the optimizer)."""
+        ...
+
+    def after_step(self, step: int) -> None:
+        """After the optimizer step k = `step` was applied (a consistency objective updates its teacher)."""
+        ...
+
+    def log_fields(self, step: int) -> dict[str, float]:
+        """Extra numbers for the training records of stats.jsonl after step k = `step` (num_scales: the
+        progress display shows it), {} for none."""
+        ...
+
+    def denoise(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
+                constants: Any) -> torch.Tensor:
+        """The model function of a network trained with this objective: f(x, sigma) or D(x, sigma), with its
+        preconditioning; `sigma` holds one value per sample, `constants` is the recipe's [consistency]."""
+        ...
+
+
+@attrs.frozen
+class NoiseLevels:
+    """What a sampler learns from the recipe: the model's noise range and the recipe's sampling.sigma_mid."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_mid: tuple[float, ...] = ()
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """How images are made from noise with a trained model: the noise levels visited and the update rule."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    model: ClassVar[Literal["consistency", "diffusion"]]
+    """The kind of model it samples (see MODELS)."""
+
+    def plan(self, steps: int | None, sigmas: list[float] | None, levels: NoiseLevels) -> list[float]:
+        """The decreasing noise levels one sample visits: `sigmas` checked, or the sampler's own for `steps`
+        (None: its default). Raises ValueError with a message saying what to change."""
+        ...
+
+    def preview_plans(self, levels: NoiseLevels) -> dict[str, list[float]]:
+        """The plans the training loop draws sample grids with, by a file-name tag ("1step", "heun-18")."""
+        ...
+
+    def noise_draws(self, sigmas: list[float]) -> int:
+        """How many standard-normal images one sample needs for this plan (its seed draws them)."""
+        ...
+
+    def evaluations(self, sigmas: list[float]) -> int:
+        """Network evaluations per sample for this plan (NFE)."""
+        ...
+
+    def sample(self, denoiser: Callable[..., torch.Tensor], noise: torch.Tensor, sigmas: list[float],
+               labels: torch.Tensor | None, levels: NoiseLevels, clip: bool) -> torch.Tensor:
+        """Images from `noise` (noise_draws, B, ...) through the plan; `denoiser(x, sigma per sample, labels)`
+        is the model function; `clip` clamps the result to [-1, 1]."""
+        ...
+
+
 @runtime_checkable
 class Logger(Protocol):
     """A tracking backend: receives every record of the run's stats.jsonl, on rank 0 only."""
@@ -181,6 +300,8 @@ PROTOCOLS: dict[str, type] = {
     "noise_schedule": NoiseSchedule,
     "curriculum": Curriculum,
     "teacher": Teacher,
+    "objective": Objective,
+    "sampler": Sampler,
     "logger": Logger,
 }
 

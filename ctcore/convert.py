@@ -236,7 +236,7 @@ def convert_openai_cm(source: str | Path, out: str | Path, registry, *, config: 
         raise RunError(f"{str(source)!r} holds non-finite values in key {bad}; give an undamaged copy of the file")
     dtypes = sorted({str(found[k].dtype).removeprefix("torch.") for k in want})
     components = {}
-    for kind in KINDS:
+    for kind in (k for k in KINDS if k in recipe.components):
         name = recipe.components[kind].name
         p = registry.provider(kind, name)
         components[kind] = {"name": name, "distribution": p.distribution, "version": p.version}
@@ -266,42 +266,31 @@ Denoiser = Callable[..., torch.Tensor]
 
 
 def load_denoiser(checkpoint: str | Path, weights: str = "eval-ema", *, device: str | None = None) -> Denoiser:
-    """f(x, sigma, labels=None) on a ctcore checkpoint's network, in eval mode without gradients: for a
-    consistency model its consistency function, exactly as `ctcore sample` evaluates it.
+    """f(x, sigma, labels=None) on a ctcore checkpoint's network, in eval mode without gradients: its recipe's
+    objective's model function, exactly as `ctcore sample` evaluates it: the consistency function f(x, sigma) of
+    a consistency model, the denoiser D(x, sigma) of a diffusion model (EDM preconditioning).
 
     `checkpoint` is a checkpoint file or a run directory (its latest); `weights` "eval-ema" or "student";
-    `sigma` a number or one value per sample. Bad files raise one RunError, as `ctcore sample` does.
+    `sigma` a number or one value per sample. Bad files raise one RunError, as `ctcore sample` does. The
+    returned function carries `network`, `recipe` and `model` ("consistency" or "diffusion").
     """
     from ctcore.errors import UsageError
     from ctcore.registry import load_registry
-    from ctcore.sampling import load_sampling_network, load_sampling_plan
+    from ctcore.sampling import load_sampling_network, load_sampling_plan, recipe_objective
 
     if weights not in ("eval-ema", "student"):
         raise UsageError(f"weights must be 'eval-ema' or 'student', got {weights!r}")
     registry = load_registry()
-    path, state, recipe, _ = load_sampling_plan(checkpoint, registry, weights=weights)
+    path, state, recipe, _, _ = load_sampling_plan(checkpoint, registry, weights=weights)
     network, dev = load_sampling_network(path, state, recipe, registry, weights=weights, device=device)
-    kind = "consistency"  # every ctcore checkpoint so far; a diffusion kind will map to its D(x, sigma)
-    return MODEL_FUNCTIONS[kind](network, recipe, dev)
-
-
-def _consistency_function(network: torch.nn.Module, recipe: Any, dev: torch.device) -> Denoiser:
-    from ctcore.consistency import denoise
-
-    c = recipe.consistency
+    objective = recipe_objective(recipe, registry)
+    constants = recipe.consistency
 
     @torch.no_grad()
     def f(x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(dev)
         sig = torch.as_tensor(sigma, dtype=torch.float64).to(dev).reshape(-1).expand(x.shape[0])
-        return denoise(network, x, sig, None if labels is None else labels.to(dev),
-                       sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+        return objective.denoise(network, x, sig, None if labels is None else labels.to(dev), constants)
 
-    f.network, f.recipe = network, recipe  # type: ignore[attr-defined]
+    f.network, f.recipe, f.model = network, recipe, type(objective).model  # type: ignore[attr-defined]
     return f
-
-
-MODEL_FUNCTIONS: dict[str, Callable[[torch.nn.Module, Any, torch.device], Denoiser]] = {
-    "consistency": _consistency_function,
-}
-"""What load_denoiser returns per kind of model: the consistency function f(x, sigma) for consistency models."""

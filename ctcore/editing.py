@@ -497,6 +497,18 @@ _FOREIGN = ("is not a ctcore checkpoint", "which is not installed or is disabled
 whose plugin is missing): `ctcore edit` reports them as usage errors, exit 2."""
 
 
+def require_consistency_model(recipe, registry, checkpoint: Path, command: str) -> None:
+    """UsageError unless the checkpoint holds a consistency model: editing (CM Algorithm 4) and the sigma search
+    re-noise and jump back with the consistency function, which a diffusion denoiser is not."""
+    from ctcore.errors import UsageError
+
+    objective = registry.get("objective", recipe.components["objective"].name)
+    if objective.model != "consistency":
+        raise UsageError(f"{command} works on consistency models, but checkpoint {str(checkpoint)!r} holds a "
+                         f"{objective.model} model (objective {objective.name!r}); sample it with `ctcore sample`, "
+                         "or distil it into a consistency model first")
+
+
 def edit_from_checkpoint(
     task: str,
     checkpoint: str | Path,
@@ -568,7 +580,8 @@ def edit_from_checkpoint(
 
     explicit_sigmas = sigmas is not None
     try:
-        checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, sigmas=sigmas, weights=weights)
+        checkpoint, state, recipe, sigmas, _ = load_sampling_plan(checkpoint, registry, sigmas=sigmas,
+                                                                  weights=weights)
     except RunError as exc:
         if _FOREIGN[0] in exc.message:
             defect = exc.message.removesuffix(f"; {EARLIER_CHECKPOINT}")
@@ -576,6 +589,7 @@ def edit_from_checkpoint(
         if _FOREIGN[1] in exc.message:
             raise UsageError(exc.message) from None
         raise
+    require_consistency_model(recipe, registry, checkpoint, "ctcore edit")
     prov = state["provenance"]
     shape, num_classes, c = tuple(prov["data_shape"]), prov["num_classes"], recipe.consistency
     if task == "stroke":

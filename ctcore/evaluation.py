@@ -49,33 +49,41 @@ def distance_to_data(samples: torch.Tensor, data: ImageData, num_projections: in
 
 
 def evaluate_distance(run: Run) -> float | None:
-    """Sliced Wasserstein distance between one-step eval-EMA samples and training data (None if disabled)."""
+    """Sliced Wasserstein distance between eval-EMA samples of the sampler's default plan (consistency sampling:
+    one step) and training data (None if disabled)."""
     from ctcore.sampling import sample_with
 
     e = run.recipe.evaluation
     if e.distance == "none":
         return None
     seeds = list(range(DISTANCE_SEED, DISTANCE_SEED + e.num_samples))
-    samples = sample_with(run, run.eval_ema, [run.recipe.consistency.sigma_max], seeds)
+    samples = sample_with(run, run.eval_ema, run.sampler.plan(None, None, run.recipe.levels), seeds)
     return distance_to_data(samples, run.data, e.num_projections)
 
 
 def distance_evaluator(checkpoint: str | Path, registry, *, num_samples: int | None = None,
                        steps: int | None = None, sigmas: Sequence[float] | None = None, seed: int | None = None,
                        batch_size: int | None = None, device: str | None = None,
-                       weights: str = "eval-ema") -> tuple[dict[str, Any], Any, list[float],
-                                                           Callable[[Sequence[float]], float]]:
+                       weights: str = "eval-ema", sampler: str | None = None,
+                       ) -> tuple[dict[str, Any], Any, list[float], Callable[[Sequence[float]], float]]:
     """(facts of the evaluation, the checkpoint's recipe, the sigmas asked for, distance(sigmas)) for a checkpoint.
 
     The network and data are loaded once; distance(sigmas) samples the same seeds for any sigmas, so
     `ctcore eval --metric sliced-wasserstein` and `ctcore search-sigmas` score one plan identically.
     """
-    from ctcore.consistency import denoise
     from ctcore.data import load_data
-    from ctcore.sampling import file_digest, generate, load_sampling_network, load_sampling_plan, sampling_batch
+    from ctcore.runstate import model_function
+    from ctcore.sampling import (
+        file_digest,
+        generate,
+        load_sampling_network,
+        load_sampling_plan,
+        recipe_objective,
+        sampling_batch,
+    )
 
-    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
-                                                           weights=weights)
+    checkpoint, state, recipe, sigmas, chosen = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
+                                                                   weights=weights, sampler=sampler)
     e, c = recipe.evaluation, recipe.consistency
     n = e.num_samples if num_samples is None else num_samples
     if not 1 <= n <= MAX_DISTANCE_SAMPLES:
@@ -89,12 +97,13 @@ def distance_evaluator(checkpoint: str | Path, registry, *, num_samples: int | N
         raise RunError(f"the training data of {str(checkpoint)!r} now holds images of shape {data.shape}, but the "
                        f"checkpoint was trained on {shape}")
     batch = sampling_batch(recipe) if batch_size is None else batch_size
+    denoiser = model_function(recipe_objective(recipe, registry), network, c)
 
     def distance(plan: Sequence[float]) -> float:
-        images, _ = generate(lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),
-                             shape, list(range(seed, seed + n)), [float(v) for v in plan],
+        images, _ = generate(denoiser, shape, list(range(seed, seed + n)), [float(v) for v in plan],
                              num_classes=state["provenance"]["num_classes"], sigma_min=c.sigma_min,
-                             clip=recipe.sampling.clip, batch_size=batch, device=dev)
+                             clip=recipe.sampling.clip, batch_size=batch, device=dev, sampler=chosen,
+                             levels=recipe.levels)
         return distance_to_data(images, data, e.num_projections)
 
     d = recipe.data
@@ -103,24 +112,27 @@ def distance_evaluator(checkpoint: str | Path, registry, *, num_samples: int | N
     info = {"metric": "sliced-wasserstein", "checkpoint": str(checkpoint),
             "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"]), "num_samples": n,
             "seed": seed, "data": source, "data_seed": DATA_SEED,
-            "num_projections": e.num_projections, "weights": weights}
+            "num_projections": e.num_projections, "weights": weights, "sampler": chosen.name,
+            "network_evaluations": chosen.evaluations(sigmas), "noise_draws": chosen.noise_draws(sigmas)}
     return info, recipe, sigmas, distance
 
 
 def evaluate_checkpoint_distance(checkpoint: str | Path, registry, *, num_samples: int | None = None,
                                  steps: int | None = None, sigmas: Sequence[float] | None = None,
                                  seed: int | None = None, batch_size: int | None = None,
-                                 device: str | None = None, weights: str = "eval-ema") -> dict[str, Any]:
+                                 device: str | None = None, weights: str = "eval-ema",
+                                 sampler: str | None = None) -> dict[str, Any]:
     """The sliced Wasserstein distance of a checkpoint's samples to its recipe's training data; no weights file.
 
-    Defaults are the training loop's (the recipe's evaluation.num_samples and num_projections, one step, seeds
+    Defaults are the training loop's (the recipe's evaluation.num_samples and num_projections, the sampler's
+    default plan (consistency sampling: one step; `sampler` names another installed sampler), seeds
     from DISTANCE_SEED, its sampling batch), so the final checkpoint of a run scores what its stats.jsonl logged
     at the end. The data is the recipe's: the synthetic set regenerated from run.seed, or its HDF5 file.
     """
     started = time.perf_counter()
     info, _, sigmas, distance = distance_evaluator(checkpoint, registry, num_samples=num_samples, steps=steps,
                                                    sigmas=sigmas, seed=seed, batch_size=batch_size, device=device,
-                                                   weights=weights)
+                                                   weights=weights, sampler=sampler)
     value = distance(sigmas)
     facts = {k: v for k, v in info.items() if k not in ("metric", "weights")}
     return {"metric": "sliced-wasserstein", "value": value, **facts, "steps": len(sigmas), "sigmas": sigmas,

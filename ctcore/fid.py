@@ -369,13 +369,15 @@ def evaluate_checkpoint(
     fid_protocol: str = DEFAULT_FID_PROTOCOL,
     is_split: str = "ordered",
     is_split_seed: int = TORCH_FIDELITY_SEED,
+    sampler: str | None = None,
 ) -> dict[str, Any]:
     """FID and Inception Score of `num_samples` samples of a checkpoint (or a run directory's latest one).
 
     The network is rebuilt through the registry with the eval-EMA weights; sample j uses seed + j, so the
-    images are exactly those `ctcore sample --seed SEED` writes. `steps` 1 samples at sigma_max, 2 also at the
-    recipe's sampling.sigma_mid (or pass `sigmas`). `inception` is a loaded FIDInceptionV3 (moved to the
-    device) or a weights path; `ref_stats` an .npz path or a mapping with `mu`, `sigma` and optionally
+    images are exactly those `ctcore sample --seed SEED` writes. With consistency sampling `steps` 1 samples at
+    sigma_max, 2 also at the recipe's sampling.sigma_mid (or pass `sigmas`); `sampler` names another installed
+    sampler for the checkpoint's kind of model (default: its recipe's). `inception` is a loaded FIDInceptionV3
+    (moved to the device) or a weights path; `ref_stats` an .npz path or a mapping with `mu`, `sigma` and optionally
     `fid_protocol`. Statistics made under another `fid_protocol` are refused (`check_protocol`); `is_split` and
     `is_split_seed` choose the Inception Score's splits (`inception_score`).
     Returns {"fid", "inception_score", "inception_score_std", "num_samples", "steps", "sigmas", ...}; "notes"
@@ -385,7 +387,7 @@ def evaluate_checkpoint(
     info, _, sigmas, fid_of = fid_evaluator(
         checkpoint, registry, inception=inception, num_samples=num_samples, steps=steps, batch_size=batch_size,
         ref_stats=ref_stats, device=device, seed=seed, sigmas=sigmas, weights=weights, is_splits=is_splits,
-        fid_protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed)
+        fid_protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed, sampler=sampler)
     result = fid_of(sigmas, progress)
     return {**result, "steps": len(sigmas), "sigmas": sigmas, **info}
 
@@ -395,14 +397,14 @@ def fid_evaluator(
     steps: int | None = None, batch_size: int = 256, ref_stats: str | Path | Mapping[str, Any],
     device: str | None = None, seed: int = 0, sigmas: Sequence[float] | None = None, weights: str = "eval-ema",
     is_splits: int = 10, fid_protocol: str = DEFAULT_FID_PROTOCOL, is_split: str = "ordered",
-    is_split_seed: int = TORCH_FIDELITY_SEED,
+    is_split_seed: int = TORCH_FIDELITY_SEED, sampler: str | None = None,
 ) -> tuple[dict[str, Any], Any, list[float], Any]:
     """(facts of the evaluation, the checkpoint's recipe, the sigmas asked for, fid_of(sigmas, progress)) with every
     check of `evaluate_checkpoint` done and the network, Inception and statistics loaded once; fid_of returns
     `fid_of_denoiser`'s result for samples seed .. seed + num_samples - 1, the same seeds for any sigmas."""
-    from ctcore.consistency import denoise
     from ctcore.distributed import setup
-    from ctcore.sampling import load_sampling_network, load_sampling_plan
+    from ctcore.runstate import model_function
+    from ctcore.sampling import load_sampling_network, load_sampling_plan, recipe_objective
 
     if num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
@@ -423,8 +425,8 @@ def fid_evaluator(
                        f"{FEATURE_DIM}-d pool3 features of the FID Inception; recompute them with "
                        f"ctcore eval-ref-stats")
     model = _as_inception(inception)
-    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
-                                                           weights=weights)
+    checkpoint, state, recipe, sigmas, sampler = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
+                                                                    weights=weights, sampler=sampler)
     check_protocol(ref, fid_protocol, "--fid-protocol {}")  # after the checkpoint's own checks, before sampling
     shape = tuple(state["provenance"]["data_shape"])
     num_classes = state["provenance"]["num_classes"]
@@ -434,7 +436,8 @@ def fid_evaluator(
 
     # the seeds and every logit stay on the host (twice, when joined), plus one batch at 299 x 299 on the device
     # (the resized images and the resize's rows and neighbours)
-    batch = min(batch_size, num_samples) * (math.prod(shape) * 4 * (len(sigmas) + 3) + 3 * 299 * 299 * 4 * 4)
+    draws = sampler.noise_draws(sigmas)
+    batch = min(batch_size, num_samples) * (math.prod(shape) * 4 * (draws + 3) + 3 * 299 * 299 * 4 * 4)
     require_buffers({"host_logits": num_samples * NUM_LOGITS * 4 * 2, "host_seeds": num_samples * PYTHON_INT_BYTES,
                      "batch": batch}, resolve_device(device or recipe.run.device),
                     f"evaluating {num_samples:,} samples", "choose a smaller --num-samples or --batch-size")
@@ -442,12 +445,11 @@ def fid_evaluator(
     world, dev = setup(dev)  # under torchrun: this rank's GPU
     network, model = network.to(dev), model.to(dev)
     c = recipe.consistency
-
-    def denoiser(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+    denoiser = model_function(recipe_objective(recipe, registry), network, c)
 
     def fid_of(plan: Sequence[float], progress: bool = False) -> dict[str, Any]:
         return fid_of_denoiser(denoiser, shape, [float(v) for v in plan], inception=model, ref=ref,
+                               sampler=sampler, levels=recipe.levels,
                                num_samples=num_samples, num_classes=num_classes, sigma_min=c.sigma_min,
                                clip=recipe.sampling.clip, seed=seed, batch_size=batch_size, device=dev,
                                progress=progress, is_splits=is_splits, world=world, protocol=fid_protocol,
@@ -456,14 +458,16 @@ def fid_evaluator(
     from ctcore.sampling import file_digest
 
     info = {"seed": seed, "weights": weights, "checkpoint": str(checkpoint),
-            "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"])}
+            "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"]), "sampler": sampler.name,
+            "network_evaluations": sampler.evaluations(sigmas), "noise_draws": sampler.noise_draws(sigmas)}
     return info, recipe, sigmas, fid_of
 
 
 def sample_features(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float], *, inception: FIDInceptionV3,
                     num_samples: int, num_classes: int = 0, sigma_min: float = 0.002, clip: bool = True, seed: int = 0,
                     batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
-                    world: World = SINGLE, protocol: str = DEFAULT_FID_PROTOCOL) -> FeatureAccumulator:
+                    world: World = SINGLE, protocol: str = DEFAULT_FID_PROTOCOL, sampler: Any = None,
+                    levels: Any = None) -> FeatureAccumulator:
     """Inception features and logits of samples seed .. seed + num_samples - 1, accumulated batch by batch,
     under the FID `protocol`.
 
@@ -481,7 +485,8 @@ def sample_features(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
     with bar:
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
-            images, _ = generate(denoiser, shape, chunk, sigmas, num_classes=num_classes, sigma_min=sigma_min,
+            images, _ = generate(denoiser, shape, chunk, sigmas, sampler=sampler, levels=levels,
+                                 num_classes=num_classes, sigma_min=sigma_min,
                                  clip=clip, batch_size=len(chunk), device=dev)
             features, logits = inception_outputs(inception, images, dev, protocol)
             if world.distributed:
@@ -503,8 +508,10 @@ def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
                     clip: bool = True, seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
                     progress: bool = False, is_splits: int = 10, world: World = SINGLE,
                     protocol: str = DEFAULT_FID_PROTOCOL, is_split: str = "ordered",
-                    is_split_seed: int = TORCH_FIDELITY_SEED) -> dict[str, Any]:
-    """FID and IS of `num_samples` samples of a consistency function (features from `sample_features` under the
+                    is_split_seed: int = TORCH_FIDELITY_SEED, sampler: Any = None,
+                    levels: Any = None) -> dict[str, Any]:
+    """FID and IS of `num_samples` samples of a model function made with `sampler` (consistency sampling without
+    one) (features from `sample_features` under the
     FID `protocol`; IS splits as `inception_score` cuts them).
 
     Shared by `ctcore eval` and the training loop's periodic evaluation; samples go through uint8 exactly
@@ -513,7 +520,8 @@ def fid_of_denoiser(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
     started = time.perf_counter()
     acc = sample_features(denoiser, shape, sigmas, inception=inception, num_samples=num_samples,
                           num_classes=num_classes, sigma_min=sigma_min, clip=clip, seed=seed, batch_size=batch_size,
-                          device=device, progress=progress, world=world, protocol=protocol)
+                          device=device, progress=progress, world=world, protocol=protocol, sampler=sampler,
+                          levels=levels)
     mu, sigma = acc.statistics()
     notes = []
     if num_samples < FEATURE_DIM:
@@ -547,8 +555,9 @@ def evaluate_fid(run: Run, tools: tuple[FIDInceptionV3, dict[str, Any]]) -> dict
     """FID / IS of the eval EMA as `ctcore eval` computes them (same seeds as the sample grids)."""
     inception, ref = tools
     e, c, s = run.recipe.evaluation, run.recipe.consistency, run.recipe.sampling
-    sigmas = [c.sigma_max, *s.sigma_mid[: e.fid_steps - 1]]
+    sigmas = run.sampler.plan(e.fid_steps, None, run.recipe.levels)
     return fid_of_denoiser(run.denoiser(run.eval_ema), run.data.shape, sigmas, inception=inception, ref=ref,
+                           sampler=run.sampler, levels=run.recipe.levels,
                            num_samples=e.fid_num_samples, num_classes=run.data.num_classes, sigma_min=c.sigma_min,
                            clip=s.clip, seed=s.seed, batch_size=e.fid_batch_size, device=run.device,
                            world=run.world, protocol=e.fid_protocol, is_split=e.is_split,

@@ -62,6 +62,30 @@ def ctcore_register_teachers() -> list[type]:
 
 
 @hookspec
+def ctcore_register_objectives() -> list[type]:
+    """Return training-objective classes: the loss of a step and the model function it trains.
+
+    Contract (`ctcore.components.Objective`): class attributes `model` ("consistency" or "diffusion"), `uses`
+    (the component kinds among metric, noise_schedule, curriculum, teacher it trains with; the recipe has exactly
+    those sections) and `default_sampler`; `bind(student, parts)` once; `loss(batch)` a finite scalar that is
+    differentiable in the student, drawing its randomness only from the batch's generators (global batch, then
+    `batch.share`); `after_step(step)`; `log_fields(step)`; `denoise(network, x, sigma, labels, constants)` shaped
+    like x.
+    """
+
+
+@hookspec
+def ctcore_register_samplers() -> list[type]:
+    """Return sampler classes: how a trained model turns noise into images.
+
+    Contract (`ctcore.components.Sampler`): class attribute `model` (the kind of model it samples); `plan(steps,
+    sigmas, levels)` a decreasing list of noise levels in (0, sigma_max] or a ValueError saying what to change;
+    `preview_plans(levels)`; `noise_draws(sigmas)` >= 1; `evaluations(sigmas)`; `sample(denoiser, noise, sigmas,
+    labels, levels, clip)` images shaped like noise[0], using no randomness but `noise`.
+    """
+
+
+@hookspec
 def ctcore_register_loggers() -> list[type]:
     """Return logger classes: tracking backends selected by `[logging] backends = [...]` (rank 0 only).
 

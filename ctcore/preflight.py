@@ -32,7 +32,13 @@ from ctcore.errors import CtcoreError, RunError, UsageError
 from ctcore.files import human_bytes
 from ctcore.memory import LIMIT_ENV as MEMORY_LIMIT_ENV
 from ctcore.memory import available_memory
-from ctcore.testing import ContractViolation, check_metric_values, check_num_scales, check_schedule_on_grid
+from ctcore.testing import (
+    ContractViolation,
+    check_metric_values,
+    check_num_scales,
+    check_sampler_plans,
+    check_schedule_on_grid,
+)
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -226,7 +232,8 @@ def time_limit(seconds: float | None, message: Callable[[str], str],
 
 def build_components(recipe: Recipe, registry: Registry, device: str | torch.device = "cpu",
                      kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
-    """One instance per kind, built for the data shape and classes the recipe declares (no data is read).
+    """One instance per kind the recipe has (of `kinds`), built for the data shape and classes the recipe declares
+    (no data is read).
 
     `device="meta"` builds shapes only, in no memory, each component within BUILD_TIME_LIMIT_S: `ctcore check`
     and every run build there first, so options asking for an absurd network fail before any allocation.
@@ -236,7 +243,7 @@ def build_components(recipe: Recipe, registry: Registry, device: str | torch.dev
     limit = BUILD_TIME_LIMIT_S if torch.device(device).type == "meta" else None
     built = {}
     with torch.device(device):
-        for kind in kinds:
+        for kind in (k for k in kinds if k in recipe.components):
             spec = recipe.components[kind]
             cls = registry.get(kind, spec.name)
 
@@ -530,6 +537,14 @@ class _Checks:
                                                     f"{c.sigma_min}, sigma_max {c.sigma_max}, rho {c.rho})") from None
         return counts[0], counts[-1]
 
+    def sampler(self) -> None:
+        """The sampler's default plan and its preview plans for the recipe's noise levels."""
+        sampler, levels = self.built["sampler"], self.recipe.levels
+        try:
+            check_sampler_plans(type(sampler), sampler, levels)
+        except ContractViolation as exc:
+            raise self.refuse("sampler", exc.problem) from None
+
     def teacher(self, first: int, last: int) -> int:
         """Binds to the meta student with a finite decay in [0, 1); returns the bytes of its own copy."""
         teacher, student = self.built["teacher"], self.built["network"]
@@ -590,9 +605,10 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
     with time_limit(BUILD_TIME_LIMIT_S, lambda stopped: f"{recipe.source}: the checks of the components (one "
                                                         f"forward pass on the meta device) {stopped}", registry):
         per_sample, fixed = checks.network()
-        metric_per_sample = checks.metric()
-        first, last = checks.schedules()
-        teacher_bytes = checks.teacher(first, last)
+        metric_per_sample = checks.metric() if "metric" in built else 0
+        first, last = checks.schedules() if "curriculum" in built and "noise_schedule" in built else (2, 2)
+        teacher_bytes = checks.teacher(first, last) if "teacher" in built else 0
+        checks.sampler()
     student = built["network"]
     trainable = _tensor_bytes(p for p in student.parameters() if p.requires_grad)
     size = math.prod(data_shape(recipe.data))
@@ -600,7 +616,7 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
     estimate = MemoryEstimate(
         parameters=sum(p.numel() for p in student.parameters()), batch=batch, weights=_module_bytes(student),
         eval_ema=_module_bytes(student), teacher=teacher_bytes, gradients=trainable, optimizer=2 * trainable,
-        metric=_module_bytes(built["metric"]), activations_fixed=fixed,
+        metric=_module_bytes(built["metric"]) if "metric" in built else 0, activations_fixed=fixed,
         per_image=per_sample + metric_per_sample + step_tensors, **parts)
     _refuse_absurd(recipe, estimate, on_cpu)
     if device is not None:

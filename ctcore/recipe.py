@@ -22,7 +22,20 @@ import cattrs
 from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
 from cattrs.v import transform_error
 
-from ctcore.components import KINDS, LOGGER, BuildContext, directory_name, each_within, entries, path_text, show, within
+from ctcore.components import (
+    DEFAULT_OBJECTIVE,
+    KINDS,
+    LOGGER,
+    OBJECTIVE_PARTS,
+    BuildContext,
+    NoiseLevels,
+    directory_name,
+    each_within,
+    entries,
+    path_text,
+    show,
+    within,
+)
 from ctcore.errors import RecipeError, UsageError, did_you_mean, unknown_name_message
 
 if typing.TYPE_CHECKING:
@@ -163,8 +176,10 @@ class EvaluationSection:
     fid_num_samples: int = attrs.field(default=10_000, validator=within(
         2, 1_000_000, "a covariance needs 2; papers use 50,000"))
     """Samples per periodic FID (papers report 50,000; fewer is cheaper and biased upwards)."""
-    fid_steps: int = attrs.field(default=1, validator=within(1, 1001, "1 + the most sampling.sigma_mid values"))
-    """1: one-step samples; n: through the first n - 1 values of sampling.sigma_mid."""
+    fid_steps: int = attrs.field(default=1, validator=within(
+        1, 1001, "steps of the recipe's sampler; consistency sampling takes 1 + the most sampling.sigma_mid values"))
+    """Steps of the recipe's sampler: consistency sampling 1 (one step) or n (through the first n - 1 values of
+    sampling.sigma_mid); heun and euler the n levels of their Karras grid (EDM: 18)."""
     fid_batch_size: int = attrs.field(default=256, validator=within(1, 65_536, "samples per evaluation batch"))
     inception: str = attrs.field(default="", validator=path_text)
     """Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth); required when fid_every > 0."""
@@ -245,6 +260,11 @@ class Recipe:
 
     def section(self, name: str) -> Any:
         return self.components[name] if name in KINDS else getattr(self, name)
+
+    @property
+    def levels(self) -> NoiseLevels:
+        """What the recipe's sampler learns from it: sigma_min, sigma_max and sampling.sigma_mid."""
+        return NoiseLevels(self.consistency.sigma_min, self.consistency.sigma_max, self.sampling.sigma_mid)
 
 
 # ---------------------------------------------------------------------------------------------- converter
@@ -478,35 +498,80 @@ def _validate(data: dict[str, Any], registry: Registry, source: str) -> Recipe:
         if isinstance(raw, dict):
             sections[name], found = _structure(conv, raw, cls, name)
             problems += found
-    components: dict[str, ComponentSpec] = {}
-    for kind in KINDS:
-        raw = data.get(kind)
-        if raw is None:
-            choices = ", ".join(registry.names(kind)) or "none installed"
-            problems.append(f"{kind}: missing section; add [{kind}] with name = one of: {choices}")
-            continue
-        if not isinstance(raw, dict):
-            continue
-        raw = dict(raw)
-        name = raw.pop("name", None)
-        if name is None:
-            problems.append(f"{kind}.name: missing; one of: {', '.join(registry.names(kind))}")
-            continue
-        if not isinstance(name, str):
-            problems.append(f"{kind}.name: expected a string, got {name!r} ({_type_word(name)})")
-            continue
-        if name not in registry.names(kind):
-            problems.append(f"{kind}.name: {unknown_name_message(kind.replace('_', ' '), name, registry.names(kind))}")
-            continue
-        options, found = _structure(conv, raw, registry.get(kind, name).Options, kind)
-        problems += found
-        components[kind] = ComponentSpec(name, options)
+    components, found = _components(conv, data, registry)
+    problems += found
     loggers, found = _loggers(conv, sections.get("logging"), logger_tables, registry)
     problems += found
     problems += _cross_checks(sections)
+    problems += _sampler_checks(sections, components, registry)
     if problems:
         raise RecipeError(source, problems)
     return Recipe(components=components, source=source, loggers=loggers, **sections)
+
+
+def _component(conv: cattrs.Converter, kind: str, raw: Any, registry: Registry,
+               default: str | None = None) -> tuple[ComponentSpec | None, list[str]]:
+    """One component section -> its spec; a missing section takes `default` (with default options) if given."""
+    if raw is None:
+        if default is not None and default in registry.names(kind):
+            return ComponentSpec(default, registry.get(kind, default).Options()), []
+        choices = ", ".join(registry.names(kind)) or "none installed"
+        return None, [f"{kind}: missing section; add [{kind}] with name = one of: {choices}"]
+    if not isinstance(raw, dict):
+        return None, []  # reported with the sections
+    raw = dict(raw)
+    name = raw.pop("name", None)
+    if name is None:
+        return None, [f"{kind}.name: missing; one of: {', '.join(registry.names(kind))}"]
+    if not isinstance(name, str):
+        return None, [f"{kind}.name: expected a string, got {name!r} ({_type_word(name)})"]
+    if name not in registry.names(kind):
+        return None, [f"{kind}.name: {unknown_name_message(kind.replace('_', ' '), name, registry.names(kind))}"]
+    options, found = _structure(conv, raw, registry.get(kind, name).Options, kind)
+    return (ComponentSpec(name, options) if not found else None), found
+
+
+def _components(conv: cattrs.Converter, data: dict[str, Any],
+                registry: Registry) -> tuple[dict[str, ComponentSpec], list[str]]:
+    """The component sections: a network; an objective (DEFAULT_OBJECTIVE when the section is absent) and
+    exactly the OBJECTIVE_PARTS it uses; a sampler (the objective's default_sampler when absent) for the kind
+    of model the objective trains."""
+    components: dict[str, ComponentSpec] = {}
+    problems: list[str] = []
+    for kind, default in (("network", None), ("objective", DEFAULT_OBJECTIVE)):
+        spec, found = _component(conv, kind, data.get(kind), registry, default)
+        problems += found
+        if spec is not None:
+            components[kind] = spec
+    raw = data.get("objective")
+    named = raw.get("name") if isinstance(raw, dict) else DEFAULT_OBJECTIVE if raw is None else None
+    # the objective's class even when its options have problems: which parts the recipe needs still follows
+    objective = registry.get("objective", named) if named in registry.names("objective") else None
+    uses = tuple(getattr(objective, "uses", OBJECTIVE_PARTS)) if objective is not None else OBJECTIVE_PARTS
+    for kind in OBJECTIVE_PARTS:
+        if kind in uses:
+            spec, found = _component(conv, kind, data.get(kind), registry)
+            problems += found
+            if spec is not None:
+                components[kind] = spec
+        elif kind in data and objective is not None:
+            problems.append(f"{kind}: objective {objective.name!r} trains without a {kind.replace('_', ' ')}; "
+                            f"delete the section [{kind}]")
+    if objective is not None or "sampler" in data:
+        default = getattr(objective, "default_sampler", None) if objective is not None else None
+        spec, found = _component(conv, "sampler", data.get("sampler"), registry, default)
+        problems += found
+        if spec is not None:
+            components["sampler"] = spec
+    sampler = components.get("sampler")
+    if objective is not None and sampler is not None:
+        model = registry.get("sampler", sampler.name).model
+        if model != objective.model:
+            fits = [n for n in registry.names("sampler") if registry.get("sampler", n).model == objective.model]
+            problems.append(f"sampler.name: sampler {sampler.name!r} samples {model} models, but objective "
+                            f"{objective.name!r} trains a {objective.model} model; use one of: "
+                            f"{', '.join(fits) or 'none installed'}")
+    return components, problems
 
 
 def _loggers(conv: cattrs.Converter, section: LoggingSection | None, tables: dict[str, Any],
@@ -531,6 +596,20 @@ def _loggers(conv: cattrs.Converter, section: LoggingSection | None, tables: dic
                                               f"logging.{name}")
             problems += found
     return loggers, problems
+
+
+def _sampler_checks(s: dict[str, Any], components: dict[str, ComponentSpec], registry: Registry) -> list[str]:
+    """evaluation.fid_steps must be a plan the recipe's sampler can make (consistency sampling: enough
+    sampling.sigma_mid values); runs when the sections it reads parsed cleanly."""
+    c, sampling, e, spec = s.get("consistency"), s.get("sampling"), s.get("evaluation"), components.get("sampler")
+    if None in (c, sampling, e, spec):
+        return []
+    try:
+        sampler = registry.get("sampler", spec.name)(spec.options, BuildContext())
+        sampler.plan(e.fid_steps, None, NoiseLevels(c.sigma_min, c.sigma_max, sampling.sigma_mid))
+    except ValueError as exc:
+        return [f"evaluation.fid_steps: sampler {spec.name!r} cannot make a {e.fid_steps}-step plan: {exc}"]
+    return []
 
 
 def _cross_checks(s: dict[str, Any]) -> list[str]:
@@ -559,9 +638,6 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
                           ("fid_reference", "reference statistics (.npz from `ctcore eval-ref-stats`)")):
             if not getattr(e, key):
                 problems.append(f"evaluation.{key}: required when fid_every > 0 ({what})")
-    if e is not None and sampling is not None and e.fid_steps - 1 > len(sampling.sigma_mid):
-        problems.append(f"evaluation.fid_steps: {e.fid_steps} steps need {e.fid_steps - 1} values in "
-                        f"sampling.sigma_mid, which has {len(sampling.sigma_mid)}")
     if data is not None and data.source == "hdf5" and not data.path:
         problems.append('data.path: required when data.source = "hdf5" (the HDF5 file to train on)')
     if data is not None and data.source == "synthetic":
@@ -653,6 +729,8 @@ def dump_recipe(recipe: Recipe) -> str:
     for name in ALL_SECTIONS:
         computed: dict[str, tuple[Any, str]] = {}
         if name in KINDS:
+            if name not in recipe.components:  # a kind the recipe's objective does not use
+                continue
             spec = recipe.components[name]
             items = [("name", spec.name), *attrs.asdict(spec.options, recurse=False).items()]
             computed = computed_defaults(spec.options, context)

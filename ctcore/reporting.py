@@ -128,10 +128,12 @@ def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=max(0, round(seconds))))
 
 
-def progress_line(step: int, end: int, loss: float, num_scales: int, img_per_s: float, eta_seconds: float) -> str:
-    """One plain progress line, e.g. `step 400/4000  loss 3.412  N(k) 81  15,120 img/s  ETA 0:00:54`."""
-    return (f"step {step}/{end}  loss {loss:.4g}  N(k) {num_scales}  {img_per_s:,.0f} img/s  "
-            f"ETA {_duration(eta_seconds)}")
+def progress_line(step: int, end: int, loss: float, num_scales: int | None, img_per_s: float,
+                  eta_seconds: float) -> str:
+    """One plain progress line, e.g. `step 400/4000  loss 3.412  N(k) 81  15,120 img/s  ETA 0:00:54` (no N(k)
+    for an objective without a curriculum)."""
+    scales = "" if num_scales is None else f"N(k) {num_scales}  "
+    return f"step {step}/{end}  loss {loss:.4g}  {scales}{img_per_s:,.0f} img/s  ETA {_duration(eta_seconds)}"
 
 
 class LineProgress:

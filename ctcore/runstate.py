@@ -10,7 +10,6 @@ import attrs
 import torch
 from torch import nn
 
-from ctcore.consistency import denoise
 from ctcore.data import ImageData
 from ctcore.distributed import SINGLE, World
 from ctcore.files import FileLock
@@ -29,8 +28,13 @@ class Run:
     data: ImageData
     student: nn.Module
     eval_ema: nn.Module
+    objective: Any
+    """The training objective: the loss of a step, and the model function (`denoiser`) it trains."""
+    sampler: Any
+    """The recipe's sampler: sample grids, FID and `ctcore sample` make images with it."""
     teacher: Any
-    metric: nn.Module
+    """The objective's parts (OBJECTIVE_PARTS): None when the objective does not use that kind."""
+    metric: nn.Module | None
     noise_schedule: Any
     curriculum: Any
     optimizer: torch.optim.Optimizer
@@ -43,8 +47,6 @@ class Run:
     student_forward: nn.Module
     """The student as called in the loss: the student itself, or its torch.compile wrapper."""
     step: int = 0
-    sigma_grids: dict[int, torch.Tensor] = attrs.field(factory=dict)
-    """Karras grids on the training device by N, made once per curriculum stage (no copy per step)."""
     loss_sum: float = 0.0
     loss_count: int = 0
     initial_distance: float | None = None
@@ -61,7 +63,8 @@ class Run:
     recipe_changes: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     """resume_run changed these settings (EXTENSIBLE_KEYS): {section.key: (old, new)} as TOML text."""
     extended_num_scales: tuple[int, int] | None = None
-    """resume_run changed the recipe (EXTENSIBLE_KEYS): N(k) at the resume step under the old and the new one."""
+    """resume_run changed the recipe (EXTENSIBLE_KEYS): N(k) at the resume step under the old and the new one
+    (None without a curriculum)."""
 
     def close(self) -> None:
         """Release the run directory (the OS also releases it when the process ends, however it ends)."""
@@ -74,6 +77,11 @@ class Run:
         return dump_recipe(self.recipe)
 
     def denoiser(self, network: nn.Module):
-        """f(x, sigma, labels) for sampling with `network` (normally the eval EMA)."""
-        c = self.recipe.consistency
-        return lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+        """The objective's model function (x, sigma, labels) -> tensor for sampling with `network` (normally the
+        eval EMA): f for a consistency model, D for a diffusion model."""
+        return model_function(self.objective, network, self.recipe.consistency)
+
+
+def model_function(objective: Any, network: nn.Module, constants: Any):
+    """(x, sigma, labels) -> objective.denoise(network, x, sigma, labels, constants)."""
+    return lambda x, s, y: objective.denoise(network, x, s, y, constants)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ctcore.components import BuildContext, NoiseLevels
 from ctcore.data import to_uint8
 from ctcore.files import file_digest
 
@@ -82,24 +83,32 @@ def generate(
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
     class_labels: Sequence[int] | None = None,
+    sampler: Any = None,
+    levels: NoiseLevels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples for the given seeds, batch by batch: uint8 images (N, C, H, W) and labels (N,), -1 if none.
 
-    A conditional model's labels are drawn from each sample's seed, or given as `class_labels`, cycled over the
-    samples (sample j gets class_labels[j % len]); the noise is the same either way."""
+    `sampler` (a sampler component, with the recipe's noise `levels`) makes each batch from its noise; without one,
+    consistency multistep sampling. A conditional model's labels are drawn from each sample's seed, or given as
+    `class_labels`, cycled over the samples (sample j gets class_labels[j % len]); the noise is the same either
+    way."""
     if class_labels is not None and (num_classes == 0 or not class_labels):
         raise ValueError("class_labels need a conditional model (num_classes > 0) and at least one label")
     images, labels = [], []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
-        draws = [sample_noise(s, shape, len(sigmas), num_classes) for s in chunk]
+        num_draws = len(sigmas) if sampler is None else sampler.noise_draws(list(sigmas))
+        draws = [sample_noise(s, shape, num_draws, num_classes) for s in chunk]
         z = torch.stack([d[0] for d in draws], dim=1).to(device)
         lab = torch.tensor([d[1] for d in draws], dtype=torch.long)
         if class_labels is not None:
             lab = torch.tensor([class_labels[j % len(class_labels)] for j in range(start, start + len(chunk))],
                                dtype=torch.long)
-        x = multistep_sample(denoiser, z, sigmas, lab.to(device) if num_classes > 0 else None,
-                             sigma_min=sigma_min, clip=clip)
+        y = lab.to(device) if num_classes > 0 else None
+        if sampler is None:
+            x = multistep_sample(denoiser, z, sigmas, y, sigma_min=sigma_min, clip=clip)
+        else:
+            x = sampler.sample(denoiser, z, list(sigmas), y, levels, clip)
         images.append(to_uint8(x).cpu())
         labels.append(lab)
         if progress is not None:
@@ -153,14 +162,17 @@ def read_sample_store(path: str | Path) -> dict[str, Any]:
 
 def load_sampling_plan(
     checkpoint: str | Path, registry, *, steps: int | None = None, sigmas: Sequence[float] | None = None,
-    weights: str = "eval-ema",
-) -> tuple[Path, dict[str, Any], Any, list[float]]:
-    """(checkpoint file, its state, its recipe, the sigmas to sample at) for a checkpoint or a run directory.
+    weights: str = "eval-ema", sampler: str | None = None,
+) -> tuple[Path, dict[str, Any], Any, list[float], Any]:
+    """(checkpoint file, its state, its recipe, the sigmas to sample at, the sampler) for a checkpoint or a run
+    directory.
 
-    A directory means its latest checkpoint; `steps` n samples at sigma_max then the first n - 1 of the
-    recipe's sampling.sigma_mid, unless `sigmas` are given. The checkpoint is validated for sampling its
-    `weights` (eval-ema or student): it needs its step, recipe, provenance and those weights, finite; optimizer
-    and RNG states are not read. Bad requests raise UsageError, bad files RunError.
+    A directory means its latest checkpoint. The sampler is the recipe's, or the installed `sampler` named (with
+    its default options), which must sample the kind of model the checkpoint holds; it makes the plan from
+    `steps` or checks the given `sigmas` (consistency sampling: sigma_max then the first steps - 1 values of
+    sampling.sigma_mid). The checkpoint is validated for sampling its `weights` (eval-ema or student): it needs
+    its step, recipe, provenance and those weights, finite; optimizer and RNG states are not read. Bad requests
+    raise UsageError, bad files RunError.
     """
     from ctcore.checkpoints import list_checkpoints, load_checkpoint, validate_checkpoint
     from ctcore.errors import RunError, UsageError
@@ -173,22 +185,42 @@ def load_sampling_plan(
         checkpoint = found[-1]
     state = load_checkpoint(checkpoint)
     recipe = validate_checkpoint(state, checkpoint, registry, use=weights)
-    c = recipe.consistency
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
-    if sigmas is None:
-        mids = list(recipe.sampling.sigma_mid)
-        n = steps or 1
-        if n - 1 > len(mids):
-            raise UsageError(f"--steps {n} needs {n - 1} intermediate sigmas but the recipe's sampling.sigma_mid "
-                             f"has {mids}; pass --sigmas explicitly, e.g. --sigmas 80,0.821")
-        sigmas = [c.sigma_max, *mids[: n - 1]]
-    sigmas = [float(s) for s in sigmas]
-    if not sigmas or any(not c.sigma_min < s <= c.sigma_max for s in sigmas):
-        raise UsageError(f"sigmas must lie in (sigma_min, sigma_max] = ({c.sigma_min}, {c.sigma_max}], got {sigmas}")
-    if any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)):
-        raise UsageError(f"sigmas must decrease (e.g. 80,0.821), got {sigmas}")
-    return checkpoint, state, recipe, sigmas
+    chosen = recipe_sampler(recipe, registry, sampler, checkpoint)
+    try:
+        plan = chosen.plan(steps, None if sigmas is None else [float(s) for s in sigmas], recipe.levels)
+    except ValueError as exc:
+        if steps is not None and sigmas is None:
+            raise UsageError(f"--steps {steps}: {exc}; pass --sigmas explicitly, e.g. --sigmas 80,0.821") from None
+        raise UsageError(str(exc)) from None
+    return checkpoint, state, recipe, plan, chosen
+
+
+def recipe_sampler(recipe: Any, registry, name: str | None = None, checkpoint: Path | None = None) -> Any:
+    """The recipe's sampler, or the installed sampler `name` with its default options (`--sampler`), which must
+    sample the kind of model the recipe's objective trains; UsageError otherwise."""
+    from ctcore.errors import UsageError, unknown_name_message
+
+    if name is None:
+        spec = recipe.components["sampler"]
+        return registry.get("sampler", spec.name)(spec.options, BuildContext())
+    if name not in registry.names("sampler"):
+        raise UsageError(f"--sampler: {unknown_name_message('sampler', name, registry.names('sampler'))}")
+    cls = registry.get("sampler", name)
+    objective = registry.get("objective", recipe.components["objective"].name)
+    if cls.model != objective.model:
+        fits = [n for n in registry.names("sampler") if registry.get("sampler", n).model == objective.model]
+        what = f"checkpoint {str(checkpoint)!r}" if checkpoint is not None else recipe.source
+        raise UsageError(f"--sampler {name}: it samples {cls.model} models, but {what} holds a {objective.model} "
+                         f"model (objective {objective.name!r}); use one of: {', '.join(fits)}")
+    return cls(cls.Options(), BuildContext())
+
+
+def recipe_objective(recipe: Any, registry) -> Any:
+    """The recipe's objective, built: its `denoise` is the model function of the recipe's network."""
+    spec = recipe.components["objective"]
+    return registry.get("objective", spec.name)(spec.options, BuildContext())
 
 
 def load_sampling_network(
@@ -232,22 +264,25 @@ def sample_from_checkpoint(
     device: str | None = None,
     labels: Sequence[int] | None = None,
     class_balanced: bool = False,
+    sampler: str | None = None,
 ) -> dict[str, Any]:
-    """Rebuild the network of a checkpoint through the registry, sample, write the store and a PNG grid.
+    """Rebuild the network of a checkpoint through the registry, sample with the recipe's sampler (or the one
+    named `sampler`), write the store and a PNG grid.
 
     A class-conditional model samples the given `labels` (cycled), or with `class_balanced` sample j gets class
     j mod num_classes, or by default a label drawn from each seed; the grid shows each image's label. The
     store's lock (`.<store name>.lock` beside it, removed afterwards) keeps two samplers from writing it."""
-    from ctcore.consistency import denoise
     from ctcore.errors import UsageError
     from ctcore.files import output_lock
     from ctcore.images import save_grid
+    from ctcore.runstate import model_function
 
-    checkpoint, state, recipe, sigmas = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
-                                                           weights=weights)
+    checkpoint, state, recipe, sigmas, chosen = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
+                                                                   weights=weights, sampler=sampler)
     num_classes = state["provenance"]["num_classes"]
     class_labels, label_choice = choose_labels(checkpoint, num_classes, labels, class_balanced)
     c = recipe.consistency
+    draws = chosen.noise_draws(sigmas)
     asked = num_samples
     num_samples = recipe.sampling.num_samples if num_samples is None else num_samples
     seed = recipe.sampling.seed if seed is None else seed
@@ -263,7 +298,7 @@ def sample_from_checkpoint(
     from ctcore.preflight import require_buffers, sample_buffers
 
     option = "--num-samples" if asked is not None else f"sampling.num_samples of {checkpoint} (pass --num-samples)"
-    require_buffers(sample_buffers(num_samples, tuple(prov["data_shape"]), len(sigmas), batch_size),
+    require_buffers(sample_buffers(num_samples, tuple(prov["data_shape"]), draws, batch_size),
                     resolve_device(device or recipe.run.device), f"making {num_samples:,} samples",
                     f"choose a smaller {option}, or a smaller --batch-size; several smaller stores (--seed) "
                     "make the same samples")
@@ -273,9 +308,10 @@ def sample_from_checkpoint(
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
         images, drawn = generate(
-            lambda x, s, y: denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data),
+            model_function(recipe_objective(recipe, registry), network, c),
             tuple(prov["data_shape"]), seeds, sigmas, num_classes=prov["num_classes"], sigma_min=c.sigma_min,
             clip=recipe.sampling.clip, batch_size=batch_size, device=dev, class_labels=class_labels,
+            sampler=chosen, levels=recipe.levels,
         )
         attrs = {
             "recipe": state["recipe"],
@@ -283,6 +319,8 @@ def sample_from_checkpoint(
             "checkpoint_sha256": file_digest(checkpoint),
             "step": int(state["step"]),
             "sigmas": sigmas,
+            "sampler": chosen.name,
+            "evaluations": chosen.evaluations(sigmas),
             "weights": weights,
             "ctcore_version": prov.get("ctcore", "?"),
         }
@@ -293,7 +331,22 @@ def sample_from_checkpoint(
             save_grid(images[:256], grid, captions=[str(v) for v in drawn[:256].tolist()])
         else:
             save_grid(images[:256], grid)
-    return {"store": out, "grid": grid, "num_samples": num_samples, "plan": f"{len(sigmas)}-step {sigmas}"}
+    return {"store": out, "grid": grid, "num_samples": num_samples,
+            "plan": plan_text(chosen.name, sigmas, chosen.evaluations(sigmas), draws)}
+
+
+def plan_text(sampler: str, sigmas: list[float], evaluations: int, draws: int, *, levels: bool = True) -> str:
+    """`2-step [80.0, 0.821]` for consistency sampling (one evaluation and one noise draw per level), else e.g.
+    `18-level heun (35 network evaluations) [80.0, 57.586, 40.7856, ..., 0.002]`; without the list if not
+    `levels`."""
+    if evaluations == len(sigmas) == draws:
+        plan = f"{len(sigmas)}-step"
+    else:
+        plan = f"{len(sigmas)}-level {sampler} ({evaluations} network evaluations)"
+    if not levels:
+        return plan
+    shown = sigmas if len(sigmas) <= 6 else [*(round(s, 4) for s in sigmas[:3]), "...", sigmas[-1]]
+    return f"{plan} [" + ", ".join(map(str, shown)) + "]"
 
 
 def choose_labels(checkpoint: Path, num_classes: int, labels: Sequence[int] | None,
@@ -325,13 +378,10 @@ def choose_labels(checkpoint: Path, num_classes: int, labels: Sequence[int] | No
 # ----------------------------------------------------------------------- sample grids during training
 
 
-def sampling_plans(recipe: Recipe) -> dict[str, list[float]]:
-    """Name -> sigma list: always one-step, plus multistep when sampling.sigma_mid is set."""
-    sigma_max = recipe.consistency.sigma_max
-    plans = {"1step": [sigma_max]}
-    if recipe.sampling.sigma_mid:
-        plans[f"{1 + len(recipe.sampling.sigma_mid)}step"] = [sigma_max, *recipe.sampling.sigma_mid]
-    return plans
+def sampling_plans(run: Run) -> dict[str, list[float]]:
+    """File tag -> sigma list of the grids drawn during training: the sampler's preview plans (consistency
+    sampling: one-step, plus multistep when sampling.sigma_mid is set)."""
+    return run.sampler.preview_plans(run.recipe.levels)
 
 
 def sampling_batch(recipe: Recipe) -> int:
@@ -348,7 +398,8 @@ def sample_with(run: Run, network: nn.Module, sigmas: list[float], seeds: list[i
     if mine:
         images, _ = generate(run.denoiser(network), run.data.shape, mine, sigmas, num_classes=run.data.num_classes,
                              sigma_min=run.recipe.consistency.sigma_min, clip=run.recipe.sampling.clip,
-                             device=run.device, batch_size=sampling_batch(run.recipe))
+                             device=run.device, batch_size=sampling_batch(run.recipe), sampler=run.sampler,
+                             levels=run.recipe.levels)
     return gather_rows(run.world, images, len(seeds))
 
 
@@ -360,7 +411,7 @@ def save_samples(run: Run) -> Path:
     seeds = list(range(s.seed, s.seed + s.num_samples))
     data = to_uint8(run.data.batch(s.num_samples, torch.Generator().manual_seed(s.seed))[0])
     path = None
-    for plan, sigmas in sampling_plans(run.recipe).items():
+    for plan, sigmas in sampling_plans(run).items():
         images = sample_with(run, run.eval_ema, sigmas, seeds)
         path = run.out_dir / "samples" / f"step-{run.step:07d}-{plan}.png"
         if run.world.is_main:

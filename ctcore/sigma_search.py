@@ -167,6 +167,9 @@ def run_search(checkpoint: str | Path, registry, *, steps: int, metric: str = "s
         def distance(plan: list[float]) -> float:
             return fid_of(plan)["fid"]
 
+    from ctcore.editing import require_consistency_model
+
+    require_consistency_model(recipe, registry, Path(info["checkpoint"]), "ctcore search-sigmas")
     c = recipe.consistency
     result = search_sigmas(distance, c.sigma_min, c.sigma_max, steps, tolerance, report)
     # the recipe's own plan of as many steps, scored on the same samples, for comparison

@@ -17,10 +17,15 @@ from torch import nn
 from ctcore.components import (
     ALL_KINDS,
     MAX_NUM_SCALES,
+    MODELS,
     NAME_PATTERN,
     NOISE_CONVENTIONS,
+    OBJECTIVE_PARTS,
     RESERVED_OPTIONS,
     BuildContext,
+    NoiseLevels,
+    NoiseScheduleBase,
+    TrainingBatch,
     WeightsUnavailable,
 )
 from ctcore.consistency import karras_sigmas
@@ -41,6 +46,9 @@ __all__ = [
     "check_network",
     "check_noise_schedule",
     "check_num_scales",
+    "check_objective",
+    "check_sampler",
+    "check_sampler_plans",
     "check_schedule_on_grid",
     "check_teacher",
 ]
@@ -125,6 +133,19 @@ def check_component_class(kind: str, cls: type) -> None:
         conv = getattr(cls, "noise_conditioning", None)
         if conv not in NOISE_CONVENTIONS:
             raise _fail(cls, f"`noise_conditioning` must be one of {sorted(NOISE_CONVENTIONS)}, got {conv!r}")
+    if kind in ("objective", "sampler"):
+        model = getattr(cls, "model", None)
+        if model not in MODELS:
+            raise _fail(cls, f"`model` must be one of {', '.join(map(repr, MODELS))} (what the trained network "
+                             f"computes), got {model!r}")
+    if kind == "objective":
+        uses = getattr(cls, "uses", None)
+        if not isinstance(uses, tuple) or any(u not in OBJECTIVE_PARTS for u in uses) or len(set(uses)) != len(uses):
+            raise _fail(cls, f"`uses` must be a tuple of distinct kinds among {', '.join(OBJECTIVE_PARTS)}, got "
+                             f"{uses!r}")
+        default = getattr(cls, "default_sampler", None)
+        if not isinstance(default, str) or not NAME_PATTERN.match(default):
+            raise _fail(cls, f"`default_sampler` must name a sampler (kebab-case), got {default!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,6 +444,203 @@ def check_teacher(cls: type, **options: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Objectives
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _TinyNetwork(nn.Module):
+    """A per-pixel network with a noise input, standing in for a real one (Fourier convention, no dropout)."""
+
+    noise_conditioning = "fourier"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(channels, channels)
+        self.noise = nn.Linear(1, channels)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        h = self.mix(x.movedim(1, -1)) + self.noise(c_noise.reshape(-1, 1, 1, 1).to(x.dtype))
+        return torch.tanh(h).movedim(-1, 1)
+
+
+class _SquaredDistance(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x - y).square().flatten(1).mean(1)
+
+
+class _UniformPairs(NoiseScheduleBase):
+    def probabilities(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return torch.full((sigmas.shape[0] - 1,), 1.0 / (sigmas.shape[0] - 1), dtype=torch.float64)
+
+
+class _FixedScales:
+    def num_scales(self, step: int) -> int:
+        return 11
+
+
+class _StopGradient:
+    network: nn.Module
+
+    def bind(self, student: nn.Module) -> None:
+        self.network = student
+
+    def decay(self, step: int, num_scales: int) -> float:
+        return 0.0
+
+    def update(self, student: nn.Module, step: int, num_scales: int) -> None:
+        self.network = student
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _stand_in_parts(student: nn.Module, uses: tuple[str, ...]) -> dict[str, Any]:
+    """Simple components of the kinds an objective uses (squared distance, uniform pairs, N = 11, stop-gradient)."""
+    teacher = _StopGradient()
+    teacher.bind(student)
+    made = {"metric": _SquaredDistance(), "noise_schedule": _UniformPairs(), "curriculum": _FixedScales(),
+            "teacher": teacher}
+    return {kind: made[kind] for kind in uses}
+
+
+def check_objective(cls: type, data_shape: tuple[int, ...] = (3, 4, 4), **options: Any) -> None:
+    """Check an objective on a tiny per-pixel network and stand-in parts: a finite scalar loss that trains the
+    student and depends on no randomness but the batch's generators; after_step, log_fields and a denoise shaped
+    like its input."""
+    from ctcore.recipe import ConsistencySection
+
+    data_shape = tuple(data_shape)
+    constants = ConsistencySection()
+
+    def loss_of(global_seed: int) -> tuple[torch.Tensor, nn.Module, Any]:
+        torch.manual_seed(0)
+        student = _TinyNetwork(data_shape[0])
+        objective = _build(cls, BuildContext(data_shape=data_shape, total_steps=100), options)
+        objective.bind(student, _stand_in_parts(student, cls.uses))
+        x = torch.rand(4, *data_shape) * 2 - 1
+        torch.manual_seed(global_seed)  # the loss must not depend on the global generator
+        batch = TrainingBatch(step=0, x=x[:2], labels=None, batch_size=4, share=slice(0, 2), student=student,
+                              constants=constants, index_generator=torch.Generator().manual_seed(1),
+                              noise_generator=torch.Generator().manual_seed(2))
+        loss = objective.loss(batch)
+        return loss, student, objective
+
+    with torch.random.fork_rng(devices=[]):
+        loss, student, objective = loss_of(10)
+        if not isinstance(loss, torch.Tensor) or loss.shape != ():
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise _fail(cls, f"loss(batch) must return a scalar tensor, got {got}")
+        if not loss.is_floating_point() or not torch.isfinite(loss):
+            raise _fail(cls, f"loss(batch) must be finite, got {loss}")
+        if not loss.requires_grad:
+            raise _fail(cls, "loss(batch) must be differentiable in the student, but it does not require grad")
+        loss.backward()
+        grads = [p.grad for p in student.parameters()]
+        if any(g is None or not torch.isfinite(g).all() for g in grads) or not any((g != 0).any() for g in grads):
+            raise _fail(cls, "loss(batch).backward() must give the student finite, non-zero gradients")
+        again, _, _ = loss_of(11)
+        if not torch.equal(loss.detach(), again.detach()):
+            raise _fail(cls, "loss(batch) must draw its randomness only from batch.index_generator and "
+                             "batch.noise_generator: another global seed changed it (every process of a run must "
+                             "draw the same global batch)")
+        objective.after_step(0)
+        fields = objective.log_fields(0)
+        if not isinstance(fields, dict) or not all(isinstance(k, str) and isinstance(v, int | float)
+                                                   and not isinstance(v, bool) for k, v in fields.items()):
+            raise _fail(cls, f"log_fields(step) must return a dict of names to numbers, got {fields!r}")
+        x = torch.rand(3, *data_shape) * 2 - 1
+        with torch.no_grad():
+            out = objective.denoise(student, x, torch.tensor([0.002, 1.0, 80.0]), None, constants)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape or not torch.isfinite(out).all():
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise _fail(cls, f"denoise(network, x, sigma, labels, constants) must return finite values shaped like x "
+                             f"{tuple(x.shape)}, got {got}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_plan(cls: type, sigmas: Any, levels: NoiseLevels, what: str) -> None:
+    if not isinstance(sigmas, list) or not sigmas or not all(isinstance(s, float) for s in sigmas):
+        raise _fail(cls, f"{what} must be a non-empty list of floats, got {sigmas!r}")
+    if any(not 0.0 < s <= levels.sigma_max for s in sigmas):
+        raise _fail(cls, f"{what} must lie in (0, sigma_max] = (0, {levels.sigma_max}], got {sigmas}")
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)):
+        raise _fail(cls, f"{what} must decrease, got {sigmas}")
+
+
+def check_sampler_plans(cls: type, sampler: Any, levels: NoiseLevels) -> None:
+    """The default plan and the preview plans of one built sampler for `levels`, checked."""
+    try:
+        default = sampler.plan(None, None, levels)
+    except ValueError as exc:
+        raise _fail(cls, f"plan(None, None, levels) (its default plan) fails for sigma_min {levels.sigma_min}, "
+                         f"sigma_max {levels.sigma_max}, sigma_mid {list(levels.sigma_mid)}: {exc}") from None
+    _check_plan(cls, default, levels, "plan(None, None, levels)")
+    previews = sampler.preview_plans(levels)
+    if not isinstance(previews, dict) or not previews:
+        raise _fail(cls, f"preview_plans(levels) must return a non-empty dict of tags to plans, got {previews!r}")
+    for tag, plan in previews.items():
+        if not isinstance(tag, str) or not NAME_PATTERN.match(tag):
+            raise _fail(cls, f"preview_plans(levels) tags name files: kebab-case strings, got {tag!r}")
+        _check_plan(cls, plan, levels, f"preview_plans(levels)[{tag!r}]")
+
+
+def check_sampler(cls: type, data_shape: tuple[int, ...] = (3, 4, 4), **options: Any) -> None:
+    """Check a sampler: valid plans (explicit sigmas checked, increasing ones refused), noise draws and network
+    evaluations per sample, and images shaped like the noise that depend on nothing but the noise."""
+    data_shape = tuple(data_shape)
+    levels = NoiseLevels(0.002, 80.0, (0.821,))
+    sampler = _build(cls, BuildContext(data_shape=data_shape), options)
+    check_sampler_plans(cls, sampler, levels)
+    given = sampler.plan(None, [80.0, 0.821], levels)
+    _check_plan(cls, given, levels, "plan(None, [80.0, 0.821], levels)")
+    try:
+        sampler.plan(None, [0.821, 80.0], levels)
+    except ValueError:
+        pass
+    else:
+        raise _fail(cls, "plan(None, [0.821, 80.0], levels) must raise ValueError: the sigmas increase")
+    plan = sampler.plan(None, None, levels)
+    draws, evaluations = sampler.noise_draws(plan), sampler.evaluations(plan)
+    for what, v in (("noise_draws", draws), ("evaluations", evaluations)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise _fail(cls, f"{what}(plan) must be an int >= 1, got {v!r}")
+    calls = []
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        calls.append(1)
+        if sigma.shape != (x.shape[0],):
+            raise _fail(cls, f"the denoiser takes one sigma per sample, shape ({x.shape[0]},), got "
+                             f"{tuple(sigma.shape)}")
+        scale = (0.25 / (sigma**2 + 0.25)).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return x * scale  # the exact denoiser of N(0, 0.5^2) data
+
+    noise = torch.randn((draws, 3, *data_shape), generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng(devices=[]):
+        outs = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            calls.clear()
+            outs.append(sampler.sample(denoiser, noise.clone(), plan, None, levels, True))
+    out = outs[0]
+    if not isinstance(out, torch.Tensor) or out.shape != noise.shape[1:] or not torch.isfinite(out).all():
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise _fail(cls, f"sample() must return finite images shaped like noise[0] {tuple(noise.shape[1:])}, got {got}")
+    if not torch.equal(outs[0], outs[1]):
+        raise _fail(cls, "sample() must use no randomness but `noise`: another global seed changed the images")
+    if out.abs().max() > 1.0:
+        raise _fail(cls, "sample(..., clip=True) must return images within [-1, 1]")
+    if len(calls) != evaluations:
+        raise _fail(cls, f"evaluations(plan) says {evaluations} network evaluations, but sample() made {len(calls)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Loggers
 # ---------------------------------------------------------------------------------------------------------
 
@@ -494,6 +712,8 @@ _CHECKS = {
     "noise_schedule": check_noise_schedule,
     "curriculum": check_curriculum,
     "teacher": check_teacher,
+    "objective": check_objective,
+    "sampler": check_sampler,
     "logger": check_logger,
 }
 

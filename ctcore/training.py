@@ -1,8 +1,9 @@
 """The training loop, read top to bottom: one step, then the loop that logs, samples, evaluates and checkpoints.
 
-One step: N(k) from the curriculum -> sigma grid -> pair indices from the noise schedule -> consistency loss
-(student at sigma_{i+1}, teacher at sigma_i, same z, same dropout mask) -> optimizer step -> teacher update ->
-eval-EMA update. Building a run lives in ctcore.build, checkpoints in ctcore.checkpoints.
+One step: the data batch -> the objective's loss (consistency training: N(k) from the curriculum -> sigma grid
+-> pair indices from the noise schedule -> student at sigma_{i+1} against teacher at sigma_i, same z, same
+dropout mask) -> optimizer step -> the objective's after-step update (the teacher's) -> eval-EMA update.
+Building a run lives in ctcore.build, checkpoints in ctcore.checkpoints.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ctcore.checkpoints import save_checkpoint
-from ctcore.consistency import consistency_loss, karras_sigmas
+from ctcore.components import TrainingBatch
 from ctcore.errors import RunError
 from ctcore.evaluation import evaluate_distance
 from ctcore.fid import evaluate_fid, load_fid_tools
@@ -37,34 +38,24 @@ if TYPE_CHECKING:
 def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     """One iteration at step k = run.step; returns the loss (a device tensor) and whether the update was applied.
 
-    Every rank draws the global batch, pairs and noise from the shared generators and keeps its share, so the
-    ranks together compute exactly the single-process step. With training.max_nonfinite_steps > 0 a step whose
-    loss or gradient norm is not finite changes nothing but the step count and the generators (one scalar is
-    read from the device for that check; nothing else synchronizes).
+    The data batch is drawn here, the loss is the objective's (for consistency training: N(k), the sigma grid,
+    pair indices, the student against the teacher). Every rank draws the global batch and the objective's
+    randomness from the shared generators and keeps its share, so the ranks together compute exactly the
+    single-process step. With training.max_nonfinite_steps > 0 a step whose loss or gradient norm is not finite
+    changes nothing but the step count and the generators (one scalar is read from the device for that check;
+    nothing else synchronizes).
     """
     r, t, world = run.recipe, run.recipe.training, run.world
     k = run.step
-    num_scales = run.curriculum.num_scales(k)
-    sigmas = run.sigma_grids.get(num_scales)
-    if sigmas is None:
-        c = r.consistency
-        sigmas = karras_sigmas(num_scales, c.sigma_min, c.sigma_max, c.rho).to(run.device)
-        run.sigma_grids.clear()  # N(k) never decreases: one grid, not one per N (up to 10^6 of them for CT)
-        run.sigma_grids[num_scales] = sigmas
     x, labels = run.data.batch(t.batch_size, run.index_generator, rank=world.rank, world_size=world.world_size)
-    share = world.share(t.batch_size)
-    pair = run.noise_schedule.sample(sigmas, t.batch_size, run.index_generator).to(run.device)[share]
-    z = torch.randn((t.batch_size, *x.shape[1:]), generator=run.noise_generator, device=run.device)[share]
+    batch = TrainingBatch(step=k, x=x, labels=labels, batch_size=t.batch_size, share=world.share(t.batch_size),
+                          student=run.student_forward, constants=r.consistency,
+                          index_generator=run.index_generator, noise_generator=run.noise_generator)
     if t.warmup_steps > 0:
         for group in run.optimizer.param_groups:
             group["lr"] = t.lr * min(1.0, (k + 1) / t.warmup_steps)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
-        teacher = run.student_forward if run.teacher.network is run.student else run.teacher.network
-        loss, _ = consistency_loss(
-            run.student_forward, teacher, run.metric, x, labels, sigmas, pair, z,
-            weighting=r.consistency.weighting, sigma_min=r.consistency.sigma_min,
-            sigma_data=r.consistency.sigma_data,
-        )
+        loss = run.objective.loss(batch)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()  # under DDP the gradients arrive averaged over ranks: every rank sees the same norm
     loss = loss.detach()
@@ -82,7 +73,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
             run.nonfinite_run += 1
             return loss, False
     run.optimizer.step()
-    run.teacher.update(run.student, k, num_scales)
+    run.objective.after_step(k)
     update_ema(run.eval_ema, run.student, t.eval_ema_decay)
     run.nonfinite_run, run.last_good_step = 0, run.step
     return loss, True
@@ -235,11 +226,12 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         fold_losses()
                         last_loss = run.loss_sum / run.loss_count if run.loss_count else float("nan")
                         speed = (k - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
-                        n = run.curriculum.num_scales(k - 1)
-                        log({"step": k, "loss": last_loss, "num_scales": n,
-                             "lr": run.optimizer.param_groups[0]["lr"],
-                             "teacher_decay": run.teacher.decay(k - 1, n), "img_per_s": speed})
-                        bar.update(task, loss=f"{last_loss:.4g}", scales=str(n), speed=f"{speed:,.0f}")
+                        fields = run.objective.log_fields(k - 1)  # consistency: num_scales, teacher_decay
+                        n = fields.get("num_scales")
+                        log({"step": k, "loss": last_loss, **fields, "lr": run.optimizer.param_groups[0]["lr"],
+                             "img_per_s": speed})
+                        bar.update(task, loss=f"{last_loss:.4g}", scales="-" if n is None else str(n),
+                                   speed=f"{speed:,.0f}")
                         if plain_lines:
                             eta = (end - k) * (time.perf_counter() - loop_started) / max(k - first_step, 1)
                             console.print(progress_line(k, end, last_loss, n, speed, eta), markup=False,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ctcore.components import KINDS, OBJECTIVE_PARTS
 from ctcore.recipe import ALL_SECTIONS, _toml_value
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,9 @@ def tiny_recipe_text(output_dir: str | Path, **overrides: dict[str, Any]) -> str
     sections = {k: dict(v) for k, v in TINY.items()}
     sections["run"]["output_dir"] = str(output_dir)
     for name, values in overrides.items():
-        if name in ("network", "metric", "noise_schedule", "curriculum", "teacher") and "name" in values:
+        if values is None:  # e.g. teacher=None: a section the recipe leaves out
+            sections.pop(name, None)
+        elif name in KINDS and "name" in values:
             sections[name] = dict(values)  # a different component: its own options only
         else:
             sections.setdefault(name, {}).update(values)
@@ -42,6 +45,12 @@ def tiny_recipe_text(output_dir: str | Path, **overrides: dict[str, Any]) -> str
             lines += [f"{k} = {_toml_value(v)}" for k, v in sections[name].items()]
             lines.append("")
     return "\n".join(lines)
+
+
+DIFFUSION: dict[str, Any] = {"objective": {"name": "edm"}, "sampler": {"name": "heun", "steps": 4},
+                             **dict.fromkeys(OBJECTIVE_PARTS)}
+"""Overrides that make the tiny recipe an EDM diffusion run: the edm objective, a 4-level Heun sampler, no
+teacher, curriculum, noise schedule or metric (tiny_recipe_text(dir, **DIFFUSION))."""
 
 
 def write_tiny_recipe(path: str | Path, output_dir: str | Path, **overrides: dict[str, Any]) -> Path:

@@ -164,11 +164,11 @@ def test_list_components_json() -> None:
     ("kind", "message"),
     [
         ("bogus", "unknown component kind 'bogus' (available: curriculum, logger, metric, network, noise_schedule, "
-                  "teacher)"),
-        ("metrc", "unknown component kind 'metrc'; did you mean 'metric'? "
-                  "(available: curriculum, logger, metric, network, noise_schedule, teacher)"),
-        ("noise-schedule", "unknown component kind 'noise-schedule'; did you mean 'noise_schedule'? "
-                           "(available: curriculum, logger, metric, network, noise_schedule, teacher)"),
+                  "objective, sampler, teacher)"),
+        ("metrc", "unknown component kind 'metrc'; did you mean 'metric'? (available: curriculum, logger, metric, "
+                  "network, noise_schedule, objective, sampler, teacher)"),
+        ("noise-schedule", "unknown component kind 'noise-schedule'; did you mean 'noise_schedule'? (available: "
+                           "curriculum, logger, metric, network, noise_schedule, objective, sampler, teacher)"),
     ],
 )
 def test_list_components_unknown_kind_exits_2(kind: str, message: str) -> None:

@@ -53,7 +53,8 @@ def test_registered_component_meets_its_contract(kind: str, name: str) -> None:
 
 
 def test_builtins_cover_every_kind() -> None:
-    assert {r["kind"] for r in ROWS} == {"network", "metric", "noise_schedule", "curriculum", "teacher", "logger"}
+    assert {r["kind"] for r in ROWS} == {"network", "metric", "noise_schedule", "curriculum", "teacher", "objective",
+                                         "sampler", "logger"}
 
 
 def test_mlp_meets_the_network_contract_with_class_labels() -> None:

@@ -584,7 +584,7 @@ def test_evaluate_checkpoint_rejects_bad_requests_before_sampling(checkpoint: Pa
     ref = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
     with pytest.raises(UsageError, match="at least 2"):
         evaluate_checkpoint(checkpoint, registry, inception=inception, num_samples=1, ref_stats=ref)
-    with pytest.raises(UsageError, match="--steps 3 needs 2 intermediate sigmas"):
+    with pytest.raises(UsageError, match="--steps 3: 3 steps need 2 intermediate sigmas"):
         evaluate_checkpoint(checkpoint, registry, inception=inception, num_samples=4, steps=3, ref_stats=ref)
     with pytest.raises(RunError, match="not found; compute them"):
         evaluate_checkpoint(checkpoint, registry, inception=inception, num_samples=4, ref_stats=tmp_path / "x.npz")
@@ -656,7 +656,8 @@ def test_fid_options_are_cross_checked() -> None:
         "evaluation.inception: required when fid_every > 0 (the Inception-v3 FID weights file)",
         "evaluation.fid_reference: required when fid_every > 0 (reference statistics (.npz from `ctcore "
         "eval-ref-stats`))",
-        "evaluation.fid_steps: 3 steps need 2 values in sampling.sigma_mid, which has 1",
+        "evaluation.fid_steps: sampler 'consistency' cannot make a 3-step plan: 3 steps need 2 intermediate sigmas "
+        "but the recipe's sampling.sigma_mid has [0.821]",
     ]
 
 

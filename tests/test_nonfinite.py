@@ -82,7 +82,7 @@ def _events(run, name: str) -> list[dict]:
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_a_non_finite_step_changes_nothing_and_is_logged(tmp_path, registry, where):
     run = _run(tmp_path, registry, where)
-    run.metric = PoisonedMetric(run.metric, {3, 4}, where)
+    run.metric = run.objective.parts["metric"] = PoisonedMetric(run.metric, {3, 4}, where)
     train(run, stop_at=3, progress=False)
     before = _state(run)
     train(run, stop_at=5, progress=False)  # steps k = 3 and 4: both poisoned
@@ -107,7 +107,7 @@ def test_a_non_finite_step_changes_nothing_and_is_logged(tmp_path, registry, whe
 
 def test_too_many_consecutive_bad_steps_stop_with_a_checkpoint_of_the_last_good_weights(tmp_path, registry):
     run = _run(tmp_path, registry, "diverge", max_nonfinite_steps=3)
-    run.metric = PoisonedMetric(run.metric, set(range(2, 100)))
+    run.metric = run.objective.parts["metric"] = PoisonedMetric(run.metric, set(range(2, 100)))
     train(run, stop_at=2, progress=False)
     good = _state(run)
     with pytest.raises(TrainingDiverged) as info:
@@ -131,7 +131,7 @@ def test_the_check_can_be_switched_off_but_non_finite_weights_are_never_checkpoi
     """max_nonfinite_steps = 0: the NaN goes into the weights; the next checkpoint refuses to write them, so
     retention never replaces the last finite checkpoint with a non-finite one."""
     run = _run(tmp_path, registry, "off", max_nonfinite_steps=0, checkpoint_every=2, keep_checkpoints=1)
-    run.metric = PoisonedMetric(run.metric, {2})  # step k = 2
+    run.metric = run.objective.parts["metric"] = PoisonedMetric(run.metric, {2})  # step k = 2
     with pytest.raises(RunError) as info:
         train(run, progress=False)
     assert not _events(run, "nonfinite")

@@ -12,7 +12,7 @@ import attrs
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_recipe_text, write_tiny_recipe
+from helpers import DIFFUSION, tiny_recipe_text, write_tiny_recipe
 from typer.testing import CliRunner
 
 import ctcore
@@ -96,6 +96,12 @@ RANGES = [
     ("curriculum", "constant", "num_scales", 2, 1_000_000, "[]"),
     ("teacher", "ema", "mu0", 0.0, 1.0, "[)"),
     ("teacher", "ema", "s0", 1, 1_000_000, "[]"),
+    ("objective", "edm", "p_mean", -20.0, 20.0, "[]"),
+    ("objective", "edm", "p_std", 0.0, 20.0, "(]"),
+    ("sampler", "heun", "steps", 1, 10_000, "[]"),
+    ("sampler", "heun", "rho", 0.1, 1000.0, "[]"),
+    ("sampler", "euler", "steps", 1, 10_000, "[]"),
+    ("sampler", "euler", "rho", 0.1, 1000.0, "[]"),
 ]
 
 
@@ -134,6 +140,8 @@ def _override(section: str, component: str | None, key: str, value: object) -> d
     if _is_tuple(field):
         value = [value, 0.5] if key == "betas" else [value]
     values = {key: value}
+    if section in ("objective", "sampler"):  # a diffusion recipe: the edm objective, no consistency parts
+        return {**DIFFUSION, section: {"name": component, **values}}
     return {section: {"name": component, **values} if component else values}
 
 
@@ -183,7 +191,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 66  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 72  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)
@@ -198,6 +206,8 @@ GROUPS = {
                                                                           "exponential", "ema")],
     "ncsnpp-lpips-ct": [e for e in RANGES if e[1] in ("ncsnpp", "lpips", "ct")],
     "adm-constant": [e for e in RANGES if e[1] in ("adm", "constant")],
+    "edm-heun": [e for e in RANGES if e[1] in ("edm", "heun")],
+    "euler": [e for e in RANGES if e[1] == "euler"],
 }
 
 
@@ -211,7 +221,10 @@ def test_ctcore_check_refuses_every_bound_with_one_line_each(tmp_path, group, si
     for entry in GROUPS[group]:
         value = dict(_outside(entry))[side]
         for section, values in _override(*entry[:3], value).items():
-            overrides.setdefault(section, {}).update(values)
+            if values is None:  # a section the recipe leaves out
+                overrides[section] = None
+            else:
+                overrides.setdefault(section, {}).update(values)
         expected.append(_expected(entry, value))
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", **overrides)
     result = CliRunner().invoke(app, ["check", str(recipe)])

@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ctcore.components import KINDS
+from ctcore.components import KINDS, OBJECTIVE_PARTS
 from ctcore.errors import RecipeError
 from ctcore.recipe import ALL_SECTIONS, CORE_SECTIONS, Recipe, dump_recipe, parse_recipe, read_recipe
 from ctcore.registry import Registry, load_registry
@@ -240,6 +240,22 @@ def _default_options(kind: str, name: str) -> dict[str, Any]:
     return out
 
 
+def _with_component(kind: str, name: str) -> dict[str, Any]:
+    """Overrides of the tiny recipe that put component `name` of `kind` in it, with an objective and sampler that
+    fit it (an objective's parts only those it uses)."""
+    reg = registry()
+    overrides: dict[str, Any] = {kind: _default_options(kind, name)}
+    if kind in ("objective", "sampler"):
+        model = reg.get(kind, name).model
+        objective = name if kind == "objective" else next(
+            n for n in reg.names("objective") if reg.get("objective", n).model == model)
+        cls = reg.get("objective", objective)
+        overrides.setdefault("objective", {"name": objective})
+        overrides.setdefault("sampler", {"name": cls.default_sampler})
+        overrides |= {part: None for part in OBJECTIVE_PARTS if part not in cls.uses}
+    return overrides
+
+
 @functools.cache
 def base_documents() -> tuple[dict[str, Any], ...]:
     """Valid recipes as TOML dicts: the quickstart, the tiny test recipe, and the tiny recipe with each
@@ -247,8 +263,8 @@ def base_documents() -> tuple[dict[str, Any], ...]:
     docs = [tomllib.loads(QUICKSTART.read_text(encoding="utf-8")), tomllib.loads(tiny_recipe_text("runs/fuzz"))]
     for kind in KINDS:
         for name in registry().names(kind):
-            if name != TINY[kind]["name"]:
-                docs.append(tomllib.loads(tiny_recipe_text("runs/fuzz", **{kind: _default_options(kind, name)})))
+            if name != TINY.get(kind, {}).get("name"):
+                docs.append(tomllib.loads(tiny_recipe_text("runs/fuzz", **_with_component(kind, name))))
     for doc in docs:
         parse_recipe(toml_document(doc), registry())  # every base is valid (an LPIPS without weights is fine)
     return tuple(docs)

@@ -307,7 +307,7 @@ def test_more_steps_than_the_recipe_has_sigmas_suggests_sigmas(run_dir: Path) ->
     result = invoke("sample", run_dir / "checkpoints" / LAST_CKPT, "-n", "4", "--steps", "3")
     assert_usage_error(
         result, 2,
-        "--steps 3 needs 2 intermediate sigmas but the recipe's sampling.sigma_mid has [0.821]; "
+        "--steps 3: 3 steps need 2 intermediate sigmas but the recipe's sampling.sigma_mid has [0.821]; "
         "pass --sigmas explicitly, e.g. --sigmas 80,0.821",
     )
     assert stores(run_dir / "samples") == []

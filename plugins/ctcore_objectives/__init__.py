@@ -1,0 +1,154 @@
+"""Built-in training objectives: the consistency loss of CT / iCT, and EDM's denoising loss (Karras et al. 2022).
+
+The consistency objective is today's ctcore step, unchanged: N(k) from the curriculum, the Karras grid, pair
+indices from the noise schedule, the student at sigma_{i+1} and the teacher at sigma_i with the same z and the
+same dropout mask. The EDM objective trains a denoiser D(x, sigma) for the diffusion teachers that distillation
+and tuning start from: sigma ~ lognormal(P_mean, P_std), loss lambda(sigma) ||D(x + sigma z, sigma) - x||^2.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+import torch
+from torch import nn
+
+from ctcore import hookimpl
+from ctcore.components import OBJECTIVE_PARTS, BuildContext, TrainingBatch, within
+from ctcore.consistency import c_noise, consistency_loss, denoise, karras_sigmas, noise_convention
+
+
+class Consistency:
+    """CT / iCT: mean_b lambda(sigma_i) d(f_theta(x + sigma_{i+1} z, sigma_{i+1}), f_theta-(x + sigma_i z, sigma_i))."""
+
+    name: ClassVar[str] = "consistency"
+    summary: ClassVar[str] = "consistency training (CT, iCT): the student at sigma_{i+1} against the teacher at sigma_i"
+    model: ClassVar[str] = "consistency"
+    uses: ClassVar[tuple[str, ...]] = OBJECTIVE_PARTS
+    default_sampler: ClassVar[str] = "consistency"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        self.options = options
+        self.student: nn.Module | None = None
+        self.parts: dict[str, Any] = {}
+        self.grid: tuple[int, torch.Tensor] | None = None
+        """The Karras grid of the current N(k) on the training device (N never decreases: one grid at a time)."""
+        self.num_scales = 0
+
+    def bind(self, student: nn.Module, parts: dict[str, Any]) -> None:
+        self.student, self.parts = student, parts
+
+    def sigmas(self, num_scales: int, constants: Any, device: torch.device) -> torch.Tensor:
+        """The Karras grid of N points, made once per curriculum stage (no copy per step)."""
+        if self.grid is None or self.grid[0] != num_scales or self.grid[1].device != device:
+            c = constants
+            self.grid = (num_scales, karras_sigmas(num_scales, c.sigma_min, c.sigma_max, c.rho).to(device))
+        return self.grid[1]
+
+    def loss(self, batch: TrainingBatch) -> torch.Tensor:
+        c, x = batch.constants, batch.x
+        self.num_scales = self.parts["curriculum"].num_scales(batch.step)
+        sigmas = self.sigmas(self.num_scales, c, x.device)
+        pair = self.parts["noise_schedule"].sample(sigmas, batch.batch_size, batch.index_generator)
+        pair = pair.to(x.device)[batch.share]
+        z = torch.randn((batch.batch_size, *x.shape[1:]), generator=batch.noise_generator,
+                        device=x.device)[batch.share]
+        teacher = self.parts["teacher"]
+        target = batch.student if teacher.network is self.student else teacher.network
+        loss, _ = consistency_loss(batch.student, target, self.parts["metric"], x, batch.labels, sigmas, pair, z,
+                                   weighting=c.weighting, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+        return loss
+
+    def after_step(self, step: int) -> None:
+        self.parts["teacher"].update(self.student, step, self.num_scales)
+
+    def log_fields(self, step: int) -> dict[str, float]:
+        n = self.parts["curriculum"].num_scales(step)
+        return {"num_scales": n, "teacher_decay": self.parts["teacher"].decay(step, n)}
+
+    def denoise(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
+                constants: Any) -> torch.Tensor:
+        return denoise(network, x, sigma, labels, sigma_min=constants.sigma_min, sigma_data=constants.sigma_data)
+
+
+# ------------------------------------------------------------------------------------------------- EDM
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM's preconditioning (Karras et al. 2022, Table 1): c_skip = sd^2 / (s^2 + sd^2), c_out = s sd /
+    sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2)."""
+    sd2 = sigma_data**2
+    return sd2 / (sigma**2 + sd2), sigma * sigma_data / torch.sqrt(sigma**2 + sd2), 1.0 / torch.sqrt(sigma**2 + sd2)
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2, which makes the effective weight of F's target 1."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_denoise(network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
+                sigma_data: float = 0.5) -> torch.Tensor:
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with c_noise the network's convention: 0.25 ln sigma for
+    Fourier embeddings (EDM's ln(sigma) / 4), 1000 * 0.25 ln sigma for ADM's positional ones."""
+    sigma = sigma.to(device=x.device, dtype=torch.float32)
+    c_skip, c_out, c_in = edm_scalings(sigma, sigma_data)
+
+    def per_sample(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+    raw = network(per_sample(c_in) * x, c_noise(sigma, noise_convention(network)), labels)
+    return per_sample(c_skip) * x + per_sample(c_out) * raw.to(x.dtype)
+
+
+class Edm:
+    """EDM (Karras et al. 2022): ln sigma ~ N(P_mean, P_std^2); loss mean_b lambda(sigma) ||D(x + sigma z) - x||^2."""
+
+    name: ClassVar[str] = "edm"
+    summary: ClassVar[str] = "EDM denoising (Karras et al. 2022): trains a diffusion denoiser D(x, sigma)"
+    model: ClassVar[str] = "diffusion"
+    uses: ClassVar[tuple[str, ...]] = ()
+    default_sampler: ClassVar[str] = "heun"
+
+    @attrs.frozen
+    class Options:
+        p_mean: float = attrs.field(default=-1.2, validator=within(
+            -20.0, 20.0, "mean of ln sigma; EDM -1.2, so sigma is about 0.3"))
+        p_std: float = attrs.field(default=1.2, validator=within(
+            0.0, 20.0, "std of ln sigma; EDM 1.2", open_lo=True))
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        self.options = options
+
+    def bind(self, student: nn.Module, parts: dict[str, Any]) -> None:
+        pass
+
+    def loss(self, batch: TrainingBatch) -> torch.Tensor:
+        o, x, sd = self.options, batch.x, batch.constants.sigma_data
+        n = torch.randn((batch.batch_size,), generator=batch.noise_generator, device=x.device)[batch.share]
+        sigma = torch.exp(n * o.p_std + o.p_mean)
+        z = torch.randn((batch.batch_size, *x.shape[1:]), generator=batch.noise_generator,
+                        device=x.device)[batch.share]
+        noisy = x + sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype) * z
+        out = edm_denoise(batch.student, noisy, sigma, batch.labels, sd)
+        squared = (out.float() - x.float()).square().flatten(1).sum(1)  # EDM sums over pixels
+        return (edm_weight(sigma, sd) * squared).mean()
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def log_fields(self, step: int) -> dict[str, float]:
+        return {}
+
+    def denoise(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
+                constants: Any) -> torch.Tensor:
+        return edm_denoise(network, x, sigma, labels, constants.sigma_data)
+
+
+@hookimpl
+def ctcore_register_objectives() -> list[type]:
+    return [Consistency, Edm]
