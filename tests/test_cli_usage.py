@@ -287,8 +287,8 @@ def test_sample_beyond_the_recipe_and_a_bad_grid_change_nothing(tiny_run: Path) 
 
     before = snapshot(tiny_run)
     for args, expected in [
-        (["--steps", "3"], "--steps 3: 3 steps need 2 intermediate sigmas but the recipe's sampling.sigma_mid has [0.821]; "
-                           "pass --sigmas explicitly, e.g. --sigmas 80,0.821"),
+        (["--steps", "3"], "--steps 3: 3 steps need 2 intermediate sigmas but the recipe's sampling.sigma_mid has "
+                           "[0.821]; pass --sigmas explicitly, e.g. --sigmas 80,0.821"),
         (["--grid", str(tiny_run / "g.h5")], f"--grid {str(tiny_run / 'g.h5')!r}: give an image file name ending "
                                              f"in .png (or .jpg, .webp)"),
         (["--sigmas", "inf"], "--sigmas must be finite numbers, got 'inf'"),
