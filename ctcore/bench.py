@@ -18,9 +18,6 @@ from ctcore.data import ImageData, data_shape
 from ctcore.recipe import Recipe
 from ctcore.registry import Registry
 
-TRAIN_FORWARDS_PER_IMAGE = 4
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,7 +109,7 @@ def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, s
         "train_img_per_s": train_ips,
         "sample_img_per_s": sample_ips,
         "forward_gflop_per_image": gflop,
-        "train_tflop_per_s": train_ips * TRAIN_FORWARDS_PER_IMAGE * gflop / 1e3,
+        "train_tflop_per_s": train_ips * type(run.objective).network_passes * gflop / 1e3,
         "sample_tflop_per_s": sample_ips * gflop / 1e3,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

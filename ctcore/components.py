@@ -206,6 +206,9 @@ class Objective(Protocol):
     """The OBJECTIVE_PARTS it trains with; the recipe has exactly these sections of them."""
     default_sampler: ClassVar[str]
     """The sampler of a recipe that has no [sampler] section."""
+    network_passes: ClassVar[int]
+    """Forward-pass equivalents of the network per training image, a backward pass counting two (consistency:
+    student forward and backward, teacher forward = 4; EDM: 3): `ctcore bench` reports TFLOP/s with it."""
 
     def bind(self, student: nn.Module, parts: dict[str, Any]) -> None:
         """Called once at run building with the student (unwrapped) and the components named in `uses`."""

@@ -146,6 +146,10 @@ def check_component_class(kind: str, cls: type) -> None:
         default = getattr(cls, "default_sampler", None)
         if not isinstance(default, str) or not NAME_PATTERN.match(default):
             raise _fail(cls, f"`default_sampler` must name a sampler (kebab-case), got {default!r}")
+        passes = getattr(cls, "network_passes", None)
+        if not isinstance(passes, int) or isinstance(passes, bool) or not 1 <= passes <= 1000:
+            raise _fail(cls, f"`network_passes` must be an int in [1, 1000] (forward-pass equivalents per training "
+                             f"image), got {passes!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ class Consistency:
     model: ClassVar[str] = "consistency"
     uses: ClassVar[tuple[str, ...]] = OBJECTIVE_PARTS
     default_sampler: ClassVar[str] = "consistency"
+    network_passes: ClassVar[int] = 4  # student forward and backward, teacher forward
 
     @attrs.frozen
     class Options:
@@ -113,6 +114,7 @@ class Edm:
     model: ClassVar[str] = "diffusion"
     uses: ClassVar[tuple[str, ...]] = ()
     default_sampler: ClassVar[str] = "heun"
+    network_passes: ClassVar[int] = 3  # one forward and its backward
 
     @attrs.frozen
     class Options:
