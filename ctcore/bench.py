@@ -18,6 +18,7 @@ from ctcore.data import ImageData, data_shape
 from ctcore.recipe import Recipe
 from ctcore.registry import Registry
 
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
