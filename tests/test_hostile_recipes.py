@@ -20,7 +20,7 @@ import pytest
 import torch
 import typer
 import typer.testing
-from helpers import tiny_recipe_text
+from helpers import DIFFUSION, tiny_recipe_text
 from typer.testing import CliRunner
 
 import ctcore.cli as cli
@@ -45,6 +45,15 @@ def _base_doc() -> dict[str, dict[str, Any]]:
 
 
 BASE = _base_doc()
+
+
+def _diffusion_doc() -> dict[str, dict[str, Any]]:
+    """The tiny recipe as an EDM diffusion run (edm objective, Heun sampler, no consistency parts), resolved."""
+    recipe = parse_recipe(tiny_recipe_text("OUT", **FAST, **DIFFUSION), REGISTRY, source="base")
+    return tomllib.loads(dump_recipe(recipe))
+
+
+DIFFUSION_BASE = _diffusion_doc()
 
 NUMBERS: list[Any] = [0, -1, 2**63 - 1, -(2**63), 0.5, 5e-324, 1e300, -1e300, math.nan, math.inf, -math.inf]
 WRONG_TYPES: list[Any] = ["text", True, [], {"a": 1}]
@@ -122,11 +131,32 @@ def _mutations() -> list[tuple[str, Any]]:
     return cases
 
 
+def _diffusion_mutations() -> list[tuple[str, Any]]:
+    """Mutations of what only a diffusion recipe has: the edm objective's and the Heun sampler's options, the
+    [sampler] section dropped (the objective's default sampler), a consistency part added (refused)."""
+    cases: list[tuple[str, Any]] = []
+    for section in ("objective", "sampler"):
+        for key, value in DIFFUSION_BASE[section].items():
+            if key == "name":
+                continue
+            for new in _values_for(value):
+                cases.append((f"edm:{section}.{key}={_toml(new)[:24]}", ("set", section, key, new)))
+            cases.append((f"edm:{section}.{key}:dropped", ("drop", section, key)))
+            cases.append((f"edm:{section}.{key}:misspelt", ("rename", section, key, key + "x")))
+    cases.append(("edm:[sampler]:dropped", ("drop", "sampler", None)))
+    cases.append(("edm:[sampler]:consistency", ("set", None, "sampler", {"name": "consistency"})))
+    for part, name in (("teacher", "no-ema"), ("metric", "l2"), ("curriculum", "constant"),
+                       ("noise_schedule", "uniform")):
+        cases.append((f"edm:[{part}]:added", ("set", None, part, {"name": name})))
+    return cases
+
+
 MUTATIONS = _mutations()
+DIFFUSION_MUTATIONS = _diffusion_mutations()
 
 
-def _apply(how: tuple, out: Path) -> bytes:
-    doc = {s: dict(t) for s, t in BASE.items()}
+def _apply(how: tuple, out: Path, base: dict[str, dict[str, Any]] | None = None) -> bytes:
+    doc = {s: dict(t) for s, t in (base or BASE).items()}
     kind = how[0]
     if kind == "bytes":
         return how[1](_text(doc, out).encode())
@@ -163,7 +193,8 @@ def test_the_corpus_is_large_and_covers_every_key() -> None:
     assert len({name for name, _ in MUTATIONS}) == len(MUTATIONS)
 
 
-WHAT = re.compile(r"([a-z_]+(\.[a-z_0-9]+)?(\[\d+\])?: |(network|metric|noise schedule|curriculum|teacher) '"
+WHAT = re.compile(r"([a-z_]+(\.[a-z_0-9]+)?(\[\d+\])?: |(network|metric|noise schedule|curriculum|teacher|objective|"
+                  r"sampler) '"
                   r"|invalid TOML: |cannot read the file: )")
 """How a one-line refusal goes on after the file name: `section.key: `, `section: `, a component, or the file."""
 
@@ -171,12 +202,17 @@ ACCEPTED: dict[str, bytes] = {}
 """Mutations `check` accepted, for the run test below (filled as the check cases run)."""
 
 
-@pytest.mark.parametrize(("name", "how"), MUTATIONS, ids=[n for n, _ in MUTATIONS])
+def _base_of(name: str) -> dict[str, dict[str, Any]]:
+    return DIFFUSION_BASE if name.startswith("edm:") else BASE
+
+
+@pytest.mark.parametrize(("name", "how"), MUTATIONS + DIFFUSION_MUTATIONS,
+                         ids=[n for n, _ in MUTATIONS + DIFFUSION_MUTATIONS])
 def test_check_of_a_mutated_recipe_is_ok_or_one_line(tmp_path: Path, fast_cli: CliRunner, name: str,
                                                      how: tuple) -> None:
     out = tmp_path / "out"
     recipe = tmp_path / "r.toml"
-    recipe.write_bytes(_apply(how, out))
+    recipe.write_bytes(_apply(how, out, _base_of(name)))
     (tmp_path / "notes.txt").write_text("a researcher's file next to the recipe\n", encoding="utf-8")
     before = _files(tmp_path)
     result = fast_cli.invoke(cli.app, ["check", str(recipe)])
@@ -203,9 +239,9 @@ def test_every_mutation_check_accepts_trains(tmp_path: Path, fast_cli: CliRunner
     """Values that pass `check` must not crash the run: each accepted mutation trains 3 steps (at most: a
     dropped or smaller total_steps stays as it is) with exit 0 and finite weights."""
     if not ACCEPTED:  # run alone: find the accepted mutations first
-        for name, how in MUTATIONS:
+        for name, how in MUTATIONS + DIFFUSION_MUTATIONS:
             recipe = tmp_path / "probe.toml"
-            recipe.write_bytes(_apply(how, tmp_path / "never"))
+            recipe.write_bytes(_apply(how, tmp_path / "never", _base_of(name)))
             if fast_cli.invoke(cli.app, ["check", "--no-build", str(recipe)]).exit_code == 0:
                 ACCEPTED[name] = recipe.read_bytes()
     assert len(ACCEPTED) >= 40, sorted(ACCEPTED)
