@@ -106,3 +106,22 @@ def test_each_ablation_switches_exactly_one_ict_change_back(registry, name: str)
 
 def test_every_ablation_is_listed() -> None:
     assert sorted(p.name for p in (RECIPES / "ablations").glob("*.toml")) == sorted(ABLATIONS)
+
+
+def test_edm_cifar10_has_the_edm_settings(registry) -> None:
+    r = load(registry, "edm_cifar10.toml")
+    t = r.training
+    assert (t.batch_size, t.optimizer, t.lr, t.betas, t.eps) == (512, "adam", 1e-3, (0.9, 0.999), 1e-8)
+    assert (t.total_steps, t.warmup_steps, t.eval_ema_decay) == (390_625, 19_531, 0.99929047)
+    assert round(0.5 ** (512 / 500_000), 8) == t.eval_ema_decay  # EMA half-life 500 kimg at batch 512
+    assert options(r, "objective") == {"name": "edm", "p_mean": -1.2, "p_std": 1.2}
+    assert options(r, "sampler") == {"name": "heun", "steps": 18, "rho": 7.0}
+    assert set(r.components) == {"network", "objective", "sampler"}  # no metric, schedule, curriculum, teacher
+    assert (r.consistency.sigma_min, r.consistency.sigma_max, r.consistency.sigma_data) == (0.002, 80.0, 0.5)
+    assert (r.evaluation.fid_steps, r.sampling.sigma_mid) == (18, ())
+    net = options(r, "network")
+    assert (net["name"], net["nf"], net["ch_mult"], net["num_res_blocks"], net["attn_resolutions"]) == (
+        "ncsnpp", 128, (2, 2, 2), 4, (16,))
+    assert (net["dropout"], net["fourier_scale"], net["fir_kernel"]) == (0.13, 16.0, (1.0, 3.0, 3.0, 1.0))
+    assert (net["progressive_input"], net["progressive"]) == ("residual", "none")
+    assert (r.data.source, r.data.resolution, r.data.num_classes) == ("hdf5", 32, 0)
