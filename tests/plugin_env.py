@@ -79,6 +79,8 @@ BUILTINS: dict[str, list[str]] = {
     "noise_schedule": ["lognormal", "uniform"],
     "curriculum": ["constant", "ct", "exponential"],
     "teacher": ["ema", "no-ema"],
+    "objective": ["consistency", "edm"],
+    "sampler": ["consistency", "euler", "heun"],
     "logger": ["jsonl", "tensorboard"],
 }
 """Every component the ctcore distribution registers, by kind."""
