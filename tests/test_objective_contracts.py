@@ -80,6 +80,10 @@ class CapitalSamplerObjective(Edm):
     default_sampler: ClassVar[str] = "Heun"
 
 
+class HalfPassObjective(Edm):
+    network_passes: ClassVar[int] = 0
+
+
 class FlatDenoiseObjective(Edm):
     def denoise(self, network, x, sigma, labels, constants):  # type: ignore[no-untyped-def]
         return super().denoise(network, x, sigma, labels, constants).flatten(1)
@@ -100,6 +104,8 @@ class FlatDenoiseObjective(Edm):
     (FlowObjective, "`model` must be one of 'consistency', 'diffusion' (what the trained network computes), "
                     "got 'flow'"),
     (CapitalSamplerObjective, "`default_sampler` must name a sampler (kebab-case), got 'Heun'"),
+    (HalfPassObjective, "`network_passes` must be an int in [1, 1000] (forward-pass equivalents per training "
+                        "image), got 0"),
     (FlatDenoiseObjective, "denoise(network, x, sigma, labels, constants) must return finite values shaped like x "
                            "(3, 3, 4, 4), got (3, 48)"),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else "")
@@ -187,6 +193,7 @@ class PlainDenoising:
     model = "diffusion"
     uses = ()
     default_sampler = "geometric-euler"
+    network_passes = 3
 
     @attrs.frozen
     class Options:
