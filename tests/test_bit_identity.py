@@ -108,3 +108,44 @@ def test_quickstart_runs_reproduce_the_digests_recorded_before_objectives(tmp_pa
         assert state_digest(run) == RECORDED[name]
     finally:
         run.close()
+
+
+def _before_objectives(recipe_text: str) -> str:
+    """A resolved recipe as ctcore wrote it before objectives and samplers: no [objective] or [sampler] section."""
+    blocks = recipe_text.split("\n\n")
+    return "\n\n".join(b for b in blocks if not b.startswith(("[objective]", "[sampler]")))
+
+
+def test_a_run_written_before_objectives_resumes_to_the_same_weights_and_samples(tmp_path, registry):
+    """Checkpoints and recipe.toml of runs from before objectives (no [objective] / [sampler], provenance naming
+    five kinds) resume as consistency runs, to the weights of an uninterrupted run, and sample."""
+    from ctcore.build import resume_run
+    from ctcore.checkpoints import list_checkpoints
+    from ctcore.sampling import sample_from_checkpoint
+
+    def run_to(name: str, stop_at: int | None):
+        recipe = read_recipe(write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name), registry)
+        run = start_run(recipe, registry)
+        train(run, stop_at=stop_at, progress=False)
+        run.close()
+        return run
+
+    whole = run_to("whole", None)
+    run_to("part", 6)
+    old = tmp_path / "part"
+    (old / "recipe.toml").write_text(_before_objectives((old / "recipe.toml").read_text()), encoding="utf-8")
+    for path in list_checkpoints(old):
+        state = torch.load(path, weights_only=True)
+        assert "[objective]" in state["recipe"]
+        state["recipe"] = _before_objectives(state["recipe"])
+        for kind in ("objective", "sampler"):
+            del state["provenance"]["components"][kind]
+        torch.save(state, path)
+    resumed = resume_run(None, registry, old)
+    assert resumed.recipe.components["objective"].name == "consistency"
+    assert resumed.step == 6
+    train(resumed, progress=False)
+    resumed.close()
+    assert state_digest(resumed) == state_digest(whole)
+    result = sample_from_checkpoint(old, registry, num_samples=4, out=tmp_path / "s.h5")
+    assert result["plan"] == "1-step [80.0]"
