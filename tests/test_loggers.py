@@ -269,3 +269,27 @@ def test_check_logger_passes_the_builtins_and_catches_broken_loggers(tmp_path: P
         check_logger(_logger(log=mutates))
     with pytest.raises(KeyError, match="a-future-event"):
         check_logger(_logger(log=rejects_unknown_events))
+
+
+def test_tensorboard_writes_the_fields_of_any_objective(tmp_path: Path) -> None:
+    """An objective's own log fields reach TensorBoard: an edm run logs loss, lr and img/s but no num_scales, and
+    a training record with a field no builtin writes (a third party's `stage`) becomes train/stage."""
+    from ctcore_loggers import TensorBoard
+    from helpers import DIFFUSION
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", logging={"backends": ["tensorboard"]},
+                               **DIFFUSION)
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["eval/sliced_wasserstein", "train/img_per_s", "train/loss",
+                                                "train/lr"]
+    logger = TensorBoard(TensorBoard.Options(), None)
+    logger.start(tmp_path / "other", 0, {})
+    logger.log({"time": 1.0, "step": 3, "loss": 0.5, "stage": 2, "note": "text"})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "other" / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train/loss", "train/stage"]
+    assert [(s.step, s.value) for s in events.Scalars("train/stage")] == [(3, 2.0)]

@@ -44,12 +44,12 @@ class Jsonl:
 
 
 SCALARS: dict[str | None, tuple[str, ...]] = {
-    None: ("loss", "num_scales", "lr", "teacher_decay", "img_per_s"),
     "distance": ("sliced_wasserstein",),
     "fid": ("fid", "inception_score"),
 }
-"""The record keys written as scalars, by the record's `event` (None: the training records of each log interval);
-their tags are train/<key> and eval/<key>."""
+"""The record keys written as scalars, by the record's `event`, as eval/<key>. A training record (no event) has
+every number but its step and time written as train/<key>: loss, lr, img_per_s and the objective's own fields
+(num_scales and teacher_decay for consistency training)."""
 
 
 class TensorBoard:
@@ -86,7 +86,8 @@ class TensorBoard:
         if not isinstance(step, int):
             return
         group = "train" if event is None else "eval"
-        for key in SCALARS.get(event, ()):
+        keys = [k for k in record if k not in ("step", "time")] if event is None else SCALARS.get(event, ())
+        for key in keys:
             value = record.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{group}/{key}", value, step, walltime=record.get("time"))
