@@ -497,18 +497,6 @@ _FOREIGN = ("is not a ctcore checkpoint", "which is not installed or is disabled
 whose plugin is missing): `ctcore edit` reports them as usage errors, exit 2."""
 
 
-def require_consistency_model(recipe, registry, checkpoint: Path, command: str) -> None:
-    """UsageError unless the checkpoint holds a consistency model: editing (CM Algorithm 4) and the sigma search
-    re-noise and jump back with the consistency function, which a diffusion denoiser is not."""
-    from ctcore.errors import UsageError
-
-    objective = registry.get("objective", recipe.components["objective"].name)
-    if objective.model != "consistency":
-        raise UsageError(f"{command} works on consistency models, but checkpoint {str(checkpoint)!r} holds a "
-                         f"{objective.model} model (objective {objective.name!r}); sample it with `ctcore sample`, "
-                         "or distil it into a consistency model first")
-
-
 def edit_from_checkpoint(
     task: str,
     checkpoint: str | Path,
@@ -544,6 +532,7 @@ def edit_from_checkpoint(
         file_digest,
         load_sampling_network,
         load_sampling_plan,
+        require_consistency_model,
         write_sample_store,
     )
 

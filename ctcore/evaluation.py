@@ -72,13 +72,12 @@ def distance_evaluator(checkpoint: str | Path, registry, *, num_samples: int | N
     `ctcore eval --metric sliced-wasserstein` and `ctcore search-sigmas` score one plan identically.
     """
     from ctcore.data import load_data
-    from ctcore.runstate import model_function
     from ctcore.sampling import (
         file_digest,
         generate,
         load_sampling_network,
         load_sampling_plan,
-        recipe_objective,
+        recipe_model_function,
         sampling_batch,
     )
 
@@ -97,7 +96,7 @@ def distance_evaluator(checkpoint: str | Path, registry, *, num_samples: int | N
         raise RunError(f"the training data of {str(checkpoint)!r} now holds images of shape {data.shape}, but the "
                        f"checkpoint was trained on {shape}")
     batch = sampling_batch(recipe) if batch_size is None else batch_size
-    denoiser = model_function(recipe_objective(recipe, registry), network, c)
+    denoiser = recipe_model_function(recipe, registry, network)
 
     def distance(plan: Sequence[float]) -> float:
         images, _ = generate(denoiser, shape, list(range(seed, seed + n)), [float(v) for v in plan],

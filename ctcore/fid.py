@@ -403,8 +403,7 @@ def fid_evaluator(
     check of `evaluate_checkpoint` done and the network, Inception and statistics loaded once; fid_of returns
     `fid_of_denoiser`'s result for samples seed .. seed + num_samples - 1, the same seeds for any sigmas."""
     from ctcore.distributed import setup
-    from ctcore.runstate import model_function
-    from ctcore.sampling import load_sampling_network, load_sampling_plan, recipe_objective
+    from ctcore.sampling import load_sampling_network, load_sampling_plan, recipe_model_function
 
     if num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
@@ -445,7 +444,7 @@ def fid_evaluator(
     world, dev = setup(dev)  # under torchrun: this rank's GPU
     network, model = network.to(dev), model.to(dev)
     c = recipe.consistency
-    denoiser = model_function(recipe_objective(recipe, registry), network, c)
+    denoiser = recipe_model_function(recipe, registry, network)
 
     def fid_of(plan: Sequence[float], progress: bool = False) -> dict[str, Any]:
         return fid_of_denoiser(denoiser, shape, [float(v) for v in plan], inception=model, ref=ref,

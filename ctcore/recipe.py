@@ -264,7 +264,17 @@ class Recipe:
     @property
     def levels(self) -> NoiseLevels:
         """What the recipe's sampler learns from it: sigma_min, sigma_max and sampling.sigma_mid."""
-        return NoiseLevels(self.consistency.sigma_min, self.consistency.sigma_max, self.sampling.sigma_mid)
+        return noise_levels(self.consistency, self.sampling)
+
+
+def noise_levels(consistency: ConsistencySection, sampling: SamplingSection) -> NoiseLevels:
+    """The NoiseLevels a sampler plans with: [consistency] sigma_min and sigma_max, sampling.sigma_mid."""
+    return NoiseLevels(consistency.sigma_min, consistency.sigma_max, sampling.sigma_mid)
+
+
+def samplers_for(registry: Registry, model: str) -> list[str]:
+    """The installed samplers of one kind of model (ctcore.components.MODELS), for "use one of: ..." advice."""
+    return [n for n in registry.names("sampler") if registry.get("sampler", n).model == model]
 
 
 # ---------------------------------------------------------------------------------------------- converter
@@ -567,10 +577,9 @@ def _components(conv: cattrs.Converter, data: dict[str, Any],
     if objective is not None and sampler is not None:
         model = registry.get("sampler", sampler.name).model
         if model != objective.model:
-            fits = [n for n in registry.names("sampler") if registry.get("sampler", n).model == objective.model]
             problems.append(f"sampler.name: sampler {sampler.name!r} samples {model} models, but objective "
                             f"{objective.name!r} trains a {objective.model} model; use one of: "
-                            f"{', '.join(fits) or 'none installed'}")
+                            f"{', '.join(samplers_for(registry, objective.model)) or 'none installed'}")
     return components, problems
 
 
@@ -606,7 +615,7 @@ def _sampler_checks(s: dict[str, Any], components: dict[str, ComponentSpec], reg
         return []
     try:
         sampler = registry.get("sampler", spec.name)(spec.options, BuildContext())
-        sampler.plan(e.fid_steps, None, NoiseLevels(c.sigma_min, c.sigma_max, sampling.sigma_mid))
+        sampler.plan(e.fid_steps, None, noise_levels(c, sampling))
     except ValueError as exc:
         return [f"evaluation.fid_steps: sampler {spec.name!r} cannot make a {e.fid_steps}-step plan: {exc}"]
     return []

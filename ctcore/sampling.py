@@ -201,6 +201,7 @@ def recipe_sampler(recipe: Any, registry, name: str | None = None, checkpoint: P
     """The recipe's sampler, or the installed sampler `name` with its default options (`--sampler`), which must
     sample the kind of model the recipe's objective trains; UsageError otherwise."""
     from ctcore.errors import UsageError, unknown_name_message
+    from ctcore.recipe import samplers_for
 
     if name is None:
         spec = recipe.components["sampler"]
@@ -210,10 +211,10 @@ def recipe_sampler(recipe: Any, registry, name: str | None = None, checkpoint: P
     cls = registry.get("sampler", name)
     objective = registry.get("objective", recipe.components["objective"].name)
     if cls.model != objective.model:
-        fits = [n for n in registry.names("sampler") if registry.get("sampler", n).model == objective.model]
         what = f"checkpoint {str(checkpoint)!r}" if checkpoint is not None else recipe.source
         raise UsageError(f"--sampler {name}: it samples {cls.model} models, but {what} holds a {objective.model} "
-                         f"model (objective {objective.name!r}); use one of: {', '.join(fits)}")
+                         f"model (objective {objective.name!r}); use one of: "
+                         f"{', '.join(samplers_for(registry, objective.model))}")
     return cls(cls.Options(), BuildContext())
 
 
@@ -221,6 +222,26 @@ def recipe_objective(recipe: Any, registry) -> Any:
     """The recipe's objective, built: its `denoise` is the model function of the recipe's network."""
     spec = recipe.components["objective"]
     return registry.get("objective", spec.name)(spec.options, BuildContext())
+
+
+def recipe_model_function(recipe: Any, registry, network: nn.Module) -> Denoiser:
+    """(x, sigma, labels) -> the recipe's objective's denoise of `network`: f of a consistency model, D of a
+    diffusion model (what sample, eval and the sigma search sample with)."""
+    from ctcore.runstate import model_function
+
+    return model_function(recipe_objective(recipe, registry), network, recipe.consistency)
+
+
+def require_consistency_model(recipe: Any, registry, checkpoint: Path, command: str) -> None:
+    """UsageError unless the checkpoint holds a consistency model: editing (CM Algorithm 4) and the sigma search
+    re-noise and jump back with the consistency function, which a diffusion denoiser is not."""
+    from ctcore.errors import UsageError
+
+    objective = registry.get("objective", recipe.components["objective"].name)
+    if objective.model != "consistency":
+        raise UsageError(f"{command} works on consistency models, but checkpoint {str(checkpoint)!r} holds a "
+                         f"{objective.model} model (objective {objective.name!r}); sample it with `ctcore sample`, "
+                         "or distil it into a consistency model first")
 
 
 def load_sampling_network(
@@ -275,8 +296,6 @@ def sample_from_checkpoint(
     from ctcore.errors import UsageError
     from ctcore.files import output_lock
     from ctcore.images import save_grid
-    from ctcore.runstate import model_function
-
     checkpoint, state, recipe, sigmas, chosen = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
                                                                    weights=weights, sampler=sampler)
     num_classes = state["provenance"]["num_classes"]
@@ -308,7 +327,7 @@ def sample_from_checkpoint(
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
         images, drawn = generate(
-            model_function(recipe_objective(recipe, registry), network, c),
+            recipe_model_function(recipe, registry, network),
             tuple(prov["data_shape"]), seeds, sigmas, num_classes=prov["num_classes"], sigma_min=c.sigma_min,
             clip=recipe.sampling.clip, batch_size=batch_size, device=dev, class_labels=class_labels,
             sampler=chosen, levels=recipe.levels,

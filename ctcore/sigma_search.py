@@ -167,7 +167,7 @@ def run_search(checkpoint: str | Path, registry, *, steps: int, metric: str = "s
         def distance(plan: list[float]) -> float:
             return fid_of(plan)["fid"]
 
-    from ctcore.editing import require_consistency_model
+    from ctcore.sampling import require_consistency_model
 
     require_consistency_model(recipe, registry, Path(info["checkpoint"]), "ctcore search-sigmas")
     c = recipe.consistency
