@@ -60,6 +60,17 @@ def write_tiny_recipe(path: str | Path, output_dir: str | Path, **overrides: dic
     return path
 
 
+def one_line_error(result: Any, code: int = 2) -> str:
+    """A handled CLI failure (a typer.testing Result): the exit code, no traceback, exactly one `error: ` line on
+    stderr; returns the message without `error: `."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0].removeprefix("error: ")
+
+
 def tree_state(root: Path) -> dict[str, tuple[int, int]]:
     """Every path under `root` (root included) with its size and mtime in ns; {} when root does not exist."""
     if not root.exists() and not root.is_symlink():

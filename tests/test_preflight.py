@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error as one_line_failure
 from helpers import write_tiny_recipe
 from plugin_env import fake_distribution
 from typer.testing import CliRunner, Result
@@ -252,16 +253,6 @@ def hostile(tmp_path: Path, plugin_path) -> Path:
 
 def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
     return CliRunner(env=env).invoke(app, [str(a) for a in args])
-
-
-def one_line_failure(result: Result, code: int) -> str:
-    """A handled failure: the exit code, no traceback, exactly one line on stderr; returns it without `error: `."""
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0].removeprefix("error: ")
 
 
 def recipe_with(tmp_path: Path, **sections) -> Path:
