@@ -152,14 +152,15 @@ def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     """A fresh run in an empty (or new) directory; refuses a directory that holds a run or that another process
     holds. The returned run holds the directory's lock until `Run.close` (or the process ends).
 
-    `init_from` (a checkpoint, or a run directory: its newest) gives the network its `init_weights` (eval-ema or
-    student), checked before the directory is claimed; optimizer, step, curriculum and RNG streams start fresh.
+    `init_from` (a checkpoint, or a run directory: its newest; default the recipe's run.init_from) gives the
+    network its `init_weights` (eval-ema or student), checked before the directory is claimed; optimizer, step,
+    curriculum and RNG streams start fresh.
     Under torchrun, joins the process group first; rank 0 claims the directory and every rank learns the outcome.
     """
     from ctcore.distributed import raise_together, setup
 
     build_loggers(recipe, registry)  # a logger that cannot work here (a missing package) is refused before any write
-    warm_start = read_warm_start(init_from, init_weights, registry) if init_from is not None else None
+    warm_start = recipe_warm_start(recipe, registry, init_from, init_weights)
     world, device = setup(resolve_device(recipe.run.device))
     target = output_dir_for(recipe, out_dir)
     lock, failure, created = None, None, []
@@ -182,6 +183,17 @@ def start_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
         raise
     run.lock = lock
     return run
+
+
+def recipe_warm_start(recipe: Recipe, registry: Registry, init_from: str | Path | None = None,
+                      init_weights: str = "eval-ema") -> WarmStart | None:
+    """The weights a new run starts from: `init_from` (--init-from) when given, else the recipe's run.init_from
+    with run.init_weights, else None; read and validated (one RunError naming the option)."""
+    if init_from is not None:
+        return read_warm_start(init_from, init_weights, registry)
+    if recipe.run.init_from:
+        return read_warm_start(recipe.run.init_from, recipe.run.init_weights, registry, option="run.init_from")
+    return None
 
 
 def _remove_created(created: list[Path]) -> None:

@@ -492,15 +492,18 @@ class WarmStart:
     sha256: str
     step: int
     run_id: str | None
+    option: str = "--init-from"
+    """What set it, as messages name it: --init-from or the recipe key run.init_from."""
 
     def record(self) -> dict[str, Any]:
         """What provenance.json (and every checkpoint of the new run) keeps under `init_from`."""
         return {"checkpoint": str(self.checkpoint), "sha256": self.sha256, "weights": self.weights,
                 "step": self.step, "run_id": self.run_id}
 
-    def load_into(self, network: nn.Module, recipe: Recipe) -> None:
+    def load_into(self, network: nn.Module, recipe: Recipe, *, load: bool = True) -> None:
         """Copy the weights into the recipe's freshly built network; the first tensor that does not fit it (by
-        name, shape or dtype) is one RunError naming both shapes, and nothing is loaded."""
+        name, shape or dtype) is one RunError naming both shapes, and nothing is loaded. `load=False` only checks
+        (`ctcore check`, on the meta-device network)."""
         key = "eval_ema" if self.weights == "eval-ema" else "student"
         found, expected = self.state_dict, network.state_dict()
         theirs, ours = f"the checkpoint's {key}", "the recipe's network"
@@ -524,13 +527,14 @@ class WarmStart:
             defect = f"tensor {extra[0]!r}: {theirs} has it, {ours} does not"
         if defect is not None:
             raise RunError(
-                f"--init-from {str(self.checkpoint)!r} does not fit network {recipe.components['network'].name!r} "
+                f"{self.option} {str(self.checkpoint)!r} does not fit network {recipe.components['network'].name!r} "
                 f"of {recipe.source}: {defect}; initialise from a run of the same network (options, image shape, "
                 "num_classes), or change the recipe to match it")
-        network.load_state_dict(found)
+        if load:
+            network.load_state_dict(found)
 
 
-def read_warm_start(source: str | Path, weights: str, registry: Registry) -> WarmStart:
+def read_warm_start(source: str | Path, weights: str, registry: Registry, option: str = "--init-from") -> WarmStart:
     """The `weights` of a checkpoint, or of a run directory's newest checkpoint, validated as `ctcore sample`
     validates them (present, of its own recipe's shapes, finite); bad files raise one RunError."""
     if weights not in INIT_WEIGHTS:
@@ -539,12 +543,12 @@ def read_warm_start(source: str | Path, weights: str, registry: Registry) -> War
     if path.is_dir():
         found = list_checkpoints(path)
         if not found:
-            raise RunError(f"--init-from {str(path)!r} holds no checkpoint (checkpoints/ckpt-*.pt); give a checkpoint "
+            raise RunError(f"{option} {str(path)!r} holds no checkpoint (checkpoints/ckpt-*.pt); give a checkpoint "
                            "file, or a run directory that has written one")
         path = found[-1]
-    state = load_checkpoint(path, fix="give --init-from a checkpoint that ctcore wrote (checkpoints/ckpt-*.pt), "
+    state = load_checkpoint(path, fix=f"give {option} a checkpoint that ctcore wrote (checkpoints/ckpt-*.pt), "
                                       "or its run directory")
     validate_checkpoint(state, path, registry, use=weights)
     return WarmStart(checkpoint=path, weights=weights, state_dict=state["eval_ema" if weights == "eval-ema" else
                      "student"], sha256=file_digest(path), step=int(state["step"]),
-                     run_id=state["provenance"].get("run_id"))
+                     run_id=state["provenance"].get("run_id"), option=option)

@@ -393,6 +393,7 @@ def check(
         if not build:
             _console(stderr=True).print(f"ok: {recipe_path} is valid; components not built (--no-build)")
         if build:
+            from ctcore.build import recipe_warm_start
             from ctcore.data import check_data_file, data_shape
             from ctcore.files import human_bytes
             from ctcore.preflight import preflight
@@ -400,6 +401,9 @@ def check(
 
             build_loggers(recipe, registry)  # e.g. the tensorboard logger without its package
             report = preflight(recipe, registry)  # every component on the meta device, checked and measured
+            warm_start = recipe_warm_start(recipe, registry)  # run.init_from: readable, and fits the network
+            if warm_start is not None:
+                warm_start.load_into(report.built["network"], recipe, load=False)
             params = report.parameters
             d = recipe.data
             if d.source == "synthetic":

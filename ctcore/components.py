@@ -117,19 +117,43 @@ class Metric(Protocol):
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
+@attrs.frozen
+class PairDraw:
+    """What a noise schedule draws one step's noise-level pairs from (built by the consistency objective)."""
+
+    step: int
+    """k, the step being trained (0-based)."""
+    batch_size: int
+    """The global batch: one pair per example (each process keeps its share of the draw)."""
+    grid: torch.Tensor | None
+    """For a grid schedule, the increasing Karras grid of the curriculum's N(k) points on the training device;
+    None for a continuous schedule (the run has no curriculum)."""
+    index_generator: torch.Generator
+    """Generator on the training device for discrete draws (grid indices)."""
+    noise_generator: torch.Generator
+    """Generator on the training device for Gaussian draws (a continuous schedule's noise levels); the noise z is
+    drawn from it after the pairs."""
+
+
 @runtime_checkable
 class NoiseSchedule(Protocol):
-    """Which adjacent pair (sigma_i, sigma_{i+1}) of the sigma grid each example trains on."""
+    """Which pair of noise levels (sigma_lo < sigma_hi) each example trains on: the student sees sigma_hi, the
+    teacher sigma_lo. A grid schedule picks adjacent points of the curriculum's Karras grid (iCT, CT, CD); a
+    continuous one draws them itself (ECT)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    grid: ClassVar[bool]
+    """True: pairs are adjacent points of `draw.grid`, and the run has a [curriculum] for N(k); False: the
+    schedule draws continuous pairs, and the run has no curriculum."""
 
-    def probabilities(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """Length N-1, non-negative, sums to 1; entry i is for the pair (sigmas[i], sigmas[i+1])."""
+    def pairs(self, draw: PairDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma_lo, sigma_hi), float64 of shape (draw.batch_size,) on the generators' device, with
+        0 <= sigma_lo < sigma_hi; sigma_lo = 0 means the target is the clean image itself (f(x, 0) = x)."""
         ...
 
-    def sample(self, sigmas: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """Pair indices in [0, N-2], one per example."""
+    def log_fields(self, step: int) -> dict[str, float]:
+        """Numbers for the training records after step k ({} for none; ECT's stage)."""
         ...
 
 
@@ -145,7 +169,13 @@ class Curriculum(Protocol):
 
 @runtime_checkable
 class Teacher(Protocol):
-    """Makes the target network theta^- from the student and updates it after each optimizer step."""
+    """Makes the target network theta^- from the student and updates it after each optimizer step.
+
+    Optional: `teacher_input(x, z, sigma_lo, sigma_hi, labels) -> tensor`, where the target network is evaluated
+    at sigma_lo, from the clean images x and the noise z the student saw at sigma_hi; one ODE step of a diffusion
+    model in distillation (cd). It runs under no_grad, sigma_lo / sigma_hi hold one value per example. Without
+    it the point is x + sigma_lo z (consistency training).
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -157,7 +187,7 @@ class Teacher(Protocol):
         ...
 
     def decay(self, step: int, num_scales: int) -> float:
-        """mu(k): 0 means theta^- = theta."""
+        """mu(k): 0 means theta^- = theta (num_scales is N(k), 0 in a run without a curriculum)."""
         ...
 
     def update(self, student: nn.Module, step: int, num_scales: int) -> None: ...
@@ -310,16 +340,28 @@ PROTOCOLS: dict[str, type] = {
 
 
 class NoiseScheduleBase:
-    """Convenience base: implement `probabilities`, get multinomial `sample` for free."""
+    """Base of grid schedules: implement `probabilities(sigmas)`, entry i the chance of the pair (sigmas[i],
+    sigmas[i+1]) of an increasing grid; `sample` draws indices from it (multinomial) and `pairs` their levels."""
+
+    grid: ClassVar[bool] = True
 
     def probabilities(self, sigmas: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def sample(self, sigmas: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Pair indices in [0, N-2], one per example."""
         import torch
 
         p = self.probabilities(sigmas).to(dtype=torch.float64, device=generator.device)
         return torch.multinomial(p, batch_size, replacement=True, generator=generator)
+
+    def pairs(self, draw: PairDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma_i, sigma_{i+1}) for indices i drawn by `sample` from the index generator."""
+        index = self.sample(draw.grid, draw.batch_size, draw.index_generator)
+        return draw.grid[index], draw.grid[index + 1]
+
+    def log_fields(self, step: int) -> dict[str, float]:
+        return {}
 
 
 # ------------------------------------------------------------------------------------ option validators

@@ -8,7 +8,7 @@ f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -93,12 +93,40 @@ def denoise(
 
 
 def pair_weights(sigmas: torch.Tensor, weighting: Weighting) -> torch.Tensor:
-    """lambda for each pair (sigma_i, sigma_{i+1}): 1 (CT) or 1 / (sigma_{i+1} - sigma_i) (iCT)."""
+    """lambda for each pair (sigma_i, sigma_{i+1}) of a grid: 1 (CT) or 1 / (sigma_{i+1} - sigma_i) (iCT)."""
+    return pair_weight(sigmas[:-1], sigmas[1:], weighting)
+
+
+def pair_weight(sigma_lo: torch.Tensor, sigma_hi: torch.Tensor, weighting: Weighting) -> torch.Tensor:
+    """lambda of each pair (sigma_lo, sigma_hi): 1 (CT, CD) or 1 / (sigma_hi - sigma_lo) (iCT; ECT's 1 / (t - r))."""
     if weighting == "uniform":
-        return torch.ones_like(sigmas[1:])
+        return torch.ones_like(sigma_hi)
     if weighting == "inverse-delta":
-        return 1.0 / (sigmas[1:] - sigmas[:-1])
+        return 1.0 / (sigma_hi - sigma_lo)
     raise ValueError(f"unknown weighting {weighting!r}: use 'uniform' or 'inverse-delta'")
+
+
+def noised(x: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x + sigma z with one sigma per example: the point of the forward process that shares the noise z."""
+    return x + _expand(sigma, x) * z
+
+
+def pf_ode_step(
+    D: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    solver: Literal["heun", "euler"] = "heun",
+) -> torch.Tensor:
+    """One step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigma to sigma_next > 0,
+    one level per example: Euler, or Heun's second-order correction (EDM Algorithm 1; CM's CD target)."""
+    h = _expand(sigma_next - sigma, x)
+    slope = (x - D(x, sigma)) / _expand(sigma, x)
+    euler = x + h * slope
+    if solver == "euler":
+        return euler
+    slope_next = (euler - D(euler, sigma_next)) / _expand(sigma_next, x)
+    return x + h * (slope + slope_next) / 2
 
 
 @contextlib.contextmanager
@@ -118,35 +146,40 @@ def shared_rng(device: torch.device) -> Iterator[None]:
             torch.cuda.set_rng_state(cuda_state, device)
 
 
+ModelFunction = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""(network, x, sigma per example, labels) -> the consistency function f(x, sigma) of that network."""
+
+
 def consistency_loss(
     student: nn.Module,
     teacher: nn.Module,
     metric: nn.Module,
     x: torch.Tensor,
     labels: torch.Tensor | None,
-    sigmas: torch.Tensor,
-    pair: torch.Tensor,
+    sigma_lo: torch.Tensor,
+    sigma_hi: torch.Tensor,
     z: torch.Tensor,
     *,
     weighting: Weighting,
-    sigma_min: float = 0.002,
-    sigma_data: float = 0.5,
+    f: ModelFunction,
+    teacher_input: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean_b lambda(sigma_i) d(f_theta(x + sigma_{i+1} z, sigma_{i+1}), f_theta-(x + sigma_i z, sigma_i)).
+    """mean_b lambda(sigma_lo, sigma_hi) d(f_theta(x + sigma_hi z, sigma_hi), f_theta-(x_lo, sigma_lo)).
 
-    `pair` holds the index i of (sigma_i, sigma_{i+1}) for each example (0-based). The teacher runs under
-    no_grad with the same dropout mask as the student. Returns (loss, per-example weighted distances).
+    x_lo is `teacher_input(x, z, sigma_lo, sigma_hi, labels)` (default x + sigma_lo z, consistency training).
+    The teacher runs under no_grad with the same dropout mask as the student; where sigma_lo = 0 the target is x
+    itself (the boundary f(x, 0) = x; ECT's pairs reach it). Returns (loss, per-example weighted distances).
     """
-    sigmas = sigmas.to(x.device)
-    sigma_hi = sigmas[pair + 1]
-    sigma_lo = sigmas[pair]
-    weights = pair_weights(sigmas, weighting)[pair]
+    weights = pair_weight(sigma_lo, sigma_hi, weighting)
     with shared_rng(x.device):
-        student_out = denoise(student, x + _expand(sigma_hi, x) * z, sigma_hi, labels,
-                              sigma_min=sigma_min, sigma_data=sigma_data)
+        student_out = f(student, noised(x, z, sigma_hi), sigma_hi, labels)
     with torch.no_grad():
-        teacher_out = denoise(teacher, x + _expand(sigma_lo, x) * z, sigma_lo, labels,
-                              sigma_min=sigma_min, sigma_data=sigma_data)
+        at_zero = sigma_lo <= 0
+        # the teacher never sees sigma = 0 (ln 0 in c_noise): those examples take x below instead
+        sigma_teacher = torch.where(at_zero, sigma_hi, sigma_lo)
+        x_lo = noised(x, z, sigma_lo) if teacher_input is None else teacher_input(x, z, sigma_teacher, sigma_hi,
+                                                                                 labels)
+        teacher_out = f(teacher, x_lo, sigma_teacher, labels)
+        teacher_out = torch.where(_expand(at_zero, x).bool(), x.to(teacher_out.dtype), teacher_out)
     distances = metric(student_out.float(), teacher_out.float()) * weights.to(torch.float32)
     return distances.mean(), distances.detach()
-

@@ -36,6 +36,7 @@ from ctcore.testing import (
     ContractViolation,
     check_metric_values,
     check_num_scales,
+    check_pairs,
     check_sampler_plans,
     check_schedule_on_grid,
 )
@@ -518,8 +519,17 @@ class _Checks:
                 raise self.refuse("metric", exc.problem) from None
 
     def schedules(self) -> tuple[int, int]:
-        """Curriculum N(k) at a few steps, the noise schedule on the recipe's grids at N(0) and N(K)."""
+        """Curriculum N(k) at a few steps, the noise schedule on the recipe's grids at N(0) and N(K); a continuous
+        schedule's pairs at steps 0 and K (N is 0: no grid)."""
         k = self.recipe.training.total_steps
+        schedule = self.built["noise_schedule"]
+        if "curriculum" not in self.built:
+            for step in (0, k):
+                try:
+                    check_pairs(type(schedule), schedule, step)
+                except ContractViolation as exc:
+                    raise self.refuse("noise_schedule", exc.problem) from None
+            return 0, 0
         curriculum = self.built["curriculum"]
         cls = type(curriculum)
         try:
@@ -527,7 +537,6 @@ class _Checks:
         except ContractViolation as exc:
             raise self.refuse("curriculum", exc.problem) from None
         c = self.recipe.consistency
-        schedule = self.built["noise_schedule"]
         for n in sorted({counts[0], counts[-1]}):
             sigmas = karras_sigmas(n, c.sigma_min, c.sigma_max, c.rho)
             try:
@@ -606,7 +615,7 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
                                                         f"forward pass on the meta device) {stopped}", registry):
         per_sample, fixed = checks.network()
         metric_per_sample = checks.metric() if "metric" in built else 0
-        first, last = checks.schedules() if "curriculum" in built and "noise_schedule" in built else (2, 2)
+        first, last = checks.schedules() if "noise_schedule" in built else (2, 2)
         teacher_bytes = checks.teacher(first, last) if "teacher" in built else 0
         checks.sampler()
     student = built["network"]

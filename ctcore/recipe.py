@@ -72,6 +72,11 @@ class RunSection:
     threads: int = attrs.field(default=0, validator=within(0, 1024, "0: automatic"))
     """torch's CPU threads (torch.set_num_threads) for training, sampling, evaluation and the bench; 0: half the
     usable CPUs (split among torchrun's local processes), 1 to 8. CPU results depend on the count."""
+    init_from: str = attrs.field(default="", validator=path_text)
+    """A checkpoint, or a run directory (its newest), whose weights a new run's network starts from (ECT and CD
+    start from a diffusion model); empty: a fresh initialisation. `ctcore run --init-from` overrides it."""
+    init_weights: Literal["eval-ema", "student"] = "eval-ema"
+    """Which of init_from's networks: its eval EMA or its student."""
 
 
 @attrs.frozen
@@ -541,11 +546,18 @@ def _component(conv: cattrs.Converter, kind: str, raw: Any, registry: Registry,
     return (ComponentSpec(name, options) if not found else None), found
 
 
+def _continuous_schedule(spec: ComponentSpec | None, registry: Registry) -> str | None:
+    """The name of a recipe's noise schedule when it draws continuous pairs (grid = False: no curriculum)."""
+    if spec is None or getattr(registry.get("noise_schedule", spec.name), "grid", True):
+        return None
+    return spec.name
+
+
 def _components(conv: cattrs.Converter, data: dict[str, Any],
                 registry: Registry) -> tuple[dict[str, ComponentSpec], list[str]]:
     """The component sections: a network; an objective (DEFAULT_OBJECTIVE when the section is absent) and
-    exactly the OBJECTIVE_PARTS it uses; a sampler (the objective's default_sampler when absent) for the kind
-    of model the objective trains."""
+    exactly the OBJECTIVE_PARTS it uses (a curriculum only with a grid noise schedule); a sampler (the
+    objective's default_sampler when absent) for the kind of model the objective trains."""
     components: dict[str, ComponentSpec] = {}
     problems: list[str] = []
     for kind, default in (("network", None), ("objective", DEFAULT_OBJECTIVE)):
@@ -559,7 +571,12 @@ def _components(conv: cattrs.Converter, data: dict[str, Any],
     objective = registry.get("objective", named) if named in registry.names("objective") else None
     uses = tuple(getattr(objective, "uses", OBJECTIVE_PARTS)) if objective is not None else OBJECTIVE_PARTS
     for kind in OBJECTIVE_PARTS:
-        if kind in uses:
+        continuous = _continuous_schedule(components.get("noise_schedule"), registry)
+        if kind == "curriculum" and kind in uses and continuous is not None:
+            if kind in data:
+                problems.append(f"curriculum: noise schedule {continuous!r} draws continuous noise levels, without "
+                                f"the sigma grid a curriculum sizes; delete the section [curriculum]")
+        elif kind in uses:
             spec, found = _component(conv, kind, data.get(kind), registry)
             problems += found
             if spec is not None:

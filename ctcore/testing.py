@@ -25,6 +25,7 @@ from ctcore.components import (
     BuildContext,
     NoiseLevels,
     NoiseScheduleBase,
+    PairDraw,
     TrainingBatch,
     WeightsUnavailable,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "check_noise_schedule",
     "check_num_scales",
     "check_objective",
+    "check_pairs",
     "check_sampler",
     "check_sampler_plans",
     "check_schedule_on_grid",
@@ -138,6 +140,9 @@ def check_component_class(kind: str, cls: type) -> None:
         if model not in MODELS:
             raise _fail(cls, f"`model` must be one of {', '.join(map(repr, MODELS))} (what the trained network "
                              f"computes), got {model!r}")
+    if kind == "noise_schedule" and not isinstance(getattr(cls, "grid", None), bool):
+        raise _fail(cls, f"`grid` must be True (pairs of the curriculum's sigma grid) or False (continuous pairs, "
+                         f"no curriculum), got {getattr(cls, 'grid', None)!r}")
     if kind == "objective":
         uses = getattr(cls, "uses", None)
         if not isinstance(uses, tuple) or any(u not in OBJECTIVE_PARTS for u in uses) or len(set(uses)) != len(uses):
@@ -319,11 +324,48 @@ def check_schedule_on_grid(cls: type, schedule: Any, sigmas: torch.Tensor) -> tu
     return p64, idx
 
 
+def check_pairs(cls: type, schedule: Any, step: int, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """4096 pairs of one built schedule at `step` (on `grid` for a grid schedule), checked: float64 of shape
+    (4096,), finite, 0 <= sigma_lo < sigma_hi, points of the grid, drawn only from the draw's generators; returns
+    sigma_hi."""
+    def draw(seed: int) -> tuple[Any, Any]:
+        return schedule.pairs(PairDraw(step, 4096, grid, torch.Generator().manual_seed(seed),
+                                       torch.Generator().manual_seed(seed + 1)))
+
+    pairs = draw(0)
+    if not isinstance(pairs, tuple) or len(pairs) != 2 or not all(isinstance(p, torch.Tensor) for p in pairs):
+        raise _fail(cls, f"pairs(draw) must return a tuple (sigma_lo, sigma_hi) of two tensors, got "
+                         f"{type(pairs).__name__}")
+    lo, hi = pairs
+    if any(p.dtype != torch.float64 or p.shape != (4096,) for p in pairs):
+        raise _fail(cls, f"pairs(draw) must give float64 tensors of shape (batch_size,) = (4096,), got "
+                         f"{lo.dtype} {tuple(lo.shape)} and {hi.dtype} {tuple(hi.shape)}")
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()) or (lo < 0).any() or not (lo < hi).all():
+        raise _fail(cls, f"pairs(draw) at step {step} must satisfy 0 <= sigma_lo < sigma_hi, finite, for every "
+                         "example")
+    if grid is not None and not (torch.isin(lo, grid).all() and torch.isin(hi, grid).all()):
+        raise _fail(cls, "pairs(draw) of a grid schedule must be points of draw.grid")
+    again = draw(0)
+    if not (torch.equal(lo, again[0]) and torch.equal(hi, again[1])):
+        raise _fail(cls, "pairs(draw) must draw only from the draw's generators: the same seeds gave other pairs")
+    fields = schedule.log_fields(step)
+    if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+        raise _fail(cls, f"log_fields({step}) must return a dict of str keys, got {fields!r}")
+    return hi
+
+
 def check_noise_schedule(cls: type, **options: Any) -> None:
-    """Check a noise schedule on Karras grids: valid probabilities, in-range and reproducible indices."""
-    schedule = _build(cls, BuildContext(), options)
+    """Check a noise schedule: a grid schedule's probabilities and indices on Karras grids and the pairs they
+    give; a continuous schedule's pairs from the first step to far past any training length."""
+    schedule = _build(cls, BuildContext(total_steps=1000), options)
+    if not cls.grid:
+        for step in (0, 1, 1000, 10**6, 10**9):
+            check_pairs(cls, schedule, step)
+        return
     for n in (2, 11, 161, 1281):
-        p64, idx = check_schedule_on_grid(cls, schedule, karras_sigmas(n))
+        sigmas = karras_sigmas(n)
+        p64, idx = check_schedule_on_grid(cls, schedule, sigmas)
+        check_pairs(cls, schedule, 0, sigmas)
         if n == 11:  # the draws follow `probabilities` (generous bound; the seed makes it deterministic)
             freq = torch.bincount(idx, minlength=n - 1).to(torch.float64) / idx.numel()
             bound = 5 * torch.sqrt(p64 * (1 - p64) / idx.numel()) + 0.005
@@ -395,8 +437,9 @@ def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
-def check_teacher(cls: type, **options: Any) -> None:
-    """Check a teacher rule: bind, decay in [0, 1), update, frozen teacher weights, state_dict roundtrip."""
+def check_teacher(cls: type, data_shape: tuple[int, ...] = (4,), **options: Any) -> None:
+    """Check a teacher rule: bind, decay in [0, 1), a finite teacher_input (if it has one) shaped like x (of
+    `data_shape`), update, frozen teacher weights, state_dict roundtrip."""
     context = BuildContext()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -413,6 +456,16 @@ def check_teacher(cls: type, **options: Any) -> None:
             mu = teacher.decay(step, num_scales)
             if not isinstance(mu, float | int) or isinstance(mu, bool) or not 0.0 <= mu < 1.0:
                 raise _fail(cls, f"decay({step}, {num_scales}) must be a number in [0, 1), got {mu!r}")
+
+        x, z = torch.rand(3, *data_shape) * 2 - 1, torch.randn(3, *data_shape)
+        sigma_lo, sigma_hi = torch.tensor([0.002, 0.5, 20.0], dtype=torch.float64), torch.tensor(
+            [0.01, 0.8, 80.0], dtype=torch.float64)
+        with torch.no_grad():
+            x_lo = teacher.teacher_input(x, z, sigma_lo, sigma_hi, None) if hasattr(teacher, "teacher_input") else x
+        if not isinstance(x_lo, torch.Tensor) or x_lo.shape != x.shape or not torch.isfinite(x_lo).all():
+            got = tuple(x_lo.shape) if isinstance(x_lo, torch.Tensor) else type(x_lo).__name__
+            raise _fail(cls, f"teacher_input(x, z, sigma_lo, sigma_hi, labels) must give finite values shaped like "
+                             f"x {tuple(x.shape)}, got {got}")
 
         with torch.no_grad():
             for p in student.parameters():

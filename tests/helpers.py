@@ -53,6 +53,36 @@ DIFFUSION: dict[str, Any] = {"objective": {"name": "edm"}, "sampler": {"name": "
 teacher, curriculum, noise schedule or metric (tiny_recipe_text(dir, **DIFFUSION))."""
 
 
+def tiny_cd(checkpoint: str | Path) -> dict[str, Any]:
+    """Overrides that make the tiny recipe consistency distillation of the diffusion run at `checkpoint`: the cd
+    teacher, uniform pairs of a fixed 5-point grid, uniform weighting (tiny_recipe_text(dir, **tiny_cd(path)))."""
+    return {"teacher": {"name": "cd", "checkpoint": str(checkpoint)}, "noise_schedule": {"name": "uniform"},
+            "curriculum": {"name": "constant", "num_scales": 5}, "consistency": {"weighting": "uniform"}}
+
+
+ECT: dict[str, Any] = {"objective": {"name": "consistency", "parameterization": "edm"},
+                       "noise_schedule": {"name": "ect", "d": 4}, "curriculum": None, "metric": {"name": "l2-norm"}}
+"""Overrides that make the tiny recipe Easy Consistency Tuning: continuous pairs, no curriculum."""
+
+
+def train_tiny_diffusion(run_dir: str | Path) -> Path:
+    """Train the tiny recipe as an EDM diffusion run (12 steps, well under a second) in `run_dir`; returns it."""
+    from ctcore.build import start_run
+    from ctcore.recipe import read_recipe
+    from ctcore.registry import load_registry
+    from ctcore.training import train
+
+    run_dir = Path(run_dir)
+    registry = load_registry()
+    recipe_path = write_tiny_recipe(run_dir.parent / f"{run_dir.name}.toml", run_dir, **DIFFUSION)
+    run = start_run(read_recipe(recipe_path, registry), registry)
+    try:
+        train(run, progress=False)
+    finally:
+        run.close()
+    return run_dir
+
+
 def write_tiny_recipe(path: str | Path, output_dir: str | Path, **overrides: dict[str, Any]) -> Path:
     """Write the tiny recipe to `path` and return it."""
     path = Path(path)

@@ -1,6 +1,7 @@
-"""iCT and CT runs are bit-identical to the ones before objectives became plugins (issue 12): the consistency
-objective's step equals a transcription of the training step as it was, and short quickstart runs reproduce the
-state digests recorded before the change (on the machine type they were recorded on)."""
+"""iCT and CT runs are bit-identical to the ones before objectives became plugins (issue 12) and before noise
+schedules returned (sigma_lo, sigma_hi) pairs (issue 13): the consistency objective's step equals a transcription
+of the training step as it was, and short quickstart runs reproduce the state digests recorded before either
+change (on the machine type they were recorded on)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from helpers import write_tiny_recipe
 
 import ctcore
 from ctcore.build import start_run
-from ctcore.consistency import consistency_loss, karras_sigmas
+from ctcore.consistency import denoise, karras_sigmas, pair_weights, shared_rng
 from ctcore.recipe import read_recipe
 from ctcore.training import train, train_step, update_ema
 
@@ -44,6 +45,25 @@ def state_digest(run) -> str:
     return h.hexdigest()
 
 
+def consistency_loss_before(student, teacher, metric, x, labels, sigmas, pair, z, *, weighting, sigma_min,
+                            sigma_data):
+    """ctcore.consistency.consistency_loss as it was before noise schedules returned pairs (commit 4b63224)."""
+    def expand(v):
+        return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+    sigmas = sigmas.to(x.device)
+    sigma_hi, sigma_lo = sigmas[pair + 1], sigmas[pair]
+    weights = pair_weights(sigmas, weighting)[pair]
+    with shared_rng(x.device):
+        student_out = denoise(student, x + expand(sigma_hi) * z, sigma_hi, labels, sigma_min=sigma_min,
+                              sigma_data=sigma_data)
+    with torch.no_grad():
+        teacher_out = denoise(teacher, x + expand(sigma_lo) * z, sigma_lo, labels, sigma_min=sigma_min,
+                              sigma_data=sigma_data)
+    distances = metric(student_out.float(), teacher_out.float()) * weights.to(torch.float32)
+    return distances.mean(), distances.detach()
+
+
 def step_before_objectives(run) -> None:
     """The training step as ctcore.training.train_step was before objectives (commit 45dfa51), transcribed."""
     r, t, world = run.recipe, run.recipe.training, run.world
@@ -59,8 +79,8 @@ def step_before_objectives(run) -> None:
         for group in run.optimizer.param_groups:
             group["lr"] = t.lr * min(1.0, (k + 1) / t.warmup_steps)
     teacher = run.student_forward if run.teacher.network is run.student else run.teacher.network
-    loss, _ = consistency_loss(run.student_forward, teacher, run.metric, x, labels, sigmas, pair, z,
-                               weighting=c.weighting, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+    loss, _ = consistency_loss_before(run.student_forward, teacher, run.metric, x, labels, sigmas, pair, z,
+                                      weighting=c.weighting, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if t.grad_clip > 0:

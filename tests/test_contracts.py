@@ -17,6 +17,7 @@ import pytest
 import torch
 from ctcore_lpips.testing import write_random_weights
 from ctcore_lpips.weights import LPIPS_HEADS_HINT, VGG16_BACKBONE_HINT
+from helpers import train_tiny_diffusion
 from plugin_env import EXAMPLE_PLUGIN_DIR
 from torch import nn
 
@@ -43,6 +44,9 @@ REDUCED = {
                          "attention_resolutions": (4,), "num_head_channels": 16, "num_groups": 8},
     # LPIPS needs VGG16 and head weights on a real device: random stand-ins with the real files' key names
     ("metric", "lpips"): {"resize": 16, **write_random_weights(tempfile.mkdtemp(prefix="ctcore-lpips-"))},
+    # CD distils a diffusion checkpoint: a tiny EDM run's, on images of its shape
+    ("teacher", "cd"): {"checkpoint": str(train_tiny_diffusion(Path(tempfile.mkdtemp(prefix="ctcore-cd-")) / "edm")),
+                        "data_shape": (3, 4, 4)},
 }
 
 

@@ -1,4 +1,4 @@
-"""Built-in metrics d(x, y): Pseudo-Huber (iCT) and squared L2 (CT)."""
+"""Built-in metrics d(x, y): Pseudo-Huber (iCT), squared L2 (CT) and the L2 norm (ECT)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,25 @@ class SquaredL2(nn.Module):
         return (x - y).flatten(1).square().mean(dim=1)
 
 
+class L2Norm(nn.Module):
+    """ECT's distance: ||x - y||_2 over all entries of one sample (Pseudo-Huber with c = 0)."""
+
+    name: ClassVar[str] = "l2-norm"
+    summary: ClassVar[str] = "L2 norm ||x-y|| on the whole sample, ECT's loss (Pseudo-Huber with c = 0)"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # vector_norm's gradient at x == y is 0, where sqrt of the summed squares would give 0 / 0
+        return torch.linalg.vector_norm((x - y).flatten(1), dim=1)
+
+
 @hookimpl
 def ctcore_register_metrics() -> list[type]:
-    return [PseudoHuber, SquaredL2]
+    return [PseudoHuber, SquaredL2, L2Norm]

@@ -1,4 +1,5 @@
-"""Built-in noise schedules: iCT's discretized lognormal over pairs, and CT's uniform pairs."""
+"""Built-in noise schedules: iCT's discretized lognormal over grid pairs, CT's uniform grid pairs, and ECT's
+continuous pairs (t, r) (Geng et al. 2024, "Consistency Models Made Easy")."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import attrs
 import torch
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, NoiseScheduleBase, within
+from ctcore.components import BuildContext, NoiseScheduleBase, PairDraw, within
 
 
 class Lognormal(NoiseScheduleBase):
@@ -81,6 +82,58 @@ class Uniform(NoiseScheduleBase):
         return torch.randint(0, sigmas.shape[0] - 1, (batch_size,), generator=generator, device=generator.device)
 
 
+MAX_STAGE_BITS = 20
+"""ECT's q^a stops growing at 2^20: (t - r) / t of 1e-6 is still above float32's resolution of 6e-8."""
+
+
+class Ect:
+    """ECT: t = exp(P_mean + P_std n), n ~ N(0, 1); r = max(t (1 - n(t) / q^a), 0), n(t) = 1 + k sigmoid(-b t),
+    stage a = 1 + floor(step / d): the pair shrinks by q every d steps towards the continuous-time limit."""
+
+    name: ClassVar[str] = "ect"
+    summary: ClassVar[str] = "ECT continuous pairs: t lognormal, r = t (1 - n(t)/q^a), a grows every d steps"
+    grid: ClassVar[bool] = False
+
+    @attrs.frozen
+    class Options:
+        p_mean: float = attrs.field(default=-1.1, validator=within(
+            -20.0, 20.0, "mean of ln t; ECT -1.1"))
+        p_std: float = attrs.field(default=2.0, validator=within(
+            0.01, 100.0, "std of ln t; ECT 2.0"))
+        q: float = attrs.field(default=2.0, validator=within(
+            1.0, 1000.0, "t - r shrinks by q each stage; ECT CIFAR-10 2, ImageNet 4", open_lo=True))
+        k: float = attrs.field(default=8.0, validator=within(
+            0.0, 1000.0, "n(t) = 1 + k sigmoid(-b t): larger gaps at small t; ECT 8"))
+        b: float = attrs.field(default=1.0, validator=within(
+            0.0, 1000.0, "n(t) = 1 + k sigmoid(-b t); ECT 1"))
+        d: int = attrs.field(default=25_000, validator=within(
+            1, 10**9, "steps per stage; ECT CIFAR-10 3.2 Mimg at batch 128 = 25,000"))
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        self.options = options
+
+    def stage(self, step: int) -> int:
+        """a = 1 + floor(step / d) (ECT's code divides by q^(stage + 1) with the stage counted from 0)."""
+        return 1 + max(step, 0) // self.options.d
+
+    def ratio(self, t: torch.Tensor, step: int) -> torch.Tensor:
+        """(t - r) / t before the clamp at r = 0: n(t) / q^a, with q^a at most 2^20 (past that t and r would
+        round to one float32 noise level, and the pair would stop being a pair)."""
+        o = self.options
+        divisor = 2.0 ** min(self.stage(step) * math.log2(o.q), MAX_STAGE_BITS)
+        return (1.0 + o.k * torch.sigmoid(-o.b * t)) / divisor
+
+    def pairs(self, draw: PairDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        o, gen = self.options, draw.noise_generator
+        n = torch.randn((draw.batch_size,), generator=gen, device=gen.device, dtype=torch.float64)
+        t = torch.exp(n * o.p_std + o.p_mean)
+        r = (t * (1.0 - self.ratio(t, draw.step))).clamp(min=0.0)
+        return r, t
+
+    def log_fields(self, step: int) -> dict[str, float]:
+        return {"ect_stage": self.stage(step)}
+
+
 @hookimpl
 def ctcore_register_noise_schedules() -> list[type]:
-    return [Lognormal, Uniform]
+    return [Lognormal, Uniform, Ect]

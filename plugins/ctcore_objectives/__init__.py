@@ -1,37 +1,43 @@
-"""Built-in training objectives: the consistency loss of CT / iCT, and EDM's denoising loss (Karras et al. 2022).
+"""Built-in training objectives: the consistency loss of CT / iCT / CD / ECT, and EDM's denoising loss (Karras et
+al. 2022).
 
-The consistency objective is today's ctcore step, unchanged: N(k) from the curriculum, the Karras grid, pair
-indices from the noise schedule, the student at sigma_{i+1} and the teacher at sigma_i with the same z and the
-same dropout mask. The EDM objective trains a denoiser D(x, sigma) for the diffusion teachers that distillation
-and tuning start from: sigma ~ lognormal(P_mean, P_std), loss lambda(sigma) ||D(x + sigma z, sigma) - x||^2.
+The consistency objective draws pairs (sigma_lo, sigma_hi) from the noise schedule (adjacent points of the
+curriculum's Karras grid, or ECT's continuous pairs) and evaluates the student at sigma_hi and the teacher at
+sigma_lo with the same z and the same dropout mask, at the point the teacher names (x + sigma_lo z, or for
+distillation one ODE step of a diffusion model). The EDM objective trains a denoiser D(x, sigma) for the diffusion
+teachers that distillation and tuning start from: sigma ~ lognormal(P_mean, P_std), loss
+lambda(sigma) ||D(x + sigma z, sigma) - x||^2.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import attrs
 import torch
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import OBJECTIVE_PARTS, BuildContext, TrainingBatch, within
+from ctcore.components import OBJECTIVE_PARTS, BuildContext, PairDraw, TrainingBatch, one_of, within
 from ctcore.consistency import c_noise, consistency_loss, denoise, karras_sigmas, noise_convention
 
 
 class Consistency:
-    """CT / iCT: mean_b lambda(sigma_i) d(f_theta(x + sigma_{i+1} z, sigma_{i+1}), f_theta-(x + sigma_i z, sigma_i))."""
+    """CT / iCT / CD / ECT: mean_b lambda d(f_theta(x + sigma_hi z, sigma_hi), f_theta-(x_lo, sigma_lo))."""
 
     name: ClassVar[str] = "consistency"
-    summary: ClassVar[str] = "consistency training (CT, iCT): the student at sigma_{i+1} against the teacher at sigma_i"
+    summary: ClassVar[str] = ("consistency training and distillation (CT, iCT, CD, ECT): the student at sigma_hi "
+                              "against the teacher at sigma_lo")
     model: ClassVar[str] = "consistency"
-    uses: ClassVar[tuple[str, ...]] = OBJECTIVE_PARTS
+    uses: ClassVar[tuple[str, ...]] = OBJECTIVE_PARTS  # the curriculum only with a grid noise schedule
     default_sampler: ClassVar[str] = "consistency"
     network_passes: ClassVar[int] = 4  # student forward and backward, teacher forward
 
     @attrs.frozen
     class Options:
-        pass
+        parameterization: Literal["cm", "edm"] = attrs.field(default="cm", validator=one_of("cm", "edm"))
+        """cm: c_skip = sd^2 / ((s - s_min)^2 + sd^2), so f(x, sigma_min) = x (CM, iCT); edm: EDM's c_skip and
+        c_out, so f(x, 0) = x and a diffusion denoiser is a consistency function to start from (ECT)."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options
@@ -51,29 +57,44 @@ class Consistency:
             self.grid = (num_scales, karras_sigmas(num_scales, c.sigma_min, c.sigma_max, c.rho).to(device))
         return self.grid[1]
 
+    def _num_scales(self, step: int) -> int:
+        """N(k) of the curriculum; 0 without one (a continuous noise schedule)."""
+        curriculum = self.parts.get("curriculum")
+        return curriculum.num_scales(step) if curriculum is not None else 0
+
     def loss(self, batch: TrainingBatch) -> torch.Tensor:
         c, x = batch.constants, batch.x
-        self.num_scales = self.parts["curriculum"].num_scales(batch.step)
-        sigmas = self.sigmas(self.num_scales, c, x.device)
-        pair = self.parts["noise_schedule"].sample(sigmas, batch.batch_size, batch.index_generator)
-        pair = pair.to(x.device)[batch.share]
+        self.num_scales = self._num_scales(batch.step)
+        grid = self.sigmas(self.num_scales, c, x.device) if self.num_scales else None
+        draw = PairDraw(batch.step, batch.batch_size, grid, batch.index_generator, batch.noise_generator)
+        sigma_lo, sigma_hi = self.parts["noise_schedule"].pairs(draw)
+        sigma_lo, sigma_hi = sigma_lo.to(x.device)[batch.share], sigma_hi.to(x.device)[batch.share]
         z = torch.randn((batch.batch_size, *x.shape[1:]), generator=batch.noise_generator,
                         device=x.device)[batch.share]
         teacher = self.parts["teacher"]
         target = batch.student if teacher.network is self.student else teacher.network
-        loss, _ = consistency_loss(batch.student, target, self.parts["metric"], x, batch.labels, sigmas, pair, z,
-                                   weighting=c.weighting, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+
+        def f(network: nn.Module, noisy: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Any:
+            return self.denoise(network, noisy, sigma, labels, c)
+
+        loss, _ = consistency_loss(batch.student, target, self.parts["metric"], x, batch.labels, sigma_lo, sigma_hi,
+                                   z, weighting=c.weighting, f=f,
+                                   teacher_input=getattr(teacher, "teacher_input", None))
         return loss
 
     def after_step(self, step: int) -> None:
         self.parts["teacher"].update(self.student, step, self.num_scales)
 
     def log_fields(self, step: int) -> dict[str, float]:
-        n = self.parts["curriculum"].num_scales(step)
-        return {"num_scales": n, "teacher_decay": self.parts["teacher"].decay(step, n)}
+        n = self._num_scales(step)
+        fields = {"num_scales": n} if n else {}
+        return {**fields, "teacher_decay": self.parts["teacher"].decay(step, n),
+                **self.parts["noise_schedule"].log_fields(step)}
 
     def denoise(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
                 constants: Any) -> torch.Tensor:
+        if self.options.parameterization == "edm":
+            return edm_denoise(network, x, sigma, labels, constants.sigma_data)
         return denoise(network, x, sigma, labels, sigma_min=constants.sigma_min, sigma_data=constants.sigma_data)
 
 

@@ -1,9 +1,11 @@
-"""Built-in teacher-update rules: iCT's stop-gradient student (no EMA) and CT's EMA teacher."""
+"""Built-in teachers: iCT's stop-gradient student (no EMA), CT's EMA teacher, and consistency distillation's
+target from a frozen diffusion model (CM paper, Algorithm 2)."""
 
 from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -11,7 +13,8 @@ import torch
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import BuildContext, within
+from ctcore.components import BuildContext, WeightsUnavailable, path_text, within
+from ctcore.consistency import noised, pf_ode_step
 
 
 class NoEma:
@@ -34,6 +37,10 @@ class NoEma:
     def decay(self, step: int, num_scales: int) -> float:
         return 0.0
 
+    def teacher_input(self, x: torch.Tensor, z: torch.Tensor, sigma_lo: torch.Tensor, sigma_hi: torch.Tensor,
+                      labels: torch.Tensor | None) -> torch.Tensor:
+        return noised(x, z, sigma_lo)
+
     def update(self, student: nn.Module, step: int, num_scales: int) -> None:
         self.network = student
 
@@ -43,10 +50,6 @@ class NoEma:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError("the no-ema teacher keeps no state, but the checkpoint holds teacher weights")
-
-
-
-
 
 
 class Ema:
@@ -84,14 +87,12 @@ class Ema:
         denominator = num_scales - 1 if o.schedule == "adaptive-code" else num_scales
         return math.exp(o.s0 * math.log(o.mu0) / max(denominator, 1)) if o.mu0 > 0 else 0.0
 
-    @torch.no_grad()
+    def teacher_input(self, x: torch.Tensor, z: torch.Tensor, sigma_lo: torch.Tensor, sigma_hi: torch.Tensor,
+                      labels: torch.Tensor | None) -> torch.Tensor:
+        return noised(x, z, sigma_lo)
+
     def update(self, student: nn.Module, step: int, num_scales: int) -> None:
-        mu = self.decay(step, num_scales)
-        t_params = list(self.network.parameters())
-        s_params = [p.detach() for p in student.parameters()]
-        torch._foreach_lerp_(t_params, s_params, 1.0 - mu)
-        for tb, sb in zip(self.network.buffers(), student.buffers(), strict=True):
-            tb.copy_(sb)
+        follow(self.network, student, self.decay(step, num_scales))
 
     def state_dict(self) -> dict[str, Any]:
         return self.network.state_dict()
@@ -100,6 +101,127 @@ class Ema:
         self.network.load_state_dict(state)
 
 
+class Distillation:
+    """CD: x_lo = one Heun (or Euler) step of a frozen diffusion model's probability-flow ODE from x + sigma_hi z
+    down to sigma_lo; the target is theta^- at x_lo, theta^- <- mu theta^- + (1 - mu) theta (CM CIFAR-10: mu 0)."""
+
+    name: ClassVar[str] = "cd"
+    summary: ClassVar[str] = ("CD teacher: one Heun/Euler PF-ODE step of a frozen diffusion model, then the "
+                              "target network (EMA mu of the student) at sigma_lo")
+
+    @attrs.frozen
+    class Options:
+        checkpoint: str = attrs.field(default="", validator=path_text)
+        """The diffusion model distilled: a checkpoint, or a run directory (its newest), of a run whose objective
+        trains a diffusion model (edm)."""
+        weights: Literal["eval-ema", "student"] = "eval-ema"
+        solver: Literal["heun", "euler"] = "heun"
+        mu: float = attrs.field(default=0.0, validator=within(
+            0.0, 1.0, "the target must keep learning, 1 - mu > 0; CM CD: CIFAR-10 0, ImageNet 64 0.95",
+            open_hi=True))
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        self.options = options
+        self.network: nn.Module | None = None
+        with torch.device("cpu"):  # also when built on the meta device (`ctcore check`): the file is read for real
+            self.source, self.recipe, self.weights = read_diffusion_checkpoint(options, context)
+        self.diffusion: nn.Module | None = None
+        self.objective: Any = None
+
+    def bind(self, student: nn.Module) -> None:
+        from ctcore.registry import load_registry
+
+        self.network = copy.deepcopy(student)
+        self.network.requires_grad_(False)
+        self.network.train()  # as CM runs its target model; the mask is the student's
+        registry, spec = load_registry(), self.recipe.components["network"]
+        device = next(iter(student.parameters())).device
+        shape = tuple(self.recipe_shape)
+        with torch.device(device):
+            diffusion = registry.get("network", spec.name)(
+                spec.options, BuildContext(shape, self.recipe.data.num_classes, self.recipe.training.total_steps))
+        if device.type != "meta":
+            diffusion.load_state_dict(self.weights)
+        self.diffusion = diffusion.eval().requires_grad_(False)
+        objective = self.recipe.components["objective"]
+        self.objective = registry.get("objective", objective.name)(objective.options, BuildContext())
+
+    @property
+    def recipe_shape(self) -> tuple[int, ...]:
+        d = self.recipe.data
+        return (d.channels, d.resolution, d.resolution)
+
+    def decay(self, step: int, num_scales: int) -> float:
+        return self.options.mu
+
+    def teacher_input(self, x: torch.Tensor, z: torch.Tensor, sigma_lo: torch.Tensor, sigma_hi: torch.Tensor,
+                      labels: torch.Tensor | None) -> torch.Tensor:
+        constants = self.recipe.consistency
+
+        def D(noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return self.objective.denoise(self.diffusion, noisy, sigma, labels, constants).to(noisy.dtype)
+
+        return pf_ode_step(D, noised(x, z, sigma_hi), sigma_hi, sigma_lo, self.options.solver)
+
+    def update(self, student: nn.Module, step: int, num_scales: int) -> None:
+        follow(self.network, student, self.options.mu)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.network.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state)
+
+
+def read_diffusion_checkpoint(options: Distillation.Options, context: BuildContext) -> tuple[Path, Any, dict]:
+    """(checkpoint file, its recipe, its `weights`) of the diffusion model a CD teacher distils; ValueError
+    ("checkpoint: ...", one line) when it is missing, unreadable, not a diffusion model or of other images."""
+    from ctcore.checkpoints import list_checkpoints, load_checkpoint, validate_checkpoint
+    from ctcore.errors import CtcoreError
+    from ctcore.registry import load_registry
+
+    train_it = "train one with objective 'edm' first (e.g. `ctcore run recipes/quickstart_diffusion.toml`)"
+    if not options.checkpoint:
+        raise WeightsUnavailable(f"checkpoint: name the diffusion model to distil, a run directory or checkpoint "
+                                 f"file such as \"runs/quickstart_diffusion\"; {train_it}", "checkpoint")
+    path = Path(options.checkpoint)
+    if path.is_dir() and list_checkpoints(path):
+        path = list_checkpoints(path)[-1]
+    elif path.is_dir() or not path.exists():
+        what = "holds no checkpoint (checkpoints/ckpt-*.pt)" if path.is_dir() else "does not exist"
+        raise WeightsUnavailable(f"checkpoint: {options.checkpoint!r} {what}; {train_it}, or set "
+                                 "teacher.checkpoint to a diffusion run directory or checkpoint file", "checkpoint")
+    registry = load_registry()
+    try:
+        state = load_checkpoint(path, fix="set teacher.checkpoint to a checkpoint that ctcore wrote "
+                                          "(checkpoints/ckpt-*.pt), or its run directory")
+        recipe = validate_checkpoint(state, path, registry, use=options.weights)
+    except CtcoreError as exc:
+        raise ValueError(f"checkpoint: {exc}") from None
+    objective = registry.get("objective", recipe.components["objective"].name)
+    if objective.model != "diffusion":
+        raise ValueError(f"checkpoint: {str(path)!r} holds a {objective.model} model (objective "
+                         f"{objective.name!r}); consistency distillation needs a diffusion model: {train_it}")
+    d = recipe.data
+    theirs = (d.channels, d.resolution, d.resolution)
+    if context.data_shape is not None and (tuple(context.data_shape) != theirs or
+                                           context.num_classes != d.num_classes):
+        raise ValueError(f"checkpoint: {str(path)!r} models images of shape {list(theirs)} with num_classes "
+                         f"{d.num_classes}, but this run's data has shape {list(context.data_shape)} with "
+                         f"num_classes {context.num_classes}; distil a model of the same data")
+    return path, recipe, state["eval_ema" if options.weights == "eval-ema" else "student"]
+
+
+@torch.no_grad()
+def follow(target: nn.Module, student: nn.Module, mu: float) -> None:
+    """theta^- <- mu theta^- + (1 - mu) theta, and the student's buffers copied."""
+    t_params = list(target.parameters())
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(t_params, s_params, 1.0 - mu)
+    for tb, sb in zip(target.buffers(), student.buffers(), strict=True):
+        tb.copy_(sb)
+
+
 @hookimpl
 def ctcore_register_teachers() -> list[type]:
-    return [NoEma, Ema]
+    return [NoEma, Ema, Distillation]
