@@ -15,7 +15,7 @@ import attrs
 import torch
 from torch import nn
 
-from ctcore.components import KINDS, BuildContext
+from ctcore.components import KINDS, BuildContext, WeightsUnavailable
 from ctcore.data import data_shape
 from ctcore.distributed import gather_objects, rank_seed
 from ctcore.errors import RunError
@@ -275,7 +275,7 @@ def validate_checkpoint(state: Any, path: str | Path, registry: Registry, *, use
         fail(f"has provenance data_shape {shape} and num_classes {prov['num_classes']}, but its recipe declares "
              f"{list(data_shape(recipe.data))} and {recipe.data.num_classes}")
     network, teacher = _meta_networks(recipe, registry, BuildContext(tuple(shape), prov["num_classes"],
-                                                                     recipe.training.total_steps), fail)
+                                                                     recipe.training.total_steps), fail, resume)
     expected = network.state_dict()
     net = f"network {recipe.components['network'].name!r} of its recipe"
 
@@ -338,20 +338,25 @@ def validate_checkpoint(state: Any, path: str | Path, registry: Registry, *, use
     return recipe
 
 
-def _meta_networks(recipe: Recipe, registry: Registry, context: BuildContext, fail) -> tuple[Any, Any]:
-    """The recipe's network and its teacher bound to it (None without one), built on the meta device: shapes
-    only."""
+def _meta_networks(recipe: Recipe, registry: Registry, context: BuildContext, fail,
+                   with_teacher: bool) -> tuple[Any, Any]:
+    """The recipe's network and, `with_teacher` (to resume), its teacher bound to it (None without one), built on
+    the meta device: shapes only. Sampling builds no teacher: a distilled model samples without the diffusion
+    checkpoint its cd teacher reads."""
     kind = "network"
     try:
         with torch.device("meta"):
             spec = recipe.components[kind]
             network = registry.get(kind, spec.name)(spec.options, context)
             teacher = None
-            if "teacher" in recipe.components:
+            if with_teacher and "teacher" in recipe.components:
                 kind = "teacher"
                 spec = recipe.components[kind]
                 teacher = registry.get(kind, spec.name)(spec.options, context)
                 teacher.bind(network)
+    except WeightsUnavailable as exc:  # a file the component reads is gone (cd: its diffusion checkpoint)
+        fail(f"has a recipe whose {kind} {spec.name!r} needs a file that is missing ({exc})",
+             "restore that file, then resume")
     except Exception as exc:  # noqa: BLE001 - a plugin may raise anything; it is one line either way
         fail(f"has a recipe whose {kind} {spec.name!r} cannot be built ({type(exc).__name__}: {exc})")
     return network, teacher
@@ -527,11 +532,17 @@ class WarmStart:
             defect = f"tensor {extra[0]!r}: {theirs} has it, {ours} does not"
         if defect is not None:
             raise RunError(
-                f"{self.option} {str(self.checkpoint)!r} does not fit network {recipe.components['network'].name!r} "
+                f"{_named(self.option, self.checkpoint)} does not fit network {recipe.components['network'].name!r} "
                 f"of {recipe.source}: {defect}; initialise from a run of the same network (options, image shape, "
                 "num_classes), or change the recipe to match it")
         if load:
             network.load_state_dict(found)
+
+
+def _named(option: str, path: str | Path) -> str:
+    """How a message names the source of a warm start: `--init-from 'x'` for the flag, `run.init_from: 'x'` for
+    the recipe key (as recipe errors name keys)."""
+    return f"{option} {str(path)!r}" if option.startswith("--") else f"{option}: {str(path)!r}"
 
 
 def read_warm_start(source: str | Path, weights: str, registry: Registry, option: str = "--init-from") -> WarmStart:
@@ -540,10 +551,18 @@ def read_warm_start(source: str | Path, weights: str, registry: Registry, option
     if weights not in INIT_WEIGHTS:
         raise ValueError(f"weights must be one of {INIT_WEIGHTS}, got {weights!r}")
     path = Path(source)
-    if path.is_dir():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # a name too long for the file system, say
+        raise RunError(f"{_named(option, path)} cannot be looked up ({exc.strerror}); give {option} the checkpoint "
+                       "file or run directory of an existing run") from None
+    if not exists:
+        raise RunError(f"{_named(option, path)} does not exist; train that run first, or give {option} the "
+                       "checkpoint file or run directory of an existing run")
+    if is_dir:
         found = list_checkpoints(path)
         if not found:
-            raise RunError(f"{option} {str(path)!r} holds no checkpoint (checkpoints/ckpt-*.pt); give a checkpoint "
+            raise RunError(f"{_named(option, path)} holds no checkpoint (checkpoints/ckpt-*.pt); give a checkpoint "
                            "file, or a run directory that has written one")
         path = found[-1]
     state = load_checkpoint(path, fix=f"give {option} a checkpoint that ctcore wrote (checkpoints/ckpt-*.pt), "

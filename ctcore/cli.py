@@ -385,15 +385,20 @@ def check(
 ) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""
     with _errors(plugin_exit_code=2):
+        from ctcore.build import recipe_warm_start
+        from ctcore.errors import RunError, UsageError
         from ctcore.recipe import dump_recipe, read_recipe
 
         registry = _registry()
         recipe = read_recipe(recipe_path, registry, sets or [])
+        try:  # run.init_from names a readable checkpoint: a problem of this recipe, as its teacher's checkpoint
+            warm_start = recipe_warm_start(recipe, registry) if build else None
+        except RunError as exc:
+            raise UsageError(f"{recipe.source}: {exc}") from None
         typer.echo(dump_recipe(recipe), nl=False)
         if not build:
             _console(stderr=True).print(f"ok: {recipe_path} is valid; components not built (--no-build)")
         if build:
-            from ctcore.build import recipe_warm_start
             from ctcore.data import check_data_file, data_shape
             from ctcore.files import human_bytes
             from ctcore.preflight import preflight
@@ -401,9 +406,11 @@ def check(
 
             build_loggers(recipe, registry)  # e.g. the tensorboard logger without its package
             report = preflight(recipe, registry)  # every component on the meta device, checked and measured
-            warm_start = recipe_warm_start(recipe, registry)  # run.init_from: readable, and fits the network
-            if warm_start is not None:
-                warm_start.load_into(report.built["network"], recipe, load=False)
+            if warm_start is not None:  # and its weights fit the recipe's network
+                try:
+                    warm_start.load_into(report.built["network"], recipe, load=False)
+                except RunError as exc:
+                    raise UsageError(f"{recipe.source}: {exc}") from None
             params = report.parameters
             d = recipe.data
             if d.source == "synthetic":

@@ -174,7 +174,9 @@ class Teacher(Protocol):
     Optional: `teacher_input(x, z, sigma_lo, sigma_hi, labels) -> tensor`, where the target network is evaluated
     at sigma_lo, from the clean images x and the noise z the student saw at sigma_hi; one ODE step of a diffusion
     model in distillation (cd). It runs under no_grad, sigma_lo / sigma_hi hold one value per example. Without
-    it the point is x + sigma_lo z (consistency training).
+    it the point is x + sigma_lo z (consistency training). Optional too: `network_passes`, the forward passes
+    per training image of a model the teacher holds besides the target (cd: 2 with Heun), which `ctcore bench`
+    adds to the objective's.
     """
 
     name: ClassVar[str]

@@ -555,7 +555,8 @@ class _Checks:
             raise self.refuse("sampler", exc.problem) from None
 
     def teacher(self, first: int, last: int) -> int:
-        """Binds to the meta student with a finite decay in [0, 1); returns the bytes of its own copy."""
+        """Binds to the meta student with a finite decay in [0, 1); returns the bytes of the networks it holds
+        besides the student (its own copy; cd's diffusion model too)."""
         teacher, student = self.built["teacher"], self.built["network"]
         teacher.bind(student)
         network = getattr(teacher, "network", None)
@@ -567,10 +568,11 @@ class _Checks:
             mu = teacher.decay(step, n)
             if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0.0 <= mu < 1.0:
                 raise self.refuse("teacher", f"decay({step}, {n}) must be a number in [0, 1), got {mu!r}")
-        if network is student:
-            return 0
         shared = {id(t) for t in (*student.parameters(), *student.buffers())}
-        return _tensor_bytes(network.parameters(), shared) + _tensor_bytes(network.buffers(), shared)
+        # its own copy of the student, and any model it holds besides (cd: the frozen diffusion model)
+        modules = {id(m): m for m in vars(teacher).values() if isinstance(m, nn.Module) and m is not student}
+        return sum(_tensor_bytes(m.parameters(), shared) + _tensor_bytes(m.buffers(), shared)
+                   for m in modules.values())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -217,6 +217,12 @@ def _perturbed_copy(net: nn.Module) -> nn.Module:
     return other
 
 
+def grid_loss(student, teacher, metric, x, labels, sigmas, pair, z, *, weighting):
+    """consistency_loss on the pairs (sigmas[i], sigmas[i+1]) of a grid, with the CM/iCT parameterization."""
+    return consistency_loss(student, teacher, metric, x, labels, sigmas[pair], sigmas[pair + 1], z,
+                            weighting=weighting, f=denoise)
+
+
 @pytest.mark.parametrize("weighting", ["inverse-delta", "uniform"])
 def test_consistency_loss_value_by_hand(registry, weighting):
     student = _mlp(registry)
@@ -228,7 +234,7 @@ def test_consistency_loss_value_by_hand(registry, weighting):
     z = torch.randn(4, 1, 4, 4, generator=g)
     pair = torch.tensor([0, 3, 9, 5])
 
-    loss, per_example = consistency_loss(
+    loss, per_example = grid_loss(
         student, teacher, metric, x, None, sigmas, pair, z, weighting=weighting
     )
 
@@ -260,7 +266,7 @@ def test_consistency_loss_teacher_gets_no_gradient(registry):
     metric = registry.create("metric", "pseudo-huber", data_shape=(1, 4, 4))
     g = torch.Generator().manual_seed(4)
     x, z = torch.randn(4, 1, 4, 4, generator=g), torch.randn(4, 1, 4, 4, generator=g)
-    loss, _ = consistency_loss(student, teacher, metric, x, None, ctcore.karras_sigmas(11),
+    loss, _ = grid_loss(student, teacher, metric, x, None, ctcore.karras_sigmas(11),
                                torch.tensor([1, 2, 6, 8]), z, weighting="inverse-delta")
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -289,7 +295,7 @@ class _MaskNet(nn.Module):
 def _mask_step(net, metric, seed):
     g = torch.Generator().manual_seed(seed)
     x, z = torch.randn(8, 1, 4, 4, generator=g), torch.randn(8, 1, 4, 4, generator=g)
-    loss, _ = consistency_loss(net, net, metric, x, None, ctcore.karras_sigmas(11),
+    loss, _ = grid_loss(net, net, metric, x, None, ctcore.karras_sigmas(11),
                                torch.randint(0, 10, (8,), generator=g), z, weighting="inverse-delta")
     return loss, x
 
@@ -318,7 +324,7 @@ def test_consistency_loss_teacher_replays_rng_without_extra_draws(registry):
 
     torch.manual_seed(99)
     start = torch.get_rng_state()
-    consistency_loss(net, net, metric, x, None, ctcore.karras_sigmas(11), pair, z, weighting="inverse-delta")
+    grid_loss(net, net, metric, x, None, ctcore.karras_sigmas(11), pair, z, weighting="inverse-delta")
     after_loss = torch.get_rng_state()
 
     torch.set_rng_state(start)

@@ -121,8 +121,8 @@ def test_check_with_set_prints_the_resolved_override(tmp_path):
                         "about lr per step; papers use 1e-5 to 1e-3), got 2"),
     (["trainig.lr=1e-4"], "{r}: --set trainig.lr=1e-4: trainig: unknown section; did you mean [training]?"),
     (["training.lrr=1e-4"], "{r}: --set training.lrr=1e-4: training.lrr: unknown key; did you mean 'lr'?"),
-    (["metric.name=foo"], "{r}: --set metric.name=foo: metric.name: unknown metric 'foo' (available: l2, lpips, "
-                          "pseudo-huber)"),
+    (["metric.name=foo"], "{r}: --set metric.name=foo: metric.name: unknown metric 'foo' (available: l2, l2-norm, "
+                          "lpips, pseudo-huber)"),
     (["training.betas=[0.9]"], "{r}: --set training.betas=[0.9]: training.betas: expected an array of 2 values, "
                                "got 1"),
     (["training.lr"], "--set training.lr: expected section.key=value, e.g. --set training.lr=2e-4"),
@@ -148,7 +148,7 @@ def test_a_problem_of_the_file_itself_is_not_blamed_on_a_set(tmp_path):
         f"error: {recipe}: 2 problems in the recipe",
         "  training.lr: must be within (0, 1] (Adam moves each weight by about lr per step; papers use 1e-5 to "
         "1e-3), got 5",
-        "  --set metric.name=l3: metric.name: unknown metric 'l3' (available: l2, lpips, pseudo-huber)",
+        "  --set metric.name=l3: metric.name: unknown metric 'l3' (available: l2, l2-norm, lpips, pseudo-huber)",
     ]
 
 
@@ -187,7 +187,7 @@ def test_a_bad_value_in_any_point_is_reported_before_any_run_starts(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
         f"error: {recipe}: 2 problems in the recipe",
-        "  --set metric.name=foo: metric.name: unknown metric 'foo' (available: l2, lpips, pseudo-huber)",
+        "  --set metric.name=foo: metric.name: unknown metric 'foo' (available: l2, l2-norm, lpips, pseudo-huber)",
         "  --set training.lr=abc: training.lr: expected a number, got 'abc' (a string)",
     ]
     assert not (tmp_path / "runs").exists()

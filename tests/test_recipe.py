@@ -158,7 +158,7 @@ BAD = [
         MINIMAL.replace('"lognormal"', '"lognormall"'),
         [
             "noise_schedule.name: unknown noise schedule 'lognormall'; did you mean 'lognormal'? "
-            "(available: lognormal, uniform)"
+            "(available: ect, lognormal, uniform)"
         ],
         id="unknown-component",
     ),
@@ -175,12 +175,12 @@ BAD = [
     ),
     pytest.param(
         MINIMAL.replace('[teacher]\nname = "no-ema"\n', ""),
-        ["teacher: missing section; add [teacher] with name = one of: ema, no-ema"],
+        ["teacher: missing section; add [teacher] with name = one of: cd, ema, no-ema"],
         id="missing-component-section",
     ),
     pytest.param(
         MINIMAL.replace('name = "no-ema"', ""),
-        ["teacher.name: missing; one of: ema, no-ema"],
+        ["teacher.name: missing; one of: cd, ema, no-ema"],
         id="missing-name",
     ),
     pytest.param(

@@ -253,6 +253,8 @@ def _with_component(kind: str, name: str) -> dict[str, Any]:
         overrides.setdefault("objective", {"name": objective})
         overrides.setdefault("sampler", {"name": cls.default_sampler})
         overrides |= {part: None for part in OBJECTIVE_PARTS if part not in cls.uses}
+    if kind == "noise_schedule" and not reg.get(kind, name).grid:
+        overrides["curriculum"] = None  # continuous pairs: no curriculum
     return overrides
 
 

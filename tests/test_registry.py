@@ -76,13 +76,13 @@ def test_unknown_name_suggests_the_closest_and_lists_the_available(monkeypatch: 
     with pytest.raises(UnknownComponentError) as info:
         registry.get("metric", "pseudo_huber")
     assert str(info.value) == (
-        "unknown metric 'pseudo_huber'; did you mean 'pseudo-huber'? (available: l2, lpips, pseudo-huber)"
+        "unknown metric 'pseudo_huber'; did you mean 'pseudo-huber'? (available: l2, l2-norm, lpips, pseudo-huber)"
     )
     assert info.value.exit_code == 2
 
     with pytest.raises(UnknownComponentError) as info:
         registry.get("teacher", "zzz")
-    assert str(info.value) == "unknown teacher 'zzz' (available: ema, no-ema)"
+    assert str(info.value) == "unknown teacher 'zzz' (available: cd, ema, no-ema)"
 
 
 def test_unknown_kind_is_a_usage_error() -> None:

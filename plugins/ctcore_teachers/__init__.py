@@ -151,6 +151,11 @@ class Distillation:
         d = self.recipe.data
         return (d.channels, d.resolution, d.resolution)
 
+    @property
+    def network_passes(self) -> int:
+        """Forward passes of the diffusion model per training image (`ctcore bench` counts them)."""
+        return 2 if self.options.solver == "heun" else 1
+
     def decay(self, step: int, num_scales: int) -> float:
         return self.options.mu
 
@@ -180,17 +185,23 @@ def read_diffusion_checkpoint(options: Distillation.Options, context: BuildConte
     from ctcore.errors import CtcoreError
     from ctcore.registry import load_registry
 
-    train_it = "train one with objective 'edm' first (e.g. `ctcore run recipes/quickstart_diffusion.toml`)"
+    where = "set teacher.checkpoint to the run directory or checkpoint file of a run with objective 'edm'"
     if not options.checkpoint:
-        raise WeightsUnavailable(f"checkpoint: name the diffusion model to distil, a run directory or checkpoint "
-                                 f"file such as \"runs/quickstart_diffusion\"; {train_it}", "checkpoint")
+        raise WeightsUnavailable(f"checkpoint: name the diffusion model to distil; {where}, e.g. "
+                                 f"\"runs/quickstart_diffusion\"", "checkpoint")
     path = Path(options.checkpoint)
-    if path.is_dir() and list_checkpoints(path):
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # a name too long for the file system, say
+        raise ValueError(f"checkpoint: {options.checkpoint!r} cannot be looked up ({exc.strerror}); {where}") from None
+    if is_dir and list_checkpoints(path):
         path = list_checkpoints(path)[-1]
-    elif path.is_dir() or not path.exists():
-        what = "holds no checkpoint (checkpoints/ckpt-*.pt)" if path.is_dir() else "does not exist"
-        raise WeightsUnavailable(f"checkpoint: {options.checkpoint!r} {what}; {train_it}, or set "
-                                 "teacher.checkpoint to a diffusion run directory or checkpoint file", "checkpoint")
+    elif is_dir:
+        raise WeightsUnavailable(f"checkpoint: {options.checkpoint!r} holds no checkpoint (checkpoints/ckpt-*.pt) "
+                                 f"yet; let its diffusion run write one, or {where}", "checkpoint")
+    elif not exists:
+        raise WeightsUnavailable(f"checkpoint: {options.checkpoint!r} does not exist; train the diffusion model "
+                                 f"first (a recipe with objective 'edm' whose run writes it), or {where}", "checkpoint")
     registry = load_registry()
     try:
         state = load_checkpoint(path, fix="set teacher.checkpoint to a checkpoint that ctcore wrote "
@@ -201,7 +212,7 @@ def read_diffusion_checkpoint(options: Distillation.Options, context: BuildConte
     objective = registry.get("objective", recipe.components["objective"].name)
     if objective.model != "diffusion":
         raise ValueError(f"checkpoint: {str(path)!r} holds a {objective.model} model (objective "
-                         f"{objective.name!r}); consistency distillation needs a diffusion model: {train_it}")
+                         f"{objective.name!r}); consistency distillation needs a diffusion model: {where}")
     d = recipe.data
     theirs = (d.channels, d.resolution, d.resolution)
     if context.data_shape is not None and (tuple(context.data_shape) != theirs or
