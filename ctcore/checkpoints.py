@@ -540,6 +540,9 @@ def read_warm_start(source: str | Path, weights: str, registry: Registry, option
     if weights not in INIT_WEIGHTS:
         raise ValueError(f"weights must be one of {INIT_WEIGHTS}, got {weights!r}")
     path = Path(source)
+    if not path.exists():
+        raise RunError(f"{option} {str(path)!r} does not exist; give a checkpoint file, or a run directory that has "
+                       "written one")
     if path.is_dir():
         found = list_checkpoints(path)
         if not found:
