@@ -546,11 +546,13 @@ def _component(conv: cattrs.Converter, kind: str, raw: Any, registry: Registry,
     return (ComponentSpec(name, options) if not found else None), found
 
 
-def _continuous_schedule(spec: ComponentSpec | None, registry: Registry) -> str | None:
-    """The name of a recipe's noise schedule when it draws continuous pairs (grid = False: no curriculum)."""
-    if spec is None or getattr(registry.get("noise_schedule", spec.name), "grid", True):
+def _continuous_schedule(raw: Any, registry: Registry) -> str | None:
+    """The name of a recipe's noise schedule when it draws continuous pairs (grid = False: no curriculum); read
+    from the section's name, so that a bad option of the schedule does not also ask for a curriculum."""
+    name = raw.get("name") if isinstance(raw, dict) else None
+    if name not in registry.names("noise_schedule") or getattr(registry.get("noise_schedule", name), "grid", True):
         return None
-    return spec.name
+    return name
 
 
 def _components(conv: cattrs.Converter, data: dict[str, Any],
@@ -571,7 +573,7 @@ def _components(conv: cattrs.Converter, data: dict[str, Any],
     objective = registry.get("objective", named) if named in registry.names("objective") else None
     uses = tuple(getattr(objective, "uses", OBJECTIVE_PARTS)) if objective is not None else OBJECTIVE_PARTS
     for kind in OBJECTIVE_PARTS:
-        continuous = _continuous_schedule(components.get("noise_schedule"), registry)
+        continuous = _continuous_schedule(data.get("noise_schedule"), registry)
         if kind == "curriculum" and kind in uses and continuous is not None:
             if kind in data:
                 problems.append(f"curriculum: noise schedule {continuous!r} draws continuous noise levels, without "

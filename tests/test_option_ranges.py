@@ -89,6 +89,12 @@ RANGES = [
     ("metric", "lpips", "resize", 0, 4096, "[]"),
     ("noise_schedule", "lognormal", "p_mean", -20.0, 20.0, "[]"),
     ("noise_schedule", "lognormal", "p_std", 0.01, 100.0, "[]"),
+    ("noise_schedule", "ect", "p_mean", -20.0, 20.0, "[]"),
+    ("noise_schedule", "ect", "p_std", 0.01, 100.0, "[]"),
+    ("noise_schedule", "ect", "q", 1.0, 1000.0, "(]"),
+    ("noise_schedule", "ect", "k", 0.0, 1000.0, "[]"),
+    ("noise_schedule", "ect", "b", 0.0, 1000.0, "[]"),
+    ("noise_schedule", "ect", "d", 1, 10**9, "[]"),
     ("curriculum", "exponential", "s0", 1, 1_000_000, "[]"),
     ("curriculum", "exponential", "s1", 1, 1_000_000, "[]"),
     ("curriculum", "ct", "s0", 1, 1_000_000, "[]"),
@@ -96,6 +102,7 @@ RANGES = [
     ("curriculum", "constant", "num_scales", 2, 1_000_000, "[]"),
     ("teacher", "ema", "mu0", 0.0, 1.0, "[)"),
     ("teacher", "ema", "s0", 1, 1_000_000, "[]"),
+    ("teacher", "cd", "mu", 0.0, 1.0, "[)"),
     ("objective", "edm", "p_mean", -20.0, 20.0, "[]"),
     ("objective", "edm", "p_std", 0.0, 20.0, "(]"),
     ("sampler", "heun", "steps", 1, 10_000, "[]"),
@@ -142,6 +149,8 @@ def _override(section: str, component: str | None, key: str, value: object) -> d
     values = {key: value}
     if section in ("objective", "sampler"):  # a diffusion recipe: the edm objective, no consistency parts
         return {**DIFFUSION, section: {"name": component, **values}}
+    if component == "ect":  # continuous pairs: the recipe has no curriculum
+        return {section: {"name": component, **values}, "curriculum": None}
     return {section: {"name": component, **values} if component else values}
 
 
@@ -191,7 +200,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 72  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 79  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)
@@ -208,6 +217,7 @@ GROUPS = {
     "adm-constant": [e for e in RANGES if e[1] in ("adm", "constant")],
     "edm-heun": [e for e in RANGES if e[1] in ("edm", "heun")],
     "euler": [e for e in RANGES if e[1] == "euler"],
+    "ect-cd": [e for e in RANGES if e[1] in ("ect", "cd")],
 }
 
 
