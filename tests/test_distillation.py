@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ctcore.cli import app
 from ctcore.components import BuildContext, PairDraw
 from ctcore.consistency import consistency_loss, denoise, karras_sigmas, noised, pf_ode_step
 from ctcore.errors import RecipeError
+from ctcore.files import file_digest
 from ctcore.recipe import ConsistencySection, read_recipe
 from ctcore.sampling import read_sample_store
 from ctcore.training import train, train_step
@@ -427,7 +429,10 @@ def test_a_cd_run_trains_resumes_bit_for_bit_and_samples(diffusion: Path, tmp_pa
     assert [r["num_scales"] for r in rows] == [5] * 6 and all("ect_stage" not in r for r in rows)
     state = load_checkpoint(tmp_path / "whole" / "checkpoints" / LAST)
     assert state["provenance"]["components"]["teacher"]["name"] == "cd"
-    assert equal_state(state["teacher"], whole.teacher.network.state_dict())
+    teacher_state = dict(state["teacher"])
+    assert (teacher_state.pop("diffusion_checkpoint"), teacher_state.pop("diffusion_sha256")) == (
+        str(diffusion / "checkpoints" / LAST), file_digest(diffusion / "checkpoints" / LAST))
+    assert equal_state(teacher_state, whole.teacher.network.state_dict())
     assert not equal_state(state["student"], load_checkpoint(diffusion / "checkpoints" / LAST)["student"])
 
     part = train_tiny(tmp_path, "part", stop_at=6, **tiny_cd(diffusion))
@@ -449,6 +454,35 @@ def test_a_cd_run_trains_resumes_bit_for_bit_and_samples(diffusion: Path, tmp_pa
     store = read_sample_store(out)
     assert store["images"].shape == (4, 3, 4, 4) and store["images"].dtype == torch.uint8
     assert store["attrs"]["sampler"] == "consistency"
+
+
+def test_a_resumed_cd_run_distils_the_file_it_started_with_though_its_run_has_a_newer_one(
+        diffusion: Path, tmp_path: Path) -> None:
+    """teacher.checkpoint names a run directory, whose newest checkpoint changes between start and resume: the
+    resumed run keeps distilling the file its checkpoints record, bit for bit; that file gone, one line."""
+    growing = tmp_path / "growing"
+    (growing / "checkpoints").mkdir(parents=True)
+    first = growing / "checkpoints" / "ckpt-000000006.pt"
+    shutil.copy(diffusion / "checkpoints" / "ckpt-000000006.pt", first)
+    whole = train_tiny(tmp_path, "whole", **tiny_cd(growing))
+    part = train_tiny(tmp_path, "part", stop_at=6, **tiny_cd(growing))
+    shutil.copy(diffusion / "checkpoints" / LAST, growing / "checkpoints" / LAST)  # the diffusion run went on
+    resumed = resume_run(None, REGISTRY, part.out_dir)
+    try:
+        assert resumed.teacher.source == first
+        train(resumed, progress=False)
+        assert_same(whole, resumed)
+    finally:
+        resumed.close()
+
+    again = train_tiny(tmp_path, "again", stop_at=6, **tiny_cd(growing))  # starts from the newest, step 12
+    (growing / "checkpoints" / LAST).unlink()
+    result = invoke("run", again.out_dir, "--resume", "--no-progress")
+    assert one_line_error(result, 1) == (
+        f"teacher.checkpoint: this run distils {str(growing / 'checkpoints' / LAST)!r} (sha256 "
+        f"{file_digest(diffusion / 'checkpoints' / LAST)[:12]}...), which is gone or has changed, and "
+        f"teacher.checkpoint now gives {str(first)!r}; put that file back to resume the run"), result.output
+    assert [p.name for p in list_checkpoints(again.out_dir)] == ["ckpt-000000006.pt"]  # nothing lost
 
 
 # ------------------------------------------------------------------------------------------ registration

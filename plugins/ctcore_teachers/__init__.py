@@ -4,6 +4,7 @@ target from a frozen diffusion model (CM paper, Algorithm 2)."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -129,17 +130,21 @@ class Distillation:
         self.objective: Any = None
 
     def bind(self, student: nn.Module) -> None:
-        from ctcore.registry import load_registry
-
         self.network = copy.deepcopy(student)
         self.network.requires_grad_(False)
         self.network.train()  # as CM runs its target model; the mask is the student's
+        self._build_diffusion(next(iter(student.parameters())).device)
+
+    def _build_diffusion(self, device: torch.device) -> None:
+        """The frozen diffusion model of the checkpoint's recipe on `device` (its weights unless on meta), in eval
+        mode, and the objective whose denoise makes D(x, sigma) of it."""
+        from ctcore.registry import load_registry
+
         registry, spec = load_registry(), self.recipe.components["network"]
-        device = next(iter(student.parameters())).device
-        shape = tuple(self.recipe_shape)
         with torch.device(device):
             diffusion = registry.get("network", spec.name)(
-                spec.options, BuildContext(shape, self.recipe.data.num_classes, self.recipe.training.total_steps))
+                spec.options, BuildContext(self.recipe_shape, self.recipe.data.num_classes,
+                                           self.recipe.training.total_steps))
         if device.type != "meta":
             diffusion.load_state_dict(self.weights)
         self.diffusion = diffusion.eval().requires_grad_(False)
@@ -171,11 +176,40 @@ class Distillation:
     def update(self, student: nn.Module, step: int, num_scales: int) -> None:
         follow(self.network, student, self.options.mu)
 
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The SHA-256 of the diffusion checkpoint file (read once, when a checkpoint first records it)."""
+        from ctcore.files import file_digest
+
+        return file_digest(self.source)
+
     def state_dict(self) -> dict[str, Any]:
-        return self.network.state_dict()
+        """The target network's weights, and which diffusion checkpoint file the run distils (its path and
+        SHA-256): a resume distils that same file even after its run directory gained newer checkpoints."""
+        return {**self.network.state_dict(), SOURCE_KEY: str(self.source), DIGEST_KEY: self.sha256}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        source, digest = state.pop(SOURCE_KEY, None), state.pop(DIGEST_KEY, None)
         self.network.load_state_dict(state)
+        if digest is None or digest == self.sha256:
+            return
+        from ctcore.errors import RunError
+        from ctcore.files import file_digest
+
+        recorded = Path(source)
+        if not recorded.is_file() or file_digest(recorded) != digest:
+            raise RunError(f"teacher.checkpoint: this run distils {source!r} (sha256 {digest[:12]}...), which is gone "
+                           f"or has changed, and teacher.checkpoint now gives {str(self.source)!r}; put that file "
+                           "back to resume the run")
+        self.source, self.recipe, self.weights = read_diffusion_checkpoint(
+            attrs.evolve(self.options, checkpoint=str(recorded)), BuildContext())
+        self.__dict__["sha256"] = digest
+        self._build_diffusion(next(iter(self.diffusion.parameters())).device)
+
+
+SOURCE_KEY, DIGEST_KEY = "diffusion_checkpoint", "diffusion_sha256"
+"""The cd teacher's state entries naming the diffusion checkpoint it distils, beside the target's weights."""
 
 
 def read_diffusion_checkpoint(options: Distillation.Options, context: BuildContext) -> tuple[Path, Any, dict]:
