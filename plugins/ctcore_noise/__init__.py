@@ -97,9 +97,9 @@ class Ect:
     @attrs.frozen
     class Options:
         p_mean: float = attrs.field(default=-1.1, validator=within(
-            -20.0, 20.0, "mean of ln t; ECT -1.1"))
+            -5.0, 5.0, "mean of ln t; ECT -1.1, a median t of 0.33"))
         p_std: float = attrs.field(default=2.0, validator=within(
-            0.01, 100.0, "std of ln t; ECT 2.0"))
+            0.01, 10.0, "std of ln t; ECT 2.0; wider draws t past float32 (ln t beyond 88) in a long run"))
         q: float = attrs.field(default=2.0, validator=within(
             1.0, 1000.0, "t - r shrinks by q each stage; ECT CIFAR-10 2, ImageNet 4", open_lo=True))
         k: float = attrs.field(default=8.0, validator=within(
