@@ -63,7 +63,8 @@ def ctcore_register_teachers() -> list[type]:
     after each optimizer step; `state_dict()` / `load_state_dict()` hold what a checkpoint must keep (nothing when
     the teacher is the student). Optional: `teacher_input(x, z, sigma_lo, sigma_hi, labels)`, the point where
     theta^- is evaluated at sigma_lo, shaped like x (default x + sigma_lo z; cd: one ODE step of a diffusion model
-    from x + sigma_hi z). The teacher runs in train mode under no_grad, with the student's dropout mask.
+    from x + sigma_hi z) and `network_passes` (forward passes per image of another model it holds, for bench). The
+    teacher runs in train mode under no_grad, with the student's dropout mask.
     """
 
 
