@@ -129,8 +129,8 @@ def test_list_components_options_shows_defaults() -> None:
     assert result.stdout.split("\n\n") == [
         '[noise_schedule] name = "ect"  (ctcore 0.1.0)\n'
         "  ECT continuous pairs: t lognormal, r = t (1 - n(t)/q^a), a grows every d steps\n"
-        "  p_mean = -1.1  # in [-20, 20]\n"
-        "  p_std = 2.0  # in [0.01, 100]\n"
+        "  p_mean = -1.1  # in [-5, 5]\n"
+        "  p_std = 2.0  # in [0.01, 10]\n"
         "  q = 2.0  # in (1, 1000]\n"
         "  k = 8.0  # in [0, 1000]\n"
         "  b = 1.0  # in [0, 1000]\n"
