@@ -34,11 +34,15 @@ def ctcore_register_metrics() -> list[type]:
 
 @hookspec
 def ctcore_register_noise_schedules() -> list[type]:
-    """Return noise-schedule classes: how the pair index i of (sigma_i, sigma_{i+1}) is drawn.
+    """Return noise-schedule classes: which pair of noise levels (sigma_lo < sigma_hi) each example trains on.
 
-    Contract: `probabilities(sigmas)` gives N-1 non-negative values summing to 1 for an increasing grid of N
-    sigmas; `sample(sigmas, batch_size, generator)` returns indices in [0, N-2] (subclass
-    `ctcore.components.NoiseScheduleBase` to get multinomial sampling).
+    Contract (`ctcore.components.NoiseSchedule`): class attribute `grid` (True: adjacent points of the curriculum's
+    Karras grid, the recipe has a [curriculum]; False: continuous pairs, no curriculum); `pairs(draw)` returns
+    (sigma_lo, sigma_hi), float64 of shape (draw.batch_size,) with 0 <= sigma_lo < sigma_hi (0: the target is x),
+    drawn only from the `ctcore.components.PairDraw`'s generators; `log_fields(step)` a dict ({} for none). A grid
+    schedule subclasses `ctcore.components.NoiseScheduleBase` and implements `probabilities(sigmas)`, N-1
+    non-negative values summing to 1 for an increasing grid of N sigmas; the base gives `sample`, `pairs` and
+    `log_fields`.
     """
 
 
@@ -52,12 +56,15 @@ def ctcore_register_curricula() -> list[type]:
 
 @hookspec
 def ctcore_register_teachers() -> list[type]:
-    """Return teacher-update rules: how the target network theta^- is made and updated.
+    """Return teacher-update rules: how the target network theta^- is made and updated, and where it is evaluated.
 
-    Contract: `bind(student)` sets `self.network`; `decay(step, num_scales)` is mu(k) (0 for theta^- = theta);
-    `update(student, step, num_scales)` runs after each optimizer step; `state_dict()` / `load_state_dict()`
-    hold what a checkpoint must keep (nothing when the teacher is the student). The teacher runs in train mode
-    under no_grad, with the student's dropout mask.
+    Contract (`ctcore.components.Teacher`): `bind(student)` sets `self.network`; `decay(step, num_scales)` is
+    mu(k) (0 for theta^- = theta; num_scales is 0 without a curriculum); `update(student, step, num_scales)` runs
+    after each optimizer step; `state_dict()` / `load_state_dict()` hold what a checkpoint must keep (nothing when
+    the teacher is the student). Optional: `teacher_input(x, z, sigma_lo, sigma_hi, labels)`, the point where
+    theta^- is evaluated at sigma_lo, shaped like x (default x + sigma_lo z; cd: one ODE step of a diffusion model
+    from x + sigma_hi z) and `network_passes` (forward passes per image of another model it holds, for bench). The
+    teacher runs in train mode under no_grad, with the student's dropout mask.
     """
 
 

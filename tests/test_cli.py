@@ -127,6 +127,14 @@ def test_list_components_options_shows_defaults() -> None:
     result = invoke("list-components", "--kind", "noise_schedule", "--options", env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     assert result.stdout.split("\n\n") == [
+        '[noise_schedule] name = "ect"  (ctcore 0.1.0)\n'
+        "  ECT continuous pairs: t lognormal, r = t (1 - n(t)/q^a), a grows every d steps\n"
+        "  p_mean = -1.1  # in [-5, 5]\n"
+        "  p_std = 2.0  # in [0.01, 10]\n"
+        "  q = 2.0  # in (1, 1000]\n"
+        "  k = 8.0  # in [0, 1000]\n"
+        "  b = 1.0  # in [0, 1000]\n"
+        "  d = 25_000  # in [1, 1_000_000_000]",
         '[noise_schedule] name = "lognormal"  (ctcore 0.1.0)\n'
         "  iCT pair sampling: lognormal mass on [sigma_i, sigma_{i+1}]\n"
         "  p_mean = -1.1  # in [-20, 20]\n"
