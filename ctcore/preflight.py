@@ -541,6 +541,7 @@ class _Checks:
             sigmas = karras_sigmas(n, c.sigma_min, c.sigma_max, c.rho)
             try:
                 check_schedule_on_grid(type(schedule), schedule, sigmas)
+                check_pairs(type(schedule), schedule, 0, sigmas)
             except ContractViolation as exc:
                 raise self.refuse("noise_schedule", f"{exc.problem} (the recipe's grid: sigma_min "
                                                     f"{c.sigma_min}, sigma_max {c.sigma_max}, rho {c.rho})") from None

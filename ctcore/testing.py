@@ -328,6 +328,10 @@ def check_pairs(cls: type, schedule: Any, step: int, grid: torch.Tensor | None =
     """4096 pairs of one built schedule at `step` (on `grid` for a grid schedule), checked: float64 of shape
     (4096,), finite, 0 <= sigma_lo < sigma_hi, points of the grid, drawn only from the draw's generators; returns
     sigma_hi."""
+    if not callable(getattr(schedule, "pairs", None)) or not callable(getattr(schedule, "log_fields", None)):
+        raise _fail(cls, "needs methods pairs(draw) and log_fields(step) and a class attribute grid: subclass "
+                         "ctcore.components.NoiseScheduleBase for a grid schedule (see docs/plugins.md)")
+
     def draw(seed: int) -> tuple[Any, Any]:
         return schedule.pairs(PairDraw(step, 4096, grid, torch.Generator().manual_seed(seed),
                                        torch.Generator().manual_seed(seed + 1)))

@@ -162,6 +162,26 @@ class Unnormalised(NoiseScheduleBase):
         return torch.ones(sigmas.shape[0] - 1, dtype=torch.float64)
 
 
+class OldStyle:
+    """A schedule written against the protocol before pairs: probabilities and sample, no grid or pairs."""
+
+    name = "old-style"
+    summary = "probabilities and sample only"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options, context):
+        pass
+
+    def probabilities(self, sigmas):
+        return torch.full((sigmas.shape[0] - 1,), 1.0 / (sigmas.shape[0] - 1), dtype=torch.float64)
+
+    def sample(self, sigmas, batch_size, generator):
+        return torch.multinomial(self.probabilities(sigmas), batch_size, replacement=True, generator=generator)
+
+
 class Broken:
     name = "broken"
     summary = "raises KeyError"
@@ -225,7 +245,7 @@ def ctcore_register_metrics():
 
 @hookimpl
 def ctcore_register_noise_schedules():
-    return [parts.Unnormalised]
+    return [parts.Unnormalised, parts.OldStyle]
 
 
 @hookimpl
@@ -284,6 +304,11 @@ REFUSED = {
                               f"noise_schedule 'unnormalised' (from distribution '{DIST}'): probabilities() of a "
                               "3-point grid sums to 2.0, not 1 within 1e-9 (normalise in float64) (the recipe's "
                               "grid: sigma_min 0.002, sigma_max 80.0, rho 7.0)"),
+    "old-style-schedule": ({"noise_schedule": {"name": "old-style"}},
+                           f"noise_schedule 'old-style' (from distribution '{DIST}'): needs methods pairs(draw) and "
+                           "log_fields(step) and a class attribute grid: subclass ctcore.components.NoiseScheduleBase "
+                           "for a grid schedule (see docs/plugins.md) (the recipe's grid: sigma_min 0.002, sigma_max "
+                           "80.0, rho 7.0)"),
 }
 
 
