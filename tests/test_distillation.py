@@ -150,10 +150,10 @@ def test_the_cd_teacher_input_is_one_ode_step_of_the_checkpoints_denoiser(diffus
 WHERE = "set teacher.checkpoint to the run directory or checkpoint file of a run with objective 'edm'"
 
 
-@pytest.mark.parametrize("case", ["missing", "empty-dir", "consistency", "other-shape", "blank"])
+@pytest.mark.parametrize("case", ["missing", "empty-dir", "consistency", "other-shape", "blank", "too-long"])
 def test_a_teacher_checkpoint_that_is_not_a_diffusion_model_of_this_data_is_one_line_at_check(
         diffusion: Path, tmp_path: Path, case: str) -> None:
-    source = {"missing": tmp_path / "absent", "empty-dir": tmp_path / "empty", "blank": "",
+    source = {"missing": tmp_path / "absent", "empty-dir": tmp_path / "empty", "blank": "", "too-long": "x" * 300,
               "consistency": tmp_path / "ct", "other-shape": tmp_path / "edm2"}[case]
     if case == "empty-dir":
         source.mkdir()
@@ -173,6 +173,7 @@ def test_a_teacher_checkpoint_that_is_not_a_diffusion_model_of_this_data_is_one_
         "other-shape": f"{ckpt} models images of shape [3, 2, 2] with num_classes 0, but this run's data has shape "
                        "[3, 4, 4] with num_classes 0; distil a model of the same data",
         "blank": f"name the diffusion model to distil; {WHERE}, e.g. \"runs/quickstart_diffusion\"",
+        "too-long": f"{'x' * 300!r} cannot be looked up (File name too long); {WHERE}",
     }[case]
     recipe = write_tiny_recipe(tmp_path / "cd.toml", tmp_path / "cd", **tiny_cd(source))
     assert one_line_error(invoke("check", recipe)) == f"{recipe}: cannot build teacher 'cd': checkpoint: {problem}"
