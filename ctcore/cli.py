@@ -385,49 +385,50 @@ def check(
 ) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""
     with _errors(plugin_exit_code=2):
-        from ctcore.build import recipe_warm_start
-        from ctcore.errors import RunError, UsageError
         from ctcore.recipe import dump_recipe, read_recipe
 
         registry = _registry()
         recipe = read_recipe(recipe_path, registry, sets or [])
-        try:  # run.init_from names a readable checkpoint: a problem of this recipe, as its teacher's checkpoint
-            warm_start = recipe_warm_start(recipe, registry) if build else None
+        summary = _built_summary(recipe, registry) if build else "components not built (--no-build)"
+        typer.echo(dump_recipe(recipe), nl=False)  # only a recipe that passed every check is printed
+        _console(stderr=True).print(f"ok: {recipe_path} is valid; {summary}")
+
+
+def _built_summary(recipe, registry) -> str:
+    """Build and check every component (and run.init_from's weights, the data file) as a run would; what
+    `ctcore check` reports of them: parameters, data and memory. Problems raise UsageError, one line."""
+    from ctcore.build import recipe_warm_start
+    from ctcore.data import check_data_file, data_shape
+    from ctcore.errors import RunError, UsageError
+    from ctcore.files import human_bytes
+    from ctcore.preflight import preflight
+    from ctcore.reporting import build_loggers
+
+    try:  # run.init_from names a readable checkpoint: a problem of this recipe, as its teacher's checkpoint
+        warm_start = recipe_warm_start(recipe, registry)
+    except RunError as exc:
+        raise UsageError(f"{recipe.source}: {exc}") from None
+    build_loggers(recipe, registry)  # e.g. the tensorboard logger without its package
+    report = preflight(recipe, registry)  # every component on the meta device, checked and measured
+    if warm_start is not None:  # and its weights fit the recipe's network
+        try:
+            warm_start.load_into(report.built["network"], recipe, load=False)
         except RunError as exc:
             raise UsageError(f"{recipe.source}: {exc}") from None
-        typer.echo(dump_recipe(recipe), nl=False)
-        if not build:
-            _console(stderr=True).print(f"ok: {recipe_path} is valid; components not built (--no-build)")
-        if build:
-            from ctcore.data import check_data_file, data_shape
-            from ctcore.files import human_bytes
-            from ctcore.preflight import preflight
-            from ctcore.reporting import build_loggers
-
-            build_loggers(recipe, registry)  # e.g. the tensorboard logger without its package
-            report = preflight(recipe, registry)  # every component on the meta device, checked and measured
-            if warm_start is not None:  # and its weights fit the recipe's network
-                try:
-                    warm_start.load_into(report.built["network"], recipe, load=False)
-                except RunError as exc:
-                    raise UsageError(f"{recipe.source}: {exc}") from None
-            params = report.parameters
-            d = recipe.data
-            if d.source == "synthetic":
-                data_note = f"synthetic data, {d.num_images:,} images of shape {data_shape(d)}"
-            elif not Path(d.path).is_file():
-                data_note = (f"data file {d.path!r} does not exist yet: create it before training (an HDF5 file "
-                             f"with uint8 `images` shaped (N, {', '.join(map(str, data_shape(d)))})"
-                             f"{' and `labels`' if d.num_classes else ''})")
-            else:  # the file's structure, shape, classes, size in memory and labels, reading labels only
-                info = check_data_file(d)
-                data_note = f"data {d.path!r}: {info['count']:,} images of shape {info['shape']}"
-            m = report.memory
-            _console(stderr=True).print(
-                f"ok: {recipe_path} is valid; network {recipe.components['network'].name} has {params:,} "
-                f"parameters; {data_note}; training needs about {human_bytes(m.peak(report.on_cpu))} in one process "
-                f"({m.parts(m.names(report.on_cpu))})"
-            )
+    d = recipe.data
+    if d.source == "synthetic":
+        data_note = f"synthetic data, {d.num_images:,} images of shape {data_shape(d)}"
+    elif not Path(d.path).is_file():
+        data_note = (f"data file {d.path!r} does not exist yet: create it before training (an HDF5 file "
+                     f"with uint8 `images` shaped (N, {', '.join(map(str, data_shape(d)))})"
+                     f"{' and `labels`' if d.num_classes else ''})")
+    else:  # the file's structure, shape, classes, size in memory and labels, reading labels only
+        info = check_data_file(d)
+        data_note = f"data {d.path!r}: {info['count']:,} images of shape {info['shape']}"
+    m = report.memory
+    return (f"network {recipe.components['network'].name} has {report.parameters:,} parameters; {data_note}; "
+            f"training needs about {human_bytes(m.peak(report.on_cpu))} in one process "
+            f"({m.parts(m.names(report.on_cpu))})")
 
 
 @app.command()

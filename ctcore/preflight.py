@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -256,6 +257,9 @@ def build_components(recipe: Recipe, registry: Registry, device: str | torch.dev
                 with time_limit(limit, message, registry):
                     built[kind] = cls(spec.options, context)
             except (ValueError, TypeError) as exc:
+                text = str(exc)
+                if text.split(":", 1)[0] in attrs.fields_dict(type(spec.options)):  # "option: ..." names its key
+                    raise UsageError(f"{recipe.source}: {kind}.{text}") from None
                 raise UsageError(f"{recipe.source}: cannot build {kind} {spec.name!r}: {exc}") from None
     return built
 

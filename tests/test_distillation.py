@@ -176,7 +176,7 @@ def test_a_teacher_checkpoint_that_is_not_a_diffusion_model_of_this_data_is_one_
         "too-long": f"{'x' * 300!r} cannot be looked up (File name too long); {WHERE}",
     }[case]
     recipe = write_tiny_recipe(tmp_path / "cd.toml", tmp_path / "cd", **tiny_cd(source))
-    assert one_line_error(invoke("check", recipe)) == f"{recipe}: cannot build teacher 'cd': checkpoint: {problem}"
+    assert one_line_error(invoke("check", recipe)) == f"{recipe}: teacher.checkpoint: {problem}"
     assert not (tmp_path / "cd").exists()
     good = write_tiny_recipe(tmp_path / "good.toml", tmp_path / "good", **tiny_cd(diffusion))
     assert invoke("check", good).exit_code == 0  # the same recipe with the diffusion run passes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 import torch
 import typer
 import typer.testing
-from helpers import DIFFUSION, tiny_recipe_text
+from helpers import DIFFUSION, ECT, tiny_cd, tiny_recipe_text, train_tiny_diffusion
 from typer.testing import CliRunner
 
 import ctcore.cli as cli
@@ -54,6 +55,18 @@ def _diffusion_doc() -> dict[str, dict[str, Any]]:
 
 
 DIFFUSION_BASE = _diffusion_doc()
+
+
+def _resolved(**overrides: Any) -> dict[str, dict[str, Any]]:
+    """The tiny recipe with `overrides`, resolved (every key present)."""
+    return tomllib.loads(dump_recipe(parse_recipe(tiny_recipe_text("OUT", **FAST, **overrides), REGISTRY,
+                                                  source="base")))
+
+
+ECT_BASE = _resolved(**ECT)
+"""The tiny recipe as Easy Consistency Tuning: ect pairs (no curriculum), l2-norm, the EDM parameterization."""
+CD_BASE = _resolved(**tiny_cd(train_tiny_diffusion(Path(tempfile.mkdtemp(prefix="ctcore-hostile-")) / "edm")))
+"""The tiny recipe as consistency distillation of a tiny EDM run (trained once, outside any test's folder)."""
 
 NUMBERS: list[Any] = [0, -1, 2**63 - 1, -(2**63), 0.5, 5e-324, 1e300, -1e300, math.nan, math.inf, -math.inf]
 WRONG_TYPES: list[Any] = ["text", True, [], {"a": 1}]
@@ -131,18 +144,24 @@ def _mutations() -> list[tuple[str, Any]]:
     return cases
 
 
-def _diffusion_mutations() -> list[tuple[str, Any]]:
-    """Mutations of what only a diffusion recipe has: the edm objective's and the Heun sampler's options, the
-    [sampler] section dropped (the objective's default sampler), a consistency part added (refused)."""
+def _option_mutations(prefix: str, base: dict[str, dict[str, Any]], sections: tuple[str, ...]) -> list:
+    """Every option of `sections` in `base` set to each hostile value, dropped and misspelt, ids `prefix:...`."""
     cases: list[tuple[str, Any]] = []
-    for section in ("objective", "sampler"):
-        for key, value in DIFFUSION_BASE[section].items():
+    for section in sections:
+        for key, value in base[section].items():
             if key == "name":
                 continue
             for new in _values_for(value):
-                cases.append((f"edm:{section}.{key}={_toml(new)[:24]}", ("set", section, key, new)))
-            cases.append((f"edm:{section}.{key}:dropped", ("drop", section, key)))
-            cases.append((f"edm:{section}.{key}:misspelt", ("rename", section, key, key + "x")))
+                cases.append((f"{prefix}:{section}.{key}={_toml(new)[:24]}", ("set", section, key, new)))
+            cases.append((f"{prefix}:{section}.{key}:dropped", ("drop", section, key)))
+            cases.append((f"{prefix}:{section}.{key}:misspelt", ("rename", section, key, key + "x")))
+    return cases
+
+
+def _diffusion_mutations() -> list[tuple[str, Any]]:
+    """Mutations of what only a diffusion recipe has: the edm objective's and the Heun sampler's options, the
+    [sampler] section dropped (the objective's default sampler), a consistency part added (refused)."""
+    cases = _option_mutations("edm", DIFFUSION_BASE, ("objective", "sampler"))
     cases.append(("edm:[sampler]:dropped", ("drop", "sampler", None)))
     cases.append(("edm:[sampler]:consistency", ("set", None, "sampler", {"name": "consistency"})))
     for part, name in (("teacher", "no-ema"), ("metric", "l2"), ("curriculum", "constant"),
@@ -151,8 +170,16 @@ def _diffusion_mutations() -> list[tuple[str, Any]]:
     return cases
 
 
+def _distillation_mutations() -> list[tuple[str, Any]]:
+    """Mutations of the ect schedule's and the consistency objective's options (a curriculum added: refused)
+    and of the cd teacher's (its checkpoint path among them)."""
+    cases = _option_mutations("ect", ECT_BASE, ("noise_schedule", "objective"))
+    cases.append(("ect:[curriculum]:added", ("set", None, "curriculum", {"name": "constant"})))
+    return cases + _option_mutations("cd", CD_BASE, ("teacher",))
+
+
 MUTATIONS = _mutations()
-DIFFUSION_MUTATIONS = _diffusion_mutations()
+DIFFUSION_MUTATIONS = _diffusion_mutations() + _distillation_mutations()
 
 
 def _apply(how: tuple, out: Path, base: dict[str, dict[str, Any]] | None = None) -> bytes:
@@ -203,7 +230,7 @@ ACCEPTED: dict[str, bytes] = {}
 
 
 def _base_of(name: str) -> dict[str, dict[str, Any]]:
-    return DIFFUSION_BASE if name.startswith("edm:") else BASE
+    return {"edm": DIFFUSION_BASE, "ect": ECT_BASE, "cd": CD_BASE}.get(name.split(":")[0], BASE)
 
 
 @pytest.mark.parametrize(("name", "how"), MUTATIONS + DIFFUSION_MUTATIONS,
