@@ -572,8 +572,8 @@ def _components(conv: cattrs.Converter, data: dict[str, Any],
     # the objective's class even when its options have problems: which parts the recipe needs still follows
     objective = registry.get("objective", named) if named in registry.names("objective") else None
     uses = tuple(getattr(objective, "uses", OBJECTIVE_PARTS)) if objective is not None else OBJECTIVE_PARTS
+    continuous = _continuous_schedule(data.get("noise_schedule"), registry)
     for kind in OBJECTIVE_PARTS:
-        continuous = _continuous_schedule(data.get("noise_schedule"), registry)
         if kind == "curriculum" and kind in uses and continuous is not None:
             if kind in data:
                 problems.append(f"curriculum: noise schedule {continuous!r} draws continuous noise levels, without "

@@ -16,6 +16,7 @@ from torch import nn
 from ctcore import hookimpl
 from ctcore.components import BuildContext, WeightsUnavailable, path_text, within
 from ctcore.consistency import noised, pf_ode_step
+from ctcore.data import data_shape
 
 
 class NoEma:
@@ -143,18 +144,13 @@ class Distillation:
         registry, spec = load_registry(), self.recipe.components["network"]
         with torch.device(device):
             diffusion = registry.get("network", spec.name)(
-                spec.options, BuildContext(self.recipe_shape, self.recipe.data.num_classes,
+                spec.options, BuildContext(data_shape(self.recipe.data), self.recipe.data.num_classes,
                                            self.recipe.training.total_steps))
         if device.type != "meta":
             diffusion.load_state_dict(self.weights)
         self.diffusion = diffusion.eval().requires_grad_(False)
         objective = self.recipe.components["objective"]
         self.objective = registry.get("objective", objective.name)(objective.options, BuildContext())
-
-    @property
-    def recipe_shape(self) -> tuple[int, ...]:
-        d = self.recipe.data
-        return (d.channels, d.resolution, d.resolution)
 
     @property
     def network_passes(self) -> int:
@@ -248,7 +244,7 @@ def read_diffusion_checkpoint(options: Distillation.Options, context: BuildConte
         raise ValueError(f"checkpoint: {str(path)!r} holds a {objective.model} model (objective "
                          f"{objective.name!r}); consistency distillation needs a diffusion model: {where}")
     d = recipe.data
-    theirs = (d.channels, d.resolution, d.resolution)
+    theirs = data_shape(d)
     if context.data_shape is not None and (tuple(context.data_shape) != theirs or
                                            context.num_classes != d.num_classes):
         raise ValueError(f"checkpoint: {str(path)!r} models images of shape {list(theirs)} with num_classes "
