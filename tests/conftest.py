@@ -1,5 +1,6 @@
-"""Shared test setup: the `plugin_path` fixture (defined in plugin_env.py), one CPU thread per test, and a
-working directory outside the checkout for every test, whose data/ and runs/ the suite must leave untouched."""
+"""Shared test setup: the `plugin_path` fixture (defined in plugin_env.py), one CPU thread per test, a
+working directory outside the checkout for every test, whose data/ and runs/ the suite must leave untouched,
+and the installed components' `registry`."""
 
 import threading
 from collections.abc import Iterator
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO_ROOT, tree_state
+
+from ctcore import load_registry
+from ctcore.registry import Registry
 
 pytest_plugins = ["plugin_env"]
 
@@ -40,6 +44,12 @@ def _checkout_left_alone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 def _fresh_working_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts in its own empty folder: a relative path one test writes is never seen by the next."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    """The installed components, loaded once per test module through the real entry points."""
+    return load_registry()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,8 +1,10 @@
 """Small recipes for tests (a few training steps of a tiny MLP on tiny synthetic data, in seconds on CPU), and
-`tree_state`, which the suite uses to prove it leaves the checkout's data/ and runs/ alone."""
+`tree_state`, which the suite uses to prove it leaves the checkout's data/ and runs/ alone, and `snapshot`, the
+content of a folder for tests that prove a command left it unchanged."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,12 @@ def one_line_error(result: Any, code: int = 2) -> str:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0].removeprefix("error: ")
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def tree_state(root: Path) -> dict[str, tuple[int, int]]:

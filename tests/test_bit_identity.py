@@ -12,7 +12,6 @@ import pytest
 import torch
 from helpers import write_tiny_recipe
 
-import ctcore
 from ctcore.build import start_run
 from ctcore.consistency import denoise, karras_sigmas, pair_weights, shared_rng
 from ctcore.recipe import read_recipe
@@ -25,11 +24,6 @@ RECORDED = {  # 40 steps, run.threads 1, torch 2.13.0 CPU on AVX512, recorded at
     "quickstart_ct": "82b16b5f68d637bb1d06a76c2f2ff860e938ba882c5a05806d6250fcc6b13f5a",
 }
 RECORDED_ON = ("2.13.0", "AVX512")
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
 
 
 def state_digest(run) -> str:

@@ -4,7 +4,6 @@ deleted; a run killed before its first checkpoint restarts from step 0."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -15,10 +14,9 @@ import attrs
 import numpy as np
 import pytest
 import torch
-from helpers import write_tiny_recipe
+from helpers import snapshot, write_tiny_recipe
 from typer.testing import CliRunner, Result
 
-import ctcore
 from ctcore.build import resume_run, start_run
 from ctcore.checkpoints import list_checkpoints, load_checkpoint, validate_checkpoint
 from ctcore.cli import app
@@ -48,16 +46,6 @@ def clean_failure(result: Result, code: int = 1) -> list[str]:
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output and result.stdout == ""
     return result.stderr.splitlines()
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
 
 
 @pytest.fixture(scope="module")

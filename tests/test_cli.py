@@ -20,7 +20,7 @@ from pathlib import Path
 import attrs
 import pytest
 import torch
-from helpers import one_line_error, tiny_recipe_text, write_tiny_recipe
+from helpers import one_line_error, snapshot, tiny_recipe_text, write_tiny_recipe
 from PIL import Image
 from plugin_env import BUILTINS, EXAMPLE_PLUGIN_DIR, REPO_ROOT, fake_distribution
 from typer.testing import CliRunner, Result
@@ -51,12 +51,6 @@ def assert_clean_failure(result: Result, code: int) -> list[str]:
     assert "Traceback" not in result.output
     assert result.stderr.startswith("error: ")
     return result.stderr.splitlines()
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file below `folder`."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def table_rows(output: str) -> list[list[str]]:

@@ -283,7 +283,7 @@ def test_run_threads_is_applied_recorded_and_restored(tiny_run: Path) -> None:
 
 
 def test_sample_beyond_the_recipe_and_a_bad_grid_change_nothing(tiny_run: Path) -> None:
-    from test_cli import snapshot
+    from helpers import snapshot
 
     before = snapshot(tiny_run)
     for args, expected in [

@@ -10,12 +10,6 @@ from torch import nn
 
 import ctcore
 
-
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
-
-
 # ------------------------------------------------------------------------------------------ curricula
 
 

@@ -18,11 +18,6 @@ SIGMA_MIN, SIGMA_MAX, SIGMA_DATA, RHO = 0.002, 80.0, 0.5, 7.0
 SHEET_GRID_11 = [0.002, 0.0167, 0.0851, 0.3183, 0.9654, 2.5152, 5.8389, 12.3816, 24.4083, 45.3137, 80.0]
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
-
-
 def _mlp(registry, **options):
     torch.manual_seed(0)
     return registry.create("network", "mlp", data_shape=(1, 4, 4), zero_init_output=False, **options)

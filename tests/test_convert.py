@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 import ctcore
 from ctcore.cli import app
 from ctcore.convert import CONFIGS, ReleasedConfig, convert_openai_cm, released_name
-from ctcore.registry import load_registry
 from ctcore.sampling import sample_noise, to_uint8
 
 SMALL = ReleasedConfig(
@@ -214,11 +213,6 @@ def released_denoise(sd, cfg, x, sigma, y):
 
 
 # ------------------------------------------------------------------ tests
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry()
 
 
 def _inputs(cfg: ReleasedConfig, batch: int = 3):

@@ -30,11 +30,6 @@ from ctcore.training import train, train_step
 LAST = "ckpt-000000012.pt"
 
 
-@pytest.fixture(scope="module")
-def registry() -> ctcore.registry.Registry:
-    return ctcore.load_registry()
-
-
 def invoke(*args: object) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args])
 

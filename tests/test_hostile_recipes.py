@@ -9,7 +9,6 @@ byte-identical afterwards. A mutation that `check` accepts must then train: exit
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import tempfile
@@ -21,7 +20,7 @@ import pytest
 import torch
 import typer
 import typer.testing
-from helpers import DIFFUSION, ECT, tiny_cd, tiny_recipe_text, train_tiny_diffusion
+from helpers import DIFFUSION, ECT, snapshot, tiny_cd, tiny_recipe_text, train_tiny_diffusion
 from typer.testing import CliRunner
 
 import ctcore.cli as cli
@@ -208,11 +207,6 @@ def fast_cli(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     return CliRunner()
 
 
-def _files(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_the_corpus_is_large_and_covers_every_key() -> None:
     assert len(MUTATIONS) >= 500
     keys = {(how[1], how[2]) for _, how in MUTATIONS if how[0] == "set" and how[1] is not None}
@@ -241,11 +235,11 @@ def test_check_of_a_mutated_recipe_is_ok_or_one_line(tmp_path: Path, fast_cli: C
     recipe = tmp_path / "r.toml"
     recipe.write_bytes(_apply(how, out, _base_of(name)))
     (tmp_path / "notes.txt").write_text("a researcher's file next to the recipe\n", encoding="utf-8")
-    before = _files(tmp_path)
+    before = snapshot(tmp_path)
     result = fast_cli.invoke(cli.app, ["check", str(recipe)])
     assert "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit) or result.exception is None, repr(result.exception)
-    assert _files(tmp_path) == before and not out.exists()
+    assert snapshot(tmp_path) == before and not out.exists()
     if result.exit_code == 0:
         assert result.stderr.startswith(f"ok: {recipe} is valid;"), result.stderr
         ACCEPTED[name] = recipe.read_bytes()

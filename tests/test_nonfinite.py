@@ -13,17 +13,11 @@ import torch
 from helpers import write_tiny_recipe
 from torch import nn
 
-import ctcore
 from ctcore.build import resume_run, start_run
 from ctcore.checkpoints import load_checkpoint
 from ctcore.errors import RunError
 from ctcore.recipe import read_recipe
 from ctcore.training import TrainingDiverged, train
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
 
 
 class _NanGrad(torch.autograd.Function):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_tiny_recipe
+from helpers import snapshot, write_tiny_recipe
 from typer.testing import CliRunner, Result
 
-import ctcore
 from ctcore.build import EXTENSIBLE_KEYS, resume_run, start_run
 from ctcore.checkpoints import list_checkpoints
 from ctcore.cli import app
@@ -23,18 +21,8 @@ CONSTANT = {"name": "constant", "num_scales": 9}
 """A curriculum whose N(k) does not depend on training.total_steps: extending changes no step."""
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
-
-
 def invoke(*args: object) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def one_line_error(result: Result, code: int) -> str:

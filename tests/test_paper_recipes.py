@@ -6,16 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import ctcore
 from ctcore.build import build_components, recipe_differences
 from ctcore.recipe import Recipe, read_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
 
 
 def load(registry, name: str) -> Recipe:

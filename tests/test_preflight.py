@@ -7,7 +7,6 @@ traceback, and the files of a run that stops are left as they were (stats closed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import one_line_error as one_line_failure
-from helpers import write_tiny_recipe
+from helpers import snapshot, write_tiny_recipe
 from plugin_env import fake_distribution
 from typer.testing import CliRunner, Result
 
@@ -277,11 +276,6 @@ def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
 
 def recipe_with(tmp_path: Path, **sections) -> Path:
     return write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", **sections)
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------------- contracts refused at check and run

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import ctcore
 from ctcore.errors import RecipeError
 from ctcore.recipe import Recipe, _toml_string, dump_recipe, parse_recipe, read_recipe
 
@@ -29,11 +28,6 @@ name = "exponential"
 [teacher]
 name = "no-ema"
 """
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
 
 
 def _problems(text: str, registry) -> list[str]:

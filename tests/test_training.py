@@ -18,11 +18,6 @@ from ctcore.training import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
-
-
 def _train(tmp_path: Path, registry, name: str, stop_at: int | None = None, **overrides):
     recipe = read_recipe(write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, **overrides), registry)
     run = start_run(recipe, registry)

@@ -14,7 +14,6 @@ import torch
 from helpers import tree_state, write_tiny_recipe
 from typer.testing import CliRunner, Result
 
-import ctcore
 from ctcore.build import resume_run, start_run
 from ctcore.checkpoints import list_checkpoints, load_checkpoint
 from ctcore.cli import app
@@ -40,11 +39,6 @@ def one_line(result: Result, code: int) -> str:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return ctcore.load_registry()
 
 
 @pytest.fixture(scope="module")
