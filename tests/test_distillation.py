@@ -191,11 +191,11 @@ def ect(**options):
 
 
 def test_ect_pairs_are_the_papers_formulas_for_a_fixed_generator() -> None:
-    """t = exp(p_mean + p_std n), n(t) = 1 + k sigmoid(-b t), r = max(t (1 - n(t) / q^a), 0), a = 1 + floor(step / d),
-    by hand in Python floats for non-default options, at steps in stages 1, 1, 2 and 4."""
+    """t = exp(p_mean + p_std n), n(t) = 1 + k sigmoid(-b t), r = max(t (1 - n(t) / q^a), 0),
+    a = 1 + floor((step - 1) / d), by hand in Python floats for non-default options, at steps in stages 1, 1, 2, 4."""
     o = {"p_mean": -0.5, "p_std": 1.5, "q": 4.0, "k": 7.0, "b": 0.5, "d": 10}
     schedule = ect(**o)
-    for step, a in ((0, 1), (9, 1), (10, 2), (35, 4)):
+    for step, a in ((0, 1), (10, 1), (11, 2), (35, 4)):
         draw = PairDraw(step, 64, None, torch.Generator().manual_seed(99), torch.Generator().manual_seed(5))
         r, t = schedule.pairs(draw)
         assert r.dtype == t.dtype == torch.float64 and r.shape == t.shape == (64,)
@@ -215,17 +215,44 @@ def test_ect_stages_grow_every_d_steps_and_stop_at_two_to_the_20() -> None:
     keep that ratio, and t and r still differ in float32 far past it."""
     assert MAX_STAGE_BITS == 20
     schedule = ect(d=3)
-    assert [schedule.stage(s) for s in (0, 1, 2, 3, 5, 6, 59, 60, 10**9)] == [1, 1, 1, 2, 2, 3, 20, 21, 1 + 10**9 // 3]
+    assert [schedule.stage(s) for s in (0, 1, 3, 4, 6, 7, 60, 61, 10**9)] == [1, 1, 1, 2, 2, 3, 20, 21,
+                                                                           1 + (10**9 - 1) // 3]
     t = torch.tensor([0.002, 0.3, 5.0, 80.0], dtype=torch.float64)
     n_t = 1 + 8.0 * torch.sigmoid(-t)
-    for step, bits in ((0, 1), (3, 2), (57, 20), (60, 20), (10**9, 20)):
+    for step, bits in ((0, 1), (4, 2), (58, 20), (61, 20), (10**9, 20)):
         assert torch.equal(schedule.ratio(t, step), n_t / 2.0**bits), step
-    assert torch.equal(schedule.ratio(t, 54), 2 * schedule.ratio(t, 57))  # a = 19 -> 20 still halves
+    assert torch.equal(schedule.ratio(t, 55), 2 * schedule.ratio(t, 58))  # a = 19 -> 20 still halves
     q4 = ect(q=4.0, d=1)  # two bits a stage: a = 10 reaches the cap, a = 11 keeps it
-    assert torch.equal(q4.ratio(t, 9), q4.ratio(t, 10)) and torch.equal(q4.ratio(t, 8), 4 * q4.ratio(t, 9))
+    assert torch.equal(q4.ratio(t, 10), q4.ratio(t, 11)) and torch.equal(q4.ratio(t, 9), 4 * q4.ratio(t, 10))
     r, hi = schedule.pairs(PairDraw(10**9, 4096, None, torch.Generator(), torch.Generator().manual_seed(0)))
     assert (r.float() < hi.float()).all()
-    assert schedule.log_fields(10**9) == {"ect_stage": 1 + 10**9 // 3}
+    assert schedule.log_fields(10**9) == {"ect_stage": 1 + (10**9 - 1) // 3}
+
+
+def ect_code_stages(iterations: int, tick: int, double: int) -> list[int]:
+    """The stage (from 0) of each iteration k = 0, 1, ... as ECT's training loop sets it: its tick 0 is the first
+    iteration alone, tick j then ends at iteration 1 + j * tick (counted from 1), and after tick j the stage becomes
+    j // double (ct_training_loop.py: `new_stage = (cur_tick - 1) // double_ticks` after `cur_tick += 1`)."""
+    stages, stage, tick_index, tick_end = [], 0, 0, 1
+    for k in range(iterations):
+        stages.append(stage)
+        if k + 1 == tick_end:  # the iteration that ends tick `tick_index`
+            stage = max(stage, tick_index // double)
+            tick_index += 1
+            tick_end = 1 + tick_index * tick
+    return stages
+
+
+def test_ect_stages_begin_where_ects_training_loop_begins_them() -> None:
+    """ECT's CIFAR-10 run (--tick 12.8 kimg at batch 128 = 100 iterations, --double 250 ticks, so d = 25,000): its
+    stage 1 (ctcore's a = 2) begins at iteration 25,001 counted from 0, not 25,000; likewise every later stage, and
+    for a tick that does not divide d alike."""
+    schedule = ect(d=25_000)
+    code = ect_code_stages(75_003, tick=100, double=250)
+    assert code[25_000] == 0 and code[25_001] == 1 and code[50_001] == 2
+    assert [schedule.stage(k) for k in range(75_003)] == [1 + s for s in code]
+    small = ect(d=6)
+    assert [small.stage(k) for k in range(40)] == [1 + s for s in ect_code_stages(40, tick=3, double=2)]
 
 
 # -------------------------------------------------------------------------- the loss at sigma_lo = 0
@@ -298,7 +325,7 @@ def test_a_grid_recipe_without_a_curriculum_still_needs_one(tmp_path: Path) -> N
 
 def test_an_ect_run_trains_and_logs_its_stage_not_num_scales(diffusion: Path, tmp_path: Path) -> None:
     """The tiny ect recipe (d = 4) warm-started by run.init_from: records after steps 2..12 (k = 1..11) log
-    ect_stage 1 + k // 4 and no num_scales; the weights stay finite."""
+    ect_stage 1 + (k - 1) // 4 and no num_scales; the weights stay finite."""
     run = train_tiny(tmp_path, "ect", run={"init_from": str(diffusion)}, **ECT)
     assert run.step == 12 and "curriculum" not in run.recipe.components
     rows = records(tmp_path / "ect")
@@ -312,29 +339,56 @@ def test_an_ect_run_trains_and_logs_its_stage_not_num_scales(diffusion: Path, tm
 # ----------------------------------------------------------------------- parameterization and l2-norm
 
 
-@pytest.mark.parametrize("parameterization", ["cm", "edm"])
+@pytest.mark.parametrize("parameterization", ["cm", "edm", "ect"])
 def test_the_parameterization_picks_cms_or_edms_consistency_function(parameterization: str) -> None:
+    """cm trains and evaluates CM's f, edm EDM's; ect trains EDM's and evaluates CM's shifted by ect_sigma_min
+    (ECT's ECMPrecond in train and in eval mode)."""
     cls = REGISTRY.get("objective", "consistency")
-    objective = cls(cls.Options(parameterization=parameterization), BuildContext())
+    objective = cls(cls.Options(parameterization=parameterization, ect_sigma_min=0.05), BuildContext())
     constants = ConsistencySection(sigma_min=0.01, sigma_data=0.7)
     network = mlp(0)
     x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.01, 0.7, 40.0], dtype=torch.float64)
     with torch.no_grad():
-        got = objective.denoise(network, x, sigma, None, constants)
+        evaluated = objective.denoise(network, x, sigma, None, constants)
+        trained = objective.train_function(network, x, sigma, None, constants)
         edm = edm_denoise(network, x, sigma, None, 0.7)
         cm = denoise(network, x, sigma, None, sigma_min=0.01, sigma_data=0.7)
-    assert torch.equal(got, edm if parameterization == "edm" else cm)
-    assert not torch.allclose(edm, cm, atol=1e-4)
+        ect_eval = denoise(network, x, sigma, None, sigma_min=0.05, sigma_data=0.7)
+    assert torch.equal(trained, cm if parameterization == "cm" else edm)
+    assert torch.equal(evaluated, {"cm": cm, "edm": edm, "ect": ect_eval}[parameterization])
+    assert not torch.allclose(edm, cm, atol=1e-4) and not torch.allclose(ect_eval, cm, atol=1e-4)
     if parameterization == "cm":
-        assert torch.equal(got[0], x[0])  # f(x, sigma_min) = x
+        assert torch.equal(evaluated[0], x[0])  # f(x, sigma_min) = x
+
+
+def test_ects_evaluation_shift_is_its_ecmprecond_in_eval_mode() -> None:
+    """parameterization ect with the default ect_sigma_min 0.003 evaluates c_skip = sd^2 / ((s - 0.003)^2 + sd^2),
+    c_out = (s - 0.003) sd / sqrt(s^2 + sd^2), by hand; at sigma 0.821 its output differs from EDM's by about
+    0.35 % of the output's size (the difference the issue measured), far above float32 rounding."""
+    cls = REGISTRY.get("objective", "consistency")
+    objective = cls(cls.Options(parameterization="ect"), BuildContext())
+    assert objective.options.ect_sigma_min == 0.003
+    constants = ConsistencySection()
+    network = mlp(1)
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    s = torch.full((4,), 0.821, dtype=torch.float64)
+    with torch.no_grad():
+        got = objective.denoise(network, x, s, None, constants)
+        sd, sf = 0.5, 0.821
+        raw = network(x / math.sqrt(sf**2 + sd**2), torch.full((4,), 0.25 * math.log(sf)), None)
+        by_hand = sd**2 / ((sf - 0.003) ** 2 + sd**2) * x + (sf - 0.003) * sd / math.sqrt(sf**2 + sd**2) * raw
+        edm = objective.train_function(network, x, s, None, constants)
+    assert torch.allclose(got, by_hand, rtol=1e-5, atol=1e-6)
+    relative = float((got - edm).norm() / edm.norm())
+    assert 1e-3 < relative < 1e-2
 
 
 def test_a_bad_parameterization_is_one_line(tmp_path: Path) -> None:
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run",
                                objective={"name": "consistency", "parameterization": "karras"})
     assert one_line_error(invoke("check", recipe)) == (
-        f"{recipe}: objective.parameterization: must be one of 'cm', 'edm'; got 'karras'")
+        f"{recipe}: objective.parameterization: must be one of 'cm', 'edm', 'ect'; got 'karras'")
 
 
 def test_l2_norm_is_the_root_of_the_summed_squares_with_a_zero_gradient_at_equality() -> None:

@@ -103,6 +103,7 @@ RANGES = [
     ("teacher", "ema", "mu0", 0.0, 1.0, "[)"),
     ("teacher", "ema", "s0", 1, 1_000_000, "[]"),
     ("teacher", "cd", "mu", 0.0, 1.0, "[)"),
+    ("objective", "consistency", "ect_sigma_min", 0.0, 1.0, "[]"),
     ("objective", "edm", "p_mean", -20.0, 20.0, "[]"),
     ("objective", "edm", "p_std", 0.0, 20.0, "(]"),
     ("sampler", "heun", "steps", 1, 10_000, "[]"),
@@ -147,6 +148,8 @@ def _override(section: str, component: str | None, key: str, value: object) -> d
     if _is_tuple(field):
         value = [value, 0.5] if key == "betas" else [value]
     values = {key: value}
+    if section == "objective" and component == "consistency":  # the consistency recipe with its own objective
+        return {section: {"name": component, **values}}
     if section in ("objective", "sampler"):  # a diffusion recipe: the edm objective, no consistency parts
         return {**DIFFUSION, section: {"name": component, **values}}
     if component == "ect":  # continuous pairs: the recipe has no curriculum
@@ -200,7 +203,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 79  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 80  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)

@@ -88,7 +88,7 @@ MAX_STAGE_BITS = 20
 
 class Ect:
     """ECT: t = exp(P_mean + P_std n), n ~ N(0, 1); r = max(t (1 - n(t) / q^a), 0), n(t) = 1 + k sigmoid(-b t),
-    stage a = 1 + floor(step / d): the pair shrinks by q every d steps towards the continuous-time limit."""
+    stage a = 1 + floor((step - 1) / d): the pair shrinks by q every d steps towards the continuous-time limit."""
 
     name: ClassVar[str] = "ect"
     summary: ClassVar[str] = "ECT continuous pairs: t lognormal, r = t (1 - n(t)/q^a), a grows every d steps"
@@ -113,8 +113,10 @@ class Ect:
         self.options = options
 
     def stage(self, step: int) -> int:
-        """a = 1 + floor(step / d) (ECT's code divides by q^(stage + 1) with the stage counted from 0)."""
-        return 1 + max(step, 0) // self.options.d
+        """a = 1 + floor((step - 1) / d) for step k >= 1 (k counted from 0), 1 at k = 0: ECT's stages. Its code
+        divides by q^(stage + 1) with the stage counted from 0, and its first tick is a single iteration, so each
+        stage begins one iteration after a multiple of d (k = 25,001 is the first of stage 2 for d = 25,000)."""
+        return 1 + max(step - 1, 0) // self.options.d
 
     def ratio(self, t: torch.Tensor, step: int) -> torch.Tensor:
         """(t - r) / t before the clamp at r = 0: n(t) / q^a, with q^a at most 2^20 (past that t and r would

@@ -35,9 +35,16 @@ class Consistency:
 
     @attrs.frozen
     class Options:
-        parameterization: Literal["cm", "edm"] = attrs.field(default="cm", validator=one_of("cm", "edm"))
+        parameterization: Literal["cm", "edm", "ect"] = attrs.field(default="cm",
+                                                                   validator=one_of("cm", "edm", "ect"))
         """cm: c_skip = sd^2 / ((s - s_min)^2 + sd^2), so f(x, sigma_min) = x (CM, iCT); edm: EDM's c_skip and
-        c_out, so f(x, 0) = x and a diffusion denoiser is a consistency function to start from (ECT)."""
+        c_out, so f(x, 0) = x and a diffusion denoiser is a consistency function to start from; ect: EDM's while
+        training, and at evaluation (sample, eval, edit, search-sigmas, the run's grids and distances) CM's shifted
+        by ect_sigma_min, as ECT's ECMPrecond does in eval mode."""
+        ect_sigma_min: float = attrs.field(default=0.003, validator=within(
+            0.0, 1.0, "parameterization 'ect' only: the shift of c_skip and c_out at evaluation; ECT 0.003"))
+        """The sigma_min of ECT's evaluation-time parameterization (ECMPrecond's default 0.003, not the recipe's
+        consistency.sigma_min); used by parameterization 'ect' only."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options
@@ -75,7 +82,7 @@ class Consistency:
         target = batch.student if teacher.network is self.student else teacher.network
 
         def f(network: nn.Module, noisy: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Any:
-            return self.denoise(network, noisy, sigma, labels, c)
+            return self.train_function(network, noisy, sigma, labels, c)
 
         loss, _ = consistency_loss(batch.student, target, self.parts["metric"], x, batch.labels, sigma_lo, sigma_hi,
                                    z, weighting=c.weighting, f=f,
@@ -91,11 +98,21 @@ class Consistency:
         return {**fields, "teacher_decay": self.parts["teacher"].decay(step, n),
                 **self.parts["noise_schedule"].log_fields(step)}
 
+    def train_function(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
+                       constants: Any) -> torch.Tensor:
+        """f(x, sigma) as the loss trains it: CM's (cm) or EDM's (edm, ect) c_skip and c_out."""
+        if self.options.parameterization == "cm":
+            return denoise(network, x, sigma, labels, sigma_min=constants.sigma_min, sigma_data=constants.sigma_data)
+        return edm_denoise(network, x, sigma, labels, constants.sigma_data)
+
     def denoise(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
                 constants: Any) -> torch.Tensor:
-        if self.options.parameterization == "edm":
-            return edm_denoise(network, x, sigma, labels, constants.sigma_data)
-        return denoise(network, x, sigma, labels, sigma_min=constants.sigma_min, sigma_data=constants.sigma_data)
+        """f(x, sigma) as the model is evaluated: the training function, except that ECT evaluates CM's c_skip and
+        c_out shifted by ect_sigma_min (its ECMPrecond in eval mode)."""
+        if self.options.parameterization == "ect":
+            return denoise(network, x, sigma, labels, sigma_min=self.options.ect_sigma_min,
+                           sigma_data=constants.sigma_data)
+        return self.train_function(network, x, sigma, labels, constants)
 
 
 # ------------------------------------------------------------------------------------------------- EDM
