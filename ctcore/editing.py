@@ -523,15 +523,16 @@ def edit_from_checkpoint(
     """`ctcore edit`: check every input, edit (or interpolate), then write the store atomically under its lock and
     a grid (reference | degraded | result per row; interpolate: one row). Bad input raises UsageError, nothing
     written."""
-    from ctcore.consistency import denoise
     from ctcore.errors import RunError, UsageError
     from ctcore.files import output_lock
     from ctcore.images import save_grid
     from ctcore.sampling import (
         choose_labels,
         file_digest,
+        images_from_noise,
         load_sampling_network,
         load_sampling_plan,
+        recipe_model_function,
         require_consistency_model,
         write_sample_store,
     )
@@ -569,8 +570,8 @@ def edit_from_checkpoint(
 
     explicit_sigmas = sigmas is not None
     try:
-        checkpoint, state, recipe, sigmas, _ = load_sampling_plan(checkpoint, registry, sigmas=sigmas,
-                                                                  weights=weights)
+        checkpoint, state, recipe, sigmas, sampler = load_sampling_plan(checkpoint, registry, sigmas=sigmas,
+                                                                        weights=weights)
     except RunError as exc:
         if _FOREIGN[0] in exc.message:
             defect = exc.message.removesuffix(f"; {EARLIER_CHECKPOINT}")
@@ -598,7 +599,8 @@ def edit_from_checkpoint(
 
     inputs = source_labels = masks = None
     if task == "interpolate":
-        z, drawn, alphas = interpolation_noise(seeds[0], seeds[1], num, shape, len(sigmas), num_classes)
+        z, drawn, alphas = interpolation_noise(seeds[0], seeds[1], num, shape, sampler.noise_draws(sigmas),
+                                               num_classes)
         lab = drawn if class_labels is None else torch.tensor([class_labels[j % len(class_labels)]
                                                                for j in range(num)], dtype=torch.long)
     else:
@@ -632,9 +634,7 @@ def edit_from_checkpoint(
     require_buffers(parts, resolve_device(device or recipe.run.device), f"editing {count:,} images",
                     "choose fewer images (--indices, --num), or a smaller --batch-size")
     network, dev = load_sampling_network(checkpoint, state, recipe, registry, weights=weights, device=device)
-
-    def denoiser(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return denoise(network, x, s, y, sigma_min=c.sigma_min, sigma_data=c.sigma_data)
+    denoiser = recipe_model_function(recipe, registry, network)  # the objective's f, as sample and eval use it
 
     attrs: dict[str, object] = {"task": task, "checkpoint": str(checkpoint),
                                 "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"]),
@@ -643,11 +643,9 @@ def edit_from_checkpoint(
     with output_lock(out, "edit store", "ctcore edit"):
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose -o")
-        if task == "interpolate":
-            with torch.no_grad():
-                x = multistep_sample(denoiser, z.to(dev), sigmas, lab.to(dev) if num_classes else None,
-                                     sigma_min=c.sigma_min, clip=recipe.sampling.clip)
-            results = to_uint8(x).cpu()
+        if task == "interpolate":  # the recipe's sampler on the interpolated noise, exactly as `ctcore sample`
+            results = images_from_noise(denoiser, z.to(dev), sigmas, lab.to(dev) if num_classes else None,
+                                        sampler=sampler, levels=recipe.levels, clip=recipe.sampling.clip)
             attrs.update(seeds_interpolated=list(seeds), num=num)
             extra = {"alphas": torch.tensor(alphas, dtype=torch.float64)}
             write_sample_store(out, results, list(seeds), lab if num_classes else None, attrs, extra)

@@ -105,15 +105,25 @@ def generate(
             lab = torch.tensor([class_labels[j % len(class_labels)] for j in range(start, start + len(chunk))],
                                dtype=torch.long)
         y = lab.to(device) if num_classes > 0 else None
-        if sampler is None:
-            x = multistep_sample(denoiser, z, sigmas, y, sigma_min=sigma_min, clip=clip)
-        else:
-            x = sampler.sample(denoiser, z, list(sigmas), y, levels, clip)
-        images.append(to_uint8(x).cpu())
+        images.append(images_from_noise(denoiser, z, sigmas, y, sampler=sampler, levels=levels, clip=clip,
+                                        sigma_min=sigma_min))
         labels.append(lab)
         if progress is not None:
             progress(len(chunk))
     return torch.cat(images), torch.cat(labels)
+
+
+def images_from_noise(denoiser: Denoiser, z: torch.Tensor, sigmas: Sequence[float], labels: torch.Tensor | None, *,
+                      sampler: Any = None, levels: NoiseLevels | None = None, clip: bool = True,
+                      sigma_min: float = 0.002) -> torch.Tensor:
+    """uint8 images (on CPU) of one batch of noise `z` (noise_draws, B, ...): the sampler's `sample` (without one,
+    consistency multistep sampling). `ctcore sample`, eval, the sigma search, the run's grids and `ctcore edit
+    interpolate` all make images here, so one noise gives one image whichever command asks."""
+    if sampler is None:
+        x = multistep_sample(denoiser, z, sigmas, labels, sigma_min=sigma_min, clip=clip)
+    else:
+        x = sampler.sample(denoiser, z, list(sigmas), labels, levels, clip)
+    return to_uint8(x).cpu()
 
 
 def write_sample_store(path: str | Path, images: torch.Tensor, seeds: Sequence[int], labels: torch.Tensor | None,

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import tree_state, write_tiny_recipe
+from helpers import TINY, tree_state, write_tiny_recipe
 from PIL import Image
 from typer.testing import CliRunner, Result
 
@@ -250,6 +250,50 @@ def test_interpolation_endpoints_reproduce_ctcore_sample_bit_for_bit(run_dir: Pa
             with h5py.File(store) as f:
                 assert torch.equal(torch.from_numpy(f["images"][0]), image), (seed, sigmas)
         assert not torch.equal(images[0], images[-1])
+
+
+def consistency_functions() -> list[tuple[str, str]]:
+    """(objective, parameterization) for every installed objective that trains consistency models, with each value
+    its `parameterization` option takes ("" for an objective without one)."""
+    import typing
+
+    registry = load_registry()
+    found = []
+    for name in registry.names("objective"):
+        cls = registry.get("objective", name)
+        if cls.model != "consistency":
+            continue
+        hint = typing.get_type_hints(cls.Options).get("parameterization")
+        found += [(name, v) for v in typing.get_args(hint)] if hint is not None else [(name, "")]
+    return found
+
+
+def test_every_consistency_function_is_edited_as_it_is_sampled(tmp_path: Path) -> None:
+    """For every builtin consistency-type objective and parameterization (cm, edm, ect), `ctcore edit interpolate`
+    evaluates the objective's own function: its endpoints equal `ctcore sample` of the same seeds bit for bit, in
+    one step and in two (at sigma 0.821, where CM's and EDM's c_skip differ most)."""
+    combos = consistency_functions()
+    assert ("consistency", "cm") in combos and ("consistency", "edm") in combos and ("consistency", "ect") in combos
+    for objective, parameterization in combos:
+        options = {"name": objective, **({"parameterization": parameterization} if parameterization else {})}
+        run = tmp_path / f"{objective}-{parameterization}"
+        recipe = write_tiny_recipe(tmp_path / f"{run.name}.toml", run, objective=options,
+                                   network={**TINY["network"], "zero_init_output": False})
+        result = invoke("run", recipe, "--no-progress")
+        assert result.exit_code == 0, result.output
+        for sigmas in ([], ["--sigmas", "80,0.821"]):
+            out = tmp_path / "interp.h5"
+            result = invoke("edit", "interpolate", run, "--seeds", "3,11", "--num", 3, "-o", out, "--overwrite",
+                            *sigmas)
+            assert result.exit_code == 0, result.output
+            with h5py.File(out) as f:
+                images = torch.from_numpy(f["images"][...])
+            for seed, image in ((3, images[0]), (11, images[-1])):
+                store = tmp_path / "sample.h5"
+                result = invoke("sample", run, "--seed", seed, "-n", 1, "-o", store, "--overwrite", *sigmas)
+                assert result.exit_code == 0, result.output
+                with h5py.File(store) as f:
+                    assert torch.equal(torch.from_numpy(f["images"][0]), image), (parameterization, seed, sigmas)
 
 
 def test_stroke_editing_and_png_sources(run_dir: Path, tmp_path: Path) -> None:
