@@ -199,6 +199,23 @@ def _errors(plugin_exit_code: int = 1) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def _print_note(message: str) -> None:
+    """`note: <message>` on stderr (under torchrun only rank 0 prints)."""
+    import os
+
+    from rich.text import Text
+
+    quiet = os.environ.get("RANK", "0") != "0"
+    _console(stderr=True, quiet=quiet).print(Text("note: ", style="yellow") + Text(message))
+
+
+def _noted(recipe: Any) -> Any:
+    """The recipe, after printing its notes (what a --set of a component's name dropped)."""
+    for note in recipe.notes:
+        _print_note(note)
+    return recipe
+
+
 def _registry():
     from rich.text import Text
 
@@ -293,13 +310,13 @@ def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool, se
                     raise UsageError(f"--resume {target} names the run directory; drop --output-dir {output_dir}")
                 the_run = resume_run(None, registry, target, sets=sets)
             else:
-                recipe = read_recipe(target, registry, sets)
+                recipe = _noted(read_recipe(target, registry, sets))
                 the_run = resume_run(recipe, registry, output_dir_for(recipe, output_dir))
         else:
             if target.is_dir():
                 raise UsageError(f"{str(target)!r} is a directory: give a recipe file, or add --resume")
-            the_run = start_run(read_recipe(target, registry, sets), registry, output_dir, init_from=init_from,
-                                init_weights=init_weights or "eval-ema")
+            the_run = start_run(_noted(read_recipe(target, registry, sets)), registry, output_dir,
+                                init_from=init_from, init_weights=init_weights or "eval-ema")
         try:  # the run holds its directory's lock until it ends
             _train(the_run, resume, progress)
         finally:
@@ -388,7 +405,7 @@ def check(
         from ctcore.recipe import dump_recipe, read_recipe
 
         registry = _registry()
-        recipe = read_recipe(recipe_path, registry, sets or [])
+        recipe = _noted(read_recipe(recipe_path, registry, sets or []))
         summary = _built_summary(recipe, registry) if build else "components not built (--no-build)"
         typer.echo(dump_recipe(recipe), nl=False)  # only a recipe that passed every check is printed
         _console(stderr=True).print(f"ok: {recipe_path} is valid; {summary}")
@@ -479,6 +496,8 @@ def sweep(
                 problems += [message] if message not in problems else []
         if problems:
             raise RecipeError(str(recipe_path), problems)
+        for note in dict.fromkeys(n for recipe in recipes for n in recipe.notes):  # each distinct note once
+            _print_note(note)
         top = output_dir or output_dir_for(recipes[0])
         if list_checkpoints(top) or (top / "recipe.toml").is_file():
             raise RunError(f"{str(top)!r} holds a run, not a sweep; choose another sweep directory with --output-dir")

@@ -262,6 +262,9 @@ class Recipe:
     logging: LoggingSection = LoggingSection()
     loggers: dict[str, Any] = attrs.field(factory=dict)
     """Options of each logger in logging.backends, by name."""
+    notes: tuple[str, ...] = attrs.field(default=(), eq=False)
+    """What reading the recipe changed that the user should hear of (options a --set of a component's name dropped);
+    the CLI prints each as `note: ...`."""
 
     def section(self, name: str) -> Any:
         return self.components[name] if name in KINDS else getattr(self, name)
@@ -430,12 +433,13 @@ def parse_recipe(text: str, registry: Registry, source: str = "<recipe>", sets: 
         raise RecipeError(source, ["invalid TOML: arrays or tables nested too deeply"]) from None
     if not sets:
         return _validate(data, registry, source)
-    overrides = apply_overrides(data, sets)
+    overrides, notes = apply_overrides(data, sets)
     try:
         recipe = _validate(data, registry, source)
     except RecipeError as exc:
         raise RecipeError(source, [_blame(p, overrides) for p in exc.problems]) from None
-    return attrs.evolve(recipe, source=" ".join([source, *(f"--set {shlex.quote(s)}" for s in sets)]))
+    return attrs.evolve(recipe, source=" ".join([source, *(f"--set {shlex.quote(s)}" for s in sets)]),
+                        notes=tuple(notes))
 
 
 # ---------------------------------------------------------------------------------- command-line overrides
@@ -460,10 +464,16 @@ def parse_set_value(raw: str) -> Any:
     return doc["v"] if list(doc) == ["v"] else raw.strip()  # `1\nx = 2` is text, not a second key
 
 
-def apply_overrides(data: dict[str, Any], sets: Sequence[str]) -> dict[str, str]:
+def apply_overrides(data: dict[str, Any], sets: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     """Set each `section.key=value` of `sets` in a parsed recipe document (in place), before it is validated like
-    the file; returns {"section.key": the --set text} for naming a --set in errors. A key given twice is refused."""
+    the file; returns ({"section.key": the --set text} for naming a --set in errors, notes for the user). A key
+    given twice is refused.
+
+    A --set that changes a component's name (`--set curriculum.name=ct`) first resets that section to the new
+    component's defaults: the file's options belong to the component it named (exponential's s0 = 10 is no value
+    for ct), so they are dropped, and a note names them; the section's other --set keys then apply."""
     given: dict[str, str] = {}
+    parsed = []
     for text in sets:
         section, key, value = parse_set(text)
         path = f"{section}.{key}"
@@ -471,10 +481,34 @@ def apply_overrides(data: dict[str, Any], sets: Sequence[str]) -> dict[str, str]
             raise UsageError(f"--set {_printable(text)}: {_printable(path)} is already set by --set "
                              f"{_printable(given[path])}; give each key once")
         given[path] = text
+        parsed.append((section, key, value))
+    notes = []
+    for (section, key, value), text in zip(parsed, sets, strict=True):
+        table = data.get(section)
+        if key != "name" or section not in KINDS or not isinstance(table, dict) or table.get("name") == value:
+            continue
+        dropped = [k for k in table if k != "name" and f"{section}.{k}" not in given]
+        data[section] = {}
+        if dropped:
+            old = f" of {_printable(repr(table['name']))}" if isinstance(table.get("name"), str) else ""
+            shown = ", ".join(f"{_printable(k)} = {_shown_value(table[k])}" for k in dropped)
+            notes.append(f"--set {_printable(text)}: [{section}] takes the new component's defaults; dropped the "
+                         f"file's options{old}: {shown} (set any of them again with --set {section}.KEY=VALUE)")
+    for section, key, value in parsed:
         table = data.setdefault(section, {})
         if isinstance(table, dict):  # otherwise the file's own `section = value` is the problem reported
             table[key] = value
-    return given
+    return given, notes
+
+
+def _shown_value(value: Any) -> str:
+    """A dropped option's value as the recipe wrote it (TOML), shortened for a one-line note."""
+    try:
+        text = _toml_value(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = _printable(text)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _blame(problem: str, overrides: dict[str, str]) -> str:

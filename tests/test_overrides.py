@@ -153,6 +153,61 @@ def test_a_check_across_keys_names_the_set_whose_key_it_mentions(tmp_path):
     ]
 
 
+def _curriculum(stdout: str) -> list[str]:
+    """The [curriculum] section's lines of a resolved recipe as `ctcore check` prints it."""
+    lines = stdout.splitlines()
+    start = lines.index("[curriculum]")
+    return lines[start + 1 : lines.index("", start)]
+
+
+def test_setting_a_components_name_resets_its_section_to_the_new_components_defaults(tmp_path):
+    """`--set curriculum.name=ct` on a recipe whose [curriculum] is exponential (s0 = 10, s1 = 1280): ct's own
+    defaults (2, 150), not exponential's values, and a note naming the dropped keys; another --set of the section
+    still applies (in any order); a key of the old component no longer blocks the new one; the same name keeps
+    the file's options."""
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out",
+                               curriculum={"name": "exponential", "s0": 10, "s1": 1280})
+    note = ("note: --set curriculum.name=ct: [curriculum] takes the new component's defaults; dropped the file's "
+            "options of 'exponential': s0 = 10, s1 = 1280 (set any of them again with --set curriculum.KEY=VALUE)")
+    result = invoke("check", recipe, "--no-build", "--set", "curriculum.name=ct")
+    assert result.exit_code == 0, result.output
+    assert _curriculum(result.stdout) == ['name = "ct"', "s0 = 2", "s1 = 150"]
+    assert result.stderr.splitlines()[0] == note
+    result = invoke("check", recipe, "--no-build", "--set", "curriculum.s1=200", "--set", "curriculum.name=ct")
+    assert result.exit_code == 0, result.output
+    assert _curriculum(result.stdout) == ['name = "ct"', "s0 = 2", "s1 = 200"]
+    assert result.stderr.splitlines()[0] == (
+        "note: --set curriculum.name=ct: [curriculum] takes the new component's defaults; dropped the file's options "
+        "of 'exponential': s0 = 10 (set any of them again with --set curriculum.KEY=VALUE)")
+    result = invoke("check", recipe, "--no-build", "--set", "curriculum.name=constant", "--set",
+                    "curriculum.num_scales=1281")
+    assert result.exit_code == 0, result.output
+    assert _curriculum(result.stdout) == ['name = "constant"', "num_scales = 1281"]
+    result = invoke("check", recipe, "--no-build", "--set", "curriculum.name=exponential")
+    assert result.exit_code == 0, result.output
+    assert _curriculum(result.stdout) == ['name = "exponential"', "s0 = 10", "s1 = 1280"]
+    assert "note:" not in result.stderr
+
+
+def test_run_and_sweep_reset_a_renamed_component_alike(tmp_path, registry):
+    """run records the new component's defaults in recipe.toml and prints the note; sweep checks every point with
+    its own reset and prints each distinct note once."""
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", training={"total_steps": 2},
+                               curriculum={"name": "exponential", "s0": 3, "s1": 9})
+    result = invoke("run", recipe, "--set", "curriculum.name=ct", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "note: --set curriculum.name=ct: [curriculum] takes the new component's defaults; dropped the file's " \
+           "options of 'exponential': s0 = 3, s1 = 9" in result.stderr
+    stored = read_recipe(tmp_path / "out" / "recipe.toml", registry).components["curriculum"]
+    assert (stored.name, stored.options.s0, stored.options.s1) == ("ct", 2, 150)
+    result = invoke("sweep", recipe, "--set", "curriculum.name=ct,constant", "--set", "training.lr=1e-4,2e-4",
+                    "--dry-run", "-o", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert [n.split(":")[1] for n in notes] == [" --set curriculum.name=ct", " --set curriculum.name=constant"]
+    assert len(result.stdout.splitlines()) == 4
+
+
 # ------------------------------------------------------------------------------------------------- sweeps
 
 
