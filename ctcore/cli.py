@@ -377,13 +377,21 @@ def _train(the_run, resume: bool, progress: bool) -> None:
 
 
 def _print_summary(out, the_run, summary: dict) -> None:
+    import math
+
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"run {the_run.recipe.run.name}", show_header=False)
     table.add_row("steps", f"{summary['start_step']:,} -> {summary['step']:,}")
     table.add_row("time", f"{summary['seconds']:.1f} s")
+    skipped = summary.get("skipped_steps") or 0
+    if skipped:
+        table.add_row("skipped steps", f"{skipped:,} (non-finite loss or gradient)")
     if summary.get("loss") is not None:
-        table.add_row("loss (last interval)", f"{summary['loss']:.4g}")
+        loss = summary["loss"]
+        table.add_row("loss (last interval)", f"{loss:.4g}" if math.isfinite(loss) or not skipped
+                      else "none: every step of the interval was skipped")
     first, last = summary.get("initial_distance"), summary.get("final_distance")
     if first is not None and last is not None:
         start = "initial" if "init_from" in the_run.provenance else "untrained"
@@ -392,6 +400,8 @@ def _print_summary(out, the_run, summary: dict) -> None:
     table.add_row("run directory", str(the_run.out_dir))
     table.add_row("samples", str(the_run.out_dir / "samples"))
     out.print(_folded(table))
+    for warning in summary.get("warnings", []):
+        out.print(Text("warning: ", style="yellow") + Text(warning))
 
 
 @app.command()

@@ -25,7 +25,7 @@ import torch
 
 from ctcore.checkpoints import EARLIER_CHECKPOINT
 from ctcore.data import to_uint8
-from ctcore.sampling import Denoiser, multistep_sample, sample_noise
+from ctcore.sampling import Denoiser, NonFiniteOutputs, finite_outputs, multistep_sample, sample_noise
 
 LUMINANCE = (0.2989, 0.5870, 0.1140)
 """ITU-R 601 luma weights of R, G, B, as the CM paper's colorization uses them."""
@@ -251,13 +251,14 @@ def edit(
 
     The noise is (len(sigmas), B, C, H, W) standard normals drawn from `generator`, or `noise` as given (the CLI
     passes each sample's seeded draws, as `ctcore sample` makes them). The first step noises `init` (default:
-    the reference's known components alone, line 2; stroke editing passes the whole painting)."""
+    the reference's known components alone, line 2; stroke editing passes the whole painting). A non-finite network
+    output raises NonFiniteOutputs."""
     if noise is None:
         noise = torch.randn((len(sigmas), *reference.shape), generator=generator).to(reference.device)
     mask = transform.mask if mask is None else mask
     start = transform.known_only(reference, mask) if init is None else init
-    x = multistep_sample(denoiser, noise, sigmas, labels, sigma_min=sigma_min, clip=clip, start=start,
-                         project=lambda x: transform.replace(x, reference, mask))
+    x = multistep_sample(finite_outputs(denoiser), noise, sigmas, labels, sigma_min=sigma_min, clip=clip,
+                         start=start, project=lambda x: transform.replace(x, reference, mask))
     return transform.fit(x)
 
 
@@ -292,8 +293,11 @@ def edit_images(
             lab = labels[start : start + len(chunk)].long()
         ref = references[start : start + len(chunk)].to(device).float().div(127.5).sub(1.0)
         mask = None if masks is None else masks[start : start + len(chunk)].to(device).float()
-        x = edit(denoiser, ref, transform, mask, sigmas, noise=z, labels=lab.to(device) if num_classes else None,
-                 init=ref if from_reference else None, sigma_min=sigma_min, clip=clip)
+        try:
+            x = edit(denoiser, ref, transform, mask, sigmas, noise=z, labels=lab.to(device) if num_classes else None,
+                     init=ref if from_reference else None, sigma_min=sigma_min, clip=clip)
+        except NonFiniteOutputs as failure:
+            raise failure.with_seeds(chunk) from None
         out.append(to_uint8(x).cpu())
         used.append(lab)
     return torch.cat(out), torch.cat(used)
@@ -532,6 +536,7 @@ def edit_from_checkpoint(
         images_from_noise,
         load_sampling_network,
         load_sampling_plan,
+        nonfinite_error,
         recipe_model_function,
         require_consistency_model,
         write_sample_store,
@@ -644,8 +649,11 @@ def edit_from_checkpoint(
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose -o")
         if task == "interpolate":  # the recipe's sampler on the interpolated noise, exactly as `ctcore sample`
-            results = images_from_noise(denoiser, z.to(dev), sigmas, lab.to(dev) if num_classes else None,
-                                        sampler=sampler, levels=recipe.levels, clip=recipe.sampling.clip)
+            try:
+                results = images_from_noise(denoiser, z.to(dev), sigmas, lab.to(dev) if num_classes else None,
+                                            sampler=sampler, levels=recipe.levels, clip=recipe.sampling.clip)
+            except NonFiniteOutputs as failure:
+                raise nonfinite_error(failure, checkpoint) from None
             attrs.update(seeds_interpolated=list(seeds), num=num)
             extra = {"alphas": torch.tensor(alphas, dtype=torch.float64)}
             write_sample_store(out, results, list(seeds), lab if num_classes else None, attrs, extra)
@@ -662,10 +670,13 @@ def edit_from_checkpoint(
             transform, step_masks = superres(factor, r), None
         else:
             transform, step_masks = inpaint(torch.zeros(1, 1, r, r)), None
-        results, used = edit_images(denoiser, inputs, transform, step_masks, sigmas, sample_seeds,
-                                    num_classes=num_classes, labels=lab, from_reference=task == "stroke",
-                                    sigma_min=c.sigma_min, clip=recipe.sampling.clip, batch_size=batch_size,
-                                    device=dev)
+        try:
+            results, used = edit_images(denoiser, inputs, transform, step_masks, sigmas, sample_seeds,
+                                        num_classes=num_classes, labels=lab, from_reference=task == "stroke",
+                                        sigma_min=c.sigma_min, clip=recipe.sampling.clip, batch_size=batch_size,
+                                        device=dev)
+        except NonFiniteOutputs as failure:
+            raise nonfinite_error(failure, checkpoint) from None
         stored_masks = masks if masks is not None else torch.zeros((len(inputs), 1, r, r), dtype=torch.uint8)
         attrs.update(transform={"inpaint": "identity", "colorize": "luminance", "superres": "patch-mean",
                                 "stroke": "identity"}[task], factor=int(factor or 1),

@@ -73,10 +73,12 @@ def distance_evaluator(checkpoint: str | Path, registry, *, num_samples: int | N
     """
     from ctcore.data import load_data
     from ctcore.sampling import (
+        NonFiniteOutputs,
         file_digest,
         generate,
         load_sampling_network,
         load_sampling_plan,
+        nonfinite_error,
         recipe_model_function,
         sampling_batch,
     )
@@ -99,10 +101,13 @@ def distance_evaluator(checkpoint: str | Path, registry, *, num_samples: int | N
     denoiser = recipe_model_function(recipe, registry, network)
 
     def distance(plan: Sequence[float]) -> float:
-        images, _ = generate(denoiser, shape, list(range(seed, seed + n)), [float(v) for v in plan],
-                             num_classes=state["provenance"]["num_classes"], sigma_min=c.sigma_min,
-                             clip=recipe.sampling.clip, batch_size=batch, device=dev, sampler=chosen,
-                             levels=recipe.levels)
+        try:
+            images, _ = generate(denoiser, shape, list(range(seed, seed + n)), [float(v) for v in plan],
+                                 num_classes=state["provenance"]["num_classes"], sigma_min=c.sigma_min,
+                                 clip=recipe.sampling.clip, batch_size=batch, device=dev, sampler=chosen,
+                                 levels=recipe.levels)
+        except NonFiniteOutputs as failure:
+            raise nonfinite_error(failure, checkpoint) from None
         return distance_to_data(images, data, e.num_projections)
 
     d = recipe.data

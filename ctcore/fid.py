@@ -403,7 +403,13 @@ def fid_evaluator(
     check of `evaluate_checkpoint` done and the network, Inception and statistics loaded once; fid_of returns
     `fid_of_denoiser`'s result for samples seed .. seed + num_samples - 1, the same seeds for any sigmas."""
     from ctcore.distributed import setup
-    from ctcore.sampling import load_sampling_network, load_sampling_plan, recipe_model_function
+    from ctcore.sampling import (
+        NonFiniteOutputs,
+        load_sampling_network,
+        load_sampling_plan,
+        nonfinite_error,
+        recipe_model_function,
+    )
 
     if num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
@@ -447,12 +453,15 @@ def fid_evaluator(
     denoiser = recipe_model_function(recipe, registry, network)
 
     def fid_of(plan: Sequence[float], progress: bool = False) -> dict[str, Any]:
-        return fid_of_denoiser(denoiser, shape, [float(v) for v in plan], inception=model, ref=ref,
-                               sampler=sampler, levels=recipe.levels,
-                               num_samples=num_samples, num_classes=num_classes, sigma_min=c.sigma_min,
-                               clip=recipe.sampling.clip, seed=seed, batch_size=batch_size, device=dev,
-                               progress=progress, is_splits=is_splits, world=world, protocol=fid_protocol,
-                               is_split=is_split, is_split_seed=is_split_seed)
+        try:
+            return fid_of_denoiser(denoiser, shape, [float(v) for v in plan], inception=model, ref=ref,
+                                   sampler=sampler, levels=recipe.levels,
+                                   num_samples=num_samples, num_classes=num_classes, sigma_min=c.sigma_min,
+                                   clip=recipe.sampling.clip, seed=seed, batch_size=batch_size, device=dev,
+                                   progress=progress, is_splits=is_splits, world=world, protocol=fid_protocol,
+                                   is_split=is_split, is_split_seed=is_split_seed)
+        except NonFiniteOutputs as failure:
+            raise nonfinite_error(failure, checkpoint) from None
 
     from ctcore.sampling import file_digest
 
@@ -474,25 +483,31 @@ def sample_features(denoiser: Any, shape: Sequence[int], sigmas: Sequence[float]
     so every rank ends with the statistics of all samples.
     """
     from ctcore.distributed import gather_rows
-    from ctcore.sampling import generate
+    from ctcore.sampling import NonFiniteOutputs, generate, raise_nonfinite_together
 
     dev = torch.device(device)
     acc = FeatureAccumulator(device=dev if dev.type == "cuda" else "cpu")
     seeds = list(range(seed, seed + num_samples))[world.share(num_samples)]
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # this rank's features, gathered at the end
     bar, task = _progress(progress and world.is_main, f"FID {len(sigmas)}-step", len(seeds))
+    failure = None
     with bar:
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
-            images, _ = generate(denoiser, shape, chunk, sigmas, sampler=sampler, levels=levels,
-                                 num_classes=num_classes, sigma_min=sigma_min,
-                                 clip=clip, batch_size=len(chunk), device=dev)
+            try:
+                images, _ = generate(denoiser, shape, chunk, sigmas, sampler=sampler, levels=levels,
+                                     num_classes=num_classes, sigma_min=sigma_min,
+                                     clip=clip, batch_size=len(chunk), device=dev)
+            except NonFiniteOutputs as exc:
+                failure = exc
+                break
             features, logits = inception_outputs(inception, images, dev, protocol)
             if world.distributed:
                 kept.append((features.float(), logits.float()))
             else:
                 acc.update(features, logits)
             bar.advance(task, len(chunk))
+    raise_nonfinite_together(world, failure)  # all ranks stop together, before any of them gathers
     if world.distributed:
         empty = torch.zeros((0, FEATURE_DIM), device=dev), torch.zeros((0, NUM_LOGITS), device=dev)
         features, logits = (torch.cat(parts) for parts in zip(*kept, strict=True)) if kept else empty

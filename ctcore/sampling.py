@@ -28,6 +28,66 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 """f(x, sigma per sample, labels) -> denoised x."""
 
 
+class NonFiniteOutputs(Exception):
+    """A network evaluation gave non-finite outputs (an overflow, a NaN): at which sigma, for how many of the
+    batch's samples, and (where known) their seeds. Commands turn it into one line naming the checkpoint; a
+    training run logs it as a warning."""
+
+    def __init__(self, sigma: float, rows: Sequence[int], total: int, seeds: Sequence[int] | None = None) -> None:
+        self.sigma, self.rows, self.total = float(sigma), list(rows), int(total)
+        self.seeds = None if seeds is None else [int(s) for s in seeds]
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        """`non-finite outputs at sigma 80 for 3 of 64 samples of a batch (seeds 5, 9, 12)`."""
+        text = f"non-finite outputs at sigma {self.sigma:g} for {len(self.rows):,} of {self.total:,} samples of a batch"
+        if self.seeds:
+            shown = ", ".join(map(str, self.seeds[:3])) + (", ..." if len(self.seeds) > 3 else "")
+            text += f" (seed{'s' if len(self.seeds) > 1 else ''} {shown})"
+        return text
+
+    def with_seeds(self, seeds: Sequence[int]) -> NonFiniteOutputs:
+        """The same failure with the seeds of its rows, for a batch made from `seeds` (one per row)."""
+        return NonFiniteOutputs(self.sigma, self.rows, self.total, [seeds[i] for i in self.rows])
+
+
+def finite_outputs(denoiser: Denoiser) -> Denoiser:
+    """The model function, raising NonFiniteOutputs as soon as an output holds a NaN or an infinity (before any clamp
+    could turn an overflow into a white pixel). One scalar is read from the device per network evaluation."""
+
+    def checked(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        out = denoiser(x, sigma, labels)
+        bad = ~torch.isfinite(out).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise NonFiniteOutputs(float(sigma.flatten()[rows[0]]), rows, len(bad))
+        return out
+
+    return checked
+
+
+def nonfinite_error(failure: NonFiniteOutputs, checkpoint: str | Path) -> Exception:
+    """The one line a command stops with (exit 1) when a checkpoint's network gives non-finite outputs."""
+    from ctcore.errors import RunError
+
+    return RunError(f"checkpoint {str(checkpoint)!r} gives {failure.describe()}: its weights are finite, but its "
+                    "network overflows or returns NaN there; nothing was written. Try another checkpoint of the run "
+                    "(or --weights student), or other --sigmas")
+
+
+def raise_nonfinite_together(world: Any, failure: NonFiniteOutputs | None) -> None:
+    """Under torchrun, raise on every rank the first rank's NonFiniteOutputs (so no rank waits in a collective for
+    one that stopped); a single process raises its own. Returns when no rank failed."""
+    from ctcore.distributed import gather_objects
+
+    found = [failure] if not world.distributed else [
+        None if f is None else NonFiniteOutputs(*f) for f in gather_objects(
+            world, None if failure is None else (failure.sigma, failure.rows, failure.total, failure.seeds))]
+    first = next((f for f in found if f is not None), None)
+    if first is not None:
+        raise first
+
+
 def sample_noise(seed: int, shape: Sequence[int], num_steps: int, num_classes: int) -> tuple[torch.Tensor, int]:
     """The noise of one sample: (num_steps, *shape) standard normals and a label (-1 if unconditional)."""
     g = torch.Generator().manual_seed(int(seed))
@@ -105,8 +165,11 @@ def generate(
             lab = torch.tensor([class_labels[j % len(class_labels)] for j in range(start, start + len(chunk))],
                                dtype=torch.long)
         y = lab.to(device) if num_classes > 0 else None
-        images.append(images_from_noise(denoiser, z, sigmas, y, sampler=sampler, levels=levels, clip=clip,
-                                        sigma_min=sigma_min))
+        try:
+            images.append(images_from_noise(denoiser, z, sigmas, y, sampler=sampler, levels=levels, clip=clip,
+                                            sigma_min=sigma_min))
+        except NonFiniteOutputs as failure:
+            raise failure.with_seeds(chunk) from None
         labels.append(lab)
         if progress is not None:
             progress(len(chunk))
@@ -118,7 +181,9 @@ def images_from_noise(denoiser: Denoiser, z: torch.Tensor, sigmas: Sequence[floa
                       sigma_min: float = 0.002) -> torch.Tensor:
     """uint8 images (on CPU) of one batch of noise `z` (noise_draws, B, ...): the sampler's `sample` (without one,
     consistency multistep sampling). `ctcore sample`, eval, the sigma search, the run's grids and `ctcore edit
-    interpolate` all make images here, so one noise gives one image whichever command asks."""
+    interpolate` all make images here, so one noise gives one image whichever command asks. Every network output
+    is checked (`finite_outputs`): NonFiniteOutputs rather than black or white images."""
+    denoiser = finite_outputs(denoiser)
     if sampler is None:
         x = multistep_sample(denoiser, z, sigmas, labels, sigma_min=sigma_min, clip=clip)
     else:
@@ -336,12 +401,15 @@ def sample_from_checkpoint(
     with output_lock(out, "sample store", "ctcore sample"):  # one process at a time checks and writes it
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
-        images, drawn = generate(
-            recipe_model_function(recipe, registry, network),
-            tuple(prov["data_shape"]), seeds, sigmas, num_classes=prov["num_classes"], sigma_min=c.sigma_min,
-            clip=recipe.sampling.clip, batch_size=batch_size, device=dev, class_labels=class_labels,
-            sampler=chosen, levels=recipe.levels,
-        )
+        try:
+            images, drawn = generate(
+                recipe_model_function(recipe, registry, network),
+                tuple(prov["data_shape"]), seeds, sigmas, num_classes=prov["num_classes"], sigma_min=c.sigma_min,
+                clip=recipe.sampling.clip, batch_size=batch_size, device=dev, class_labels=class_labels,
+                sampler=chosen, levels=recipe.levels,
+            )
+        except NonFiniteOutputs as failure:
+            raise nonfinite_error(failure, checkpoint) from None
         attrs = {
             "recipe": state["recipe"],
             "checkpoint": str(checkpoint),
@@ -419,16 +487,22 @@ def sampling_batch(recipe: Recipe) -> int:
 
 
 def sample_with(run: Run, network: nn.Module, sigmas: list[float], seeds: list[int]) -> torch.Tensor:
-    """uint8 samples for `seeds` (on CPU); under torchrun each rank makes its share and all ranks get all."""
+    """uint8 samples for `seeds` (on CPU); under torchrun each rank makes its share and all ranks get all.
+    Non-finite network outputs on any rank raise NonFiniteOutputs on every rank."""
     from ctcore.distributed import gather_rows
 
     mine = seeds[run.world.share(len(seeds))]
     images = torch.zeros((0, *run.data.shape), dtype=torch.uint8)
+    failure = None
     if mine:
-        images, _ = generate(run.denoiser(network), run.data.shape, mine, sigmas, num_classes=run.data.num_classes,
-                             sigma_min=run.recipe.consistency.sigma_min, clip=run.recipe.sampling.clip,
-                             device=run.device, batch_size=sampling_batch(run.recipe), sampler=run.sampler,
-                             levels=run.recipe.levels)
+        try:
+            images, _ = generate(run.denoiser(network), run.data.shape, mine, sigmas,
+                                 num_classes=run.data.num_classes, sigma_min=run.recipe.consistency.sigma_min,
+                                 clip=run.recipe.sampling.clip, device=run.device,
+                                 batch_size=sampling_batch(run.recipe), sampler=run.sampler, levels=run.recipe.levels)
+        except NonFiniteOutputs as exc:
+            failure = exc
+    raise_nonfinite_together(run.world, failure)  # every rank raises, or none: then all gather
     return gather_rows(run.world, images, len(seeds))
 
 

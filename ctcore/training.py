@@ -24,7 +24,7 @@ from ctcore.errors import RunError
 from ctcore.evaluation import evaluate_distance
 from ctcore.fid import evaluate_fid, load_fid_tools
 from ctcore.reporting import RunLog, build_loggers, is_live, plot_fid, progress_bar, progress_line
-from ctcore.sampling import save_samples
+from ctcore.sampling import NonFiniteOutputs, save_samples
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -178,13 +178,27 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                            tomllib.loads(run.recipe_text))
     else:
         log = RunLog()
-    summary: dict[str, Any] = {"start_step": run.step}
+    summary: dict[str, Any] = {"start_step": run.step, "warnings": []}
     started = time.perf_counter()
     finished = False
+
+    def measured(what: str, measure: Any) -> Any:
+        """measure() of the eval EMA (a distance, sample grids, FID), or None with a warning in the log, on stderr
+        and in the summary when its network outputs are not finite: the run goes on and may recover."""
+        try:
+            return measure()
+        except NonFiniteOutputs as failure:
+            message = (f"no {what} at step {run.step:,}: the eval EMA gives {failure.describe()}; training goes on")
+            log({"event": "warning", "step": run.step, "about": what, "warning": message})
+            summary["warnings"].append(message)
+            if world.is_main:
+                console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+            return None
+
     with flush_denormals(run.device.type == "cpu"):
         try:
             if run.initial_distance is None and run.step == 0:
-                run.initial_distance = evaluate_distance(run)
+                run.initial_distance = measured("sliced Wasserstein distance", lambda: evaluate_distance(run))
                 if run.initial_distance is not None:
                     log({"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
             e = run.recipe.evaluation
@@ -205,6 +219,7 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
             loop_started, first_step = last_time, run.step  # for the ETA of the plain progress lines
             plain_lines = progress and world.is_main and not is_live(console)
             last_loss = None
+            skipped = 0  # steps of this call skipped as non-finite
             with progress_bar(progress and world.is_main, console) as bar, stop_on_signals(handle_signals) as signals:
                 task = bar.add_task("training", total=end, completed=run.step, loss="-", scales="-", speed="-")
                 while run.step < end:
@@ -214,6 +229,7 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         loss_acc += loss.double()
                         acc_count += 1
                     else:
+                        skipped += 1
                         log({"event": "nonfinite", "step": k, "loss": float(loss),
                              "consecutive": run.nonfinite_run, "last_good_step": run.last_good_step})
                         if run.nonfinite_run >= t.max_nonfinite_steps:
@@ -239,16 +255,18 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         run.loss_sum, run.loss_count = 0.0, 0
                         last_step = k
                     if k % t.sample_every == 0 or k == end:
-                        path = save_samples(run)
-                        log({"event": "samples", "step": k, "path": str(path)})
+                        path = measured("sample grid", lambda: save_samples(run))
+                        if path is not None:
+                            log({"event": "samples", "step": k, "path": str(path)})
                     if fid_tools is not None and (k % e.fid_every == 0 or k == t.total_steps):
-                        result = evaluate_fid(run, fid_tools)
-                        log({"event": "fid", "step": k, "fid": result["fid"],
-                                           "num_samples": e.fid_num_samples, "steps": e.fid_steps,
-                                           "inception_score": result["inception_score"],
-                                           "fid_protocol": e.fid_protocol, "is_split": e.is_split})
-                        if world.is_main:
-                            plot_fid(run.out_dir)
+                        result = measured("FID", lambda: evaluate_fid(run, fid_tools))
+                        if result is not None:
+                            log({"event": "fid", "step": k, "fid": result["fid"],
+                                 "num_samples": e.fid_num_samples, "steps": e.fid_steps,
+                                 "inception_score": result["inception_score"],
+                                 "fid_protocol": e.fid_protocol, "is_split": e.is_split})
+                            if world.is_main:
+                                plot_fid(run.out_dir)
                     if k % t.checkpoint_every == 0 or k == end:
                         fold_losses()  # a partial log interval survives a resume
                         path = save_checkpoint(run)
@@ -263,8 +281,14 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                     if k == last_step:  # img/s measures training: restart the clock after logging and file writes
                         last_time = time.perf_counter()
             summary["loss"] = last_loss
+            summary["skipped_steps"] = skipped
+            if skipped and skipped == run.step - summary["start_step"]:
+                summary["warnings"].append(
+                    f"every one of the {skipped:,} steps was skipped: each had a non-finite loss or gradient, so the "
+                    f"weights are still those of step {run.last_good_step:,}; see the `nonfinite` events in "
+                    f"{run.out_dir / 'stats.jsonl'}, and start again with a lower training.lr or a training.grad_clip")
             if run.step >= t.total_steps and run.step > summary["start_step"]:
-                final = evaluate_distance(run)
+                final = measured("sliced Wasserstein distance", lambda: evaluate_distance(run))
                 summary["final_distance"] = final
                 if final is not None:
                     log({"event": "distance", "step": run.step, "sliced_wasserstein": final})

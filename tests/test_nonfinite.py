@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import write_tiny_recipe
@@ -165,3 +166,149 @@ def test_a_diverging_run_exits_1_with_one_line_and_a_checkpoint(tmp_path):
     state = load_checkpoint(ckpt)
     assert all(torch.isfinite(v).all() for v in state["student"].values())
     assert state["last_good_step"] == 2
+
+
+# ------------------------------------------------------------------ non-finite network outputs (finite weights)
+
+
+@pytest.fixture(scope="module")
+def overflowing(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a finished tiny run, a copy of its last checkpoint whose weights are finite but 1e20 times larger, so the
+    network's activations overflow float32: every output is inf or NaN)."""
+    from ctcore.registry import load_registry
+
+    root = tmp_path_factory.mktemp("overflow")
+    registry = load_registry()
+    run = start_run(read_recipe(write_tiny_recipe(root / "r.toml", root / "run"), registry), registry)
+    try:
+        train(run, progress=False)
+    finally:
+        run.close()
+    state = load_checkpoint(run.out_dir / "checkpoints" / "ckpt-000000012.pt")
+    for key in ("student", "eval_ema"):
+        state[key] = {k: v * 1e20 if v.is_floating_point() else v for k, v in state[key].items()}
+    bad = root / "bad" / "overflow.pt"
+    bad.parent.mkdir()
+    torch.save(state, bad)
+    return run.out_dir, bad
+
+
+def _nonfinite_line(ckpt: Path, count: int, total: int, seeds: str) -> str:
+    return (f"checkpoint {str(ckpt)!r} gives non-finite outputs at sigma 80 for {count} of {total} samples of a "
+            f"batch (seeds {seeds}): its weights are finite, but its network overflows or returns NaN there; nothing "
+            f"was written. Try another checkpoint of the run (or --weights student), or other --sigmas")
+
+
+def test_every_command_that_turns_outputs_into_images_or_numbers_refuses_non_finite_ones(
+        overflowing: tuple[Path, Path], tmp_path: Path) -> None:
+    """sample, edit (an edit task and interpolate), eval (sliced Wasserstein and FID) and search-sigmas on a checkpoint
+    whose finite weights overflow: one line naming the checkpoint, the sigma and how many samples, exit 1, and nothing
+    written (not black images, not a finite-looking distance, not a sigma 'optimum')."""
+    from helpers import one_line_error, snapshot
+    from test_fid import randomised_inception
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+    from ctcore.fid import save_statistics
+    from ctcore.importers import write_dataset
+
+    _, bad = overflowing
+    work = tmp_path / "work"
+    work.mkdir()
+    weights = work / "inception.pth"
+    torch.save(randomised_inception().state_dict(), weights)
+    refs = write_dataset(work / "refs.h5", torch.full((3, 3, 4, 4), 128, dtype=torch.uint8).numpy(), None, {})
+    stats = save_statistics(work / "ref.npz", {"mu": np.zeros(2048), "sigma": np.eye(2048),
+                                               "fid_protocol": "tensorflow"})
+    before = snapshot(tmp_path)
+    commands = {
+        "sample": (["sample", bad, "-n", 8, "--seed", 3, "-o", work / "s.h5"], 8, 8, "3, 4, 5, ..."),
+        "edit inpaint": (["edit", "inpaint", bad, "--images", refs, "--mask-kind", "half", "--seed", 2, "-o",
+                          work / "e.h5"], 3, 3, "2, 3, 4"),
+        "edit interpolate": (["edit", "interpolate", bad, "--seeds", "0,1", "--num", 4, "-o", work / "i.h5"], 4, 4,
+                             None),
+        "eval distance": (["eval", bad, "--metric", "sliced-wasserstein", "-n", 5], 5, 5,
+                          "10000000, 10000001, 10000002, ..."),
+        "eval fid": (["eval", bad, "--ref", stats, "--inception", weights, "-n", 2, "--no-progress"], 2, 2, "0, 1"),
+        "search-sigmas": (["search-sigmas", bad, "--steps", 2, "-n", 4, "--tolerance", 1.0, "--plot",
+                           work / "p.png"], 4, 4, "10000000, 10000001, 10000002, ..."),
+    }
+    for name, (args, count, total, seeds) in commands.items():
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        line = one_line_error(result, code=1)
+        expected = _nonfinite_line(bad, count, total, seeds or "")
+        if seeds is None:  # interpolated noise is no seed's own
+            expected = expected.replace(" (seeds )", "")
+        assert line == expected, name
+        assert snapshot(tmp_path) == before, name
+
+
+def test_the_output_check_names_the_sigma_the_rows_and_their_seeds_and_sees_through_the_clamp() -> None:
+    """A model function that is finite at sigma 80 and returns +inf for two samples at sigma 0.821: clamping would
+    make them white pixels; the check raises with that sigma, those rows and their seeds."""
+    from ctcore.sampling import NonFiniteOutputs, generate
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        out = x.clamp(-1, 1).clone()
+        if float(sigma[0]) < 1:
+            out[1] = float("inf")
+            out[3, 0, 0, 0] = float("nan")
+        return out
+
+    images, _ = generate(denoiser, (3, 4, 4), [10, 11, 12, 13], [80.0], batch_size=4)  # one step: all finite
+    assert images.shape == (4, 3, 4, 4)
+    with pytest.raises(NonFiniteOutputs) as info:
+        generate(denoiser, (3, 4, 4), [10, 11, 12, 13, 14], [80.0, 0.821], batch_size=8)
+    failure = info.value
+    assert (failure.sigma, failure.rows, failure.total, failure.seeds) == (pytest.approx(0.821), [1, 3], 5, [11, 13])
+    assert str(failure) == "non-finite outputs at sigma 0.821 for 2 of 5 samples of a batch (seeds 11, 13)"
+
+
+def test_a_run_whose_eval_ema_gives_non_finite_outputs_records_warnings_and_goes_on(tmp_path, registry):
+    """The evaluated function (not the trained one) returns NaN: the run trains to its end; the in-run distances
+    and sample grids are warnings in stats.jsonl, on stderr and in the summary instead of numbers and pictures."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    run = _run(tmp_path, registry, "nan-eval")
+    objective = run.objective
+    objective.denoise = lambda network, x, sigma, labels, constants: torch.full_like(x, float("nan"))
+    err = StringIO()
+    summary = train(run, progress=False, console=Console(file=err, width=300))
+    assert run.step == 12 and summary["final_distance"] is None and run.initial_distance is None
+    warnings = _events(run, "warning")
+    assert [(w["step"], w["about"]) for w in warnings] == [
+        (0, "sliced Wasserstein distance"), (6, "sample grid"), (12, "sample grid"),
+        (12, "sliced Wasserstein distance")]
+    first = ("no sliced Wasserstein distance at step 0: the eval EMA gives non-finite outputs at sigma 80 for 32 of "
+             "32 samples of a batch (seeds 10000000, 10000001, 10000002, ...); training goes on")
+    assert warnings[0]["warning"] == first and summary["warnings"][0] == first
+    assert err.getvalue().splitlines()[0] == f"warning: {first}"
+    assert not _events(run, "distance") and not _events(run, "samples")
+    assert not (run.out_dir / "samples").exists() or not list((run.out_dir / "samples").iterdir())
+    assert all(torch.isfinite(p).all() for p in run.student.parameters())  # training itself went on
+
+
+def test_a_run_whose_every_step_was_skipped_ends_with_a_warning_not_a_plain_nan_loss(tmp_path, registry):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from ctcore.cli import _print_summary
+
+    run = _run(tmp_path, registry, "all-skipped", max_nonfinite_steps=100)
+    run.metric = run.objective.parts["metric"] = PoisonedMetric(run.metric, set(range(100)))
+    summary = train(run, progress=False)
+    assert summary["skipped_steps"] == 12 and summary["loss"] != summary["loss"]  # NaN: nothing was applied
+    expected = (f"every one of the 12 steps was skipped: each had a non-finite loss or gradient, so the weights are "
+                f"still those of step 0; see the `nonfinite` events in {run.out_dir / 'stats.jsonl'}, and start "
+                f"again with a lower training.lr or a training.grad_clip")
+    assert summary["warnings"] == [expected]
+    out = StringIO()
+    _print_summary(Console(file=out, width=400), run, summary)
+    text = out.getvalue()
+    flat = " ".join(text.split())
+    assert "│ loss (last interval) │ none: every step of the interval was skipped │" in flat and "nan" not in text
+    assert "│ skipped steps │ 12 (non-finite loss or gradient) │" in flat
+    assert text.rstrip().splitlines()[-1] == f"warning: {expected}"
