@@ -847,16 +847,20 @@ def eval_ref_stats(
     with _errors():
         from ctcore.errors import UsageError
         from ctcore.fid import reference_statistics, save_statistics
-        from ctcore.files import check_suffix
+        from ctcore.files import check_suffix, output_lock, refuse_writing_inputs
         from ctcore.inception import load_inception
 
         check_suffix(out, "OUT.npz", (".npz",), "a statistics")
+        refuse_writing_inputs([("OUT.npz", out)], [("DATASET.h5", dataset), ("--inception", inception)])
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
         model = load_inception(inception, download=download_inception)
-        stats = reference_statistics(dataset, model, batch_size=batch_size, device=device, progress=progress,
-                                     protocol=fid_protocol)
-        save_statistics(out, stats)
+        with output_lock(out, "statistics file", "ctcore eval-ref-stats"):
+            if out.exists() and not overwrite:  # checked again by its one writer
+                raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
+            stats = reference_statistics(dataset, model, batch_size=batch_size, device=device, progress=progress,
+                                         protocol=fid_protocol)
+            save_statistics(out, stats)
         _console().print(f"wrote the Inception statistics of {stats['num_images']:,} images of {dataset} to {out} "
                          f"(FID protocol {fid_protocol})")
 
@@ -899,10 +903,14 @@ def search_sigmas(
 
     with _errors(), threads_restored():
         from ctcore.errors import RunError, UsageError
+        from ctcore.files import refuse_writing_inputs
         from ctcore.images import check_image_path
+        from ctcore.sampling import checkpoint_inputs
         from ctcore.sigma_search import run_search, save_search_plot
 
         check_image_path(plot, "--plot")
+        refuse_writing_inputs([("--plot", plot)], [*checkpoint_inputs(checkpoint), ("--ref", ref),
+                                                   ("--inception", inception)])
         model = None
         if metric == "fid":
             if ref is None:

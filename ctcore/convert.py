@@ -204,11 +204,12 @@ def convert_openai_cm(source: str | Path, out: str | Path, registry, *, config: 
     from ctcore.checkpoints import CHECKPOINT_FORMAT, first_nonfinite
     from ctcore.components import KINDS
     from ctcore.errors import RunError, UsageError
-    from ctcore.files import atomic_write
+    from ctcore.files import atomic_write, output_lock, refuse_writing_inputs
 
     source, out = Path(source), Path(out)
     if config is not None and config not in configs:
         raise UsageError(f"--config must be one of {', '.join(configs)}, got {config!r}")
+    refuse_writing_inputs([("OUT.pt", out)], [("SOURCE", source)])
     if out.exists() and not overwrite:
         raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose another OUT.pt")
     found = _read_state_dict(source)
@@ -254,9 +255,11 @@ def convert_openai_cm(source: str | Path, out: str | Path, registry, *, config: 
     }
     state = {"format": CHECKPOINT_FORMAT, "step": 0, "student": weights, "eval_ema": weights, "teacher": weights,
              "recipe": dump_recipe(recipe), "provenance": provenance}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp:
-        torch.save(state, tmp)
+    with output_lock(out, "checkpoint", "ctcore convert"):  # one writer; a killed one's temporary file removed
+        if out.exists() and not overwrite:
+            raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose another OUT.pt")
+        with atomic_write(out) as tmp:
+            torch.save(state, tmp)
     return {"out": out, "config": cand.name, "sha256": digest, "tensors": len(weights), "dtypes": dtypes,
             "parameters": sum(v.numel() for v in weights.values())}
 

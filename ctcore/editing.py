@@ -496,6 +496,19 @@ def read_mask(path: str | Path, resolution: int) -> torch.Tensor:
     return torch.from_numpy((np.asarray(grey) >= 128).astype(np.uint8))[None, None]
 
 
+def edit_inputs(checkpoint: str | Path, images: str | Path | None, mask: str | Path | None) -> list[tuple[str, Path]]:
+    """The files `ctcore edit` reads, as (option, path): the checkpoint (a run directory's checkpoints), the SOURCE
+    (a folder's image files) and the mask."""
+    from ctcore.sampling import checkpoint_inputs
+
+    found = checkpoint_inputs(checkpoint)
+    if images is not None:
+        source = Path(images)
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_FILES) if source.is_dir() else [source]
+        found += [("--images", p) for p in files]
+    return found + ([("--mask", Path(mask))] if mask is not None else [])
+
+
 _FOREIGN = ("is not a ctcore checkpoint", "which is not installed or is disabled")
 """RunErrors of a checkpoint that is not of a model ctcore can edit with (a diffusion model's file, a network
 whose plugin is missing): `ctcore edit` reports them as usage errors, exit 2."""
@@ -528,7 +541,7 @@ def edit_from_checkpoint(
     a grid (reference | degraded | result per row; interpolate: one row). Bad input raises UsageError, nothing
     written."""
     from ctcore.errors import RunError, UsageError
-    from ctcore.files import output_lock
+    from ctcore.files import output_lock, refuse_writing_inputs
     from ctcore.images import save_grid
     from ctcore.sampling import (
         choose_labels,
@@ -570,6 +583,7 @@ def edit_from_checkpoint(
         raise UsageError("`ctcore edit superres` needs --factor F (F x F patches keep their mean)")
     if task == "stroke" and start_sigma is not None and sigmas is not None:
         raise UsageError("--start-sigma and --sigmas both set the schedule of stroke editing: give one of them")
+    refuse_writing_inputs([("-o", out), ("--grid", grid)], edit_inputs(checkpoint, images, mask))
     if out.exists() and not overwrite:
         raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose -o")
 

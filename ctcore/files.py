@@ -93,6 +93,27 @@ def check_suffix(path: str | Path | None, option: str, suffixes: tuple[str, ...]
         raise UsageError(f"{option} {str(path)!r}: give {what} file name ending in {' or '.join(suffixes)}")
 
 
+def refuse_writing_inputs(outputs: list[tuple[str, str | Path | None]],
+                          inputs: list[tuple[str, str | Path | None]]) -> None:
+    """UsageError, before any work and whatever --overwrite says, when an output (option, path) is the same file as
+    an input the command reads (after links: a symbolic or hard link to it counts): writing it would destroy the
+    input. `inputs` names files; a folder input is given as its files."""
+    from ctcore.errors import UsageError
+
+    for out_option, out in outputs:
+        if out is None or not os.path.lexists(out):
+            continue  # a file that does not exist yet is no input
+        for in_option, source in inputs:
+            try:
+                same = source is not None and os.path.samefile(out, source)
+            except OSError:  # a dangling link, an unreadable path: not a file this command can read
+                same = False
+            if same:
+                raise UsageError(f"{out_option} {str(out)!r} is the same file as {in_option} {str(source)!r}: "
+                                 f"writing it would destroy what this command reads, with or without --overwrite; "
+                                 f"choose another {out_option}")
+
+
 def human_bytes(n: int) -> str:
     """Bytes as 512 B, 12.0 KiB, 3.4 GiB (up to EiB, for the absurd sizes a recipe can ask for)."""
     if n < 1024:
@@ -194,14 +215,29 @@ def lock_path_for(output: str | Path) -> Path:
 @contextlib.contextmanager
 def output_lock(output: str | Path, what: str, command: str) -> Iterator[None]:
     """Hold the lock of an output file while it is checked and written, so two commands never write it at once;
-    the lock file is removed afterwards."""
+    the lock file is removed afterwards. Holding it, the writer first removes what a writer of the same file that
+    was killed mid-write left beside it (`stale_temporaries`): no other writer can be using them."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(lock_path_for(output), f"{what} {str(output)!r}", command)
     try:
+        for debris in stale_temporaries(output):
+            debris.unlink(missing_ok=True)
         yield
     finally:
         lock.release()
+
+
+def stale_temporaries(output: str | Path) -> list[Path]:
+    """The temporary files `atomic_write` makes for `output` (`.<name>.<8 characters>.tmp` beside it), which only a
+    writer killed mid-write leaves behind; call it holding the output's lock."""
+    output = Path(output)
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+    try:
+        names = os.listdir(output.parent)
+    except OSError:
+        return []
+    return [output.parent / name for name in names if pattern.fullmatch(name)]
 
 
 def file_digest(path: str | Path) -> str:

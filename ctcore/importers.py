@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ctcore.errors import RunError, UsageError, unknown_name_message
-from ctcore.files import atomic_write, file_digest, human_bytes
+from ctcore.files import atomic_write, file_digest, human_bytes, refuse_writing_inputs
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 SPLIT_FOLDERS = frozenset({"train", "test", "val", "valid", "validation"})
@@ -700,12 +700,11 @@ def import_dataset(source: str | Path, out: str | Path, *, split: str = "train",
     source, out = Path(source), Path(out)
     if resolution is not None and resolution < 1:
         raise UsageError(f"--resolution must be a positive number of pixels, got {resolution}")
+    refuse_writing_inputs([("OUT.h5", out)], [("SOURCE", source)])
     if out.exists() and not overwrite:
         raise UsageError(f"{str(out)!r} already exists; pass --overwrite to replace it, or choose another name")
     if out.is_dir():
         raise UsageError(f"{str(out)!r} is a directory; give a file name for the dataset, e.g. {out / 'data.h5'}")
-    if source.exists() and out.resolve() == source.resolve():
-        raise UsageError(f"the output {str(out)!r} is the source itself; choose another output file")
     start = time.perf_counter()
     kind = detect_format(source)
     if kind == "cifar10-python":
@@ -769,6 +768,7 @@ def dataset_info(path: str | Path, grid: str | Path | None = None) -> dict:
     where = f"dataset file {str(path)!r}"
     if not path.is_file():
         raise RunError(f"{where} not found; create one with: ctcore data import SOURCE {path}")
+    refuse_writing_inputs([("--grid", grid)], [("DATASET.h5", path)])
     summary = hdf5_summary(path)  # validates the file with clear errors
     require_fits(path, summary)
     count, (channels, _, _) = summary["count"], summary["shape"]

@@ -251,7 +251,7 @@ def run_name(run_dir: Path) -> str:
 
     try:
         name = tomllib.loads((Path(run_dir) / "recipe.toml").read_text(encoding="utf-8"))["run"]["name"]
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError, KeyError, TypeError):
         name = None
     return name if isinstance(name, str) and name else Path(run_dir).resolve().name
 
@@ -269,11 +269,16 @@ def _final_row(name: str, run_dir: Path, curves: dict[str, list[tuple[int, float
             "img_per_s": speeds[len(speeds) // 2] if speeds else None}
 
 
+REPORT_INPUTS = ("stats.jsonl", "recipe.toml")
+"""The files of a run directory `ctcore report` reads."""
+
+
 def run_report(run_dirs: list[Path], figure: Path) -> list[dict[str, Any]]:
     """`ctcore report`: one figure of every run's curves against steps, and one row of final figures per run
     (the last logged loss, distance, FID and Inception Score, the median img/s). Legends name runs by run.name,
     or by their directory where two runs share a name."""
     from ctcore.errors import UsageError
+    from ctcore.files import refuse_writing_inputs
     from ctcore.images import check_image_path, save_curves
 
     check_image_path(figure, "--output")
@@ -282,6 +287,8 @@ def run_report(run_dirs: list[Path], figure: Path) -> list[dict[str, Any]]:
         if Path(run_dir).resolve() in seen:
             raise UsageError(f"RUN_DIR {str(run_dir)!r} is given twice; name each run once")
         seen.add(Path(run_dir).resolve())
+    refuse_writing_inputs([("--output", figure)], [("the run's", Path(d) / name) for d in run_dirs
+                                                    for name in REPORT_INPUTS])
     curves = [run_curves(d) for d in run_dirs]
     names = [run_name(d) for d in run_dirs]
     if len(set(names)) < len(names):

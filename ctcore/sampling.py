@@ -249,15 +249,10 @@ def load_sampling_plan(
     its step, recipe, provenance and those weights, finite; optimizer and RNG states are not read. Bad requests
     raise UsageError, bad files RunError.
     """
-    from ctcore.checkpoints import list_checkpoints, load_checkpoint, validate_checkpoint
-    from ctcore.errors import RunError, UsageError
+    from ctcore.checkpoints import load_checkpoint, validate_checkpoint
+    from ctcore.errors import UsageError
 
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        found = list_checkpoints(checkpoint)
-        if not found:
-            raise RunError(f"{str(checkpoint)!r} holds no checkpoint (checkpoints/ckpt-*.pt)")
-        checkpoint = found[-1]
+    checkpoint = checkpoint_file(checkpoint)
     state = load_checkpoint(checkpoint)
     recipe = validate_checkpoint(state, checkpoint, registry, use=weights)
     if steps is not None and steps < 1:
@@ -270,6 +265,29 @@ def load_sampling_plan(
             raise UsageError(f"--steps {steps}: {exc}; pass --sigmas explicitly, e.g. --sigmas 80,0.821") from None
         raise UsageError(str(exc)) from None
     return checkpoint, state, recipe, plan, chosen
+
+
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    """The checkpoint a CHECKPOINT argument names: the file itself, or a run directory's latest checkpoint."""
+    from ctcore.checkpoints import list_checkpoints
+    from ctcore.errors import RunError
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        found = list_checkpoints(checkpoint)
+        if not found:
+            raise RunError(f"{str(checkpoint)!r} holds no checkpoint (checkpoints/ckpt-*.pt)")
+        checkpoint = found[-1]
+    return checkpoint
+
+
+def checkpoint_inputs(checkpoint: str | Path) -> list[tuple[str, Path]]:
+    """The files a CHECKPOINT argument may name, as (option, path) for `refuse_writing_inputs`: the file itself, or
+    every checkpoint of a run directory."""
+    from ctcore.checkpoints import list_checkpoints
+
+    checkpoint = Path(checkpoint)
+    return [("CHECKPOINT", p) for p in (list_checkpoints(checkpoint) if checkpoint.is_dir() else [checkpoint])]
 
 
 def recipe_sampler(recipe: Any, registry, name: str | None = None, checkpoint: Path | None = None) -> Any:
@@ -369,8 +387,9 @@ def sample_from_checkpoint(
     j mod num_classes, or by default a label drawn from each seed; the grid shows each image's label. The
     store's lock (`.<store name>.lock` beside it, removed afterwards) keeps two samplers from writing it."""
     from ctcore.errors import UsageError
-    from ctcore.files import output_lock
+    from ctcore.files import output_lock, refuse_writing_inputs
     from ctcore.images import save_grid
+
     checkpoint, state, recipe, sigmas, chosen = load_sampling_plan(checkpoint, registry, steps=steps, sigmas=sigmas,
                                                                    weights=weights, sampler=sampler)
     num_classes = state["provenance"]["num_classes"]
@@ -385,6 +404,7 @@ def sample_from_checkpoint(
     folder = checkpoint.parent.parent / "samples" if in_run else checkpoint.parent
     out = Path(out) if out is not None else folder / f"{checkpoint.stem}-{len(sigmas)}step-{num_samples}.h5"
     grid = Path(grid) if grid is not None else out.with_suffix(".png")
+    refuse_writing_inputs([("--out", out), ("--grid", grid)], checkpoint_inputs(checkpoint))
     if out.exists() and not overwrite:  # before any work; checked again under the store's lock
         raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
     prov = state["provenance"]
