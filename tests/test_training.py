@@ -128,6 +128,38 @@ def test_a_resume_inside_a_log_interval_logs_the_losses_of_the_uninterrupted_run
     assert _loss_rows(part.out_dir) == expected
 
 
+def test_one_step_moves_the_eval_ema_by_one_minus_decay_towards_the_student(tmp_path, registry):
+    """eval_ema <- decay eval_ema + (1 - decay) student after the optimizer step: torch.lerp(before, student,
+    1 - decay) bit for bit, the formula within float32 rounding; buffers are the student's, copied."""
+    from ctcore.build import build_run
+    from ctcore.training import train_step
+
+    run = build_run(read_recipe(write_tiny_recipe(tmp_path / "ema.toml", tmp_path / "ema"), registry), registry)
+    decay = run.recipe.training.eval_ema_decay
+    assert decay == 0.9
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an eval EMA apart from the student everywhere, as after some training
+        for p in run.eval_ema.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+        for b in run.eval_ema.buffers():
+            b.zero_()  # the mlp's only buffer (its Fourier frequencies) never changes: make the copy show
+    before = [p.detach().clone() for p in run.eval_ema.parameters()]
+    student_before = [p.detach().clone() for p in run.student.parameters()]
+    _, applied = train_step(run)
+    assert applied and run.step == 1
+    assert any(not torch.equal(a, b) for a, b in zip(run.student.parameters(), student_before, strict=True))
+    named = list(run.eval_ema.named_parameters())
+    for (name, ema), old, student in zip(named, before, run.student.parameters(), strict=True):
+        assert torch.equal(ema, torch.lerp(old, student, 1 - decay)), name
+        exact = decay * old.double() + (1 - decay) * student.double()
+        bound = 2 * torch.finfo(torch.float32).eps * (old.double().abs() + student.double().abs())
+        assert ((ema.double() - exact).abs() <= bound).all(), name
+    buffers = list(run.eval_ema.named_buffers())
+    assert buffers
+    for (name, eb), sb in zip(buffers, run.student.buffers(), strict=True):
+        assert torch.equal(eb, sb) and eb.abs().sum() > 0, name
+
+
 def test_checkpoint_contents_and_retention(tmp_path, registry):
     run = _train(tmp_path, registry, "keep", training={"checkpoint_every": 2, "keep_checkpoints": 2})
     names = [p.name for p in list_checkpoints(run.out_dir)]
