@@ -142,7 +142,8 @@ def test_log1mexp_is_within_two_ulps_of_a_high_precision_reference():
             exact = mpmath.log(1 - mpmath.exp(mpmath.mpf(d)))
             ulps = float(abs(mpmath.mpf(value) - exact)) / math.ulp(float(exact))
             assert ulps <= 2, (d, value, float(exact), ulps)
-    assert _log1mexp(torch.tensor([0.0, 1e-3], dtype=torch.float64)).tolist() == [-math.inf, -math.inf]  # 1 - e^0 = 0; d > 0 is clamped to 0
+    # 1 - e^0 = 0, and a d above 0 (rounding) is clamped to 0
+    assert _log1mexp(torch.tensor([0.0, 1e-3], dtype=torch.float64)).tolist() == [-math.inf, -math.inf]
 
 
 # ------------------------------------------------------------------------------------------- metrics
