@@ -441,13 +441,23 @@ def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
+def _check_train_mode(cls: type, network: nn.Module, after: str) -> None:
+    """The teacher network is in train mode like the training student: its dropout is active, so the mask it
+    replays is the student's (the engine does not switch the teacher's mode)."""
+    off = [name or "the network itself" for name, module in network.named_modules() if not module.training]
+    if off:
+        raise _fail(cls, f"after {after} the teacher network must be in train mode like the student (dropout "
+                         f"active, its mask the student's), but it has modules in eval mode: {', '.join(off)}")
+
+
 def check_teacher(cls: type, data_shape: tuple[int, ...] = (4,), **options: Any) -> None:
     """Check a teacher rule: bind, decay in [0, 1), a finite teacher_input (if it has one) shaped like x (of
-    `data_shape`), update, frozen teacher weights, state_dict roundtrip."""
+    `data_shape`), update, frozen teacher weights, the student's train mode after bind and update, state_dict
+    roundtrip."""
     context = BuildContext()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        student = _TinyStudent()
+        student = _TinyStudent().train()
         teacher = _build(cls, context, options)
         teacher.bind(student)
         network = getattr(teacher, "network", None)
@@ -455,6 +465,7 @@ def check_teacher(cls: type, data_shape: tuple[int, ...] = (4,), **options: Any)
             raise _fail(cls, f"bind(student) must set `self.network`, got {type(network).__name__}")
         if network is not student and any(p.requires_grad for p in network.parameters()):
             raise _fail(cls, "a teacher network other than the student must not require grad")
+        _check_train_mode(cls, network, "bind(student)")
 
         for step, num_scales in ((0, 2), (0, 11), (1000, 161), (100_000, 1281)):
             mu = teacher.decay(step, num_scales)
@@ -478,6 +489,7 @@ def check_teacher(cls: type, data_shape: tuple[int, ...] = (4,), **options: Any)
         network = teacher.network
         if not all(torch.isfinite(p).all() for p in network.parameters()):
             raise _fail(cls, "update() left non-finite teacher weights")
+        _check_train_mode(cls, network, "update()")
         if not all(p.requires_grad for p in student.parameters()):
             raise _fail(cls, "bind() or update() stopped the student's own parameters from requiring grad")
         if teacher.decay(1, 11) == 0:

@@ -60,6 +60,37 @@ def test_karras_sigmas_needs_two_points(n):
         ctcore.karras_sigmas(n)
 
 
+def test_the_objective_trains_on_the_karras_grid_of_the_current_curriculum_stage(tmp_path, registry, monkeypatch):
+    """The consistency objective caches its grid per N(k): across stage changes (the tiny recipe's exponential
+    curriculum, s0 2, s1 8 over 12 steps: N = 3, 5, 9 from steps 0, 4, 8) the grid the noise schedule draws from
+    is karras_sigmas(N(k)) exactly, rebuilt at each stage and the same tensor within one."""
+    from helpers import write_tiny_recipe
+
+    from ctcore.build import build_run
+    from ctcore.recipe import read_recipe
+    from ctcore.training import train_step
+
+    run = build_run(read_recipe(write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run"), registry), registry)
+    schedule = run.objective.parts["noise_schedule"]
+    grids = []
+    draw_pairs = schedule.pairs
+
+    def recording(draw):
+        grids.append(draw.grid)
+        return draw_pairs(draw)
+
+    monkeypatch.setattr(schedule, "pairs", recording)
+    for _ in range(12):
+        train_step(run)
+    scales = [run.curriculum.num_scales(k) for k in range(12)]
+    assert scales == [3] * 4 + [5] * 4 + [9] * 4
+    c = run.recipe.consistency
+    for k, (n, grid) in enumerate(zip(scales, grids, strict=True)):
+        assert torch.equal(grid, ctcore.karras_sigmas(n, c.sigma_min, c.sigma_max, c.rho)), k
+    assert [grids[k] is grids[k - 1] for k in range(1, 12)] == [k not in (4, 8) for k in range(1, 12)]
+    assert run.objective.grid[0] == 9
+
+
 # --------------------------------------------------------------------------------------- scalings
 
 

@@ -402,6 +402,33 @@ def test_check_teacher_rejects(cls: type, options: dict[str, Any], match: str) -
         check_teacher(cls, **options)
 
 
+class EvalModeTeacher(CopyTeacher):
+    def bind(self, student: nn.Module) -> None:
+        super().bind(student)
+        self.network.eval()  # dropout off: the teacher would no longer replay the student's mask
+
+
+class EvalAfterUpdateTeacher(CopyTeacher):
+    def update(self, student: nn.Module, step: int, num_scales: int) -> None:
+        super().update(student, step, num_scales)
+        self.network.fc2.eval()
+
+
+@pytest.mark.parametrize(("cls", "after", "modules"), [
+    (EvalModeTeacher, "bind(student)", "the network itself, fc1, fc2"),
+    (EvalAfterUpdateTeacher, "update()", "fc2"),
+])
+def test_check_teacher_refuses_a_teacher_network_out_of_the_students_train_mode(cls: type, after: str,
+                                                                                 modules: str) -> None:
+    """The run builder puts the teacher in train mode after bind, so only the contract check sees a teacher that
+    switches its own network to eval mode (a third-party teacher, or a builtin's bind gone wrong)."""
+    with pytest.raises(AssertionError) as info:
+        check_teacher(cls)
+    assert str(info.value) == (f"{cls.__name__}: after {after} the teacher network must be in train mode like the "
+                               f"student (dropout active, its mask the student's), but it has modules in eval mode: "
+                               f"{modules}")
+
+
 def test_check_all_reports_every_broken_component() -> None:
     registry = load_registry()
     registry._classes["metric"]["summing"] = SummingMetric  # a broken component sneaked past registration

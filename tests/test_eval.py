@@ -5,6 +5,7 @@ it records, and the refusals of statistics made under another FID protocol."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import h5py
@@ -21,6 +22,7 @@ from ctcore.build import start_run
 from ctcore.checkpoints import list_checkpoints
 from ctcore.cli import app
 from ctcore.errors import RunError
+from ctcore.evaluation import sliced_wasserstein
 from ctcore.fid import save_statistics
 from ctcore.inception import FIDInceptionV3
 from ctcore.sampling import file_digest
@@ -50,6 +52,48 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]
 
 
 # ------------------------------------------------------------------------------------- sliced Wasserstein
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.25, -1.5), (3.0, 3.5), (-2.0, -2.0)])
+def test_the_distance_of_two_point_masses_in_1d_is_their_gap(a: float, b: float) -> None:
+    """In 1-D every unit direction is +1 or -1, so each projection's W1 is |a - b| and so is their mean."""
+    for projections, seed in ((1, 0), (16, 3), (256, 0)):
+        assert sliced_wasserstein(torch.full((5, 1), a), torch.full((5, 1), b), projections, seed) == abs(a - b)
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    ([0.0, 2.0], [1.0, 1.0], 1.0),  # sorted: |0 - 1| and |2 - 1|
+    ([0.0, 2.0], [3.0, 1.0], 1.0),  # pairs (0, 1) and (2, 3) once sorted; 2 as listed
+    ([0.0, 2.0], [2.0, 0.0], 0.0),  # the same set in another order
+    ([4.0, -1.0, 0.5], [0.5, 4.0, -1.0], 0.0),
+])
+def test_the_1d_distance_pairs_the_sorted_points(a: list[float], b: list[float], expected: float) -> None:
+    pa, pb = torch.tensor(a)[:, None], torch.tensor(b)[:, None]
+    assert sliced_wasserstein(pa, pb, 32) == expected
+    assert sliced_wasserstein(pb, pa, 32) == expected
+
+
+def test_a_shift_by_v_is_the_mean_of_u_dot_v_over_the_unit_directions() -> None:
+    """Shifting every point by v moves each projection on u by u.v and keeps its order: W1 = |u.v| per direction,
+    averaged over the seeded unit directions (about |v| E|u_1| for many of them)."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(64, 2, 3, 3, generator=g, dtype=torch.float64)  # flattened: D = 18
+    v = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    dirs = torch.randn(18, 200, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u = dirs / dirs.norm(dim=0, keepdim=True)
+    expected = float((v.flatten() @ u).abs().mean())
+    assert sliced_wasserstein(a, a + v, 200, seed=4) == pytest.approx(expected, rel=1e-12, abs=0)
+    assert sliced_wasserstein(a + v, a, 200, seed=4) == pytest.approx(expected, rel=1e-12, abs=0)
+    # E|u_1| for u uniform on the sphere in D = 18 dimensions: Gamma(9) / (sqrt(pi) Gamma(9.5))
+    mean_abs = math.exp(math.lgamma(9) - math.lgamma(9.5)) / math.sqrt(math.pi)
+    assert expected == pytest.approx(float(v.norm()) * mean_abs, rel=0.1)
+
+
+def test_equal_sets_are_at_distance_zero_and_extra_samples_are_ignored() -> None:
+    x = torch.randn(40, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    assert sliced_wasserstein(x, x.clone(), 64) == 0.0
+    assert sliced_wasserstein(x, x.flip(0), 64) == 0.0  # the same set in another order
+    assert sliced_wasserstein(x, torch.cat([x, x + 5]), 64) == 0.0  # equal counts: b's first 40 only
 
 
 def test_the_distance_of_a_checkpoint_is_the_one_training_logged(finished: tuple[Path, list[dict]]) -> None:

@@ -1,4 +1,5 @@
-"""Runs survive signals: SIGTERM stops cleanly with a checkpoint; SIGKILL at a random step loses nothing."""
+"""Runs survive signals: SIGTERM stops cleanly with a checkpoint; SIGKILL at a random step loses nothing; a
+checkpoint write that fails part-way leaves the previous checkpoint as it was."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import write_tiny_recipe
 
-from ctcore.checkpoints import list_checkpoints, load_checkpoint
+from ctcore.build import start_run
+from ctcore.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint, validate_checkpoint
+from ctcore.errors import RunError
+from ctcore.recipe import read_recipe
+from ctcore.training import train, train_step
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("CTCORE_DISABLE_PLUGINS", None)
@@ -134,3 +140,55 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(t
     b = load_checkpoint(folder / "ckpt-000000012.pt")
     for key in ("student", "eval_ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def _torch_writer_failure() -> RuntimeError:
+    """What torch's zip writer raises when a write fails (a full disk): an enforce failure after the iostream error."""
+    exc = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    exc.__context__ = RuntimeError("basic_ios::clear: iostream error")
+    return exc
+
+
+@pytest.mark.parametrize("kind", ["write-failed", "crash", "ctrl-c"])
+def test_a_checkpoint_write_that_fails_part_way_leaves_the_previous_checkpoint_loadable(
+        tmp_path: Path, registry, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """torch.save writes half a checkpoint into the temporary file and fails: the previous checkpoint (at the same
+    step, as a stop right after a checkpoint rewrites it, or at an earlier one) is byte-identical and still loads
+    and validates, no temporary or partial file is left, and the error is a one-line RunError for a failed write
+    and the exception itself otherwise."""
+    run = start_run(read_recipe(write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run"), registry), registry)
+    train(run, stop_at=6, progress=False)
+    folder = tmp_path / "run" / "checkpoints"
+    previous = folder / "ckpt-000000006.pt"
+    good = previous.read_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("ctcore.files.shutil.disk_usage", lambda _: usage(1 << 30, (1 << 30) - 12 * 1024, 12 * 1024))
+    written: list[Path] = []
+
+    def save_half_then_fail(obj: object, f: Path) -> None:
+        written.append(Path(f))
+        Path(f).write_bytes(good[: len(good) // 2])
+        raise {"write-failed": _torch_writer_failure(), "crash": RuntimeError("the machine broke down"),
+               "ctrl-c": KeyboardInterrupt()}[kind]
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", save_half_then_fail)
+        for target, kept in ((previous, "the previous file is unchanged"),
+                             (folder / "ckpt-000000007.pt", "nothing was left half-written")):
+            if target != previous:
+                train_step(run)
+            expected = {"write-failed": RunError, "crash": RuntimeError, "ctrl-c": KeyboardInterrupt}[kind]
+            with pytest.raises(expected) as info:
+                save_checkpoint(run)
+            if kind == "write-failed":
+                assert str(info.value) == (f"could not write {str(target)!r}: the write failed (12.0 KiB free on that "
+                                           f"filesystem); {kept} — free some space and run again")
+            elif kind == "crash":
+                assert str(info.value) == "the machine broke down"
+            assert sorted(p.name for p in folder.iterdir()) == ["ckpt-000000006.pt"]
+            assert previous.read_bytes() == good
+            assert written[-1].parent == folder and written[-1].name.startswith(f".{target.name}.")  # a temporary
+    run.close()
+    state = load_checkpoint(previous)
+    assert state["step"] == 6 and list_checkpoints(run.out_dir) == [previous]
+    assert validate_checkpoint(state, previous, registry, use="resume").components["teacher"].name == "no-ema"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner, Result
 
 import ctcore
 from ctcore.cli import app
-from ctcore.components import BuildContext
+from ctcore.components import BuildContext, NoiseLevels
 from ctcore.consistency import denoise
 from ctcore.data import to_uint8
 from ctcore.recipe import parse_recipe
@@ -117,6 +117,31 @@ def test_one_noise_draw_per_sigma_is_required() -> None:
     z = torch.zeros((1, 2, *SHAPE))
     with pytest.raises(ValueError, match=r"^need one noise draw per step: 2 sigmas, 1 draws$"):
         multistep_sample(lambda x, s, y: x, z, [SIGMA_MAX, SIGMA_MID])
+
+
+# ------------------------------------------------------------------------------------ the samplers' plans
+
+LEVELS = NoiseLevels(sigma_min=0.01, sigma_max=20.0, sigma_mid=(0.5,))
+OPEN_BOUNDS = {"consistency": (LEVELS.sigma_min, "(sigma_min, sigma_max] = (0.01, 20.0]"),
+               "heun": (0.0, "(0, sigma_max] = (0, 20.0]"), "euler": (0.0, "(0, sigma_max] = (0, 20.0]")}
+"""Each builtin sampler's open lower bound of the noise levels it accepts, and how its message states its interval."""
+
+
+@pytest.mark.parametrize("name", OPEN_BOUNDS)
+def test_a_plan_accepts_the_closed_upper_bound_and_refuses_the_open_lower_one(registry, name: str) -> None:
+    assert {n for n in registry.names("sampler") if registry.provider("sampler", n).distribution == "ctcore"} \
+        == set(OPEN_BOUNDS)  # every builtin sampler is checked here
+    cls = registry.get("sampler", name)
+    sampler = cls(cls.Options(), BuildContext())
+    low, interval = OPEN_BOUNDS[name]
+    high = LEVELS.sigma_max
+    for accepted in ([high], [high, math.nextafter(low, math.inf)], [math.nextafter(high, 0.0)]):
+        assert sampler.plan(None, accepted, LEVELS) == accepted
+    for refused in ([low], [high, low], [math.nextafter(low, -math.inf)], [math.nextafter(high, math.inf)],
+                    [high, math.nextafter(low, -math.inf)]):
+        with pytest.raises(ValueError) as info:
+            sampler.plan(None, refused, LEVELS)
+        assert str(info.value) == f"sigmas must lie in {interval}, got {refused}"
 
 
 # ------------------------------------------------------------------------------------- per-sample seeds

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,11 @@ import torch
 from helpers import write_tiny_recipe
 
 import ctcore
+import ctcore.training
 from ctcore.build import resume_run, start_run
 from ctcore.checkpoints import list_checkpoints, load_checkpoint
 from ctcore.recipe import read_recipe
-from ctcore.training import train
+from ctcore.training import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +82,82 @@ def test_resume_continues_stats_and_keeps_the_start_distance(tmp_path, registry)
     assert steps == [2, 4, 6, 8, 10, 12]
     distances = [r for r in rows if r.get("event") == "distance"]
     assert [d["step"] for d in distances] == [0, 12]
+
+
+def _loss_rows(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("how", ["killed", "sigterm"])
+def test_a_resume_inside_a_log_interval_logs_the_losses_of_the_uninterrupted_run(tmp_path, registry, monkeypatch,
+                                                                                 how):
+    """log_every 4, checkpoint_every 6: the checkpoint at step 6 holds the loss sum of steps 5 and 6, and the
+    resumed run's row at step 8 averages steps 5 to 8, as the uninterrupted run's does (the same floats)."""
+    training = {"log_every": 4, "checkpoint_every": 6, "sample_every": 1000}
+    whole = _train(tmp_path, registry, "whole", training=training)
+    whole.close()
+    expected = _loss_rows(whole.out_dir)
+    assert [step for step, _ in expected] == [4, 8, 12]
+
+    real_step = ctcore.training.train_step
+
+    def interrupted_step(run):
+        if how == "killed" and run.step == 6:  # the process dies after the checkpoint at step 6
+            raise RuntimeError("killed")
+        result = real_step(run)
+        if how == "sigterm" and run.step == 6:  # SIGTERM during step 6: the loop stops after it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    recipe = read_recipe(write_tiny_recipe(tmp_path / "part.toml", tmp_path / "part", training=training), registry)
+    part = start_run(recipe, registry)
+    with monkeypatch.context() as m, pytest.raises(RuntimeError if how == "killed" else TrainingStopped):
+        m.setattr(ctcore.training, "train_step", interrupted_step)
+        train(part, progress=False, handle_signals=how == "sigterm")
+    part.close()
+    assert [p.name for p in list_checkpoints(part.out_dir)] == ["ckpt-000000006.pt"]
+    state = load_checkpoint(part.out_dir / "checkpoints" / "ckpt-000000006.pt")
+    assert state["loss_count"] == 2 and state["loss_sum"] > 0  # steps 5 and 6: half a log interval
+    assert _loss_rows(part.out_dir) == expected[:1]
+
+    resumed = resume_run(None, registry, part.out_dir)
+    assert (resumed.step, resumed.loss_count, resumed.loss_sum) == (6, 2, state["loss_sum"])
+    train(resumed, progress=False)
+    resumed.close()
+    assert _loss_rows(part.out_dir) == expected
+
+
+def test_one_step_moves_the_eval_ema_by_one_minus_decay_towards_the_student(tmp_path, registry):
+    """eval_ema <- decay eval_ema + (1 - decay) student after the optimizer step: torch.lerp(before, student,
+    1 - decay) bit for bit, the formula within float32 rounding; buffers are the student's, copied."""
+    from ctcore.build import build_run
+    from ctcore.training import train_step
+
+    run = build_run(read_recipe(write_tiny_recipe(tmp_path / "ema.toml", tmp_path / "ema"), registry), registry)
+    decay = run.recipe.training.eval_ema_decay
+    assert decay == 0.9
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an eval EMA apart from the student everywhere, as after some training
+        for p in run.eval_ema.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+        for b in run.eval_ema.buffers():
+            b.zero_()  # the mlp's only buffer (its Fourier frequencies) never changes: make the copy show
+    before = [p.detach().clone() for p in run.eval_ema.parameters()]
+    student_before = [p.detach().clone() for p in run.student.parameters()]
+    _, applied = train_step(run)
+    assert applied and run.step == 1
+    assert any(not torch.equal(a, b) for a, b in zip(run.student.parameters(), student_before, strict=True))
+    named = list(run.eval_ema.named_parameters())
+    for (name, ema), old, student in zip(named, before, run.student.parameters(), strict=True):
+        assert torch.equal(ema, torch.lerp(old, student, 1 - decay)), name
+        exact = decay * old.double() + (1 - decay) * student.double()
+        bound = 2 * torch.finfo(torch.float32).eps * (old.double().abs() + student.double().abs())
+        assert ((ema.double() - exact).abs() <= bound).all(), name
+    buffers = list(run.eval_ema.named_buffers())
+    assert buffers
+    for (name, eb), sb in zip(buffers, run.student.buffers(), strict=True):
+        assert torch.equal(eb, sb) and eb.abs().sum() > 0, name
 
 
 def test_checkpoint_contents_and_retention(tmp_path, registry):
