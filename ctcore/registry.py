@@ -20,6 +20,9 @@ from ctcore.errors import PluginError, UnknownComponentError, UsageError, unknow
 ENTRY_POINT_GROUP = "ctcore"
 DISABLE_ENV = "CTCORE_DISABLE_PLUGINS"
 """Comma-separated entry-point or distribution names to skip, e.g. CTCORE_DISABLE_PLUGINS=ctcore-example."""
+ONLY_ENV = "CTCORE_ONLY_PLUGINS"
+"""Comma-separated entry-point or distribution names to load, skipping every other plugin; e.g.
+CTCORE_ONLY_PLUGINS=ctcore gives the builtins alone whatever else is installed (what ctcore's own tests see)."""
 
 
 
@@ -159,11 +162,30 @@ def _disabled() -> set[str]:
     return {s.strip() for s in os.environ.get(DISABLE_ENV, "").split(",") if s.strip()}
 
 
+def _only(eps: list[md.EntryPoint]) -> set[str] | None:
+    """The names in CTCORE_ONLY_PLUGINS (None when unset or empty); a name that is no entry point or distribution
+    of the group is a usage error, since it would silently leave the registry without the plugins meant."""
+    only = {s.strip() for s in os.environ.get(ONLY_ENV, "").split(",") if s.strip()}
+    if not only:
+        return None
+    dists = {ep.dist.name for ep in eps if ep.dist is not None}
+    unknown = sorted(only - dists - {ep.name for ep in eps})
+    if unknown:
+        raise UsageError(
+            f"{ONLY_ENV}: no installed plugin has the entry point or distribution name {', '.join(map(repr, unknown))} "
+            f"(distributions with plugins: {', '.join(sorted(dists)) or 'none'}); correct it, or unset {ONLY_ENV} "
+            f"to load every plugin"
+        )
+    return only
+
+
 def load_registry() -> Registry:
     """Discover plugins through the `ctcore` entry-point group and collect their components.
 
     A plugin that fails to import is recorded in `registry.failures` (and named by the CLI); the rest still
-    work. Duplicate names and malformed classes raise `PluginError`.
+    work. Duplicate names and malformed classes raise `PluginError`. CTCORE_ONLY_PLUGINS and
+    CTCORE_DISABLE_PLUGINS select the plugins loaded; a name in CTCORE_ONLY_PLUGINS that matches nothing raises
+    `UsageError`.
     """
     registry = Registry()
     pm = pluggy.PluginManager("ctcore")
@@ -171,6 +193,7 @@ def load_registry() -> Registry:
     registry.plugin_manager = pm
     disabled = _disabled()
     eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value))
+    only = _only(eps)
     seen: set[tuple[str, str]] = set()
     for ep in eps:
         dist = ep.dist.name if ep.dist is not None else "<unknown distribution>"
@@ -178,7 +201,7 @@ def load_registry() -> Registry:
         if (dist, ep.name) in seen:  # the same distribution found twice on sys.path
             continue
         seen.add((dist, ep.name))
-        if ep.name in disabled or dist in disabled:
+        if ep.name in disabled or dist in disabled or (only is not None and not {ep.name, dist} & only):
             continue
         plugin = None
         try:

@@ -1,7 +1,8 @@
 """Shared test setup: the `plugin_path` fixture (defined in plugin_env.py), one CPU thread per test, a
 working directory outside the checkout for every test, whose data/ and runs/ the suite must leave untouched,
-and the installed components' `registry`."""
+only the ctcore distribution's plugins (plus the fakes a test adds), and its components' `registry`."""
 
+import os
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -13,9 +14,18 @@ import torch
 from helpers import REPO_ROOT, tree_state
 
 from ctcore import load_registry
-from ctcore.registry import Registry
+from ctcore.registry import DISABLE_ENV, ONLY_ENV, Registry
 
 pytest_plugins = ["plugin_env"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite sees the components of the ctcore distribution only, whatever other plugins are installed or
+    disabled in the caller's environment: lists and did-you-mean messages are pinned. Set before the test modules
+    are imported, so module-level registries and the CLI in subprocesses see the same; `plugin_path` adds the fake
+    distributions a test installs."""
+    os.environ[ONLY_ENV] = "ctcore"
+    os.environ.pop(DISABLE_ENV, None)
 
 CHECKOUT_DIRS = ("data", "runs")
 """What a user of the checkout fills by following the README (`ctcore data import`, the quickstart)."""
@@ -48,7 +58,7 @@ def _fresh_working_directory(tmp_path_factory: pytest.TempPathFactory, monkeypat
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
-    """The installed components, loaded once per test module through the real entry points."""
+    """The ctcore distribution's components, loaded once per test module through the real entry points."""
     return load_registry()
 
 

@@ -2,18 +2,23 @@
 
 `fake_distribution` writes a `<name>-<version>.dist-info` folder (plus module sources) into a fresh
 directory; the `plugin_path` fixture puts such directories on sys.path for one test, so
-`importlib.metadata.entry_points(group="ctcore")` sees the fake distribution, and forgets the modules
-imported from them afterwards so tests never leak plugins into each other.
+`importlib.metadata.entry_points(group="ctcore")` sees the fake distribution, adds it to CTCORE_ONLY_PLUGINS
+(which conftest sets to `ctcore`, so that plugins installed for real stay out of the suite), and forgets the
+modules imported from them afterwards so tests never leak plugins into each other.
 """
 
 from __future__ import annotations
 
+import importlib.metadata as md
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from ctcore.registry import ONLY_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PLUGIN_DIR = REPO_ROOT / "plugins" / "ctcore-example"
@@ -58,12 +63,16 @@ def _is_under(module: object, roots: list[Path]) -> bool:
 
 @pytest.fixture
 def plugin_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], Path]]:
-    """A function that prepends a directory to sys.path for this test; modules imported from the added
-    directories are removed from sys.modules afterwards."""
+    """A function that prepends a directory to sys.path for this test and lets the registry load the
+    distributions installed there; modules imported from the added directories are removed from sys.modules
+    afterwards."""
     added: list[Path] = []
 
     def add(directory: Path) -> Path:
         monkeypatch.syspath_prepend(str(directory))  # also invalidates the import and metadata caches
+        names = [d.metadata["Name"] for d in md.distributions(path=[str(directory)])]
+        if os.environ.get(ONLY_ENV) and names:
+            monkeypatch.setenv(ONLY_ENV, ",".join([os.environ[ONLY_ENV], *names]))
         added.append(Path(directory).resolve())
         return directory
 
@@ -84,3 +93,109 @@ BUILTINS: dict[str, list[str]] = {
     "logger": ["jsonl", "tensorboard"],
 }
 """Every component the ctcore distribution registers, by kind."""
+
+THIRD_PARTY_PLUGIN = '''
+import attrs
+import torch
+from torch import nn
+
+from ctcore_curricula import Constant
+from ctcore_loggers import Jsonl
+from ctcore_noise import Uniform
+from ctcore_objectives import Edm
+from ctcore_samplers import Euler
+from ctcore_teachers import NoEma
+
+from ctcore import hookimpl
+
+
+class ExtraMetric(nn.Module):
+    name = "extra-metric"
+    summary = "mean absolute difference per sample (a third-party plugin in the tests)"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options, context):
+        super().__init__()
+        self.options = options
+
+    def forward(self, x, y):
+        return (x - y).abs().flatten(1).mean(dim=1)
+
+
+class ExtraNet(nn.Module):
+    name = "extra-net"
+    summary = "a learnt scale of the input plus a learnt multiple of c_noise (a third-party plugin in the tests)"
+    noise_conditioning = "fourier"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options, context):
+        super().__init__()
+        if context.num_classes:
+            raise ValueError("extra-net is unconditional")
+        self.options = options
+        self.scale = nn.Parameter(torch.ones(()))
+        self.shift = nn.Parameter(torch.full((), 0.1))
+
+    def forward(self, x, c_noise, labels=None):
+        return self.scale * x + self.shift * c_noise.reshape(-1, *[1] * (x.dim() - 1))
+
+
+def renamed(cls, name):
+    """A builtin under another name, as a third party might extend one."""
+    return type(cls.__name__, (cls,), {"name": name, "summary": f"{cls.summary} (a third-party plugin in the tests)"})
+
+
+@hookimpl
+def ctcore_register_metrics():
+    return [ExtraMetric]
+
+
+@hookimpl
+def ctcore_register_networks():
+    return [ExtraNet]
+
+
+@hookimpl
+def ctcore_register_objectives():
+    return [renamed(Edm, "extra-objective")]
+
+
+@hookimpl
+def ctcore_register_noise_schedules():
+    return [renamed(Uniform, "extra-schedule")]
+
+
+@hookimpl
+def ctcore_register_curricula():
+    return [renamed(Constant, "extra-curriculum")]
+
+
+@hookimpl
+def ctcore_register_teachers():
+    return [renamed(NoEma, "extra-teacher")]
+
+
+@hookimpl
+def ctcore_register_samplers():
+    return [renamed(Euler, "extra-sampler")]
+
+
+@hookimpl
+def ctcore_register_loggers():
+    return [renamed(Jsonl, "extra-logger")]
+'''
+"""A working third-party plugin with one component of every kind, each named `extra-...` (`extra-metric`,
+`extra-net`, ...), that is no part of the project."""
+
+
+def third_party_site(tmp_path: Path) -> Path:
+    """A site directory in which the distribution `ctcore-thirdparty` 9.9.9 (entry point `thirdparty`) is installed,
+    as if by pip: put it on a subprocess's PYTHONPATH to run anything with a third-party plugin installed."""
+    return fake_distribution(tmp_path, "ctcore-thirdparty", {"thirdparty": "ctcore_thirdparty"},
+                             {"ctcore_thirdparty": THIRD_PARTY_PLUGIN}, version="9.9.9")

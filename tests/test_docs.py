@@ -16,7 +16,7 @@ import ctcore.testing
 from ctcore.cli import app
 from ctcore.components import ALL_KINDS, KINDS, BuildContext, entries_of, range_of
 from ctcore.recipe import CORE_SECTIONS
-from ctcore.registry import DISABLE_ENV
+from ctcore.registry import DISABLE_ENV, ONLY_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -100,7 +100,7 @@ def test_every_contract_check_is_documented_in_plugins_md():
 
 def test_build_context_and_plugin_switches_are_documented_in_plugins_md():
     text = _read(PLUGINS_DOC)
-    wanted = [f.name for f in attrs.fields(BuildContext)] + [DISABLE_ENV, "hookimpl"]
+    wanted = [f.name for f in attrs.fields(BuildContext)] + [DISABLE_ENV, ONLY_ENV, "hookimpl"]
     _fail_if_missing([w for w in wanted if w not in text], PLUGINS_DOC, "BuildContext fields or plugin switches")
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
+import json
+import os
+import subprocess
 import sys
 import tomllib
 from collections.abc import Callable
@@ -10,11 +14,13 @@ from pathlib import Path
 import pluggy
 import pytest
 import torch
-from plugin_env import BUILTINS, EXAMPLE_PLUGIN_DIR, fake_distribution
+from plugin_env import BUILTINS, EXAMPLE_PLUGIN_DIR, REPO_ROOT, fake_distribution, third_party_site
+from typer.testing import CliRunner
 
 import ctcore.registry
+from ctcore.cli import app
 from ctcore.errors import PluginError, UnknownComponentError, UsageError
-from ctcore.registry import DISABLE_ENV, load_registry
+from ctcore.registry import DISABLE_ENV, ONLY_ENV, load_registry
 
 METRIC_PLUGIN = '''
 import attrs
@@ -70,9 +76,8 @@ def test_builtins_are_provided_by_the_ctcore_distribution(kind: str, name: str) 
     assert provider.module.startswith("ctcore_")
 
 
-def test_unknown_name_suggests_the_closest_and_lists_the_available(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(DISABLE_ENV, "ctcore-example")  # keep the list to the builtins even if it is installed
-    registry = load_registry()
+def test_unknown_name_suggests_the_closest_and_lists_the_available() -> None:
+    registry = load_registry()  # the builtins alone (conftest), whatever else is installed
     with pytest.raises(UnknownComponentError) as info:
         registry.get("metric", "pseudo_huber")
     assert str(info.value) == (
@@ -222,3 +227,81 @@ def test_create_builds_context_and_options() -> None:
 def test_create_rejects_an_unknown_option() -> None:
     with pytest.raises(UsageError, match=r"metric 'pseudo-huber': .*'cc'.*\(its options: c\)"):
         load_registry().create("metric", "pseudo-huber", cc=1.0)
+
+
+# ------------------------------------------------------------------------------- choosing the plugins loaded
+
+BUILTIN_METRICS = ["l2", "l2-norm", "lpips", "pseudo-huber"]
+
+
+@pytest.fixture
+def only_plugin(tmp_path: Path, plugin_path: PluginPath) -> None:
+    """The distribution `ctcore-only` (entry point `only`) registering the metric `only-metric`."""
+    plugin_path(fake_distribution(tmp_path, "ctcore-only", {"only": "ctcore_fake_only"},
+                                  {"ctcore_fake_only": METRIC_PLUGIN.format(cls="Only", name="only-metric")}))
+
+
+@pytest.mark.parametrize(
+    ("only", "disable", "metrics"),
+    [
+        ("ctcore", "", BUILTIN_METRICS),  # what the suite and its registry fixture see
+        ("ctcore-only", "", ["only-metric"]),  # a distribution name
+        ("only", "", ["only-metric"]),  # an entry-point name
+        ("metrics", "", ["l2", "l2-norm", "pseudo-huber"]),  # one builtin entry point: lpips is another
+        (" ctcore , only ", "", ["l2", "l2-norm", "lpips", "only-metric", "pseudo-huber"]),
+        ("ctcore,ctcore-only", "only", BUILTIN_METRICS),  # CTCORE_DISABLE_PLUGINS applies on top
+    ],
+)
+def test_only_plugins_loads_the_named_plugins_alone(
+    only_plugin: None, monkeypatch: pytest.MonkeyPatch, only: str, disable: str, metrics: list[str]
+) -> None:
+    monkeypatch.setenv(ONLY_ENV, only)
+    monkeypatch.setenv(DISABLE_ENV, disable)
+    registry = load_registry()
+    assert registry.failures == []
+    assert registry.names("metric") == metrics
+
+
+@pytest.mark.parametrize("only", [None, ""])
+def test_without_only_plugins_a_user_sees_every_installed_plugin(only_plugin: None, only: str | None) -> None:
+    result = CliRunner(env={ONLY_ENV: only}).invoke(app, ["list-components", "--json", "--kind", "metric"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: (r["distribution"], r["version"]) for r in json.loads(result.stdout)}
+    assert rows["only-metric"] == ("ctcore-only", "0.1.0")
+    assert set(BUILTIN_METRICS) <= set(rows)
+
+
+def test_only_plugins_naming_no_installed_plugin_is_one_line_exit_2(only_plugin: None) -> None:
+    dists = sorted({ep.dist.name for ep in md.entry_points(group="ctcore") if ep.dist is not None})
+    assert {"ctcore", "ctcore-only"} <= set(dists)
+    result = CliRunner(env={ONLY_ENV: "ctcore,ctcor, only,exampel"}).invoke(app, ["list-components"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: {ONLY_ENV}: no installed plugin has the entry point or distribution name 'ctcor', 'exampel' "
+        f"(distributions with plugins: {', '.join(dists)}); correct it, or unset {ONLY_ENV} to load every plugin\n"
+    )
+    assert result.stdout == ""
+
+
+LISTING_TESTS = ["tests/test_registry.py", "tests/test_cli.py", "tests/test_help.py", "tests/test_distillation.py",
+                 "tests/test_diffusion.py", "tests/test_loggers.py", "tests/test_objective_contracts.py"]
+LISTING_KEYWORDS = ("test_registry or list_components or without_a_curriculum or must_sample_the_model "
+                    "or consistency_sampling_of_a_diffusion or bad_logging_section or third_party")
+"""The tests that pin component lists (`ctcore list-components`, 'available: ...' and 'use one of: ...' lines)."""
+
+
+@pytest.mark.slow
+def test_the_listing_tests_pass_with_a_third_party_plugin_installed(tmp_path: Path) -> None:
+    """A distribution with one extra component of every kind installed (on PYTHONPATH) changes nothing the
+    suite sees: conftest restricts it to the ctcore distribution and the fakes each test adds."""
+    env = {k: v for k, v in os.environ.items() if k not in (ONLY_ENV, DISABLE_ENV)}  # as in a user's shell
+    env["PYTHONPATH"] = os.pathsep.join([str(third_party_site(tmp_path)), *filter(None, [env.get("PYTHONPATH")])])
+    dists = "import importlib.metadata as md; print([e.dist.name for e in md.entry_points(group='ctcore')])"
+    found = subprocess.run([sys.executable, "-c", dists], env=env, capture_output=True, text=True, check=True)
+    assert "'ctcore-thirdparty'" in found.stdout  # the subprocesses really have the plugin installed
+    this = f"tests/test_registry.py::{test_the_listing_tests_pass_with_a_third_party_plugin_installed.__name__}"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *LISTING_TESTS, "-k", LISTING_KEYWORDS,
+         "--deselect", this],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]  # 5 if nothing was selected
