@@ -782,7 +782,7 @@ def dataset_info(path: str | Path, grid: str | Path | None = None) -> dict:
             decoded = json.loads(attrs["class_names"])
             names = [str(x) for x in decoded] if isinstance(decoded, list) else []
             attrs["class_names"] = names
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply: shown as the text it is
             pass
     labels = read_hdf5_labels(path, summary)
     picked, rows = None, None

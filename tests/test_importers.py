@@ -408,6 +408,23 @@ def test_info_counts_classes_and_writes_a_png_grid(tmp_path: Path) -> None:
         dataset_info(tmp_path / "missing.h5")
 
 
+
+@pytest.mark.parametrize("class_names", ["[" * 10_000 + "]" * 10_000, '["a", ' + "9" * 5000 + "]"])
+def test_data_info_shows_class_names_it_cannot_decode_as_text(tmp_path: Path, class_names: str) -> None:
+    """A dataset's class_names attr is JSON; nested too deeply or holding a 5000-digit number, the file's classes
+    are named by their labels and the attr is shown as the text it is (exit 0, no traceback)."""
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    images = np.zeros((3, 3, 4, 4), np.uint8)
+    write_dataset(tmp_path / "d.h5", images, np.array([0, 1, 1]), {"class_names": class_names})
+    result = CliRunner().invoke(app, ["data", "info", str(tmp_path / "d.h5"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["classes"] == [{"label": 0, "name": "0", "count": 1}, {"label": 1, "name": "1", "count": 2}]
+    assert info["attrs"]["class_names"] == class_names
+
 def test_an_imported_file_trains_through_imagedata(tmp_path: Path) -> None:
     import_dataset(_write_source(tmp_path, "zip", _image_members()), tmp_path / "d.h5", resolution=4,
                    progress=False)
