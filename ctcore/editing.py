@@ -423,6 +423,7 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
 
     from ctcore.data import check_complete, hdf5_summary, open_hdf5
     from ctcore.errors import UsageError
+    from ctcore.images import MAX_IMAGE_PIXELS, read_image
 
     c, r = shape[0], shape[1]
     source = Path(source)
@@ -465,11 +466,8 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
         raise UsageError(f"{where} holds no image files (.png, .jpg, .webp)")
     out = []
     for path in files:
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-        except OSError as exc:
-            raise UsageError(f"--images {str(path)!r} cannot be read as an image ({exc})") from None
+        img = read_image(path, f"--images {str(path)!r}", UsageError, "give a PNG, JPEG or WebP image of at most "
+                         f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels", mode=mode)
         out.append(np.asarray(_fit_image(img, r, f"--images {str(path)!r}")).reshape(r, r, c).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out)), None, [p.name for p in files]
 
@@ -477,15 +475,12 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
 def read_mask(path: str | Path, resolution: int) -> torch.Tensor:
     """A mask PNG (white = keep) as uint8 (1, 1, R, R), 1 = known; its size must be the model's resolution."""
     import numpy as np
-    from PIL import Image
 
     from ctcore.errors import UsageError
+    from ctcore.images import read_image
 
-    try:
-        with Image.open(path) as img:
-            grey = img.convert("L")
-    except OSError as exc:
-        raise UsageError(f"--mask {str(path)!r} cannot be read as an image ({exc})") from None
+    grey = read_image(path, f"--mask {str(path)!r}", UsageError, f"give a PNG mask of the model's {resolution}x"
+                      f"{resolution} pixels (white = keep)", mode="L")
     if grey.size != (resolution, resolution):
         raise UsageError(f"--mask {str(path)!r} is {grey.size[0]}x{grey.size[1]} pixels but the model's images are "
                          f"{resolution}x{resolution}: give a mask of that size (white = keep)")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import tree_state, write_tiny_recipe
+from helpers import bomb_png, one_line_error, tree_state, write_tiny_recipe
 from PIL import Image
 from typer.testing import CliRunner, Result
 
@@ -332,6 +333,48 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, source: 
     assert result.stdout == "" and "Traceback" not in result.output
     assert tree_state(tmp_path) == before  # no store, grid, lock or folder
 
+
+
+BOUND = "more than the 64 megapixels ctcore reads from an image file"
+
+
+@pytest.mark.parametrize(("option", "size", "problem"), [
+    ("--images", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
+    ("--images", (8001, 8000), f"is 8001x8000 pixels (64.0 megapixels), {BOUND}"),
+    ("--images-folder", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
+    ("--mask", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
+    ("--mask", (8001, 8000), f"is 8001x8000 pixels (64.0 megapixels), {BOUND}"),
+    ("--images", "truncated", "cannot be read as an image (OSError: image file is truncated)"),
+    ("--mask", "eps", "cannot be read as an image (not an image of a format ctcore reads: PNG, JPEG, WEBP, BMP, GIF, "
+                      "TIFF, PPM)"),
+], ids=["images-bomb", "images-just-over", "folder-bomb", "mask-bomb", "mask-just-over", "images-truncated",
+        "mask-eps"])
+def test_an_image_too_large_or_broken_is_one_line_before_it_is_decoded(run_dir: Path, source: Path, tmp_path: Path,
+                                                                       option: str, size: Any, problem: str) -> None:
+    """A decompression bomb (a 218 KB PNG of 400 megapixels) and an image just over 64 megapixels, refused from
+    the header; a truncated PNG; a file Pillow would read as EPS (with Ghostscript): one line, exit 2, nothing
+    written."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    big = inputs / "big.png"
+    if size == "truncated":
+        noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(big)
+        big.write_bytes(big.read_bytes()[:2000])  # cut inside its image data
+    elif size == "eps":
+        big.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n")
+    else:
+        big.write_bytes(bomb_png(*size))
+    Image.new("RGB", (4, 4)).save(inputs / "a.png")  # read before big.png, which is refused
+    fix = ("give a PNG mask of the model's 4x4 pixels (white = keep)" if option == "--mask" else
+           "give a PNG, JPEG or WebP image of at most 64 megapixels")
+    args = {"--images": ["inpaint", "--images", big, "--mask-kind", "box"],
+            "--images-folder": ["colorize", "--images", inputs],
+            "--mask": ["inpaint", "--images", source, "--mask", big]}[option]
+    before = tree_state(tmp_path)
+    result = invoke("edit", args[0], run_dir, *args[1:], "-o", tmp_path / "out" / "e.h5")
+    assert one_line_error(result) == f"{option.removesuffix('-folder')} {str(big)!r} {problem}; {fix}"
+    assert tree_state(tmp_path) == before
 
 def test_an_existing_store_is_kept_unless_overwrite(run_dir: Path, source: Path, tmp_path: Path) -> None:
     out = tmp_path / "e.h5"
