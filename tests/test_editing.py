@@ -376,6 +376,34 @@ def test_an_image_too_large_or_broken_is_one_line_before_it_is_decoded(run_dir: 
     assert one_line_error(result) == f"{option.removesuffix('-folder')} {str(big)!r} {problem}; {fix}"
     assert tree_state(tmp_path) == before
 
+
+@pytest.mark.parametrize("raised", ["error", "warning"])
+def test_pillows_own_bomb_check_while_decoding_is_one_error_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 raised: str) -> None:
+    """Pillow checks frames it decodes after the header (a GIF frame larger than its screen): its
+    DecompressionBombError, and its warning, become the reader's one error."""
+    import warnings
+
+    from PIL import ImageFile
+
+    from ctcore.errors import UsageError
+    from ctcore.images import read_image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    text = "Image size (200000000 pixels) exceeds limit of 178956970 pixels, could be decompression bomb DOS attack."
+
+    def bomb(self: Any) -> None:
+        if raised == "error":
+            raise Image.DecompressionBombError(text)
+        warnings.warn(text, Image.DecompressionBombWarning, stacklevel=1)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", bomb)
+    with pytest.raises(UsageError) as refused:
+        read_image(tmp_path / "a.png", "--mask 'a.png'", UsageError, "give a smaller one", mode="L")
+    assert refused.value.message == ("--mask 'a.png' is more than the 64 megapixels ctcore reads from an image file "
+                                     "(Image size (200000000 pixels) exceeds limit of 178956970 pixels); give a "
+                                     "smaller one")
+
 def test_an_existing_store_is_kept_unless_overwrite(run_dir: Path, source: Path, tmp_path: Path) -> None:
     out = tmp_path / "e.h5"
     out.write_bytes(b"keep me")
