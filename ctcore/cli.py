@@ -27,6 +27,9 @@ MAX_STEPS = 1000
 """Sampling steps: more than any sigma grid has levels."""
 MAX_BENCH_STEPS = 10_000
 """Timed (or warm-up) bench steps: a benchmark needs tens."""
+MAX_LABELS = 100_000
+"""--labels: at most as many labels as data.num_classes allows classes (ImageNet-21k has 21,841); they cycle over
+the samples, so a longer list repeats itself."""
 MAX_RESOLUTION = 4096
 """Image side for `data import --resolution`: one 4096 x 4096 RGB image is 48 MiB, and datasets live in memory."""
 DEVICE_PATTERN = r"cpu|cuda|auto|cuda:[0-9]+"
@@ -598,6 +601,8 @@ def edit(
     from ctcore.devices import threads_restored
 
     with _errors(), threads_restored():
+        import re
+
         from ctcore.editing import edit_from_checkpoint
         from ctcore.errors import UsageError
         from ctcore.files import check_suffix
@@ -607,8 +612,8 @@ def edit(
         check_suffix(out, "-o", HDF5_SUFFIXES, "an HDF5")
         pair = None
         if seeds is not None:
-            parts = [p.strip() for p in seeds.split(",")]
-            if len(parts) != 2 or not all(p.isdigit() and int(p) <= MAX_SEED for p in parts):
+            parts = [p.strip() for p in seeds.split(",", 2)]  # split no further than a third part
+            if len(parts) != 2 or not all(re.fullmatch(r"[0-9]{1,19}", p) and int(p) <= MAX_SEED for p in parts):
                 raise UsageError(f'--seeds must be two seeds "A,B" in 0..{MAX_SEED}, e.g. "0,1", got {seeds!r}')
             pair = (int(parts[0]), int(parts[1]))
         result = edit_from_checkpoint(
@@ -628,6 +633,9 @@ def _parse_labels(labels: str | None) -> list[int] | None:
 
     if labels is None:
         return None
+    if labels.count(",") >= MAX_LABELS:  # before any list is made
+        raise UsageError(f"--labels takes at most {MAX_LABELS:,} class labels (as many as a recipe's data.num_classes "
+                         f"allows; they cycle over the samples), got {labels.count(',') + 1:,}")
     values = [s.strip() for s in labels.split(",")]
     if not all(re.fullmatch(r"-?[0-9]{1,18}", v) for v in values):
         raise UsageError(f'--labels must be comma-separated class numbers like "0,3,7", got {labels!r}')
@@ -638,18 +646,21 @@ def _parse_sigmas(sigmas: str | None) -> list[float] | None:
     """'80,0.821' -> [80.0, 0.821]: 1 to MAX_STEPS finite numbers; None stays None. Their range is checked
     against the checkpoint's recipe when it is loaded."""
     import math
+    import re
 
     from ctcore.errors import UsageError
 
     if sigmas is None:
         return None
     example = 'comma-separated numbers like "80,0.821"'
+    count = sum(1 for s in re.finditer(r"[^,]*", sigmas) if s.group().strip())  # counted before any list is made
+    if not 1 <= count <= MAX_STEPS:
+        raise UsageError(f"--sigmas must be 1 to {MAX_STEPS} {example} (no plan samples more steps), got {count} "
+                         "values")
     try:
         values = [float(s) for s in sigmas.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--sigmas must be {example}, got {sigmas!r}") from None
-    if not values or len(values) > MAX_STEPS:
-        raise UsageError(f"--sigmas must be 1 to {MAX_STEPS} {example}, got {len(values)} values")
     if not all(math.isfinite(v) for v in values):
         raise UsageError(f"--sigmas must be finite numbers, got {sigmas!r}")
     return values

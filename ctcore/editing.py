@@ -381,24 +381,42 @@ IMAGE_FILES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_SOURCE_COUNT = 64
 
 
+MAX_EDIT_IMAGES = 1_000_000
+"""The most references one `ctcore edit` takes (--indices, or the image files of a --images folder): they are
+listed and read before the memory check of the edit, and editing is evaluated on 50,000 images (FID); a larger
+count is a typo such as --indices 0:999999999999, refused before any list is made."""
+
+
+def _too_many_images(what: str) -> str:
+    return (f"{what}; ctcore edit takes at most {MAX_EDIT_IMAGES:,} images at once (all are read into memory before "
+            "it starts): edit them in parts")
+
+
 def parse_indices(text: str | None, count: int, where: str) -> list[int]:
-    """--indices: `START:STOP` (Python slice, STOP may be omitted) or `i,j,k`; default the first 64 images."""
+    """--indices: `START:STOP` (Python slice, STOP may be omitted) or `i,j,k`; default the first 64 images. The
+    range and the number picked (at most MAX_EDIT_IMAGES) are checked before the list is made."""
     from ctcore.errors import UsageError
 
     if text is None:
         return list(range(min(count, DEFAULT_SOURCE_COUNT)))
+    outside = UsageError(f"--indices {text}: {where} holds {count:,} images, so an index lies in 0..{count - 1}")
     try:
         if ":" in text:
             lo, _, hi = text.partition(":")
-            picked = list(range(int(lo or 0), int(hi) if hi.strip() else count))
-        else:
-            picked = [int(v) for v in text.split(",")]
+            start, stop = int(lo or 0), int(hi) if hi.strip() else count
+            if not 0 <= start < stop <= count:
+                raise outside
+            if stop - start > MAX_EDIT_IMAGES:
+                raise UsageError(_too_many_images(f"--indices {text} picks {stop - start:,} images"))
+            return list(range(start, stop))
+        if text.count(",") >= MAX_EDIT_IMAGES:
+            raise UsageError(_too_many_images(f"--indices picks {text.count(',') + 1:,} images"))
+        picked = [int(v) for v in text.split(",")]
     except ValueError:
         raise UsageError(f'--indices must be START:STOP or comma-separated numbers like "0:64" or "3,5,8", '
                          f"got {text!r}") from None
-    bad = next((i for i in picked if not 0 <= i < count), None)
-    if bad is not None or not picked:
-        raise UsageError(f"--indices {text}: {where} holds {count:,} images, so an index lies in 0..{count - 1}")
+    if any(not 0 <= i < count for i in picked):
+        raise outside
     return picked
 
 
@@ -461,7 +479,14 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
     if mode is None:
         raise UsageError(f"{where}: the model makes {c}-channel images, which no image file holds: give an HDF5 "
                          "dataset with them")
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_FILES) if source.is_dir() else [source]
+    files = [source]
+    if source.is_dir():
+        files = []
+        for path in source.iterdir():  # counted as they are listed: a folder of millions is refused early
+            files += [path] if path.suffix.lower() in IMAGE_FILES else []
+            if len(files) > MAX_EDIT_IMAGES:
+                raise UsageError(_too_many_images(f"{where} holds more than {MAX_EDIT_IMAGES:,} image files"))
+        files.sort()
     if not files:
         raise UsageError(f"{where} holds no image files (.png, .jpg, .webp)")
     out = []

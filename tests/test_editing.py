@@ -404,6 +404,47 @@ def test_pillows_own_bomb_check_while_decoding_is_one_error_too(tmp_path: Path, 
                                      "(Image size (200000000 pixels) exceeds limit of 178956970 pixels); give a "
                                      "smaller one")
 
+
+TOO_MANY = ("ctcore edit takes at most {max} images at once (all are read into memory before it starts): edit them "
+            "in parts")
+
+
+@pytest.mark.parametrize(("source_kind", "indices", "bound", "message"), [
+    ("refs", "0:999999999999", None, "--indices 0:999999999999: --images '{src}' holds 10 images, so an index lies in "
+                                     "0..9"),
+    ("refs", "-5:3", None, "--indices -5:3: --images '{src}' holds 10 images, so an index lies in 0..9"),
+    ("huge", "0:", None, "--indices 0: picks 1,000,000,000,000 images; " + TOO_MANY.format(max="1,000,000")),
+    ("huge", "7:1000008", None, "--indices 7:1000008 picks 1,000,001 images; " + TOO_MANY.format(max="1,000,000")),
+    ("refs", "0,1,2,3", 3, "--indices picks 4 images; " + TOO_MANY.format(max="3")),
+    ("folder", None, 2, "--images '{src}' holds more than 2 image files; " + TOO_MANY.format(max="2")),
+], ids=["range-beyond-the-file", "negative-start", "all-of-a-trillion", "one-over", "list-over", "folder-over"])
+def test_too_many_references_are_refused_before_any_list_is_made(run_dir: Path, source: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, source_kind: str,
+                                                                 indices: str | None, bound: int | None,
+                                                                 message: str) -> None:
+    """--indices ranges are checked against the file before a list is made (0:999999999999 was a MemoryError);
+    at most MAX_EDIT_IMAGES references (1,000,000; lowered here for the comma list and the folder): one line,
+    exit 2, nothing written. `huge` claims 10^12 images, unwritten (HDF5 allocates chunks lazily)."""
+    import ctcore.editing
+
+    if bound is not None:
+        monkeypatch.setattr(ctcore.editing, "MAX_EDIT_IMAGES", bound)
+    src = source
+    if source_kind == "huge":
+        src = tmp_path / "huge.h5"
+        with h5py.File(src, "w") as f:
+            f.create_dataset("images", shape=(10**12, 3, 4, 4), dtype=np.uint8, chunks=(4096, 3, 4, 4))
+    elif source_kind == "folder":
+        src = tmp_path / "folder"
+        src.mkdir()
+        for name in "abc":
+            Image.new("RGB", (4, 4)).save(src / f"{name}.png")
+    before = tree_state(tmp_path)
+    args = ["--indices", indices] if indices is not None else []
+    result = invoke("edit", "colorize", run_dir, "--images", src, *args, "-o", tmp_path / "out" / "e.h5")
+    assert one_line_error(result) == message.format(src=src)
+    assert tree_state(tmp_path) == before
+
 def test_an_existing_store_is_kept_unless_overwrite(run_dir: Path, source: Path, tmp_path: Path) -> None:
     out = tmp_path / "e.h5"
     out.write_bytes(b"keep me")
