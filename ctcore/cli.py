@@ -163,12 +163,23 @@ def _folded(table: Any) -> Any:
     return table
 
 
+OUT_OF_MEMORY = ("out of memory (MemoryError): the process reached the memory it may use; free some memory or raise "
+                 "its limit (ulimit -v), or ask for less (a smaller batch, fewer samples or images, fewer run.threads)")
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """Whether torch failed to allocate: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError (which has no
+    type of its own: `DefaultCPUAllocator: can't allocate memory`)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
 @contextlib.contextmanager
 def _errors(plugin_exit_code: int = 1) -> Iterator[None]:
     """Turn expected failures into one message on stderr and an exit code (under torchrun, rank 0 prints it).
 
     An exception of any type raised inside a plugin's code is one line naming the component and its distribution
-    (exit `plugin_exit_code`); any other unexpected exception is a bug of ctcore and keeps its traceback.
+    (exit `plugin_exit_code`); running out of memory (MemoryError) is one line, exit 1; any other unexpected
+    exception is a bug of ctcore and keeps its traceback.
     """
     import os
 
@@ -185,14 +196,24 @@ def _errors(plugin_exit_code: int = 1) -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as exc:
-        from rich.text import Text
+        out_of_memory = isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _out_of_memory(exc))
+        try:
+            from rich.text import Text
 
-        from ctcore.preflight import plugin_failure
+            from ctcore.preflight import plugin_failure
 
-        failure = plugin_failure(exc, exit_code=plugin_exit_code)
-        if failure is not None:
-            _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(failure.render()))
-            raise typer.Exit(failure.exit_code) from None
+            failure = plugin_failure(exc, exit_code=plugin_exit_code)
+            if failure is not None:
+                _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(failure.render()))
+                raise typer.Exit(failure.exit_code) from None
+        except MemoryError:  # the plugin check (it loads the registry) or the printing ran out of memory too
+            out_of_memory = True
+        if out_of_memory:
+            import sys
+
+            if not quiet:
+                sys.stderr.write(f"error: {OUT_OF_MEMORY}\n")  # plain text: nothing more to allocate
+            raise typer.Exit(1) from None
         if not isinstance(exc, OSError):
             raise
         # a file that cannot be written (a full disk) or read: one line, not a traceback

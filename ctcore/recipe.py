@@ -69,7 +69,9 @@ class RunSection:
     """Empty means runs/<name>, relative to the working directory."""
     seed: int = attrs.field(default=0, validator=_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = attrs.field(default=0, validator=within(0, 1024, "0: automatic"))
+    threads: int = attrs.field(default=0, validator=within(
+        0, 512, "0: automatic; beyond a two-socket server's cores (2 x 192) threads only wait, and each takes 16 to "
+                "75 MiB of address space"))
     """torch's CPU threads (torch.set_num_threads) for training, sampling, evaluation and the bench; 0: half the
     usable CPUs (split among torchrun's local processes), 1 to 8. CPU results depend on the count."""
     init_from: str = attrs.field(default="", validator=path_text)
