@@ -341,14 +341,15 @@ BOUND = "more than the 64 megapixels ctcore reads from an image file"
 @pytest.mark.parametrize(("option", "size", "problem"), [
     ("--images", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
     ("--images", (8001, 8000), f"is 8001x8000 pixels (64.0 megapixels), {BOUND}"),
+    ("--images-stroke", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
     ("--images-folder", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
     ("--mask", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
     ("--mask", (8001, 8000), f"is 8001x8000 pixels (64.0 megapixels), {BOUND}"),
     ("--images", "truncated", "cannot be read as an image (OSError: image file is truncated)"),
     ("--mask", "eps", "cannot be read as an image (not an image of a format ctcore reads: PNG, JPEG, WEBP, BMP, GIF, "
                       "TIFF, PPM)"),
-], ids=["images-bomb", "images-just-over", "folder-bomb", "mask-bomb", "mask-just-over", "images-truncated",
-        "mask-eps"])
+], ids=["images-bomb", "images-just-over", "stroke-bomb", "folder-bomb", "mask-bomb", "mask-just-over",
+        "images-truncated", "mask-eps"])
 def test_an_image_too_large_or_broken_is_one_line_before_it_is_decoded(run_dir: Path, source: Path, tmp_path: Path,
                                                                        option: str, size: Any, problem: str) -> None:
     """A decompression bomb (a 218 KB PNG of 400 megapixels) and an image just over 64 megapixels, refused from
@@ -369,11 +370,13 @@ def test_an_image_too_large_or_broken_is_one_line_before_it_is_decoded(run_dir: 
     fix = ("give a PNG mask of the model's 4x4 pixels (white = keep)" if option == "--mask" else
            "give a PNG, JPEG or WebP image of at most 64 megapixels")
     args = {"--images": ["inpaint", "--images", big, "--mask-kind", "box"],
+            "--images-stroke": ["stroke", "--images", big],
             "--images-folder": ["colorize", "--images", inputs],
             "--mask": ["inpaint", "--images", source, "--mask", big]}[option]
     before = tree_state(tmp_path)
     result = invoke("edit", args[0], run_dir, *args[1:], "-o", tmp_path / "out" / "e.h5")
-    assert one_line_error(result) == f"{option.removesuffix('-folder')} {str(big)!r} {problem}; {fix}"
+    shown = "--mask" if option == "--mask" else "--images"
+    assert one_line_error(result) == f"{shown} {str(big)!r} {problem}; {fix}"
     assert tree_state(tmp_path) == before
 
 
