@@ -483,9 +483,10 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
     if source.is_dir():
         files = []
         for path in source.iterdir():  # counted as they are listed: a folder of millions is refused early
-            files += [path] if path.suffix.lower() in IMAGE_FILES else []
-            if len(files) > MAX_EDIT_IMAGES:
-                raise UsageError(_too_many_images(f"{where} holds more than {MAX_EDIT_IMAGES:,} image files"))
+            if path.suffix.lower() in IMAGE_FILES:
+                files.append(path)
+                if len(files) > MAX_EDIT_IMAGES:
+                    raise UsageError(_too_many_images(f"{where} holds more than {MAX_EDIT_IMAGES:,} image files"))
         files.sort()
     if not files:
         raise UsageError(f"{where} holds no image files (.png, .jpg, .webp)")

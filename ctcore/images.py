@@ -96,7 +96,8 @@ def read_image(source: str | Path | bytes, where: str, error: type[CtcoreError],
 
     An image of more than MAX_IMAGE_PIXELS is refused from its header, before it is decoded; so is what Pillow
     refuses itself (DecompressionBombError, or its warning), and a file that is no image, truncated or corrupt:
-    each one `error` naming the file (`where`, e.g. "--mask 'big.png'") with its size, and ending in `fix`.
+    each one `error` naming the file (`where`, e.g. "--mask 'big.png'"), and its size when that is the problem,
+    and ending in `fix` (which reads right for both).
     `reduce_to` (a short side in pixels) lets a JPEG decode at a reduced scale no smaller than that.
     """
     import warnings
