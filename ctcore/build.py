@@ -285,7 +285,7 @@ def _finished_at(run_dir: Path, ckpts: list[Path]) -> int | None:
     try:
         step = int(ckpts[-1].stem.removeprefix("ckpt-"))
         total = tomllib.loads((run_dir / "recipe.toml").read_text(encoding="utf-8"))["training"]["total_steps"]
-    except (IndexError, ValueError, OSError, KeyError, TypeError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (IndexError, ValueError, OSError, KeyError, TypeError, RecursionError):  # ValueError: bad UTF-8, TOML
         return None
     return step if isinstance(total, int) and step >= total else None
 
@@ -345,6 +345,11 @@ def _num_scales_before_and_after(run: Run, old: Recipe) -> tuple[int, int] | Non
     return int(before.num_scales(run.step)), int(run.curriculum.num_scales(run.step))
 
 
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+"""What a parsed JSON value is, in JSON's words, for messages about a damaged file."""
+
+
 def read_provenance(out_dir: Path) -> dict[str, Any]:
     """A run directory's provenance.json ({} when absent); a damaged one is one RunError."""
     path = Path(out_dir) / "provenance.json"
@@ -352,11 +357,17 @@ def read_provenance(out_dir: Path) -> dict[str, Any]:
         return {}
     try:
         prov = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        prov = exc
-    if not isinstance(prov, dict):
-        raise RunError(f"{str(path)!r} is damaged ({prov}); it records the run's id: put it back, or delete it to "
-                       "resume with the recipe check alone")
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8, bad JSON, a number of over 4,300 digits
+        problem = str(exc).split("; use sys.")[0]  # not Python's advice to raise its limit on integer digits
+    except RecursionError:
+        problem = "nested too deeply to read"
+    else:
+        problem = (f"it holds {_JSON_KINDS[type(prov)]}, not an object" if not isinstance(prov, dict) else
+                   f"its run_id is {_JSON_KINDS[type(prov['run_id'])]}, not a string"
+                   if not isinstance(prov.get("run_id", ""), str) else None)
+    if problem is not None:
+        raise RunError(f"{str(path)!r} is damaged ({problem}); it records the run's id: put it back, or delete it "
+                       "to resume with the recipe check alone")
     return prov
 
 

@@ -227,16 +227,29 @@ def validate_checkpoint(state: Any, path: str | Path, registry: Registry, *, use
     and dtype, the networks rebuilt from the checkpoint's own recipe on the meta device (no memory, no time);
     weights and optimizer state must be finite; RNG states must be accepted by scratch generators of `device`'s
     type (default: the recipe's run.device). The first defect raises one RunError naming the file, the defect
-    and the fix.
+    and the fix; so do values nested too deeply to compare or show (a hostile file).
     """
     if use not in USES:
         raise ValueError(f"use must be one of {USES}, got {use!r}")
-    path = Path(path)
+    try:
+        return _validated(state, Path(path), registry, use, device)
+    except RecursionError:
+        raise RunError(f"checkpoint {str(path)!r} holds values nested too deeply to check; {_damaged(use)}") from None
+
+
+def _damaged(use: str) -> str:
+    """The fix for a checkpoint with a defect, by what the caller needs of it (see USES)."""
+    if use == "resume":
+        return ("it is damaged or was not written by ctcore run: resume from an earlier checkpoint (move this one "
+                "out of checkpoints/)")
+    return "it is damaged or was not written by ctcore run: use an earlier checkpoint from its checkpoints/ folder"
+
+
+def _validated(state: Any, path: Path, registry: Registry, use: str, device: torch.device | None) -> Recipe:
+    """validate_checkpoint's checks."""
     where = f"checkpoint {str(path)!r}"
     resume = use == "resume"
-    damaged = ("it is damaged or was not written by ctcore run: resume from an earlier checkpoint (move this one "
-               "out of checkpoints/)" if resume else
-               "it is damaged or was not written by ctcore run: use an earlier checkpoint from its checkpoints/ folder")
+    damaged = _damaged(use)
     resume_only = ("it was not written by ctcore run, or is damaged: resume from an earlier checkpoint (move this "
                    "one out of checkpoints/) or sample from it with ctcore sample")
     diverged = ("the run had diverged when it was written: resume from an earlier checkpoint (move this one out of "
@@ -269,6 +282,8 @@ def validate_checkpoint(state: Any, path: str | Path, registry: Registry, *, use
         fail(f"has provenance['data_shape'] {shape!r}, but it must be the image shape [C, H, W]")
     if not _is_int(prov.get("num_classes")):
         fail(f"has provenance['num_classes'] {prov.get('num_classes')!r}, but it must be a whole number >= 0")
+    if not isinstance(prov.get("run_id", ""), str):
+        fail(f"has provenance['run_id'] of type {type(prov['run_id']).__name__}, but a run id is a string")
     check_plugins(state, registry, path)
     recipe = parse_recipe(state["recipe"], registry, source=f"{path} (embedded recipe)")
     if tuple(shape) != data_shape(recipe.data) or prov["num_classes"] != recipe.data.num_classes:

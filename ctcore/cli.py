@@ -27,6 +27,9 @@ MAX_STEPS = 1000
 """Sampling steps: more than any sigma grid has levels."""
 MAX_BENCH_STEPS = 10_000
 """Timed (or warm-up) bench steps: a benchmark needs tens."""
+MAX_LABELS = 100_000
+"""--labels: at most as many labels as data.num_classes allows classes (ImageNet-21k has 21,841); they cycle over
+the samples, so a longer list repeats itself."""
 MAX_RESOLUTION = 4096
 """Image side for `data import --resolution`: one 4096 x 4096 RGB image is 48 MiB, and datasets live in memory."""
 DEVICE_PATTERN = r"cpu|cuda|auto|cuda:[0-9]+"
@@ -160,12 +163,23 @@ def _folded(table: Any) -> Any:
     return table
 
 
+OUT_OF_MEMORY = ("out of memory (MemoryError): the process reached the memory it may use; free some memory or raise "
+                 "its limit (ulimit -v), or ask for less (a smaller batch, fewer samples or images, fewer run.threads)")
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """Whether torch failed to allocate: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError (which has no
+    type of its own: `DefaultCPUAllocator: can't allocate memory`)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
 @contextlib.contextmanager
 def _errors(plugin_exit_code: int = 1) -> Iterator[None]:
     """Turn expected failures into one message on stderr and an exit code (under torchrun, rank 0 prints it).
 
     An exception of any type raised inside a plugin's code is one line naming the component and its distribution
-    (exit `plugin_exit_code`); any other unexpected exception is a bug of ctcore and keeps its traceback.
+    (exit `plugin_exit_code`); running out of memory (MemoryError) is one line, exit 1; any other unexpected
+    exception is a bug of ctcore and keeps its traceback.
     """
     import os
 
@@ -182,14 +196,24 @@ def _errors(plugin_exit_code: int = 1) -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as exc:
-        from rich.text import Text
+        out_of_memory = isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _out_of_memory(exc))
+        try:
+            from rich.text import Text
 
-        from ctcore.preflight import plugin_failure
+            from ctcore.preflight import plugin_failure
 
-        failure = plugin_failure(exc, exit_code=plugin_exit_code)
-        if failure is not None:
-            _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(failure.render()))
-            raise typer.Exit(failure.exit_code) from None
+            failure = plugin_failure(exc, exit_code=plugin_exit_code)
+            if failure is not None:
+                _console(stderr=True, quiet=quiet).print(Text("error: ", style="bold red") + Text(failure.render()))
+                raise typer.Exit(failure.exit_code) from None
+        except MemoryError:  # the plugin check (it loads the registry) or the printing ran out of memory too
+            out_of_memory = True
+        if out_of_memory:
+            import sys
+
+            if not quiet:
+                sys.stderr.write(f"error: {OUT_OF_MEMORY}\n")  # plain text: nothing more to allocate
+            raise typer.Exit(1) from None
         if not isinstance(exc, OSError):
             raise
         # a file that cannot be written (a full disk) or read: one line, not a traceback
@@ -627,6 +651,8 @@ def edit(
     from ctcore.devices import threads_restored
 
     with _errors(), threads_restored():
+        import re
+
         from ctcore.editing import edit_from_checkpoint
         from ctcore.errors import UsageError
         from ctcore.files import check_suffix
@@ -636,8 +662,8 @@ def edit(
         check_suffix(out, "-o", HDF5_SUFFIXES, "an HDF5")
         pair = None
         if seeds is not None:
-            parts = [p.strip() for p in seeds.split(",")]
-            if len(parts) != 2 or not all(p.isdigit() and int(p) <= MAX_SEED for p in parts):
+            parts = [p.strip() for p in seeds.split(",", 2)]  # split no further than a third part
+            if len(parts) != 2 or not all(re.fullmatch(r"[0-9]{1,19}", p) and int(p) <= MAX_SEED for p in parts):
                 raise UsageError(f'--seeds must be two seeds "A,B" in 0..{MAX_SEED}, e.g. "0,1", got {seeds!r}')
             pair = (int(parts[0]), int(parts[1]))
         result = edit_from_checkpoint(
@@ -657,6 +683,9 @@ def _parse_labels(labels: str | None) -> list[int] | None:
 
     if labels is None:
         return None
+    if labels.count(",") >= MAX_LABELS:  # before any list is made
+        raise UsageError(f"--labels takes at most {MAX_LABELS:,} class labels (as many as a recipe's data.num_classes "
+                         f"allows; they cycle over the samples), got {labels.count(',') + 1:,}")
     values = [s.strip() for s in labels.split(",")]
     if not all(re.fullmatch(r"-?[0-9]{1,18}", v) for v in values):
         raise UsageError(f'--labels must be comma-separated class numbers like "0,3,7", got {labels!r}')
@@ -667,18 +696,21 @@ def _parse_sigmas(sigmas: str | None) -> list[float] | None:
     """'80,0.821' -> [80.0, 0.821]: 1 to MAX_STEPS finite numbers; None stays None. Their range is checked
     against the checkpoint's recipe when it is loaded."""
     import math
+    import re
 
     from ctcore.errors import UsageError
 
     if sigmas is None:
         return None
     example = 'comma-separated numbers like "80,0.821"'
+    count = sum(1 for s in re.finditer(r"[^,]*", sigmas) if s.group().strip())  # counted before any list is made
+    if not 1 <= count <= MAX_STEPS:
+        raise UsageError(f"--sigmas must be 1 to {MAX_STEPS} {example} (no plan samples more steps), got {count} "
+                         "values")
     try:
         values = [float(s) for s in sigmas.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--sigmas must be {example}, got {sigmas!r}") from None
-    if not values or len(values) > MAX_STEPS:
-        raise UsageError(f"--sigmas must be 1 to {MAX_STEPS} {example}, got {len(values)} values")
     if not all(math.isfinite(v) for v in values):
         raise UsageError(f"--sigmas must be finite numbers, got {sigmas!r}")
     return values

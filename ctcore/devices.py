@@ -42,12 +42,77 @@ def resolve_threads(setting: int) -> int:
     return max(1, min(8, cpus // (2 * processes)))
 
 
+OS_THREADS_PER_THREAD = 2
+"""OS threads per torch CPU thread (measured with torch 2.13, OpenMP, on Linux: 128 in the process after
+torch.set_num_threads(64) and a matmul)."""
+MALLOC_ARENA = 64 << 20
+"""Address space glibc reserves for each malloc arena; a process gets up to 8 per CPU, one per thread that needs
+one. With an 8 MiB stack per OS thread this predicts the measured growth of the process (torch 2.13 on 2 CPUs:
+1.2 GiB for 16 threads, 2.0 GiB for 64, 9.1 GiB for 512)."""
+
+
+def _limits() -> tuple[int | None, int, int | None, int]:
+    """(the address-space limit (ulimit -v) or None, the address space in use, the process limit (ulimit -u) or
+    None, the stack size of a new thread); (None, 0, None, 0) where they cannot be read (off Linux)."""
+    try:
+        import resource
+
+        space, procs, stack = (resource.getrlimit(r)[0] for r in (resource.RLIMIT_AS, resource.RLIMIT_NPROC,
+                                                                   resource.RLIMIT_STACK))
+        with open("/proc/self/status", encoding="ascii") as status:
+            used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    except (ImportError, OSError, StopIteration, ValueError):
+        return None, 0, None, 0
+    unlimited = resource.RLIM_INFINITY
+    return (None if space == unlimited else space, used, None if procs == unlimited else procs,
+            8 << 20 if stack == unlimited else stack)
+
+
+def _thread_space(threads: int, stack: int) -> int:
+    """Address space `threads` more torch CPU threads take: their OS threads' stacks and malloc arenas."""
+    os_threads = max(0, threads) * OS_THREADS_PER_THREAD
+    return os_threads * stack + min(os_threads, 8 * (os.cpu_count() or 1)) * MALLOC_ARENA
+
+
+def check_threads(setting: int) -> int:
+    """The thread count run.threads resolves to, refused (UsageError) where this process cannot start that many
+    threads: they would not fit its address-space limit (ulimit -v), or this user may not run that many threads
+    (ulimit -u). torch starts its threads at its first parallel operation, where running out fails anywhere (a
+    MemoryError in a later allocation, or libgomp ending the process), so this is checked beforehand. The threads
+    may take half the address space left: the run needs the rest."""
+    from ctcore.files import human_bytes
+
+    n, now = resolve_threads(setting), torch.get_num_threads()
+    if n <= now:
+        return n
+    space, used, procs, stack = _limits()
+    what = f"run.threads {setting}" + (f" ({n} here)" if setting == 0 else "")
+    if space is not None and _thread_space(n - now, stack) > (space - used) // 2:
+        free = max(0, space - used)
+        fits = max([k for k in range(1, n) if _thread_space(k - now, stack) <= free // 2], default=1)
+        raise UsageError(f"{what}: {n:,} CPU threads need about {human_bytes(_thread_space(n - now, stack))} more "
+                         f"address space, more than half the {human_bytes(free)} this process may still use (its "
+                         f"limit, ulimit -v, is {human_bytes(space)}; the run needs the rest); set run.threads to at "
+                         f"most {fits:,}, or raise the limit")
+    if procs is not None and n * OS_THREADS_PER_THREAD > procs:
+        raise UsageError(f"{what}: {n:,} CPU threads start about {n * OS_THREADS_PER_THREAD:,} OS threads, more "
+                         f"than this user may run (ulimit -u {procs:,}); set run.threads to at most "
+                         f"{max(1, procs // OS_THREADS_PER_THREAD):,}, or raise the limit")
+    return n
+
+
 def use_threads(setting: int) -> int:
     """Set torch's CPU thread count (torch.set_num_threads) from run.threads; returns the count. It is
-    process-wide: CPU results are deterministic for a given count, not across counts."""
-    n = resolve_threads(setting)
+    process-wide: CPU results are deterministic for a given count, not across counts. A count this process
+    cannot start (check_threads), or one torch refuses, is one UsageError."""
+    n = check_threads(setting)
     if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+        try:
+            torch.set_num_threads(n)
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise UsageError(f"run.threads {setting}: torch cannot use {n:,} CPU threads here "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); set a smaller "
+                             "run.threads, or 0 (automatic)") from None
     return n
 
 

@@ -385,24 +385,42 @@ IMAGE_FILES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_SOURCE_COUNT = 64
 
 
+MAX_EDIT_IMAGES = 1_000_000
+"""The most references one `ctcore edit` takes (--indices, or the image files of a --images folder): they are
+listed and read before the memory check of the edit, and editing is evaluated on 50,000 images (FID); a larger
+count is a typo such as --indices 0:999999999999, refused before any list is made."""
+
+
+def _too_many_images(what: str) -> str:
+    return (f"{what}; ctcore edit takes at most {MAX_EDIT_IMAGES:,} images at once (all are read into memory before "
+            "it starts): edit them in parts")
+
+
 def parse_indices(text: str | None, count: int, where: str) -> list[int]:
-    """--indices: `START:STOP` (Python slice, STOP may be omitted) or `i,j,k`; default the first 64 images."""
+    """--indices: `START:STOP` (Python slice, STOP may be omitted) or `i,j,k`; default the first 64 images. The
+    range and the number picked (at most MAX_EDIT_IMAGES) are checked before the list is made."""
     from ctcore.errors import UsageError
 
     if text is None:
         return list(range(min(count, DEFAULT_SOURCE_COUNT)))
+    outside = UsageError(f"--indices {text}: {where} holds {count:,} images, so an index lies in 0..{count - 1}")
     try:
         if ":" in text:
             lo, _, hi = text.partition(":")
-            picked = list(range(int(lo or 0), int(hi) if hi.strip() else count))
-        else:
-            picked = [int(v) for v in text.split(",")]
+            start, stop = int(lo or 0), int(hi) if hi.strip() else count
+            if not 0 <= start < stop <= count:
+                raise outside
+            if stop - start > MAX_EDIT_IMAGES:
+                raise UsageError(_too_many_images(f"--indices {text} picks {stop - start:,} images"))
+            return list(range(start, stop))
+        if text.count(",") >= MAX_EDIT_IMAGES:
+            raise UsageError(_too_many_images(f"--indices picks {text.count(',') + 1:,} images"))
+        picked = [int(v) for v in text.split(",")]
     except ValueError:
         raise UsageError(f'--indices must be START:STOP or comma-separated numbers like "0:64" or "3,5,8", '
                          f"got {text!r}") from None
-    bad = next((i for i in picked if not 0 <= i < count), None)
-    if bad is not None or not picked:
-        raise UsageError(f"--indices {text}: {where} holds {count:,} images, so an index lies in 0..{count - 1}")
+    if any(not 0 <= i < count for i in picked):
+        raise outside
     return picked
 
 
@@ -427,6 +445,7 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
 
     from ctcore.data import check_complete, hdf5_summary, open_hdf5
     from ctcore.errors import UsageError
+    from ctcore.images import MAX_IMAGE_PIXELS, read_image
 
     c, r = shape[0], shape[1]
     source = Path(source)
@@ -464,16 +483,21 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
     if mode is None:
         raise UsageError(f"{where}: the model makes {c}-channel images, which no image file holds: give an HDF5 "
                          "dataset with them")
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_FILES) if source.is_dir() else [source]
+    files = [source]
+    if source.is_dir():
+        files = []
+        for path in source.iterdir():  # counted as they are listed: a folder of millions is refused early
+            if path.suffix.lower() in IMAGE_FILES:
+                files.append(path)
+                if len(files) > MAX_EDIT_IMAGES:
+                    raise UsageError(_too_many_images(f"{where} holds more than {MAX_EDIT_IMAGES:,} image files"))
+        files.sort()
     if not files:
         raise UsageError(f"{where} holds no image files (.png, .jpg, .webp)")
     out = []
     for path in files:
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-        except OSError as exc:
-            raise UsageError(f"--images {str(path)!r} cannot be read as an image ({exc})") from None
+        img = read_image(path, f"--images {str(path)!r}", UsageError, "give a PNG, JPEG or WebP image of at most "
+                         f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels", mode=mode)
         out.append(np.asarray(_fit_image(img, r, f"--images {str(path)!r}")).reshape(r, r, c).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out)), None, [p.name for p in files]
 
@@ -481,15 +505,12 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
 def read_mask(path: str | Path, resolution: int) -> torch.Tensor:
     """A mask PNG (white = keep) as uint8 (1, 1, R, R), 1 = known; its size must be the model's resolution."""
     import numpy as np
-    from PIL import Image
 
     from ctcore.errors import UsageError
+    from ctcore.images import read_image
 
-    try:
-        with Image.open(path) as img:
-            grey = img.convert("L")
-    except OSError as exc:
-        raise UsageError(f"--mask {str(path)!r} cannot be read as an image ({exc})") from None
+    grey = read_image(path, f"--mask {str(path)!r}", UsageError, f"give a PNG mask of the model's {resolution}x"
+                      f"{resolution} pixels (white = keep)", mode="L")
     if grey.size != (resolution, resolution):
         raise UsageError(f"--mask {str(path)!r} is {grey.size[0]}x{grey.size[1]} pixels but the model's images are "
                          f"{resolution}x{resolution}: give a mask of that size (white = keep)")

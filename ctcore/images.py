@@ -1,16 +1,25 @@
-"""PNG pictures: image grids, and samples shown next to training data."""
+"""PNG pictures: image grids, and samples shown next to training data; and `read_image`, the one reader of the
+image files a user gives ctcore (edit sources and masks, imported folders and archives)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+    from ctcore.errors import CtcoreError
 
 
 def grid_array(images: torch.Tensor, ncol: int | None = None, pad: int = 1, scale: int = 1) -> torch.Tensor:
     """Tile uint8 images (N, C, H, W) into one (H', W', 3) uint8 array; small images are upscaled."""
+    import torch
+
     n, c, h, w = images.shape
     if c == 1:
         images = images.expand(n, 3, h, w)
@@ -34,6 +43,91 @@ def _auto_scale(h: int) -> int:
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 """Image files ctcore writes. Pillow registers more suffixes (.h5, .bufr, ...) whose formats it cannot write."""
+
+
+MAX_IMAGE_PIXELS = 64_000_000
+"""The most pixels ctcore decodes from one image file it is given. 64 megapixels decode to 192 MB as RGB (256 MB
+as RGBA): room for a 61-megapixel camera's photo and 3.8x the largest image a ctcore model makes (4,096 x 4,096,
+MAX_RESOLUTION of the command line and data.resolution), while a decompression bomb (a 20000 x 20000 PNG is a few
+hundred KB on disk, 1.2 GB decoded) is refused from its header, before anything is decoded."""
+
+
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+"""The formats read_image decodes (PPM: also .pgm and .pbm), whatever the file's suffix: Pillow would otherwise
+pick any of its plugins by the content, EPS among them, which runs Ghostscript."""
+
+
+def _pixels_text(width: int, height: int) -> str:
+    return f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels)"
+
+
+def _too_large(where: str, fix: str, size: tuple[int, int] | None, detail: str = "") -> str:
+    bound = f"more than the {MAX_IMAGE_PIXELS // 1_000_000} megapixels ctcore reads from an image file"
+    what = f"is {_pixels_text(*size)}, {bound}" if size is not None else f"is {bound} ({detail})"
+    return f"{where} {what}; {fix}"
+
+
+@contextlib.contextmanager
+def _pillow_bomb_check_off() -> Iterator[None]:
+    """Pillow's own decompression-bomb check off while a header is read: read_image checks the size itself, with
+    its own bound, so that its message can name the size (Pillow's error does not)."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def _unreadable(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return f"not an image of a format ctcore reads: {', '.join(READ_FORMATS)}"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def read_image(source: str | Path | bytes, where: str, error: type[CtcoreError], fix: str, *,
+               mode: str | None = None, header_only: bool = False, reduce_to: int | None = None) -> Any:
+    """Every image file a user gives ctcore is read here: a file, or its bytes (an archive's member), as a loaded
+    PIL image (converted to `mode` when given); with `header_only` just its (width, height), nothing decoded.
+
+    An image of more than MAX_IMAGE_PIXELS is refused from its header, before it is decoded; so is what Pillow
+    refuses itself (DecompressionBombError, or its warning), and a file that is no image, truncated or corrupt:
+    each one `error` naming the file (`where`, e.g. "--mask 'big.png'"), and its size when that is the problem,
+    and ending in `fix` (which reads right for both).
+    `reduce_to` (a short side in pixels) lets a JPEG decode at a reduced scale no smaller than that.
+    """
+    import warnings
+
+    from PIL import Image
+
+    from ctcore.errors import CtcoreError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with _pillow_bomb_check_off():
+                img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=READ_FORMATS)
+            with img:  # closes the file; a loaded image stays usable
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise error(_too_large(where, fix, (width, height)))
+                if header_only:
+                    return width, height
+                scale = reduce_to / min(width, height) if reduce_to is not None else 1.0
+                if scale < 0.5:  # JPEG: decode at a reduced scale, never below the size it is resized to
+                    img.draft("RGB", (max(reduce_to, round(width * scale)), max(reduce_to, round(height * scale))))
+                img.load()
+                return img.convert(mode) if mode is not None and img.mode != mode else img
+    except CtcoreError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # a frame larger than the header
+        raise error(_too_large(where, fix, None, str(exc).split(",")[0])) from None
+    except Exception as exc:  # Pillow raises many kinds (OSError, SyntaxError, ValueError, ...) for broken files
+        raise error(f"{where} cannot be read as an image ({_unreadable(exc)}); {fix}") from None
 
 
 def check_image_path(path: str | Path | None, option: str = "--grid") -> None:

@@ -419,38 +419,28 @@ def _fit(img: Any, target: int) -> Any:
     return img
 
 
-def _decode(data: bytes, target: int | None) -> np.ndarray:
-    """Encoded image bytes to an RGB (H, W, 3) uint8 array, fitted to target x target when given."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if target is not None:
-            w, h = img.size
-            scale = target / min(w, h)
-            if scale < 0.5:  # JPEG: decode at a reduced scale, never below the size we resize to
-                img.draft("RGB", (max(target, round(w * scale)), max(target, round(h * scale))))
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
-        if target is not None:
-            rgb = _fit(rgb, target)
-        return np.asarray(rgb)
+IMAGE_FIX = "delete or replace that file and import again"
 
 
-def _image_error(where: str, name: str, exc: Exception) -> RunError:
-    """One clear error for an image file Pillow cannot read."""
-    from PIL import UnidentifiedImageError
+def _decode(data: bytes, target: int | None, where: str) -> np.ndarray:
+    """Encoded image bytes to an RGB (H, W, 3) uint8 array, fitted to target x target when given (read_image:
+    one RunError naming `where` for an image too large, truncated or no image)."""
+    from ctcore.images import read_image
 
-    known = not isinstance(exc, UnidentifiedImageError)
-    why = f"{type(exc).__name__}: {exc}" if known else "not an image format Pillow knows"
-    return RunError(f"{where}: cannot decode image {name!r} ({why}); delete or replace that file and import again")
+    rgb = read_image(data, where, RunError, IMAGE_FIX, mode="RGB", reduce_to=target)
+    if target is not None:
+        rgb = _fit(rgb, target)
+    return np.asarray(rgb)
 
 
 class _SizesDiffer(Exception):
     """Images of different sizes and no resolution to bring them to."""
 
 
-def _decode_all(names: Sequence[str], read: Callable[[int], bytes], target: int | None, where: str,
+def _decode_all(names: Sequence[str], read: Callable[[int], bytes], target: int | None, shown: Sequence[str],
                 bar: Callable[[str, float | None], _Bar], digest: Any = None) -> np.ndarray:
-    """Decode every image into one (N, 3, H, W) uint8 array; raises _SizesDiffer when target is None and sizes vary."""
+    """Decode every image into one (N, 3, H, W) uint8 array; raises _SizesDiffer when target is None and sizes vary.
+    `shown` names each image in messages."""
     n = len(names)
     task = bar("decoding images", n)
     out: np.ndarray | None = None
@@ -458,10 +448,7 @@ def _decode_all(names: Sequence[str], read: Callable[[int], bytes], target: int 
         data = read(i)
         if digest is not None:
             digest.update(names[i].encode() + b"\0" + hashlib.sha256(data).digest())
-        try:
-            arr = _decode(data, target)
-        except Exception as exc:  # Pillow raises many kinds for broken files
-            raise _image_error(where, names[i], exc) from None
+        arr = _decode(data, target, shown[i])
         if out is None:
             out = np.empty((n, 3, arr.shape[0], arr.shape[1]), np.uint8)
         elif arr.shape[:2] != out.shape[2:]:
@@ -474,17 +461,13 @@ def _decode_all(names: Sequence[str], read: Callable[[int], bytes], target: int 
     return out
 
 
-def _smallest_side(names: Sequence[str], read: Callable[[int], bytes], where: str) -> int:
+def _smallest_side(names: Sequence[str], read: Callable[[int], bytes], shown: Sequence[str]) -> int:
     """The smallest short side over all images, read from their headers."""
-    from PIL import Image
+    from ctcore.images import read_image
 
     smallest = None
     for i in range(len(names)):
-        try:
-            with Image.open(io.BytesIO(read(i))) as img:
-                side = min(img.size)
-        except Exception as exc:
-            raise _image_error(where, names[i], exc) from None
+        side = min(read_image(read(i), shown[i], RunError, IMAGE_FIX, header_only=True))
         smallest = side if smallest is None else min(smallest, side)
     return int(smallest or 1)
 
@@ -500,13 +483,15 @@ def _images_from_entries(paths: Sequence[str], read: Callable[[int], bytes], spl
     def read_selected(k: int) -> bytes:
         return read(items[k][0])
 
+    item = "file" if fmt == "image-folder" else "member"  # `zip archive 'x.zip': member 'cat/1.png'`
+    shown = [f"{where}: {item} {name!r}" for name in names]
     digest = hashlib.sha256() if tree_digest else None
     try:
-        images = _decode_all(names, read_selected, resolution, where, bar, digest)
+        images = _decode_all(names, read_selected, resolution, shown, bar, digest)
     except _SizesDiffer:
-        resolution = _smallest_side(names, read_selected, where)
+        resolution = _smallest_side(names, read_selected, shown)
         digest = hashlib.sha256() if tree_digest else None
-        images = _decode_all(names, read_selected, resolution, where, bar, digest)
+        images = _decode_all(names, read_selected, resolution, shown, bar, digest)
         info["resized_to_smallest_side"] = resolution
     info["format"] = fmt
     if digest is not None:
@@ -782,7 +767,7 @@ def dataset_info(path: str | Path, grid: str | Path | None = None) -> dict:
             decoded = json.loads(attrs["class_names"])
             names = [str(x) for x in decoded] if isinstance(decoded, list) else []
             attrs["class_names"] = names
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply: shown as the text it is
             pass
     labels = read_hdf5_labels(path, summary)
     picked, rows = None, None

@@ -69,7 +69,9 @@ class RunSection:
     """Empty means runs/<name>, relative to the working directory."""
     seed: int = attrs.field(default=0, validator=_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = attrs.field(default=0, validator=within(0, 1024, "0: automatic"))
+    threads: int = attrs.field(default=0, validator=within(
+        0, 512, "0: automatic; beyond a two-socket server's cores (2 x 192) threads only wait, and each takes 16 to "
+                "75 MiB of address space"))
     """torch's CPU threads (torch.set_num_threads) for training, sampling, evaluation and the bench; 0: half the
     usable CPUs (split among torchrun's local processes), 1 to 8. CPU results depend on the count."""
     init_from: str = attrs.field(default="", validator=path_text)
@@ -832,9 +834,14 @@ def split_values(raw: str) -> list[str]:
     return [v.strip() for v in values]
 
 
+MAX_SWEEP_POINTS = 1000
+"""The most points one `ctcore sweep` runs: each point is a whole training run, and every point is checked (about
+0.2 s each for the quickstart) before the first starts; the grid's size is checked before it is listed."""
+
+
 def sweep_grid(sets: Sequence[str]) -> list[list[str]]:
     """The cartesian grid of a sweep's `--set section.key=v1,v2` options, first key slowest: one list of
-    `section.key=value` overrides per point."""
+    `section.key=value` overrides per point; more than MAX_SWEEP_POINTS is a UsageError, before any is made."""
     import itertools
 
     axes, seen = [], set()
@@ -846,6 +853,12 @@ def sweep_grid(sets: Sequence[str]) -> list[list[str]]:
                              "all its values comma-separated")
         seen.add(path)
         axes.append([f"{path}={v}" for v in split_values(text.partition("=")[2])])
+    points = math.prod(len(axis) for axis in axes)
+    if points > MAX_SWEEP_POINTS:
+        sizes = " x ".join(f"{len(axis):,} ({axis[0].partition('=')[0]})" for axis in axes)
+        raise UsageError(f"--set: the sweep's grid has {points:,} points ({sizes}), more than the "
+                         f"{MAX_SWEEP_POINTS:,} a sweep runs (each point is a whole run, and all are checked before "
+                         "the first starts); sweep fewer values, or split the sweep")
     return [list(point) for point in itertools.product(*axes)]
 
 

@@ -180,7 +180,8 @@ def plot_fid(out_dir: Path) -> Path:
     from ctcore.images import save_line_plot
 
     rows = read_stats(out_dir)
-    points = sorted((r["step"], r["fid"]) for r in rows if r.get("event") == "fid")
+    points = sorted((r["step"], fid) for r in rows if r.get("event") == "fid"
+                    and (fid := _number(r.get("fid"))) is not None and math.isfinite(fid))
     return save_line_plot([p[0] for p in points], [p[1] for p in points], out_dir / "fid.png", "FID (eval EMA)")
 
 
@@ -201,21 +202,30 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range (JSON allows 4,300 digits) is no logged figure
+            return None
     if value in ("nan", "inf", "-inf"):
         return float(value)
     return None
 
 
+MAX_LOGGED_STEP = 2**63 - 1
+"""A record's step is a count a checkpoint stores as int64; a larger one (or a negative one) is a damaged record."""
+
+
 def stats_records(path: Path) -> list[dict[str, Any]]:
-    """Every whole record of a stats.jsonl: a line cut short by a kill, damaged bytes or a non-object is skipped."""
+    """Every whole record of a stats.jsonl: a line cut short by a kill, damaged bytes, JSON nested too deeply to
+    read, a number of more digits than Python reads, a non-object or a record without a valid step is skipped."""
     rows = []
     for line in path.read_bytes().splitlines():
         try:
             row = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # ValueError: also invalid UTF-8 and over-long integers
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= MAX_LOGGED_STEP:
             rows.append(row)
     return rows
 
@@ -251,7 +261,7 @@ def run_name(run_dir: Path) -> str:
 
     try:
         name = tomllib.loads((Path(run_dir) / "recipe.toml").read_text(encoding="utf-8"))["run"]["name"]
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):  # ValueError: bad UTF-8 or TOML
         name = None
     return name if isinstance(name, str) and name else Path(run_dir).resolve().name
 

@@ -1,10 +1,13 @@
 """Small recipes for tests (a few training steps of a tiny MLP on tiny synthetic data, in seconds on CPU), and
-`tree_state`, which the suite uses to prove it leaves the checkout's data/ and runs/ alone, and `snapshot`, the
-content of a folder for tests that prove a command left it unchanged."""
+`tree_state`, which the suite uses to prove it leaves the checkout's data/ and runs/ alone, `snapshot`, the
+content of a folder for tests that prove a command left it unchanged, and `bomb_png`, a decompression bomb."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +118,18 @@ def tree_state(root: Path) -> dict[str, tuple[int, int]]:
         return {}
     paths = [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
     return {str(p.relative_to(root.parent)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in paths}
+
+
+@functools.cache
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit grey PNG of width x height black pixels, built without an image in memory: zlib packs its
+    rows of zeros about 230:1 (at its fastest level), so 20000 x 20000 (400 megapixels, 1.2 GB decoded as RGB) is
+    218 KB on disk, a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows, block = bytes(1 + (width + 7) // 8), 1000  # each row: filter type 0, then the packed bits
+    packer = zlib.compressobj(1)
+    data = b"".join(packer.compress(rows * min(block, height - i)) for i in range(0, height, block)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grey, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,8 +69,29 @@ def tamper(run_dir: Path, edit: Callable[[dict[str, Any]], object]) -> Path:
     path = list_checkpoints(run_dir)[-1]
     state = torch.load(path, weights_only=True)
     edit(state)
-    torch.save(state, path)
+    _save_deep(state, path)
     return path
+
+
+def _nested(depth: int) -> list[Any]:
+    """[[[...]]], `depth` lists deep: deeper than Python's recursion limit, it cannot be shown or compared."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _save_deep(state: dict[str, Any], path: Path) -> None:
+    """torch.save, in a thread with a large stack and recursion limit: pickling a deeply nested value recurses."""
+    limit, stack = sys.getrecursionlimit(), threading.stack_size(256 << 20)
+    sys.setrecursionlimit(50_000)
+    try:
+        worker = threading.Thread(target=torch.save, args=(state, path))
+        worker.start()
+        worker.join()
+    finally:
+        sys.setrecursionlimit(limit)
+        threading.stack_size(stack)
 
 
 def _set(*keys: Any, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -144,6 +167,17 @@ CASES: dict[str, tuple[Callable, str, str, str | None]] = {
     "provenance without data_shape": (
         _drop("provenance", "data_shape"),
         "has provenance['data_shape'] None, but it must be the image shape [C, H, W]", DAMAGED_RESUME, DAMAGED_SAMPLE),
+    "step nested too deeply": (
+        _set("step", value=_nested(5000)), "holds values nested too deeply to check", DAMAGED_RESUME, DAMAGED_SAMPLE),
+    "data_shape nested too deeply": (
+        _set("provenance", "data_shape", value=[3, 8, _nested(5000)]), "holds values nested too deeply to check",
+        DAMAGED_RESUME, DAMAGED_SAMPLE),
+    "run id nested too deeply": (
+        _set("provenance", "run_id", value=_nested(5000)),
+        "has provenance['run_id'] of type list, but a run id is a string", DAMAGED_RESUME, DAMAGED_SAMPLE),
+    "run id that is a number": (
+        _set("provenance", "run_id", value=5), "has provenance['run_id'] of type int, but a run id is a string",
+        DAMAGED_RESUME, DAMAGED_SAMPLE),
     "negative step": (
         _set("step", value=-3), "has step -3, but a step is a whole number >= 0", DAMAGED_RESUME, DAMAGED_SAMPLE),
     "step that is no integer": (
@@ -296,6 +330,40 @@ def test_a_damaged_provenance_or_a_missing_recipe_is_refused(run_dir: Path) -> N
         f"error: run directory {str(run_dir)!r} has no recipe.toml, so its checkpoints cannot be checked against "
         "its recipe; put the run's recipe.toml back, or start a new run"]
 
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b'{"run_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply to read"),
+    (b"{" + b'"a": {' * 100_000, "nested too deeply to read"),
+    (b"\x00", "Expecting value: line 1 column 1 (char 0)"),
+    (b'{"run_id": "\xff\xfe"}', "'utf-8' codec can't decode byte 0xff in position 12: invalid start byte"),
+    (b'{"run_id": "a", "step": ' + b"9" * 5000 + b"}",
+     "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"),
+    (b"[1, 2]", "it holds an array, not an object"),
+    (b'"run"', "it holds a string, not an object"),
+    (b'{"run_id": 5}', "its run_id is a number, not a string"),
+    (b'{"run_id": [[["a"]]]}', "its run_id is an array, not a string"),
+], ids=["nested-array", "nested-object", "nul", "invalid-utf8", "5000-digits", "array", "string", "run-id-number",
+        "run-id-array"])
+def test_a_hostile_provenance_is_one_line_and_changes_nothing(run_dir: Path, content: bytes, problem: str) -> None:
+    (run_dir / "provenance.json").write_bytes(content)
+    before = snapshot(run_dir)
+    lines = clean_failure(invoke("run", run_dir, "--resume", "--no-progress"))
+    assert lines == [f"error: {str(run_dir / 'provenance.json')!r} is damaged ({problem}); it records the run's id: "
+                     "put it back, or delete it to resume with the recipe check alone"]
+    assert snapshot(run_dir) == before
+
+
+def test_a_recipe_toml_nested_too_deeply_in_an_occupied_directory_is_one_line(run_dir: Path, tmp_path: Path) -> None:
+    """The hint of the occupied-directory message reads recipe.toml's total_steps; a hostile file drops the hint."""
+    (run_dir / "recipe.toml").write_text("[training]\ntotal_steps = " + "[" * 100_000 + "\n")
+    before = snapshot(run_dir)
+    recipe = write_tiny_recipe(tmp_path / "r.toml", run_dir)
+    lines = clean_failure(invoke("run", recipe, "--no-progress"))
+    assert lines == [f"error: output directory {str(run_dir)!r} is not empty (it holds an earlier run); pass --resume "
+                     "to continue it, or choose another directory with --output-dir (or run.output_dir), or delete "
+                     "it"]
+    assert snapshot(run_dir) == before
 
 # ------------------------------------------------------------------------- killed before its first checkpoint
 

@@ -174,16 +174,39 @@ def test_every_integer_option_refuses_out_of_range_and_malformed_values(value_ki
         (["eval-ref-stats", "d.h5", "o.npy"], "OUT.npz 'o.npy': give a statistics file name ending in .npz"),
         (["sample", "c.pt", "--sigmas", "80,nan"], "--sigmas must be finite numbers, got '80,nan'"),
         (["eval", "c.pt", "--ref", "r.npz", "--sigmas", "1e400"], "--sigmas must be finite numbers, got '1e400'"),
-        (["sample", "c.pt", "--sigmas", ","], "--sigmas must be 1 to 1000 comma-separated numbers like \"80,0.821\", "
-                                              "got 0 values"),
+        (["sample", "c.pt", "--sigmas", ","], "--sigmas must be 1 to 1000 comma-separated numbers like \"80,0.821\" "
+                                              "(no plan samples more steps), got 0 values"),
         (["sample", "c.pt", "--sigmas", ",".join(["1"] * 1001)],
-         "--sigmas must be 1 to 1000 comma-separated numbers like \"80,0.821\", got 1001 values"),
+         "--sigmas must be 1 to 1000 comma-separated numbers like \"80,0.821\" (no plan samples more steps), got "
+         "1001 values"),
     ],
     ids=lambda v: " ".join(v)[:40] if isinstance(v, list) else None,
 )
 def test_bad_arguments_give_one_exact_line(args: list[str], expected: str, tmp_path, monkeypatch) -> None:
     assert_one_line(in_tmp(tmp_path, monkeypatch, args), f"error: {expected}")
 
+
+
+SEEDS = '--seeds must be two seeds "A,B" in 0..9223372035854775807, e.g. "0,1", got '
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["sample", "c.pt", "--sigmas", ",".join(["x"] * 1001)],
+     "--sigmas must be 1 to 1000 comma-separated numbers like \"80,0.821\" (no plan samples more steps), got 1001 "
+     "values"),
+    (["sample", "c.pt", "--labels", ",".join(["0"] * 100_001)],
+     "--labels takes at most 100,000 class labels (as many as a recipe's data.num_classes allows; they cycle over the "
+     "samples), got 100,001"),
+    (["edit", "interpolate", "c.pt", "-o", "o.h5", "--seeds", "\u00b2,1"], SEEDS + "'\u00b2,1'"),
+    (["edit", "interpolate", "c.pt", "-o", "o.h5", "--seeds", "9" * 5000 + ",1"], SEEDS + f"'{'9' * 5000},1'"),
+    (["edit", "interpolate", "c.pt", "-o", "o.h5", "--seeds", ",".join(["1"] * 100_000)],
+     SEEDS + repr(",".join(["1"] * 100_000))),
+], ids=["1001-sigmas-that-are-no-numbers", "100001-labels", "superscript-seed", "5000-digit-seed", "100000-seeds"])
+def test_comma_lists_are_bounded_before_they_are_read(args: list[str], expected: str, tmp_path, monkeypatch) -> None:
+    """A comma-separated option is counted before its values are converted: more --sigmas than any plan or
+    --labels than classes is one line naming the limit; seeds that are no ASCII numbers of at most 19 digits (a
+    superscript two, 5000 digits, which int() refuses) are the --seeds line, not a traceback."""
+    assert_one_line(in_tmp(tmp_path, monkeypatch, args), f"error: {expected}")
 
 def test_main_and_the_console_script_print_the_same_line(tmp_path, monkeypatch, capsys) -> None:
     """ctcore.cli.main (python -m ctcore and the console script) as CliRunner sees it; then real processes."""
@@ -325,7 +348,7 @@ def test_automatic_threads_are_half_the_usable_cpus_split_among_local_processes(
         assert resolve_threads(0) == expected, (cpus, local)
 
 
-@pytest.mark.parametrize("value", [-1, 1025])
+@pytest.mark.parametrize("value", [-1, 513, 1000])
 def test_run_threads_out_of_range_is_a_recipe_error(value: int, tmp_path: Path) -> None:
     from ctcore.errors import RecipeError
     from ctcore.recipe import read_recipe
@@ -334,7 +357,9 @@ def test_run_threads_out_of_range_is_a_recipe_error(value: int, tmp_path: Path) 
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", run={"threads": value})
     with pytest.raises(RecipeError) as info:
         read_recipe(recipe, load_registry())
-    assert info.value.problems == [f"run.threads: must be within [0, 1024] (0: automatic), got {value}"]
+    assert info.value.problems == [f"run.threads: must be within [0, 512] (0: automatic; beyond a two-socket "
+                                   f"server's cores (2 x 192) threads only wait, and each takes 16 to 75 MiB of "
+                                   f"address space), got {value}"]
 
 
 def test_cuda_devices_that_do_not_exist_are_usage_errors() -> None:

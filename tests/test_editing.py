@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, tree_state, write_tiny_recipe
+from helpers import TINY, bomb_png, one_line_error, tree_state, write_tiny_recipe
 from PIL import Image
 from typer.testing import CliRunner, Result
 
@@ -376,6 +377,120 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, source: 
     assert result.stdout == "" and "Traceback" not in result.output
     assert tree_state(tmp_path) == before  # no store, grid, lock or folder
 
+
+
+BOUND = "more than the 64 megapixels ctcore reads from an image file"
+
+
+@pytest.mark.parametrize(("option", "size", "problem"), [
+    ("--images", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
+    ("--images", (8001, 8000), f"is 8001x8000 pixels (64.0 megapixels), {BOUND}"),
+    ("--images-stroke", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
+    ("--images-folder", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
+    ("--mask", (20000, 20000), f"is 20000x20000 pixels (400.0 megapixels), {BOUND}"),
+    ("--mask", (8001, 8000), f"is 8001x8000 pixels (64.0 megapixels), {BOUND}"),
+    ("--images", "truncated", "cannot be read as an image (OSError: image file is truncated)"),
+    ("--mask", "eps", "cannot be read as an image (not an image of a format ctcore reads: PNG, JPEG, WEBP, BMP, GIF, "
+                      "TIFF, PPM)"),
+], ids=["images-bomb", "images-just-over", "stroke-bomb", "folder-bomb", "mask-bomb", "mask-just-over",
+        "images-truncated", "mask-eps"])
+def test_an_image_too_large_or_broken_is_one_line_before_it_is_decoded(run_dir: Path, source: Path, tmp_path: Path,
+                                                                       option: str, size: Any, problem: str) -> None:
+    """A decompression bomb (a 218 KB PNG of 400 megapixels) and an image just over 64 megapixels, refused from
+    the header; a truncated PNG; a file Pillow would read as EPS (with Ghostscript): one line, exit 2, nothing
+    written."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    big = inputs / "big.png"
+    if size == "truncated":
+        noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(big)
+        big.write_bytes(big.read_bytes()[:2000])  # cut inside its image data
+    elif size == "eps":
+        big.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n")
+    else:
+        big.write_bytes(bomb_png(*size))
+    Image.new("RGB", (4, 4)).save(inputs / "a.png")  # read before big.png, which is refused
+    fix = ("give a PNG mask of the model's 4x4 pixels (white = keep)" if option == "--mask" else
+           "give a PNG, JPEG or WebP image of at most 64 megapixels")
+    args = {"--images": ["inpaint", "--images", big, "--mask-kind", "box"],
+            "--images-stroke": ["stroke", "--images", big],
+            "--images-folder": ["colorize", "--images", inputs],
+            "--mask": ["inpaint", "--images", source, "--mask", big]}[option]
+    before = tree_state(tmp_path)
+    result = invoke("edit", args[0], run_dir, *args[1:], "-o", tmp_path / "out" / "e.h5")
+    shown = "--mask" if option == "--mask" else "--images"
+    assert one_line_error(result) == f"{shown} {str(big)!r} {problem}; {fix}"
+    assert tree_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("raised", ["error", "warning"])
+def test_pillows_own_bomb_check_while_decoding_is_one_error_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 raised: str) -> None:
+    """Pillow checks frames it decodes after the header (a GIF frame larger than its screen): its
+    DecompressionBombError, and its warning, become the reader's one error."""
+    import warnings
+
+    from PIL import ImageFile
+
+    from ctcore.errors import UsageError
+    from ctcore.images import read_image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    text = "Image size (200000000 pixels) exceeds limit of 178956970 pixels, could be decompression bomb DOS attack."
+
+    def bomb(self: Any) -> None:
+        if raised == "error":
+            raise Image.DecompressionBombError(text)
+        warnings.warn(text, Image.DecompressionBombWarning, stacklevel=1)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", bomb)
+    with pytest.raises(UsageError) as refused:
+        read_image(tmp_path / "a.png", "--mask 'a.png'", UsageError, "give a smaller one", mode="L")
+    assert refused.value.message == ("--mask 'a.png' is more than the 64 megapixels ctcore reads from an image file "
+                                     "(Image size (200000000 pixels) exceeds limit of 178956970 pixels); give a "
+                                     "smaller one")
+
+
+TOO_MANY = ("ctcore edit takes at most {max} images at once (all are read into memory before it starts): edit them "
+            "in parts")
+
+
+@pytest.mark.parametrize(("source_kind", "indices", "bound", "message"), [
+    ("refs", "0:999999999999", None, "--indices 0:999999999999: --images '{src}' holds 10 images, so an index lies in "
+                                     "0..9"),
+    ("refs", "-5:3", None, "--indices -5:3: --images '{src}' holds 10 images, so an index lies in 0..9"),
+    ("huge", "0:", None, "--indices 0: picks 1,000,000,000,000 images; " + TOO_MANY.format(max="1,000,000")),
+    ("huge", "7:1000008", None, "--indices 7:1000008 picks 1,000,001 images; " + TOO_MANY.format(max="1,000,000")),
+    ("refs", "0,1,2,3", 3, "--indices picks 4 images; " + TOO_MANY.format(max="3")),
+    ("folder", None, 2, "--images '{src}' holds more than 2 image files; " + TOO_MANY.format(max="2")),
+], ids=["range-beyond-the-file", "negative-start", "all-of-a-trillion", "one-over", "list-over", "folder-over"])
+def test_too_many_references_are_refused_before_any_list_is_made(run_dir: Path, source: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, source_kind: str,
+                                                                 indices: str | None, bound: int | None,
+                                                                 message: str) -> None:
+    """--indices ranges are checked against the file before a list is made (0:999999999999 was a MemoryError);
+    at most MAX_EDIT_IMAGES references (1,000,000; lowered here for the comma list and the folder): one line,
+    exit 2, nothing written. `huge` claims 10^12 images, unwritten (HDF5 allocates chunks lazily)."""
+    import ctcore.editing
+
+    if bound is not None:
+        monkeypatch.setattr(ctcore.editing, "MAX_EDIT_IMAGES", bound)
+    src = source
+    if source_kind == "huge":
+        src = tmp_path / "huge.h5"
+        with h5py.File(src, "w") as f:
+            f.create_dataset("images", shape=(10**12, 3, 4, 4), dtype=np.uint8, chunks=(4096, 3, 4, 4))
+    elif source_kind == "folder":
+        src = tmp_path / "folder"
+        src.mkdir()
+        for name in "abc":
+            Image.new("RGB", (4, 4)).save(src / f"{name}.png")
+    before = tree_state(tmp_path)
+    args = ["--indices", indices] if indices is not None else []
+    result = invoke("edit", "colorize", run_dir, "--images", src, *args, "-o", tmp_path / "out" / "e.h5")
+    assert one_line_error(result) == message.format(src=src)
+    assert tree_state(tmp_path) == before
 
 def test_an_existing_store_is_kept_unless_overwrite(run_dir: Path, source: Path, tmp_path: Path) -> None:
     out = tmp_path / "e.h5"

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import bomb_png, one_line_error
 from PIL import Image
 
 import ctcore
@@ -308,8 +309,11 @@ def test_bad_image_sources_give_one_clear_error_each(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="no class subfolders; move them into one subfolder per class"):
         import_dataset(loose, tmp_path / "o.h5", progress=False)
     broken = _write_source(tmp_path / "b", "folder", {**_image_members(), "banana/bad.jpg": b"\xff\xd8 not a jpeg"})
-    with pytest.raises(RunError, match="cannot decode image 'banana/bad.jpg'.*delete or replace"):
+    with pytest.raises(RunError) as refused:
         import_dataset(broken, tmp_path / "o.h5", progress=False)
+    assert refused.value.message == (
+        f"image folder {str(broken)!r}: file 'banana/bad.jpg' cannot be read as an image (not an image of a format "
+        "ctcore reads: PNG, JPEG, WEBP, BMP, GIF, TIFF, PPM); delete or replace that file and import again")
     good_zip = _write_source(tmp_path, "zip", _image_members()).read_bytes()
     (tmp_path / "cut.zip").write_bytes(good_zip[: len(good_zip) // 2])
     with pytest.raises(RunError, match="cannot be read as a zip archive"):
@@ -388,6 +392,38 @@ def test_a_file_that_is_not_npz_is_one_clear_error(tmp_path: Path) -> None:
         import_dataset(tmp_path / "x.npz", tmp_path / "o.h5", progress=False)
 
 
+
+@pytest.mark.parametrize(("kind", "resolution", "sizes"), [
+    ("folder", None, "same"), ("zip", None, "same"), ("tar", None, "same"), ("tar.gz", 4, "same"),
+    ("folder", None, "mixed"), ("zip", 4, "just-over"),
+], ids=["folder", "zip", "tar", "tar.gz-resolution", "folder-mixed-sizes", "zip-just-over"])
+def test_an_image_too_large_in_a_source_is_one_line_naming_the_member(tmp_path: Path, kind: str,
+                                                                      resolution: int | None, sizes: str) -> None:
+    """A decompression bomb (a 218 KB PNG of 400 megapixels) among good images, refused from its header through
+    `ctcore data import` (also where mixed sizes make the import read every header first), and an image just over
+    64 megapixels: exit 1, one line naming the source and the member, nothing written."""
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    size = (8001, 8000) if sizes == "just-over" else (20000, 20000)
+    members = {"cat/a.png": _encode(Image.new("RGB", (4, 4), "red"), "PNG"), "cat/c.png": bomb_png(*size),
+               "dog/d.png": _encode(Image.new("RGB", (4, 4), "blue"), "PNG")}
+    if sizes == "mixed":
+        members["cat/b.png"] = _encode(Image.new("RGB", (5, 5), "red"), "PNG")
+    (tmp_path / "src").mkdir()
+    source = _write_source(tmp_path / "src", kind, members)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["data", "import", str(source), str(tmp_path / "d.h5"), "--no-progress"]
+    result = CliRunner().invoke(app, args + (["--resolution", str(resolution)] if resolution else []))
+    where = {"folder": "image folder", "zip": "zip archive"}.get(kind, "archive")
+    item = "file" if kind == "folder" else "member"
+    megapixels = size[0] * size[1] / 1e6
+    assert one_line_error(result, 1) == (
+        f"{where} {str(source)!r}: {item} 'cat/c.png' is {size[0]}x{size[1]} pixels ({megapixels:.1f} megapixels), "
+        "more than the 64 megapixels ctcore reads from an image file; delete or replace that file and import again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
 # ---------------------------------------------------------------------------------------------------------------
 # info, training use
 
@@ -407,6 +443,23 @@ def test_info_counts_classes_and_writes_a_png_grid(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="not found"):
         dataset_info(tmp_path / "missing.h5")
 
+
+
+@pytest.mark.parametrize("class_names", ["[" * 10_000 + "]" * 10_000, '["a", ' + "9" * 5000 + "]"])
+def test_data_info_shows_class_names_it_cannot_decode_as_text(tmp_path: Path, class_names: str) -> None:
+    """A dataset's class_names attr is JSON; nested too deeply or holding a 5000-digit number, the file's classes
+    are named by their labels and the attr is shown as the text it is (exit 0, no traceback)."""
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    images = np.zeros((3, 3, 4, 4), np.uint8)
+    write_dataset(tmp_path / "d.h5", images, np.array([0, 1, 1]), {"class_names": class_names})
+    result = CliRunner().invoke(app, ["data", "info", str(tmp_path / "d.h5"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["classes"] == [{"label": 0, "name": "0", "count": 1}, {"label": 1, "name": "1", "count": 2}]
+    assert info["attrs"]["class_names"] == class_names
 
 def test_an_imported_file_trains_through_imagedata(tmp_path: Path) -> None:
     import_dataset(_write_source(tmp_path, "zip", _image_members()), tmp_path / "d.h5", resolution=4,

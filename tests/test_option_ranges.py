@@ -31,7 +31,7 @@ ONE_BELOW_1 = math.nextafter(1.0, 0.0)
 # without a range in the code) fails test_every_numeric_option_has_a_two_sided_range.
 RANGES = [
     ("run", None, "seed", 0, 10**18, "[]"),
-    ("run", None, "threads", 0, 1024, "[]"),
+    ("run", None, "threads", 0, 512, "[]"),
     ("data", None, "channels", 1, 1024, "[]"),
     ("data", None, "resolution", 1, 4096, "[]"),
     ("data", None, "num_images", 1, 100_000_000, "[]"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,33 @@ def test_a_bad_value_in_any_point_is_reported_before_any_run_starts(tmp_path):
         "  --set training.lr=abc: training.lr: expected a number, got 'abc' (a string)",
     ]
     assert not (tmp_path / "runs").exists()
+
+
+
+EIGHT_KEYS = ("run.seed", "training.lr", "training.log_every", "training.checkpoint_every", "training.sample_every",
+              "training.keep_checkpoints", "training.warmup_steps", "training.total_steps")
+
+
+@pytest.mark.parametrize("axes", [
+    [("training.lr", range(2, 1003))],
+    [("training.lr", range(2, 8)), ("training.batch_size", range(0, -6, -1)), ("run.seed", range(-1, -7, -1)),
+     ("data.resolution", range(0, -6, -1))],
+    [(key, range(1, 21)) for key in EIGHT_KEYS],
+], ids=["1001-values", "6x6x6x6", "20^8"])
+def test_a_sweep_grid_larger_than_1000_points_is_refused_before_it_is_listed(tmp_path, axes):
+    """At most MAX_SWEEP_POINTS (1,000) points, each a whole run checked before the first starts; the size is the
+    product of the value counts, computed before the grid is listed (20^8 = 25.6 billion points would not fit in
+    memory): one line, exit 2, no directory."""
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "runs" / "tiny")
+    sets = [f"{key}={','.join(map(str, values))}" for key, values in axes]
+    result = invoke("sweep", recipe, *(a for s in sets for a in ("--set", s)), "--dry-run")
+    points = math.prod(len(values) for _, values in axes)
+    shape = " x ".join(f"{len(values):,} ({key})" for key, values in axes)
+    assert one_line_error(result, 2) == (
+        f"error: --set: the sweep's grid has {points:,} points ({shape}), more than the 1,000 a sweep runs (each point "
+        "is a whole run, and all are checked before the first starts); sweep fewer values, or split the sweep")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]
+    assert len(sweep_grid(["training.lr=1,2,3,4,5,6,7,8,9,10", f"run.seed={','.join(map(str, range(100)))}"])) == 1000
 
 
 def test_sweep_points_that_would_share_a_directory_are_refused(tmp_path):

@@ -14,6 +14,7 @@ from typer.testing import CliRunner, Result
 
 from ctcore.cli import app
 from ctcore.images import PALETTE
+from ctcore.reporting import stats_records
 
 
 def invoke(*args: object) -> Result:
@@ -140,3 +141,66 @@ def test_a_long_run_directory_is_printed_whole_at_80_columns(tmp_path: Path, mon
     table = [line for line in result.stdout.splitlines() if line[:1] in "┏┃┡│└"]
     assert not [line for line in table if "…" in line or len(line) > 80], table
     assert run.name in "".join(line.split("│")[1].strip() for line in table if line.startswith("│"))
+
+
+DAMAGED_LINES = {
+    "nested-100000-deep": b'{"step": 250, "loss": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "nested-object": b'{"a": ' * 100_000,
+    "nul": b"\x00",
+    "nuls-in-a-record": b'{"step": 250, "loss": 0.5\x00\x00}',
+    "invalid-utf8": b'{"step": 250, "loss": 0.5, "note": "\xff\xfe\xc3"}',
+    "utf16-bom": b"\xff\xfe{\x00",
+    "5000-digit-loss": b'{"step": 250, "loss": ' + b"9" * 5000 + b"}",
+    "400-digit-loss": b'{"step": 250, "loss": ' + b"9" * 400 + b', "img_per_s": 1e999}',
+    "400-digit-step": b'{"step": ' + b"9" * 400 + b', "loss": 0.5}',
+    "int64-overflow-step": b'{"step": 9223372036854775808, "loss": 0.5}',
+    "negative-step": b'{"step": -1, "loss": 0.5}',
+    "bool-step": b'{"step": true, "loss": 0.5}',
+    "non-object": b"[250, 0.5]",
+    "string": b'"step"',
+    "fid-of-a-string": b'{"event": "fid", "step": 250, "fid": "forty", "inception_score": [1]}',
+}
+
+
+def test_damaged_stats_lines_of_any_kind_are_skipped_and_the_rest_reported(tmp_path: Path) -> None:
+    """Each kind of damaged line between good records: exit 0 and exactly the good records' figures. The one
+    readable records among them (step 250: a 400-digit loss, beyond the float range, is no figure, an infinite
+    img/s is left out of the median; an FID that is a string is no figure) are kept."""
+    lines: list[Any] = [train(100, 2.5, 1000.0)]
+    for damaged in DAMAGED_LINES.values():
+        lines += [damaged, train(200, 1.5, 3000.0)]
+    lines += [{"event": "fid", "step": 300, "fid": 41.5, "inception_score": 7.25}, train(300, 1.25, 2000.0)]
+    run = fake_run(tmp_path / "run", "damaged", lines)
+    kept = [r["step"] for r in stats_records(run / "stats.jsonl")]
+    readable = ("400-digit-loss", "fid-of-a-string")  # records with a valid step whose figures are damaged
+    assert kept == [100, *(s for name in DAMAGED_LINES for s in ([250] if name in readable else []) + [200]), 300, 300]
+    result = invoke("report", run, "--json", "-o", tmp_path / "r.png")
+    assert "Traceback" not in result.output
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [
+        {"run": "damaged", "run_dir": str(run), "step": 300, "loss": 1.25, "sliced_wasserstein": None, "fid": 41.5,
+         "inception_score": 7.25, "img_per_s": 2000.0}]
+    assert (tmp_path / "r.png").is_file()
+
+
+def test_a_recipe_toml_nested_too_deeply_names_the_run_by_its_directory(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "deep", None, [train(100, 2.5, 1000.0)])
+    (run / "recipe.toml").write_text("[run]\nname = " + "[" * 100_000 + "\n")
+    result = invoke("report", run, "--json", "-o", tmp_path / "r.png")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["run"] == "deep"
+
+
+def test_the_fid_plot_skips_damaged_fid_records(tmp_path: Path) -> None:
+    """fid.png (drawn during training) from the readable finite FIDs alone: a string, a list, "nan", a 400-digit
+    number and a deeply nested line are skipped."""
+    from ctcore.reporting import plot_fid
+
+    fid = {"event": "fid", "step": 100, "fid": 50.0}
+    run = fake_run(tmp_path / "run", "fid", [fid, {**fid, "step": 200, "fid": "forty"}, {**fid, "fid": [1]},
+                                             {**fid, "step": 300, "fid": "nan"},
+                                             b'{"event": "fid", "step": 400, "fid": ' + b"9" * 400 + b"}",
+                                             DAMAGED_LINES["nested-100000-deep"], {**fid, "step": 500, "fid": 40.0}])
+    assert plot_fid(run) == run / "fid.png"
+    with Image.open(run / "fid.png") as image:
+        assert image.size == (480, 300)
