@@ -1,6 +1,7 @@
 """Small recipes for tests (a few training steps of a tiny MLP on tiny synthetic data, in seconds on CPU), and
-`tree_state`, which the suite uses to prove it leaves the checkout's data/ and runs/ alone, and `snapshot`, the
-content of a folder for tests that prove a command left it unchanged."""
+`tree_state`, which the suite uses to prove it leaves the checkout's data/ and runs/ alone, `snapshot`, the
+content of a folder for tests that prove a command left it unchanged, and the texts of FID's missing-input
+messages."""
 
 from __future__ import annotations
 
@@ -115,3 +116,20 @@ def tree_state(root: Path) -> dict[str, tuple[int, int]]:
         return {}
     paths = [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
     return {str(p.relative_to(root.parent)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in paths}
+
+
+NO_REF = ("--metric fid needs --ref STATS.npz, reference statistics of the training data (make them with `ctcore "
+          "eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein needs no file")
+"""What `ctcore eval` and `search-sigmas --metric fid` say without --ref."""
+
+
+def cache_lacks_the_weights(cache: Path) -> str:
+    """The entry, in a list of missing FID inputs, for Inception weights missing from the cache folder `cache`."""
+    from ctcore.inception import FID_WEIGHTS_URL, WEIGHTS_FILENAME
+
+    weights = cache / WEIGHTS_FILENAME
+    return (f"  Inception weights for FID not found in the cache: {str(weights)!r}. Download {FID_WEIGHTS_URL} "
+            f"(pytorch-fid's port of the TensorFlow FID Inception, ~96 MB) and save it there:\n"
+            f"      mkdir -p '{cache}' && curl -L -o '{weights}' {FID_WEIGHTS_URL}\n"
+            f"    or pass --inception PATH to use a copy elsewhere, or let ctcore fetch it with --download-inception; "
+            f"$CTCORE_CACHE moves the cache folder\n")
