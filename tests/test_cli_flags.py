@@ -235,6 +235,35 @@ def test_sweep_and_bench_take_the_device(tmp_path: Path) -> None:
     assert tree_state(tmp_path) == before
 
 
+def test_data_import_and_download_print_json_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from PIL import Image
+
+    import ctcore.importers
+
+    for i in range(4):  # two classes of 8x8 noise images
+        folder = tmp_path / "images" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    result = invoke("data", "import", tmp_path / "images", tmp_path / "d.h5", "--json", "--no-progress")
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    out = json.loads(result.stdout)
+    assert {k: out[k] for k in ("out", "format", "split", "count", "shape", "num_classes", "class_names")} == {
+        "out": str(tmp_path / "d.h5"), "format": "image-folder", "split": "all", "count": 4, "shape": [3, 8, 8],
+        "num_classes": 2, "class_names": ["a", "b"]}
+    archive = tmp_path / "dl" / "cifar-10-python.tar.gz"  # already in place with its checksum: no network
+    archive.parent.mkdir()
+    archive.write_bytes(b"payload")
+    digest = hashlib.sha256(b"payload").hexdigest()
+    monkeypatch.setitem(ctcore.importers.DOWNLOADS, "cifar10", ("http://unused.invalid/", digest, archive.name))
+    result = invoke("data", "download", "cifar10", "--dest", tmp_path / "dl", "--json", "--no-progress")
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert json.loads(result.stdout) == {"name": "cifar10", "path": str(archive), "sha256": digest,
+                                         "next": f"ctcore data import {archive} data/cifar10-train.h5 (the path the "
+                                                 "recipes read)"}
+
+
 # ---------------------------------------------------------------------- no Python names for command-line users
 
 

@@ -251,11 +251,14 @@ def test_eval_ref_stats_records_the_protocol_it_used(tmp_path: Path) -> None:
     for protocol in ("tensorflow", "pytorch-fid"):
         out = tmp_path / f"{protocol}.npz"
         extra = [] if protocol == "tensorflow" else ["--fid-protocol", protocol]  # tensorflow is the default
+        extra += ["--json"] if extra else []  # the pytorch-fid one as JSON
         result = invoke("eval-ref-stats", data, out, "--inception", weights, "--device", "cpu", "--no-progress",
                         *extra)
-        assert result.exit_code == 0, result.output
+        assert (result.exit_code, result.stderr) == (0, ""), result.output
         assert result.stdout == (f"wrote the Inception statistics of 3 images of {data} to {out} (FID protocol "
-                                 f"{protocol})\n")
+                                 f"{protocol})\n" if not extra else json.dumps(
+                                     {"out": str(out), "dataset": str(data), "num_images": 3, "fid_protocol": protocol},
+                                     indent=2) + "\n")
         with np.load(out, allow_pickle=False) as f:
             assert str(f["fid_protocol"]) == protocol
             outputs[protocol] = f["mu"]
