@@ -38,7 +38,7 @@ from ctcore.components import KINDS, LOGGER, OBJECTIVE_PARTS
 from ctcore.data import ImageData, check_data_file, load_data
 from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_device, use_threads
 from ctcore.distributed import SINGLE, World, rank_seed
-from ctcore.errors import CtcoreError, RunError, UsageError
+from ctcore.errors import CtcoreError, RunError, UsageError, path_not_found
 from ctcore.files import FileLock, atomic_write
 from ctcore.preflight import build_components, preflight
 from ctcore.recipe import Recipe, dump_recipe, read_recipe
@@ -383,6 +383,8 @@ def resume_run(recipe: Recipe | None, registry: Registry, out_dir: str | Path, s
     from ctcore.distributed import world_from_env
 
     out_dir = Path(out_dir)
+    if not out_dir.exists():
+        raise RunError(path_not_found(f"nothing to resume: run directory {str(out_dir)!r}", out_dir))
     if not out_dir.is_dir():
         raise RunError(f"nothing to resume: {str(checkpoint_dir(out_dir))!r} holds no checkpoint (ckpt-*.pt)")
     world = world_from_env()

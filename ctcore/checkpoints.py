@@ -18,7 +18,7 @@ from torch import nn
 from ctcore.components import KINDS, BuildContext, WeightsUnavailable
 from ctcore.data import data_shape
 from ctcore.distributed import gather_objects, rank_seed
-from ctcore.errors import RunError
+from ctcore.errors import RunError, path_not_found
 from ctcore.files import FileLock, acquire_lock, atomic_write, file_digest
 from ctcore.recipe import Recipe, parse_recipe
 
@@ -166,8 +166,9 @@ def load_checkpoint(path: str | Path, fix: str = EARLIER_CHECKPOINT) -> dict[str
     in `fix` (what the caller's user should do instead)."""
     path = Path(path)
     if not path.is_file():
-        what = "is not a file" if path.exists() else "not found"
-        raise RunError(f"checkpoint {str(path)!r} {what}" + ("" if what == "not found" else f"; {fix}"))
+        if not path.exists():
+            raise RunError(path_not_found(f"checkpoint {str(path)!r}", path))
+        raise RunError(f"checkpoint {str(path)!r} is not a file; {fix}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -572,8 +573,8 @@ def read_warm_start(source: str | Path, weights: str, registry: Registry, option
         raise RunError(f"{_named(option, path)} cannot be looked up ({exc.strerror}); give {option} the checkpoint "
                        "file or run directory of an existing run") from None
     if not exists:
-        raise RunError(f"{_named(option, path)} does not exist; train that run first, or give {option} the "
-                       "checkpoint file or run directory of an existing run")
+        raise RunError(path_not_found(_named(option, path), path, f"train that run first, or give {option} the "
+                                      "checkpoint file or run directory of an existing run"))
     if is_dir:
         found = list_checkpoints(path)
         if not found:

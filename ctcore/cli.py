@@ -107,13 +107,34 @@ def _device_option(value: str | None) -> str | None:
     return value
 
 
+DeviceOption = Annotated[str | None, typer.Option(
+    callback=_device_option, help="cpu, cuda, cuda:N or auto (default: the recipe's run.device).")]
+"""--device of every command that runs a network (tests/test_cli_flags.py holds which)."""
+RecipeDeviceOption = Annotated[str | None, typer.Option(
+    callback=_device_option, help="cpu, cuda or auto: the recipe's run.device for this command.")]
+"""--device of the commands that run a recipe: it sets run.device (see _with_device)."""
+ProgressOption = Annotated[bool, typer.Option(help="Show the progress bar.")]
+"""--progress/--no-progress of every command that runs for more than a few seconds."""
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+"""--json of every command that prints a result: JSON alone on stdout."""
+
+
+def _print_json(result: Any) -> None:
+    """`--json`: the result as JSON on stdout (paths as strings)."""
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+APP_HELP = ("Train consistency models (iCT, CT, CD, ECT) and diffusion models (EDM); sample, edit and evaluate "
+            "them.")
+"""What `ctcore --help` says ctcore is for."""
+
 PLAIN_HELP: dict[str, Any] = {"rich_markup_mode": None, "cls": _OneLineUsageErrors}
 """Give every typer.Typer of the CLI these: click's plain help wraps at 80 columns and shows no type on flags,
 where typer's rich panels cut option help short (`sampling.num_sampl…`) and print `<bool>` (tests/test_help.py)."""
 
 app = typer.Typer(
     name="ctcore",
-    help="Train, sample and inspect consistency models with the iCT techniques.",
+    help=APP_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -142,7 +163,7 @@ def _main(
     show_version: Annotated[bool, typer.Option(
         "--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False,
 ) -> None:
-    """Train, sample and inspect consistency models with the iCT techniques."""
+    """Train consistency models (iCT, CT, CD, ECT) and diffusion models (EDM); sample, edit and evaluate them."""
 
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -270,11 +291,12 @@ def run(
     init_from: Annotated[Path | None, typer.Option(
         "--init-from", metavar="CHECKPOINT",
         help="Start the network from another run's weights (a checkpoint, or a run directory: its newest); "
-             "optimizer, step and curriculum start fresh.")] = None,
+             "the optimizer, the step, the curriculum (if any) and the random streams start fresh.")] = None,
     init_weights: Annotated[Literal["eval-ema", "student"] | None, typer.Option(
         "--init-weights", help="With --init-from: eval-ema (default) or student.")] = None,
+    device: RecipeDeviceOption = None,
 ) -> None:
-    """Train a consistency model as a recipe describes; writes a run directory.
+    """Train a consistency or diffusion model as a recipe describes; writes a run directory.
 
     With --resume, --set may extend a run: training.total_steps, the log, checkpoint and sample intervals,
     keep_checkpoints, the [evaluation] settings and [logging]. Under torchrun (`torchrun --nproc-per-node G -m
@@ -283,7 +305,7 @@ def run(
     from ctcore.devices import threads_restored
 
     with _torchrun_worker(), threads_restored():
-        _run(target, resume, output_dir, progress, sets or [], init_from, init_weights)
+        _run(target, resume, output_dir, progress, sets or [], init_from, init_weights, device)
 
 
 @contextlib.contextmanager
@@ -315,8 +337,9 @@ def _torchrun_worker() -> Iterator[None]:
 
 
 def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool, sets: list[str],
-         init_from: Path | None = None, init_weights: str | None = None) -> None:
+         init_from: Path | None = None, init_weights: str | None = None, device: str | None = None) -> None:
     with _errors():
+        sets = _with_device(sets, device)
         from ctcore.build import output_dir_for, resume_run, start_run
         from ctcore.errors import UsageError
         from ctcore.recipe import read_recipe
@@ -329,7 +352,7 @@ def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool, se
                              "CHECKPOINT: add --init-from, or leave out --init-weights")
         registry = _registry()
         if resume:
-            if target.is_dir():
+            if target.is_dir() or (not target.exists() and target.suffix != ".toml"):  # a RUN_DIR, maybe mistyped
                 if output_dir is not None and output_dir.resolve() != target.resolve():
                     raise UsageError(f"--resume {target} names the run directory; drop --output-dir {output_dir}")
                 the_run = resume_run(None, registry, target, sets=sets)
@@ -345,6 +368,22 @@ def _run(target: Path, resume: bool, output_dir: Path | None, progress: bool, se
             _train(the_run, resume, progress)
         finally:
             the_run.close()
+
+
+def _with_device(sets: list[str], device: str | None) -> list[str]:
+    """The --set overrides with `--device D` as the last, `run.device=D`, for the commands that read a recipe
+    (run.device is auto, cpu or cuda); cuda:N, or --device with a --set of run.device too, is a UsageError."""
+    from ctcore.errors import UsageError
+
+    if device is None:
+        return sets
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device {device}: a recipe runs on auto, cpu or cuda (run.device); choose the GPU with "
+                         f"CUDA_VISIBLE_DEVICES={device.removeprefix('cuda:')} and --device cuda")
+    given = next((s for s in sets if s.split("=", 1)[0].strip() == "run.device"), None)
+    if given is not None:
+        raise UsageError(f"--device {device} and --set {given} both choose the device: give one of them")
+    return [*sets, f"run.device={device}"]
 
 
 def _train(the_run, resume: bool, progress: bool) -> None:
@@ -372,8 +411,9 @@ def _train(the_run, resume: bool, progress: bool) -> None:
         out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
         init = the_run.provenance.get("init_from")
         if init is not None:
+            fresh = "optimizer, step, curriculum" if the_run.curriculum is not None else "optimizer, step"
             out.print(f"initialised from {init['checkpoint']} (its {init['weights']} weights at step "
-                      f"{init['step']:,}); optimizer, step and curriculum start fresh")
+                      f"{init['step']:,}); {fresh} and random streams start fresh")
     try:
         summary = train(the_run, progress=progress, handle_signals=True)
     except TrainingStopped as stop:
@@ -434,7 +474,8 @@ def check(
     build: Annotated[bool, typer.Option(help="Also build every component for the declared data shape.")] = True,
     sets: SetOption = None,
 ) -> None:
-    """Validate a recipe and print it resolved, with every default filled in."""
+    """Validate a recipe, build its components for the data shape, and print it resolved with every default
+    filled in."""
     with _errors(plugin_exit_code=2):
         from ctcore.recipe import dump_recipe, read_recipe
 
@@ -450,7 +491,7 @@ def _built_summary(recipe, registry) -> str:
     `ctcore check` reports of them: parameters, data and memory. Problems raise UsageError, one line."""
     from ctcore.build import recipe_warm_start
     from ctcore.data import check_data_file, data_shape
-    from ctcore.errors import RunError, UsageError
+    from ctcore.errors import RunError, UsageError, near_path
     from ctcore.files import human_bytes
     from ctcore.preflight import preflight
     from ctcore.reporting import build_loggers
@@ -470,7 +511,9 @@ def _built_summary(recipe, registry) -> str:
     if d.source == "synthetic":
         data_note = f"synthetic data, {d.num_images:,} images of shape {data_shape(d)}"
     elif not Path(d.path).is_file():
-        data_note = (f"data file {d.path!r} does not exist yet: create it before training (an HDF5 file "
+        guess = near_path(d.path)  # a mistyped data.path
+        data_note = (f"data file {d.path!r} does not exist yet{f' (did you mean {guess!r}?)' if guess else ''}: "
+                     f"create it before training (an HDF5 file "
                      f"with uint8 `images` shaped (N, {', '.join(map(str, data_shape(d)))})"
                      f"{' and `labels`' if d.num_classes else ''})")
     else:  # the file's structure, shape, classes, size in memory and labels, reading labels only
@@ -492,6 +535,7 @@ def sweep(
         "--output-dir", "-o", help="Sweep directory (default: the recipe's run directory).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the ctcore run command of each point.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    device: RecipeDeviceOption = None,
 ) -> None:
     """Train the grid of --set values, one run after another, each in <sweep dir>/<key=value,...>.
 
@@ -510,6 +554,7 @@ def sweep(
 
         registry = _registry()
         grid = sweep_grid(sets)
+        device_set = _with_device(grid[0], device)[len(grid[0]):]  # every point sets the same keys
         names = [point_name(point) for point in grid]
         for i, name in enumerate(names):
             if names.index(name) != i:
@@ -521,7 +566,7 @@ def sweep(
         recipes, problems = [], []
         for point in grid:  # every point is checked before any trains
             try:
-                recipes.append(read_recipe(recipe_path, registry, point))
+                recipes.append(read_recipe(recipe_path, registry, [*point, *device_set]))
                 preflight(recipes[-1], registry)
             except RecipeError as exc:
                 problems += [p for p in exc.problems if p not in problems]
@@ -538,7 +583,7 @@ def sweep(
         if dry_run:
             for point, name in zip(grid, names, strict=True):
                 typer.echo(shlex.join(["ctcore", "run", str(recipe_path), *(a for s in point for a in ("--set", s)),
-                                       "-o", str(top / name)]))
+                                       "-o", str(top / name), *(["--device", device] if device else [])]))
             return
         out = _console()
         for i, (recipe, name) in enumerate(zip(recipes, names, strict=True), start=1):
@@ -580,14 +625,17 @@ def sample(
         help="Image grid, .png, .jpg or .webp (default: the store's path with .png).")] = None,
     weights: Annotated[Literal["eval-ema", "student"], typer.Option(
         help="eval-ema (default) or student.")] = "eval-ema",
-    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing sample store.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Samples per forward pass.")] = 256,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing sample store.")] = False,
     labels: Annotated[str | None, typer.Option(
         help='Class-conditional models: these class labels, cycled over the samples, e.g. "0,3,7".')] = None,
     class_balanced: Annotated[bool, typer.Option(
         "--class-balanced", help="Class-conditional models: sample j has class j mod num_classes.")] = False,
+    device: DeviceOption = None,
+    progress: ProgressOption = True,
+    as_json: JsonOption = False,
 ) -> None:
-    """Generate samples from a checkpoint into an HDF5 store (uint8 images, seeds, labels) and a PNG grid."""
+    """Generate samples from a checkpoint into an HDF5 store (uint8 images, seeds, labels) and an image grid."""
     from ctcore.devices import threads_restored
 
     with _errors(), threads_restored():
@@ -603,8 +651,11 @@ def sample(
             checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigma_list, seed=seed,
             out=out,
             grid=grid, weights=weights, batch_size=batch_size, overwrite=overwrite,
-            labels=label_list, class_balanced=class_balanced, sampler=sampler,
+            labels=label_list, class_balanced=class_balanced, sampler=sampler, device=device, progress=progress,
         )
+        if as_json:
+            _print_json(result)
+            return
         _console().print(f"wrote {result['num_samples']:,} samples ({result['plan']}) to {result['store']} "
                          f"and a grid to {result['grid']}")
 
@@ -643,8 +694,11 @@ def edit(
         help="reference | degraded | result per row, .png, .jpg or .webp (default: OUT with .png).")] = None,
     weights: Annotated[Literal["eval-ema", "student"], typer.Option(
         help="eval-ema (default) or student.")] = "eval-ema",
-    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.h5.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Images per forward pass.")] = 256,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.h5.")] = False,
+    device: DeviceOption = None,
+    progress: ProgressOption = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Edit images zero-shot with a consistency model (inpaint, colorize, superres, stroke) or interpolate
     between two seeds' noises; writes an HDF5 store and a grid (docs/editing.md)."""
@@ -670,7 +724,10 @@ def edit(
             task, checkpoint, _registry(), out=out, grid=grid, images=images, indices=indices, mask=mask,
             mask_kind=mask_kind, factor=factor, start_sigma=start_sigma, seeds=pair, num=num,
             sigmas=_parse_sigmas(sigmas), seed=seed, labels=_parse_labels(labels), weights=weights,
-            batch_size=batch_size, overwrite=overwrite)
+            batch_size=batch_size, overwrite=overwrite, device=device, progress=progress)
+        if as_json:
+            _print_json(result)
+            return
         _console().print(f"wrote {result['count']:,} {task} results ({result['plan']}) to {result['store']} and a "
                          f"grid to {result['grid']}")
 
@@ -780,22 +837,21 @@ def eval_checkpoint(
         sigma_list = _parse_sigmas(sigmas)
         if metric == "sliced-wasserstein":
             _eval_distance(checkpoint, ref, inception, download_inception, num_samples, steps, sigma_list, seed,
-                           batch_size, device, as_json, sampler)
+                           batch_size, device, as_json, sampler, progress)
             return
-        from ctcore.errors import RunError, UsageError
+        from ctcore.errors import RunError
         from ctcore.fid import evaluate_checkpoint
         from ctcore.inception import load_inception
 
-        if ref is None:
-            raise UsageError("--metric fid needs --ref STATS.npz, reference statistics of the training data (make "
-                             "them with `ctcore eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein "
-                             "needs no file")
+        instead = (f"or score the checkpoint without any weights file: ctcore eval {checkpoint} --metric "
+                   "sliced-wasserstein")
+        _require_fid_inputs("ctcore eval --metric fid", [("checkpoint", checkpoint, "")], ref, inception,
+                            download_inception, instead)
         registry = _registry()
         try:
-            model = load_inception(inception, download=download_inception)
+            model = load_inception(inception, download=download_inception, progress=progress)
         except RunError as exc:
-            raise RunError(f"{exc.message}\nor score the checkpoint without any weights file: ctcore eval "
-                           f"{checkpoint} --metric sliced-wasserstein") from None
+            raise RunError(f"{exc.message}\n{instead}") from None
         seed = 0 if seed is None else seed
         result = evaluate_checkpoint(
             checkpoint, registry, inception=model, num_samples=50_000 if num_samples is None else num_samples,
@@ -828,6 +884,41 @@ def eval_checkpoint(
             _console(stderr=True).print(Text("note: ", style="yellow") + Text(note))
 
 
+NO_REF = ("--metric fid needs --ref STATS.npz, reference statistics of the training data (make them with `ctcore "
+          "eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein needs no file")
+"""The message for FID without --ref (eval, search-sigmas)."""
+
+
+def _require_fid_inputs(command: str, files: list[tuple[str, Path, str]], ref: Path | None | bool,
+                        inception: Path | None, download: bool, instead: str | None = None) -> None:
+    """Every input an FID command lacks, in one message, before anything loads: each of `files` (what it is, its
+    path, the fix) that does not exist, --ref (not given, or not found; `ref=False`: the command takes none) and
+    the Inception weights (not at --inception, or not in the cache without --download-inception). One missing
+    input is its own message, several are `<command> is missing N inputs:` and one indented entry each; `instead`
+    (a command that needs no weights file) follows when the weights are missing and every file exists. Exit 2
+    when --ref is not given, else 1."""
+    from ctcore.errors import RunError, UsageError, path_not_found
+    from ctcore.fid import missing_statistics
+    from ctcore.inception import missing_weights
+
+    problems = [path_not_found(f"{what} {str(path)!r}", path, fix) for what, path, fix in files if not path.exists()]
+    files_exist = not problems
+    if ref is None:
+        problems.append(NO_REF)
+    elif ref is not False and not Path(ref).is_file():
+        problems.append(missing_statistics(ref))
+    weights = missing_weights(inception, download=download)
+    if weights is not None:
+        problems.append(weights)
+    if not problems:
+        return
+    message = problems[0] if len(problems) == 1 else "\n".join(
+        [f"{command} is missing {len(problems)} inputs:", *("  " + p.replace("\n", "\n    ") for p in problems)])
+    if weights is not None and files_exist and instead is not None:
+        message += "\n" + instead
+    raise (UsageError if ref is None else RunError)(message)
+
+
 def _plan_text(result: dict[str, Any], levels: bool = True) -> str:
     """How an evaluation sampled, as `ctcore sample` prints it (`1-step [80.0]`, `18-level heun (35 ...) [...]`)."""
     from ctcore.sampling import plan_text
@@ -838,7 +929,8 @@ def _plan_text(result: dict[str, Any], levels: bool = True) -> str:
 
 def _eval_distance(checkpoint: Path, ref: Path | None, inception: Path | None, download_inception: bool,
                    num_samples: int | None, steps: int | None, sigmas: list[float] | None, seed: int | None,
-                   batch_size: int | None, device: str | None, as_json: bool, sampler: str | None = None) -> None:
+                   batch_size: int | None, device: str | None, as_json: bool, sampler: str | None = None,
+                   progress: bool = False) -> None:
     """`ctcore eval --metric sliced-wasserstein`: one line (or --json) with the distance to the training data."""
     import os
 
@@ -851,7 +943,8 @@ def _eval_distance(checkpoint: Path, ref: Path | None, inception: Path | None, d
             raise UsageError(f"{name} is for --metric fid; --metric sliced-wasserstein compares the samples with "
                              f"the recipe's training data and needs no file: drop {name}")
     r = evaluate_checkpoint_distance(checkpoint, _registry(), num_samples=num_samples, steps=steps, sigmas=sigmas,
-                                     seed=seed, batch_size=batch_size, device=device, sampler=sampler)
+                                     seed=seed, batch_size=batch_size, device=device, sampler=sampler,
+                                     progress=progress)
     if os.environ.get("RANK", "0") != "0":
         return
     if as_json:
@@ -868,11 +961,12 @@ def eval_ref_stats(
     out: Annotated[Path, typer.Argument(metavar="OUT.npz", help="Where to write mu and sigma.")],
     inception: InceptionOption = None,
     download_inception: DownloadOption = False,
-    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 250,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Images per forward pass.")] = 250,
     device: Annotated[str, typer.Option(callback=_device_option, help="cpu, cuda, cuda:N or auto.")] = "auto",
     fid_protocol: FidProtocolOption = "tensorflow",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.npz.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.npz.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Inception statistics (mu, sigma) of every image of a dataset, for ctcore eval --ref; the file records the
     FID protocol, and eval refuses to compare it with features made under another."""
@@ -886,13 +980,20 @@ def eval_ref_stats(
         refuse_writing_inputs([("OUT.npz", out)], [("DATASET.h5", dataset), ("--inception", inception)])
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
-        model = load_inception(inception, download=download_inception)
+        _require_fid_inputs("ctcore eval-ref-stats", [
+            ("dataset file", dataset, f"create one with: ctcore data import SOURCE {dataset}")], False, inception,
+            download_inception)
+        model = load_inception(inception, download=download_inception, progress=progress)
         with output_lock(out, "statistics file", "ctcore eval-ref-stats"):
             if out.exists() and not overwrite:  # checked again by its one writer
                 raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
             stats = reference_statistics(dataset, model, batch_size=batch_size, device=device, progress=progress,
                                          protocol=fid_protocol)
             save_statistics(out, stats)
+        if as_json:
+            _print_json({"out": out, "dataset": dataset, "num_images": stats["num_images"],
+                         "fid_protocol": fid_protocol})
+            return
         _console().print(f"wrote the Inception statistics of {stats['num_images']:,} images of {dataset} to {out} "
                          f"(FID protocol {fid_protocol})")
 
@@ -928,9 +1029,9 @@ def search_sigmas(
     progress: Annotated[bool, typer.Option(help="Print a line per evaluation on stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Find the intermediate sigmas of multistep sampling by golden-section search on a distance, one at a time,
-    with the same seeds in every evaluation; prints every evaluation, the best and the sigma_mid line to paste
-    into the recipe's [sampling], and plots distance against sigma."""
+    """Find the intermediate sigmas of a consistency model's multistep sampling by golden-section search on a
+    distance, one at a time, with the same seeds in every evaluation; prints every evaluation, the best and the
+    sigma_mid line to paste into the recipe's [sampling], and plots distance against sigma."""
     from ctcore.devices import threads_restored
 
     with _errors(), threads_restored():
@@ -945,17 +1046,16 @@ def search_sigmas(
                                                    ("--inception", inception)])
         model = None
         if metric == "fid":
-            if ref is None:
-                raise UsageError("--metric fid needs --ref STATS.npz, reference statistics of the training data (make "
-                                 "them with `ctcore eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein "
-                                 "needs no file")
+            instead = (f"or search without any weights file: ctcore search-sigmas {checkpoint} --steps {steps} "
+                       "--metric sliced-wasserstein")
+            _require_fid_inputs("ctcore search-sigmas --metric fid", [("checkpoint", checkpoint, "")], ref, inception,
+                                download_inception, instead)
             from ctcore.inception import load_inception
 
             try:
-                model = load_inception(inception, download=download_inception)
+                model = load_inception(inception, download=download_inception, progress=progress)
             except RunError as exc:
-                raise RunError(f"{exc.message}\nor search without any weights file: ctcore search-sigmas "
-                               f"{checkpoint} --steps {steps} --metric sliced-wasserstein") from None
+                raise RunError(f"{exc.message}\n{instead}") from None
         else:
             for given, name in ((ref, "--ref"), (inception, "--inception"),
                                 (download_inception or None, "--download-inception")):
@@ -1010,8 +1110,10 @@ def bench(
     warmup: Annotated[int, typer.Option(
         min=0, max=MAX_BENCH_STEPS, help="Untimed steps first (compilation, autotuning).")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    device: RecipeDeviceOption = None,
 ) -> None:
-    """Time the recipe's real training step and one-step sampling on random data of its shape."""
+    """Time the recipe's real training step and one network evaluation per image (one-step sampling) on random
+    data of its shape."""
     from ctcore.devices import threads_restored
 
     with _errors(), threads_restored():
@@ -1019,7 +1121,8 @@ def bench(
         from ctcore.recipe import read_recipe
 
         registry = _registry()
-        result = run_bench(read_recipe(recipe_path, registry), registry, batch=batch, steps=steps, warmup=warmup)
+        recipe = read_recipe(recipe_path, registry, _with_device([], device))
+        result = run_bench(recipe, registry, batch=batch, steps=steps, warmup=warmup)
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return
@@ -1167,6 +1270,7 @@ def data_import(
         help="Resize the short side to this and center-crop square (default: keep a shared size).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.h5 if it exists.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Convert a dataset into ctcore's training format (what data.path in a recipe points at)."""
     with _errors():
@@ -1175,6 +1279,9 @@ def data_import(
 
         check_suffix(out, "OUT.h5", HDF5_SUFFIXES, "an HDF5")
         r = import_dataset(source, out, split=split, resolution=resolution, overwrite=overwrite, progress=progress)
+        if as_json:
+            _print_json(r)
+            return
         _console().print(f"wrote {r['count']:,} images of shape {tuple(r['shape'])} in {r['num_classes']} classes "
                          f"({r['format']}, split {r['split']}) to {r['out']} in {r['seconds']:.1f} s")
 
@@ -1223,17 +1330,22 @@ def data_download(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The dataset: cifar10.")],
     dest: Annotated[Path, typer.Option(help="Folder to save the archive in.")] = Path("data"),
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Download a dataset's official archive and verify its SHA-256; then run `ctcore data import` on it."""
     with _errors():
-        from ctcore.importers import download, import_command
+        from ctcore.importers import DOWNLOADS, download, import_command
 
         path = download(name, dest, progress=progress)
+        if as_json:  # the file's sha256 was verified against this one
+            _print_json({"name": name, "path": path, "sha256": DOWNLOADS[name][1], "next": import_command(name, path)})
+            return
         _console().print(f"{path} is in place (sha256 verified). Next: {import_command(name, path)}")
 
 
 convert_app = typer.Typer(
-    help="Import models trained elsewhere as ctcore checkpoints (for ctcore sample, eval and run --init-from).",
+    help="Import models trained elsewhere as ctcore checkpoints (for ctcore sample, edit, eval and run "
+         "--init-from).",
     no_args_is_help=True,
     **PLAIN_HELP,
 )
@@ -1249,12 +1361,16 @@ def convert_openai_cm(
     config: Annotated[Literal["imagenet64", "lsun256"] | None, typer.Option(
         help="The released architecture (default: inferred from the tensor shapes).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.pt if it exists.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Convert a released OpenAI consistency model into a ctcore checkpoint (its weights as eval EMA)."""
     with _errors():
         from ctcore.convert import convert_openai_cm as convert
 
         r = convert(source, out, _registry(), config=config, overwrite=overwrite)
+        if as_json:
+            _print_json({"source": source, **r})
+            return
         _console().print(f"wrote {r['out']} ({r['config']}, {r['parameters']:,} parameters from "
                          f"{'/'.join(r['dtypes'])} {source}, sha256 {r['sha256'][:12]}...)")
 

@@ -174,11 +174,13 @@ def _first_mismatch(found: Mapping[str, Any], want: Mapping[str, torch.Size]) ->
 def _read_state_dict(source: Path) -> dict[str, Any]:
     """The source file as a dict (names -> values), read with weights_only=True; anything else is one RunError."""
     from ctcore.checkpoints import CHECKPOINT_FORMAT
-    from ctcore.errors import RunError
+    from ctcore.errors import RunError, path_not_found
 
     fix = "give a released OpenAI consistency-model file (e.g. cd_imagenet64_lpips.pt from openai/consistency_models)"
     if not source.is_file():
-        raise RunError(f"{str(source)!r} {'is not a file' if source.exists() else 'not found'}; {fix}")
+        if not source.exists():
+            raise RunError(path_not_found(repr(str(source)), source, fix))
+        raise RunError(f"{str(source)!r} is not a file; {fix}")
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch's refusals come in many types; each is one line here

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ctcore.errors import RunError
+from ctcore.errors import RunError, path_not_found
 from ctcore.memory import require_memory
 
 if TYPE_CHECKING:
@@ -136,11 +136,11 @@ def open_hdf5(path: str | Path) -> Iterator[h5py.File]:
 
 
 def _not_found(path: Path) -> RunError:
-    return RunError(
-        f"dataset file {str(path)!r} not found (data.path in the recipe). Create it with `ctcore data import SOURCE "
+    return RunError(path_not_found(
+        f"dataset file {str(path)!r} (data.path in the recipe)", path, f"create it with `ctcore data import SOURCE "
         f"{path}` (SOURCE: cifar-10-python.tar.gz from `ctcore data download cifar10`, an image folder, zip or tar "
-        "with one subfolder per class, or ImageNet 64x64 .npz batches), or point data.path at an existing file."
-    )
+        "with one subfolder per class, or ImageNet 64x64 .npz batches), or point data.path at an existing file"
+    ))
 
 
 def hdf5_summary(path: str | Path) -> dict:

@@ -16,7 +16,8 @@ def resolve_device(choice: str) -> torch.device:
     """run.device (or --device) resolved: "auto" is CUDA when available, else CPU; "cuda" or "cuda:N" without
     that device is a usage error."""
     if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f'run.device is "{choice}" but no CUDA device is available; use "auto" or "cpu"')
+        raise UsageError(f'device "{choice}" (--device, else the recipe\'s run.device) needs CUDA, and this machine '
+                         'has no CUDA device; use "auto" or "cpu"')
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(choice)

@@ -277,11 +277,13 @@ def edit_images(
     clip: bool = True,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Edit uint8 references (N, C, H, W) batch by batch, sample j with the noise of seeds[j] exactly as `ctcore
     sample` draws it; uint8 results (N, C, H, W) and the labels used (N,; -1 if unconditional): `labels`, or for
     a conditional model without them the label drawn from each seed. `from_reference`: SDEdit, the first step
-    noises the whole reference (stroke editing) instead of its known components."""
+    noises the whole reference (stroke editing) instead of its known components. `progress(n)` is called after
+    each batch of n images."""
     shape = tuple(references.shape[1:])
     out, used = [], []
     for start in range(0, len(seeds), batch_size):
@@ -300,6 +302,8 @@ def edit_images(
             raise failure.with_seeds(chunk) from None
         out.append(to_uint8(x).cpu())
         used.append(lab)
+        if progress is not None:
+            progress(len(chunk))
     return torch.cat(out), torch.cat(used)
 
 
@@ -451,7 +455,10 @@ def read_source(source: str | Path, shape: Sequence[int], indices: str | None = 
     source = Path(source)
     where = f"--images {str(source)!r}"
     if not source.exists():
-        raise UsageError(f"{where} not found: give a ctcore HDF5 dataset, an image file or a folder of images")
+        from ctcore.errors import path_not_found
+
+        raise UsageError(path_not_found(where, source, "give a ctcore HDF5 dataset, an image file or a folder of "
+                                        "images"))
     mode = {1: "L", 3: "RGB"}.get(c)
     if source.suffix.lower() in (".h5", ".hdf5"):
         info = hdf5_summary(source)
@@ -506,9 +513,12 @@ def read_mask(path: str | Path, resolution: int) -> torch.Tensor:
     """A mask PNG (white = keep) as uint8 (1, 1, R, R), 1 = known; its size must be the model's resolution."""
     import numpy as np
 
-    from ctcore.errors import UsageError
+    from ctcore.errors import UsageError, path_not_found
     from ctcore.images import read_image
 
+    if not Path(path).exists():
+        raise UsageError(path_not_found(f"--mask {str(path)!r}", path, f"give an image of {resolution}x{resolution} "
+                                        "pixels (white = keep), or a generated mask with --mask-kind"))
     grey = read_image(path, f"--mask {str(path)!r}", UsageError, f"give a PNG mask of the model's {resolution}x"
                       f"{resolution} pixels (white = keep)", mode="L")
     if grey.size != (resolution, resolution):
@@ -557,10 +567,11 @@ def edit_from_checkpoint(
     batch_size: int = 256,
     overwrite: bool = False,
     device: str | None = None,
+    progress: bool = False,
 ) -> dict[str, object]:
-    """`ctcore edit`: check every input, edit (or interpolate), then write the store atomically under its lock and
-    a grid (reference | degraded | result per row; interpolate: one row). Bad input raises UsageError, nothing
-    written."""
+    """`ctcore edit`: check every input, edit (or interpolate) on `device` (default: the recipe's run.device),
+    then write the store atomically under its lock and a grid (reference | degraded | result per row; interpolate:
+    one row); `progress` counts the images on stderr. Bad input raises UsageError, nothing written."""
     from ctcore.errors import RunError, UsageError
     from ctcore.files import output_lock, refuse_writing_inputs
     from ctcore.images import save_grid
@@ -680,7 +691,12 @@ def edit_from_checkpoint(
                                 "checkpoint_sha256": file_digest(checkpoint), "step": int(state["step"]),
                                 "sigmas": [float(s) for s in sigmas], "weights": weights,
                                 "recipe": state["recipe"], "ctcore_version": prov.get("ctcore", "?")}
-    with output_lock(out, "edit store", "ctcore edit"):
+    from ctcore.reporting import stderr_progress
+
+    bar, bar_task = stderr_progress(progress, f"edit {task}", count)
+    facts = {"task": task, "checkpoint": checkpoint, "step": int(state["step"]), "sigmas": attrs["sigmas"],
+             "device": str(dev)}
+    with output_lock(out, "edit store", "ctcore edit"), bar:
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose -o")
         if task == "interpolate":  # the recipe's sampler on the interpolated noise, exactly as `ctcore sample`
@@ -689,11 +705,12 @@ def edit_from_checkpoint(
                                             sampler=sampler, levels=recipe.levels, clip=recipe.sampling.clip)
             except NonFiniteOutputs as failure:
                 raise nonfinite_error(failure, checkpoint) from None
+            bar.advance(bar_task, len(results))
             attrs.update(seeds_interpolated=list(seeds), num=num)
             extra = {"alphas": torch.tensor(alphas, dtype=torch.float64)}
             write_sample_store(out, results, list(seeds), lab if num_classes else None, attrs, extra)
             save_grid(results, grid, ncol=len(results))
-            return {"store": out, "grid": grid, "count": len(results), "plan": _plan(sigmas)}
+            return {"store": out, "grid": grid, "count": len(results), "plan": _plan(sigmas), **facts}
         sample_seeds = list(range(seed, seed + len(inputs)))
         if task == "inpaint":
             if masks is None:
@@ -709,7 +726,7 @@ def edit_from_checkpoint(
             results, used = edit_images(denoiser, inputs, transform, step_masks, sigmas, sample_seeds,
                                         num_classes=num_classes, labels=lab, from_reference=task == "stroke",
                                         sigma_min=c.sigma_min, clip=recipe.sampling.clip, batch_size=batch_size,
-                                        device=dev)
+                                        device=dev, progress=lambda n: bar.advance(bar_task, n))
         except NonFiniteOutputs as failure:
             raise nonfinite_error(failure, checkpoint) from None
         stored_masks = masks if masks is not None else torch.zeros((len(inputs), 1, r, r), dtype=torch.uint8)
@@ -726,7 +743,7 @@ def edit_from_checkpoint(
             ref, None if step_masks is None else step_masks.float()))
         rows = torch.stack([inputs, shown, results], dim=1).reshape(-1, *shape)[: 3 * 64]
         save_grid(rows, grid, ncol=3)
-    return {"store": out, "grid": grid, "count": len(inputs), "plan": _plan(sigmas)}
+    return {"store": out, "grid": grid, "count": len(inputs), "plan": _plan(sigmas), **facts}
 
 
 def _plan(sigmas: Sequence[float]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class CtcoreError(Exception):
     """Base of every expected failure; `exit_code` is what the CLI exits with."""
@@ -76,3 +78,43 @@ def unknown_name_message(what: str, name: str, available: list[str] | tuple[str,
         msg += f"; did you mean {guess!r}?"
     msg += f" (available: {', '.join(sorted(available)) or 'none installed'})"
     return msg
+
+
+def near_path(path: str | Path) -> str | None:
+    """The existing path a mistyped one most likely meant: every component that does not exist replaced by the
+    closest name in its folder (`did_you_mean`; hidden names only for a hidden one), in the form it was typed
+    (relative stays relative); None when the path exists or some component has no close name."""
+    import itertools
+    import os
+
+    path = Path(path)
+    parts = path.parts
+    if not parts:
+        return None
+    folder, rest = (Path(parts[0]), parts[1:]) if path.is_absolute() else (Path(), parts)
+    changed = False
+    try:
+        for part in rest:
+            if os.path.lexists(folder / part):
+                folder = folder / part
+                continue
+            if not folder.is_dir():
+                return None
+            with os.scandir(folder) as entries:  # a huge folder: its first 10,000 names
+                names = [e.name for e in itertools.islice(entries, 10_000)
+                         if part.startswith(".") or not e.name.startswith(".")]
+            guess = did_you_mean(part, names)
+            if guess is None:
+                return None
+            folder, changed = folder / guess, True
+    except OSError:  # a folder that cannot be listed, a name too long for the file system
+        return None
+    return str(folder) if changed else None
+
+
+def path_not_found(subject: str, path: str | Path, fix: str = "") -> str:
+    """The one message for a path a user named that does not exist: `<subject> not found`, then ` (did you mean
+    '<path>'?)` when `near_path` finds one, then `; <fix>`. E.g. `checkpoint 'runs/quickstrat' not found (did you
+    mean 'runs/quickstart'?)`."""
+    guess = near_path(path)
+    return f"{subject} not found" + (f" (did you mean {guess!r}?)" if guess else "") + (f"; {fix}" if fix else "")

@@ -100,12 +100,16 @@ def distance_evaluator(checkpoint: str | Path, registry, *, num_samples: int | N
     batch = sampling_batch(recipe) if batch_size is None else batch_size
     denoiser = recipe_model_function(recipe, registry, network)
 
-    def distance(plan: Sequence[float]) -> float:
+    def distance(plan: Sequence[float], progress: bool = False) -> float:
+        from ctcore.reporting import stderr_progress
+
+        bar, task = stderr_progress(progress, f"sliced Wasserstein {len(plan)}-step", n)
         try:
-            images, _ = generate(denoiser, shape, list(range(seed, seed + n)), [float(v) for v in plan],
-                                 num_classes=state["provenance"]["num_classes"], sigma_min=c.sigma_min,
-                                 clip=recipe.sampling.clip, batch_size=batch, device=dev, sampler=chosen,
-                                 levels=recipe.levels)
+            with bar:
+                images, _ = generate(denoiser, shape, list(range(seed, seed + n)), [float(v) for v in plan],
+                                     num_classes=state["provenance"]["num_classes"], sigma_min=c.sigma_min,
+                                     clip=recipe.sampling.clip, batch_size=batch, device=dev, sampler=chosen,
+                                     levels=recipe.levels, progress=lambda k: bar.advance(task, k))
         except NonFiniteOutputs as failure:
             raise nonfinite_error(failure, checkpoint) from None
         return distance_to_data(images, data, e.num_projections)
@@ -125,19 +129,20 @@ def evaluate_checkpoint_distance(checkpoint: str | Path, registry, *, num_sample
                                  steps: int | None = None, sigmas: Sequence[float] | None = None,
                                  seed: int | None = None, batch_size: int | None = None,
                                  device: str | None = None, weights: str = "eval-ema",
-                                 sampler: str | None = None) -> dict[str, Any]:
+                                 sampler: str | None = None, progress: bool = False) -> dict[str, Any]:
     """The sliced Wasserstein distance of a checkpoint's samples to its recipe's training data; no weights file.
 
     Defaults are the training loop's (the recipe's evaluation.num_samples and num_projections, the sampler's
     default plan (consistency sampling: one step; `sampler` names another installed sampler), seeds
     from DISTANCE_SEED, its sampling batch), so the final checkpoint of a run scores what its stats.jsonl logged
     at the end. The data is the recipe's: the synthetic set regenerated from run.seed, or its HDF5 file.
+    `progress` counts the samples on stderr.
     """
     started = time.perf_counter()
     info, _, sigmas, distance = distance_evaluator(checkpoint, registry, num_samples=num_samples, steps=steps,
                                                    sigmas=sigmas, seed=seed, batch_size=batch_size, device=device,
                                                    weights=weights, sampler=sampler)
-    value = distance(sigmas)
+    value = distance(sigmas, progress)
     facts = {k: v for k, v in info.items() if k not in ("metric", "weights")}
     return {"metric": "sliced-wasserstein", "value": value, **facts, "steps": len(sigmas), "sigmas": sigmas,
             "weights": weights, "seconds": time.perf_counter() - started}

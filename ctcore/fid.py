@@ -211,18 +211,9 @@ def inception_outputs(inception: FIDInceptionV3, images: torch.Tensor, device: t
 
 def _progress(enabled: bool, description: str, total: int):
     """A rich bar on stderr where it can redraw itself, else a plain line every 30 s (logs, SLURM files)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ctcore.reporting import stderr_progress
 
-    from ctcore.reporting import LineProgress, is_live
-
-    console = Console(stderr=True)
-    if enabled and not is_live(console):
-        bar = LineProgress(console)
-    else:
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                       TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
-    return bar, bar.add_task(description, total=total)
+    return stderr_progress(enabled, description, total)
 
 
 def _as_inception(inception: FIDInceptionV3 | str | Path | None) -> FIDInceptionV3:
@@ -291,15 +282,27 @@ def save_statistics(path: str | Path, stats: Mapping[str, Any]) -> Path:
     return path
 
 
+MAKE_STATISTICS = "compute them with `ctcore eval-ref-stats DATASET.h5 OUT.npz --inception PATH`"
+"""How to make reference statistics, for messages about a missing or unusable --ref file."""
+
+
+def missing_statistics(path: str | Path) -> str:
+    """The message for reference statistics `path` that do not exist (`load_statistics`, and `ctcore eval`'s list
+    of what FID lacks)."""
+    from ctcore.errors import path_not_found
+
+    return path_not_found(f"reference statistics {str(path)!r}", path, f"{MAKE_STATISTICS}, or give an .npz with "
+                          "`mu` and `sigma` from pytorch-fid or clean-fid")
+
+
 def load_statistics(path: str | Path) -> dict[str, Any]:
     """Read `mu` and `sigma` from an .npz (ours, pytorch-fid's, clean-fid's, guided-diffusion's reference batches),
     and the FID protocol it records (`fid_protocol`, None when the file records none)."""
     path = Path(path)
     where = f"reference statistics {str(path)!r}"
-    make = "compute them with `ctcore eval-ref-stats DATASET.h5 OUT.npz --inception PATH`"
+    make = MAKE_STATISTICS
     if not path.is_file():
-        raise RunError(f"{where} not found; {make}, or give an .npz with `mu` and `sigma` from pytorch-fid or "
-                       f"clean-fid")
+        raise RunError(missing_statistics(path))
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.keys())

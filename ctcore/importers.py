@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ctcore.errors import RunError, UsageError, unknown_name_message
+from ctcore.errors import RunError, UsageError, path_not_found, unknown_name_message
 from ctcore.files import atomic_write, file_digest, human_bytes, refuse_writing_inputs
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
@@ -639,8 +639,9 @@ def detect_format(source: str | Path) -> str:
     """'cifar10-python', 'image-folder', 'image-zip', 'tar' (CIFAR-10 or images, told apart while reading) or 'npz'."""
     source = Path(source)
     if not source.exists():
-        raise RunError(f"dataset source {str(source)!r} not found; give the downloaded archive, an image folder, "
-                       "or .npz batches (get CIFAR-10 with: ctcore data download cifar10)")
+        raise RunError(path_not_found(f"dataset source {str(source)!r}", source, "give the downloaded archive, an "
+                                      "image folder, or .npz batches (get CIFAR-10 with: ctcore data download "
+                                      "cifar10)"))
     if source.is_dir():
         for folder in (source, source / "cifar-10-batches-py"):
             if (folder / "batches.meta").is_file() and any(folder.glob("*_batch*")):
@@ -752,7 +753,7 @@ def dataset_info(path: str | Path, grid: str | Path | None = None) -> dict:
     path = Path(path)
     where = f"dataset file {str(path)!r}"
     if not path.is_file():
-        raise RunError(f"{where} not found; create one with: ctcore data import SOURCE {path}")
+        raise RunError(path_not_found(where, path, f"create one with: ctcore data import SOURCE {path}"))
     refuse_writing_inputs([("--grid", grid)], [("DATASET.h5", path)])
     summary = hdf5_summary(path)  # validates the file with clear errors
     require_fits(path, summary)

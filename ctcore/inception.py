@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctcore.errors import RunError
+from ctcore.errors import RunError, path_not_found
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILENAME}"
@@ -302,12 +302,11 @@ def cache_dir_path(override: str | Path | None = None) -> Path:
 
 def _missing_message(where: Path, *, given: bool) -> str:
     """Where the weights were looked for, and the three ways to provide them."""
-    head = (f"Inception weights file {str(where)!r} (--inception) not found" if given
+    head = (path_not_found(f"Inception weights file {str(where)!r} (--inception)", where) if given
             else f"Inception weights for FID not found in the cache: {str(where)!r}")
     other = ("or point --inception at an existing copy" if given
-             else "or pass --inception PATH (load_inception(PATH)) to use a copy elsewhere, or let ctcore fetch "
-                  "it with --download-inception (load_inception(None, download=True)); $CTCORE_CACHE moves "
-                  "the cache folder")
+             else "or pass --inception PATH to use a copy elsewhere, or let ctcore fetch it with "
+                  "--download-inception; $CTCORE_CACHE moves the cache folder")
     return (
         f"{head}. Download {FID_WEIGHTS_URL} (pytorch-fid's port of the TensorFlow FID Inception, ~96 MB) and "
         f"save it there:\n  mkdir -p '{where.parent}' && curl -L -o '{where}' {FID_WEIGHTS_URL}\n{other}"
@@ -366,23 +365,30 @@ def _download_bar(enabled: bool, name: str, length: str | None) -> Iterator[Call
         yield lambda n: bar.advance(task, n)
 
 
+def missing_weights(path: str | Path | None = None, *, download: bool = False,
+                    cache_dir: str | Path | None = None) -> str | None:
+    """What `load_inception` would say of weights that are not where it looks (the file at `path`, else the
+    cache's, unless `download` fetches that one), without reading them; None when nothing is missing."""
+    if path is None:
+        where = cache_dir_path(cache_dir) / WEIGHTS_FILENAME
+        return None if download or where.is_file() else _missing_message(where, given=False)
+    return None if Path(path).is_file() else _missing_message(Path(path), given=True)
+
+
 def load_inception(path: str | Path | None = None, *, download: bool = False,
-                   cache_dir: str | Path | None = None) -> FIDInceptionV3:
-    """The FID Inception with weights from `path`, or from the cache (fetched there first with `download`).
+                   cache_dir: str | Path | None = None, progress: bool = True) -> FIDInceptionV3:
+    """The FID Inception with weights from `path`, or from the cache (fetched there first with `download`, with a
+    progress bar when `progress`).
 
     The file is read with `torch.load(weights_only=True)` (no code runs) and must hold the standard state dict
     of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`. Problems give one RunError that names the fix.
     """
-    if path is None:
-        where = cache_dir_path(cache_dir) / WEIGHTS_FILENAME
-        if not where.is_file():
-            if not download:
-                raise RunError(_missing_message(where, given=False))
-            download_weights(where, progress=True)
-    else:
-        where = Path(path)
-        if not where.is_file():
-            raise RunError(_missing_message(where, given=True))
+    problem = missing_weights(path, download=download, cache_dir=cache_dir)
+    if problem is not None:
+        raise RunError(problem)
+    where = cache_dir_path(cache_dir) / WEIGHTS_FILENAME if path is None else Path(path)
+    if not where.is_file():
+        download_weights(where, progress=progress)
     model = FIDInceptionV3()
     model.load_state_dict(_read_state_dict(where, model), strict=True)
     return model

@@ -36,7 +36,7 @@ from ctcore.components import (
     show,
     within,
 )
-from ctcore.errors import RecipeError, UsageError, did_you_mean, unknown_name_message
+from ctcore.errors import RecipeError, UsageError, did_you_mean, path_not_found, unknown_name_message
 
 if typing.TYPE_CHECKING:
     from ctcore.registry import Registry
@@ -418,7 +418,8 @@ def read_recipe(path: str | Path, registry: Registry, sets: Sequence[str] = ()) 
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) reads like none
     except FileNotFoundError:
-        raise RecipeError(str(path), ["file not found: check the path (recipes live in recipes/)"]) from None
+        raise RecipeError(str(path), [path_not_found("file", path, "check the path (recipes live in recipes/)")]
+                          ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(str(path), [f"cannot read the file: {exc}"]) from None
     return parse_recipe(text, registry, source=str(path), sets=sets)

@@ -175,6 +175,22 @@ class LineProgress:
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+def stderr_progress(enabled: bool, description: str, total: int):
+    """(bar, task) of one counted task on stderr, for the commands that sample or score (`eval`, `sample`, `edit`,
+    `eval-ref-stats`): a rich bar where stderr can redraw it, else a plain `LineProgress` line every 30 s and at the
+    end (logs, SLURM files); nothing when not `enabled`. Advance it with `bar.advance(task, n)` inside `with bar:`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if enabled and not is_live(console):
+        bar = LineProgress(console)
+    else:
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                       TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
+    return bar, bar.add_task(description, total=total)
+
+
 def plot_fid(out_dir: Path) -> Path:
     """fid.png: FID over training from every `fid` event in stats.jsonl (so resumed runs show their history)."""
     from ctcore.images import save_line_plot
@@ -233,12 +249,14 @@ def stats_records(path: Path) -> list[dict[str, Any]]:
 def run_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Each REPORT_SERIES key's (step, value) points, by step; a step logged twice (a resumed run logs again the
     steps after its last checkpoint) keeps its last value."""
-    from ctcore.errors import UsageError
+    from ctcore.errors import UsageError, path_not_found
 
     run_dir = Path(run_dir)
+    fix = "give a run directory that `ctcore run` wrote (it holds stats.jsonl)"
+    if not run_dir.exists():
+        raise UsageError(path_not_found(f"RUN_DIR {str(run_dir)!r}", run_dir, fix))
     if not run_dir.is_dir():
-        raise UsageError(f"RUN_DIR {str(run_dir)!r} is not a directory; give a run directory that `ctcore run` "
-                         "wrote (it holds stats.jsonl)")
+        raise UsageError(f"RUN_DIR {str(run_dir)!r} is not a directory; {fix}")
     stats = run_dir / "stats.jsonl"
     if not stats.is_file():
         raise UsageError(f"RUN_DIR {str(run_dir)!r} has no stats.jsonl, so it is no run directory (or its run has "

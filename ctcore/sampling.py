@@ -379,9 +379,11 @@ def sample_from_checkpoint(
     labels: Sequence[int] | None = None,
     class_balanced: bool = False,
     sampler: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Rebuild the network of a checkpoint through the registry, sample with the recipe's sampler (or the one
-    named `sampler`), write the store and a PNG grid.
+    named `sampler`) on `device` (default: the recipe's run.device), write the store and a PNG grid; `progress`
+    counts the samples on stderr (`ctcore.reporting.stderr_progress`).
 
     A class-conditional model samples the given `labels` (cycled), or with `class_balanced` sample j gets class
     j mod num_classes, or by default a label drawn from each seed; the grid shows each image's label. The
@@ -421,13 +423,19 @@ def sample_from_checkpoint(
     with output_lock(out, "sample store", "ctcore sample"):  # one process at a time checks and writes it
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose --out")
+        from ctcore.reporting import stderr_progress
+
+        plan = plan_text(chosen.name, sigmas, chosen.evaluations(sigmas), draws, levels=False)
+        bar, task = stderr_progress(progress, f"sample {plan}", num_samples)
         try:
-            images, drawn = generate(
-                recipe_model_function(recipe, registry, network),
-                tuple(prov["data_shape"]), seeds, sigmas, num_classes=prov["num_classes"], sigma_min=c.sigma_min,
-                clip=recipe.sampling.clip, batch_size=batch_size, device=dev, class_labels=class_labels,
-                sampler=chosen, levels=recipe.levels,
-            )
+            with bar:
+                images, drawn = generate(
+                    recipe_model_function(recipe, registry, network),
+                    tuple(prov["data_shape"]), seeds, sigmas, num_classes=prov["num_classes"],
+                    sigma_min=c.sigma_min, clip=recipe.sampling.clip, batch_size=batch_size, device=dev,
+                    class_labels=class_labels, sampler=chosen, levels=recipe.levels,
+                    progress=lambda n: bar.advance(task, n),
+                )
         except NonFiniteOutputs as failure:
             raise nonfinite_error(failure, checkpoint) from None
         attrs = {
@@ -449,7 +457,9 @@ def sample_from_checkpoint(
         else:
             save_grid(images[:256], grid)
     return {"store": out, "grid": grid, "num_samples": num_samples,
-            "plan": plan_text(chosen.name, sigmas, chosen.evaluations(sigmas), draws)}
+            "plan": plan_text(chosen.name, sigmas, chosen.evaluations(sigmas), draws), "seed": seed,
+            "sigmas": sigmas, "sampler": chosen.name, "weights": weights, "checkpoint": checkpoint,
+            "step": int(state["step"]), "device": str(dev)}
 
 
 def plan_text(sampler: str, sigmas: list[float], evaluations: int, draws: int, *, levels: bool = True) -> str:

@@ -1,6 +1,7 @@
 """Small recipes for tests (a few training steps of a tiny MLP on tiny synthetic data, in seconds on CPU), and
 `tree_state`, which the suite uses to prove it leaves the checkout's data/ and runs/ alone, `snapshot`, the
-content of a folder for tests that prove a command left it unchanged, and `bomb_png`, a decompression bomb."""
+content of a folder for tests that prove a command left it unchanged, `bomb_png`, a decompression bomb, and the
+texts of FID's missing-input messages."""
 
 from __future__ import annotations
 
@@ -133,3 +134,20 @@ def bomb_png(width: int, height: int) -> bytes:
     data = b"".join(packer.compress(rows * min(block, height - i)) for i in range(0, height, block)) + packer.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grey, no interlace
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+NO_REF = ("--metric fid needs --ref STATS.npz, reference statistics of the training data (make them with `ctcore "
+          "eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein needs no file")
+"""What `ctcore eval` and `search-sigmas --metric fid` say without --ref."""
+
+
+def cache_lacks_the_weights(cache: Path) -> str:
+    """The entry, in a list of missing FID inputs, for Inception weights missing from the cache folder `cache`."""
+    from ctcore.inception import FID_WEIGHTS_URL, WEIGHTS_FILENAME
+
+    weights = cache / WEIGHTS_FILENAME
+    return (f"  Inception weights for FID not found in the cache: {str(weights)!r}. Download {FID_WEIGHTS_URL} "
+            f"(pytorch-fid's port of the TensorFlow FID Inception, ~96 MB) and save it there:\n"
+            f"      mkdir -p '{cache}' && curl -L -o '{weights}' {FID_WEIGHTS_URL}\n"
+            f"    or pass --inception PATH to use a copy elsewhere, or let ctcore fetch it with --download-inception; "
+            f"$CTCORE_CACHE moves the cache folder\n")

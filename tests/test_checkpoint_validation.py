@@ -235,6 +235,7 @@ def test_eval_refuses_a_non_finite_eval_ema_before_sampling(run_dir: Path, tmp_p
     with torch.device("meta"):
         stand_in = FIDInceptionV3()
     monkeypatch.setattr(ctcore.inception, "load_inception", lambda *args, **kwargs: stand_in)
+    monkeypatch.setattr(ctcore.inception, "missing_weights", lambda *args, **kwargs: None)
     ref = save_statistics(tmp_path / "ref.npz", {"mu": np.zeros(2048), "sigma": np.eye(2048)})
     ckpt = tamper(run_dir, CASES["NaN eval EMA"][0])
     before = snapshot(run_dir)

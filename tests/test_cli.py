@@ -65,7 +65,8 @@ def table_rows(output: str) -> list[list[str]]:
 def test_help_lists_every_command() -> None:
     result = invoke("--help", env=WIDE)
     assert result.exit_code == 0, result.output
-    assert "Train, sample and inspect consistency models with the iCT techniques." in result.stdout
+    assert ("Train consistency models (iCT, CT, CD, ECT) and diffusion models (EDM); sample, edit and evaluate "
+            "them.") in " ".join(result.stdout.split())
     panel = result.stdout.split("\nCommands:\n", 1)[1]
     commands = [m.group(1) for m in re.finditer(r"^  (\S+)\s{2,}", panel, re.MULTILINE)]
     assert commands == ["run", "check", "sweep", "sample", "edit", "eval", "eval-ref-stats", "search-sigmas",
@@ -183,10 +184,10 @@ def test_list_components_unknown_kind_exits_2(kind: str, message: str) -> None:
 
 
 FROM_RUNS = {  # recipes that start from another run's checkpoint, which a fresh checkout does not have yet
-    "quickstart_cd.toml": "run.init_from: 'runs/quickstart_diffusion' does not exist",
-    "quickstart_ect.toml": "run.init_from: 'runs/quickstart_diffusion' does not exist",
-    "cd_cifar10.toml": "run.init_from: 'runs/edm-cifar10' does not exist",
-    "ect_cifar10.toml": "run.init_from: 'runs/edm-cifar10' does not exist",
+    "quickstart_cd.toml": "run.init_from: 'runs/quickstart_diffusion' not found",
+    "quickstart_ect.toml": "run.init_from: 'runs/quickstart_diffusion' not found",
+    "cd_cifar10.toml": "run.init_from: 'runs/edm-cifar10' not found",
+    "ect_cifar10.toml": "run.init_from: 'runs/edm-cifar10' not found",
 }
 
 
@@ -295,7 +296,7 @@ def test_a_bad_recipe_gives_one_line_per_problem_and_exit_2(
 def test_a_missing_recipe_file_exits_2(tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
     lines = assert_clean_failure(invoke("check", missing), 2)
-    assert lines == [f"error: {missing}: file not found: check the path (recipes live in recipes/)"]
+    assert lines == [f"error: {missing}: file not found; check the path (recipes live in recipes/)"]
 
 
 def test_a_bad_recipe_in_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
@@ -502,9 +503,9 @@ def test_a_missing_dataset_exits_1_and_creates_nothing(tmp_path: Path, monkeypat
     data = tmp_path / "data" / "train.h5"
     recipe = write_tiny_recipe(tmp_path / "hdf5.toml", tmp_path / "out", data={"source": "hdf5", "path": str(data)})
     expected = [
-        f"error: dataset file {str(data)!r} not found (data.path in the recipe). Create it with `ctcore data import "
+        f"error: dataset file {str(data)!r} (data.path in the recipe) not found; create it with `ctcore data import "
         f"SOURCE {data}` (SOURCE: cifar-10-python.tar.gz from `ctcore data download cifar10`, an image folder, zip "
-        "or tar with one subfolder per class, or ImageNet 64x64 .npz batches), or point data.path at an existing file."
+        "or tar with one subfolder per class, or ImageNet 64x64 .npz batches), or point data.path at an existing file"
     ]
     result = invoke("run", recipe, "--no-progress")
     assert assert_clean_failure(result, 1) == expected
@@ -525,7 +526,7 @@ def test_a_missing_dataset_in_a_real_process_prints_no_traceback(tmp_path: Path)
                           text=True, timeout=120, cwd=tmp_path, env=SUBPROCESS_ENV)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.startswith(f"error: dataset file {str(data)!r} not found (data.path in the recipe).")
+    assert proc.stderr.startswith(f"error: dataset file {str(data)!r} (data.path in the recipe) not found; ")
     assert proc.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
 

@@ -4,6 +4,7 @@ denoiser equals the released computation evaluated here in the released layout, 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -329,8 +330,11 @@ def test_cli_converts_never_overwrites_and_sample_and_load_denoiser_agree(small_
     assert r.exit_code == 2
     assert r.output == f"error: {str(out)!r} exists; pass --overwrite to replace it, or choose another OUT.pt\n"
     assert out.read_bytes() == before
-    r = runner.invoke(app, ["convert", "openai-cm", str(src), str(out), "--overwrite"])
+    r = runner.invoke(app, ["convert", "openai-cm", str(src), str(out), "--overwrite", "--json"])
     assert r.exit_code == 0, r.output
+    printed = json.loads(r.stdout)
+    assert (printed["source"], printed["out"], printed["config"]) == (str(src), str(out), "imagenet64")
+    assert sorted(printed) == ["config", "dtypes", "out", "parameters", "sha256", "source", "tensors"]
     assert_one_step_samples_match(out, tmp_path / "s.h5")
 
 

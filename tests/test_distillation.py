@@ -164,7 +164,7 @@ def test_a_teacher_checkpoint_that_is_not_a_diffusion_model_of_this_data_is_one_
                    training={"total_steps": 2, "checkpoint_every": 2, "sample_every": 2}, **DIFFUSION)
     ckpt = f"{str(Path(source) / 'checkpoints' / 'ckpt-000000002.pt')!r}"
     problem = {
-        "missing": f"{str(source)!r} does not exist; train the diffusion model first (a recipe with objective "
+        "missing": f"{str(source)!r} not found; train the diffusion model first (a recipe with objective "
                    f"'edm' whose run writes it), or {WHERE}",
         "empty-dir": f"{str(source)!r} holds no checkpoint (checkpoints/ckpt-*.pt) yet; let its diffusion run write "
                      f"one, or {WHERE}",
@@ -439,7 +439,7 @@ def test_check_of_a_missing_run_init_from_is_one_line_naming_the_key(tmp_path: P
     if case == "empty-dir":
         source.mkdir()
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", run={"init_from": str(source)}, **ECT)
-    fix = ("does not exist; train that run first, or give run.init_from the checkpoint file or run directory of an "
+    fix = ("not found; train that run first, or give run.init_from the checkpoint file or run directory of an "
            "existing run" if case == "missing" else
            "holds no checkpoint (checkpoints/ckpt-*.pt); give a checkpoint file, or a run directory that has written "
            "one")

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import write_tiny_recipe
+from helpers import NO_REF, cache_lacks_the_weights, tree_state, write_tiny_recipe
 from typer.testing import CliRunner
 
 import ctcore
@@ -160,16 +160,45 @@ def test_without_weights_fid_says_so_and_suggests_the_distance(finished: tuple[P
                                                                tmp_path: Path) -> None:
     run_dir = finished[0]
     missing = tmp_path / "nowhere.pth"
+    (tmp_path / "r.npz").write_bytes(b"")  # present: the weights are all that is missing (never read)
     result = invoke("eval", run_dir, "--ref", tmp_path / "r.npz", "--inception", missing)
     assert result.exit_code == 1 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert lines[0].startswith(f"error: Inception weights file {str(missing)!r} (--inception) not found.")
     assert lines[-1] == (f"or score the checkpoint without any weights file: ctcore eval {run_dir} --metric "
                          f"sliced-wasserstein")
-    no_ref = invoke("eval", run_dir)
+    no_ref = invoke("eval", run_dir, "--inception", tmp_path / "r.npz")  # weights present: only --ref is missing
     assert no_ref.exit_code == 2 and no_ref.stderr == (
         "error: --metric fid needs --ref STATS.npz, reference statistics of the training data (make them with "
         "`ctcore eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein needs no file\n")
+
+
+def test_fid_lists_every_missing_input_at_once(finished: tuple[Path, list[dict]], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CTCORE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    before = tree_state(tmp_path)
+    result = invoke("eval", "runs/quickstrat")  # no checkpoint, no --ref, no weights: all three, exit 2
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == ("error: ctcore eval --metric fid is missing 3 inputs:\n"
+                             "  checkpoint 'runs/quickstrat' not found (did you mean 'runs/quickstart'?)\n"
+                             f"  {NO_REF}\n" + cache_lacks_the_weights(tmp_path / "cache"))
+    run_dir = finished[0]
+    result = invoke("eval", run_dir, "--ref", "refs/cifar10.npz")  # the checkpoint exists: the distance is offered
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        "error: ctcore eval --metric fid is missing 2 inputs:\n"
+        "  reference statistics 'refs/cifar10.npz' not found; compute them with `ctcore eval-ref-stats DATASET.h5 "
+        "OUT.npz --inception PATH`, or give an .npz with `mu` and `sigma` from pytorch-fid or clean-fid\n"
+        + cache_lacks_the_weights(tmp_path / "cache")
+        + f"or score the checkpoint without any weights file: ctcore eval {run_dir} --metric sliced-wasserstein\n")
+    result = invoke("eval-ref-stats", "data/cifar10-train.h5", "out.npz")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == ("error: ctcore eval-ref-stats is missing 2 inputs:\n"
+                             "  dataset file 'data/cifar10-train.h5' not found; create one with: ctcore data import "
+                             "SOURCE data/cifar10-train.h5\n" + cache_lacks_the_weights(tmp_path / "cache"))
+    assert tree_state(tmp_path) == before
 
 
 @pytest.fixture
@@ -178,6 +207,7 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> FIDInceptionV3:
     with torch.device("meta"):
         model = FIDInceptionV3()
     monkeypatch.setattr(ctcore.inception, "load_inception", lambda *args, **kwargs: model)
+    monkeypatch.setattr(ctcore.inception, "missing_weights", lambda *args, **kwargs: None)
     return model
 
 
@@ -265,11 +295,14 @@ def test_eval_ref_stats_records_the_protocol_it_used(tmp_path: Path) -> None:
     for protocol in ("tensorflow", "pytorch-fid"):
         out = tmp_path / f"{protocol}.npz"
         extra = [] if protocol == "tensorflow" else ["--fid-protocol", protocol]  # tensorflow is the default
+        extra += ["--json"] if extra else []  # the pytorch-fid one as JSON
         result = invoke("eval-ref-stats", data, out, "--inception", weights, "--device", "cpu", "--no-progress",
                         *extra)
-        assert result.exit_code == 0, result.output
+        assert (result.exit_code, result.stderr) == (0, ""), result.output
         assert result.stdout == (f"wrote the Inception statistics of 3 images of {data} to {out} (FID protocol "
-                                 f"{protocol})\n")
+                                 f"{protocol})\n" if not extra else json.dumps(
+                                     {"out": str(out), "dataset": str(data), "num_images": 3, "fid_protocol": protocol},
+                                     indent=2) + "\n")
         with np.load(out, allow_pickle=False) as f:
             assert str(f["fid_protocol"]) == protocol
             outputs[protocol] = f["mu"]

@@ -74,6 +74,64 @@ def test_help_reads_well_at_80_columns(path: tuple[str, ...]) -> None:
         assert _flat(f"{name}{sub.get_short_help_str(limit=10_000)}") in flat, f"{name}: its summary is cut short"
 
 
+SUMMARIES = {
+    "": "Train consistency models (iCT, CT, CD, ECT) and diffusion models (EDM); sample, edit and evaluate them.",
+    "run": "Train a consistency or diffusion model as a recipe describes; writes a run directory.",
+    "check": "Validate a recipe, build its components for the data shape, and print it resolved with every default "
+             "filled in.",
+    "sweep": "Train the grid of --set values, one run after another, each in <sweep dir>/<key=value,...>.",
+    "sample": "Generate samples from a checkpoint into an HDF5 store (uint8 images, seeds, labels) and an image grid.",
+    "edit": "Edit images zero-shot with a consistency model (inpaint, colorize, superres, stroke) or interpolate "
+            "between two seeds' noises; writes an HDF5 store and a grid (docs/editing.md).",
+    "eval": "FID and Inception Score of a checkpoint's eval-EMA samples against reference statistics, or (--metric "
+            "sliced-wasserstein) their distance to the training data.",
+    "eval-ref-stats": "Inception statistics (mu, sigma) of every image of a dataset, for ctcore eval --ref; the file "
+                      "records the FID protocol, and eval refuses to compare it with features made under another.",
+    "search-sigmas": "Find the intermediate sigmas of a consistency model's multistep sampling by golden-section "
+                     "search on a distance, one at a time, with the same seeds in every evaluation; prints every "
+                     "evaluation, the best and the sigma_mid line to paste into the recipe's [sampling], and plots "
+                     "distance against sigma.",
+    "bench": "Time the recipe's real training step and one network evaluation per image (one-step sampling) on "
+             "random data of its shape.",
+    "list-components": "List installed components: kind, name, summary and the distribution that provides them.",
+    "report": "Plot loss, distance (FID, IS when logged) and img/s against steps for one or more runs, and print a "
+              "table of their final figures.",
+    "data": "Import, inspect and download training datasets (HDF5: uint8 images (N, C, H, W), labels, attrs).",
+    "data import": "Convert a dataset into ctcore's training format (what data.path in a recipe points at).",
+    "data info": "Count, image shape, classes with per-class counts, and where the data came from.",
+    "data download": "Download a dataset's official archive and verify its SHA-256; then run `ctcore data import` on "
+                     "it.",
+    "convert": "Import models trained elsewhere as ctcore checkpoints (for ctcore sample, edit, eval and run "
+               "--init-from).",
+    "convert openai-cm": "Convert a released OpenAI consistency model into a ctcore checkpoint (its weights as eval "
+                         "EMA).",
+}
+"""What `ctcore --help` and each group's help say every command does, word for word: a new command adds its line,
+and a change of what a command does changes its line here (ctcore trains diffusion models too, not only consistency
+models; search-sigmas and edit work on consistency models only)."""
+
+
+def test_every_command_says_what_it_does() -> None:
+    assert {" ".join(p): c.get_short_help_str(limit=10_000) for p, c in COMMANDS.items()} == SUMMARIES
+
+
+OPTION_HELP = {
+    ("run", "--init-from"): "Start the network from another run's weights (a checkpoint, or a run directory: its "
+                            "newest); the optimizer, the step, the curriculum (if any) and the random streams start "
+                            "fresh.",
+    ("run", "--device"): "cpu, cuda or auto: the recipe's run.device for this command.",
+    ("sample", "--device"): "cpu, cuda, cuda:N or auto (default: the recipe's run.device).",
+    ("eval-ref-stats", "--device"): "cpu, cuda, cuda:N or auto.",
+}
+"""Option help that once said something untrue (ECT and EDM have no curriculum), pinned."""
+
+
+@pytest.mark.parametrize(("path", "option"), list(OPTION_HELP), ids=[f"{p} {o}" for p, o in OPTION_HELP])
+def test_option_help_says_what_applies(path: str, option: str) -> None:
+    [param] = [p for p in COMMANDS[tuple(path.split())].params if option in p.opts]
+    assert param.help == OPTION_HELP[path, option]
+
+
 @pytest.mark.parametrize("path", [p for p, c in COMMANDS.items() if any(_is_argument(a) for a in c.params)],
                          ids=lambda p: " ".join(p))
 def test_arguments_have_one_name_for_one_thing(path: tuple[str, ...]) -> None:

@@ -125,7 +125,7 @@ def toml_document(doc: dict[str, Any]) -> str:
 
 _PATH_PART = r"[a-z_0-9]+"
 _TOML_ERROR = re.compile(r"invalid TOML: .+")
-_READ_ERROR = re.compile(r"(cannot read the file|file not found): .+")
+_READ_ERROR = re.compile(r"cannot read the file: .+|file not found( \(did you mean '.+'\?\))?; check the path .+")
 
 
 def _problem_pattern(doc: dict[str, Any] | None) -> re.Pattern[str]:

@@ -102,8 +102,7 @@ def test_report_of_a_real_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("case", "message"), [
-    ("missing", "RUN_DIR '{d}' is not a directory; give a run directory that `ctcore run` wrote (it holds "
-                "stats.jsonl)"),
+    ("missing", "RUN_DIR '{d}' not found; give a run directory that `ctcore run` wrote (it holds stats.jsonl)"),
     ("file", "RUN_DIR '{d}' is not a directory; give a run directory that `ctcore run` wrote (it holds stats.jsonl)"),
     ("empty-dir", "RUN_DIR '{d}' has no stats.jsonl, so it is no run directory (or its run has not logged yet); give "
                   "a directory that `ctcore run` wrote"),

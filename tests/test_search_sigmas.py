@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import tree_state, write_tiny_recipe
+from helpers import NO_REF, cache_lacks_the_weights, tree_state, write_tiny_recipe
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -148,9 +148,9 @@ def test_by_default_the_plot_goes_to_the_runs_samples_folder(run_dir: Path) -> N
                                            "to 0.01 (see `ctcore search-sigmas --help`)"),
     (["--steps", "2", "--plot", "out.txt"], "--plot 'out.txt': give an image file name ending in .png (or .jpg, "
                                             ".webp)"),
-    (["--steps", "2", "--metric", "fid"], "--metric fid needs --ref STATS.npz, reference statistics of the training "
-                                          "data (make them with `ctcore eval-ref-stats DATASET.h5 OUT.npz`); --metric "
-                                          "sliced-wasserstein needs no file"),
+    (["--steps", "2", "--metric", "fid", "--download-inception"],  # the weights would be fetched: only --ref lacks
+     "--metric fid needs --ref STATS.npz, reference statistics of the training data (make them with `ctcore "
+     "eval-ref-stats DATASET.h5 OUT.npz`); --metric sliced-wasserstein needs no file"),
     (["--steps", "2", "--ref", "r.npz"], "--ref is for --metric fid; --metric sliced-wasserstein compares the samples "
                                          "with the recipe's training data and needs no file: drop --ref"),
 ])
@@ -174,6 +174,7 @@ def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path: Path) -> None:
 
 def test_fid_without_weights_says_so_as_eval_does(run_dir: Path, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.pth"
+    (tmp_path / "r.npz").write_bytes(b"")  # present: the weights are all that is missing (never read)
     result = invoke("search-sigmas", run_dir, "--steps", "2", "--metric", "fid", "--ref", tmp_path / "r.npz",
                     "--inception", missing)
     assert (result.exit_code, result.stdout) == (1, "")
@@ -181,6 +182,18 @@ def test_fid_without_weights_says_so_as_eval_does(run_dir: Path, tmp_path: Path)
     assert lines[0].startswith(f"error: Inception weights file {str(missing)!r} (--inception) not found.")
     assert lines[-1] == (f"or search without any weights file: ctcore search-sigmas {run_dir} --steps 2 --metric "
                          f"sliced-wasserstein")
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.npz"]
+
+
+def test_fid_search_lists_every_missing_input_at_once(run_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTCORE_CACHE", str(tmp_path / "cache"))
+    result = invoke("search-sigmas", run_dir, "--steps", "2", "--metric", "fid")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == ("error: ctcore search-sigmas --metric fid is missing 2 inputs:\n"
+                             f"  {NO_REF}\n" + cache_lacks_the_weights(tmp_path / "cache")
+                             + f"or search without any weights file: ctcore search-sigmas {run_dir} --steps 2 "
+                             "--metric sliced-wasserstein\n")
     assert list(tmp_path.iterdir()) == []
 
 

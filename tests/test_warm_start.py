@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tree_state, write_tiny_recipe
+from helpers import DIFFUSION, ECT, tree_state, write_tiny_recipe
 from typer.testing import CliRunner, Result
 
 from ctcore.build import resume_run, start_run
@@ -96,8 +96,8 @@ def test_the_cli_trains_from_the_source_says_so_and_keeps_the_record_across_a_re
     result = invoke("run", recipe, "--init-from", source, "--init-weights", "student", "--no-progress")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[1] == (
-        f"initialised from {source / 'checkpoints' / LAST} (its student weights at step 12); optimizer, step and "
-        "curriculum start fresh")
+        f"initialised from {source / 'checkpoints' / LAST} (its student weights at step 12); optimizer, step, "
+        "curriculum and random streams start fresh")
     assert "sliced Wasserstein to data │ initial " in result.stdout
     assert tree_state(source) == before  # the source is only read
     record = json.loads((tmp_path / "new" / "provenance.json").read_text())["init_from"]
@@ -113,6 +113,15 @@ def _nan_eval_ema(path: Path) -> None:
     name = next(iter(state["eval_ema"]))
     state["eval_ema"][name] = torch.full_like(state["eval_ema"][name], float("nan"))
     torch.save(state, path)
+
+
+@pytest.mark.parametrize("overrides", [ECT, DIFFUSION], ids=["ect", "edm"])
+def test_a_warm_start_without_a_curriculum_does_not_name_one(source: Path, tmp_path: Path, overrides: dict) -> None:
+    recipe = write_tiny_recipe(tmp_path / "new.toml", tmp_path / "new", training={"total_steps": 2}, **overrides)
+    result = invoke("run", recipe, "--init-from", source, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1] == (f"initialised from {source / 'checkpoints' / LAST} (its eval-ema weights "
+                                             "at step 12); optimizer, step and random streams start fresh")
 
 
 @pytest.mark.parametrize("case", ["wider", "conditional", "nan", "corrupt", "empty-dir", "missing", "a-recipe"])
@@ -144,7 +153,7 @@ def test_a_source_that_does_not_fit_or_is_unsound_is_one_line_and_writes_nothing
                     "directory",
         "empty-dir": f"--init-from {str(tmp_path / 'empty')!r} holds no checkpoint (checkpoints/ckpt-*.pt); give a "
                      "checkpoint file, or a run directory that has written one",
-        "missing": f"--init-from {str(tmp_path / 'absent.pt')!r} does not exist; train that run first, or give "
+        "missing": f"--init-from {str(tmp_path / 'absent.pt')!r} not found; train that run first, or give "
                    "--init-from the checkpoint file or run directory of an existing run",
     }[case]
     if case == "nan":

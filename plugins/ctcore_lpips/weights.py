@@ -61,13 +61,16 @@ def load_state_dict(option: str, path: str | Path, hint: str) -> dict[str, torch
     if file.is_dir():
         raise ValueError(f"{where} is a directory, not a file {relative}; expected {hint}")
     if not file.is_file():
-        raise WeightsUnavailable(f"{where} not found {relative}; expected {hint}", option)
+        from ctcore.errors import path_not_found
+
+        raise WeightsUnavailable(f"{path_not_found(where, file)} {relative}; expected {hint}", option)
     try:
         state_dict = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for refused objects, RuntimeError for a corrupt archive, ...
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{where} cannot be read with torch.load(weights_only=True): {first_line}. Only a plain "
-                         f"state dict of tensors is accepted; expected {hint}") from None
+        raise ValueError(f"{where} cannot be read as a PyTorch file of plain tensors (ctcore runs no code from a "
+                         f"weights file): {first_line}. Only a state dict of tensors is accepted; expected {hint}"
+                         ) from None
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{where} holds a {type(state_dict).__name__}, not a state dict (a mapping of names to "
                          f"tensors); expected {hint}")

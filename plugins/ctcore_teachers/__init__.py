@@ -212,7 +212,7 @@ def read_diffusion_checkpoint(options: Distillation.Options, context: BuildConte
     """(checkpoint file, its recipe, its `weights`) of the diffusion model a CD teacher distils; ValueError
     ("checkpoint: ...", one line) when it is missing, unreadable, not a diffusion model or of other images."""
     from ctcore.checkpoints import list_checkpoints, load_checkpoint, validate_checkpoint
-    from ctcore.errors import CtcoreError
+    from ctcore.errors import CtcoreError, path_not_found
     from ctcore.registry import load_registry
 
     where = "set teacher.checkpoint to the run directory or checkpoint file of a run with objective 'edm'"
@@ -230,8 +230,9 @@ def read_diffusion_checkpoint(options: Distillation.Options, context: BuildConte
         raise WeightsUnavailable(f"checkpoint: {options.checkpoint!r} holds no checkpoint (checkpoints/ckpt-*.pt) "
                                  f"yet; let its diffusion run write one, or {where}", "checkpoint")
     elif not exists:
-        raise WeightsUnavailable(f"checkpoint: {options.checkpoint!r} does not exist; train the diffusion model "
-                                 f"first (a recipe with objective 'edm' whose run writes it), or {where}", "checkpoint")
+        raise WeightsUnavailable(path_not_found(f"checkpoint: {options.checkpoint!r}", path, "train the diffusion "
+                                                f"model first (a recipe with objective 'edm' whose run writes it), "
+                                                f"or {where}"), "checkpoint")
     registry = load_registry()
     try:
         state = load_checkpoint(path, fix="set teacher.checkpoint to a checkpoint that ctcore wrote "
