@@ -234,22 +234,29 @@ def test_edit_superres_and_colorize_keep_their_components_and_store_zero_masks(r
         assert not torch.equal(images, inputs)
 
 
+def interpolate_against_sample(run: Path, tmp_path: Path, num: int, sigmas: list[str]) -> torch.Tensor:
+    """`ctcore edit interpolate --seeds 3,11` (into tmp_path / interp.h5), asserting that its endpoints equal what
+    `ctcore sample --seed 3` and `--seed 11` make with the same `sigmas` options, bit for bit; its images."""
+    out = tmp_path / "interp.h5"
+    result = invoke("edit", "interpolate", run, "--seeds", "3,11", "--num", num, "-o", out, "--overwrite", *sigmas)
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        images = torch.from_numpy(f["images"][...])
+    for seed, image in ((3, images[0]), (11, images[-1])):
+        store = tmp_path / f"sample-{seed}.h5"
+        result = invoke("sample", run, "--seed", seed, "-n", 1, "-o", store, "--overwrite", *sigmas)
+        assert result.exit_code == 0, result.output
+        with h5py.File(store) as f:
+            assert torch.equal(torch.from_numpy(f["images"][0]), image), (run, seed, sigmas)
+    return images
+
+
 def test_interpolation_endpoints_reproduce_ctcore_sample_bit_for_bit(run_dir: Path, tmp_path: Path) -> None:
     for sigmas in ([], ["--sigmas", "80,0.821"]):
-        out = tmp_path / "interp.h5"
-        result = invoke("edit", "interpolate", run_dir, "--seeds", "3,11", "--num", 5, "-o", out, "--overwrite",
-                        *sigmas)
-        assert result.exit_code == 0, result.output
-        with h5py.File(out) as f:
-            images = torch.from_numpy(f["images"][...])
+        images = interpolate_against_sample(run_dir, tmp_path, 5, sigmas)
+        with h5py.File(tmp_path / "interp.h5") as f:
             assert f["seeds"][...].tolist() == [3, 11] and f["alphas"][...].tolist() == [0, 0.25, 0.5, 0.75, 1]
         assert images.shape == (5, 3, 4, 4)
-        for seed, image in ((3, images[0]), (11, images[-1])):
-            store = tmp_path / f"sample-{seed}.h5"
-            result = invoke("sample", run_dir, "--seed", seed, "-n", 1, "-o", store, "--overwrite", *sigmas)
-            assert result.exit_code == 0, result.output
-            with h5py.File(store) as f:
-                assert torch.equal(torch.from_numpy(f["images"][0]), image), (seed, sigmas)
         assert not torch.equal(images[0], images[-1])
 
 
@@ -283,18 +290,7 @@ def test_every_consistency_function_is_edited_as_it_is_sampled(tmp_path: Path) -
         result = invoke("run", recipe, "--no-progress")
         assert result.exit_code == 0, result.output
         for sigmas in ([], ["--sigmas", "80,0.821"]):
-            out = tmp_path / "interp.h5"
-            result = invoke("edit", "interpolate", run, "--seeds", "3,11", "--num", 3, "-o", out, "--overwrite",
-                            *sigmas)
-            assert result.exit_code == 0, result.output
-            with h5py.File(out) as f:
-                images = torch.from_numpy(f["images"][...])
-            for seed, image in ((3, images[0]), (11, images[-1])):
-                store = tmp_path / "sample.h5"
-                result = invoke("sample", run, "--seed", seed, "-n", 1, "-o", store, "--overwrite", *sigmas)
-                assert result.exit_code == 0, result.output
-                with h5py.File(store) as f:
-                    assert torch.equal(torch.from_numpy(f["images"][0]), image), (parameterization, seed, sigmas)
+            interpolate_against_sample(run, tmp_path, 3, sigmas)
 
 
 def test_stroke_editing_and_png_sources(run_dir: Path, tmp_path: Path) -> None:
