@@ -199,7 +199,8 @@ def test_a_sample_store_that_does_not_fit_exits_1_and_keeps_the_previous_store(r
     store = samples / "ckpt-000000012-1step-64.h5"
     good, before = store.read_bytes(), names(samples)
 
-    proc = ctcore_with_file_size_limit(len(good) // 2, "sample", ckpt, "-n", "64", "--seed", "7", "--overwrite")
+    proc = ctcore_with_file_size_limit(len(good) // 2, "sample", ckpt, "-n", "64", "--seed", "7", "--overwrite",
+                                       "--no-progress")
     assert_one_error_line(proc, re.escape(f"error: could not write {str(store)!r}: File too large ") + FREE
                           + re.escape("; the previous file is unchanged"))
     assert proc.stdout == ""
@@ -215,7 +216,7 @@ def test_an_os_error_escaping_a_command_is_one_line_and_exit_1(run_dir: Path, mo
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr("ctcore.images.save_grid", full_disk)
-    result = invoke("sample", run_dir, "-n", "4", "--grid", grid)
+    result = invoke("sample", run_dir, "-n", "4", "--grid", grid, "--no-progress")
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit)
     assert result.stderr == f"error: No space left on device: {str(grid)!r}\n"
@@ -225,7 +226,7 @@ def test_an_unwritable_path_is_one_line_and_exit_1(run_dir: Path) -> None:
     """A real OSError from the PNG writer: the grid path is an existing directory."""
     grid = run_dir / "grid.png"
     grid.mkdir()
-    result = invoke("sample", run_dir, "-n", "4", "--grid", grid, "--out", run_dir / "s.h5")
+    result = invoke("sample", run_dir, "-n", "4", "--grid", grid, "--out", run_dir / "s.h5", "--no-progress")
     assert result.exit_code == 1, result.output
     assert result.stderr == f"error: Is a directory: {str(grid)!r}\n"
 
