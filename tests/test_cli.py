@@ -54,9 +54,18 @@ def assert_clean_failure(result: Result, code: int) -> list[str]:
 
 
 def table_rows(output: str) -> list[list[str]]:
-    """The body rows of a rich table as lists of stripped cells."""
-    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in output.splitlines()
-            if line.startswith("│")]
+    """The body rows of a rich table as lists of stripped cells; a cell folded over several lines (a long path)
+    is joined again, its continuation lines being those whose first cell is empty."""
+    rows: list[list[str]] = []
+    for line in output.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if rows and not cells[0] and len(cells) == len(rows[-1]):
+            rows[-1] = [a + b for a, b in zip(rows[-1], cells, strict=True)]
+        else:
+            rows.append(cells)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- help

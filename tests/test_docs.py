@@ -194,3 +194,18 @@ def test_every_test_named_in_reliability_md_exists() -> None:
         if not re.search(rf"^def {m.group(2)}\(", source, re.MULTILINE):
             missing.append(f"{current}::{m.group(2)}")
     assert named >= 60 and missing == []
+
+
+def test_the_readmes_test_section_names_every_module_with_slow_tests() -> None:
+    """The README tells how long the suite takes and which tests `-m "not slow"` skips: every test module that
+    marks a test slow is named there (a new slow test in another module must be added)."""
+    section = _section(_read(README), "Test: `python -m pytest`")
+    assert section is not None, "README.md has no section 'Test: `python -m pytest`'"
+    slow = sorted(p.name for p in (ROOT / "tests").glob("test_*.py")
+                  if re.search(r"pytest\.mark\.slow\b", p.read_text(encoding="utf-8")))
+    assert len(slow) >= 5, slow
+    missing = [name for name in slow if f"`{name.removesuffix('.py')}`" not in section]
+    assert missing == [], f"README.md's test section does not name these modules with slow tests: {missing}"
+    assert re.search(r"\d+ (s|seconds|minutes)\b.*2 cores|2 cores.*\d+ (s|seconds|minutes)\b", section, re.S), \
+        "README.md's test section does not say how long the suite takes on 2 cores"
+    assert '-m "not slow"' in section

@@ -301,7 +301,7 @@ def test_the_listing_tests_pass_with_a_third_party_plugin_installed(tmp_path: Pa
     assert "'ctcore-thirdparty'" in found.stdout  # the subprocesses really have the plugin installed
     this = f"tests/test_registry.py::{test_the_listing_tests_pass_with_a_third_party_plugin_installed.__name__}"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *LISTING_TESTS, "-k", LISTING_KEYWORDS,
-         "--deselect", this],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *LISTING_TESTS, "-k",
+         LISTING_KEYWORDS, "--deselect", this],  # -n 0: in one process, not pytest.ini's worker processes
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]  # 5 if nothing was selected
