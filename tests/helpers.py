@@ -96,6 +96,19 @@ def write_tiny_recipe(path: str | Path, output_dir: str | Path, **overrides: dic
     return path
 
 
+def finished_tiny_run(root: Path, name: str = "run") -> Path:
+    """Train the tiny recipe through `ctcore run` into `root / name` (checkpoints at steps 6 and 12); the run
+    directory. Module fixtures share one such run; tests copy it before writing into it."""
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    recipe = write_tiny_recipe(root / f"{name}.toml", root / name)
+    result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return root / name
+
+
 def one_line_error(result: Any, code: int = 2) -> str:
     """A handled CLI failure (a typer.testing Result): the exit code, no traceback, exactly one `error: ` line on
     stderr; returns the message without `error: `."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_tiny_recipe
+from helpers import finished_tiny_run
 from typer.testing import CliRunner, Result
 
 from ctcore.checkpoints import list_checkpoints, load_checkpoint
@@ -144,10 +144,7 @@ def test_other_failures_pass_through_unchanged_and_still_leave_no_temporary_file
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run: checkpoints at steps 6 and 12 (tests copy it before writing into it)."""
-    root = tmp_path_factory.mktemp("trained")
-    result = invoke("run", write_tiny_recipe(root / "tiny.toml", root / "run"), "--no-progress")
-    assert result.exit_code == 0, result.output
-    return root / "run"
+    return finished_tiny_run(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture

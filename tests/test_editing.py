@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, bomb_png, one_line_error, tree_state, write_tiny_recipe
+from helpers import TINY, bomb_png, finished_tiny_run, one_line_error, tree_state, write_tiny_recipe
 from PIL import Image
 from typer.testing import CliRunner, Result
 
@@ -171,10 +171,7 @@ def invoke(*args: object) -> Result:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run (RGB 4x4 images) and nothing else; tests write only into their own tmp_path."""
-    root = tmp_path_factory.mktemp("edit-run")
-    result = invoke("run", write_tiny_recipe(root / "tiny.toml", root / "run"), "--no-progress")
-    assert result.exit_code == 0, result.output
-    return root / "run"
+    return finished_tiny_run(tmp_path_factory.mktemp("edit-run"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import one_line_error, snapshot, write_tiny_recipe
+from helpers import finished_tiny_run, one_line_error, snapshot
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -32,10 +32,7 @@ def invoke(*args: object):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run (RGB 4x4 images, a checkpoint at steps 6 and 12)."""
-    root = tmp_path_factory.mktemp("lost-data-run")
-    result = invoke("run", write_tiny_recipe(root / "tiny.toml", root / "run"), "--no-progress")
-    assert result.exit_code == 0, result.output
-    return root / "run"
+    return finished_tiny_run(tmp_path_factory.mktemp("lost-data-run"))
 
 
 LAST = "checkpoints/ckpt-000000012.pt"

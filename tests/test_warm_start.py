@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIFFUSION, ECT, tree_state, write_tiny_recipe
+from helpers import DIFFUSION, ECT, finished_tiny_run, tree_state, write_tiny_recipe
 from typer.testing import CliRunner, Result
 
 from ctcore.build import resume_run, start_run
@@ -44,10 +44,7 @@ def sha256(path: Path) -> str:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run (checkpoints at steps 6 and 12) to start from; tests never write into it."""
-    root = tmp_path_factory.mktemp("source")
-    result = invoke("run", write_tiny_recipe(root / "src.toml", root / "src"), "--no-progress")
-    assert result.exit_code == 0, result.output
-    return root / "src"
+    return finished_tiny_run(tmp_path_factory.mktemp("source"), "src")
 
 
 def equal_state(a: dict, b: dict) -> bool:
