@@ -153,6 +153,10 @@ class Part:
     why: str
 
 
+class PlanError(ValueError):
+    """The options ask for more than the budget holds (exit 2, like ctcore's usage errors)."""
+
+
 class CommandFailed(RuntimeError):
     """A subprocess of the campaign exited non-zero or ran past its share."""
 
@@ -252,7 +256,7 @@ def make_plan(sizes: Sizes, flops: dict[str, Any], minutes: float | None, budget
     else:
         train_s = (budget - fixed - overhead) / len(runs)
         if train_s < sizes.min_train_s:
-            raise SystemExit(f"error: --budget {budget:g} leaves {max(train_s, 0):.0f} s of training per run, under "
+            raise PlanError(f"--budget {budget:g} leaves {max(train_s, 0):.0f} s of training per run, under "
                              f"the {sizes.min_train_s:g} s minimum: raise --budget or leave sections out with --only")
     for r in runs:
         f = flops[r.recipe]
@@ -262,7 +266,7 @@ def make_plan(sizes: Sizes, flops: dict[str, Any], minutes: float | None, budget
                           f"{sizes.store_samples:,} samples {post[r.label]:.0f} s"))
     total = sum(p.seconds for p in parts)
     if total > budget + 1e-6:
-        raise SystemExit(f"error: the plan needs {total:.0f} s, more than --budget {budget:g} s: lower --minutes "
+        raise PlanError(f"the plan needs {total:.0f} s, more than --budget {budget:g} s: lower --minutes "
                          f"(each run's training) or raise --budget")
     return parts, train_s
 
@@ -961,7 +965,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     registry = load_registry()
     flops = count_flops(sizes, registry)
-    parts, train_s = make_plan(sizes, flops, args.minutes, args.budget, args.only)
+    try:
+        parts, train_s = make_plan(sizes, flops, args.minutes, args.budget, args.only)
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"GPU campaign plan ({sizes.name}; {time.perf_counter() - STARTED:.1f} s spent planning)", flush=True)
     print(plan_table(parts, args.budget), flush=True)
     if args.plan_only:
