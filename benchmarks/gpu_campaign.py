@@ -90,7 +90,9 @@ class Sizes:
     startup_s: float  # python, torch, ctcore and the FLOP counts before the plan prints
     environment_s: float
     data_s: float
+    data_why: str
     tests_s: float
+    tests_why: str
     process_s: float  # a `python -m ctcore ...` subprocess: imports, device start-up, building the run
     bench: tuple[Variant, ...]
     bench_steps: int
@@ -116,7 +118,9 @@ class Sizes:
 
 
 REAL = Sizes(
-    name="gpu", budget_s=480.0, startup_s=8.0, environment_s=5.0, data_s=20.0, tests_s=35.0, process_s=12.0,
+    name="gpu", budget_s=480.0, startup_s=8.0, environment_s=5.0, process_s=12.0,
+    data_s=20.0, data_why="ctcore data import of 50,000 JPEGs (9.4 s on 2 busy CPU cores; one core decodes), start",
+    tests_s=35.0, tests_why="pytest -m gpu tests: collection (11 s on 2 CPU cores), 6 GPU tests, one tiny compile",
     bench=(
         Variant("ict_cifar10 b512 compile off", "recipes/ict_cifar10.toml", 512, ("training.compile=off",)),
         Variant("ict_cifar10 b512 compile on", "recipes/ict_cifar10.toml", 512, ("training.compile=on",)),
@@ -133,14 +137,16 @@ REAL = Sizes(
 )
 
 SMOKE = Sizes(
-    name="smoke", budget_s=120.0, startup_s=5.0, environment_s=3.0, data_s=10.0, tests_s=15.0, process_s=8.0,
+    name="smoke", budget_s=120.0, startup_s=5.0, environment_s=3.0, process_s=15.0,
+    data_s=15.0, data_why="ctcore data import of 16 generated 8x8 PNGs (1 s on 2 busy CPU cores)",
+    tests_s=25.0, tests_why="pytest -m gpu tests/test_gpu.py: every test skips on CPU (3 to 7 s on 2 busy cores)",
     bench=(Variant("quickstart b32 compile off", "recipes/quickstart.toml", 32, ("training.compile=off",)),),
     bench_steps=3, bench_warmup=1, test_paths=("tests/test_gpu.py",),
     fid_images=2, fid_batch=1, fid_tflops=0.01, train_tflops=0.05,
     loader_batches=(32,), loader_steps=5, loader_s=3.0,
     runs=(RunSpec("quickstart", "recipes/quickstart.toml"), RunSpec("quickstart-ct", "recipes/quickstart_ct.toml")),
     run_sets=("evaluation.num_samples=64", "sampling.num_samples=16"), run_minutes=0.1, min_train_s=5.0,
-    run_startup_s=4.0, run_stop_s=5.0, checkpoint_eval_s=0.5, points=3, store_samples=32, margin_s=5.0,
+    run_startup_s=4.0, run_stop_s=10.0, checkpoint_eval_s=0.5, points=3, store_samples=32, margin_s=5.0,
 )
 
 
@@ -217,11 +223,9 @@ def make_plan(sizes: Sizes, flops: dict[str, Any], minutes: float | None, budget
     if "environment" in only:
         parts.append(Part("environment", sizes.environment_s, "CUDA start-up, nvidia-smi, package versions"))
     if "data" in only:
-        parts.append(Part("data", sizes.data_s, "ctcore data import of the JPEG archive (50,000 images: 9.4 s "
-                                                "on 2 busy CPU cores, one core decodes) and start-up, with margin"))
+        parts.append(Part("data", sizes.data_s, sizes.data_why))
     if "tests" in only:
-        parts.append(Part("tests", sizes.tests_s, f"pytest -m gpu {' '.join(sizes.test_paths)}: collection "
-                                                  "(11 s on 2 CPU cores), 6 GPU tests, one tiny compile"))
+        parts.append(Part("tests", sizes.tests_s, sizes.tests_why))
     if "bench" in only:
         for v in sizes.bench:
             f = flops[v.recipe]
