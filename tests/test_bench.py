@@ -48,6 +48,8 @@ def test_bench_cli_prints_a_table_and_json(tmp_path: Path) -> None:
     assert set(data) >= {"train_img_per_s", "sample_img_per_s", "forward_gflop_per_image", "train_tflop_per_s",
                          "sample_tflop_per_s", "peak_gpu_memory_gib", "batch", "precision"}
     assert data["train_img_per_s"] > 0 and data["sample_img_per_s"] > 0 and data["steps"] == 2
+    assert data["compile"] is False  # the tiny recipe's compile = "auto": off on CPU, so no compile report
+    assert [data[k] for k in ("eager_train_img_per_s", "graph_breaks", "recompiles", "compile_seconds")] == [None] * 4
     table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["bench", str(recipe), "--batch", "4", "--steps", "1"])
     assert table.exit_code == 0 and "train img per s" in table.stdout and "n/a" in table.stdout
 
