@@ -49,15 +49,72 @@ def network_passes(run: Any) -> int:
     return type(run.objective).network_passes + getattr(run.teacher, "network_passes", 0)
 
 
+def dynamo_mark() -> dict[str, Any]:
+    """Where torch._dynamo's own records stand now; `compile_report(mark)` counts what happened after it."""
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    return {"graph_breaks": dict(counters["graph_break"]), "graphs": counters["stats"]["unique_graphs"],
+            "records": get_compilation_metrics()}
+
+
+def compile_report(mark: dict[str, Any]) -> dict[str, Any]:
+    """What torch.compile did since `mark`, read from torch._dynamo's own records (torch 2.13).
+
+    graph_breaks: the sum of `counters["graph_break"]` (break message -> how many times dynamo split a graph there;
+    counted when traced). compiled_graphs: `counters["stats"]["unique_graphs"]`. `counters` has no recompile count,
+    so recompiles come from `get_compilation_metrics()`, one record per frame compiled (and per AOT backward):
+    dynamo sets its `recompile_reason` (the failed guard) when the frame already had a cache entry whose guards
+    failed, which is its definition of a recompile (a first compile of a new pass or module is none).
+    compile_seconds: the records' `duration_us`, dynamo, AOT autograd and the backend, forward and backward.
+    The records are a deque of the last 64, plenty for one bench.
+    """
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    seen = {id(m) for m in mark["records"]}  # the mark holds the records, so no id is reused
+    new = [m for m in get_compilation_metrics() if id(m) not in seen]
+    breaks = {msg: n - mark["graph_breaks"].get(msg, 0) for msg, n in counters["graph_break"].items()}
+    return {
+        "graph_breaks": sum(breaks.values()),
+        "recompiles": sum(m.recompile_reason is not None for m in new),
+        "compiled_graphs": counters["stats"]["unique_graphs"] - mark["graphs"],
+        "compile_seconds": sum(m.duration_us or 0 for m in new) / 1e6,
+        "graph_break_reasons": sorted(msg for msg, n in breaks.items() if n > 0),
+        "recompile_reasons": [m.recompile_reason for m in new if m.recompile_reason is not None],
+    }
+
+
+NOT_COMPILED: dict[str, Any] = {"eager_train_img_per_s": None, "graph_breaks": None, "recompiles": None,
+                                "compiled_graphs": None, "compile_seconds": None, "graph_break_reasons": None,
+                                "recompile_reasons": None}
+"""The compile fields of a bench without training.compile (train_img_per_s is the eager figure then)."""
+
+
+def _time_steps(run: Any, warmup: int, steps: int) -> float:
+    """Seconds of `steps` training steps after `warmup` untimed ones."""
+    from ctcore.training import train_step
+
+    for _ in range(warmup):
+        train_step(run)
+    _sync(run.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(run)
+    _sync(run.device)
+    return time.perf_counter() - start
+
+
 def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, steps: int = 10,
               warmup: int = 2) -> dict[str, Any]:
-    """Time `steps` training steps and `steps` one-step sampling batches after `warmup` of each."""
+    """Time `steps` training steps and `steps` one-step sampling batches after `warmup` of each.
+
+    With training.compile the same steps run eagerly first (eager_train_img_per_s), then compiled: the first
+    compiled step compiles (keep warmup >= 1), and compile_report says what torch.compile did over all compiled
+    steps."""
     import dataclasses
     import math
 
     from ctcore.build import build_run
     from ctcore.preflight import preflight, require_buffers
-    from ctcore.training import train_step
 
     batch = batch or recipe.training.batch_size
     recipe = _with_batch(recipe, batch)
@@ -80,14 +137,17 @@ def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    for _ in range(warmup):
-        train_step(run)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(run)
-    _sync(device)
-    train_seconds = time.perf_counter() - start
+    compiled = run.student_forward is not run.student
+    eager_seconds, compiled_report = 0.0, {}
+    if compiled:  # the eager step first, on the same run: the compiled passes are set aside, then put back
+        passes = run.student_forward, run.teacher_forward
+        run.student_forward, run.teacher_forward = run.student, None
+        eager_seconds = _time_steps(run, warmup, steps)
+        run.student_forward, run.teacher_forward = passes
+        mark = dynamo_mark()
+    train_seconds = _time_steps(run, warmup, steps)
+    if compiled:
+        compiled_report = compile_report(mark)
 
     denoise = run.denoiser(run.eval_ema)
     sigma = torch.full((batch,), recipe.consistency.sigma_max, device=device)
@@ -111,10 +171,12 @@ def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, s
         "parameters": sum(p.numel() for p in run.student.parameters()),
         "device": run.provenance["device"],
         "precision": run.precision,
-        "compile": run.student_forward is not run.student,
+        "compile": compiled,
         "batch": batch,
         "steps": steps,
         "train_img_per_s": train_ips,
+        **({"eager_train_img_per_s": steps * batch / eager_seconds, **compiled_report} if compiled else
+           NOT_COMPILED),
         "sample_img_per_s": sample_ips,
         "forward_gflop_per_image": gflop,
         "train_tflop_per_s": train_ips * network_passes(run) * gflop / 1e3,

@@ -36,7 +36,7 @@ from ctcore.checkpoints import (
 )
 from ctcore.components import KINDS, LOGGER, OBJECTIVE_PARTS
 from ctcore.data import ImageData, check_data_file, load_data
-from ctcore.devices import compile_enabled, fast_optimizer_options, resolve_device, use_threads
+from ctcore.devices import compile_enabled, compile_pass, fast_optimizer_options, resolve_device, use_threads
 from ctcore.distributed import SINGLE, World, rank_seed
 from ctcore.errors import CtcoreError, RunError, UsageError, path_not_found
 from ctcore.files import FileLock, atomic_write
@@ -103,7 +103,12 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
             student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
         # identical weights everywhere (seeded above), but each rank its own dropout masks (CPU and CUDA)
         torch.manual_seed(rank_seed(recipe.run.seed, world.rank))
-    compiled = torch.compile(forward) if compile_enabled(t.compile, device) else forward
+    compiled, teacher_forward = forward, None
+    if compile_enabled(t.compile, device):
+        # the teacher's no-grad pass compiles too (an eager teacher would not draw the compiled student's dropout
+        # mask), in a wrapper of its own (through the student's it would fail its grad-mode guard and recompile it)
+        compiled = compile_pass(forward)
+        teacher_forward = compile_pass(teacher.network) if teacher is not None else None
     index_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 1)
     noise_gen = torch.Generator(device=device).manual_seed(recipe.run.seed + 2)
     provenance = make_provenance(recipe, registry, device, data)
@@ -114,7 +119,7 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
                metric=built.get("metric"), noise_schedule=built.get("noise_schedule"),
                curriculum=built.get("curriculum"), optimizer=optimizer, index_generator=index_gen,
                noise_generator=noise_gen, provenance=provenance, precision=precision, student_forward=compiled,
-               world=world)
+               teacher_forward=teacher_forward, world=world)
 
 
 def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, data: ImageData) -> dict[str, Any]:

@@ -1111,9 +1111,11 @@ def bench(
         min=0, max=MAX_BENCH_STEPS, help="Untimed steps first (compilation, autotuning).")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     device: RecipeDeviceOption = None,
+    sets: SetOption = None,
 ) -> None:
     """Time the recipe's real training step and one network evaluation per image (one-step sampling) on random
-    data of its shape."""
+    data of its shape. With training.compile (e.g. --set training.compile=on) the step runs eagerly, then
+    compiled, and the report adds the compile time, graph breaks and recompiles torch.compile counted."""
     from ctcore.devices import threads_restored
 
     with _errors(), threads_restored():
@@ -1121,7 +1123,7 @@ def bench(
         from ctcore.recipe import read_recipe
 
         registry = _registry()
-        recipe = read_recipe(recipe_path, registry, _with_device([], device))
+        recipe = read_recipe(recipe_path, registry, _with_device(sets or [], device))
         result = run_bench(recipe, registry, batch=batch, steps=steps, warmup=warmup)
         if as_json:
             typer.echo(json.dumps(result, indent=2))
@@ -1131,13 +1133,17 @@ def bench(
         def fmt(v: object) -> str:
             if v is None:
                 return "n/a"
+            if isinstance(v, list):  # graph-break and recompile reasons
+                return "; ".join(map(str, v)) or "none"
             if isinstance(v, float):
                 return f"{v:,.0f}" if v >= 1000 else f"{v:.4g}"
             return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
+        from rich.text import Text
+
         table = Table(title=f"ctcore bench {recipe_path}", show_header=False)
         for key, value in result.items():
-            table.add_row(key.replace("_", " "), fmt(value))
+            table.add_row(key.replace("_", " "), Text(fmt(value)))  # Text: a reason's brackets are no markup
         _console().print(_folded(table))
 
 

@@ -224,6 +224,10 @@ class TrainingBatch:
     """Generator on the training device for discrete draws (pair indices); the data batch was drawn from it."""
     noise_generator: torch.Generator
     """Generator on the training device for the Gaussian noise z."""
+    teacher: nn.Module | None = None
+    """The teacher's network as the loss calls it under no_grad: with training.compile its own torch.compile
+    wrapper, compiled apart from `student` so that neither pass retraces the other; None: call the teacher's
+    network itself."""
 
 
 @runtime_checkable

@@ -135,6 +135,22 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
+COMPILE_BACKEND: str = "inductor"
+"""The torch.compile backend of training.compile. Graph breaks and recompiles are dynamo's decisions, taken before
+any backend runs, so tests that count them switch this to a cheap one ("eager", "aot_eager")."""
+
+
+def compile_pass(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile of one way the training step calls a network (the student's pass with gradients, the teacher's
+    pass under no_grad), with cache entries of its own (`isolate_recompiles`).
+
+    dynamo keys its cache on the code object (every module's `forward`) and guards on the grad mode, so a no-grad
+    pass of the student through the student's own wrapper failed that guard and recompiled it in the first step;
+    each pass keeps one graph instead, and neither retraces the other.
+    """
+    return torch.compile(module, backend=COMPILE_BACKEND, isolate_recompiles=True)
+
+
 def fast_optimizer_options(opt_cls: type, device: torch.device) -> dict[str, bool]:
     """On CUDA: the fused kernel where the optimizer has one (Adam), else multi-tensor foreach (RAdam has no
     fused implementation in torch 2.13). On CPU: torch's defaults."""

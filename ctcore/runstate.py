@@ -46,6 +46,9 @@ class Run:
     precision: str
     student_forward: nn.Module
     """The student as called in the loss: the student itself, or its torch.compile wrapper."""
+    teacher_forward: nn.Module | None = None
+    """With training.compile: the teacher's network as its no-grad pass calls it, compiled apart from the student's
+    grad pass (devices.compile_pass); None: the teacher's network itself."""
     step: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0

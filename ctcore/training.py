@@ -48,9 +48,12 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     r, t, world = run.recipe, run.recipe.training, run.world
     k = run.step
     x, labels = run.data.batch(t.batch_size, run.index_generator, rank=world.rank, world_size=world.world_size)
+    # the compiled teacher pass only while it wraps the teacher's current network (a teacher may replace it)
+    wrapped = getattr(run.teacher_forward, "_orig_mod", None)
+    teacher = run.teacher_forward if run.teacher is not None and wrapped is run.teacher.network else None
     batch = TrainingBatch(step=k, x=x, labels=labels, batch_size=t.batch_size, share=world.share(t.batch_size),
                           student=run.student_forward, constants=r.consistency,
-                          index_generator=run.index_generator, noise_generator=run.noise_generator)
+                          index_generator=run.index_generator, noise_generator=run.noise_generator, teacher=teacher)
     if t.warmup_steps > 0:
         for group in run.optimizer.param_groups:
             group["lr"] = t.lr * min(1.0, (k + 1) / t.warmup_steps)

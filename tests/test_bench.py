@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, write_tiny_recipe
+from helpers import TINY, tiny_recipe_text, write_tiny_recipe
 from typer.testing import CliRunner
 
 import ctcore
 from ctcore.bench import forward_gflop_per_image, run_bench
+from ctcore.build import build_run
 from ctcore.cli import app
 from ctcore.consistency import shared_rng
-from ctcore.recipe import read_recipe
+from ctcore.recipe import parse_recipe, read_recipe
 
 
 def _tiny_mlp_flops() -> int:
@@ -48,6 +49,8 @@ def test_bench_cli_prints_a_table_and_json(tmp_path: Path) -> None:
     assert set(data) >= {"train_img_per_s", "sample_img_per_s", "forward_gflop_per_image", "train_tflop_per_s",
                          "sample_tflop_per_s", "peak_gpu_memory_gib", "batch", "precision"}
     assert data["train_img_per_s"] > 0 and data["sample_img_per_s"] > 0 and data["steps"] == 2
+    assert data["compile"] is False  # the tiny recipe's compile = "auto": off on CPU, so no compile report
+    assert [data[k] for k in ("eager_train_img_per_s", "graph_breaks", "recompiles", "compile_seconds")] == [None] * 4
     table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["bench", str(recipe), "--batch", "4", "--steps", "1"])
     assert table.exit_code == 0 and "train img per s" in table.stdout and "n/a" in table.stdout
 
@@ -63,20 +66,32 @@ def test_forward_flops_of_a_network_with_labels() -> None:
 
 
 @pytest.mark.slow
-def test_the_shared_dropout_mask_holds_under_torch_compile() -> None:
-    """Inductor draws dropout masks from the global generator, so restoring its state replays the mask."""
+def test_student_and_teacher_share_the_dropout_mask_under_torch_compile(tmp_path: Path) -> None:
+    """A run's two compiled passes of an NCSN++ with dropout 0.5 (inductor, which draws its masks from seeds it takes
+    from the global generator): the teacher's no-grad graph, a graph of its own, draws the student's mask when the
+    generator's state is restored (shared_rng), as the eager passes do; the next draw is another mask. With the
+    no-ema teacher (the student's weights) and an EMA teacher (a copy, equal at step 0)."""
     registry = ctcore.load_registry()
-    net = registry.create("network", "mlp", data_shape=(1, 4, 4), width=16, num_blocks=1, embedding_features=4,
-                          dropout=0.5, zero_init_output=False).train()
-    compiled = torch.compile(net)
-    x, c = torch.randn(8, 1, 4, 4), torch.zeros(8)
-    with shared_rng(torch.device("cpu")):
-        student = compiled(x, c, None)
-    teacher = compiled(x, c, None)
-    following = compiled(x, c, None)
-    assert torch.equal(student, teacher)
-    assert not torch.equal(teacher, following)  # the mask is replayed once, not frozen
-    assert not torch.equal(student, net.eval()(x, c, None))  # dropout really is active in the compiled graph
+    network = {"name": "ncsnpp", "nf": 4, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [],
+               "progressive_input": "none", "dropout": 0.5, "init_scale": 1.0}  # the smallest: inductor compiles
+    x, c = torch.randn(8, 3, 4, 4), torch.full((8,), -0.5)
+
+    def passes(student: torch.nn.Module, target: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        with shared_rng(torch.device("cpu")):  # as consistency_loss runs them
+            s = student(x, c, None)
+        with torch.no_grad():
+            return s.detach(), target(x, c, None), target(x, c, None)
+
+    for teacher in ("no-ema", "ema"):  # one test: the EMA teacher's graphs reuse the first one's kernels
+        text = tiny_recipe_text(tmp_path / teacher, network=network, teacher={"name": teacher},
+                                training={"compile": "on"})
+        run = build_run(parse_recipe(text, registry), registry)
+        assert run.teacher_forward is not None and run.teacher_forward is not run.student_forward
+        eager = passes(run.student, run.teacher.network)
+        compiled = passes(run.student_forward, run.teacher_forward)
+        for student, same_mask, next_mask in (eager, compiled):
+            assert (student - same_mask).abs().max() < 1e-5  # measured: 0 eager, 5e-7 compiled (outputs about 2)
+            assert (same_mask - next_mask).abs().max() > 0.1  # dropout is active, and its mask is not frozen
 
 
 def test_flops_count_fused_attention_like_its_matmuls() -> None:

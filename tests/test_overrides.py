@@ -120,7 +120,7 @@ def test_check_with_set_prints_the_resolved_override(tmp_path):
     (["training.lr=1e-4", "training.lr=2e-4"], "--set training.lr=2e-4: training.lr is already set by --set "
                                                "training.lr=1e-4; give each key once"),
 ])
-@pytest.mark.parametrize("command", ["run", "check"])
+@pytest.mark.parametrize("command", ["run", "check", "bench"])
 def test_a_bad_set_is_one_line_naming_it_and_exit_2(tmp_path, command, sets, message):
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out")
     before = snapshot(tmp_path)

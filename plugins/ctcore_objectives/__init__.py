@@ -79,7 +79,10 @@ class Consistency:
         z = torch.randn((batch.batch_size, *x.shape[1:]), generator=batch.noise_generator,
                         device=x.device)[batch.share]
         teacher = self.parts["teacher"]
-        target = batch.student if teacher.network is self.student else teacher.network
+        if batch.teacher is not None:  # compiled for its no-grad pass (training.compile)
+            target = batch.teacher
+        else:
+            target = batch.student if teacher.network is self.student else teacher.network
 
         def f(network: nn.Module, noisy: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> Any:
             return self.train_function(network, noisy, sigma, labels, c)
