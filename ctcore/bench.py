@@ -230,3 +230,47 @@ def _one_step_sampling(run: Any, batch: int) -> Callable[[], torch.Tensor]:
             return denoise(sigma[:, None, None, None] * z, sigma, y)
 
     return sample
+
+
+# ------------------------------------------------------------------------------- memory of a training step
+
+
+def measure_step_memory(build: Callable[[], Any], steps: int = 3) -> dict[str, int]:
+    """Bytes the tensors of a training step hold, measured on the last of `steps` steps of the run `build()`
+    makes (the first steps create the gradients and the optimizer moments): `before` the step and its `peak`.
+
+    On CUDA: torch.cuda.memory_allocated and max_memory_allocated. Elsewhere: torch.profiler's record of every
+    allocation and free of torch's CPU allocator (profile_memory), summed in time order from before the build.
+    Both count what tensors hold, not the allocator's rounding and caching nor what libraries allocate outside
+    torch's allocator (a process's RSS is higher: docs/performance.md). On CPU an allocation made by a worker
+    thread is not recorded: measure with run.threads = 1.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ctcore.training import train_step
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run = build()
+        for step in range(steps):
+            if step == steps - 1 and run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+                torch.cuda.reset_peak_memory_stats(run.device)
+                before = torch.cuda.memory_allocated(run.device)
+            with record_function("ctcore::measured_step" if step == steps - 1 else "ctcore::step"):
+                train_step(run)
+        _sync(run.device)
+    if run.device.type == "cuda":
+        return {"before": before, "peak": torch.cuda.max_memory_allocated(run.device)}
+    events = prof.profiler.kineto_results.events()  # the raw records: one per allocation and free
+    [(start, end)] = [(e.start_ns(), e.end_ns()) for e in events if e.name() == "ctcore::measured_step"]
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events
+                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live, before, peak = 0, None, 0
+    for time_ns, nbytes in changes:
+        if time_ns >= start and before is None:
+            before = peak = live
+        live += nbytes
+        if start <= time_ns <= end:
+            peak = max(peak, live)
+    return {"before": before if before is not None else live, "peak": max(peak, before or live)}
