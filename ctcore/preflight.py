@@ -423,7 +423,7 @@ class _AttentionAsRun(torch.overrides.TorchFunctionMode):
     """On the meta device, scaled_dot_product_attention as torch runs it where it trains. On meta torch always
     takes its math path, which keeps the tokens x tokens attention matrix for backward; the fused kernels (flash
     attention on CPU and CUDA, memory-efficient attention on CUDA) keep q, k, v, the output and one log-sum-exp
-    per query: counted as math, an ADM with attention at 32x32 was estimated at 2.1-2.4x its measured peak
+    per query: counted as math, an ADM with attention at 32x32 was estimated at 1.8-2.4x its measured peak
     (docs/performance.md). A call no fused kernel takes stays on the math path: a mask, dropout, other than 4-D
     inputs, head sizes that differ, a last dimension that is not contiguous (NCSN++'s q, k, v), fused kernels
     switched off (torch.nn.attention.sdpa_kernel). The math path computes in float32 whatever its inputs
@@ -435,9 +435,14 @@ class _AttentionAsRun(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not torch.nn.functional.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        a = _sdpa_arguments(*args, **kwargs)
+        try:
+            a = _sdpa_arguments(*args, **kwargs)
+        except TypeError:  # arguments torch refuses: its own error
+            return func(*args, **kwargs)
         q, k, v = a["query"], a["key"], a["value"]
-        if (q.device.type == "meta" and a["attn_mask"] is None and not a["dropout_p"] and not a["enable_gqa"]
+        if not all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in (q, k, v)):
+            return func(*args, **kwargs)  # a network that only runs on CPU (preflight's fallback): torch decides
+        if (a["attn_mask"] is None and not a["dropout_p"] and not a["enable_gqa"]
                 and q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
                 and all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, k, v))
                 and (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled())):
