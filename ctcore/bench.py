@@ -7,8 +7,11 @@ the teacher's forward.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,12 +107,13 @@ def _time_steps(run: Any, warmup: int, steps: int) -> float:
 
 
 def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, steps: int = 10,
-              warmup: int = 2) -> dict[str, Any]:
+              warmup: int = 2, profile: Path | None = None) -> dict[str, Any]:
     """Time `steps` training steps and `steps` one-step sampling batches after `warmup` of each.
 
     With training.compile the same steps run eagerly first (eager_train_img_per_s), then compiled: the first
     compiled step compiles (keep warmup >= 1), and compile_report says what torch.compile did over all compiled
-    steps."""
+    steps. With `profile` (a trace file's path, from profile_trace_path), a few more of each are then traced
+    (profile_run)."""
     import dataclasses
     import math
 
@@ -184,6 +188,8 @@ def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, s
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "peak_host_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
+    if profile is not None:
+        result["profile"] = profile_run(run, batch, profile)
     return result
 
 
@@ -191,3 +197,142 @@ def _with_batch(recipe: Recipe, batch: int) -> Recipe:
     import attrs
 
     return attrs.evolve(recipe, training=attrs.evolve(recipe.training, batch_size=batch))
+
+
+# ------------------------------------------------------------------------------------- ctcore bench --profile
+
+PROFILE_STEPS = 3
+"""Training steps `ctcore bench --profile` traces (after the timed ones, so all are warm), then one one-step
+sampling batch."""
+
+TOP_OPS = 15
+"""Operators listed by self time."""
+
+
+def profile_trace_path(folder: Path, recipe_path: Path) -> Path:
+    """The new trace file `ctcore bench --profile FOLDER` will write: FOLDER/bench-<recipe>-<YYYYmmdd-HHMMSS>-<pid>
+    .pt.trace.json (-2, -3, ... when this process wrote one in the same second), so an earlier trace is never
+    replaced. Refuses (UsageError, before any work) a FOLDER that is a file, lies under a file, or would be made
+    in a folder this process cannot write; nothing is created until the trace is written."""
+    from ctcore.errors import UsageError
+
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--profile {str(folder)!r} is a file; give a folder for the trace (it is created if "
+                         "missing)")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--profile {str(folder)!r}: {str(existing)!r} is a file, not a folder; give another "
+                         "folder for the trace")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--profile {str(folder)!r}: cannot write in {str(existing)!r} (permission denied); give "
+                         "another folder for the trace")
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in recipe_path.stem) or "recipe"
+    base = f"bench-{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    trace, n = folder / f"{base}.pt.trace.json", 1
+    while trace.exists():  # only this process can have written this name (its pid), one at a time
+        n += 1
+        trace = folder / f"{base}-{n}.pt.trace.json"
+    return trace
+
+
+def profiler_activities(device: torch.device) -> list[Any]:
+    """What torch.profiler records: CPU operators always, CUDA kernels on a CUDA device."""
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def profile_run(run: Any, batch: int, trace: Path, steps: int = PROFILE_STEPS, top: int = TOP_OPS) -> dict[str, Any]:
+    """Trace `steps` training steps and one one-step sampling batch of a built (warm) run with torch.profiler,
+    write the Chrome trace (TensorBoard's profiler plugin and Perfetto open it) to `trace` atomically, and
+    return the `top` operators by self time: device time on CUDA, CPU time otherwise. User annotations
+    (ctcore::train_step, ctcore::sample) mark the steps in the trace and are not listed."""
+    from torch.autograd import DeviceType
+    from torch.profiler import profile, record_function
+
+    from ctcore.files import atomic_write
+    from ctcore.training import train_step
+
+    device = run.device
+    sample = _one_step_sampling(run, batch)
+    with profile(activities=profiler_activities(device), record_shapes=True) as prof:
+        for _ in range(steps):
+            with record_function("ctcore::train_step"):
+                train_step(run)
+        with record_function("ctcore::sample"):
+            sample()
+        _sync(device)
+    with atomic_write(trace) as tmp:
+        prof.export_chrome_trace(str(tmp))
+    on_device = device.type == "cuda"
+    ops = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and not e.is_user_annotation]
+
+    def self_time(e: Any) -> float:
+        return e.self_device_time_total if on_device else e.self_cpu_time_total
+
+    total = sum(self_time(e) for e in ops) or 1.0
+    rows = [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "self_device_ms": e.self_device_time_total / 1e3 if on_device else None,
+             "self_percent": 100 * self_time(e) / total}
+            for e in sorted(ops, key=self_time, reverse=True)[:top]]
+    return {"trace": str(trace), "steps": steps, "sample_batches": 1,
+            "sorted_by": "self device time" if on_device else "self CPU time", "top_ops": rows}
+
+
+def _one_step_sampling(run: Any, batch: int) -> Callable[[], torch.Tensor]:
+    """One batch of one-step sampling from the eval EMA at sigma_max, as the benchmark times it."""
+    shape, num_classes, device = run.data.shape, run.data.num_classes, run.device
+    denoise = run.denoiser(run.eval_ema)
+    sigma = torch.full((batch,), run.recipe.consistency.sigma_max, device=device)
+    z = torch.randn((batch, *shape), device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device) if num_classes else None
+
+    def sample() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
+            return denoise(sigma[:, None, None, None] * z, sigma, y)
+
+    return sample
+
+
+# ------------------------------------------------------------------------------- memory of a training step
+
+
+def measure_step_memory(build: Callable[[], Any], steps: int = 3) -> dict[str, int]:
+    """Bytes the tensors of a training step hold, measured on the last of `steps` steps of the run `build()`
+    makes (the first steps create the gradients and the optimizer moments): `before` the step and its `peak`.
+
+    On CUDA: torch.cuda.memory_allocated and max_memory_allocated. Elsewhere: torch.profiler's record of every
+    allocation and free of torch's CPU allocator (profile_memory), summed in time order from before the build.
+    Both count what tensors hold, not the allocator's rounding and caching nor what libraries allocate outside
+    torch's allocator (a process's RSS is higher: docs/performance.md). On CPU an allocation made by a worker
+    thread is not recorded: measure with run.threads = 1.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ctcore.training import train_step
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run = build()
+        for step in range(steps):
+            if step == steps - 1 and run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+                torch.cuda.reset_peak_memory_stats(run.device)
+                before = torch.cuda.memory_allocated(run.device)
+            with record_function("ctcore::measured_step" if step == steps - 1 else "ctcore::step"):
+                train_step(run)
+        _sync(run.device)
+    if run.device.type == "cuda":
+        return {"before": before, "peak": torch.cuda.max_memory_allocated(run.device)}
+    events = prof.profiler.kineto_results.events()  # the raw records: one per allocation and free
+    [(start, end)] = [(e.start_ns(), e.end_ns()) for e in events if e.name() == "ctcore::measured_step"]
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events
+                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live, before, peak = 0, None, 0
+    for time_ns, nbytes in changes:
+        if time_ns >= start and before is None:
+            before = peak = live
+        live += nbytes
+        if start <= time_ns <= end:
+            peak = max(peak, live)
+    return {"before": before if before is not None else live, "peak": max(peak, before or live)}

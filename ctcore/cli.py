@@ -1112,6 +1112,10 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     device: RecipeDeviceOption = None,
     sets: SetOption = None,
+    profile: Annotated[Path | None, typer.Option(
+        "--profile", metavar="DIR", help="Then trace 3 training steps and one sampling batch with torch.profiler into "
+        "a new DIR/bench-<recipe>-<time>-<pid>.pt.trace.json (DIR is created if missing; no trace is replaced), "
+        "and print the 15 operators with the most self time.")] = None,
 ) -> None:
     """Time the recipe's real training step and one network evaluation per image (one-step sampling) on random
     data of its shape. With training.compile (e.g. --set training.compile=on) the step runs eagerly, then
@@ -1119,15 +1123,17 @@ def bench(
     from ctcore.devices import threads_restored
 
     with _errors(), threads_restored():
-        from ctcore.bench import run_bench
+        from ctcore.bench import profile_trace_path, run_bench
         from ctcore.recipe import read_recipe
 
+        trace = profile_trace_path(profile, recipe_path) if profile is not None else None
         registry = _registry()
         recipe = read_recipe(recipe_path, registry, _with_device(sets or [], device))
-        result = run_bench(recipe, registry, batch=batch, steps=steps, warmup=warmup)
+        result = run_bench(recipe, registry, batch=batch, steps=steps, warmup=warmup, profile=trace)
         if as_json:
             typer.echo(json.dumps(result, indent=2))
             return
+        profiled = result.pop("profile", None)
         from rich.table import Table
 
         def fmt(v: object) -> str:
@@ -1145,6 +1151,26 @@ def bench(
         for key, value in result.items():
             table.add_row(key.replace("_", " "), Text(fmt(value)))  # Text: a reason's brackets are no markup
         _console().print(_folded(table))
+        if profiled is not None:
+            _console().print(_folded(_top_ops_table(profiled)))
+            typer.echo(f"trace: {profiled['trace']}")
+
+
+def _top_ops_table(profiled: dict[str, Any]) -> Any:
+    """bench --profile: the operators with the most self time, one row each."""
+    from rich.table import Table
+    from rich.text import Text
+
+    on_device = profiled["top_ops"] and profiled["top_ops"][0]["self_device_ms"] is not None
+    table = Table(title=f"{len(profiled['top_ops'])} operators with the most {profiled['sorted_by']} "
+                        f"({profiled['steps']} training steps, {profiled['sample_batches']} sampling batch)")
+    for column in ("operator", "calls", "self CPU ms", *(["self device ms"] if on_device else []), "% of self time"):
+        table.add_column(column, justify="left" if column == "operator" else "right")
+    for row in profiled["top_ops"]:
+        device_cell = [f"{row['self_device_ms']:.3f}"] if on_device else []
+        table.add_row(Text(row["op"]), f"{row['calls']:,}", f"{row['self_cpu_ms']:.3f}", *device_cell,
+                      f"{row['self_percent']:.1f}")
+    return table
 
 
 @app.command("list-components")

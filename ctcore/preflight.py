@@ -412,24 +412,70 @@ def _refuse_absurd(recipe: Recipe, estimate: MemoryEstimate, on_cpu: bool) -> No
 # ----------------------------------------------------------------------------------- the forward checks
 
 
+def _sdpa_arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
+                    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                    enable_gqa: bool = False) -> dict[str, Any]:
+    """torch.nn.functional.scaled_dot_product_attention's arguments by name."""
+    return dict(locals())
+
+
+class _AttentionAsRun(torch.overrides.TorchFunctionMode):
+    """On the meta device, scaled_dot_product_attention as torch runs it where it trains. On meta torch always
+    takes its math path, which keeps the tokens x tokens attention matrix for backward; the fused kernels (flash
+    attention on CPU and CUDA, memory-efficient attention on CUDA) keep q, k, v, the output and one log-sum-exp
+    per query: counted as math, an ADM with attention at 32x32 was estimated at 1.8-2.4x its measured peak
+    (docs/performance.md). A call no fused kernel takes stays on the math path: a mask, dropout, other than 4-D
+    inputs, head sizes that differ, a last dimension that is not contiguous (NCSN++'s q, k, v), fused kernels
+    switched off (torch.nn.attention.sdpa_kernel). The math path computes in float32 whatever its inputs
+    (`math_attention` is true while it runs: under bf16 autocast its tensors are kept in float32)."""
+
+    math_attention = False
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        try:
+            a = _sdpa_arguments(*args, **kwargs)
+        except TypeError:  # arguments torch refuses: its own error
+            return func(*args, **kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        if not all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in (q, k, v)):
+            return func(*args, **kwargs)  # a network that only runs on CPU (preflight's fallback): torch decides
+        if (a["attn_mask"] is None and not a["dropout_p"] and not a["enable_gqa"]
+                and q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
+                and all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, k, v))
+                and (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled())):
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, a["is_causal"], scale=a["scale"])[0]
+        self.math_attention = True
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.math_attention = False
+
+
 def _saved_bytes(forward: Callable[[], Any], module: Any, half: bool) -> tuple[Any, int, int]:
     """Run `forward` and count the bytes of the tensors autograd keeps for backward (views counted once): those
     that grow with the batch, and the module's own weights and buffers (kept as they are in float32, as cast
-    copies under bf16 autocast, where every float32 tensor is kept as its bfloat16 copy)."""
+    copies under bf16 autocast, where every float32 tensor is kept as its bfloat16 copy, except in torch's math
+    attention). Attention counts as torch runs it on the training device (_AttentionAsRun)."""
     own = {id(t) for t in (*module.parameters(), *module.buffers())} if isinstance(module, nn.Module) else set()
     batch: dict[int, int] = {}
     fixed: dict[int, int] = {}
+    attention = _AttentionAsRun()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         base = t if t._base is None else t._base
-        size = base.numel() * (2 if (half and base.dtype == torch.float32) else base.element_size())
+        as_bf16 = half and base.dtype == torch.float32 and not attention.math_attention
+        size = base.numel() * (2 if as_bf16 else base.element_size())
         if id(base) not in own:
             batch[id(base)] = size
         elif half:
             fixed[id(base)] = size
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), attention:
         out = forward()
     return out, sum(batch.values()), sum(fixed.values())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,98 @@ def test_flops_count_fused_attention_like_its_matmuls() -> None:
     counts = {att: forward_gflop_per_image(registry.create("network", "adm", attention=att, **small).eval(),
                                            (3, 16, 16), 0, torch.device("cpu")) for att in ("math", "sdpa")}
     assert counts["sdpa"] == counts["math"] > 0
+
+
+# ---------------------------------------------------------------------------------------- bench --profile
+
+
+def test_bench_profile_writes_a_new_chrome_trace_each_time_and_lists_the_top_ops(tmp_path: Path) -> None:
+    """`--profile DIR` (missing: created) traces 3 training steps and one sampling batch into a new
+    DIR/bench-<recipe>-<time>-<pid>.pt.trace.json, a Chrome trace; the 15 operators with the most self CPU time
+    come sorted in --json and as a table; a second call adds a trace and leaves the first byte for byte."""
+    import re
+
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "o")
+    folder = tmp_path / "traces" / "cpu"
+    args = ["bench", str(recipe), "--batch", "4", "--steps", "1", "--warmup", "0", "--profile", str(folder)]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    profiled = json.loads(result.stdout)["profile"]
+    [trace] = folder.iterdir()
+    assert re.fullmatch(r"bench-r-\d{8}-\d{6}-\d+\.pt\.trace\.json", trace.name) and profiled["trace"] == str(trace)
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = [e.get("name") for e in events if e.get("ph") == "X"]
+    assert (names.count("ctcore::train_step"), names.count("ctcore::sample")) == (3, 1)
+    assert "aten::addmm" in names and "aten::mm" in names  # the MLP's forward and backward matmuls
+    assert (profiled["steps"], profiled["sample_batches"], profiled["sorted_by"]) == (3, 1, "self CPU time")
+    rows = profiled["top_ops"]
+    assert len(rows) == 15 and all(r["op"].startswith("aten::") for r in rows)  # no ctcore:: annotation
+    assert [r["self_cpu_ms"] for r in rows] == sorted((r["self_cpu_ms"] for r in rows), reverse=True)
+    assert all(r["self_device_ms"] is None and r["calls"] >= 1 for r in rows)
+    assert 0 < sum(r["self_percent"] for r in rows) <= 100
+    first = trace.read_bytes()
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
+    assert table.exit_code == 0, table.output
+    assert "15 operators with the most self CPU time (3 training steps, 1 sampling batch)" in table.stdout
+    [second] = [p for p in folder.iterdir() if p != trace]
+    assert table.stdout.endswith(f"trace: {second}\n") and trace.read_bytes() == first
+
+
+@pytest.mark.parametrize(("make", "given", "message"), [
+    (lambda root: (root / "t").write_text("mine"), "t",
+     "--profile '{root}/t' is a file; give a folder for the trace (it is created if missing)"),
+    (lambda root: (root / "t").write_text("mine"), "t/sub/dir",
+     "--profile '{root}/t/sub/dir': '{root}/t' is a file, not a folder; give another folder for the trace"),
+], ids=["a-file", "under-a-file"])
+def test_bench_profile_refuses_a_path_that_cannot_be_a_folder_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: object, given: str, message: str) -> None:
+    from helpers import one_line_error, snapshot
+
+    import ctcore.bench
+
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "o")
+    make(tmp_path)
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(ctcore.bench, "run_bench", lambda *a, **k: pytest.fail("benchmarked"))
+    result = CliRunner().invoke(app, ["bench", str(recipe), "--profile", str(tmp_path / given)])
+    assert one_line_error(result) == message.format(root=tmp_path)
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.toml", "t"]
+
+
+def test_bench_profile_refuses_a_folder_it_cannot_write_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nearest existing folder must be writable (os.access, made to say no here: root may write anywhere)."""
+    from helpers import one_line_error
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: Path(path) != locked and access(path, mode, **k))
+    result = CliRunner().invoke(app, ["bench", str(write_tiny_recipe(tmp_path / "r.toml", tmp_path / "o")),
+                                      "--profile", str(locked / "new")])
+    assert one_line_error(result) == (f"--profile '{locked}/new': cannot write in '{locked}' (permission denied); "
+                                      "give another folder for the trace")
+    assert list(locked.iterdir()) == []
+
+
+def test_the_profiler_records_cuda_kernels_only_on_a_cuda_device() -> None:
+    from torch.profiler import ProfilerActivity
+
+    from ctcore.bench import profiler_activities
+
+    assert profiler_activities(torch.device("cpu")) == [ProfilerActivity.CPU]
+    assert profiler_activities(torch.device("cuda", 1)) == [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+
+
+def test_a_trace_name_taken_in_the_same_second_gets_the_next_number(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from ctcore.bench import profile_trace_path
+
+    monkeypatch.setattr(time, "strftime", lambda _format: "20260101-120000")
+    first = profile_trace_path(tmp_path / "t", Path("recipes/my recipe.toml"))
+    assert first == tmp_path / "t" / f"bench-my_recipe-20260101-120000-{os.getpid()}.pt.trace.json"
+    assert not (tmp_path / "t").exists()  # nothing is made before the trace is written
+    (tmp_path / "t").mkdir()
+    first.write_text("{}")
+    assert profile_trace_path(tmp_path / "t", Path("my recipe.toml")).name == first.name.replace(".pt", "-2.pt", 1)
