@@ -77,6 +77,8 @@ def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, s
     data = ImageData(images, labels if num_classes else None, num_classes=num_classes, device=device_probe)
     run = build_run(recipe, registry, data=data)
     device = run.device
+    if recipe.training.max_nonfinite_steps > 0:  # as train() runs its steps: the finite flag stays on the device
+        run.nonfinite_flag = torch.zeros((), dtype=torch.bool, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
