@@ -477,7 +477,8 @@ def _check_rng(rng: Any, device: torch.device, fail) -> None:
 def restore(run: Run, state: dict[str, Any]) -> None:
     """Put a run exactly where the checkpoint left it: weights, optimizer, step, every RNG state.
 
-    `state` must have passed validate_checkpoint (use="resume")."""
+    `state` must have passed validate_checkpoint (use="resume"), or be training.rollback_point's copy of
+    training_state (the optimizer then holds the copy's tensors)."""
     run.student.load_state_dict(state["student"])
     run.eval_ema.load_state_dict(state["eval_ema"])
     if run.teacher is not None:
