@@ -128,7 +128,7 @@ def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, s
     # the random images and one step at --batch must fit before either is allocated (estimated at batch 1, so
     # that an absurd --batch is refused here, naming --batch)
     memory = preflight(_with_batch(recipe, 1), registry).memory
-    memory = dataclasses.replace(memory, batch=batch, data=0, host_staging=0)
+    memory = dataclasses.replace(memory, batch=batch, data=0, host_staging=0, rollback=0)  # no train(): no copy
     on_cpu = device_probe.type == "cpu"
     require_buffers({"training": memory.peak(on_cpu), "images": max(2 * batch, 16) * (math.prod(shape) + 8)},
                     device_probe, f"bench --batch {batch:,}", "choose a smaller --batch")
@@ -138,6 +138,8 @@ def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, s
     data = ImageData(images, labels if num_classes else None, num_classes=num_classes, device=device_probe)
     run = build_run(recipe, registry, data=data)
     device = run.device
+    if recipe.training.max_nonfinite_steps > 0:  # as train() runs its steps: the finite flag stays on the device
+        run.nonfinite_flag = torch.zeros((), dtype=torch.bool, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -64,9 +64,8 @@ def save_checkpoint(run: Run) -> Path:
     every rank must call this (their dropout RNG states are gathered); rank 0 writes.
     """
     folder = checkpoint_dir(run.out_dir)
-    teacher_state = run.teacher.state_dict() if run.teacher is not None else {}
-    bad = first_nonfinite(_trained_tensors(run.student.state_dict(), run.eval_ema.state_dict(),
-                                           teacher_state, run.optimizer.state_dict()))
+    state = training_state(run)
+    bad = first_nonfinite(_trained_tensors(state["student"], state["eval_ema"], state["teacher"], state["optimizer"]))
     if bad is not None:
         latest = list_checkpoints(run.out_dir)
         kept = f"the latest, {str(latest[-1])!r}, is kept" if latest else "there is no earlier one"
@@ -76,30 +75,14 @@ def save_checkpoint(run: Run) -> Path:
             f"training produced non-finite values in {bad} by step {run.step:,}, so its checkpoint was not written "
             f"({kept}): start a new run with a lower training.lr or a training.grad_clip{guard}"
         )
-    dropout_rng = {"torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
-    per_rank = gather_objects(run.world, dropout_rng) if run.world.distributed else None
+    if run.world.distributed:  # torchrun: each rank's dropout RNG states, in rank order
+        state["rng"]["ranks"] = gather_objects(run.world, {k: state["rng"][k] for k in ("torch", "cuda")})
     path = folder / f"ckpt-{run.step:09d}.pt"
     if not run.world.is_main:
         return path
     state = {
         "format": CHECKPOINT_FORMAT,
-        "step": run.step,
-        "student": run.student.state_dict(),
-        "eval_ema": run.eval_ema.state_dict(),
-        "teacher": teacher_state,  # {} when the teacher is the student, or the objective has no teacher
-        "optimizer": run.optimizer.state_dict(),
-        "rng": {
-            **dropout_rng,
-            "index": run.index_generator.get_state(),
-            "noise": run.noise_generator.get_state(),
-            "ranks": per_rank,  # torchrun: each rank's dropout RNG states, in rank order (None otherwise)
-        },
-        "loss_sum": run.loss_sum,
-        "loss_count": run.loss_count,
-        "initial_distance": run.initial_distance,
-        "last_good_step": run.last_good_step,
-        "nonfinite_run": run.nonfinite_run,
+        **state,
         "world_size": run.world.world_size,
         "recipe": run.recipe_text,
         "provenance": run.provenance,  # holds the run's id (run_id) from its start
@@ -112,6 +95,31 @@ def save_checkpoint(run: Run) -> Path:
     for old in ours[: -run.recipe.training.keep_checkpoints]:
         old.unlink()
     return path
+
+
+def training_state(run: Run) -> dict[str, Any]:
+    """What a checkpoint holds of the training and `restore` puts back: weights, eval EMA, teacher, optimizer,
+    step, every RNG state (`ranks`, each rank's dropout RNG under torchrun, is None here), the loss sums and the
+    non-finite counters. The tensors are the run's own, not copies."""
+    return {
+        "step": run.step,
+        "student": run.student.state_dict(),
+        "eval_ema": run.eval_ema.state_dict(),
+        "teacher": run.teacher.state_dict() if run.teacher is not None else {},  # {}: the student, or no teacher
+        "optimizer": run.optimizer.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+            "index": run.index_generator.get_state(),
+            "noise": run.noise_generator.get_state(),
+            "ranks": None,
+        },
+        "loss_sum": run.loss_sum,
+        "loss_count": run.loss_count,
+        "initial_distance": run.initial_distance,
+        "last_good_step": run.last_good_step,
+        "nonfinite_run": run.nonfinite_run,
+    }
 
 
 def _recipe_body(text: str) -> str:
@@ -469,7 +477,8 @@ def _check_rng(rng: Any, device: torch.device, fail) -> None:
 def restore(run: Run, state: dict[str, Any]) -> None:
     """Put a run exactly where the checkpoint left it: weights, optimizer, step, every RNG state.
 
-    `state` must have passed validate_checkpoint (use="resume")."""
+    `state` must have passed validate_checkpoint (use="resume"), or be training.rollback_point's copy of
+    training_state (the optimizer then holds the copy's tensors)."""
     run.student.load_state_dict(state["student"])
     run.eval_ema.load_state_dict(state["eval_ema"])
     if run.teacher is not None:

@@ -284,6 +284,10 @@ class MemoryEstimate:
     gradients: int = 0
     optimizer: int = 0
     """Adam / RAdam: two moments per trainable parameter."""
+    rollback: int = 0
+    """The copy of weights, eval EMA, teacher and moments that train() goes back to when a step it did not check
+    was non-finite (training.max_nonfinite_steps > 0; 0 without the check). It exists while steps run, not while
+    train() samples or evaluates."""
     metric: int = 0
     data: int = 0
     """The training set on the device: uint8 images and int64 labels."""
@@ -301,7 +305,8 @@ class MemoryEstimate:
     """The sliced-Wasserstein evaluation's float64 copies and projections, on the host."""
 
     LABELS = {"weights": "weights", "eval_ema": "eval EMA", "teacher": "teacher copy", "gradients": "gradients",
-              "optimizer": "optimizer moments", "metric": "metric", "data": "data", "activations": "activations",
+              "optimizer": "optimizer moments", "rollback": "rollback copy", "metric": "metric", "data": "data",
+              "activations": "activations",
               "samples": "sample grids", "evaluation": "evaluation samples", "fid": "FID",
               "host_staging": "data loading", "host_evaluation": "evaluation on the host"}
 
@@ -314,7 +319,8 @@ class MemoryEstimate:
         static = (self.weights + self.eval_ema + self.teacher + self.gradients + self.optimizer + self.metric
                   + self.data)
         evaluation = self.evaluation + (self.host_evaluation if on_cpu else 0)
-        peak = static + max(self.activations, self.samples, evaluation, self.fid)
+        # the rollback copy lives while steps run; train() drops it before it samples or evaluates
+        peak = static + max(self.activations + self.rollback, self.samples, evaluation, self.fid)
         if on_cpu:  # while loading the data, before any gradient or optimizer state exists
             peak = max(peak, self.weights + self.eval_ema + self.teacher + self.metric + self.data + self.host_staging)
         return peak
@@ -675,9 +681,13 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
     trainable = _tensor_bytes(p for p in student.parameters() if p.requires_grad)
     size = math.prod(data_shape(recipe.data))
     step_tensors = size * 4 * 8  # x, z, both noisy inputs, both outputs, their float copies
+    teacher = built.get("teacher")
+    own_copy = _module_bytes(teacher.network) if teacher is not None and teacher.network is not student else 0
+    rollback = 2 * _module_bytes(student) + own_copy + 2 * trainable  # weights, eval EMA, teacher, moments
     estimate = MemoryEstimate(
         parameters=sum(p.numel() for p in student.parameters()), batch=batch, weights=_module_bytes(student),
         eval_ema=_module_bytes(student), teacher=teacher_bytes, gradients=trainable, optimizer=2 * trainable,
+        rollback=rollback if recipe.training.max_nonfinite_steps > 0 else 0,
         metric=_module_bytes(built["metric"]) if "metric" in built else 0, activations_fixed=fixed,
         per_image=per_sample + metric_per_sample + step_tensors, **parts)
     _refuse_absurd(recipe, estimate, on_cpu)

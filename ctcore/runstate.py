@@ -59,6 +59,10 @@ class Run:
     """Consecutive skipped (non-finite) steps up to run.step."""
     last_good_step: int = 0
     """run.step after the last step whose update was applied."""
+    nonfinite_flag: torch.Tensor | None = None
+    """While `train` defers the non-finite check: a boolean on the device, set by any step since train's rollback
+    point whose loss or gradient was not finite (that update was applied; train goes back and redoes the steps
+    before anything reads the weights). None: train_step checks each step itself."""
     lock: FileLock | None = None
     """The run directory's lock, held by start_run / resume_run (rank 0) until `close`."""
     restarted: bool = False

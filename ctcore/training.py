@@ -3,7 +3,9 @@
 One step: the data batch -> the objective's loss (consistency training: N(k) from the curriculum -> sigma grid
 -> pair indices from the noise schedule -> student at sigma_{i+1} against teacher at sigma_i, same z, same
 dropout mask) -> optimizer step -> the objective's after-step update (the teacher's) -> eval-EMA update.
-Building a run lives in ctcore.build, checkpoints in ctcore.checkpoints.
+The loop reads values from the device only where it logs, samples, evaluates, checkpoints or stops, never per step;
+a non-finite step is found there and taken back (train_step). Building a run lives in ctcore.build, checkpoints in
+ctcore.checkpoints.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ctcore.checkpoints import save_checkpoint
+from ctcore.checkpoints import restore, save_checkpoint, training_state
 from ctcore.components import TrainingBatch
 from ctcore.errors import RunError
 from ctcore.evaluation import evaluate_distance
@@ -42,8 +44,11 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     pair indices, the student against the teacher). Every rank draws the global batch and the objective's
     randomness from the shared generators and keeps its share, so the ranks together compute exactly the
     single-process step. With training.max_nonfinite_steps > 0 a step whose loss or gradient norm is not finite
-    changes nothing but the step count and the generators (one scalar is read from the device for that check;
-    nothing else synchronizes).
+    changes nothing but the step count and the generators: called alone, the step reads that one flag from the
+    device to decide; inside `train` (run.nonfinite_flag set) it reads nothing, applies the update and records the
+    flag on the device, and `train` takes back every update since its rollback point and redoes those steps one
+    by one, each deciding as above, before anything reads the weights. Nothing else in the step reads a value from
+    the device (the optimizers' own step counters live on the host; docs/concepts.md lists what remains).
     """
     r, t, world = run.recipe, run.recipe.training, run.world
     k = run.step
@@ -71,7 +76,9 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     if t.max_nonfinite_steps > 0:
         # the gradient norm is global under DDP, so every rank decides alike; a rank's loss is only its own
         finite = torch.isfinite(grad_norm) if world.distributed else torch.isfinite(grad_norm) & torch.isfinite(loss)
-        if not bool(finite):
+        if run.nonfinite_flag is not None:
+            run.nonfinite_flag.logical_or_(~finite)  # read by train() at its next decision point
+        elif not bool(finite):
             run.optimizer.zero_grad(set_to_none=True)
             run.nonfinite_run += 1
             return loss, False
@@ -80,6 +87,26 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     update_ema(run.eval_ema, run.student, t.eval_ema_decay)
     run.nonfinite_run, run.last_good_step = 0, run.step
     return loss, True
+
+
+def rollback_point(run: Run) -> dict[str, Any]:
+    """A copy on the run's device of everything a checkpoint holds, for ctcore.checkpoints.restore: `train` goes
+    back to it when a step it did not check turns out to have been non-finite."""
+    state = _copied(training_state(run))
+    if run.world.distributed:  # restore takes this rank's own dropout RNG states from `ranks`
+        state["rng"]["ranks"] = [{key: state["rng"][key] for key in ("torch", "cuda")}] * run.world.world_size
+    return state
+
+
+def _copied(value: Any) -> Any:
+    """`value` with every tensor in it cloned (dicts, lists and tuples rebuilt around them)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _copied(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copied(v) for v in value)
+    return value
 
 
 @torch.no_grad()
@@ -161,8 +188,10 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     """Train from run.step to training.total_steps (or `stop_at`), logging, checkpointing and sampling.
 
     With `handle_signals`, SIGTERM / SIGINT finish the current step, write a checkpoint and raise
-    TrainingStopped (under torchrun every rank stops after the same step). Too many consecutive non-finite
-    steps raise TrainingDiverged after checkpointing. Only rank 0 writes files and shows progress: a rich bar
+    TrainingStopped (under torchrun every rank stops after the same step). Non-finite steps are found where the
+    loop next logs, samples, evaluates, checkpoints or stops: the steps since the previous such point are taken back
+    and redone one by one, so they end as if each had been checked (docs/recipes.md, max_nonfinite_steps); too many
+    consecutive ones raise TrainingDiverged after checkpointing. Only rank 0 writes files and shows progress: a rich bar
     on a terminal, else one plain `progress_line` per log interval. Returns a summary dict (final step, mean
     loss of the last interval, distances, run time).
     """
@@ -223,25 +252,71 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
             plain_lines = progress and world.is_main and not is_live(console)
             last_loss = None
             skipped = 0  # steps of this call skipped as non-finite
+            # With the non-finite check on, steps are not checked one by one: each applies its update and ORs its
+            # flag into run.nonfinite_flag on the device; before anything reads the weights (a log line, samples,
+            # FID, a checkpoint, a stop), settle() reads the flag once and, if a step was not finite, goes back to
+            # the rollback point and redoes the steps since, each checked alone as before.
+            deferred = t.max_nonfinite_steps > 0
+            rollback: dict[str, Any] | None = None  # the state the unchecked steps started from (None: none ran)
+
+            def step_once() -> None:
+                """One training step: its loss joins the interval's sum, or (a skipped step) a `nonfinite` event is
+                logged and after training.max_nonfinite_steps of them in a row the run stops."""
+                nonlocal loss_acc, acc_count, skipped
+                loss, applied = train_step(run)
+                if applied:
+                    loss_acc += loss.double()
+                    acc_count += 1
+                    return
+                skipped += 1
+                k = run.step
+                log({"event": "nonfinite", "step": k, "loss": float(loss),
+                     "consecutive": run.nonfinite_run, "last_good_step": run.last_good_step})
+                if run.nonfinite_run >= t.max_nonfinite_steps:
+                    fold_losses()
+                    path = save_checkpoint(run)
+                    log({"event": "diverged", "step": k, "path": str(path)})
+                    raise TrainingDiverged(run, path, float(loss))
+
+            def settle() -> None:
+                """Read the flag of the steps applied since the rollback point (one read); if any was not finite,
+                restore that point and redo them one by one, each checked alone (a read per step)."""
+                nonlocal rollback, acc_count
+                if rollback is None:
+                    return
+                flag, reached = run.nonfinite_flag, run.step
+                if bool(flag):
+                    restore(run, rollback["state"])
+                    loss_acc.copy_(rollback["loss_acc"])
+                    acc_count = rollback["acc_count"]
+                    run.nonfinite_flag = None
+                    try:
+                        while run.step < reached:
+                            step_once()
+                    finally:
+                        run.nonfinite_flag = flag.zero_()
+                rollback = None
+
             with progress_bar(progress and world.is_main, console) as bar, stop_on_signals(handle_signals) as signals:
                 task = bar.add_task("training", total=end, completed=run.step, loss="-", scales="-", speed="-")
+                run.nonfinite_flag = torch.zeros((), dtype=torch.bool, device=run.device) if deferred else None
                 while run.step < end:
-                    loss, applied = train_step(run)
+                    if deferred and rollback is None:
+                        rollback = {"state": rollback_point(run), "loss_acc": loss_acc.clone(), "acc_count": acc_count}
+                    try:
+                        step_once()
+                    except Exception:
+                        # after an unchecked non-finite step the weights are spoilt until settle(), and a component
+                        # that refuses NaN inputs may raise: go back and redo the steps that completed one by one
+                        # (run.step is still k when the step raised before its update: the loop takes it again).
+                        # Not under torchrun, where the other ranks may not have raised and would not go back.
+                        if rollback is None or world.distributed or not bool(run.nonfinite_flag):
+                            raise
+                        settle()
                     k = run.step
-                    if applied:
-                        loss_acc += loss.double()
-                        acc_count += 1
-                    else:
-                        skipped += 1
-                        log({"event": "nonfinite", "step": k, "loss": float(loss),
-                             "consecutive": run.nonfinite_run, "last_good_step": run.last_good_step})
-                        if run.nonfinite_run >= t.max_nonfinite_steps:
-                            fold_losses()
-                            path = save_checkpoint(run)
-                            log({"event": "diverged", "step": k, "path": str(path)})
-                            raise TrainingDiverged(run, path, float(loss))
                     bar.update(task, completed=k)
                     if k % t.log_every == 0 or k == end:
+                        settle()
                         fold_losses()
                         last_loss = run.loss_sum / run.loss_count if run.loss_count else float("nan")
                         speed = (k - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
@@ -258,10 +333,12 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         run.loss_sum, run.loss_count = 0.0, 0
                         last_step = k
                     if k % t.sample_every == 0 or k == end:
+                        settle()
                         path = measured("sample grid", lambda: save_samples(run))
                         if path is not None:
                             log({"event": "samples", "step": k, "path": str(path)})
                     if fid_tools is not None and (k % e.fid_every == 0 or k == t.total_steps):
+                        settle()
                         result = measured("FID", lambda: evaluate_fid(run, fid_tools))
                         if result is not None:
                             log({"event": "fid", "step": k, "fid": result["fid"],
@@ -271,12 +348,14 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                             if world.is_main:
                                 plot_fid(run.out_dir)
                     if k % t.checkpoint_every == 0 or k == end:
+                        settle()
                         fold_losses()  # a partial log interval survives a resume
                         path = save_checkpoint(run)
                         log({"event": "checkpoint", "step": k, "path": str(path)})
                     # ranks receive a signal at different moments: all stop after the first step any rank saw it
                     if any_rank(world, bool(signals)):
                         name = signals[0] if signals else "SIGTERM"
+                        settle()
                         fold_losses()
                         path = save_checkpoint(run)
                         log({"event": "stopped", "step": k, "signal": name, "path": str(path)})
@@ -303,6 +382,7 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                 log({"event": "error", "step": run.step, "error": f"{type(exc).__name__}: {exc}"[:500]})
             raise
         finally:
+            run.nonfinite_flag = None  # train_step called alone checks each step again
             log.close(quiet=not finished)  # an exception on its way out is the better report
 
     summary.update(step=run.step, initial_distance=run.initial_distance, seconds=time.perf_counter() - started)

@@ -120,6 +120,37 @@ def test_sigterm_stops_every_rank_after_one_step_and_the_resumed_run_is_bit_iden
             assert torch.equal(torch.as_tensor(b["optimizer"]["state"][pid][name]), torch.as_tensor(value))
 
 
+@pytest.mark.slow
+def test_a_diverging_two_process_run_goes_back_and_stops_where_one_process_does(tmp_path: Path) -> None:
+    """The non-finite check under torchrun: the flag comes from the global gradient norm, so every rank reads the
+    same one, goes back to the same point, redoes the same steps and stops after the same step with the same
+    checkpoint of the last good weights as one process (the diverging settings of tests/test_nonfinite.py)."""
+    training = {"total_steps": 40, "optimizer": "adam", "lr": 1.0, "betas": [0.9, 0.0], "eps": 1e-30,
+                "weight_decay": 1.0, "max_nonfinite_steps": 3, "log_every": 4}
+    for name in ("one", "two"):
+        write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, network=NO_DROPOUT, training=training,
+                          evaluation={"distance": "none"})
+    one = _ctcore(str(tmp_path / "one.toml"))
+    two = _ctcore(str(tmp_path / "two.toml"), nproc=2)
+    _, err_one = _finish(one, 1)
+    _, err_two = _finish(two, 1)
+    states = {}
+    for name, err in (("one", err_one), ("two", err_two)):
+        (ckpt,) = list_checkpoints(tmp_path / name)
+        states[name] = load_checkpoint(ckpt)
+        assert err.count("error: training stopped at step") == 1, err[-2000:]  # rank 0 alone reports
+        assert f"{ckpt} holds the weights of the last good step" in err
+    a, b = states["one"], states["two"]
+    assert (b["step"], b["last_good_step"], b["nonfinite_run"]) == (a["step"], a["last_good_step"], 3)
+    for key in ("student", "eval_ema"):
+        for name, value in a[key].items():
+            assert torch.isfinite(b[key][name]).all()
+            torch.testing.assert_close(b[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+    bad = [[(r["step"], r["consecutive"]) for r in _events(tmp_path / n) if r.get("event") == "nonfinite"]
+           for n in ("one", "two")]
+    assert bad[0] == bad[1] and [c for _, c in bad[0]] == [1, 2, 3]
+
+
 def test_shares_partition_a_batch_in_rank_order() -> None:
     world = World(rank=0, world_size=3)
     shares = [world.share(10, r) for r in range(3)]

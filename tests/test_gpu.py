@@ -33,9 +33,13 @@ def test_cuda_defaults_bf16_tf32_and_device_generators(tmp_path: Path) -> None:
     assert run.data.images.device.type == "cuda"  # the whole dataset lives on the GPU
 
 
-def test_a_training_step_never_synchronizes_with_the_host(tmp_path: Path) -> None:
-    """With the non-finite check off, nothing in a step waits for the GPU."""
-    run = _cuda_run(tmp_path, training={"max_nonfinite_steps": 0})
+@pytest.mark.parametrize("check", ["off", "deferred"])
+def test_a_training_step_never_synchronizes_with_the_host(tmp_path: Path, check: str) -> None:
+    """With the non-finite check off, or deferred as train() runs it (the flag stays on the device), nothing in a
+    step waits for the GPU."""
+    run = _cuda_run(tmp_path, training={"max_nonfinite_steps": 0 if check == "off" else 10})
+    if check == "deferred":
+        run.nonfinite_flag = torch.zeros((), dtype=torch.bool, device=run.device)
     train_step(run)  # first step: allocations, sigma grid, optimizer state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -3,6 +3,7 @@ checkpoint of the last good weights."""
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from ctcore.build import resume_run, start_run
 from ctcore.checkpoints import load_checkpoint
 from ctcore.errors import RunError
 from ctcore.recipe import read_recipe
-from ctcore.training import TrainingDiverged, train
+from ctcore.training import TrainingDiverged, train, train_step
 
 
 class _NanGrad(torch.autograd.Function):
@@ -34,15 +35,25 @@ class _NanGrad(torch.autograd.Function):
 
 
 class PoisonedMetric(nn.Module):
-    """Wraps the run's metric; at the listed calls (call c is step k = c) the loss or its gradient is NaN."""
+    """Wraps the run's metric; at the listed steps k (run.step while the loss is computed) the loss or its gradient
+    is NaN. Keyed on the step, not on the call: train() may compute a step twice (it redoes the steps since its
+    rollback point when one was not finite), and a real NaN comes back when the step is redone."""
 
-    def __init__(self, metric: nn.Module, bad_calls: set[int], where: str = "loss") -> None:
+    def __init__(self, run, bad_steps: set[int], where: str = "loss", *, once: bool = False,
+                 strict: bool = False) -> None:
         super().__init__()
-        self.metric, self.bad_calls, self.where, self.calls = metric, bad_calls, where, 0
+        self.run, self.metric, self.bad_steps, self.where, self.once = run, run.metric, bad_steps, where, once
+        self.strict = strict
+        """Raise on non-finite inputs, as a component that refuses them would."""
+        self.seen: collections.Counter[int] = collections.Counter()
+        """How often each step was computed."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        bad = self.calls in self.bad_calls
-        self.calls += 1
+        k = self.run.step
+        self.seen[k] += 1
+        if self.strict and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"non-finite input at step {k}")
+        bad = k in self.bad_steps and not (self.once and self.seen[k] > 1)  # once: a NaN that does not come back
         if bad and self.where == "grad":
             x = _NanGrad.apply(x)
         d = self.metric(x, y)
@@ -77,7 +88,7 @@ def _events(run, name: str) -> list[dict]:
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_a_non_finite_step_changes_nothing_and_is_logged(tmp_path, registry, where):
     run = _run(tmp_path, registry, where)
-    run.metric = run.objective.parts["metric"] = PoisonedMetric(run.metric, {3, 4}, where)
+    run.metric = run.objective.parts["metric"] = PoisonedMetric(run, {3, 4}, where)
     train(run, stop_at=3, progress=False)
     before = _state(run)
     train(run, stop_at=5, progress=False)  # steps k = 3 and 4: both poisoned
@@ -100,9 +111,73 @@ def test_a_non_finite_step_changes_nothing_and_is_logged(tmp_path, registry, whe
     assert all(isinstance(losses[k], float) for k in (2, 3, 6)), losses
 
 
+def _losses(run) -> dict[int, object]:
+    rows = [json.loads(line) for line in (run.out_dir / "stats.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and "event" not in r}
+
+
+def test_inside_train_a_bad_step_is_taken_back_and_redone_before_the_weights_are_read(tmp_path, registry):
+    """train() applies steps k = 4..7 without reading their flag; at step 8 (a log line and a checkpoint) it reads
+    it once, finds step 5 non-finite, restores the state of step 4 and redoes the four steps one by one, each checked
+    alone. Everything then equals steps taken alone by train_step (one read each), bit for bit: weights, eval EMA,
+    optimizer state, generators; the checkpoint at step 8 holds those weights and the events are a checked step's."""
+    training = {"log_every": 4, "checkpoint_every": 4, "sample_every": 1000}
+    a = _run(tmp_path, registry, "deferred", **training)
+    a.metric = a.objective.parts["metric"] = PoisonedMetric(a, {5})
+    train(a, stop_at=8, progress=False)
+    generators = [torch.get_rng_state(), a.index_generator.get_state(), a.noise_generator.get_state()]
+    b = _run(tmp_path, registry, "alone", **training)
+    b.metric = b.objective.parts["metric"] = PoisonedMetric(b, {5})
+    applied = [train_step(b)[1] for _ in range(8)]
+    assert applied == [True] * 5 + [False] + [True] * 2
+    _assert_equal(_state(a), _state(b))
+    assert all(torch.equal(x, y) for x, y in zip(generators, [torch.get_rng_state(), b.index_generator.get_state(),
+                                                               b.noise_generator.get_state()], strict=True))
+    assert (a.step, a.nonfinite_run, a.last_good_step) == (b.step, b.nonfinite_run, b.last_good_step) == (8, 0, 8)
+    assert a.metric.seen == {0: 1, 1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2, 7: 2}  # the interval was computed twice
+    assert b.metric.seen == dict.fromkeys(range(8), 1)
+    saved = load_checkpoint(a.out_dir / "checkpoints" / "ckpt-000000008.pt")
+    for key, value in saved["student"].items():
+        assert torch.equal(value, b.student.state_dict()[key]), key
+    assert [(e["step"], e["consecutive"], e["last_good_step"]) for e in _events(a, "nonfinite")] == [(6, 1, 5)]
+    assert sorted(_losses(a)) == [4, 8] and all(isinstance(v, float) for v in _losses(a).values())
+
+
+def test_a_component_that_refuses_the_spoilt_weights_after_an_unchecked_bad_step_stops_nothing(tmp_path, registry):
+    """Step k = 5's NaN update is applied unchecked, so step 6 runs on NaN weights, where a component that refuses
+    non-finite inputs raises: train() goes back to step 4, redoes the steps one by one (step 5 skipped) and goes on,
+    ending as steps taken alone by train_step, bit for bit."""
+    training = {"log_every": 4, "checkpoint_every": 4, "sample_every": 1000}
+    a = _run(tmp_path, registry, "deferred", **training)
+    a.metric = a.objective.parts["metric"] = PoisonedMetric(a, {5}, strict=True)
+    train(a, stop_at=8, progress=False)
+    b = _run(tmp_path, registry, "alone", **training)
+    b.metric = b.objective.parts["metric"] = PoisonedMetric(b, {5}, strict=True)
+    assert [train_step(b)[1] for _ in range(8)] == [True] * 5 + [False] + [True] * 2
+    _assert_equal(_state(a), _state(b))
+    assert a.metric.seen == {0: 1, 1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2, 7: 1}  # 6 raised, then ran on good weights
+    assert [(e["step"], e["consecutive"]) for e in _events(a, "nonfinite")] == [(6, 1)]
+    assert not _events(a, "error")
+
+
+def test_a_nan_that_does_not_come_back_when_the_step_is_redone_leaves_no_trace(tmp_path, registry):
+    """A step that was non-finite once but is finite when train() redoes it (on a GPU a non-deterministic kernel
+    could do that) is applied: the run ends bit for bit as a run that never saw the NaN, its logged losses too, so
+    going back restores every state the steps depend on (weights, optimizer, generators, the loss sum)."""
+    flaky = _run(tmp_path, registry, "flaky")
+    flaky.metric = flaky.objective.parts["metric"] = PoisonedMetric(flaky, {5}, once=True)
+    train(flaky, progress=False)
+    clean = _run(tmp_path, registry, "clean")
+    train(clean, progress=False)
+    _assert_equal(_state(flaky), _state(clean))
+    assert flaky.metric.seen[4] == flaky.metric.seen[5] == 2  # log_every 2: steps 4 and 5 were redone
+    assert not _events(flaky, "nonfinite") and flaky.last_good_step == 12
+    assert _losses(flaky) == _losses(clean) and len(_losses(clean)) == 6
+
+
 def test_too_many_consecutive_bad_steps_stop_with_a_checkpoint_of_the_last_good_weights(tmp_path, registry):
     run = _run(tmp_path, registry, "diverge", max_nonfinite_steps=3)
-    run.metric = run.objective.parts["metric"] = PoisonedMetric(run.metric, set(range(2, 100)))
+    run.metric = run.objective.parts["metric"] = PoisonedMetric(run, set(range(2, 100)))
     train(run, stop_at=2, progress=False)
     good = _state(run)
     with pytest.raises(TrainingDiverged) as info:
@@ -126,7 +201,7 @@ def test_the_check_can_be_switched_off_but_non_finite_weights_are_never_checkpoi
     """max_nonfinite_steps = 0: the NaN goes into the weights; the next checkpoint refuses to write them, so
     retention never replaces the last finite checkpoint with a non-finite one."""
     run = _run(tmp_path, registry, "off", max_nonfinite_steps=0, checkpoint_every=2, keep_checkpoints=1)
-    run.metric = run.objective.parts["metric"] = PoisonedMetric(run.metric, {2})  # step k = 2
+    run.metric = run.objective.parts["metric"] = PoisonedMetric(run, {2})  # step k = 2
     with pytest.raises(RunError) as info:
         train(run, progress=False)
     assert not _events(run, "nonfinite")
@@ -298,7 +373,7 @@ def test_a_run_whose_every_step_was_skipped_ends_with_a_warning_not_a_plain_nan_
     from ctcore.cli import _print_summary
 
     run = _run(tmp_path, registry, "all-skipped", max_nonfinite_steps=100)
-    run.metric = run.objective.parts["metric"] = PoisonedMetric(run.metric, set(range(100)))
+    run.metric = run.objective.parts["metric"] = PoisonedMetric(run, set(range(100)))
     summary = train(run, progress=False)
     assert summary["skipped_steps"] == 12 and summary["loss"] != summary["loss"]  # NaN: nothing was applied
     expected = (f"every one of the 12 steps was skipped: each had a non-finite loss or gradient, so the weights are "

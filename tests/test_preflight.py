@@ -358,9 +358,9 @@ def test_a_network_too_large_for_any_device_is_refused_at_check_without_allocati
                                                                                  hostile: Path) -> None:
     recipe = recipe_with(tmp_path, network={"name": "huge"})
     line = one_line_failure(invoke("check", recipe), 2)
-    assert line.startswith(f"{recipe}: the run would need about 18.2 TiB in each process even with "
-                           "training.batch_size split over 1,024 processes (optimizer moments 7.3 TiB, weights "
-                           "3.6 TiB, eval EMA 3.6 TiB), more than any device or machine holds (ctcore refuses more "
+    assert line.startswith(f"{recipe}: the run would need about 32.7 TiB in each process even with "
+                           "training.batch_size split over 1,024 processes (rollback copy 14.6 TiB, optimizer moments "
+                           "7.3 TiB, weights 3.6 TiB), more than any device or machine holds (ctcore refuses more "
                            "than 1.0 TiB); lower the [network] size options"), line
 
 
@@ -461,6 +461,12 @@ def test_the_quickstart_estimate_in_bytes() -> None:
     assert m.data == 20_000 * (3 * 8 * 8 + 8)  # uint8 images and int64 labels on the device
     assert m.host_staging == 20_000 * (16 * 192 + 16)
     assert m.weights == 4 * 791_744 + 256  # and the Fourier frequencies (64 float32)
+    # what the non-finite check copies while steps run: weights and eval EMA, two moments (no teacher copy)
+    assert m.rollback == 2 * m.weights + 2 * 4 * 791_744 == m.weights + m.eval_ema + m.teacher + m.optimizer
+    unchecked = pf.preflight(read_recipe(REPO / "recipes" / "quickstart.toml", registry,
+                                         sets=["training.max_nonfinite_steps=0"]), registry).memory
+    assert unchecked.rollback == 0
+    assert m.activations == unchecked.activations == 256 * 30_756  # 30.0 KiB per image (the README's figure)
 
 
 def test_a_run_that_does_not_fit_is_refused_before_any_data_is_allocated(tmp_path: Path,
@@ -472,8 +478,8 @@ def test_a_run_that_does_not_fit_is_refused_before_any_data_is_allocated(tmp_pat
     recipe = recipe_with(tmp_path)
     line = one_line_failure(invoke("run", recipe, "--no-progress", env={pf.MEMORY_LIMIT_ENV: "100000"}), 1)
     # 256 images of (3, 4, 4): 16 bytes of generator temporaries per pixel value; 8,048 parameters: 62.9 KiB of moments
-    assert line == (f"{recipe}: the run needs about 272.9 KiB of memory on cpu (data loading 196.0 KiB, evaluation "
-                    "on the host 69.0 KiB, optimizer moments 62.9 KiB) but CTCORE_MEMORY_LIMIT allows 97.7 KiB; "
+    assert line == (f"{recipe}: the run needs about 325.7 KiB of memory on cpu (data loading 196.0 KiB, rollback "
+                    "copy 125.8 KiB, evaluation on the host 69.0 KiB) but CTCORE_MEMORY_LIMIT allows 97.7 KiB; "
                     "lower data.num_images, or set CTCORE_MEMORY_LIMIT=<bytes> if that figure is wrong")
     assert loaded == [] and not (tmp_path / "out").exists()
     line = one_line_failure(invoke("run", recipe, env={pf.MEMORY_LIMIT_ENV: "lots"}), 2)
@@ -487,8 +493,8 @@ def test_check_prints_the_estimate_in_its_ok_line(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stderr == (
         f"ok: {recipe} is valid; network mlp has 8,048 parameters; synthetic data, 256 images of shape (3, 4, 4); "
-        "training needs about 272.9 KiB in one process (data loading 196.0 KiB, evaluation on the host 69.0 KiB, "
-        "optimizer moments 62.9 KiB)\n")
+        "training needs about 325.7 KiB in one process (data loading 196.0 KiB, rollback copy 125.8 KiB, evaluation "
+        "on the host 69.0 KiB)\n")
 
 
 @pytest.fixture(scope="module")

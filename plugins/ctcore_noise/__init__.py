@@ -28,8 +28,17 @@ class Lognormal(NoiseScheduleBase):
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        """(grid, its probabilities) of the last call: the consistency objective passes one grid tensor per N(k)."""
 
     def probabilities(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Computed once per grid tensor (the same tensor again returns the same result), so a training step
+        neither recomputes them nor, on CPU, reads their sum."""
+        if self._last is None or self._last[0] is not sigmas:
+            self._last = (sigmas, self._probabilities(sigmas))
+        return self._last[1]
+
+    def _probabilities(self, sigmas: torch.Tensor) -> torch.Tensor:
         s = sigmas.to(torch.float64)
         cdf = torch.erf((torch.log(s) - self.options.p_mean) / (math.sqrt(2.0) * self.options.p_std))
         mass = cdf[1:] - cdf[:-1]
