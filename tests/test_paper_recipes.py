@@ -119,3 +119,39 @@ def test_edm_cifar10_has_the_edm_settings(registry) -> None:
     assert (net["dropout"], net["fourier_scale"], net["fir_kernel"]) == (0.13, 16.0, (1.0, 3.0, 3.0, 1.0))
     assert (net["progressive_input"], net["progressive"]) == ("residual", "none")
     assert (r.data.source, r.data.resolution, r.data.num_classes) == ("hdf5", 32, 0)
+
+
+def changed_keys(base: Recipe, other: Recipe) -> list[str]:
+    """`section.key` of every setting in which two resolved recipes differ (run.name aside: the run directory)."""
+    return [c.strip().split(":")[0] for c in recipe_differences(base, other)
+            if not c.strip().startswith("run.name:")]
+
+
+def test_ict_cifar10_small_keeps_every_ict_technique_and_shrinks_only_its_size(registry) -> None:
+    """The mid-size recipe is this project's scaling of the paper's: the network, batch and run shrink; every iCT
+    technique (teacher, metric, pairs, weighting, curriculum, optimizer, lr, dropout, Fourier scale) is kept."""
+    small = load(registry, "ict_cifar10_small.toml")
+    assert changed_keys(load(registry, "ict_cifar10.toml"), small) == [
+        "training.total_steps", "training.batch_size", "training.eval_ema_decay", "training.checkpoint_every",
+        "training.sample_every", "network.nf", "network.num_res_blocks"]
+    net = build_components(small, registry, device="meta")["network"]
+    assert sum(p.numel() for p in net.parameters()) == 11_544_323  # "about 10-15M parameters"
+    assert (small.training.total_steps, small.training.batch_size) == (100_000, 256)
+    text = (RECIPES / "ict_cifar10_small.toml").read_text(encoding="utf-8")
+    assert "THIS PROJECT'S CHOICE, not the paper's recipe" in text
+
+
+def test_quickstart_cifar16_ct_switches_every_ict_change_back_and_nothing_else(registry) -> None:
+    """The 16 px CPU pair differs exactly as quickstart_ct differs from quickstart: the six iCT changes."""
+    ict = load(registry, "quickstart_cifar16.toml")
+    ct = load(registry, "quickstart_cifar16_ct.toml")
+    assert [c.strip() for c in recipe_differences(ict, ct) if not c.strip().startswith("run.name:")] == [
+        "consistency.weighting: \"inverse-delta\" -> \"uniform\"", "network.fourier_scale: 0.02 -> 16.0",
+        "metric.name: \"pseudo-huber\" -> \"l2\"", "noise_schedule.name: \"lognormal\" -> \"uniform\"",
+        "noise_schedule.p_mean: -1.1 -> (unset)", "noise_schedule.p_std: 2.0 -> (unset)",
+        "curriculum.name: \"exponential\" -> \"ct\"", "curriculum.s0: 10 -> 2", "curriculum.s1: 1280 -> 150",
+        "teacher.name: \"no-ema\" -> \"ema\"", "teacher.mu0: (unset) -> 0.9",
+        "teacher.schedule: (unset) -> \"adaptive\"", "teacher.s0: (unset) -> 2"]
+    assert (ict.data.source, ict.data.path, ict.data.resolution) == ("hdf5", "data/cifar10-train-16.h5", 16)
+    net = build_components(ict, registry, device="meta")["network"]
+    assert sum(p.numel() for p in net.parameters()) == 1_284_035
