@@ -622,7 +622,7 @@ def _sweep_table(top: Path, grid: list[list[str]], names: list[str], statuses: l
     def fmt(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    table = Table(title=f"sweep {top}", caption="sliced W and loss: the last logged; img/s: the median")
+    table = Table(title=f"{len(grid)} sweep points", caption="sliced W and loss: the last logged; img/s: the median")
     for key in (s.partition("=")[0] for s in grid[0]):
         table.add_column(key, justify="left")
     for col in ("status", "sliced W", "loss", "img/s"):
