@@ -339,7 +339,7 @@ def tick_labels(values: Sequence[float], number_format: str) -> list[str]:
     def scaled(v: float) -> str:
         for unit, size in (("M", 1e6), ("k", 1e3)):
             if abs(v) >= size:
-                return f"{_clean(v / size):g}{unit}"
+                return f"{_clean(v / size):.12g}{unit}"
         return f"{v:g}"
 
     def exponent(v: float) -> str:

@@ -320,14 +320,20 @@ def test_the_distance_curve_has_a_marker_at_each_of_its_points(tmp_path: Path, m
     (500, 500, False, "count", True, ["300", "400", "500", "600", "700"]),
     (0, 0, False, "count", True, ["0", "1"]),  # no negative step
     (1000, 25_000, False, "count", False, ["5k", "10k", "15k", "20k", "25k"]),
+    (1_000_000, 1_000_007, False, "count", True, ["1M", "1.000002M", "1.000004M", "1.000006M"]),
+    (0, 400_000, False, "count", 100, ["0", "200k", "400k"]),  # a narrow chart: fewer ticks, no overlap
+    (1e-4, 1e-2, True, "number", -40, ["1e-4", "1e-3", "1e-2"]),  # a low one (40 px)
 ])
-def test_axis_ticks_are_readable(lo: float, hi: float, log: bool, number_format: str, along_x: bool,
+def test_axis_ticks_are_readable(lo: float, hi: float, log: bool, number_format: str, along_x: bool | int,
                                  labels: list[str]) -> None:
     """2 to 8 ticks inside the range, labels in one style per axis (decades, then 1, 2, 5 per decade on a log
-    axis; 10k for thousands of steps), and no two labels overlapping at the chart's size."""
+    axis; 10k for thousands of steps), and no two labels overlapping at the chart's size (or at a length in pixels:
+    positive along x, negative along y)."""
     from ctcore.images import MAX_TICKS, axis_for, plot_area, text_width
 
     length = plot_area()[0 if along_x else 1]
+    if along_x not in (True, False):
+        length, along_x = abs(along_x), along_x > 0
     axis = axis_for(lo, hi, log, number_format, length, along_x)
     assert [label for _, label in axis.ticks] == labels
     assert 2 <= len(axis.ticks) <= MAX_TICKS and all(axis.lo <= v <= axis.hi for v, _ in axis.ticks)
