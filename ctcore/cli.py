@@ -586,20 +586,53 @@ def sweep(
                                        "-o", str(top / name), *(["--device", device] if device else [])]))
             return
         out = _console()
-        for i, (recipe, name) in enumerate(zip(recipes, names, strict=True), start=1):
-            run_dir = top / name
-            out.print(f"sweep point {i}/{len(grid)}: {run_dir}")
-            resume = holds_a_run(run_dir)
-            the_run = resume_run(recipe, registry, run_dir) if resume else start_run(recipe, registry, run_dir)
-            try:
-                _train(the_run, resume, progress)
-            except typer.Exit as stop:
-                _console(stderr=True).print(f"the sweep stopped at point {i}/{len(grid)}; run the same ctcore sweep "
-                                            "command again to continue it")
-                raise stop from None
-            finally:
-                the_run.close()
+        statuses = ["not started"] * len(grid)
+        try:
+            for i, (recipe, name) in enumerate(zip(recipes, names, strict=True), start=1):
+                run_dir = top / name
+                out.print(f"sweep point {i}/{len(grid)}: {run_dir}")
+                statuses[i - 1] = "failed"  # until it ends otherwise
+                resume = holds_a_run(run_dir)
+                the_run = resume_run(recipe, registry, run_dir) if resume else start_run(recipe, registry, run_dir)
+                done = resume and the_run.step >= the_run.recipe.training.total_steps
+                try:
+                    _train(the_run, resume, progress)
+                except typer.Exit as stop:
+                    statuses[i - 1] = "stopped"
+                    _console(stderr=True).print(f"the sweep stopped at point {i}/{len(grid)}; run the same ctcore "
+                                                "sweep command again to continue it")
+                    raise stop from None
+                finally:
+                    the_run.close()
+                statuses[i - 1] = "already finished" if done else "trained"
+        finally:
+            if any(s != "not started" for s in statuses):
+                out.print(_folded(_sweep_table(top, grid, names, statuses)))
         out.print(f"sweep of {len(grid)} runs finished in {top}")
+
+
+def _sweep_table(top: Path, grid: list[list[str]], names: list[str], statuses: list[str]) -> Any:
+    """The sweep's closing table: a row per point with its value of each --set key (as given), how it ended, and
+    its last sliced Wasserstein distance and loss and median img/s from its stats.jsonl ("-" where missing)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from ctcore.reporting import final_figures
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    table = Table(title=f"{len(grid)} sweep points", caption="sliced W and loss: the last logged; img/s: the median")
+    for key in (s.partition("=")[0] for s in grid[0]):
+        table.add_column(key, justify="left")
+    for col in ("status", "sliced W", "loss", "img/s"):
+        table.add_column(col, justify="left" if col == "status" else "right")
+    for point, name, status in zip(grid, names, statuses, strict=True):
+        row = final_figures(top / name) or {}
+        cells = [*(s.partition("=")[2] for s in point), status, fmt(row.get("sliced_wasserstein"), ".4f"),
+                 fmt(row.get("loss"), ".4g"), fmt(row.get("img_per_s"), ",.0f")]
+        table.add_row(*(Text(c) for c in cells))
+    return table
 
 
 SamplerOption = Annotated[str | None, typer.Option(
@@ -1250,7 +1283,7 @@ def report(
     with _errors():
         from ctcore.reporting import run_report
 
-        rows = run_report(run_dirs, output)
+        rows = run_report(run_dirs, output, _registry())
         if as_json:
             typer.echo(json.dumps([_finite(r) for r in rows], indent=2))
             _console(stderr=True).print(f"wrote the figure to {output}")

@@ -385,6 +385,11 @@ def karras_levels(sigma_min: float, sigma_max: float, rho: float, levels: Sequen
 # ------------------------------------------------------------------------------------- `ctcore edit`
 
 TASKS = ("inpaint", "colorize", "superres", "stroke", "interpolate")
+GRID_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "inpaint": ("source", "masked", "result"), "colorize": ("source", "grayscale", "result"),
+    "superres": ("source", "low-res", "result"), "stroke": ("painting", "input", "result")}
+"""The column captions of an edit grid: the reference, what the model is given of it, the result (interpolate:
+each column's alpha)."""
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_SOURCE_COUNT = 64
 
@@ -709,7 +714,7 @@ def edit_from_checkpoint(
             attrs.update(seeds_interpolated=list(seeds), num=num)
             extra = {"alphas": torch.tensor(alphas, dtype=torch.float64)}
             write_sample_store(out, results, list(seeds), lab if num_classes else None, attrs, extra)
-            save_grid(results, grid, ncol=len(results))
+            save_grid(results, grid, ncol=len(results), column_captions=[f"alpha {a:.2g}" for a in alphas])
             return {"store": out, "grid": grid, "count": len(results), "plan": _plan(sigmas), **facts}
         sample_seeds = list(range(seed, seed + len(inputs)))
         if task == "inpaint":
@@ -742,7 +747,7 @@ def edit_from_checkpoint(
         shown = to_uint8(ref) if task == "stroke" else to_uint8(transform.degraded(
             ref, None if step_masks is None else step_masks.float()))
         rows = torch.stack([inputs, shown, results], dim=1).reshape(-1, *shape)[: 3 * 64]
-        save_grid(rows, grid, ncol=3)
+        save_grid(rows, grid, ncol=3, column_captions=GRID_COLUMNS[task])
     return {"store": out, "grid": grid, "count": len(inputs), "plan": _plan(sigmas), **facts}
 
 

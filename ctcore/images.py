@@ -4,11 +4,14 @@ image files a user gives ctcore (edit sources and masks, imported folders and ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
 
 if TYPE_CHECKING:
     import torch
@@ -141,33 +144,49 @@ def check_image_path(path: str | Path | None, option: str = "--grid") -> None:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, ncol: int | None = None,
-              captions: Sequence[str] | None = None) -> Path:
+              captions: Sequence[str] | None = None, column_captions: Sequence[str] | None = None) -> Path:
     """Write uint8 images (N, C, H, W) as one PNG grid; `captions` (one per image, e.g. class labels) are
-    written in black under each image."""
+    written in black under each image, `column_captions` (one per column, e.g. "source", "result") in a band
+    above the grid, as the training grids caption "samples" and "data"."""
     from PIL import Image, ImageDraw
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = _auto_scale(images.shape[2])
-    if captions is None:
-        Image.fromarray(grid_array(images, ncol, scale=scale).numpy()).save(path)
-        return path
-    if len(captions) != len(images):
-        raise ValueError(f"need one caption per image: {len(captions)} captions, {len(images)} images")
     n, _, h, w = images.shape
     h, w, pad, line = h * scale, w * scale, 1, _TEXT_HEIGHT + 2
     ncol = ncol or max(1, math.ceil(math.sqrt(n)))
     nrow = max(1, math.ceil(n / ncol))
-    canvas = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + line + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k in range(n):
-        r, col = divmod(k, ncol)
-        x, y = pad + col * (w + pad), pad + r * (h + line + pad)
-        canvas.paste(Image.fromarray(grid_array(images[k : k + 1], 1, pad=0, scale=scale).numpy()), (x, y))
-        width = draw.textlength(captions[k])
-        draw.text((x + max(0.0, (w - width) / 2), y + h + 1), captions[k], fill="black")
-    canvas.save(path)
+    if captions is None:
+        grid = Image.fromarray(grid_array(images, ncol, scale=scale).numpy())
+    else:
+        if len(captions) != len(images):
+            raise ValueError(f"need one caption per image: {len(captions)} captions, {len(images)} images")
+        grid = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + line + pad) + pad), "white")
+        draw = ImageDraw.Draw(grid)
+        for k in range(n):
+            r, col = divmod(k, ncol)
+            x, y = pad + col * (w + pad), pad + r * (h + line + pad)
+            grid.paste(Image.fromarray(grid_array(images[k : k + 1], 1, pad=0, scale=scale).numpy()), (x, y))
+            width = draw.textlength(captions[k])
+            draw.text((x + max(0.0, (w - width) / 2), y + h + 1), captions[k], fill="black")
+    if column_captions is not None:
+        if len(column_captions) != ncol:
+            raise ValueError(f"need one caption per column: {len(column_captions)} captions, {ncol} columns")
+        canvas = Image.new("RGB", (grid.width, grid.height + CAPTION_BAND), "white")
+        canvas.paste(grid, (0, CAPTION_BAND))
+        draw = ImageDraw.Draw(canvas)
+        for col, caption in enumerate(column_captions):
+            width = draw.textlength(caption)
+            draw.text((pad + col * (w + pad) + max(0.0, (w - width) / 2), 3), caption, fill="black")
+        grid = canvas
+    grid.save(path)
     return path
+
+
+CAPTION_BAND = 18
+"""Pixel height of the band above a grid that holds its captions ("samples" and "data" of the training grids,
+the columns of an edit grid)."""
 
 
 _TEXT_HEIGHT = 11
@@ -202,7 +221,7 @@ def save_side_by_side(samples: torch.Tensor, data: torch.Tensor, path: str | Pat
 
     scale = _auto_scale(samples.shape[2])
     left, right = grid_array(samples, scale=scale), grid_array(data, scale=scale)
-    gap, top = 12, 18
+    gap, top = 12, CAPTION_BAND
     h = max(left.shape[0], right.shape[0])
     canvas = Image.new("RGB", (left.shape[1] + gap + right.shape[1], h + top), "white")
     canvas.paste(Image.fromarray(left.numpy()), (0, top))
@@ -216,40 +235,6 @@ def save_side_by_side(samples: torch.Tensor, data: torch.Tensor, path: str | Pat
     return path
 
 
-def save_line_plot(xs: list[float], ys: list[float], path: str | Path, title: str, xlabel: str = "step") -> Path:
-    """A small PNG line chart (e.g. FID over training) drawn with Pillow; the y axis spans the data."""
-    from PIL import Image, ImageDraw
-
-    width, height, left, right, top, bottom = 480, 300, 56, 16, 28, 36
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 8), title, fill="black")
-    x0, x1, y0, y1 = left, width - right, height - bottom, top
-    draw.line([(x0, y1), (x0, y0), (x1, y0)], fill="black")
-    if xs:
-        lo_x, hi_x = min(xs), max(xs)
-        lo_y, hi_y = min(ys), max(ys)
-        span_x, span_y = (hi_x - lo_x) or 1.0, (hi_y - lo_y) or 1.0
-
-        def at(x: float, y: float) -> tuple[float, float]:
-            return x0 + (x - lo_x) / span_x * (x1 - x0), y0 - (y - lo_y) / span_y * (y0 - y1)
-
-        points = [at(x, y) for x, y in zip(xs, ys, strict=True)]
-        if len(points) > 1:
-            draw.line(points, fill=(40, 90, 200), width=2)
-        for px, py in points:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(40, 90, 200))
-        draw.text((4, y1 - 6), f"{hi_y:.3g}", fill="black")
-        draw.text((4, y0 - 6), f"{lo_y:.3g}", fill="black")
-        draw.text((x0, y0 + 6), f"{lo_x:g}", fill="black")
-        draw.text((x1 - 40, y0 + 6), f"{hi_x:g}", fill="black")
-    draw.text(((x0 + x1) // 2 - 12, height - 16), xlabel, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
-
-
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
@@ -257,13 +242,282 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 """Line colours of `save_curves`, one per run, repeating after ten."""
 
 
-def save_curves(panels: list[tuple[str, list[list[tuple[float, float]]]]], names: list[str],
-                path: str | Path, xlabel: str = "step") -> Path:
-    """One PNG (or .jpg, .webp) of line charts drawn with Pillow: a panel per (title, one list of (x, y) points
-    per run), two panels a row, under a legend naming each run in its colour. Non-finite points are left out."""
+# ---------------------------------------------------------------------------------------------------- charts
+
+PANEL_SIZE = (480, 300)
+"""Pixel width and height of one chart of `save_curves` (and of `save_line_plot`'s whole picture)."""
+_MARGINS = (64, 16, 28, 36)
+"""Left (the y tick labels), right, top (the title) and bottom (the x tick labels and the axis name) of a chart."""
+_INSET = 6
+"""Pixels between an axis line and the nearest data point, so that no point sits on an axis."""
+MAX_TICKS = 8
+"""The most ticks an axis gets: enough to read a value off, few enough that every label stays readable."""
+_GRID = (225, 225, 225)
+
+
+def _plottable(v: float, log: bool) -> bool:
+    return math.isfinite(v) and (v > 0 or not log)
+
+
+@attrs.frozen
+class Mark:
+    """A vertical dashed line at `x` across a chart, in `colour`, named in the chart's own legend."""
+
+    x: float
+    label: str
+    colour: tuple[int, int, int]
+
+
+@attrs.frozen
+class Panel:
+    """One chart of `save_curves`: a title, one list of (x, y) points per run (in PALETTE order, as the figure's
+    legend names them), the scale and number format of each axis ("count": 500, 10k, 1.5M; "number": 0.5, 20,
+    1e-3), whether every point gets a marker (a series of one point always does) and vertical marks."""
+
+    title: str
+    series: list[list[tuple[float, float]]]
+    log_x: bool = False
+    log_y: bool = False
+    x_format: Literal["count", "number"] = "count"
+    y_format: Literal["count", "number"] = "number"
+    markers: bool = False
+    marks: list[Mark] = attrs.Factory(list)
+
+
+@attrs.frozen
+class Axis:
+    """The data range an axis spans (lo < hi, both positive on a log axis) and its (value, label) ticks."""
+
+    lo: float
+    hi: float
+    log: bool
+    ticks: list[tuple[float, str]]
+
+    def fraction(self, v: float) -> float:
+        """Where `v` lies between lo (0) and hi (1)."""
+        if self.log:
+            return (math.log10(v) - math.log10(self.lo)) / (math.log10(self.hi) - math.log10(self.lo))
+        return (v - self.lo) / (self.hi - self.lo)
+
+
+@attrs.frozen
+class Layout:
+    """What a chart draws: its axes (None when no point can be drawn) and each series' drawable points (finite,
+    and positive on a log axis: the others are left out, so they cannot break the scale)."""
+
+    x: Axis | None
+    y: Axis | None
+    series: list[list[tuple[float, float]]]
+
+
+def plot_area(size: tuple[int, int] = PANEL_SIZE) -> tuple[int, int]:
+    """Pixel width and height between a chart's first and last possible data points."""
+    left, right, top, bottom = _MARGINS
+    return size[0] - left - right - 2 * _INSET, size[1] - top - bottom - 2 * _INSET
+
+
+@functools.cache
+def _measure() -> Any:
     from PIL import Image, ImageDraw
 
-    panel_w, panel_h, left, right, top, bottom = 480, 300, 64, 16, 28, 36
+    return ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+
+def text_width(text: str) -> float:
+    """Pixel width of `text` in Pillow's default font, as the charts and grids write it."""
+    return _measure().textlength(text)
+
+
+def _clean(v: float) -> float:
+    """A tick value without the float noise of k * step (0.30000000000000004 -> 0.3)."""
+    return float(f"{v:.12g}")
+
+
+def tick_labels(values: Sequence[float], number_format: str) -> list[str]:
+    """Labels of an axis's ticks, in one style per axis: counts as 500, 10k, 1.5M; numbers as 0.002, 20, 5000
+    when all lie in [0.001, 10000), else as 2e-5, 1e6."""
+    def scaled(v: float) -> str:
+        for unit, size in (("M", 1e6), ("k", 1e3)):
+            if abs(v) >= size:
+                return f"{_clean(v / size):.12g}{unit}"
+        return f"{v:g}"
+
+    def exponent(v: float) -> str:
+        if v == 0:
+            return "0"
+        e = math.floor(math.log10(abs(v)))
+        m = float(f"{v / 10.0**e:.6g}")
+        if abs(m) >= 10:
+            m, e = m / 10, e + 1
+        return f"{m:g}e{e}"
+
+    if number_format == "count" and all(v == int(v) for v in values):
+        return [scaled(v) for v in values]
+    if all(v == 0 or 1e-3 <= abs(v) < 1e4 for v in values):
+        return [f"{v:g}" for v in values]
+    return [exponent(v) for v in values]
+
+
+def _linear_candidates(lo: float, hi: float, integer: bool) -> list[list[float]]:
+    """Tick sets at multiples of 5, 2, 1 x 10^e, coarse to fine (steps from about the span to a hundredth of it)."""
+    top = math.floor(math.log10(hi - lo))
+    found = []
+    for e in range(top, top - 3, -1):
+        for m in (5, 2, 1):
+            step = m * 10.0**e
+            if integer and step < 1:
+                continue
+            first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+            if last - first < 64:
+                found.append([_clean(k * step) for k in range(first, last + 1)])
+    return found
+
+
+def _log_candidates(lo: float, hi: float) -> list[list[float]]:
+    """Tick sets of a log axis, coarse to fine: every 5th, 3rd, 2nd decade, every decade, then 1, 2, 5 and 1 ... 9
+    times each decade."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+
+    def inside(v: float) -> bool:
+        return lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)
+
+    found = [[10.0**e for e in decades if e % every == 0 and inside(10.0**e)] for every in (5, 3, 2, 1)]
+    for mantissas in ((1, 2, 5), range(1, 10)):
+        found.append([v for e in decades for m in mantissas if inside(v := _clean(m * 10.0**e))])
+    return found
+
+
+def _readable(axis: Axis, labels: list[str], length: float, along_x: bool) -> bool:
+    """Whether no two tick labels overlap: side by side (x) with 6 pixels between them, stacked (y) 3 pixels."""
+    at = [axis.fraction(v) * length for v, _ in axis.ticks]
+    if along_x:
+        widths = [text_width(label) for label in labels]
+        return all(b - a >= (wa + wb) / 2 + 6 for a, b, wa, wb in zip(at, at[1:], widths, widths[1:], strict=False))
+    return all(b - a >= _TEXT_HEIGHT + 3 for a, b in zip(at, at[1:], strict=False))
+
+
+def axis_for(lo: float, hi: float, log: bool, number_format: str, length: float, along_x: bool) -> Axis:
+    """The axis spanning the data from lo to hi (a single value gets a range with it in the middle) with the most
+    ticks, at most MAX_TICKS, whose labels do not overlap over `length` pixels; a log axis prefers decades (then 1,
+    2, 5 and 1 ... 9 per decade) and takes evenly spaced ticks only when the range holds fewer than two of those."""
+    signed = lo < 0
+    if lo == hi:
+        d = abs(lo) / 2 or 1.0
+        lo, hi = (lo / 3, hi * 3) if log else (lo - d, hi + d)
+    groups = [_log_candidates(lo, hi)] if log else []
+    groups.append(_linear_candidates(lo, hi, number_format == "count"))
+    for group in groups:
+        chosen = None
+        for values in group:  # coarse to fine: the finest readable one wins
+            values = [v for v in values if signed or v >= 0]  # no tick at a negative step around step 0
+            axis = Axis(lo, hi, log, [(v, "") for v in values])
+            labels = tick_labels(values, number_format)
+            if 2 <= len(values) <= MAX_TICKS and _readable(axis, labels, length, along_x):
+                chosen = list(zip(values, labels, strict=True))
+        if chosen is not None:
+            return Axis(lo, hi, log, chosen)
+    return Axis(lo, hi, log, list(zip([lo], tick_labels([lo], number_format), strict=True)))
+
+
+def panel_layout(panel: Panel, size: tuple[int, int] = PANEL_SIZE) -> Layout:
+    """The axes and drawable points of a chart: the x axis spans the points and the marks, the y axis the points."""
+    series = [[(x, y) for x, y in s if _plottable(x, panel.log_x) and _plottable(y, panel.log_y)]
+              for s in panel.series]
+    ys = [y for s in series for _, y in s]
+    xs = [x for s in series for x, _ in s] + [m.x for m in panel.marks if _plottable(m.x, panel.log_x)]
+    if not ys:
+        return Layout(None, None, series)
+    width, height = plot_area(size)
+    return Layout(axis_for(min(xs), max(xs), panel.log_x, panel.x_format, width, True),
+                  axis_for(min(ys), max(ys), panel.log_y, panel.y_format, height, False), series)
+
+
+def chart_pixel(layout: Layout, x: float, y: float, origin: tuple[int, int] = (0, 0),
+                size: tuple[int, int] = PANEL_SIZE) -> tuple[float, float]:
+    """Where the point (x, y) of a chart laid out as `layout` is drawn, for a chart whose corner is at `origin`."""
+    assert layout.x is not None and layout.y is not None
+    left, right, top, bottom = _MARGINS
+    width, height = plot_area(size)
+    return (origin[0] + left + _INSET + layout.x.fraction(x) * width,
+            origin[1] + size[1] - bottom - _INSET - layout.y.fraction(y) * height)
+
+
+def _dashed(draw: Any, x: float, top: float, bottom: float, colour: tuple[int, int, int]) -> None:
+    y = top
+    while y < bottom:
+        draw.line([(x, y), (x, min(y + 5, bottom))], fill=colour, width=2)
+        y += 9
+
+
+def _draw_panel(draw: Any, panel: Panel, ox: int, oy: int, xlabel: str, size: tuple[int, int] = PANEL_SIZE) -> None:
+    """One chart at (ox, oy): title, grid lines at the ticks, tick labels, lines (and markers), marks and their
+    legend, the axes and the x axis's name."""
+    left, right, top, bottom = _MARGINS
+    x0, x1, y0, y1 = ox + left, ox + size[0] - right, oy + size[1] - bottom, oy + top
+    draw.text((x0, oy + 8), panel.title, fill="black")
+    layout = panel_layout(panel, size)
+    if layout.x is None or layout.y is None:
+        positive = " (finite and positive, on a log scale)" if panel.log_y else " (finite)"
+        draw.text((x0 + 8, (y0 + y1) // 2), "no value to draw" + positive, fill="black")
+    else:
+        x_axis, y_axis = layout.x, layout.y
+
+        def px(x: float) -> float:
+            return chart_pixel(layout, x, y_axis.lo, (ox, oy), size)[0]
+
+        def py(y: float) -> float:
+            return chart_pixel(layout, x_axis.lo, y, (ox, oy), size)[1]
+
+        for value, label in y_axis.ticks:
+            y = py(value)
+            draw.line([(x0 + 1, y), (x1, y)], fill=_GRID)
+            draw.line([(x0 - 4, y), (x0, y)], fill="black")
+            draw.text((x0 - 6 - text_width(label), y - _TEXT_HEIGHT / 2 - 1), label, fill="black")
+        for value, label in x_axis.ticks:
+            x = px(value)
+            draw.line([(x, y1), (x, y0 - 1)], fill=_GRID)
+            draw.line([(x, y0), (x, y0 + 4)], fill="black")
+            draw.text((x - text_width(label) / 2, y0 + 6), label, fill="black")
+        for mark in panel.marks:
+            if _plottable(mark.x, panel.log_x):
+                _dashed(draw, px(mark.x), y1, y0, mark.colour)
+        for i, s in enumerate(layout.series):
+            colour = PALETTE[i % len(PALETTE)]
+            xy = [(px(x), py(y)) for x, y in s]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            if panel.markers or len(xy) == 1:
+                for a, b in xy:
+                    draw.ellipse([a - 3, b - 3, a + 3, b + 3], fill=colour)
+        if panel.marks:
+            width = max(text_width(m.label) for m in panel.marks)
+            for i, mark in enumerate(panel.marks):
+                lx, ly = x1 - 8 - width - 22, y1 + 4 + 14 * i
+                draw.rectangle([lx - 2, ly - 1, x1 - 4, ly + 13], fill="white")
+                draw.line([(lx, ly + 6), (lx + 16, ly + 6)], fill=mark.colour, width=2)
+                draw.text((lx + 22, ly), mark.label, fill="black")
+    draw.line([(x0, y1), (x0, y0), (x1, y0)], fill="black")
+    draw.text(((x0 + x1) / 2 - text_width(xlabel) / 2, oy + size[1] - 16), xlabel, fill="black")
+
+
+def save_line_plot(xs: list[float], ys: list[float], path: str | Path, title: str, xlabel: str = "step") -> Path:
+    """A small PNG line chart (e.g. FID over training) drawn with Pillow, a marker at every point."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", PANEL_SIZE, "white")
+    _draw_panel(ImageDraw.Draw(image), Panel(title, [list(zip(xs, ys, strict=True))], markers=True), 0, 0, xlabel)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def save_curves(panels: list[Panel], names: list[str], path: str | Path, xlabel: str = "step") -> Path:
+    """One PNG (or .jpg, .webp) of line charts drawn with Pillow: a chart per Panel, two a row, under a legend
+    naming each run in its colour."""
+    from PIL import Image, ImageDraw
+
+    panel_w, panel_h = PANEL_SIZE
     legend_h = 16 * len(names) + 12
     cols = 2 if len(panels) > 1 else 1
     rows = max(1, math.ceil(len(panels) / cols))
@@ -274,29 +528,8 @@ def save_curves(panels: list[tuple[str, list[list[tuple[float, float]]]]], names
         y = 6 + 16 * i
         draw.rectangle([8, y + 3, 28, y + 7], fill=colour)
         draw.text((36, y), name, fill="black")
-    for p, (title, series) in enumerate(panels):
-        ox, oy = panel_w * (p % cols), legend_h + panel_h * (p // cols)
-        x0, x1, y0, y1 = ox + left, ox + panel_w - right, oy + panel_h - bottom, oy + top
-        draw.text((x0, oy + 8), title, fill="black")
-        draw.line([(x0, y1), (x0, y0), (x1, y0)], fill="black")
-        points = [[(x, y) for x, y in s if math.isfinite(x) and math.isfinite(y)] for s in series]
-        every = [pt for s in points for pt in s]
-        if every:
-            lo_x, hi_x = min(x for x, _ in every), max(x for x, _ in every)
-            lo_y, hi_y = min(y for _, y in every), max(y for _, y in every)
-            span_x, span_y = (hi_x - lo_x) or 1.0, (hi_y - lo_y) or 1.0
-            for i, s in enumerate(points):
-                colour = PALETTE[i % len(PALETTE)]
-                xy = [(x0 + (x - lo_x) / span_x * (x1 - x0), y0 - (y - lo_y) / span_y * (y0 - y1)) for x, y in s]
-                if len(xy) > 1:
-                    draw.line(xy, fill=colour, width=2)
-                for px, py in xy:
-                    draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            draw.text((ox + 4, y1 - 6), f"{hi_y:.4g}", fill="black")
-            draw.text((ox + 4, y0 - 6), f"{lo_y:.4g}", fill="black")
-            draw.text((x0, y0 + 6), f"{lo_x:g}", fill="black")
-            draw.text((x1 - 48, y0 + 6), f"{hi_x:g}", fill="black")
-        draw.text(((x0 + x1) // 2 - 12, oy + panel_h - 16), xlabel, fill="black")
+    for p, panel in enumerate(panels):
+        _draw_panel(draw, panel, panel_w * (p % cols), legend_h + panel_h * (p // cols), xlabel)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

@@ -212,6 +212,15 @@ REPORT_SERIES: tuple[tuple[str, str | None, str], ...] = (
 )
 """(record key, the records' `event` (None: training records), panel title) of every curve `ctcore report` draws."""
 
+CHART_STYLES: dict[str, dict[str, Any]] = {
+    "loss": {"log_y": True},  # a diffusion loss is some 10^4 times a consistency loss, and both fall by decades
+    "sliced_wasserstein": {"log_y": True, "markers": True},  # a point per `distance` event
+    "fid": {"markers": True},
+    "inception_score": {"markers": True},
+    "img_per_s": {"y_format": "count"},
+}
+"""How each REPORT_SERIES key is charted: `ctcore.images.Panel` options."""
+
 
 def _number(value: Any) -> float | None:
     """A logged number as a float: "nan" / "inf" / "-inf" are how stats.jsonl writes non-finite ones."""
@@ -264,6 +273,10 @@ def run_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     records = stats_records(stats)
     if not records:
         raise UsageError(f"{str(stats)!r} holds no records yet; report the run once it has logged a step")
+    return _curves(records)
+
+
+def _curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
     curves: dict[str, dict[int, float]] = {key: {} for key, _, _ in REPORT_SERIES}
     for row in records:
         for key, event, _ in REPORT_SERIES:
@@ -297,14 +310,69 @@ def _final_row(name: str, run_dir: Path, curves: dict[str, list[tuple[int, float
             "img_per_s": speeds[len(speeds) // 2] if speeds else None}
 
 
+def objective_kind(run_dir: Path, registry: Registry | None = None) -> str | None:
+    """The kind of model a run trains: its objective's `model` ("consistency", "diffusion") by the objective its
+    recipe.toml names (DEFAULT_OBJECTIVE when it names none); the objective's name when no installed plugin
+    provides it (or no registry is given); None when recipe.toml cannot be read."""
+    import tomllib
+
+    from ctcore.components import DEFAULT_OBJECTIVE
+
+    try:
+        recipe = tomllib.loads((Path(run_dir) / "recipe.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: bad UTF-8 or TOML
+        return None
+    section = recipe.get("objective", {})
+    name = section.get("name", DEFAULT_OBJECTIVE) if isinstance(section, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    if registry is not None and name in registry.names("objective"):
+        return str(getattr(registry.get("objective", name), "model", name))
+    return name
+
+
+def report_panels(curves: list[dict[str, list[tuple[int, float]]]], kinds: list[str | None]) -> list[Any]:
+    """The charts of `ctcore report` (`ctcore.images.Panel`, one series per run): every REPORT_SERIES key some run
+    logged, styled as CHART_STYLES says; the loss once per kind of model (`objective_kind`) when the runs train
+    several, so that a diffusion loss does not flatten a consistency loss 10^4 times smaller."""
+    from ctcore.images import Panel
+
+    panels = []
+    groups = list(dict.fromkeys(kinds))
+    for key, _, title in REPORT_SERIES:
+        series = [c[key] for c in curves]
+        if not any(series):
+            continue
+        if key != "loss" or len(groups) == 1:
+            panels.append(Panel(title, series, **CHART_STYLES[key]))
+            continue
+        for kind in groups:
+            mine = [points if k == kind else [] for points, k in zip(series, kinds, strict=True)]
+            if any(mine):
+                runs = f"the {kind} runs" if kind is not None else "the runs without a readable recipe.toml"
+                panels.append(Panel(f"loss of {runs} (mean of each log interval)", mine, **CHART_STYLES[key]))
+    return panels
+
+
+def final_figures(run_dir: Path) -> dict[str, Any] | None:
+    """A run's last step, loss, distance, FID and IS and its median img/s, as `ctcore report`'s table has them
+    (a sweep's closing table); None when its stats.jsonl is missing, unreadable or holds no record."""
+    try:
+        records = stats_records(Path(run_dir) / "stats.jsonl")
+    except OSError:
+        return None
+    return _final_row(run_name(run_dir), run_dir, _curves(records)) if records else None
+
+
 REPORT_INPUTS = ("stats.jsonl", "recipe.toml")
 """The files of a run directory `ctcore report` reads."""
 
 
-def run_report(run_dirs: list[Path], figure: Path) -> list[dict[str, Any]]:
-    """`ctcore report`: one figure of every run's curves against steps, and one row of final figures per run
-    (the last logged loss, distance, FID and Inception Score, the median img/s). Legends name runs by run.name,
-    or by their directory where two runs share a name."""
+def run_report(run_dirs: list[Path], figure: Path, registry: Registry | None = None) -> list[dict[str, Any]]:
+    """`ctcore report`: one figure of every run's curves against steps (`report_panels`; `registry` tells the kind
+    of model each run's objective trains), and one row of final figures per run (the last logged loss, distance,
+    FID and Inception Score, the median img/s). Legends name runs by run.name, or by their directory where two
+    runs share a name."""
     from ctcore.errors import UsageError
     from ctcore.files import refuse_writing_inputs
     from ctcore.images import check_image_path, save_curves
@@ -321,6 +389,5 @@ def run_report(run_dirs: list[Path], figure: Path) -> list[dict[str, Any]]:
     names = [run_name(d) for d in run_dirs]
     if len(set(names)) < len(names):
         names = [str(d) for d in run_dirs]
-    panels = [(title, [c[key] for c in curves]) for key, _, title in REPORT_SERIES if any(c[key] for c in curves)]
-    save_curves(panels, names, figure)
+    save_curves(report_panels(curves, [objective_kind(d, registry) for d in run_dirs]), names, figure)
     return [_final_row(n, d, c) for n, d, c in zip(names, run_dirs, curves, strict=True)]

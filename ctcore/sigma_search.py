@@ -122,18 +122,29 @@ def search_sigmas(distance: Callable[[list[float]], float], sigma_min: float, si
             "coordinates": coordinates}
 
 
-def save_search_plot(result: dict[str, Any], path: str | Path, metric: str) -> Path:
-    """Distance against log10(sigma), one panel per coordinate, each point an evaluation (Pillow)."""
-    from ctcore.images import save_curves
+RECIPE_MARK, FOUND_MARK = (127, 127, 127), (214, 39, 40)
+"""Colours of the dashed lines of the search plot at the recipe's sigma (grey) and the one found (red)."""
 
+
+def save_search_plot(result: dict[str, Any], path: str | Path, metric: str) -> Path:
+    """Distance against sigma, one panel per coordinate, a point per evaluation, dashed lines at the recipe's
+    sigma_mid (when the recipe has a usable one) and at the sigma found; the sigma axis is logarithmic when the
+    sigmas span a factor 10 or more (Pillow)."""
+    from ctcore.images import Mark, Panel, save_curves
+
+    recipe = result.get("recipe_sigma_mid") or []
     panels = []
     for c in result["coordinates"]:
-        points = sorted((math.log10(e["sigma"]), e["value"]) for e in result["evaluations"]
-                        if e["coordinate"] == c["coordinate"])
-        fixed = "" if c["coordinate"] == 1 else f", sigma_mid[0] = {result['sigma_mid'][0]:g}"
-        panels.append((f"sigma_mid[{c['coordinate'] - 1}] ({c['coordinate'] + 1}-step{fixed}): best "
-                       f"{c['sigma']:g} at {c['value']:.4g}", [points]))
-    return save_curves(panels, [metric], path, xlabel="log10 sigma")
+        k = c["coordinate"]
+        points = sorted((e["sigma"], e["value"]) for e in result["evaluations"] if e["coordinate"] == k)
+        marks = [Mark(recipe[k - 1], f"recipe {recipe[k - 1]:g}", RECIPE_MARK)] if len(recipe) >= k else []
+        marks.append(Mark(c["sigma"], f"found {c['sigma']:g}", FOUND_MARK))
+        sigmas = [x for x, _ in points] + [m.x for m in marks]
+        fixed = "" if k == 1 else f", sigma_mid[0] = {result['sigma_mid'][0]:g}"
+        panels.append(Panel(f"sigma_mid[{k - 1}] ({k + 1}-step{fixed}): best {c['sigma']:g} at {c['value']:.4g}",
+                            [points], log_x=max(sigmas) >= 10 * min(sigmas), x_format="number", markers=True,
+                            marks=marks))
+    return save_curves(panels, [metric], path, xlabel="sigma")
 
 
 def run_search(checkpoint: str | Path, registry, *, steps: int, metric: str = "sliced-wasserstein",

@@ -209,7 +209,7 @@ def test_edit_inpaint_writes_the_store_and_the_grid_and_keeps_known_pixels(run_d
     assert list(attrs["sigmas"]) == karras_levels(0.002, 80.0, 7.0, EDIT_LEVELS)
     assert attrs["transform"] == "identity" and attrs["factor"] == 1 and attrs["mask"] == "random-pixels"
     grid = Image.open(out.with_suffix(".png"))
-    assert grid.size == (3 * (64 + 1) + 1, 6 * (64 + 1) + 1)  # reference | degraded | result, 6 rows
+    assert grid.size == (3 * (64 + 1) + 1, 18 + 6 * (64 + 1) + 1)  # captions; reference | degraded | result, 6 rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inpaint.h5", "inpaint.png"]  # no lock, no temporary
 
 
@@ -229,6 +229,44 @@ def test_edit_superres_and_colorize_keep_their_components_and_store_zero_masks(r
             assert list(f.attrs["sigmas"]) == [80.0, 0.5]
         assert check(images, inputs).abs().max() <= 1.0, task
         assert not torch.equal(images, inputs)
+
+
+@pytest.mark.parametrize(("task", "args", "captions"), [
+    ("inpaint", ["--mask-kind", "box"], ["source", "masked", "result"]),
+    ("colorize", [], ["source", "grayscale", "result"]),
+    ("superres", ["--factor", "2"], ["source", "low-res", "result"]),
+    ("stroke", [], ["painting", "input", "result"]),
+    ("interpolate", ["--seeds", "3,11", "--num", "5"], ["alpha 0", "alpha 0.25", "alpha 0.5", "alpha 0.75",
+                                                        "alpha 1"]),
+])
+def test_edit_grids_caption_their_columns(run_dir: Path, source: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch, task: str, args: list[str],
+                                          captions: list[str]) -> None:
+    """As the training grids caption "samples" and "data", an edit grid has a caption over each column, in an
+    18-pixel band above the images: the texts drawn are exactly the captions, and each column's part of the band
+    holds dark (text) pixels while the band is white elsewhere."""
+    from PIL import ImageDraw
+
+    drawn = []
+    real = ImageDraw.ImageDraw.text
+
+    def spy(self: Any, xy: Any, text: str, *a: Any, **k: Any) -> None:
+        drawn.append(text)
+        real(self, xy, text, *a, **k)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", spy)
+    images = [] if task == "interpolate" else ["--images", source, "--indices", "0:2"]
+    result = invoke("edit", task, run_dir, *images, *args, "--sigmas", "80,0.5", "-o", tmp_path / "e.h5")
+    assert result.exit_code == 0, result.output
+    assert drawn == captions
+    with Image.open(tmp_path / "e.png") as grid:
+        rgb = grid.convert("L")
+        rows = 1 if task == "interpolate" else 2
+        assert grid.size == (len(captions) * 65 + 1, 18 + rows * 65 + 1)
+        for col in range(len(captions)):
+            band = [rgb.getpixel((x, y)) for x in range(1 + 65 * col, 65 * (col + 1)) for y in range(18)]
+            assert min(band) < 100, col
+        assert {rgb.getpixel((x, 17)) for x in range(grid.size[0])} == {255}  # the band ends above the images
 
 
 def interpolate_against_sample(run: Path, tmp_path: Path, num: int, sigmas: list[str]) -> torch.Tensor:

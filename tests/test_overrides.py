@@ -296,13 +296,17 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, registry, mon
     assert result.exit_code == 130, result.output
     assert result.stderr.splitlines()[-1] == ("the sweep stopped at point 2/3; run the same ctcore sweep command "
                                               "again to continue it")
+    assert table_rows(result.stdout)[-3:] == [["1e-3", "trained", *closing_figures(top / "training.lr=1e-3")],
+                                              ["2e-3", "stopped", *closing_figures(top / "training.lr=2e-3")],
+                                              ["3e-3", "not started", "-", "-", "-"]]
     assert [p.name for p in list_checkpoints(top / "training.lr=2e-3")] == ["ckpt-000000003.pt"]
     assert sorted(p.name for p in top.iterdir()) == ["training.lr=1e-3", "training.lr=2e-3"]
     monkeypatch.setattr(ctcore.training, "train_step", step)
     finished = snapshot(top / "training.lr=1e-3")
     result = invoke("sweep", recipe, "--set", *sets, "--no-progress")
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.stdout.splitlines() if not line.startswith(("┌", "│", "└", "├", " "))]
+    tables = ("┏", "┃", "┡", "┌", "│", "└", "├", " ", "3 sweep points", "sliced W and loss: the last logged")
+    lines = [line for line in result.stdout.splitlines() if not line.startswith(tables)]
     assert lines == [
         f"sweep point 1/3: {top}/training.lr=1e-3",
         f"{top}/training.lr=1e-3 already finished at step 6; nothing to do (extend it with `ctcore run "
@@ -315,10 +319,55 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, registry, mon
         "run tiny",
         f"sweep of 3 runs finished in {top}",
     ]
+    assert table_rows(result.stdout)[-3:] == [["1e-3", "already finished", *closing_figures(top / "training.lr=1e-3")],
+                                              ["2e-3", "trained", *closing_figures(top / "training.lr=2e-3")],
+                                              ["3e-3", "trained", *closing_figures(top / "training.lr=3e-3")]]
     assert snapshot(top / "training.lr=1e-3") == finished
     for lr in ("2e-3", "3e-3"):
         assert list_checkpoints(top / f"training.lr={lr}")[-1].name == "ckpt-000000006.pt"
         assert read_recipe(top / f"training.lr={lr}" / "recipe.toml", registry).training.lr == float(lr)
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The cells of each body row of the tables a command printed."""
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in stdout.splitlines() if line.startswith("│")]
+
+
+def closing_figures(run_dir: Path) -> list[str]:
+    """The sweep table's figures of a point, from its stats.jsonl: the last distance (.4f), the last training
+    record's loss (.4g) and the median img/s."""
+    records = stats(run_dir)
+    training = [r for r in records if "event" not in r]
+    speeds = sorted(r["img_per_s"] for r in training)
+    distance = [r for r in records if r.get("event") == "distance"][-1]["sliced_wasserstein"]
+    return [f"{distance:.4f}", f"{training[-1]['loss']:.4g}", f"{speeds[len(speeds) // 2]:,.0f}"]
+
+
+def test_a_sweep_ends_with_a_table_of_its_points(tmp_path):
+    """After the last point: one row per point with its value of each --set key as given, its status and its
+    last distance, last loss and median img/s; started again with every point finished it prints the table too,
+    with "-" for a point whose stats.jsonl is missing or damaged."""
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "runs" / "tiny", training={"total_steps": 2})
+    top = tmp_path / "runs" / "tiny"
+    sets = ["--set", "training.lr=1e-3,2e-3", "--set", "run.seed=7"]
+    result = invoke("sweep", recipe, *sets, "--no-progress")
+    assert result.exit_code == 0, result.output
+    points = [top / "training.lr=1e-3,run.seed=7", top / "training.lr=2e-3,run.seed=7"]
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("┃"))
+    assert [c.strip() for c in header.split("┃")[1:-1]] == ["training.lr", "run.seed", "status", "sliced W", "loss",
+                                                             "img/s"]
+    rows = table_rows(result.stdout)[-2:]  # after the two runs' own summaries
+    assert rows == [["1e-3", "7", "trained", *closing_figures(points[0])],
+                    ["2e-3", "7", "trained", *closing_figures(points[1])]]
+    assert lines[-2:] == ["sliced W and loss: the last logged; img/s: the median", f"sweep of 2 runs finished in {top}"]
+
+    (points[0] / "stats.jsonl").unlink()
+    (points[1] / "stats.jsonl").write_bytes(b"\xff\xfe not json \x00\n")
+    again = invoke("sweep", recipe, *sets, "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert table_rows(again.stdout) == [["1e-3", "7", "already finished", "-", "-", "-"],
+                                        ["2e-3", "7", "already finished", "-", "-", "-"]]
 
 
 def test_a_sweep_refuses_a_directory_that_holds_a_run(tmp_path):

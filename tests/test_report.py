@@ -203,3 +203,151 @@ def test_the_fid_plot_skips_damaged_fid_records(tmp_path: Path) -> None:
     assert plot_fid(run) == run / "fid.png"
     with Image.open(run / "fid.png") as image:
         assert image.size == (480, 300)
+
+
+# ------------------------------------------------------------------------------------------------ the figure
+
+
+def charted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[Any], list[str]]]:
+    """The (panels, names) each `save_curves` call gets from `ctcore report`; the figure is still drawn."""
+    import ctcore.images
+
+    calls = []
+    real = ctcore.images.save_curves
+
+    def spy(panels: list[Any], names: list[str], path: Path, xlabel: str = "step") -> Path:
+        calls.append((panels, names))
+        return real(panels, names, path, xlabel)
+
+    monkeypatch.setattr(ctcore.images, "save_curves", spy)
+    return calls
+
+
+def kind_run(folder: Path, name: str, objective: str | None, lines: list[Any]) -> Path:
+    """A fake run whose recipe.toml names `objective` ([objective] left out when None: the default one)."""
+    run = fake_run(folder, name, lines)
+    if objective is not None:
+        (run / "recipe.toml").write_text(f'[run]\nname = "{name}"\n\n[objective]\nname = "{objective}"\n')
+    return run
+
+
+def test_consistency_and_diffusion_losses_get_a_log_scale_panel_each(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consistency loss (3e-2 down to 7.5e-4) and a diffusion loss (40 down to 1) on separate log-scale panels,
+    with 1, 2, 5 ticks per decade and the steps as 5k ... 40k; a loss of nan, 0, -1 or inf is left out of the
+    chart (and of its scale) but stays in the table."""
+    from ctcore.images import panel_layout
+
+    ict_loss = [(1000 * k, 3e-2 / k) for k in range(1, 41)]
+    edm_loss = [(1000 * k, 40 / k) for k in range(1, 41)]
+    bad = [(41_000, "nan"), (42_000, 0.0), (43_000, -1.0), (44_000, "inf")]
+    distance = [(0, 0.6), (20_000, 0.1), (40_000, 0.02)]
+    ict = kind_run(tmp_path / "ict", "ict", None, [
+        *({"event": "distance", "step": s, "sliced_wasserstein": v} for s, v in distance),
+        *(train(s, v, 5000.0) for s, v in ict_loss + bad)])
+    edm = kind_run(tmp_path / "edm", "edm", "edm", [train(s, v, 4000.0) for s, v in edm_loss])
+    calls = charted(monkeypatch)
+    result = invoke("report", ict, edm, "-o", tmp_path / "r.png", "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["loss"] for r in json.loads(result.stdout)] == ["inf", 1.0]
+    [(panels, names)] = calls
+    assert names == ["ict", "edm"]
+    assert [p.title for p in panels] == ["loss of the consistency runs (mean of each log interval)",
+                                         "loss of the diffusion runs (mean of each log interval)",
+                                         "sliced Wasserstein distance to the data", "training speed (img/s)"]
+    nan, inf = float("nan"), float("inf")
+    logged_ict = [*ict_loss, (41_000, nan), (42_000, 0.0), (43_000, -1.0), (44_000, inf)]
+    assert repr(panels[0].series) == repr([logged_ict, []]) and panels[1].series == [[], edm_loss]
+    assert [(p.log_y, p.markers) for p in panels] == [(True, False), (True, False), (True, True), (False, False)]
+    consistency, diffusion = panel_layout(panels[0]), panel_layout(panels[1])
+    assert consistency.series == [ict_loss, []]  # nan, 0, -1 and inf left out
+    assert consistency.y is not None and (consistency.y.lo, consistency.y.hi, consistency.y.log) == (7.5e-4, 3e-2, True)
+    assert [label for _, label in consistency.y.ticks] == ["0.001", "0.002", "0.005", "0.01", "0.02"]
+    assert diffusion.y is not None and (diffusion.y.lo, diffusion.y.hi) == (1.0, 40.0)
+    assert [label for _, label in diffusion.y.ticks] == ["1", "2", "5", "10", "20"]
+    assert consistency.x is not None and not consistency.x.log
+    assert [label for _, label in consistency.x.ticks] == ["5k", "10k", "15k", "20k", "25k", "30k", "35k", "40k"]
+    with Image.open(tmp_path / "r.png") as image:
+        assert image.size == (2 * 480, 16 * 2 + 12 + 2 * 300)
+
+    calls.clear()  # runs of one kind: one loss panel
+    other = kind_run(tmp_path / "ct", "ct", "consistency", [train(s, v, 5000.0) for s, v in ict_loss])
+    assert invoke("report", ict, other, "-o", tmp_path / "r.png").exit_code == 0
+    assert [p.title for p in calls[0][0]][0] == "loss (mean of each log interval)"
+    assert repr(calls[0][0][0].series) == repr([logged_ict, ict_loss]) and calls[0][0][0].log_y
+
+
+@pytest.mark.parametrize("count", [1, 2, 12])
+def test_the_distance_curve_has_a_marker_at_each_of_its_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               count: int) -> None:
+    """However many `distance` events a run logged, the chart's data are exactly those events, on a log scale,
+    each drawn as a marker (a disc: the four pixels 2 px left, right, above and below its centre are the run's
+    colour, which a line 2 px wide through the point would not all colour); a single point sits in the middle."""
+    from ctcore.images import PANEL_SIZE, chart_pixel, panel_layout
+
+    events = [(1000 * k, 0.5 / (k + 1)) for k in range(count)]
+    run = fake_run(tmp_path / "run", "r", [*({"event": "distance", "step": s, "sliced_wasserstein": v}
+                                             for s, v in events), train(100, 1.0, 10.0)])
+    calls = charted(monkeypatch)
+    assert invoke("report", run, "-o", tmp_path / "r.png").exit_code == 0
+    [(panels, _)] = calls
+    [chart] = [(i, p) for i, p in enumerate(panels) if p.title == "sliced Wasserstein distance to the data"]
+    index, panel = chart
+    assert panel.series == [events] and panel.markers and panel.log_y
+    layout = panel_layout(panel)
+    origin = (PANEL_SIZE[0] * (index % 2), 16 + 12 + PANEL_SIZE[1] * (index // 2))
+    with Image.open(tmp_path / "r.png") as image:
+        rgb = image.convert("RGB")
+        for x, y in events:
+            px, py = chart_pixel(layout, x, y, origin)
+            assert all(rgb.getpixel((round(px) + dx, round(py) + dy)) == PALETTE[0]
+                       for dx, dy in ((-2, 0), (2, 0), (0, -2), (0, 2))), (x, y)
+    if count == 1:
+        px, py = chart_pixel(layout, *events[0])
+        assert (round(px), round(py)) == (64 + 6 + 194, 28 + 6 + 112)  # the middle of the 388 x 224 plot area
+
+
+@pytest.mark.parametrize(("lo", "hi", "log", "number_format", "along_x", "labels"), [
+    (1e-4, 3e-2, True, "number", False, ["1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3", "1e-2", "2e-2"]),
+    (1e-8, 1e4, True, "number", False, ["1e-8", "1e-6", "1e-4", "1e-2", "1e0", "1e2", "1e4"]),
+    (0.3, 0.5, True, "number", False, ["0.3", "0.4", "0.5"]),
+    (0.03, 0.034, True, "number", False, ["0.03", "0.031", "0.032", "0.033", "0.034"]),  # no 2 in 1 ... 9 x 10^e
+    (0.6, 0.6, True, "number", False, ["0.2", "0.5", "1"]),  # one value: a range around it
+    (0.002, 80, True, "number", True, ["0.01", "0.1", "1", "10"]),
+    (0, 400_000, False, "count", True, ["0", "100k", "200k", "300k", "400k"]),
+    (100, 1_500_000, False, "count", True, ["200k", "400k", "600k", "800k", "1M", "1.2M", "1.4M"]),
+    (0, 12, False, "count", True, ["0", "2", "4", "6", "8", "10", "12"]),
+    (500, 500, False, "count", True, ["300", "400", "500", "600", "700"]),
+    (0, 0, False, "count", True, ["0", "1"]),  # no negative step
+    (1000, 25_000, False, "count", False, ["5k", "10k", "15k", "20k", "25k"]),
+    (1_000_000, 1_000_007, False, "count", True, ["1M", "1.000002M", "1.000004M", "1.000006M"]),
+    (0, 400_000, False, "count", 100, ["0", "200k", "400k"]),  # a narrow chart: fewer ticks, no overlap
+    (1e-4, 1e-2, True, "number", -40, ["1e-4", "1e-3", "1e-2"]),  # a low one (40 px)
+])
+def test_axis_ticks_are_readable(lo: float, hi: float, log: bool, number_format: str, along_x: bool | int,
+                                 labels: list[str]) -> None:
+    """2 to 8 ticks inside the range, labels in one style per axis (decades, then 1, 2, 5 per decade on a log
+    axis; 10k for thousands of steps), and no two labels overlapping at the chart's size (or at a length in pixels:
+    positive along x, negative along y)."""
+    from ctcore.images import MAX_TICKS, axis_for, plot_area, text_width
+
+    length = plot_area()[0 if along_x else 1]
+    if along_x not in (True, False):
+        length, along_x = abs(along_x), along_x > 0
+    axis = axis_for(lo, hi, log, number_format, length, along_x)
+    assert [label for _, label in axis.ticks] == labels
+    assert 2 <= len(axis.ticks) <= MAX_TICKS and all(axis.lo <= v <= axis.hi for v, _ in axis.ticks)
+    at = [axis.fraction(v) * length for v, _ in axis.ticks]
+    for a, b, la, lb in zip(at, at[1:], labels, labels[1:], strict=False):
+        assert b - a >= ((text_width(la) + text_width(lb)) / 2 if along_x else 11), (la, lb)
+
+
+def test_a_chart_with_nothing_to_draw_on_its_log_scale_is_drawn_empty(tmp_path: Path) -> None:
+    """Losses that are all nan, inf, 0 or negative: no axis, no point, and the figure is still written."""
+    from ctcore.images import Panel, panel_layout, save_curves
+
+    panel = Panel("loss", [[(1, float("nan")), (2, 0.0), (3, -1.0), (4, float("inf"))]], log_y=True)
+    assert panel_layout(panel).x is None and panel_layout(panel).series == [[]]
+    save_curves([panel], ["r"], tmp_path / "r.png")
+    with Image.open(tmp_path / "r.png") as image:
+        assert image.size == (480, 16 + 12 + 300)

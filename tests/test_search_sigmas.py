@@ -69,6 +69,54 @@ def test_three_steps_search_one_coordinate_then_the_next_below_it() -> None:
     assert paste_line(r["sigma_mid"]) == f"sigma_mid = [{s1!r}, {s2!r}]"
 
 
+def test_the_plot_marks_the_recipes_sigma_and_the_one_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each coordinate's panel: its evaluations (a marker each) on a log sigma axis with 1, 2, 5 ticks per decade, a
+    grey dashed line at the recipe's sigma_mid and a red one at the sigma found, named in a legend; the lines are in
+    the picture at their x."""
+    import ctcore.images
+    from ctcore.images import PANEL_SIZE, chart_pixel, panel_layout
+    from ctcore.sigma_search import FOUND_MARK, RECIPE_MARK, save_search_plot
+
+    def distance(plan: list[float]) -> float:  # minimum at [80, 2.0, 0.05]
+        return 0.1 + sum((math.log(s) - math.log(t)) ** 2 for s, t in zip(plan[1:], [2.0, 0.05], strict=False))
+
+    result = {**search_sigmas(distance, 0.002, 80.0, 3, tolerance=0.05), "recipe_sigma_mid": [0.821, 0.1]}
+    calls = []
+    real = ctcore.images.save_curves
+
+    def spy(panels: list, *args: object, **kwargs: object) -> Path:
+        calls.append(panels)
+        return real(panels, *args, **kwargs)
+
+    monkeypatch.setattr(ctcore.images, "save_curves", spy)
+    save_search_plot(result, tmp_path / "p.png", "sliced-wasserstein")
+    [panels] = calls
+    s1, s2 = result["sigma_mid"]
+    assert [[(m.x, m.label, m.colour) for m in p.marks] for p in panels] == [
+        [(0.821, "recipe 0.821", RECIPE_MARK), (s1, f"found {s1:g}", FOUND_MARK)],
+        [(0.1, "recipe 0.1", RECIPE_MARK), (s2, f"found {s2:g}", FOUND_MARK)]]
+    for k, panel in enumerate(panels, start=1):
+        assert panel.series == [sorted((e["sigma"], e["value"]) for e in result["evaluations"]
+                                       if e["coordinate"] == k)]
+        assert panel.log_x and panel.markers
+    layout = panel_layout(panels[0])
+    assert layout.x is not None and [label for _, label in layout.x.ticks] == ["0.2", "0.5", "1", "2", "5"]
+    with Image.open(tmp_path / "p.png") as image:
+        rgb = image.convert("RGB")
+        for k, panel in enumerate(panels):
+            layout = panel_layout(panel)
+            assert layout.y is not None
+            for mark in panel.marks:
+                x, _ = chart_pixel(layout, mark.x, layout.y.lo, (PANEL_SIZE[0] * k, 16 + 12))
+                column = {rgb.getpixel((round(x), y)) for y in range(16 + 12 + 28, 16 + 12 + 264)}
+                assert mark.colour in column, (k, mark)
+
+    result["recipe_sigma_mid"] = None  # the recipe has no usable sigma_mid: only the one found is marked
+    calls.clear()
+    save_search_plot(result, tmp_path / "p.png", "sliced-wasserstein")
+    assert [[m.label for m in p.marks] for p in calls[0]] == [[f"found {s1:g}"], [f"found {s2:g}"]]
+
+
 # ------------------------------------------------------------------------------------------- the command
 
 
