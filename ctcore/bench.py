@@ -18,7 +18,8 @@ import torch
 
 from ctcore.consistency import c_noise, noise_convention
 from ctcore.data import ImageData, data_shape
-from ctcore.recipe import Recipe
+from ctcore.errors import UsageError
+from ctcore.recipe import Recipe, micro_batch_problem
 from ctcore.registry import Registry
 
 
@@ -122,13 +123,18 @@ def run_bench(recipe: Recipe, registry: Registry, *, batch: int | None = None, s
 
     batch = batch or recipe.training.batch_size
     recipe = _with_batch(recipe, batch)
+    micro = recipe.training.micro_batch_size  # train_step runs the batch in micro-batches of this size
+    problem = micro_batch_problem(batch, 1, micro)
+    if problem is not None:  # only a --batch can cause it: the recipe's own batch_size was checked
+        raise UsageError(f"bench --batch {batch:,}: {problem}")
     shape = data_shape(recipe.data)
     num_classes = recipe.data.num_classes
     device_probe = torch.device("cuda" if torch.cuda.is_available() and recipe.run.device != "cpu" else "cpu")
     # the random images and one step at --batch must fit before either is allocated (estimated at batch 1, so
     # that an absurd --batch is refused here, naming --batch)
     memory = preflight(_with_batch(recipe, 1), registry).memory
-    memory = dataclasses.replace(memory, batch=batch, data=0, host_staging=0, rollback=0)  # no train(): no copy
+    memory = dataclasses.replace(memory, batch=micro or batch, share=batch, data=0, host_staging=0,
+                                 rollback=0)  # no train(): no rollback copy
     on_cpu = device_probe.type == "cpu"
     require_buffers({"training": memory.peak(on_cpu), "images": max(2 * batch, 16) * (math.prod(shape) + 8)},
                     device_probe, f"bench --batch {batch:,}", "choose a smaller --batch")

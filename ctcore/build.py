@@ -41,7 +41,7 @@ from ctcore.distributed import SINGLE, World, rank_seed
 from ctcore.errors import CtcoreError, RunError, UsageError, path_not_found
 from ctcore.files import FileLock, atomic_write
 from ctcore.preflight import build_components, preflight
-from ctcore.recipe import Recipe, dump_recipe, read_recipe
+from ctcore.recipe import Recipe, dump_recipe, micro_batch_problem, read_recipe
 from ctcore.registry import Registry
 from ctcore.reporting import build_loggers
 from ctcore.runstate import Run
@@ -67,6 +67,9 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
     if recipe.training.batch_size % world.world_size:
         raise UsageError(f"{recipe.source}: training.batch_size {recipe.training.batch_size} is the global batch "
                          f"and must split evenly over {world.world_size} processes; change one of them")
+    problem = micro_batch_problem(recipe.training.batch_size, world.world_size, recipe.training.micro_batch_size)
+    if problem is not None:
+        raise UsageError(f"{recipe.source}: {problem}")
     if data is None and recipe.data.source == "hdf5":  # the file alone first: its own defects name the file
         check_data_file(recipe.data, device)
     # every component on the meta device first: a broken contract or a run that cannot fit stops here, before
@@ -119,7 +122,7 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
                metric=built.get("metric"), noise_schedule=built.get("noise_schedule"),
                curriculum=built.get("curriculum"), optimizer=optimizer, index_generator=index_gen,
                noise_generator=noise_gen, provenance=provenance, precision=precision, student_forward=compiled,
-               teacher_forward=teacher_forward, world=world)
+               teacher_forward=teacher_forward, world=world, ddp=forward if world.distributed else None)
 
 
 def make_provenance(recipe: Recipe, registry: Registry, device: torch.device, data: ImageData) -> dict[str, Any]:

@@ -473,22 +473,60 @@ def check(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe to validate.")],
     build: Annotated[bool, typer.Option(help="Also build every component for the declared data shape.")] = True,
     sets: SetOption = None,
+    device_memory: Annotated[str | None, typer.Option(
+        "--device-memory", metavar="SIZE", help="Then say whether training fits a device of SIZE (24GiB, 24GB, 80G "
+        "= 80GiB, 24000MiB, or bytes) and, if not, which training.micro_batch_size does; exit 1 when it does not "
+        "fit. Estimated for run.device: --set run.device=cuda for a GPU.")] = None,
 ) -> None:
     """Validate a recipe, build its components for the data shape, and print it resolved with every default
     filled in."""
     with _errors(plugin_exit_code=2):
+        from ctcore.errors import UsageError
         from ctcore.recipe import dump_recipe, read_recipe
 
+        limit = _parse_size(device_memory, "--device-memory") if device_memory is not None else None
+        if limit is not None and not build:
+            raise UsageError("--device-memory needs the memory estimate, which building the components makes: "
+                             "drop --no-build")
         registry = _registry()
         recipe = _noted(read_recipe(recipe_path, registry, sets or []))
-        summary = _built_summary(recipe, registry) if build else "components not built (--no-build)"
+        summary, report = _built_summary(recipe, registry) if build else ("components not built (--no-build)", None)
         typer.echo(dump_recipe(recipe), nl=False)  # only a recipe that passed every check is printed
         _console(stderr=True).print(f"ok: {recipe_path} is valid; {summary}")
+        if limit is not None:
+            from ctcore.preflight import device_fit
+
+            line, fits = device_fit(recipe, report.memory, report.on_cpu, limit)
+            typer.echo(line, err=True)
+            if not fits:
+                raise typer.Exit(1)
 
 
-def _built_summary(recipe, registry) -> str:
+def _parse_size(text: str, option: str) -> int:
+    """'24GiB', '24GB', '80G' (binary: GiB), '24000MiB', '1.5TiB' or a whole number of bytes -> bytes; anything
+    else, or 0, is one UsageError naming `option`."""
+    import re
+    from decimal import Decimal
+
+    from ctcore.errors import UsageError
+
+    units = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+             "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+    found = re.fullmatch(r"\s*([0-9]{1,16}(?:\.[0-9]{1,6})?)\s*([A-Za-z]{0,3})\s*", text)
+    unit = found.group(2).lower() if found else ""
+    if found is None or unit not in units or ("." in found.group(1) and units[unit] == 1):
+        raise UsageError(f"{option} must be a size like 24GiB, 24GB, 80G (GiB) or 24000MiB, or a whole number of "
+                         f"bytes, got {text!r}")
+    size = int(Decimal(found.group(1)) * units[unit])
+    if size < 1:
+        raise UsageError(f"{option} must be more than 0 bytes, got {text!r}")
+    return size
+
+
+def _built_summary(recipe, registry) -> tuple[str, Any]:
     """Build and check every component (and run.init_from's weights, the data file) as a run would; what
-    `ctcore check` reports of them: parameters, data and memory. Problems raise UsageError, one line."""
+    `ctcore check` reports of them (parameters, data and memory), and the preflight report with the memory
+    estimate. Problems raise UsageError, one line."""
     from ctcore.build import recipe_warm_start
     from ctcore.data import check_data_file, data_shape
     from ctcore.errors import RunError, UsageError, near_path
@@ -522,7 +560,7 @@ def _built_summary(recipe, registry) -> str:
     m = report.memory
     return (f"network {recipe.components['network'].name} has {report.parameters:,} parameters; {data_note}; "
             f"training needs about {human_bytes(m.peak(report.on_cpu))} in one process "
-            f"({m.parts(m.names(report.on_cpu))})")
+            f"({m.parts(m.names(report.on_cpu))})"), report
 
 
 @app.command()

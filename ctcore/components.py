@@ -208,14 +208,15 @@ class TrainingBatch:
     step: int
     """k, the step being trained (0-based)."""
     x: torch.Tensor
-    """This process's share of the clean images, in [-1, 1], on the training device."""
+    """This process's share of the clean images (with training.micro_batch_size: one micro-batch of it), in
+    [-1, 1], on the training device."""
     labels: torch.Tensor | None
     """Their class labels (None for unconditional data)."""
     batch_size: int
     """The global batch: draw per-example randomness for this many examples, then keep `share` of them, so that
     any number of processes together compute the single-process step."""
     share: slice
-    """This process's rows of a global-batch draw."""
+    """The rows of a global-batch draw that `x` holds: this process's (with micro-batches, this micro-batch's)."""
     student: nn.Module
     """The student as the loss calls it (itself, or its torch.compile / DDP wrapper); gradients flow into it."""
     constants: Any
@@ -251,7 +252,10 @@ class Objective(Protocol):
         ...
 
     def loss(self, batch: TrainingBatch) -> torch.Tensor:
-        """The scalar loss of this step (the core runs it under autocast, then backward and the optimizer)."""
+        """The scalar loss of this step (the core runs it under autocast, then backward and the optimizer). It must
+        be the mean over the batch's rows, so that micro-batches (training.micro_batch_size), each weighted by its
+        rows' share, combine into the whole batch's loss; each micro-batch's call starts the generators from the
+        same state, so draw the global batch and keep `batch.share`."""
         ...
 
     def after_step(self, step: int) -> None:

@@ -275,7 +275,10 @@ class MemoryEstimate:
     parameters: int = 0
     """The student's parameter count (a count, not bytes)."""
     batch: int = 0
-    """Training images per process."""
+    """Training images per process in one forward and backward pass: training.micro_batch_size when set, else
+    the process's share of training.batch_size."""
+    share: int = 0
+    """Training images per process and step (training.batch_size over the processes), which micro-batches divide."""
     weights: int = 0
     """The student's parameters and buffers."""
     eval_ema: int = 0
@@ -351,6 +354,39 @@ HOST_PARTS = ("host_staging", "host_evaluation")
 """The parts in host memory during a run on an accelerator."""
 
 
+def largest_fitting_micro_batch(estimate: MemoryEstimate, on_cpu: bool, limit: int) -> int | None:
+    """The largest training.micro_batch_size (a divisor of estimate.share) whose estimated device peak is at most
+    `limit` bytes; None when not even 1 fits (then the activations are not what is too large)."""
+    from ctcore.recipe import divisors
+
+    for size in reversed(divisors(max(1, estimate.share))):
+        if dataclasses.replace(estimate, batch=size).peak(on_cpu) <= limit:
+            return size
+    return None
+
+
+def device_fit(recipe: Recipe, estimate: MemoryEstimate, on_cpu: bool, limit: int) -> tuple[str, bool]:
+    """`ctcore check --device-memory`: one line saying whether the estimated device peak fits `limit` bytes and,
+    if not, the largest training.micro_batch_size that does (when none does, the parts that are too large); and
+    whether it fits."""
+    names = MemoryEstimate.names(on_cpu)
+    device = "cpu" if on_cpu else "cuda"
+    precision = "bf16" if _uses_bf16(recipe, device) else "fp32"
+    need = f"about {human_bytes(estimate.peak(on_cpu))} on {device} in {precision}"
+    if estimate.peak(on_cpu) <= limit:
+        return f"fits in {human_bytes(limit)}: {need} ({estimate.parts(names)})", True
+    head = f"does not fit in {human_bytes(limit)}: {need} ({estimate.parts(names)}); "
+    micro = largest_fitting_micro_batch(estimate, on_cpu, limit)
+    if micro is not None:
+        fitted = dataclasses.replace(estimate, batch=micro).peak(on_cpu)
+        return (head + f"training.micro_batch_size = {micro} fits (about {human_bytes(fitted)}): --set "
+                f"training.micro_batch_size={micro}"), False
+    smallest = dataclasses.replace(estimate, batch=1)
+    part = smallest.largest(names)
+    return (head + f"no training.micro_batch_size fits, not even 1 (about {human_bytes(smallest.peak(on_cpu))}); "
+            f"the largest part is {smallest.parts((part,), limit=1)}: lower {_fix_for(part, recipe)}"), False
+
+
 def _fix_for(part: str, recipe: Recipe) -> str:
     """The recipe setting that shrinks one part of the estimate."""
     data = "data.num_images" if recipe.data.source == "synthetic" else "data.path (a smaller dataset)"
@@ -403,14 +439,19 @@ def data_parts(recipe: Recipe, device_type: str) -> dict[str, int]:
 
 def _refuse_absurd(recipe: Recipe, estimate: MemoryEstimate, on_cpu: bool) -> None:
     """UsageError when even MAX_PROCESSES processes, each with its share of the batch, could not hold the run."""
-    estimate = dataclasses.replace(estimate, batch=-(-recipe.training.batch_size // MAX_PROCESSES))
+    t = recipe.training
+    batch = -(-t.batch_size // MAX_PROCESSES)
+    split = f"training.batch_size split over {MAX_PROCESSES:,} processes"
+    if 0 < t.micro_batch_size < batch:
+        batch, split = t.micro_batch_size, f"micro-batches of {t.micro_batch_size:,} (training.micro_batch_size)"
+    estimate = dataclasses.replace(estimate, batch=batch)
     need = max(estimate.peak(on_cpu), 0 if on_cpu else estimate.host_peak())
     if need > ABSURD_BYTES:
         names = MemoryEstimate.names(on_cpu) if need == estimate.peak(on_cpu) else HOST_PARTS
         part = estimate.largest(names)
         raise UsageError(
             f"{recipe.source}: the run would need about {human_bytes(need)} in each process even with "
-            f"training.batch_size split over {MAX_PROCESSES:,} processes ({estimate.parts(names)}), more than any "
+            f"{split} ({estimate.parts(names)}), more than any "
             f"device or machine holds (ctcore refuses more than {human_bytes(ABSURD_BYTES)}); lower "
             f"{_fix_for(part, recipe)}")
 
@@ -661,7 +702,8 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
         device_type = "cpu" if cpu else "cuda"
     on_cpu = device_type == "cpu"
     half = _uses_bf16(recipe, device_type)
-    batch = max(1, recipe.training.batch_size // max(1, world_size))
+    share = max(1, recipe.training.batch_size // max(1, world_size))
+    batch = min(recipe.training.micro_batch_size or share, share)  # one forward and backward pass
     parts = data_parts(recipe, device_type)
     if data is not None:
         parts.pop("data", None)
@@ -685,7 +727,8 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
     own_copy = _module_bytes(teacher.network) if teacher is not None and teacher.network is not student else 0
     rollback = 2 * _module_bytes(student) + own_copy + 2 * trainable  # weights, eval EMA, teacher, moments
     estimate = MemoryEstimate(
-        parameters=sum(p.numel() for p in student.parameters()), batch=batch, weights=_module_bytes(student),
+        parameters=sum(p.numel() for p in student.parameters()), batch=batch, share=share,
+        weights=_module_bytes(student),
         eval_ema=_module_bytes(student), teacher=teacher_bytes, gradients=trainable, optimizer=2 * trainable,
         rollback=rollback if recipe.training.max_nonfinite_steps > 0 else 0,
         metric=_module_bytes(built["metric"]) if "metric" in built else 0, activations_fixed=fixed,
@@ -715,11 +758,15 @@ def require_run_memory(estimate: MemoryEstimate, device: torch.device, recipe: R
         available = available_memory(where)
         if need > available:
             times = f" x {local} processes" if shared and local > 1 else ""
+            fix = f"lower {_fix_for(estimate.largest(names), recipe)}"
+            micro = (largest_fitting_micro_batch(estimate, on_cpu, available // (local if shared else 1))
+                     if names != HOST_PARTS else None)
+            if micro is not None:  # the same training in smaller passes
+                fix = f"set training.micro_batch_size = {micro} (the same steps in passes that fit), or {fix}"
             raise RunError(
                 f"{recipe.source}: the run needs about {human_bytes(need)} of memory on {where} "
-                f"({estimate.parts(names)}{times}) but {_available_text(available)}; lower "
-                f"{_fix_for(estimate.largest(names), recipe)}, or set {MEMORY_LIMIT_ENV}=<bytes> if that figure "
-                "is wrong")
+                f"({estimate.parts(names)}{times}) but {_available_text(available)}; {fix}, or set "
+                f"{MEMORY_LIMIT_ENV}=<bytes> if that figure is wrong")
 
 
 def require_buffers(parts: dict[str, int], device: torch.device, what: str, fix: str) -> None:

@@ -125,6 +125,12 @@ class TrainingSection:
     total_steps: int = attrs.field(default=400_000, validator=_STEPS)
     batch_size: int = attrs.field(default=1024, validator=within(
         1, 1_000_000, "examples per step; papers use up to 4096"))
+    micro_batch_size: int = attrs.field(default=0, validator=within(
+        0, 1_000_000, "0: the whole batch of each process in one pass; else examples per forward and backward"))
+    """Gradient accumulation: each process runs its share of batch_size (batch_size / processes) in micro-batches
+    of this many examples, one forward and backward each, then takes one optimizer step. The step equals the
+    whole-batch step up to the order of floating-point sums (the same examples, noise, noise levels and loss
+    normalisation); dropout masks are drawn per micro-batch. Must divide the share; 0: the whole share at once."""
     optimizer: Literal["radam", "adam"] = "radam"
     lr: float = attrs.field(default=1e-4, validator=within(
         0.0, 1.0, "Adam moves each weight by about lr per step; papers use 1e-5 to 1e-3", open_lo=True))
@@ -677,6 +683,28 @@ def _sampler_checks(s: dict[str, Any], components: dict[str, ComponentSpec], reg
     return []
 
 
+def divisors(n: int) -> list[int]:
+    """The positive divisors of n >= 1, increasing."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def micro_batch_problem(batch_size: int, world_size: int, micro_batch_size: int) -> str | None:
+    """`training.micro_batch_size: ...` when the micro-batch does not divide the batch of each process (the
+    global batch_size over world_size processes, which must divide it already), naming the nearest sizes that
+    do; None when it does or is 0."""
+    share = batch_size // world_size
+    if micro_batch_size == 0 or share % micro_batch_size == 0:
+        return None
+    below = [d for d in divisors(share) if d < micro_batch_size]
+    above = [d for d in divisors(share) if d > micro_batch_size]
+    fix = f"{show(below[-1])} or {show(above[0])}" if above else show(below[-1])
+    split = f" over {world_size} processes" if world_size > 1 else ""
+    return (f"training.micro_batch_size: must divide the batch of each process, {show(share)} (training.batch_size "
+            f"{show(batch_size)}{split}), got {show(micro_batch_size)}; use {fix}, or 0 for the whole batch in one "
+            "pass")
+
+
 def _cross_checks(s: dict[str, Any]) -> list[str]:
     """Checks across keys and sections; each runs when the sections it reads parsed cleanly."""
     problems = []
@@ -703,6 +731,10 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
                           ("fid_reference", "reference statistics (.npz from `ctcore eval-ref-stats`)")):
             if not getattr(e, key):
                 problems.append(f"evaluation.{key}: required when fid_every > 0 ({what})")
+    if training is not None:
+        problem = micro_batch_problem(training.batch_size, 1, training.micro_batch_size)
+        if problem is not None:
+            problems.append(problem)
     if data is not None and data.source == "hdf5" and not data.path:
         problems.append('data.path: required when data.source = "hdf5" (the HDF5 file to train on)')
     if data is not None and data.source == "synthetic":

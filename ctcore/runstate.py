@@ -49,6 +49,9 @@ class Run:
     teacher_forward: nn.Module | None = None
     """With training.compile: the teacher's network as its no-grad pass calls it, compiled apart from the student's
     grad pass (devices.compile_pass); None: the teacher's network itself."""
+    ddp: nn.parallel.DistributedDataParallel | None = None
+    """Under torchrun the DDP wrapper of the student (inside student_forward, which may compile it): the training
+    step runs every micro-batch but the last under its no_sync(). None in a single process."""
     step: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0

@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -49,6 +50,8 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     flag on the device, and `train` takes back every update since its rollback point and redoes those steps one
     by one, each deciding as above, before anything reads the weights. Nothing else in the step reads a value from
     the device (the optimizers' own step counters live on the host; docs/concepts.md lists what remains).
+    With training.micro_batch_size the share's loss and gradient are summed over micro-batches before the one
+    update (accumulate_gradients).
     """
     r, t, world = run.recipe, run.recipe.training, run.world
     k = run.step
@@ -62,11 +65,14 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     if t.warmup_steps > 0:
         for group in run.optimizer.param_groups:
             group["lr"] = t.lr * min(1.0, (k + 1) / t.warmup_steps)
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
-        loss = run.objective.loss(batch)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # under DDP the gradients arrive averaged over ranks: every rank sees the same norm
-    loss = loss.detach()
+    if t.micro_batch_size:
+        loss = accumulate_gradients(run, batch)
+    else:
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
+            loss = run.objective.loss(batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP the gradients arrive averaged over ranks: every rank sees the same norm
+        loss = loss.detach()
     grad_norm = None
     if t.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), t.grad_clip)
@@ -87,6 +93,37 @@ def train_step(run: Run) -> tuple[torch.Tensor, bool]:
     update_ema(run.eval_ema, run.student, t.eval_ema_decay)
     run.nonfinite_run, run.last_good_step = 0, run.step
     return loss, True
+
+
+def accumulate_gradients(run: Run, batch: TrainingBatch) -> torch.Tensor:
+    """training.micro_batch_size > 0: the gradient of the share's mean loss as the sum over its micro-batches of
+    micro / share x each micro-batch's mean loss; returns the share's mean loss (a device tensor).
+
+    Every micro-batch starts the objective's generators from where the data draw left them, so it draws the same
+    global pairs and noise as the whole step and keeps its own rows of them (`share`): the step equals the whole
+    batch's up to the order of floating-point sums. The generators end where the whole step leaves them. Dropout
+    masks come from torch's generator afresh for each micro-batch (student and teacher still share them), not the
+    values one pass over the share would draw. Under DDP only the last backward all-reduces (no_sync before it).
+    """
+    micro, rows = run.recipe.training.micro_batch_size, batch.x.shape[0]
+    generators = (run.index_generator, run.noise_generator)
+    after_data = [g.get_state() for g in generators]  # host copies: no device sync, also on CUDA
+    run.optimizer.zero_grad(set_to_none=True)
+    total = None
+    for start in range(0, rows, micro):
+        for g, state in zip(generators, after_data, strict=True):
+            g.set_state(state)
+        part = slice(start, start + micro)
+        first = batch.share.start + start
+        piece = attrs.evolve(batch, x=batch.x[part], labels=None if batch.labels is None else batch.labels[part],
+                             share=slice(first, first + micro))
+        last = start + micro >= rows
+        with contextlib.nullcontext() if last or run.ddp is None else run.ddp.no_sync():
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
+                loss = run.objective.loss(piece) * (micro / rows)  # objectives return the mean over their rows
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 def rollback_point(run: Run) -> dict[str, Any]:

@@ -271,7 +271,8 @@ BAD_RECIPES = {
     "unknown-key": (
         tiny_recipe_text("OUT", run={"sed": 1}, training={"learning_rate": 1.0}),
         ["run.sed: unknown key; did you mean 'seed'?",
-         "training.learning_rate: unknown key (known keys: total_steps, batch_size, optimizer, lr, betas, eps, "
+         "training.learning_rate: unknown key (known keys: total_steps, batch_size, micro_batch_size, optimizer, lr, "
+         "betas, eps, "
          "weight_decay, warmup_steps, grad_clip, eval_ema_decay, precision, compile, log_every, checkpoint_every, "
          "sample_every, keep_checkpoints, max_nonfinite_steps)"],
     ),

@@ -50,6 +50,7 @@ VARIANTS = {
     "adam, clip, warmup, bf16": {"training": {"optimizer": "adam", "grad_clip": 1.0, "warmup_steps": 100,
                                               "precision": "bf16"}},
     "check off": {"training": {"max_nonfinite_steps": 0}},
+    "micro-batches": {"training": {"micro_batch_size": 2}},  # 4 passes over the batch of 8, generators reset
     "ncsnpp": {"network": NCSNPP},
     "adm": {"network": ADM},
 }

@@ -42,6 +42,7 @@ RANGES = [
     ("consistency", None, "rho", 0.1, 1000.0, "[]"),
     ("training", None, "total_steps", 1, 999_999_999, "[]"),
     ("training", None, "batch_size", 1, 1_000_000, "[]"),
+    ("training", None, "micro_batch_size", 0, 1_000_000, "[]"),
     ("training", None, "lr", 0.0, 1.0, "(]"),
     ("training", None, "betas", 0.0, 1.0, "[)"),
     ("training", None, "eps", 1e-30, 1.0, "[]"),
@@ -203,7 +204,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 80  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 81  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)
