@@ -4,6 +4,7 @@ the measured peak, for small MLP, NCSN++ and ADM configurations at two batch siz
     python benchmarks/memory_estimate.py                      # on CUDA when there is one, else on CPU
     python benchmarks/memory_estimate.py --device cpu --json
     python benchmarks/memory_estimate.py --set training.precision=bf16
+    python benchmarks/memory_estimate.py --checkpoint-blocks   # NCSN++ and ADM with and without checkpoint_blocks
 
 Each case runs in a fresh process (run.threads = 1) on random images of the recipe's shape, as `ctcore bench`
 does. The estimate is the training step's part of `check`'s figure: weights, eval EMA, the teacher's copy,
@@ -13,7 +14,11 @@ that of the tensors in the third training step
 (ctcore.bench.measure_step_memory: torch.profiler's allocation records on CPU, max_memory_allocated on CUDA).
 On CPU the script also reports the rise of the process's peak RSS from just before the build to the end of three
 steps, measured first in the same fresh process without the profiler: what the operating system sees (the
-allocator's caching, libraries' own buffers). Not a test: it prints numbers and exits 0.
+allocator's caching, libraries' own buffers). Each case also times TIMED_STEPS training steps after a warm one
+(without the profiler; the median; on CPU the process's CPU time, which other processes on a shared machine
+leave alone, on CUDA the wall time). `--checkpoint-blocks` runs the NCSN++ and ADM cases with the network option
+`checkpoint_blocks` off and on and prints the saving and the step-time ratio. Not a test: it prints numbers and
+exits 0.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import gc
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,7 @@ CASES: dict[str, tuple[str, list[str], tuple[int, int]]] = {
                                     "network.num_head_channels=16", "network.num_groups=8"], (4, 16)),
 }
 STEPS = 3
+TIMED_STEPS = 5
 
 
 def _peak_rss_reset() -> int | None:
@@ -102,9 +110,22 @@ def measure_case(name: str, batch: int, device: str, sets: list[str]) -> dict[st
             del run
             gc.collect()
     measured = measure_step_memory(build, steps=STEPS)
+    run = build()
+    train_step(run)  # the first step creates the gradients and the optimizer moments
+    clock = time.perf_counter if device == "cuda" else time.process_time  # CPU time: what other processes take
+    times = []                                                              # from a shared machine does not count
+    for _ in range(TIMED_STEPS):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = clock()
+        train_step(run)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(clock() - started)
     return {"case": name, "batch": batch, "parameters": m.parameters, "estimate": estimate,
             "activations": m.activations, "measured": measured["peak"], "measured_before_step": measured["before"],
-            "ratio": estimate / measured["peak"], "rss_rise": rss}
+            "ratio": estimate / measured["peak"], "rss_rise": rss, "step_s": statistics.median(times),
+            "sets": sets}
 
 
 def _mib(n: int | None) -> str:
@@ -116,7 +137,10 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="Applied to every case (e.g. training.precision=bf16).")
-    parser.add_argument("--cases", default=",".join(CASES), help="Comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--cases", help="Comma-separated: " + ", ".join(CASES) + " (default: all; with "
+                        "--checkpoint-blocks: ncsnpp,adm)")
+    parser.add_argument("--checkpoint-blocks", action="store_true",
+                        help="Each case with network.checkpoint_blocks=false and =true: the saving and the time cost.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # NAME:BATCH, run in this process (the child)
     args = parser.parse_args()
@@ -124,20 +148,36 @@ def main() -> None:
         name, batch = args.case.split(":")
         print(json.dumps(measure_case(name, int(batch), args.device, args.sets)))
         return
+    cases = args.cases or ("ncsnpp,adm" if args.checkpoint_blocks else ",".join(CASES))
+    variants = ([["network.checkpoint_blocks=false"], ["network.checkpoint_blocks=true"]] if args.checkpoint_blocks
+                else [[]])
     rows = []
-    for name in args.cases.split(","):
+    for name in cases.split(","):
         for batch in CASES[name][2]:
-            command = [sys.executable, __file__, "--case", f"{name}:{batch}", "--device", args.device,
-                       *(a for s in args.sets for a in ("--set", s))]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                sys.exit(f"{name} at batch {batch} failed:\n{done.stderr}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            if not args.json:
-                r = rows[-1]
-                print(f"{r['case']:7} batch {r['batch']:4}  {r['parameters']:>10,} parameters  estimate "
-                      f"{_mib(r['estimate']):>11}  measured {_mib(r['measured']):>11}  estimate / measured "
-                      f"{r['ratio']:.2f}  RSS rise {_mib(r['rss_rise'])}", flush=True)
+            pair = []
+            for variant in variants:
+                sets = [*args.sets, *variant]
+                command = [sys.executable, __file__, "--case", f"{name}:{batch}", "--device", args.device,
+                           *(a for s in sets for a in ("--set", s))]
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    sys.exit(f"{name} at batch {batch} {' '.join(variant)} failed:\n{done.stderr}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                pair.append(rows[-1])
+                if not args.json:
+                    r = rows[-1]
+                    checkpointing = f"  checkpoint_blocks {variant[0].split('=')[1]:5}" if variant else ""
+                    print(f"{r['case']:7} batch {r['batch']:4}{checkpointing}  {r['parameters']:>10,} parameters  "
+                          f"estimate {_mib(r['estimate']):>11}  measured {_mib(r['measured']):>11}  estimate / "
+                          f"measured {r['ratio']:.2f}  RSS rise {_mib(r['rss_rise'])}  step {r['step_s']:.3f} s",
+                          flush=True)
+            if args.checkpoint_blocks and not args.json:
+                off, on = pair
+                rise = [r["measured"] - r["measured_before_step"] for r in pair]
+                print(f"{name:7} batch {batch:4}  checkpoint_blocks on / off: measured peak "
+                      f"{on['measured'] / off['measured']:.2f} (its rise in the step {rise[1] / rise[0]:.2f}), "
+                      f"estimate {on['estimate'] / off['estimate']:.2f}, step time {on['step_s'] / off['step_s']:.2f}",
+                      flush=True)
     if args.json:
         print(json.dumps({"device": args.device, "sets": args.sets, "torch": torch.__version__, "rows": rows},
                          indent=2))

@@ -374,6 +374,23 @@ class NoiseScheduleBase:
         return {}
 
 
+# ------------------------------------------------------------------------------------ helpers for networks
+
+
+def checkpointed(function: Callable[..., Any], *args: Any, enabled: bool = True) -> Any:
+    """`function(*args)` under activation checkpointing when `enabled` and autograd records: the activations it
+    computes are recomputed in backward instead of kept (about one more forward pass of compute, for the memory),
+    under the forward's RNG state, so dropout draws the same mask. Only the tensor arguments stay alive for the
+    recomputation (`ctcore check`'s estimate counts them). Under `torch.no_grad` (the teacher, sampling) or when
+    not `enabled`, a plain call. Non-reentrant (`use_reentrant=False`): works under torch.compile and when no
+    input needs a gradient."""
+    import torch.utils.checkpoint
+
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
+
+
 # ------------------------------------------------------------------------------------ option validators
 
 

@@ -56,6 +56,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ncsnpp-ema": {"network": NCSNPP, **EMA},
     "adm-no-ema-labels": {"network": ADM, **LABELS},
     "adm-edm": {"network": ADM, **DIFFUSION},
+    "ncsnpp-checkpoint-blocks": {"network": {**NCSNPP, "checkpoint_blocks": True}},
 }
 """Networks x objectives whose compiled training is checked; the tiny recipe's curriculum (s0 2, s1 8 over 12 steps)
 changes N(k) three times, and samples and distances are made at steps 0, 6 and 12."""

@@ -107,6 +107,9 @@ class ADM(nn.Module):
         "math" = the same computation spelled out (reference / debugging)."""
         num_groups: int = attrs.field(default=32, validator=within(1, 1024, "GroupNorm groups; ADM 32"))
         """GroupNorm groups (ADM: 32); every level width must be divisible by it."""
+        checkpoint_blocks: bool = False
+        """Each residual block and attention block runs under activation checkpointing: its activations are
+        recomputed in backward instead of kept, trading about one more forward pass of compute for memory."""
 
         def __attrs_post_init__(self) -> None:
             widths = [self.model_channels * m for m in self.channel_mult]
@@ -141,7 +144,7 @@ class ADM(nn.Module):
         def res_block(cin: int, cout: int, resolution: int, resample: str = "none") -> ResBlock:
             rate = o.dropout if resolution <= o.dropout_max_resolution else 0.0
             return ResBlock(cin, cout, emb_ch, dropout=rate, groups=o.num_groups, scale_shift=o.use_scale_shift_norm,
-                            resample=resample, resolution=resolution)
+                            resample=resample, resolution=resolution, checkpoint=o.checkpoint_blocks)
 
         def attention(channels: int, resolution: int) -> AttentionBlock:
             if channels % o.num_head_channels:
@@ -149,7 +152,7 @@ class ADM(nn.Module):
                     f"num_head_channels: must divide the width {channels} of the attention at resolution "
                     f"{resolution}, got {o.num_head_channels}"
                 )
-            return AttentionBlock(channels, o.num_head_channels, o.num_groups, o.attention)
+            return AttentionBlock(channels, o.num_head_channels, o.num_groups, o.attention, o.checkpoint_blocks)
 
         # Encoder: track the width of every stored output for the decoder's skip concatenations.
         ch = mc * o.channel_mult[0]

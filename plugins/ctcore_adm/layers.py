@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ctcore.components import checkpointed
+
 Resample = Literal["none", "up", "down"]
 
 
@@ -49,7 +51,8 @@ class ResBlock(nn.Module):
 
     The embedding enters through one linear layer: with `scale_shift` (AdaGN) it gives 2*out channels
     (scale, shift) applied as norm(h) * (1 + scale) + shift; without, out channels added before the norm.
-    `emb` arrives already passed through SiLU (the network applies it once for all blocks).
+    `emb` arrives already passed through SiLU (the network applies it once for all blocks). `checkpoint`
+    recomputes its activations in backward instead of keeping them (ctcore.components.checkpointed).
     """
 
     def __init__(
@@ -63,9 +66,11 @@ class ResBlock(nn.Module):
         scale_shift: bool,
         resample: Resample = "none",
         resolution: int = 0,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         self.resample: Resample = resample
+        self.checkpoint = checkpoint
         self.scale_shift = scale_shift
         self.resolution = resolution
         """Feature resolution of the block's output, where its dropout acts (informational)."""
@@ -78,6 +83,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return checkpointed(self._forward, x, emb, enabled=self.checkpoint)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.norm1(x))
         h = self.conv1(_resample(h, self.resample))
         x = _resample(x, self.resample)
@@ -132,11 +140,13 @@ class AttentionBlock(nn.Module):
     `head_channels` (ADM's "new" attention order, also the layout of the CM flash-attention path). The output
     projection is zero-initialised, so the block starts as the identity. `backend` "sdpa" calls
     torch.nn.functional.scaled_dot_product_attention (fused / memory-efficient kernels on GPU); "math"
-    computes the same attention explicitly.
+    computes the same attention explicitly. `checkpoint` as in ResBlock.
     """
 
-    def __init__(self, channels: int, head_channels: int, groups: int, backend: Literal["math", "sdpa"]) -> None:
+    def __init__(self, channels: int, head_channels: int, groups: int, backend: Literal["math", "sdpa"],
+                 checkpoint: bool = False) -> None:
         super().__init__()
+        self.checkpoint = checkpoint
         self.heads = channels // head_channels
         self.head_channels = head_channels
         self.backend = backend
@@ -145,6 +155,9 @@ class AttentionBlock(nn.Module):
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpointed(self._forward, x, enabled=self.checkpoint)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         tokens = height * width
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, self.head_channels, tokens)

@@ -104,6 +104,9 @@ class NCSNpp(nn.Module):
         fourier_scale: float = attrs.field(default=0.02, validator=within(
             0.0, 1000.0, FOURIER_SCALE_REASON, open_lo=True))
         """Std of the frozen Fourier frequencies: iCT 0.02, the original CM 16."""
+        checkpoint_blocks: bool = False
+        """Each residual block and attention block runs under activation checkpointing: its activations are
+        recomputed in backward instead of kept, trading about one more forward pass of compute for memory."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
@@ -128,10 +131,10 @@ class NCSNpp(nn.Module):
         def res_block(in_ch: int, out_ch: int | None = None, up: bool = False, down: bool = False) -> ResnetBlock:
             return ResnetBlock(in_ch, out_ch, emb_dim, dropout=o.dropout, init_scale=o.init_scale,
                                skip_rescale=o.skip_rescale, biggan=biggan, up=up, down=down, fir=o.fir,
-                               fir_kernel=o.fir_kernel)
+                               fir_kernel=o.fir_kernel, checkpoint=o.checkpoint_blocks)
 
         def attn_block(ch: int) -> AttnBlock:
-            return AttnBlock(ch, init_scale=o.init_scale, skip_rescale=o.skip_rescale)
+            return AttnBlock(ch, init_scale=o.init_scale, skip_rescale=o.skip_rescale, checkpoint=o.checkpoint_blocks)
 
         resample = {"with_conv": o.resamp_with_conv, "fir": o.fir, "fir_kernel": o.fir_kernel}
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctcore.components import checkpointed
+
 SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 # ------------------------------------------------------------------------------------------ initialisation
@@ -190,12 +192,13 @@ class ResnetBlock(nn.Module):
     channel count changes or the block resamples. `skip_rescale` divides the sum by sqrt(2).
 
     `biggan=True` is NCSN++'s ResnetBlockBigGAN (may resample with FIR or naive filters); `biggan=False` is the
-    DDPM++ block (no resampling; a 1 x 1 shortcut only when the channels change).
+    DDPM++ block (no resampling; a 1 x 1 shortcut only when the channels change). `checkpoint` recomputes its
+    activations in backward instead of keeping them (ctcore.components.checkpointed).
     """
 
     def __init__(self, in_ch: int, out_ch: int | None, emb_dim: int, *, dropout: float, init_scale: float,
                  skip_rescale: bool, biggan: bool = True, up: bool = False, down: bool = False, fir: bool = True,
-                 fir_kernel: Sequence[float] = (1, 3, 3, 1)) -> None:
+                 fir_kernel: Sequence[float] = (1, 3, 3, 1), checkpoint: bool = False) -> None:
         super().__init__()
         out_ch = out_ch or in_ch
         if up and down:
@@ -203,6 +206,7 @@ class ResnetBlock(nn.Module):
         if not biggan and (up or down):
             raise ValueError("only BigGAN-style blocks resample")
         self.up, self.down, self.fir, self.skip_rescale = up, down, fir, skip_rescale
+        self.checkpoint = checkpoint
         self.norm0 = group_norm(in_ch)
         self.conv0 = conv2d(in_ch, out_ch)
         self.emb_proj = dense(emb_dim, out_ch)
@@ -222,6 +226,9 @@ class ResnetBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return checkpointed(self._forward, x, emb, enabled=self.checkpoint)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.norm0(x))
         h = self.conv0(self._resample(h))
         h = h + self.emb_proj(emb)[:, :, None, None]
@@ -234,11 +241,13 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions (NCSN++'s AttnBlockpp): GroupNorm, 1 x 1 projections to q,
-    k and v, softmax(q k^T / sqrt(C)) v, a 1 x 1 output projection at `init_scale`, residual sum."""
+    k and v, softmax(q k^T / sqrt(C)) v, a 1 x 1 output projection at `init_scale`, residual sum. `checkpoint` as
+    in ResnetBlock."""
 
-    def __init__(self, channels: int, *, init_scale: float, skip_rescale: bool) -> None:
+    def __init__(self, channels: int, *, init_scale: float, skip_rescale: bool, checkpoint: bool = False) -> None:
         super().__init__()
         self.skip_rescale = skip_rescale
+        self.checkpoint = checkpoint
         self.norm = group_norm(channels)
         self.q = conv2d(channels, channels, kernel=1, init_scale=0.1)
         self.k = conv2d(channels, channels, kernel=1, init_scale=0.1)
@@ -246,6 +255,9 @@ class AttnBlock(nn.Module):
         self.out = conv2d(channels, channels, kernel=1, init_scale=init_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpointed(self._forward, x, enabled=self.checkpoint)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         h = self.norm(x)
         q, k, v = (proj(h).reshape(b, 1, c, height * width).transpose(2, 3) for proj in (self.q, self.k, self.v))
