@@ -246,7 +246,8 @@ def claim_new_run_directory(target: Path) -> tuple[FileLock, list[Path]]:
 EXTENSIBLE_KEYS: frozenset[str] = frozenset({
     "training.total_steps", "training.log_every", "training.checkpoint_every", "training.sample_every",
     "training.keep_checkpoints",
-    "evaluation.distance", "evaluation.num_samples", "evaluation.num_projections", "evaluation.fid_every",
+    "evaluation.distance", "evaluation.distance_every", "evaluation.num_samples", "evaluation.num_projections",
+    "evaluation.fid_every",
     "evaluation.fid_num_samples", "evaluation.fid_steps", "evaluation.fid_batch_size", "evaluation.inception",
     "evaluation.fid_reference", "evaluation.fid_protocol", "evaluation.is_split", "evaluation.is_split_seed",
 })

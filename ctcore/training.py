@@ -31,6 +31,7 @@ from ctcore.sampling import NonFiniteOutputs, save_samples
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from ctcore.recipe import Recipe
     from ctcore.runstate import Run
 
 
@@ -120,6 +121,15 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # ------------------------------------------------------------------------------------ the training loop
 
 
+def distance_interval(recipe: Recipe) -> int:
+    """Steps between the run's distance measurements besides step 0 and the end: evaluation.distance_every, or for
+    0 ten points over the run (max(1, total_steps // 10)); 0 when evaluation.distance is "none"."""
+    e = recipe.evaluation
+    if e.distance == "none":
+        return 0
+    return e.distance_every or max(1, recipe.training.total_steps // 10)
+
+
 @contextlib.contextmanager
 def flush_denormals(enabled: bool) -> Iterator[None]:
     """Flush denormal floats to zero while training on CPU, then restore the process's previous mode.
@@ -192,8 +202,9 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     loop next logs, samples, evaluates, checkpoints or stops: the steps since the previous such point are taken back
     and redone one by one, so they end as if each had been checked (docs/recipes.md, max_nonfinite_steps); too many
     consecutive ones raise TrainingDiverged after checkpointing. Only rank 0 writes files and shows progress: a rich bar
-    on a terminal, else one plain `progress_line` per log interval. Returns a summary dict (final step, mean
-    loss of the last interval, distances, run time).
+    on a terminal, else one plain `progress_line` per log interval. The distance is measured at step 0, every
+    `distance_interval` steps and at the end. Returns a summary dict (final step, mean loss of the last interval,
+    distances, run time).
     """
     from rich.console import Console
 
@@ -235,6 +246,7 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                     log({"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
             e = run.recipe.evaluation
             fid_tools = load_fid_tools(run) if e.fid_every > 0 else None  # fail before training, not mid-run
+            distance_every = distance_interval(run.recipe)
             loss_acc = torch.zeros((), device=run.device, dtype=torch.float64)  # summed on device: no sync per step
             acc_count = 0
 
@@ -337,6 +349,11 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         path = measured("sample grid", lambda: save_samples(run))
                         if path is not None:
                             log({"event": "samples", "step": k, "path": str(path)})
+                    if distance_every and k % distance_every == 0 and k < t.total_steps:  # the end's: below
+                        settle()
+                        distance = measured("sliced Wasserstein distance", lambda: evaluate_distance(run))
+                        if distance is not None:
+                            log({"event": "distance", "step": k, "sliced_wasserstein": distance})
                     if fid_tools is not None and (k % e.fid_every == 0 or k == t.total_steps):
                         settle()
                         result = measured("FID", lambda: evaluate_fid(run, fid_tools))

@@ -84,6 +84,26 @@ def test_resume_continues_stats_and_keeps_the_start_distance(tmp_path, registry)
     assert [d["step"] for d in distances] == [0, 12]
 
 
+def test_the_distance_is_measured_every_distance_every_steps_on_the_same_samples(tmp_path, registry):
+    """evaluation.distance_every = 0 (the default) measures ten points over the run, every max(1, 25 // 10) = 2
+    steps, besides step 0 and the end; 5 measures every 5 steps and the end, a multiple, once; distance = "none"
+    never. Measuring changes no trained value (the three runs end with the same weights) and takes the same samples
+    each time (the final weights measured again give the distance logged at the end, twice)."""
+    from ctcore.evaluation import evaluate_distance
+
+    runs = {every: _train(tmp_path, registry, f"every-{every}", training={"total_steps": 25},
+                          evaluation={"distance_every": every}) for every in (0, 5)}
+    never = _train(tmp_path, registry, "none", training={"total_steps": 25}, evaluation={"distance": "none"})
+    assert sorted(_distances(runs[0].out_dir)) == [0, *range(2, 25, 2), 25]
+    logged = [r["step"] for r in _stats(runs[5].out_dir) if r.get("event") == "distance"]
+    assert logged == [0, 5, 10, 15, 20, 25]
+    assert _distances(never.out_dir) == {}
+    _assert_same_state(runs[0], runs[5])
+    _assert_same_state(runs[0], never)
+    end = _distances(runs[5].out_dir)[25]
+    assert evaluate_distance(runs[5]) == evaluate_distance(runs[5]) == end == _distances(runs[0].out_dir)[25]
+
+
 def _loss_rows(run_dir: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -221,6 +241,14 @@ def test_run_writes_resolved_recipe_provenance_and_pictures(tmp_path, registry):
 
     with Image.open(run.out_dir / "samples" / pngs[-1]) as im:
         assert im.format == "PNG" and im.width > im.height  # samples and data side by side
+
+
+def _stats(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _distances(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["sliced_wasserstein"] for r in _stats(run_dir) if r.get("event") == "distance"}
 
 
 @pytest.mark.slow
