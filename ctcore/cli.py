@@ -404,9 +404,14 @@ def _train(the_run, resume: bool, progress: bool) -> None:
             return
         out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}{changes}")
         before, after = the_run.extended_num_scales or (0, 0)
+        planned = the_run.curriculum.curriculum.num_scales(the_run.step) if the_run.curriculum is not None else 0
         if before != after:
             out.print(f"note: the curriculum's N(k) depends on training.total_steps: at step {the_run.step:,} it "
                       f"was {before} and is now {after}")
+        elif planned < before and "training.total_steps" in the_run.recipe_changes:
+            out.print(f"note: the curriculum's N(k) depends on training.total_steps: the new plan gives {planned} at "
+                      f"step {the_run.step:,}, below the {before} the run reached, so N(k) stays {before} until the "
+                      "plan passes it (an extended run never moves its curriculum backwards)")
     else:
         out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
         init = the_run.provenance.get("init_from")
