@@ -303,6 +303,10 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, registry, mon
     result = invoke("sweep", recipe, "--set", *sets, "--no-progress")
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if not line.startswith(("┌", "│", "└", "├", " "))]
+    # 6 steps are below the half-life of the tiny recipe's eval EMA (decay 0.9): each summary says so
+    warning = "warning: the eval EMA (training.eval_ema_decay = 0.9) has a half-life of 7 steps; "
+    advice = ("so its distance and samples show little of it: train longer, or lower training.eval_ema_decay for a "
+              "smoke run")
     assert lines == [
         f"sweep point 1/3: {top}/training.lr=1e-3",
         f"{top}/training.lr=1e-3 already finished at step 6; nothing to do (extend it with `ctcore run "
@@ -310,9 +314,11 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, registry, mon
         f"sweep point 2/3: {top}/training.lr=2e-3",
         f"resuming {top}/training.lr=2e-3 at step 3",
         "run tiny",
+        f"{warning}after the 3 steps since the resume at step 3 it holds 27% of their training, {advice}",
         f"sweep point 3/3: {top}/training.lr=3e-3",
         f"run directory: {top}/training.lr=3e-3  (device cpu, precision fp32)",
         "run tiny",
+        f"{warning}after the 6 steps of this run it holds 47% of their training, {advice}",
         f"sweep of 3 runs finished in {top}",
     ]
     assert snapshot(top / "training.lr=1e-3") == finished

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_tiny_recipe
+from helpers import made_once_per_session, write_tiny_recipe
 
 import ctcore
 import ctcore.training
@@ -243,6 +243,22 @@ def test_run_writes_resolved_recipe_provenance_and_pictures(tmp_path, registry):
         assert im.format == "PNG" and im.width > im.height  # samples and data side by side
 
 
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's `ctcore run recipes/quickstart.toml`, trained to its 1,000 steps once per test session (shared
+    by xdist's workers); run.threads = 0, as a user's run picks threads. Tests that write into it copy it first."""
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    def make(folder: Path) -> None:
+        result = CliRunner().invoke(app, ["run", str(REPO / "recipes" / "quickstart.toml"), "--output-dir",
+                                          str(folder / "quickstart"), "--no-progress"])
+        assert result.exit_code == 0, result.output
+
+    return made_once_per_session(tmp_path_factory, "quickstart-1000", make) / "quickstart"
+
+
 def _stats(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines()]
 
@@ -252,14 +268,41 @@ def _distances(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_quickstart_learns_at_least_10x_better_than_untrained(tmp_path, registry):
+def test_quickstart_learns_at_least_10x_better_than_untrained(quickstart):
     """The README's main job: the full quickstart recipe ends >= 10x closer to the data than at step 0 (12.7x with
-    one thread, 12.8x with two)."""
-    recipe = read_recipe(REPO / "recipes" / "quickstart.toml", registry)
-    run = start_run(recipe, registry, tmp_path / "quickstart")  # run.threads = 0: as a user's run picks threads
-    summary = train(run, progress=False)
-    assert summary["step"] == recipe.training.total_steps
-    assert summary["final_distance"] * 10 <= summary["initial_distance"], summary
+    one thread, 12.8x with two), and its distance curve has 11 points (every 100 steps)."""
+    distances = _distances(quickstart)
+    assert sorted(distances) == list(range(0, 1001, 100))
+    assert distances[1000] * 10 <= distances[0], distances
+
+
+@pytest.mark.slow
+def test_extending_the_finished_quickstart_keeps_its_curriculum_and_its_distance(quickstart, tmp_path):
+    """The README's `--resume --set training.total_steps=...` on the finished quickstart, 1,000 -> 1,500 steps: the
+    new plan (K' = 187) would give N = 321 at step 1,000 and reach 1,281 again only at step 1,309, but N(k) keeps the
+    1,281 reached, and the run ends no worse than 1.1x its distance at step 1,000 (measured with one thread:
+    0.0494 -> 0.0441, passing 0.1129 at step 1,200; re-planning the curriculum instead made it 0.0494 -> 0.0692)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    run_dir = Path(shutil.copytree(quickstart, tmp_path / "quickstart"))
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["run", str(run_dir), "--resume", "--set",
+                                                             "training.total_steps=1500", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    records = _stats(run_dir)
+    scales = [(r["step"], r["num_scales"]) for r in records if "loss" in r]
+    assert [n for _, n in scales] == sorted(n for _, n in scales)  # never backwards, over the whole log
+    assert {n for step, n in scales if step > 1000} == {1281}
+    [event] = [r for r in records if r.get("event") == "recipe_changed"]
+    assert (event["changes"], event["num_scales"]) == ({"training.total_steps": [1000, 1500]}, [1281, 1281])
+    distances = _distances(run_dir)
+    assert sorted(distances) == [*range(0, 1001, 100), 1050, 1200, 1350, 1500]  # every 1,500 // 10 after it
+    assert distances[1500] <= 1.1 * distances[1000], distances
+    assert f"│ sliced Wasserstein to data │ at resume (step 1,000) {distances[1000]:.4f} -> now " \
+           f"{distances[1500]:.4f} (" in result.stdout
 
 
 @pytest.mark.slow
