@@ -44,7 +44,7 @@ from ctcore.preflight import build_components, preflight
 from ctcore.recipe import Recipe, dump_recipe, micro_batch_problem, read_recipe
 from ctcore.registry import Registry
 from ctcore.reporting import build_loggers
-from ctcore.runstate import Run
+from ctcore.runstate import FlooredCurriculum, Run
 
 
 def output_dir_for(recipe: Recipe, override: str | Path | None = None) -> Path:
@@ -92,6 +92,8 @@ def build_run(recipe: Recipe, registry: Registry, out_dir: str | Path | None = N
         teacher.network.train()  # the teacher runs with dropout active, sharing the student's mask
     if "metric" in built:
         built["metric"] = built["metric"].to(device)
+    if "curriculum" in built:  # N(k) never below the floor a resume that changed K sets (FlooredCurriculum)
+        built["curriculum"] = FlooredCurriculum(built["curriculum"])
     objective = built["objective"]
     objective.bind(student, {kind: built[kind] for kind in OBJECTIVE_PARTS if kind in built})
     t = recipe.training
@@ -249,14 +251,17 @@ def claim_new_run_directory(target: Path) -> tuple[FileLock, list[Path]]:
 EXTENSIBLE_KEYS: frozenset[str] = frozenset({
     "training.total_steps", "training.log_every", "training.checkpoint_every", "training.sample_every",
     "training.keep_checkpoints",
-    "evaluation.distance", "evaluation.num_samples", "evaluation.num_projections", "evaluation.fid_every",
+    "evaluation.distance", "evaluation.distance_every", "evaluation.num_samples", "evaluation.num_projections",
+    "evaluation.fid_every",
     "evaluation.fid_num_samples", "evaluation.fid_steps", "evaluation.fid_batch_size", "evaluation.inception",
     "evaluation.fid_reference", "evaluation.fid_protocol", "evaluation.is_split", "evaluation.is_split_seed",
 })
 """The settings a resumed run may change (`ctcore run RUN_DIR --resume --set training.total_steps=...`): none of
 them changes a step already trained, because logging, sampling, checkpointing and evaluation use their own random
 generators. Everything else would make the run disagree with its own past and is refused. training.total_steps
-is K of curricula such as iCT's exponential one, so N(k) of the steps after the resume follows the new K."""
+is K of curricula such as iCT's exponential one: after a resume that changes it, N(k) of the later steps is the
+larger of the N the run had reached (N(k0) of the old plan) and the new plan's N(k), so a curriculum never moves
+backwards (FlooredCurriculum; the floor is kept in the checkpoints)."""
 
 
 EXTENSIBLE_TEXT = ("training.total_steps, log_every, checkpoint_every, sample_every, keep_checkpoints, the "
@@ -339,18 +344,25 @@ def _toml_scalar(text: str) -> Any:
         return text
 
 
-def _num_scales_before_and_after(run: Run, old: Recipe) -> tuple[int, int] | None:
-    """N(k) at the resume step under the run's old recipe and under its new one (they differ when K changed);
-    None for an objective without a curriculum."""
+def _num_scales_planned(run: Run, recipe: Recipe) -> int:
+    """N(k) at run.step under the plan of `recipe`'s curriculum (its training.total_steps as K), with the run's
+    floor."""
     from ctcore.components import BuildContext
     from ctcore.data import data_shape
 
-    if run.curriculum is None:
-        return None
-    spec = old.components["curriculum"]
-    context = BuildContext(data_shape(old.data), old.data.num_classes, old.training.total_steps)
-    before = type(run.curriculum)(spec.options, context)
-    return int(before.num_scales(run.step)), int(run.curriculum.num_scales(run.step))
+    spec = recipe.components["curriculum"]
+    context = BuildContext(data_shape(recipe.data), recipe.data.num_classes, recipe.training.total_steps)
+    planned = type(run.curriculum.curriculum)(spec.options, context)
+    return max(run.curriculum.floor, int(planned.num_scales(run.step)))
+
+
+def _keep_the_curriculum(run: Run, trained: Recipe) -> None:
+    """When the run resumes at k0 > 0 with another training.total_steps (K) than the checkpoint's recipe
+    `trained`, raise the curriculum's floor to the N(k0) it had reached under that plan: N(k) of the later steps is
+    max(that N, the new plan's N(k)), so a curriculum never moves backwards, also when the run was killed right
+    after an extension and resumes from a checkpoint written before it."""
+    if run.curriculum is not None and run.step > 0 and trained.training.total_steps != run.recipe.training.total_steps:
+        run.curriculum.floor = _num_scales_planned(run, trained)
 
 
 _JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
@@ -487,6 +499,7 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
         run.provenance["init_from"] = init_record
     if state is not None:
         restore(run, state)
+        _keep_the_curriculum(run, stored)
     else:  # killed before its first checkpoint: the same run again from step 0, its stats begun anew
         run.restarted = True
         if world.is_main:
@@ -500,7 +513,8 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
         run.provenance["run_id"] = run_id
     if new_recipe is not run_recipe:
         run.recipe_changes = recipe_changes(run_recipe, new_recipe)
-        run.extended_num_scales = _num_scales_before_and_after(run, run_recipe)
+        run.extended_num_scales = (None if run.curriculum is None else
+                                   (_num_scales_planned(run, run_recipe), int(run.curriculum.num_scales(run.step))))
         _extend(run, recipe_path)
     return run
 

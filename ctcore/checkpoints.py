@@ -15,7 +15,7 @@ import attrs
 import torch
 from torch import nn
 
-from ctcore.components import KINDS, BuildContext, WeightsUnavailable
+from ctcore.components import KINDS, MAX_NUM_SCALES, BuildContext, WeightsUnavailable
 from ctcore.data import data_shape
 from ctcore.distributed import gather_objects, rank_seed
 from ctcore.errors import RunError, path_not_found
@@ -99,8 +99,9 @@ def save_checkpoint(run: Run) -> Path:
 
 def training_state(run: Run) -> dict[str, Any]:
     """What a checkpoint holds of the training and `restore` puts back: weights, eval EMA, teacher, optimizer,
-    step, every RNG state (`ranks`, each rank's dropout RNG under torchrun, is None here), the loss sums and the
-    non-finite counters. The tensors are the run's own, not copies."""
+    step, every RNG state (`ranks`, each rank's dropout RNG under torchrun, is None here), the loss sums, the
+    non-finite counters and the curriculum's floor (runstate.FlooredCurriculum; 1 without a curriculum). The
+    tensors are the run's own, not copies."""
     return {
         "step": run.step,
         "student": run.student.state_dict(),
@@ -119,6 +120,7 @@ def training_state(run: Run) -> dict[str, Any]:
         "initial_distance": run.initial_distance,
         "last_good_step": run.last_good_step,
         "nonfinite_run": run.nonfinite_run,
+        "num_scales_floor": run.curriculum.floor if run.curriculum is not None else 1,
     }
 
 
@@ -359,6 +361,10 @@ def _validated(state: Any, path: Path, registry: Registry, use: str, device: tor
     for key, low in (("last_good_step", 0), ("nonfinite_run", 0), ("world_size", 1)):  # absent in older files
         if key in state and not _is_int(state[key], low):
             fail(f"has {key} {state[key]!r}, but it must be a whole number >= {low}", resume_only)
+    floor = state.get("num_scales_floor", 1)  # absent in older files: no floor
+    if not (_is_int(floor, 1) and floor <= MAX_NUM_SCALES):
+        fail(f"has num_scales_floor {floor!r}, but it must be a whole number from 1 to {MAX_NUM_SCALES:,} (the "
+             "N(k) the curriculum keeps after an extension)", resume_only)
     return recipe
 
 
@@ -503,6 +509,8 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.initial_distance = state["initial_distance"]
     run.last_good_step = int(state.get("last_good_step", run.step))
     run.nonfinite_run = int(state.get("nonfinite_run", 0))
+    if run.curriculum is not None:
+        run.curriculum.floor = int(state.get("num_scales_floor", 1))
 
 
 # ------------------------------------------------------------------------------------------ warm starts

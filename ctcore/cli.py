@@ -404,9 +404,14 @@ def _train(the_run, resume: bool, progress: bool) -> None:
             return
         out.print(f"resuming {the_run.out_dir} at step {the_run.step:,}{changes}")
         before, after = the_run.extended_num_scales or (0, 0)
+        planned = the_run.curriculum.curriculum.num_scales(the_run.step) if the_run.curriculum is not None else 0
         if before != after:
             out.print(f"note: the curriculum's N(k) depends on training.total_steps: at step {the_run.step:,} it "
                       f"was {before} and is now {after}")
+        elif planned < before and "training.total_steps" in the_run.recipe_changes:
+            out.print(f"note: the curriculum's N(k) depends on training.total_steps: the new plan gives {planned} at "
+                      f"step {the_run.step:,}, below the {before} the run reached, so N(k) stays {before} until the "
+                      "plan passes it (an extended run never moves its curriculum backwards)")
     else:
         out.print(f"run directory: {the_run.out_dir}  (device {the_run.device}, precision {the_run.precision})")
         init = the_run.provenance.get("init_from")
@@ -456,16 +461,46 @@ def _print_summary(out, the_run, summary: dict) -> None:
         loss = summary["loss"]
         table.add_row("loss (last interval)", f"{loss:.4g}" if math.isfinite(loss) or not skipped
                       else "none: every step of the interval was skipped")
-    first, last = summary.get("initial_distance"), summary.get("final_distance")
-    if first is not None and last is not None:
-        start = "initial" if "init_from" in the_run.provenance else "untrained"
-        table.add_row("sliced Wasserstein to data", f"{start} {first:.4f} -> trained {last:.4f} "
-                      f"({first / max(last, 1e-12):.1f}x better)")
+    distance = _distance_row(the_run, summary)
+    if distance is not None:
+        table.add_row("sliced Wasserstein to data", distance)
     table.add_row("run directory", str(the_run.out_dir))
     table.add_row("samples", str(the_run.out_dir / "samples"))
     out.print(_folded(table))
     for warning in summary.get("warnings", []):
         out.print(Text("warning: ", style="yellow") + Text(warning))
+
+
+def _distance_row(the_run, summary: dict) -> str | None:
+    """The summary's distance row: from step 0 (untrained, or initial after --init-from) or, for a resumed run, from
+    the distance logged at the resume, to the end; better or worse by their ratio, or no verdict when the eval EMA
+    has moved less than half of the way over the steps trained (see training.ema_warning)."""
+    from ctcore.training import percent
+
+    last = summary.get("final_distance")
+    if last is None:
+        return None
+    start_step, moved = summary["start_step"], summary.get("eval_ema_moved", 1.0)
+    if start_step == 0:
+        first, digits = summary.get("initial_distance"), 1
+        if first is None:
+            return None
+        start = "initial" if "init_from" in the_run.provenance else "untrained"
+        text = f"{start} {first:.4f} -> trained {last:.4f}"
+    else:
+        logged, digits = summary.get("resume_distance"), 2
+        if logged is None:
+            return (f"{last:.4f} (no distance was logged at or before the resume at step {start_step:,} to compare "
+                    "with)")
+        at, first = logged
+        where = f"at resume (step {at:,})" if at == start_step else f"at step {at:,} (resumed at {start_step:,})"
+        text = f"{where} {first:.4f} -> now {last:.4f}"
+    if moved < 0.5:
+        since = " since the resume" if start_step else ""
+        return f"{text} (no verdict: the eval EMA holds {percent(moved)} of the training{since}, see the warning)"
+    if last <= first:
+        return f"{text} ({first / max(last, 1e-12):.{digits}f}x better)"
+    return f"{text} ({last / max(first, 1e-12):.{digits}f}x worse)"
 
 
 @app.command()

@@ -179,9 +179,13 @@ class SamplingSection:
 
 @attrs.frozen
 class EvaluationSection:
-    """The distribution distance printed at the start and end of a run (sliced Wasserstein in pixel space)."""
+    """The distribution distance of the eval EMA at the start, during and at the end of a run (sliced Wasserstein in
+    pixel space), and FID / Inception Score during training."""
 
     distance: Literal["sliced-wasserstein", "none"] = "sliced-wasserstein"
+    distance_every: int = attrs.field(default=0, validator=_STEPS_OR_0)
+    """The distance every this many steps, besides step 0 and the end (0: automatic, ten points over the run, every
+    max(1, total_steps // 10) steps); the same samples each time, so the points form a curve."""
     num_samples: int = attrs.field(default=1000, validator=within(1, 100_000, "samples compared in pixel space"))
     num_projections: int = attrs.field(default=256, validator=within(1, 10_000, "random directions averaged"))
     fid_every: int = attrs.field(default=0, validator=_STEPS_OR_0)

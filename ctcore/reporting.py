@@ -255,6 +255,21 @@ def stats_records(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def logged_distance(out_dir: Path, step: int) -> tuple[int, float] | None:
+    """(step, distance) of the last finite `distance` record at or before `step` in a run's stats.jsonl, or None
+    (none there, or no stats.jsonl): what a resumed run's summary compares its end with."""
+    path = Path(out_dir) / "stats.jsonl"
+    if not path.is_file():
+        return None
+    found = None
+    for row in stats_records(path):
+        value = _number(row.get("sliced_wasserstein"))
+        if (row.get("event") == "distance" and row["step"] <= step and value is not None and math.isfinite(value)
+                and (found is None or row["step"] >= found[0])):
+            found = (row["step"], value)
+    return found
+
+
 def run_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Each REPORT_SERIES key's (step, value) points, by step; a step logged twice (a resumed run logs again the
     steps after its last checkpoint) keeps its last value."""

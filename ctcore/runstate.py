@@ -17,6 +17,26 @@ from ctcore.recipe import Recipe, dump_recipe
 from ctcore.registry import Registry
 
 
+class FlooredCurriculum:
+    """The run's curriculum as its objective sees it: N(k) = max(floor, the curriculum's N(k)).
+
+    The floor is 1 (no effect) until a resume changes training.total_steps, the K that iCT's and CT's curricula
+    plan with: it then becomes the N(k) the run had reached, so an extended run never moves its curriculum backwards
+    and follows the new plan once that passes it (docs/recipes.md, extending a run). Checkpoints keep it
+    (`num_scales_floor`); the curriculum's other attributes read through."""
+
+    def __init__(self, curriculum: Any, floor: int = 1) -> None:
+        self.curriculum, self.floor = curriculum, floor
+
+    def num_scales(self, step: int) -> int:
+        return max(self.floor, self.curriculum.num_scales(step))
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "curriculum":  # not yet set (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.curriculum, name)
+
+
 @attrs.define(eq=False)
 class Run:
     """Everything a training run holds; `build_run` makes it, `train` advances it."""
@@ -36,7 +56,9 @@ class Run:
     """The objective's parts (OBJECTIVE_PARTS): None when the objective does not use that kind."""
     metric: nn.Module | None
     noise_schedule: Any
-    curriculum: Any
+    curriculum: FlooredCurriculum | None
+    """The recipe's curriculum in its floor (None without one): N(k) as the objective, its teacher and the logs
+    see it."""
     optimizer: torch.optim.Optimizer
     index_generator: torch.Generator
     """Generator on the training device for batch indices, flips and pair indices."""
@@ -73,8 +95,8 @@ class Run:
     recipe_changes: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     """resume_run changed these settings (EXTENSIBLE_KEYS): {section.key: (old, new)} as TOML text."""
     extended_num_scales: tuple[int, int] | None = None
-    """resume_run changed the recipe (EXTENSIBLE_KEYS): N(k) at the resume step under the old and the new one
-    (None without a curriculum)."""
+    """resume_run changed the recipe (EXTENSIBLE_KEYS): N(k) at the resume step under the old and the new one,
+    each with the curriculum's floor (None without a curriculum); after >= before."""
 
     def close(self) -> None:
         """Release the run directory (the OS also releases it when the process ends, however it ends)."""

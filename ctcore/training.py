@@ -11,6 +11,7 @@ ctcore.checkpoints.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import time
 import tomllib
@@ -26,12 +27,13 @@ from ctcore.components import TrainingBatch
 from ctcore.errors import RunError
 from ctcore.evaluation import evaluate_distance
 from ctcore.fid import evaluate_fid, load_fid_tools
-from ctcore.reporting import RunLog, build_loggers, is_live, plot_fid, progress_bar, progress_line
+from ctcore.reporting import RunLog, build_loggers, is_live, logged_distance, plot_fid, progress_bar, progress_line
 from ctcore.sampling import NonFiniteOutputs, save_samples
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from ctcore.recipe import Recipe
     from ctcore.runstate import Run
 
 
@@ -157,6 +159,39 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # ------------------------------------------------------------------------------------ the training loop
 
 
+def distance_interval(recipe: Recipe) -> int:
+    """Steps between the run's distance measurements besides step 0 and the end: evaluation.distance_every, or for
+    0 ten points over the run (max(1, total_steps // 10)); 0 when evaluation.distance is "none"."""
+    e = recipe.evaluation
+    if e.distance == "none":
+        return 0
+    return e.distance_every or max(1, recipe.training.total_steps // 10)
+
+
+def ema_moved(decay: float, steps: int) -> float:
+    """The fraction of the way from its start that an EMA of this decay has moved after `steps` updates:
+    1 - decay^steps."""
+    if steps == 0 or decay == 0:
+        return float(steps > 0)
+    return -math.expm1(steps * math.log(decay))
+
+
+def ema_warning(decay: float, steps: int, start_step: int) -> str:
+    """The summary's warning for an eval EMA that `steps` updates moved less than half of the way (below its
+    half-life): its distance and samples show little of the training."""
+    half_life = math.log(0.5) / math.log(decay)
+    these = f"the {steps:,} steps of this run" if start_step == 0 else \
+        f"the {steps:,} steps since the resume at step {start_step:,}"
+    return (f"the eval EMA (training.eval_ema_decay = {decay}) has a half-life of {round(half_life):,} steps; after "
+            f"{these} it holds {percent(ema_moved(decay, steps))} of their training, so its distance and samples "
+            "show little of it: train longer, or lower training.eval_ema_decay for a smoke run")
+
+
+def percent(fraction: float) -> str:
+    """A fraction as a percentage with two significant digits (0.28%, 45%, 0%), or `less than 0.01%`."""
+    return f"{100 * fraction:.2g}%" if fraction >= 1e-4 or fraction == 0 else "less than 0.01%"
+
+
 @contextlib.contextmanager
 def flush_denormals(enabled: bool) -> Iterator[None]:
     """Flush denormal floats to zero while training on CPU, then restore the process's previous mode.
@@ -229,8 +264,10 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     loop next logs, samples, evaluates, checkpoints or stops: the steps since the previous such point are taken back
     and redone one by one, so they end as if each had been checked (docs/recipes.md, max_nonfinite_steps); too many
     consecutive ones raise TrainingDiverged after checkpointing. Only rank 0 writes files and shows progress: a rich bar
-    on a terminal, else one plain `progress_line` per log interval. Returns a summary dict (final step, mean
-    loss of the last interval, distances, run time).
+    on a terminal, else one plain `progress_line` per log interval. The distance is measured at step 0, every
+    `distance_interval` steps and at the end. Returns a summary dict (final step, mean loss of the last interval,
+    distances, for a resumed run the last one logged at or before its start, how far the eval EMA moved, warnings,
+    run time).
     """
     from rich.console import Console
 
@@ -248,6 +285,8 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
     else:
         log = RunLog()
     summary: dict[str, Any] = {"start_step": run.step, "warnings": []}
+    if run.step > 0 and world.is_main:  # a resumed run compares its end with where it resumed
+        summary["resume_distance"] = logged_distance(run.out_dir, run.step)
     started = time.perf_counter()
     finished = False
 
@@ -272,6 +311,7 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                     log({"event": "distance", "step": 0, "sliced_wasserstein": run.initial_distance})
             e = run.recipe.evaluation
             fid_tools = load_fid_tools(run) if e.fid_every > 0 else None  # fail before training, not mid-run
+            distance_every = distance_interval(run.recipe)
             loss_acc = torch.zeros((), device=run.device, dtype=torch.float64)  # summed on device: no sync per step
             acc_count = 0
 
@@ -374,6 +414,11 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                         path = measured("sample grid", lambda: save_samples(run))
                         if path is not None:
                             log({"event": "samples", "step": k, "path": str(path)})
+                    if distance_every and k % distance_every == 0 and k < t.total_steps:  # the end's: below
+                        settle()
+                        distance = measured("sliced Wasserstein distance", lambda: evaluate_distance(run))
+                        if distance is not None:
+                            log({"event": "distance", "step": k, "sliced_wasserstein": distance})
                     if fid_tools is not None and (k % e.fid_every == 0 or k == t.total_steps):
                         settle()
                         result = measured("FID", lambda: evaluate_fid(run, fid_tools))
@@ -411,6 +456,10 @@ def train(run: Run, *, stop_at: int | None = None, progress: bool = True, consol
                 summary["final_distance"] = final
                 if final is not None:
                     log({"event": "distance", "step": run.step, "sliced_wasserstein": final})
+                updates = run.step - summary["start_step"] - skipped  # a skipped step does not update the EMA
+                summary["eval_ema_moved"] = ema_moved(t.eval_ema_decay, updates)
+                if updates and summary["eval_ema_moved"] < 0.5:  # with none, the warning above says why
+                    summary["warnings"].append(ema_warning(t.eval_ema_decay, updates, summary["start_step"]))
             finished = True
         except (TrainingStopped, TrainingDiverged):
             raise

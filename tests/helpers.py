@@ -9,6 +9,7 @@ import functools
 import hashlib
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,11 @@ TINY: dict[str, dict[str, Any]] = {
     "training": {"total_steps": 12, "batch_size": 8, "lr": 1e-3, "eval_ema_decay": 0.9, "log_every": 2,
                  "checkpoint_every": 6, "sample_every": 6, "keep_checkpoints": 5},
     "sampling": {"num_samples": 4, "sigma_mid": [0.821]},
-    "evaluation": {"num_samples": 32, "num_projections": 16},
+    "evaluation": {"num_samples": 32, "num_projections": 16, "distance_every": 1_000_000},
 }
+"""The tiny recipe measures the distance at step 0 and at the end only (distance_every beyond any tiny run): the
+tests that count a run's events or the steps its non-finite check settles keep their numbers; the periodic
+distance has tests of its own (tests/test_training.py), which set distance_every."""
 
 
 def tiny_recipe_text(output_dir: str | Path, **overrides: dict[str, Any]) -> str:
@@ -107,6 +111,27 @@ def finished_tiny_run(root: Path, name: str = "run") -> Path:
     result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress"])
     assert result.exit_code == 0, result.output
     return root / name
+
+
+def made_once_per_session(tmp_path_factory: Any, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder of the session's temporary folder that `make(folder)` fills once per test session: pytest-xdist's
+    worker processes share it, the first that needs it making it while the others wait on its lock (what a worker
+    that failed left is made again). Tests that write into it copy it first."""
+    import fcntl
+    import os
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    where, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(where, ignore_errors=True)
+            where.mkdir()
+            make(where)
+            done.touch()
+    return where
 
 
 def one_line_error(result: Any, code: int = 2) -> str:

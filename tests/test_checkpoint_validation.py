@@ -183,6 +183,9 @@ CASES: dict[str, tuple[Callable, str, str, str | None]] = {
     "step that is no integer": (
         _set("step", value=6.5), "has step 6.5, but a step is a whole number >= 0", DAMAGED_RESUME, DAMAGED_SAMPLE),
     "no loss count": (_drop("loss_count"), "has no `loss_count`", ONLY_RESUME, None),
+    "curriculum floor of 0": (
+        _set("num_scales_floor", value=0), "has num_scales_floor 0, but it must be a whole number from 1 to "
+        "16,777,216 (the N(k) the curriculum keeps after an extension)", ONLY_RESUME, None),
     "NaN student": (
         _set("student", "inp.weight", value=_poison(float("nan"))),
         "holds non-finite values in student['inp.weight']", DIVERGED_RESUME, None),
@@ -251,6 +254,16 @@ def test_every_checkpoint_ctcore_writes_passes_validation(finished: Path, regist
         for use in ("resume", "eval-ema", "student"):
             recipe = validate_checkpoint(state, ckpt, registry, use=use)
             assert recipe.components["teacher"].name == "ema"
+
+
+def test_a_checkpoint_from_before_the_curriculum_floor_still_resumes_and_extends(run_dir: Path) -> None:
+    """Checkpoints written before `num_scales_floor` existed have no floor (1): an extension sets it from the
+    N(k) the run reached (9 at step 12 of the tiny recipe's curriculum), and the new checkpoints hold it."""
+    assert load_checkpoint(list_checkpoints(run_dir)[-1])["num_scales_floor"] == 1  # a run never extended
+    tamper(run_dir, _drop("num_scales_floor"))
+    result = invoke("run", run_dir, "--resume", "--set", "training.total_steps=14", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(list_checkpoints(run_dir)[-1])["num_scales_floor"] == 9
 
 
 # ------------------------------------------------------------------------------ checkpoints of other runs

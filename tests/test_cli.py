@@ -467,6 +467,91 @@ def test_resume_continues_from_the_latest_checkpoint_exactly(finished: tuple[Pat
         assert all(torch.equal(original[key][k], resumed[key][k]) for k in original[key]), key
 
 
+def _summary(result: Result) -> tuple[str, list[str]]:
+    """The distance row of a run's summary table (printed at 300 columns: one line) and its warning lines."""
+    assert result.exit_code == 0, result.output
+    rows = {r[0]: r[1] for r in table_rows(result.stdout)}
+    return rows["sliced Wasserstein to data"], [ln for ln in result.stdout.splitlines() if ln.startswith("warning:")]
+
+
+def _distances(run_dir: Path) -> dict[int, float]:
+    """{step: distance} of a run's stats.jsonl (the last of each step), whole records only."""
+    found = {}
+    for line in (run_dir / "stats.jsonl").read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line a test damaged on purpose
+            continue
+        if record.get("event") == "distance" and "sliced_wasserstein" in record:
+            found[record["step"]] = record["sliced_wasserstein"]
+    return found
+
+
+@pytest.mark.parametrize(("at_resume", "verdict"), [(9.0, "better"), (0.0001, "worse")])
+def test_the_summary_of_an_extended_run_compares_its_end_with_the_distance_at_the_resume(
+        run_copy: Path, at_resume: float, verdict: str) -> None:
+    """The finished 12-step run extended to 40 steps: the row compares the end with the last distance logged at or
+    before step 12 in stats.jsonl (here a record appended after the real one, so that the run must come out better,
+    or worse), read past damaged lines and a record of a later step; a regression is called one."""
+    with (run_copy / "stats.jsonl").open("ab") as stats:
+        stats.write(f'{{"event": "distance", "step": 12, "sliced_wasserstein": {at_resume}}}\n'.encode()
+                    + b'\xff\xfe{"event": "distance", "step": 12}\n{"event": "distance", "step": 30, '
+                    b'"sliced_wasserstein": 0.5}\n{"event": "distance", "step": 12, "sliced_wasser')
+    row, warnings = _summary(invoke("run", run_copy, "--resume", "--set", "training.total_steps=40",
+                                    "--no-progress", env={"COLUMNS": "300"}))
+    now = _distances(run_copy)[40]
+    ratio = at_resume / now if verdict == "better" else now / at_resume
+    assert row == f"at resume (step 12) {at_resume:.4f} -> now {now:.4f} ({ratio:.2f}x {verdict})"
+    assert warnings == []
+
+
+def test_a_summary_whose_eval_ema_could_not_move_says_so_instead_of_better(tmp_path: Path) -> None:
+    """A 40-step smoke run with the paper recipes' eval EMA decay 0.99993 (half-life 9,902 steps) holds 0.28% of
+    its training, so the summary gives no verdict and warns; extending a run by 2 steps at decay 0.9 (half-life
+    7 steps) alike."""
+    recipe = write_tiny_recipe(tmp_path / "smoke.toml", tmp_path / "smoke",
+                               training={"total_steps": 40, "eval_ema_decay": 0.99993})
+    row, warnings = _summary(invoke("run", recipe, "--no-progress", env={"COLUMNS": "300"}))
+    d = _distances(tmp_path / "smoke")
+    assert row == (f"untrained {d[0]:.4f} -> trained {d[40]:.4f} (no verdict: the eval EMA holds 0.28% of the "
+                   "training, see the warning)")
+    assert warnings == [
+        "warning: the eval EMA (training.eval_ema_decay = 0.99993) has a half-life of 9,902 steps; after the 40 "
+        "steps of this run it holds 0.28% of their training, so its distance and samples show little of it: train "
+        "longer, or lower training.eval_ema_decay for a smoke run"]
+    recipe = write_tiny_recipe(tmp_path / "tiny.toml", tmp_path / "tiny")
+    assert _summary(invoke("run", recipe, "--no-progress", env={"COLUMNS": "300"}))[1] == []  # 12 steps: 72%
+    row, warnings = _summary(invoke("run", tmp_path / "tiny", "--resume", "--set", "training.total_steps=14",
+                                    "--no-progress", env={"COLUMNS": "300"}))
+    d = _distances(tmp_path / "tiny")
+    assert row == (f"at resume (step 12) {d[12]:.4f} -> now {d[14]:.4f} (no verdict: the eval EMA holds 19% of the "
+                   "training since the resume, see the warning)")
+    assert warnings == [
+        "warning: the eval EMA (training.eval_ema_decay = 0.9) has a half-life of 7 steps; after the 2 steps since "
+        "the resume at step 12 it holds 19% of their training, so its distance and samples show little of it: "
+        "train longer, or lower training.eval_ema_decay for a smoke run"]
+
+
+def test_a_fresh_run_that_ends_farther_from_the_data_is_called_worse(finished: tuple[Path, Path, Result]) -> None:
+    """The summary's fresh-run row, for a run that ended farther from the data than it started (the summary as
+    train() returns it, printed by the CLI's summary): `(1.5x worse)`, never `0.7x better`."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from ctcore.build import build_run
+    from ctcore.cli import _print_summary
+
+    recipe, run_dir, _ = finished
+    run = build_run(read_recipe(recipe, load_registry()), load_registry(), run_dir)
+    out = StringIO()
+    _print_summary(Console(file=out, width=300), run, {"start_step": 0, "step": 12, "seconds": 1.0, "loss": 0.5,
+                                                       "initial_distance": 0.2, "final_distance": 0.3,
+                                                       "eval_ema_moved": 0.72, "warnings": []})
+    assert {r[0]: r[1] for r in table_rows(out.getvalue())}["sliced Wasserstein to data"] == (
+        "untrained 0.2000 -> trained 0.3000 (1.5x worse)")
+
+
 def test_resume_with_the_same_recipe_continues(finished: tuple[Path, Path, Result], run_copy: Path) -> None:
     (run_copy / "checkpoints" / CHECKPOINTS[-1]).unlink()
     recipe = write_tiny_recipe(run_copy.parent / "same.toml", finished[1])  # output_dir as in the stored recipe

@@ -143,6 +143,27 @@ def test_inside_train_a_bad_step_is_taken_back_and_redone_before_the_weights_are
     assert sorted(_losses(a)) == [4, 8] and all(isinstance(v, float) for v in _losses(a).values())
 
 
+def test_the_periodic_distance_reads_the_weights_after_the_bad_steps_are_redone(tmp_path, registry):
+    """evaluation.distance_every = 8 in a 12-step run whose other readers come only at the end: step 5's NaN update
+    is applied unchecked, and the distance at step 8 is the first reader. It settles first (steps 0..7 redone one by
+    one, step 5 skipped), so it measures the weights of steps taken alone, not NaN ones."""
+    from ctcore.evaluation import evaluate_distance
+
+    def run(name: str):
+        path = write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, evaluation={"distance_every": 8},
+                                 training={"log_every": 1000, "checkpoint_every": 1000, "sample_every": 1000})
+        made = start_run(read_recipe(path, registry), registry)
+        made.metric = made.objective.parts["metric"] = PoisonedMetric(made, {5})
+        return made
+
+    a, b = run("deferred"), run("alone")
+    train(a, progress=False)
+    assert [train_step(b)[1] for _ in range(8)] == [True] * 5 + [False] + [True] * 2
+    assert [e["step"] for e in _events(a, "distance")] == [0, 8, 12] and not _events(a, "warning")
+    assert _events(a, "distance")[1]["sliced_wasserstein"] == evaluate_distance(b)
+    assert a.metric.seen == {**dict.fromkeys(range(8), 2), **dict.fromkeys(range(8, 12), 1)}  # 0..7 redone
+
+
 def test_a_component_that_refuses_the_spoilt_weights_after_an_unchecked_bad_step_stops_nothing(tmp_path, registry):
     """Step k = 5's NaN update is applied unchecked, so step 6 runs on NaN weights, where a component that refuses
     non-finite inputs raises: train() goes back to step 4, redoes the steps one by one (step 5 skipped) and goes on,

@@ -58,6 +58,7 @@ RANGES = [
     ("sampling", None, "num_samples", 1, 100_000, "[]"),
     ("sampling", None, "seed", 0, 10**18, "[]"),
     ("sampling", None, "sigma_mid", 1e-5, 1e4, "[]"),
+    ("evaluation", None, "distance_every", 0, 999_999_999, "[]"),
     ("evaluation", None, "num_samples", 1, 100_000, "[]"),
     ("evaluation", None, "num_projections", 1, 10_000, "[]"),
     ("evaluation", None, "fid_every", 0, 999_999_999, "[]"),
@@ -204,7 +205,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 81  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 82  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)

@@ -12,7 +12,7 @@ from helpers import snapshot, write_tiny_recipe
 from typer.testing import CliRunner, Result
 
 from ctcore.build import EXTENSIBLE_KEYS, resume_run, start_run
-from ctcore.checkpoints import list_checkpoints
+from ctcore.checkpoints import list_checkpoints, load_checkpoint
 from ctcore.cli import app
 from ctcore.errors import UsageError
 from ctcore.recipe import CORE_SECTIONS, parse_set_value, point_name, read_recipe, split_values, sweep_grid
@@ -307,6 +307,10 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, registry, mon
     assert result.exit_code == 0, result.output
     tables = ("┏", "┃", "┡", "┌", "│", "└", "├", " ", "3 sweep points", "sliced W and loss: the last logged")
     lines = [line for line in result.stdout.splitlines() if not line.startswith(tables)]
+    # 6 steps are below the half-life of the tiny recipe's eval EMA (decay 0.9): each summary says so
+    warning = "warning: the eval EMA (training.eval_ema_decay = 0.9) has a half-life of 7 steps; "
+    advice = ("so its distance and samples show little of it: train longer, or lower training.eval_ema_decay for a "
+              "smoke run")
     assert lines == [
         f"sweep point 1/3: {top}/training.lr=1e-3",
         f"{top}/training.lr=1e-3 already finished at step 6; nothing to do (extend it with `ctcore run "
@@ -314,9 +318,11 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, registry, mon
         f"sweep point 2/3: {top}/training.lr=2e-3",
         f"resuming {top}/training.lr=2e-3 at step 3",
         "run tiny",
+        f"{warning}after the 3 steps since the resume at step 3 it holds 27% of their training, {advice}",
         f"sweep point 3/3: {top}/training.lr=3e-3",
         f"run directory: {top}/training.lr=3e-3  (device cpu, precision fp32)",
         "run tiny",
+        f"{warning}after the 6 steps of this run it holds 47% of their training, {advice}",
         f"sweep of 3 runs finished in {top}",
     ]
     assert table_rows(result.stdout)[-3:] == [["1e-3", "already finished", *closing_figures(top / "training.lr=1e-3")],
@@ -434,20 +440,62 @@ def test_a_run_extended_on_resume_equals_a_straight_run_bit_for_bit(tmp_path, re
     assert not same_weights(straight, again)
 
 
-def test_extending_a_k_dependent_curriculum_changes_n_of_the_later_steps(tmp_path):
-    """iCT's exponential curriculum has K = total_steps: 6 steps with K' = 2 reach N = 9; extended to K = 30
-    (K' = 10), steps 6..9 use N = 3, 10..19 N = 5, then 9 — the schedule of a 30-step run from step 6 on."""
+def test_extending_a_k_dependent_curriculum_never_moves_n_backwards(tmp_path):
+    """iCT's exponential curriculum has K = total_steps: 6 steps with K' = 2 reach N = 9 (s1 + 1); extended to
+    K = 30 (K' = 10) the new plan would start again at N = 3 (steps 6..9) and 5 (10..19), but N(k) keeps the 9 the
+    run reached, as the printed note and the recipe_changed event say."""
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "out", training={"total_steps": 6, "log_every": 1})
     assert invoke("run", recipe, "--no-progress").exit_code == 0
     result = invoke("run", tmp_path / "out", "--resume", "--set", "training.total_steps=30", "--no-progress")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[:2] == [
         f"resuming {tmp_path / 'out'} at step 6 (training.total_steps: 6 -> 30)",
-        "note: the curriculum's N(k) depends on training.total_steps: at step 6 it was 9 and is now 3",
+        "note: the curriculum's N(k) depends on training.total_steps: the new plan gives 3 at step 6, below the 9 "
+        "the run reached, so N(k) stays 9 until the plan passes it (an extended run never moves its curriculum "
+        "backwards)",
     ]
     n = {r["step"]: r["num_scales"] for r in stats(tmp_path / "out") if "loss" in r}
-    assert [n[k] for k in range(1, 7)] == [3, 3, 5, 5, 9, 9]  # logged at k for step k - 1
-    assert [n[k] for k in (7, 10, 11, 20, 21, 30)] == [3, 3, 5, 5, 9, 9]
+    assert [n[k] for k in range(1, 31)] == [3, 3, 5, 5] + [9] * 26  # logged at k for step k - 1
+    [event] = [r for r in stats(tmp_path / "out") if r.get("event") == "recipe_changed"]
+    assert event["num_scales"] == [9, 9]
+
+
+def test_the_curriculum_floor_holds_until_the_new_plan_passes_it_across_resumes(tmp_path, registry):
+    """s0 = 2, s1 = 32, K = 10 (K' = 2): N = 3, 3, 5, 5, 9, 9, then 17 at step 6, where the run stops. Extended to
+    K = 20 (K' = 4), whose plan gives 5 at steps 6..7, 9 at 8..11, 17 at 12..15 and 33 from 16: N(k) is max(17,
+    that). The extension is killed before its first checkpoint and resumed again (the floor then comes from the
+    checkpoint's own recipe), stopped at step 10 and resumed once more (the floor comes from the checkpoint):
+    steps 10 and 11, where the new plan gives 9, still train at 17 (the grid, the EMA teacher's mu(k), the logs)."""
+    import math
+
+    out = tmp_path / "out"
+    path = write_tiny_recipe(tmp_path / "r.toml", out, curriculum={"name": "exponential", "s0": 2, "s1": 32},
+                             teacher={"name": "ema", "mu0": 0.9},
+                             training={"total_steps": 10, "log_every": 1, "checkpoint_every": 2})
+    run = start_run(read_recipe(path, registry), registry)
+    train(run, stop_at=6, progress=False)
+    run.close()
+    extended = resume_run(None, registry, out, sets=["training.total_steps=20"])
+    assert (extended.curriculum.floor, extended.extended_num_scales) == (17, (17, 17))
+    extended.close()  # killed before a checkpoint under the new recipe: ckpt-6 holds no floor yet
+    assert load_checkpoint(list_checkpoints(out)[-1])["num_scales_floor"] == 1
+    again = resume_run(None, registry, out)
+    assert (again.step, again.recipe_changes, again.curriculum.floor) == (6, {}, 17)
+    train(again, stop_at=10, progress=False)
+    again.close()
+    assert load_checkpoint(list_checkpoints(out)[-1])["num_scales_floor"] == 17
+    last = resume_run(None, registry, out)
+    assert (last.step, last.curriculum.floor) == (10, 17)
+    used = []  # N(k) as the objective's grid and the teacher's update receive it
+    grid, update = last.objective.sigmas, last.teacher.update
+    last.objective.sigmas = lambda n, constants, device: (used.append(("grid", n)), grid(n, constants, device))[1]
+    last.teacher.update = lambda student, step, n: (used.append(("teacher", n)), update(student, step, n))[1]
+    train(last, progress=False)
+    last.close()
+    assert used == [(part, n) for n in [17] * 6 + [33] * 4 for part in ("grid", "teacher")]
+    records = [r for r in stats(out) if "loss" in r]
+    assert [r["num_scales"] for r in records] == [3, 3, 5, 5, 9, 9] + [17] * 10 + [33] * 4
+    assert [r["teacher_decay"] for r in records] == [math.exp(2 * math.log(0.9) / r["num_scales"]) for r in records]
 
 
 def test_a_change_that_would_rewrite_the_past_is_refused_on_resume(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_tiny_recipe
+from helpers import made_once_per_session, write_tiny_recipe
 
 import ctcore
 import ctcore.training
@@ -82,6 +82,26 @@ def test_resume_continues_stats_and_keeps_the_start_distance(tmp_path, registry)
     assert steps == [2, 4, 6, 8, 10, 12]
     distances = [r for r in rows if r.get("event") == "distance"]
     assert [d["step"] for d in distances] == [0, 12]
+
+
+def test_the_distance_is_measured_every_distance_every_steps_on_the_same_samples(tmp_path, registry):
+    """evaluation.distance_every = 0 (the default) measures ten points over the run, every max(1, 25 // 10) = 2
+    steps, besides step 0 and the end; 5 measures every 5 steps and the end, a multiple, once; distance = "none"
+    never. Measuring changes no trained value (the three runs end with the same weights) and takes the same samples
+    each time (the final weights measured again give the distance logged at the end, twice)."""
+    from ctcore.evaluation import evaluate_distance
+
+    runs = {every: _train(tmp_path, registry, f"every-{every}", training={"total_steps": 25},
+                          evaluation={"distance_every": every}) for every in (0, 5)}
+    never = _train(tmp_path, registry, "none", training={"total_steps": 25}, evaluation={"distance": "none"})
+    assert sorted(_distances(runs[0].out_dir)) == [0, *range(2, 25, 2), 25]
+    logged = [r["step"] for r in _stats(runs[5].out_dir) if r.get("event") == "distance"]
+    assert logged == [0, 5, 10, 15, 20, 25]
+    assert _distances(never.out_dir) == {}
+    _assert_same_state(runs[0], runs[5])
+    _assert_same_state(runs[0], never)
+    end = _distances(runs[5].out_dir)[25]
+    assert evaluate_distance(runs[5]) == evaluate_distance(runs[5]) == end == _distances(runs[0].out_dir)[25]
 
 
 def _loss_rows(run_dir: Path) -> list[tuple[int, float]]:
@@ -223,15 +243,66 @@ def test_run_writes_resolved_recipe_provenance_and_pictures(tmp_path, registry):
         assert im.format == "PNG" and im.width > im.height  # samples and data side by side
 
 
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's `ctcore run recipes/quickstart.toml`, trained to its 1,000 steps once per test session (shared
+    by xdist's workers); run.threads = 0, as a user's run picks threads. Tests that write into it copy it first."""
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    def make(folder: Path) -> None:
+        result = CliRunner().invoke(app, ["run", str(REPO / "recipes" / "quickstart.toml"), "--output-dir",
+                                          str(folder / "quickstart"), "--no-progress"])
+        assert result.exit_code == 0, result.output
+
+    return made_once_per_session(tmp_path_factory, "quickstart-1000", make) / "quickstart"
+
+
+def _stats(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _distances(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["sliced_wasserstein"] for r in _stats(run_dir) if r.get("event") == "distance"}
+
+
 @pytest.mark.slow
-def test_quickstart_learns_at_least_10x_better_than_untrained(tmp_path, registry):
+def test_quickstart_learns_at_least_10x_better_than_untrained(quickstart):
     """The README's main job: the full quickstart recipe ends >= 10x closer to the data than at step 0 (12.7x with
-    one thread, 12.8x with two)."""
-    recipe = read_recipe(REPO / "recipes" / "quickstart.toml", registry)
-    run = start_run(recipe, registry, tmp_path / "quickstart")  # run.threads = 0: as a user's run picks threads
-    summary = train(run, progress=False)
-    assert summary["step"] == recipe.training.total_steps
-    assert summary["final_distance"] * 10 <= summary["initial_distance"], summary
+    one thread, 12.8x with two), and its distance curve has 11 points (every 100 steps)."""
+    distances = _distances(quickstart)
+    assert sorted(distances) == list(range(0, 1001, 100))
+    assert distances[1000] * 10 <= distances[0], distances
+
+
+@pytest.mark.slow
+def test_extending_the_finished_quickstart_keeps_its_curriculum_and_its_distance(quickstart, tmp_path):
+    """The README's `--resume --set training.total_steps=...` on the finished quickstart, 1,000 -> 1,500 steps: the
+    new plan (K' = 187) would give N = 321 at step 1,000 and reach 1,281 again only at step 1,309, but N(k) keeps the
+    1,281 reached, and the run ends no worse than 1.1x its distance at step 1,000 (measured with one thread:
+    0.0494 -> 0.0441, passing 0.1129 at step 1,200; re-planning the curriculum instead made it 0.0494 -> 0.0692)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ctcore.cli import app
+
+    run_dir = Path(shutil.copytree(quickstart, tmp_path / "quickstart"))
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["run", str(run_dir), "--resume", "--set",
+                                                             "training.total_steps=1500", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    records = _stats(run_dir)
+    scales = [(r["step"], r["num_scales"]) for r in records if "loss" in r]
+    assert [n for _, n in scales] == sorted(n for _, n in scales)  # never backwards, over the whole log
+    assert {n for step, n in scales if step > 1000} == {1281}
+    [event] = [r for r in records if r.get("event") == "recipe_changed"]
+    assert (event["changes"], event["num_scales"]) == ({"training.total_steps": [1000, 1500]}, [1281, 1281])
+    distances = _distances(run_dir)
+    assert sorted(distances) == [*range(0, 1001, 100), 1050, 1200, 1350, 1500]  # every 1,500 // 10 after it
+    assert distances[1500] <= 1.1 * distances[1000], distances
+    assert f"│ sliced Wasserstein to data │ at resume (step 1,000) {distances[1000]:.4f} -> now " \
+           f"{distances[1500]:.4f} (" in result.stdout
 
 
 @pytest.mark.slow
