@@ -34,7 +34,7 @@ from ctcore.checkpoints import (
     restore,
     validate_checkpoint,
 )
-from ctcore.components import KINDS, LOGGER, OBJECTIVE_PARTS
+from ctcore.components import KINDS, LOGGER, MEMORY_ONLY, OBJECTIVE_PARTS
 from ctcore.data import ImageData, check_data_file, load_data
 from ctcore.devices import compile_enabled, compile_pass, fast_optimizer_options, resolve_device, use_threads
 from ctcore.distributed import SINGLE, World, rank_seed
@@ -261,17 +261,34 @@ them changes a step already trained, because logging, sampling, checkpointing an
 generators. Everything else would make the run disagree with its own past and is refused. training.total_steps
 is K of curricula such as iCT's exponential one: after a resume that changes it, N(k) of the later steps is the
 larger of the N the run had reached (N(k0) of the old plan) and the new plan's N(k), so a curriculum never moves
-backwards (FlooredCurriculum; the floor is kept in the checkpoints)."""
+backwards (FlooredCurriculum; the floor is kept in the checkpoints). The memory knobs (memory_knobs: training.
+micro_batch_size, component options marked MEMORY_ONLY such as [network] checkpoint_blocks) may change too: they
+change how later steps are computed in memory, not what they compute (up to floating-point summation order)."""
 
 
 EXTENSIBLE_TEXT = ("training.total_steps, log_every, checkpoint_every, sample_every, keep_checkpoints, the "
-                   "[evaluation] settings and [logging]")
+                   "[evaluation] settings, [logging] and the memory knobs (training.micro_batch_size, and component "
+                   "options such as [network] checkpoint_blocks)")
+
+MEMORY_KEYS: frozenset[str] = frozenset({"training.micro_batch_size"})
+"""Core settings that change how much memory a step takes, not what it computes (up to floating-point summation
+order): a resumed run may change them, e.g. to continue on a smaller GPU."""
+
+def memory_knobs(recipe: Recipe) -> frozenset[str]:
+    """The `section.key`s of a recipe that change only memory and speed: MEMORY_KEYS and every component option
+    whose attrs field carries MEMORY_ONLY metadata."""
+    options = {f"{kind}.{field.name}" for kind, spec in recipe.components.items()
+               if attrs.has(type(spec.options))
+               for field in attrs.fields(type(spec.options)) if field.metadata.get(MEMORY_ONLY)}
+    return MEMORY_KEYS | options
 
 
-def extensible(key: str) -> bool:
-    """Whether a resumed run may change this `section.key`: EXTENSIBLE_KEYS, and every [logging] setting (the
-    backends a run's records also go to, and their options), which no trained step depends on."""
-    return key in EXTENSIBLE_KEYS or key.startswith("logging.")
+def extensible(key: str, recipe: Recipe | None = None) -> bool:
+    """Whether a resumed run may change this `section.key`: EXTENSIBLE_KEYS, every [logging] setting (the
+    backends a run's records also go to, and their options), which no trained step depends on, and the memory
+    knobs of `recipe` (memory_knobs), which change no trained step and only the summation order of later ones."""
+    return (key in EXTENSIBLE_KEYS or key.startswith("logging.")
+            or (recipe is not None and key in memory_knobs(recipe)))
 
 
 def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple[str, str]]:
@@ -313,7 +330,7 @@ def checkpoint_fits_run(checkpoint_recipe: Recipe, run_recipe: Recipe) -> list[s
     directory's recipe.toml except in EXTENSIBLE_KEYS (a run extended after it). Returns the other differences
     (`section.key: checkpoint -> recipe.toml`), empty when it fits."""
     return [f"  {k}: {a} -> {b}" for k, (a, b) in recipe_changes(checkpoint_recipe, run_recipe).items()
-            if not extensible(k)]
+            if not extensible(k, run_recipe)]
 
 
 def _extend(run: Run, recipe_path: Path) -> None:
@@ -452,7 +469,7 @@ def _resume_claimed(recipe: Recipe | None, registry: Registry, out_dir: Path, wo
     new_recipe = run_recipe
     if recipe is not None:
         changes = recipe_changes(run_recipe, recipe)
-        refused = [k for k in changes if not extensible(k)]
+        refused = [k for k in changes if not extensible(k, recipe)]
         if refused and sets:
             blame = {s.partition("=")[0].strip(): s for s in sets}
             k = refused[0]

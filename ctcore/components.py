@@ -377,6 +377,12 @@ class NoiseScheduleBase:
 # ------------------------------------------------------------------------------------ helpers for networks
 
 
+MEMORY_ONLY = "memory_only"
+"""attrs metadata key of a component option that changes memory and speed but not the values a step computes
+(`checkpoint_blocks: bool = attrs.field(default=False, metadata={MEMORY_ONLY: True})`): a resumed run may change
+it (ctcore.build.memory_knobs), e.g. to continue on a smaller GPU."""
+
+
 def checkpointed(function: Callable[..., Any], *args: Any, enabled: bool = True) -> Any:
     """`function(*args)` under activation checkpointing when `enabled` and autograd records: the activations it
     computes are recomputed in backward instead of kept (about one more forward pass of compute, for the memory),

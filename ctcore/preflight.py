@@ -170,10 +170,29 @@ def plugin_failure(exc: BaseException, registry: Registry | None = None, *, exit
 
         ckpts = list_checkpoints(run.out_dir)
         latest = f"its latest checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-        message += f"; the run stopped at step {run.step:,}, {latest}: {fix}, then ctcore run {run.out_dir} --resume"
+        smaller = _smaller_micro_batch(run) if out_of_memory else None
+        if smaller is not None:  # the same steps in smaller passes: a memory knob a resumed run may change
+            message += (f"; the run stopped at step {run.step:,}, {latest}: it needs more memory than the device has; "
+                        f"continue in smaller passes (the same steps) with ctcore run {run.out_dir} --resume --set "
+                        f"training.micro_batch_size={smaller}, or start again with a smaller {kind}")
+        else:
+            message += (f"; the run stopped at step {run.step:,}, {latest}: {fix}, then ctcore run {run.out_dir} "
+                        "--resume")
     else:
         message += f"; {fix}"
     return PluginFailure(message, exit_code)
+
+
+def _smaller_micro_batch(run: Any) -> int | None:
+    """The largest training.micro_batch_size at most half of the run's current pass that divides the batch of each
+    process; None when the pass is one image already."""
+    from ctcore.recipe import divisors
+
+    t = run.recipe.training
+    share = t.batch_size // run.world.world_size
+    current = t.micro_batch_size or share
+    fitting = [d for d in divisors(share) if d <= current // 2]
+    return fitting[-1] if fitting else None
 
 
 # ------------------------------------------------------------------------------- building under a time limit

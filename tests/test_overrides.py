@@ -397,6 +397,23 @@ def test_the_extensible_keys_exist_and_leave_the_training_numerics_alone():
     assert not {"training.lr", "training.batch_size", "run.seed", "run.threads"} & EXTENSIBLE_KEYS
 
 
+def test_memory_knobs_may_change_on_resume_and_nothing_else_of_the_components(tmp_path, registry):
+    """training.micro_batch_size and component options marked MEMORY_ONLY (ncsnpp's and adm's checkpoint_blocks)
+    are the memory knobs; a component's other options stay refused on resume."""
+    from pathlib import Path
+
+    from ctcore.build import extensible, memory_knobs
+
+    mlp = read_recipe(write_tiny_recipe(tmp_path / "mlp.toml", tmp_path / "out"), registry)
+    assert memory_knobs(mlp) == {"training.micro_batch_size"}
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for name in ("ict_cifar10.toml", "ict_imagenet64.toml"):  # ncsnpp, adm
+        recipe = read_recipe(recipes / name, registry)
+        assert memory_knobs(recipe) == {"training.micro_batch_size", "network.checkpoint_blocks"}
+        assert extensible("network.checkpoint_blocks", recipe) and not extensible("network.nf", recipe)
+        assert not extensible("network.checkpoint_blocks")  # without the recipe: only the core's keys
+
+
 def test_a_run_extended_on_resume_equals_a_straight_run_bit_for_bit(tmp_path, registry):
     """6 steps, then `--resume --set training.total_steps=10` (and other intervals), killed right after the
     extension (before a checkpoint under it), resumed again: the weights equal a straight 10-step run's."""

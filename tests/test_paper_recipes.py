@@ -155,3 +155,23 @@ def test_quickstart_cifar16_ct_switches_every_ict_change_back_and_nothing_else(r
     assert (ict.data.source, ict.data.path, ict.data.resolution) == ("hdf5", "data/cifar10-train-16.h5", 16)
     net = build_components(ict, registry, device="meta")["network"]
     assert sum(p.numel() for p in net.parameters()) == 1_284_035
+
+
+def test_ict_cifar10_24gb_is_the_paper_recipe_but_for_memory_knobs_and_fits_22_gib(registry) -> None:
+    """Only memory knobs (ctcore.build.memory_knobs) differ from ict_cifar10, and the CUDA estimate is <= 22 GiB
+    (the paper recipe in one pass: about 70.5 GiB)."""
+    from ctcore.build import memory_knobs
+    from ctcore.preflight import preflight
+
+    paper, small_card = load(registry, "ict_cifar10.toml"), load(registry, "ict_cifar10_24gb.toml")
+    changed = changed_keys(paper, small_card)
+    assert changed == ["training.micro_batch_size"]
+    assert set(changed) <= memory_knobs(small_card)
+    assert memory_knobs(small_card) == {"training.micro_batch_size", "network.checkpoint_blocks"}
+    on_cuda = [read_recipe(RECIPES / name, registry, ["run.device=\"cuda\""])
+               for name in ("ict_cifar10.toml", "ict_cifar10_24gb.toml")]
+    full, split = (preflight(r, registry).memory for r in on_cuda)
+    assert (full.batch, split.batch) == (1024, 256)
+    gib = 2**30
+    assert split.peak(on_cpu=False) <= 22 * gib < full.peak(on_cpu=False)
+    assert round(split.peak(on_cpu=False) / gib, 1) == 19.1 and round(full.peak(on_cpu=False) / gib, 1) == 70.5

@@ -114,6 +114,19 @@ class Flaky(_Scaled):
         return super().forward(x, c_noise, labels)
 
 
+class Greedy(_Scaled):
+    name = "greedy"
+    summary = "runs out of device memory in its 8th training forward"
+    calls = 0
+
+    def forward(self, x, c_noise, labels):
+        if x.device.type == "cpu" and torch.is_grad_enabled() and x.shape[0] > 2:  # not the meta-check's pair
+            type(self).calls += 1
+            if type(self).calls == 8:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # OOM
+        return super().forward(x, c_noise, labels)
+
+
 class _Metric(nn.Module):
     summary = "a test metric"
 
@@ -234,7 +247,8 @@ from . import parts
 
 @hookimpl
 def ctcore_register_networks():
-    return [parts.WrongShape, parts.Unconditioned, parts.Slow, parts.Huge, parts.Flaky, parts._Scaled]
+    return [parts.WrongShape, parts.Unconditioned, parts.Slow, parts.Huge, parts.Flaky, parts.Greedy,
+            parts._Scaled]
 
 
 @hookimpl
@@ -374,6 +388,28 @@ def test_an_exception_in_a_plugin_at_check_names_the_component_and_exits_2(tmp_p
     assert one_line_failure(invoke("check", recipe), 2) == expected
     assert one_line_failure(invoke("run", recipe, "--no-progress"), 1) == expected
     assert not (tmp_path / "out").exists()
+
+
+def test_running_out_of_device_memory_mid_run_says_which_micro_batch_to_resume_with(tmp_path: Path,
+                                                                                    hostile: Path) -> None:
+    """A network that runs out of memory mid-run: one line naming the micro-batch that halves the pass, and the
+    run resumes with it (training.micro_batch_size is a memory knob a resumed run may change) to its end."""
+    recipe = recipe_with(tmp_path, network={"name": "greedy"})
+    out = tmp_path / "out"
+    line = one_line_failure(invoke("run", recipe, "--no-progress"), 1)
+    ckpt = out / "checkpoints" / "ckpt-000000006.pt"
+    assert line == (
+        f"network 'greedy' from distribution '{DIST}' ran out of memory OutOfMemoryError: CUDA out of memory. Tried to "
+        f"allocate 2.00 GiB (in ctcore_hostile/parts.py:{line_of('OOM')}, forward); the run stopped at step 7, its "
+        f"latest checkpoint is {ckpt}: it needs more memory than the device has; continue in smaller passes (the same "
+        f"steps) with ctcore run {out} --resume --set training.micro_batch_size=4, or start again with a smaller "
+        "network")
+    result = invoke("run", out, "--resume", "--set", "training.micro_batch_size=4", "--no-progress")
+    assert result.exit_code == 0, result.output
+    from ctcore.checkpoints import list_checkpoints, load_checkpoint
+
+    assert load_checkpoint(list_checkpoints(out)[-1])["step"] == 12
+    assert "micro_batch_size = 4" in (out / "recipe.toml").read_text(encoding="utf-8")
 
 
 def test_a_ctcore_error_raised_by_a_plugin_passes_through_as_it_is(tmp_path: Path, hostile: Path) -> None:

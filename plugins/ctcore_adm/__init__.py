@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ctcore import hookimpl
-from ctcore.components import DROPOUT_REASON, BuildContext, each_within, entries, requirement, within
+from ctcore.components import DROPOUT_REASON, MEMORY_ONLY, BuildContext, each_within, entries, requirement, within
 
 from .layers import AttentionBlock, Downsample, ResBlock, Upsample, sinusoidal_embedding, zero_module
 
@@ -107,7 +107,7 @@ class ADM(nn.Module):
         "math" = the same computation spelled out (reference / debugging)."""
         num_groups: int = attrs.field(default=32, validator=within(1, 1024, "GroupNorm groups; ADM 32"))
         """GroupNorm groups (ADM: 32); every level width must be divisible by it."""
-        checkpoint_blocks: bool = False
+        checkpoint_blocks: bool = attrs.field(default=False, metadata={MEMORY_ONLY: True})
         """Each residual block and attention block runs under activation checkpointing: its activations are
         recomputed in backward instead of kept, trading about one more forward pass of compute for memory."""
 

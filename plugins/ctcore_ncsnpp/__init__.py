@@ -19,6 +19,7 @@ from ctcore import hookimpl
 from ctcore.components import (
     DROPOUT_REASON,
     FOURIER_SCALE_REASON,
+    MEMORY_ONLY,
     BuildContext,
     each_within,
     entries,
@@ -104,7 +105,7 @@ class NCSNpp(nn.Module):
         fourier_scale: float = attrs.field(default=0.02, validator=within(
             0.0, 1000.0, FOURIER_SCALE_REASON, open_lo=True))
         """Std of the frozen Fourier frequencies: iCT 0.02, the original CM 16."""
-        checkpoint_blocks: bool = False
+        checkpoint_blocks: bool = attrs.field(default=False, metadata={MEMORY_ONLY: True})
         """Each residual block and attention block runs under activation checkpointing: its activations are
         recomputed in backward instead of kept, trading about one more forward pass of compute for memory."""
 
