@@ -5,11 +5,14 @@ the measured peak, for small MLP, NCSN++ and ADM configurations at two batch siz
     python benchmarks/memory_estimate.py --device cpu --json
     python benchmarks/memory_estimate.py --set training.precision=bf16
     python benchmarks/memory_estimate.py --checkpoint-blocks   # NCSN++ and ADM with and without checkpoint_blocks
+    python benchmarks/memory_estimate.py --checkpoint-blocks --batches 4,16,32
 
 Each case runs in a fresh process (run.threads = 1) on random images of the recipe's shape, as `ctcore bench`
 does. The estimate is the training step's part of `check`'s figure: weights, eval EMA, the teacher's copy,
 gradients, optimizer moments, the metric, the random images and the activations kept for backward (check's
-figure adds data loading, sample grids and evaluation, which never coexist with a step). The measured peak is
+figure adds data loading, sample grids and evaluation, which never coexist with a step, and the non-finite
+check's rollback copy, which train() makes around its steps and a training step alone, as measured here, does
+not). The measured peak is
 that of the tensors in the third training step
 (ctcore.bench.measure_step_memory: torch.profiler's allocation records on CPU, max_memory_allocated on CUDA).
 On CPU the script also reports the rise of the process's peak RSS from just before the build to the end of three
@@ -89,7 +92,7 @@ def measure_case(name: str, batch: int, device: str, sets: list[str]) -> dict[st
 
     m = preflight(recipe, registry, device=torch.device(device)).memory
     step = dataclasses.replace(m, data=count * (math.prod(shape) + 8), host_staging=0, samples=0, evaluation=0,
-                               fid=0, host_evaluation=0)
+                               fid=0, host_evaluation=0, rollback=0)
     estimate = step.peak(device == "cpu")
 
     def build() -> Any:
@@ -141,6 +144,7 @@ def main() -> None:
                         "--checkpoint-blocks: ncsnpp,adm)")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="Each case with network.checkpoint_blocks=false and =true: the saving and the time cost.")
+    parser.add_argument("--batches", help="Comma-separated batch sizes for every case (default: each case's two).")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # NAME:BATCH, run in this process (the child)
     args = parser.parse_args()
@@ -153,7 +157,7 @@ def main() -> None:
                 else [[]])
     rows = []
     for name in cases.split(","):
-        for batch in CASES[name][2]:
+        for batch in map(int, args.batches.split(",")) if args.batches else CASES[name][2]:
             pair = []
             for variant in variants:
                 sets = [*args.sets, *variant]

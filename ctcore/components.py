@@ -383,16 +383,24 @@ MEMORY_ONLY = "memory_only"
 it (ctcore.build.memory_knobs), e.g. to continue on a smaller GPU."""
 
 
+checkpoint_probe: Callable[[Callable[..., Any], tuple[Any, ...]], None] | None = None
+"""Set only while ctcore.preflight's estimate counts what autograd keeps (on the meta device): called with each
+block `checkpointed` is about to checkpoint and its arguments, so the estimate can also run the block plainly and
+count what it keeps, which its recomputation keeps during its backward. None otherwise."""
+
+
 def checkpointed(function: Callable[..., Any], *args: Any, enabled: bool = True) -> Any:
     """`function(*args)` under activation checkpointing when `enabled` and autograd records: the activations it
     computes are recomputed in backward instead of kept (about one more forward pass of compute, for the memory),
     under the forward's RNG state, so dropout draws the same mask. Only the tensor arguments stay alive for the
-    recomputation (`ctcore check`'s estimate counts them). Under `torch.no_grad` (the teacher, sampling) or when
-    not `enabled`, a plain call. Non-reentrant (`use_reentrant=False`): works under torch.compile and when no
-    input needs a gradient."""
+    recomputation (`ctcore check`'s estimate counts them, and through `checkpoint_probe` what one block's
+    recomputation keeps). Under `torch.no_grad` (the teacher, sampling) or when not `enabled`, a plain call.
+    Non-reentrant (`use_reentrant=False`): works under torch.compile and when no input needs a gradient."""
     import torch.utils.checkpoint
 
     if enabled and torch.is_grad_enabled():
+        if checkpoint_probe is not None:
+            checkpoint_probe(function, args)
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
     return function(*args)
 

@@ -73,6 +73,12 @@ CPU_FALLBACK_PARAMETERS = 20_000_000
 FID_FEATURES, FID_LOGITS, FID_INCEPTION_BYTES = 2048, 1008, 100 * 2**20
 PYTHON_INT_BYTES = 40
 """A Python list of seeds: an 8-byte pointer plus a 32-byte int object per entry."""
+RECOMPUTE_FACTOR = 1.5
+"""With checkpointed blocks, the transient per image on top of what autograd keeps, in units of the most one block
+keeps when run plainly: its recomputation in backward keeps that plus the gradients flowing through it, and the
+teacher's no-grad pass holds the U-Net's skip activations plus one block's. Measured on CPU (fp32, the peak of a
+step's tensors above the estimate's kept activations, per image): 1.10-1.24x in backward, 0.94-1.59x in the
+teacher's pass, for NCSN++ and ADM at 32x32 and 64x64 and ict_cifar10's network (docs/performance.md)."""
 
 
 # ------------------------------------------------------------------------------------------ naming plugins
@@ -317,6 +323,10 @@ class MemoryEstimate:
     """Kept for backward whatever the batch (autocast's low-precision copies of the weights)."""
     per_image: int = 0
     """Kept for backward per training image by the student and the metric, plus the step's batch tensors."""
+    recompute: int = 0
+    """Per training image, with checkpointed blocks (`checkpoint_blocks`): the transient of one block on top of
+    what is kept, RECOMPUTE_FACTOR x the most a single block keeps when run plainly (its recomputation in backward,
+    or the teacher's no-grad pass through it). 0 without checkpointing."""
     samples: int = 0
     evaluation: int = 0
     fid: int = 0
@@ -334,7 +344,7 @@ class MemoryEstimate:
 
     @property
     def activations(self) -> int:
-        return self.activations_fixed + self.batch * self.per_image
+        return self.activations_fixed + self.batch * (self.per_image + self.recompute)
 
     def peak(self, on_cpu: bool) -> int:
         """The most the training device holds at once (on CPU the host parts count too)."""
@@ -356,7 +366,9 @@ class MemoryEstimate:
         order = list(self.LABELS)
         ranked = sorted((n for n in names or order if getattr(self, n) > 0), key=lambda n: (-getattr(self, n),
                                                                                           order.index(n)))
-        each = f" for {self.batch:,} images at {human_bytes(self.per_image)} each"
+        each = f" for {self.batch:,} images at {human_bytes(self.per_image + self.recompute)} each"
+        if self.recompute:
+            each += f" including {human_bytes(self.recompute)} of recomputation"
         return ", ".join(f"{self.LABELS[n]} {human_bytes(getattr(self, n))}{each * (n == 'activations')}"
                          for n in ranked[:limit])
 
@@ -521,28 +533,51 @@ class _AttentionAsRun(torch.overrides.TorchFunctionMode):
             self.math_attention = False
 
 
-def _saved_bytes(forward: Callable[[], Any], module: Any, half: bool) -> tuple[Any, int, int]:
+def _saved_bytes(forward: Callable[[], Any], module: Any, half: bool,
+                 blocks: list[int] | None = None) -> tuple[Any, int, int]:
     """Run `forward` and count the bytes of the tensors autograd keeps for backward (views counted once): those
     that grow with the batch, and the module's own weights and buffers (kept as they are in float32, as cast
     copies under bf16 autocast, where every float32 tensor is kept as its bfloat16 copy, except in torch's math
-    attention). Attention counts as torch runs it on the training device (_AttentionAsRun)."""
+    attention). Attention counts as torch runs it on the training device (_AttentionAsRun). With a `blocks` list,
+    each block the forward checkpoints (ctcore.components.checkpointed) is also run plainly once and what it keeps
+    that grows with the batch, besides its inputs, is appended: what its recomputation keeps in its backward."""
+    from ctcore import components
+
     own = {id(t) for t in (*module.parameters(), *module.buffers())} if isinstance(module, nn.Module) else set()
     batch: dict[int, int] = {}
     fixed: dict[int, int] = {}
     attention = _AttentionAsRun()
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t if t._base is None else t._base
-        as_bf16 = half and base.dtype == torch.float32 and not attention.math_attention
-        size = base.numel() * (2 if as_bf16 else base.element_size())
-        if id(base) not in own:
-            batch[id(base)] = size
-        elif half:
-            fixed[id(base)] = size
-        return t
+    def packer(batch: dict[int, int], fixed: dict[int, int], skip: set[int]) -> Callable[[torch.Tensor], Any]:
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            base = t if t._base is None else t._base
+            as_bf16 = half and base.dtype == torch.float32 and not attention.math_attention
+            size = base.numel() * (2 if as_bf16 else base.element_size())
+            if id(base) in skip:  # a checkpointed block's inputs: its checkpoint keeps them already
+                return t
+            if id(base) not in own:
+                batch[id(base)] = size
+            elif half:
+                fixed[id(base)] = size
+            return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), attention:
-        out = forward()
+        return pack
+
+    def probe(function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        inputs = {id(a if a._base is None else a._base) for a in args if isinstance(a, torch.Tensor)}
+        inside: dict[int, int] = {}
+        with torch.autograd.graph.saved_tensors_hooks(packer(inside, {}, inputs), lambda t: t):
+            function(*args)
+        blocks.append(sum(inside.values()))
+
+    previous = components.checkpoint_probe
+    components.checkpoint_probe = probe if blocks is not None else None
+    try:
+        with (torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(packer(batch, fixed, set()), lambda t: t),
+              attention):
+            out = forward()
+    finally:
+        components.checkpoint_probe = previous
     return out, sum(batch.values()), sum(fixed.values())
 
 
@@ -562,8 +597,9 @@ class _Checks:
         spec = self.recipe.components[kind]
         return UsageError(f"{self.recipe.source}: {describe(self.registry, kind, spec.name)}: {problem}")
 
-    def network(self) -> tuple[int, int]:
-        """Output shape and noise convention; returns the saved bytes per sample and the fixed saved bytes."""
+    def network(self) -> tuple[int, int, int]:
+        """Output shape and noise convention; returns the saved bytes per sample, the fixed saved bytes and the
+        transient bytes per sample of its checkpointed blocks (MemoryEstimate.recompute)."""
         net = self.built["network"]
         conv = getattr(type(net), "noise_conditioning", None)
         if conv not in NOISE_CONVENTIONS:
@@ -578,18 +614,19 @@ class _Checks:
             if not _meta_cannot(exc):
                 raise
         if sum(p.numel() for p in net.parameters()) > CPU_FALLBACK_PARAMETERS:
-            return 0, 0  # neither meta nor a small CPU copy can run it: its forward is not checked
+            return 0, 0, 0  # neither meta nor a small CPU copy can run it: its forward is not checked
         with torch.random.fork_rng(devices=[]):
             cpu_net = build_components(self.recipe, self.registry, "cpu", kinds=("network",))["network"]
             return self._network_on(cpu_net, "cpu")
 
-    def _network_on(self, net: nn.Module, device: str) -> tuple[int, int]:
+    def _network_on(self, net: nn.Module, device: str) -> tuple[int, int, int]:
         net.train()
         n = 2
         x = torch.zeros((n, *self.shape), device=device)
         c_noise = torch.zeros(n, device=device)  # sigma = 1 in either convention
         labels = torch.zeros(n, dtype=torch.long, device=device) if self.recipe.data.num_classes > 0 else None
-        out, kept, fixed = _saved_bytes(lambda: net(x, c_noise, labels), net, self.half)
+        blocks: list[int] = []
+        out, kept, fixed = _saved_bytes(lambda: net(x, c_noise, labels), net, self.half, blocks)
         if not isinstance(out, torch.Tensor):
             raise self.refuse("network", f"returns a {type(out).__name__} for input {tuple(x.shape)}; it must "
                                          "return a tensor of the input's shape")
@@ -598,7 +635,7 @@ class _Checks:
                                          "output must have the input's shape")
         if not out.is_floating_point():
             raise self.refuse("network", f"returns {out.dtype} values; its output must be floating point")
-        return kept // n, fixed
+        return kept // n, fixed, round(RECOMPUTE_FACTOR * max(blocks, default=0) / n)
 
     def metric(self) -> int:
         """One value per sample on meta, values on a tiny CPU batch when small; returns saved bytes per sample."""
@@ -733,7 +770,7 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
     checks = _Checks(recipe, registry, built, half)
     with time_limit(BUILD_TIME_LIMIT_S, lambda stopped: f"{recipe.source}: the checks of the components (one "
                                                         f"forward pass on the meta device) {stopped}", registry):
-        per_sample, fixed = checks.network()
+        per_sample, fixed, recompute = checks.network()
         metric_per_sample = checks.metric() if "metric" in built else 0
         first, last = checks.schedules() if "noise_schedule" in built else (2, 2)
         teacher_bytes = checks.teacher(first, last) if "teacher" in built else 0
@@ -751,7 +788,7 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
         eval_ema=_module_bytes(student), teacher=teacher_bytes, gradients=trainable, optimizer=2 * trainable,
         rollback=rollback if recipe.training.max_nonfinite_steps > 0 else 0,
         metric=_module_bytes(built["metric"]) if "metric" in built else 0, activations_fixed=fixed,
-        per_image=per_sample + metric_per_sample + step_tensors, **parts)
+        per_image=per_sample + metric_per_sample + step_tensors, recompute=recompute, **parts)
     _refuse_absurd(recipe, estimate, on_cpu)
     if device is not None:
         require_run_memory(estimate, device, recipe)
