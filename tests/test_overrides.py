@@ -524,8 +524,9 @@ def test_a_change_that_would_rewrite_the_past_is_refused_on_resume(tmp_path):
     assert one_line_error(result, 2) == (
         f"error: --set training.lr=2e-3: training.lr cannot change when the run in {str(tmp_path / 'out')!r} "
         "resumes (0.001 -> 0.002): its past steps were trained with it; on resume only training.total_steps, "
-        "log_every, checkpoint_every, sample_every, keep_checkpoints, the [evaluation] settings and [logging] "
-        "may change; start a new run instead")
+        "log_every, checkpoint_every, sample_every, keep_checkpoints, the [evaluation] settings, [logging] and the "
+        "memory knobs (training.micro_batch_size, and component options such as [network] checkpoint_blocks) may "
+        "change; start a new run instead")
     result = invoke("run", tmp_path / "out", "--resume", "--set", "training.total_steps=abc")
     assert one_line_error(result, 2) == (f"error: {tmp_path / 'out' / 'recipe.toml'}: --set training.total_steps=abc: "
                                          "training.total_steps: expected an integer, got 'abc' (a string)")
