@@ -308,8 +308,10 @@ def test_extending_the_finished_quickstart_keeps_its_curriculum_and_its_distance
 @pytest.mark.slow
 def test_the_bf16_quickstart_learns_at_least_5x_better_than_untrained(tmp_path, registry):
     """`--set training.precision=bf16` on CPU (bf16 autocast around the loss; weights, optimizer and eval EMA stay
-    float32): the quickstart still learns, 0.6289 -> 0.0363 (17.3x, against fp32's 12.7x) with one thread."""
-    recipe = read_recipe(REPO / "recipes" / "quickstart.toml", registry, sets=["training.precision=bf16"])
+    float32): the quickstart, shortened to 500 steps to keep the suite fast, still learns, 0.6289 -> 0.0784 (8.0x;
+    the whole 1000 steps: 0.0363, 17.3x against fp32's 12.7x) with one thread."""
+    recipe = read_recipe(REPO / "recipes" / "quickstart.toml", registry,
+                         sets=["training.precision=bf16", "training.total_steps=500"])
     run = start_run(recipe, registry, tmp_path / "quickstart")
     assert run.precision == "bf16" and run.device.type == "cpu"
     outputs = set()
