@@ -10,7 +10,8 @@ Linear of one-hot labels (ctcore: an embedding table, its transpose). EDM's froz
 trusted: the Fourier frequencies become ctcore's (a buffer there too), every resampling filter must be the one
 `resample_filter` gives. Arguments ctcore cannot express (e.g. label dropout, DhariwalUNet widths below 128, where
 EDM's GroupNorm uses fewer than 32 groups) are refused with a ValueError naming the argument, as is every defect
-of the state dict (naming the EDM key). Tensors keep their dtype.
+of the state dict (naming the EDM key). Tensors keep their dtype; those copied as they are are the given tensors
+(detached), not copies.
 """
 
 from __future__ import annotations
@@ -354,7 +355,7 @@ def _map_state(model_class: str, pieces: _Pieces, state: Mapping[str, Any], shap
         elif how == "transpose":
             out[ours] = value.t().contiguous()
         else:
-            out[ours] = value.clone()
+            out[ours] = value
     if set(out) != set(shapes):  # pragma: no cover - a mapping bug, not a user error
         raise AssertionError(f"EDM -> ctcore mapping leaves {sorted(set(shapes) - set(out))[:3]} unset")
     return out

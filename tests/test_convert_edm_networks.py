@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
 from edm_reference import edm_forward, parameter_count, random_edm_state, resample_filter, state_layout
+from helpers import tiny_recipe_text
 
 from ctcore.components import BuildContext, positional_features
 from ctcore.convert_edm import (
@@ -20,6 +22,7 @@ from ctcore.convert_edm import (
     songunet_network,
     songunet_options,
 )
+from ctcore.recipe import parse_recipe
 
 SMALL = {"img_resolution": 16, "in_channels": 3, "out_channels": 3, "model_channels": 16, "channel_mult": [1, 2],
          "num_blocks": 1, "attn_resolutions": [8], "dropout": 0.13}
@@ -163,9 +166,19 @@ def test_released_options(registry) -> None:
         "use_scale_shift_norm": True, "dropout": 0.1, "dropout_max_resolution": 4096, "attention": "sdpa",
         "num_groups": 32, "noise_embedding": "edm", "augment_dim": 0, "checkpoint_blocks": False}
     assert edm_network_shape(IMAGENET64) == ((3, 64, 64), 1000)
+    for table, (c, h, _), classes in [(ddpmpp, (3, 32, 32), 10), (ncsnpp, (3, 32, 32), 0),
+                                      (dhariwal_options(IMAGENET64, registry=registry), (3, 64, 64), 1000)]:
+        data = {"source": "hdf5", "path": "x.h5", "channels": c, "resolution": h, "num_classes": classes}
+        text = tiny_recipe_text("runs/x", network=table, data=data)
+        parsed = parse_recipe(text, registry).components["network"]  # a recipe's [network] table as it is
+        assert {"name": parsed.name, **{k: _plain(v) for k, v in attrs.asdict(parsed.options).items()}} == table
 
 
 # ------------------------------------------------------------------------------------------ refused inputs
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def small_state(model_class: str = "SongUNet", kwargs: dict | None = None) -> tuple[dict, dict]:
