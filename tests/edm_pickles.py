@@ -14,6 +14,7 @@ file is written; nothing is left in sys.modules afterwards.
 
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 import types
@@ -148,8 +149,6 @@ def _edm_module_names() -> Iterator[None]:
 def edm_pickle_bytes(ema: Any, extra: Mapping[str, Any] | None = None, *, protocol: int = 4) -> bytes:
     """The bytes of an EDM-style network pickle: dict(ema=..., **extra), Nodes pickled as EDM's objects.
     EDM's Python writes protocol 4 (pickle.DEFAULT_PROTOCOL of Python 3.8 to 3.13)."""
-    import io
-
     data = {"ema": _build(ema), **{k: _build(v) for k, v in (extra or {}).items()}}
     buf = io.BytesIO()
     with _edm_module_names():

@@ -60,7 +60,7 @@ def _network(**precond_kwargs) -> Node:
                   **precond_kwargs)
     return network_node("VPPrecond", kwargs, "SongUNet", dict(model_channels=4, channel_mult=[1, 2]),
                         _model_state(), dict(img_resolution=8, sigma_min=0.002, M=1000, beta_d=np.float32(19.9)),
-                        model_attrs=dict(label_dropout=0, skip=np.sqrt(0.5)))
+                        model_attrs=dict(label_dropout=0, skip=np.sqrt(0.5), dtype=np.dtype("float32")))
 
 
 def _message(path: Path) -> str:
@@ -89,6 +89,7 @@ def test_a_network_pickle_reads_back_its_tensors_kwargs_and_module_hashes(tmp_pa
     assert (model.class_name, model.init_kwargs, model.state["label_dropout"]) == (
         "SongUNet", dict(model_channels=4, channel_mult=[1, 2]), 0)
     assert type(model.state["skip"]) is float and model.state["skip"] == float(np.sqrt(0.5))
+    assert model.state["dtype"] == "float32"
     enc = child(ema, "model.enc")
     assert (enc.class_name, enc.module_sha256, enc.init_kwargs) == ("torch.nn.ModuleDict", None, {})
     assert child(enc, "4x4_down").class_name == "UNetBlock"
