@@ -1513,6 +1513,28 @@ def convert_openai_cm(
                          f"{'/'.join(r['dtypes'])} {source}, sha256 {r['sha256'][:12]}...)")
 
 
+@convert_app.command("edm")
+def convert_edm(
+    source: Annotated[Path, typer.Argument(
+        metavar="SOURCE.pkl", help="An NVlabs/edm network pickle: a released edm-*.pkl or a training run's "
+                                   "network-snapshot-*.pkl. Read as data: nothing in it runs.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT.pt", help="The ctcore checkpoint to write.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.pt if it exists.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Convert an EDM network pickle into a ctcore diffusion checkpoint (its EMA weights, its preconditioning)."""
+    with _errors():
+        from ctcore.convert_edm import convert_edm as convert
+
+        r = convert(source, out, _registry(), overwrite=overwrite)
+        if as_json:
+            _print_json({"source": source, **r})
+            return
+        _console().print(f"wrote {r['out']} ({r['preconditioning']}({r['network']}) as {r['ctcore_network']}, "
+                         f"{r['parameters']:,} parameters from {'/'.join(r['dtypes'])} {source}, sha256 "
+                         f"{r['sha256'][:12]}...)")
+
+
 def main() -> None:
     """Console-script entry point (and python -m ctcore): the app's group prints usage errors in one line."""
     app()

@@ -17,6 +17,7 @@ of the state dict (naming the EDM key). Tensors keep their dtype; those copied a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -452,3 +453,146 @@ def dhariwal_network(init_kwargs: Mapping[str, Any], state: Mapping[str, Any], *
     arguments (absent ones take EDM's defaults) and this state dict (EDM's names, buffers included)."""
     kw, recipe, shapes = _dhariwal(init_kwargs, registry)
     return recipe, _map_state("DhariwalUNet", _dhariwal_pieces(kw), state, shapes, [1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------ ctcore convert edm
+
+PRECONDITIONING = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
+"""EDM's preconditioning wrappers (training/networks.py) -> the `edm` objective's `preconditioning` option."""
+
+PRECONDITIONING_CONSTANTS = {
+    "edm": {"sigma_data": ("sigma_data", 0.5)},
+    "vp": {"beta_d": ("beta_d", 19.9), "beta_min": ("beta_min", 0.1), "vp_steps": ("M", 1000),
+           "epsilon_t": ("epsilon_t", 1e-5)},
+    "ve": {"ve_sigma_min": ("sigma_min", 0.02), "ve_sigma_max": ("sigma_max", 100.0)},
+}
+"""ctcore option -> (EDM attribute, EDM's default) of each preconditioning."""
+
+EDM_FIX = "give a network pickle from NVlabs/edm (network-snapshot-*.pkl or a released edm-*.pkl)"
+
+SAMPLING_RANGE = (0.002, 80.0)
+"""generate.py's sigma range, which it narrows to the network's own (sigma_min = max(0.002, net.sigma_min))."""
+
+
+def _precond_constant(obj: Any, key: str, default: float, where: str) -> float:
+    """A preconditioning constant as the wrapper holds it (its attribute, else its recorded argument, else EDM's
+    default); a ValueError unless it is a number (an integer where EDM's default is one, as M)."""
+    value = obj.state.get(key, obj.init_kwargs.get(key, default))
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"{where} attribute {key!r} must be a number, got {value!r}")
+    if isinstance(default, int):
+        if value != int(value):
+            raise ValueError(f"{where} attribute {key!r} must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _recipe_text(stem: str, data_shape: tuple[int, int, int], num_classes: int, network: Mapping[str, Any],
+                 objective: Mapping[str, Any], sigma_range: tuple[float, float], sigma_data: float,
+                 precond_class: str, model_class: str) -> str:
+    from ctcore.convert import _toml_value
+
+    def table(values: Mapping[str, Any]) -> str:
+        return "\n".join(f"{k} = {_toml_value(v) if not isinstance(v, str) else repr(v)}" for k, v in values.items())
+
+    c, h, _ = data_shape
+    steps = 18 if h <= 32 else 40  # EDM's deterministic settings: CIFAR-10 18 levels, 64 x 64 40
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in stem)[:80] or "edm"
+    return f"""# Converted by `ctcore convert edm` from NVlabs/edm's {precond_class}({model_class}); the network and its
+# preconditioning are EDM's; the training settings are ctcore's defaults, not how the model was trained.
+[run]
+name = "{name}"
+
+[data]
+source = "hdf5"
+path = "data/train.h5"
+channels = {c}
+resolution = {h}
+num_classes = {num_classes}
+
+[network]
+{table(network)}
+
+[objective]
+{table(objective)}
+
+[sampler]
+name = "heun"
+steps = {steps}
+rho = 7.0
+
+[consistency]
+sigma_min = {sigma_range[0]!r}
+sigma_max = {sigma_range[1]!r}
+sigma_data = {sigma_data!r}
+
+[sampling]
+sigma_mid = []
+"""
+
+
+def convert_edm(source: str | Path, out: str | Path, registry: Any, *, overwrite: bool = False) -> dict[str, Any]:
+    """Write a ctcore diffusion checkpoint holding the `ema` network of an NVlabs/edm pickle; returns what was
+    written. The pickle is read as data (`ctcore.edm_pickle`): nothing in it runs. Every problem is one RunError
+    (UsageError for the arguments) and nothing is written then."""
+    from ctcore.checkpoints import first_nonfinite
+    from ctcore.components import BuildContext
+    from ctcore.convert import write_converted
+    from ctcore.edm_pickle import child, module_tensors, read_edm_pickle
+    from ctcore.errors import RunError, UsageError
+    from ctcore.files import refuse_writing_inputs
+    from ctcore.recipe import parse_recipe
+    from ctcore.sampling import recipe_objective
+
+    source, out = Path(source), Path(out)
+    refuse_writing_inputs([("OUT.pt", out)], [("SOURCE", source)])
+    if out.exists() and not overwrite:
+        raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose another OUT.pt")
+    pk = read_edm_pickle(source)
+    where = f"{str(source)!r}"
+    precond = pk.ema
+    kind = PRECONDITIONING.get(precond.class_name)
+    if kind is None:
+        raise RunError(f"{where}: its network is a {precond.class_name}, which ctcore does not convert (it converts "
+                       f"{', '.join(PRECONDITIONING)}: EDM's config-F and VP / VE models; iDDPMPrecond's learned "
+                       f"variance has no ctcore equivalent); {EDM_FIX}")
+    model = child(precond, "model")
+    mapping = {"SongUNet": songunet_network, "DhariwalUNet": dhariwal_network}.get(model.class_name)
+    if mapping is None:
+        raise RunError(f"{where}: the network inside {precond.class_name} is a {model.class_name}; ctcore converts "
+                       f"SongUNet (DDPM++, NCSN++) and DhariwalUNet (ADM); {EDM_FIX}")
+    tensors = module_tensors(model)
+    try:
+        constants = {ours: _precond_constant(precond, theirs, default, precond.class_name)
+                     for ours, (theirs, default) in PRECONDITIONING_CONSTANTS[kind].items()}
+        data_shape, num_classes = edm_network_shape(model.init_kwargs)
+        network, weights = mapping(model.init_kwargs, tensors, registry=registry)
+    except ValueError as exc:
+        raise RunError(f"{where}: {exc}; {EDM_FIX}") from None
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in weights.values()})
+    weights = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in weights.items()}
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise RunError(f"{where} holds non-finite values in the tensor ctcore names {bad}; give an undamaged copy "
+                       "of the file")
+    sigma_data = constants.pop("sigma_data", 0.5)
+    objective = {"name": "edm", "preconditioning": kind, **constants}
+
+    def recipe_for(sigma_range: tuple[float, float]) -> Any:
+        text = _recipe_text(source.stem, data_shape, num_classes, network, objective, sigma_range, sigma_data,
+                            precond.class_name, model.class_name)
+        return parse_recipe(text, registry, source=f"edm {precond.class_name}({model.class_name}) (converted recipe)")
+
+    lo, hi = recipe_objective(recipe_for(SAMPLING_RANGE), registry).sigma_range()
+    recipe = recipe_for((max(SAMPLING_RANGE[0], lo), min(SAMPLING_RANGE[1], hi)))
+    write_converted(out, recipe, registry, weights, data_shape, num_classes, overwrite=overwrite, converted_from={
+        "format": "edm-pickle", "file": str(source), "sha256": pk.sha256, "preconditioning": precond.class_name,
+        "network": model.class_name, "module_sources": dict(pk.module_sources), "dtypes": dtypes,
+        "use_fp16": bool(precond.state.get("use_fp16", precond.init_kwargs.get("use_fp16", False)))})
+    spec = recipe.components["network"]
+    with torch.device("meta"):
+        net = registry.get("network", spec.name)(spec.options, BuildContext(data_shape, num_classes))
+    return {"out": out, "preconditioning": precond.class_name, "network": model.class_name,
+            "ctcore_network": spec.name, "sha256": pk.sha256, "tensors": len(weights), "dtypes": dtypes,
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "sigma_range": [recipe.consistency.sigma_min, recipe.consistency.sigma_max]}

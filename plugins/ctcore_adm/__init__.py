@@ -124,7 +124,8 @@ class ADM(nn.Module):
         """The sinusoidal features' arithmetic: "adm", frequencies exp(-ln(10000) j / half) and products in float32
         (guided-diffusion, the released CM models); "edm", EDM's DhariwalUNet: frequencies (1 / 10000)^(j / half)
         (a few float32 ulps apart) and products in c_noise's dtype. Converted EDM networks use "edm" so they compute
-        exactly what EDM computes; c_noise itself is the preconditioning's either way."""
+        exactly what EDM computes. "edm" also takes EDM's c_noise = 0.25 ln sigma (the network's noise_conditioning
+        is "fourier"), as EDMPrecond feeds its DhariwalUNet; "adm" takes 1000 * 0.25 ln sigma as the CM models do."""
         augment_dim: int = attrs.field(default=0, validator=within(
             0, 64, "width of EDM's augmentation labels; EDM 9"))
         """Width of EDM's augmentation labels (0: none). Their bias-free dense weights are carried as a buffer so a
@@ -160,6 +161,8 @@ class ADM(nn.Module):
                 f"so H and W must be divisible by {factor}; got data shape {tuple(shape)}"
             )
         self.options = o
+        if o.noise_embedding == "edm":  # EDMPrecond's c_noise = ln(sigma) / 4, not ADM's 1000x
+            self.noise_conditioning = "fourier"
         self.data_shape = (in_channels, height, width)
         self.num_classes = int(context.num_classes)
 

@@ -306,6 +306,10 @@ class Edm:
     def log_fields(self, step: int) -> dict[str, float]:
         return {}
 
+    def sigma_range(self) -> tuple[float, float]:
+        """(sigma_min, sigma_max) the preconditioning supports (EDM's net.sigma_min / net.sigma_max)."""
+        return edm_sigma_range(self.options)
+
     def denoise(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
                 constants: Any) -> torch.Tensor:
         return preconditioned_denoise(network, x, sigma, labels, self.options, constants.sigma_data)
