@@ -1531,7 +1531,7 @@ def convert_openai_cm(
 @convert_app.command("edm")
 def convert_edm(
     source: Annotated[Path, typer.Argument(
-        metavar="SOURCE.pkl", help="An NVlabs/edm network pickle: a released edm-*.pkl or a training run's "
+        metavar="SOURCE", help="An NVlabs/edm network pickle: a released edm-*.pkl or a training run's "
                                    "network-snapshot-*.pkl. Read as data: nothing in it runs.")],
     out: Annotated[Path, typer.Argument(metavar="OUT.pt", help="The ctcore checkpoint to write.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.pt if it exists.")] = False,

@@ -40,6 +40,7 @@ BASE_ARGS: dict[str, list[str]] = {
     "data info": ["data.h5"],
     "data download": ["cifar10"],
     "convert openai-cm": ["source.pt", "out.pt"],
+    "convert edm": ["source.pkl", "out.pt"],
 }
 """Each command with placeholder arguments that let the parser reach its options (none of the files exist)."""
 

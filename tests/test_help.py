@@ -105,6 +105,8 @@ SUMMARIES = {
                "--init-from).",
     "convert openai-cm": "Convert a released OpenAI consistency model into a ctcore checkpoint (its weights as eval "
                          "EMA).",
+    "convert edm": "Convert an EDM network pickle into a ctcore diffusion checkpoint (its EMA weights, its "
+                   "preconditioning).",
 }
 """What `ctcore --help` and each group's help say every command does, word for word: a new command adds its line,
 and a change of what a command does changes its line here (ctcore trains diffusion models too, not only consistency
