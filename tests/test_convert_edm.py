@@ -223,3 +223,28 @@ def test_never_overwrites_and_never_writes_over_its_source(tmp_path) -> None:
     before = source.read_bytes()
     result = CliRunner().invoke(app, ["convert", "edm", str(source), str(source), "--overwrite"])
     assert result.exit_code == 2 and source.read_bytes() == before
+
+
+EDM_CIFAR10 = {"img_resolution": 32, "in_channels": 3, "out_channels": 3, "label_dim": 0, "augment_dim": 9,
+               "model_channels": 128, "channel_mult": [2, 2, 2], "dropout": 0.13}
+"""EDM's released unconditional CIFAR-10 networks' arguments (NVlabs/edm train.py, --cond=0, augment 0.12)."""
+
+
+@pytest.mark.parametrize(("recipe", "arch", "dropout"), [("ect_cifar10.toml", "ddpmpp", 0.2),
+                                                         ("cd_cifar10.toml", "ncsnpp", 0.0)])
+def test_ect_and_cd_recipes_hold_the_released_network_they_start_from(recipe, arch, dropout) -> None:
+    """ECT tunes edm-cifar10-32x32-uncond-vp (DDPM++), CD distils edm-cifar10-32x32-uncond-ve (NCSN++): each recipe's
+    [network] is exactly what `convert edm` makes of that network, dropout aside (it has no weights)."""
+    from ctcore.convert_edm import songunet_options
+    from ctcore.recipe import read_recipe
+    from ctcore.registry import load_registry
+
+    presets = {"ddpmpp": {"embedding_type": "positional", "encoder_type": "standard", "channel_mult_noise": 1,
+                          "resample_filter": [1, 1]},
+               "ncsnpp": {"embedding_type": "fourier", "encoder_type": "residual", "channel_mult_noise": 2,
+                          "resample_filter": [1, 3, 3, 1]}}
+    converted = songunet_options({**EDM_CIFAR10, **presets[arch], "decoder_type": "standard"})
+    spec = read_recipe(Path(__file__).resolve().parents[1] / "recipes" / recipe, load_registry()).components["network"]
+    ours = {"name": spec.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in
+                                  ((f, getattr(spec.options, f)) for f in converted if f != "name")}}
+    assert ours == {**converted, "dropout": dropout}
