@@ -269,6 +269,17 @@ class NCSNpp(nn.Module):
             return pyramid
         return self.conv_out(F.silu(self.norm_out(h)))
 
+    def to_diffusers(self) -> tuple[dict, dict]:
+        """No exact diffusers UNet2DModel exists (huggingface/diffusers unet_2d.py, embeddings.py, unet_2d_blocks.py):
+        its Fourier embedding takes the log of the timestep and divides the output by it, while the consistency
+        scheduler passes 1000 * 0.25 ln sigma; its Skip blocks are the input_skip / output_skip pyramids, not the
+        residual one. Always raises ValueError saying why (`ctcore export diffusers` prints it)."""
+        pyramid = (", and UNet2DModel has no block for the residual input pyramid (progressive_input 'residual')"
+                   if self.options.progressive_input == "residual" else "")
+        raise ValueError("NCSN++ takes Gaussian Fourier features of 0.25 ln sigma, but UNet2DModel's Fourier "
+                         "embedding takes the log of the timestep the consistency scheduler passes (1000 * 0.25 ln "
+                         f"sigma) and divides its output by it{pyramid}")
+
 
 @hookimpl
 def ctcore_register_networks() -> list[type]:
