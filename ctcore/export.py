@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -162,6 +163,22 @@ def diffusers_pipeline(path: Path, state: dict[str, Any], recipe: Any, registry:
     return {"model_index.json": index, "unet/config.json": unet, "scheduler/scheduler_config.json": scheduler}, tensors
 
 
+def _write_part(tmp: Path, out_dir: Path, name: str, write: Callable[[Path], object]) -> None:
+    """Write file `name` of the folder being made in `tmp` and fsync it; a failed write (a full disk) is one RunError
+    naming the file as OUT_DIR will hold it (the folder is renamed into place only once complete)."""
+    from ctcore.errors import RunError
+    from ctcore.files import failed_write_message
+
+    part = tmp / name
+    part.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(part)
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise RunError(failed_write_message(out_dir / name, exc.errno or 0)) from exc
+
+
 def export_diffusers(checkpoint: str | Path, out_dir: str | Path, registry: Any, *, weights: str = "eval-ema",
                      overwrite: bool = False) -> dict[str, Any]:
     """Write a consistency model's checkpoint (or a run directory's newest) as a ConsistencyModelPipeline folder:
@@ -172,7 +189,7 @@ def export_diffusers(checkpoint: str | Path, out_dir: str | Path, registry: Any,
     replaces only an earlier diffusers pipeline folder. A model the pipeline cannot compute exactly (a diffusion
     model, another parameterisation, a network without an exact UNet2DModel) is one RunError, nothing written."""
     from ctcore.checkpoints import write_safetensors
-    from ctcore.files import atomic_write, file_digest, output_lock
+    from ctcore.files import file_digest, output_lock
     from ctcore.sampling import checkpoint_inputs
 
     _check_weights(weights)
@@ -191,10 +208,10 @@ def export_diffusers(checkpoint: str | Path, out_dir: str | Path, registry: Any,
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
         try:
             for name, content in files.items():
-                with atomic_write(tmp / name) as part:
-                    part.write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
-            with atomic_write(tmp / "unet" / UNET_WEIGHTS) as part:
-                write_safetensors(part, tensors, {"format": "pt"})
+                _write_part(tmp, out_dir, name, lambda part, content=content: part.write_text(
+                    json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8"))
+            _write_part(tmp, out_dir, f"unet/{UNET_WEIGHTS}", lambda part: write_safetensors(part, tensors,
+                                                                                            {"format": "pt"}))
             os.chmod(tmp, 0o755)  # mkdtemp's folder is private; the others are made with the usual mode
             if os.path.lexists(target):
                 old = tmp.with_name(tmp.name.removesuffix(".partial") + "-replaced.partial")

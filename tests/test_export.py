@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -31,6 +32,7 @@ from helpers import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_convert import PLAIN, SMALL, released_state_dict  # random weights in the released ADM layout
+from test_disk_full import FREE, ctcore_with_file_size_limit, linux_only
 from typer.testing import CliRunner, Result
 
 import ctcore
@@ -440,3 +442,24 @@ def test_export_diffusers_replaces_only_an_earlier_pipeline_and_never_its_input(
         f"OUT_DIR {str(out)!r} holds CHECKPOINT {str(inside)!r}: replacing it would destroy what this command "
         "reads, with or without --overwrite; choose another OUT_DIR")
     assert inside.is_file()
+
+
+@linux_only
+def test_a_full_disk_keeps_the_previous_exports_and_says_so_in_one_line(source: Path, exported: Path,
+                                                                        adm: dict[str, Path], tmp_path: Path) -> None:
+    out = Path(shutil.copyfile(exported, tmp_path / "w.safetensors"))
+    pipe = tmp_path / "pipe"
+    assert invoke("export", "diffusers", adm["plain"], pipe).exit_code == 0
+    before = snapshot(tmp_path)
+    limit = 20_000  # a file may grow to 20 kB: the JSON files fit, the weights do not
+    run = ctcore_with_file_size_limit(limit, "export", "safetensors", source, out, "--overwrite")
+    assert run.returncode == 1 and run.stdout == "", run.stderr
+    assert re.fullmatch(rf"error: could not write {re.escape(repr(str(out)))}: File too large {FREE}; the previous "
+                        r"file is unchanged\n", run.stderr), run.stderr
+    run = ctcore_with_file_size_limit(limit, "export", "diffusers", adm["small"], pipe, "--overwrite")
+    weights = pipe / "unet" / "diffusion_pytorch_model.safetensors"
+    assert run.returncode == 1 and run.stdout == "", run.stderr
+    assert re.fullmatch(rf"error: could not write {re.escape(repr(str(weights)))}: File too large {FREE}; the "
+                        r"previous file is unchanged\n", run.stderr), run.stderr
+    assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "w.safetensors"]  # no temporary file or folder
