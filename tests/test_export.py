@@ -444,6 +444,7 @@ def test_export_diffusers_replaces_only_an_earlier_pipeline_and_never_its_input(
     assert inside.is_file()
 
 
+@pytest.mark.slow
 @linux_only
 def test_a_full_disk_keeps_the_previous_exports_and_says_so_in_one_line(source: Path, exported: Path,
                                                                         adm: dict[str, Path], tmp_path: Path) -> None:
