@@ -254,7 +254,8 @@ EXTENSIBLE_KEYS: frozenset[str] = frozenset({
     "evaluation.distance", "evaluation.distance_every", "evaluation.num_samples", "evaluation.num_projections",
     "evaluation.fid_every",
     "evaluation.fid_num_samples", "evaluation.fid_steps", "evaluation.fid_batch_size", "evaluation.inception",
-    "evaluation.fid_reference", "evaluation.fid_protocol", "evaluation.is_split", "evaluation.is_split_seed",
+    "evaluation.fid_reference", "evaluation.fid_protocol", "evaluation.fid_reference_protocol", "evaluation.is_split",
+    "evaluation.is_split_seed",
 })
 """The settings a resumed run may change (`ctcore run RUN_DIR --resume --set training.total_steps=...`): none of
 them changes a step already trained, because logging, sampling, checkpointing and evaluation use their own random

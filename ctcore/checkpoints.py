@@ -729,8 +729,9 @@ def read_warm_start(source: str | Path, weights: str, registry: Registry, option
         raise RunError(f"{_named(option, path)} cannot be looked up ({exc.strerror}); give {option} the checkpoint "
                        "file or run directory of an existing run") from None
     if not exists:
-        raise RunError(path_not_found(_named(option, path), path, f"train that run first, or give {option} the "
-                                      "checkpoint file or run directory of an existing run"))
+        raise RunError(path_not_found(_named(option, path), path, f"train that run (or convert that model) "
+                                      f"first, or give {option} the checkpoint file or run directory of an "
+                                      "existing run"))
     if is_dir:
         found = list_checkpoints(path)
         if not found:

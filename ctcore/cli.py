@@ -893,6 +893,11 @@ FidProtocolOption = Annotated[
     Literal["tensorflow", "pytorch-fid"], typer.Option(
         "--fid-protocol", help="Resize to 299x299 as the TensorFlow FID graph (published numbers) or pytorch-fid.")
 ]
+RefProtocolOption = Annotated[
+    Literal["tensorflow", "pytorch-fid"] | None, typer.Option(
+        "--ref-protocol", help="The FID protocol of a --ref file that records none (EDM's: tensorflow); default: "
+        "pytorch-fid for such a file. A file that records another is refused.")
+]
 MAX_NUMPY_SEED = 2**32 - 1
 """numpy.random.RandomState seeds (the Inception Score's shuffle) are 32-bit."""
 
@@ -905,7 +910,8 @@ def eval_checkpoint(
         help="fid: FID and Inception Score (Inception weights, --ref); sliced-wasserstein: distance to the "
              "recipe's training data, no weights file.")] = "fid",
     ref: Annotated[Path | None, typer.Option("--ref", help="FID: reference statistics .npz with mu and sigma "
-                                             "(ctcore eval-ref-stats, pytorch-fid, clean-fid).")] = None,
+                                             "(ctcore eval-ref-stats, EDM, pytorch-fid, clean-fid).")] = None,
+    ref_protocol: RefProtocolOption = None,
     inception: InceptionOption = None,
     download_inception: DownloadOption = False,
     num_samples: Annotated[int | None, typer.Option(
@@ -943,7 +949,7 @@ def eval_checkpoint(
         sigma_list = _parse_sigmas(sigmas)
         if metric == "sliced-wasserstein":
             _eval_distance(checkpoint, ref, inception, download_inception, num_samples, steps, sigma_list, seed,
-                           batch_size, device, as_json, sampler, progress)
+                           batch_size, device, as_json, sampler, progress, ref_protocol)
             return
         from ctcore.errors import RunError
         from ctcore.fid import evaluate_checkpoint
@@ -964,7 +970,7 @@ def eval_checkpoint(
             steps=steps, sigmas=sigma_list, batch_size=256 if batch_size is None else batch_size, ref_stats=ref,
             device=device, seed=seed,
             progress=progress, fid_protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed,
-            sampler=sampler,
+            sampler=sampler, ref_protocol=ref_protocol,
         )
         if os.environ.get("RANK", "0") != "0":
             return
@@ -1036,15 +1042,15 @@ def _plan_text(result: dict[str, Any], levels: bool = True) -> str:
 def _eval_distance(checkpoint: Path, ref: Path | None, inception: Path | None, download_inception: bool,
                    num_samples: int | None, steps: int | None, sigmas: list[float] | None, seed: int | None,
                    batch_size: int | None, device: str | None, as_json: bool, sampler: str | None = None,
-                   progress: bool = False) -> None:
+                   progress: bool = False, ref_protocol: str | None = None) -> None:
     """`ctcore eval --metric sliced-wasserstein`: one line (or --json) with the distance to the training data."""
     import os
 
     from ctcore.errors import UsageError
     from ctcore.evaluation import evaluate_checkpoint_distance
 
-    for given, name in ((ref, "--ref"), (inception, "--inception"), (download_inception or None,
-                                                                      "--download-inception")):
+    for given, name in ((ref, "--ref"), (ref_protocol, "--ref-protocol"), (inception, "--inception"),
+                        (download_inception or None, "--download-inception")):
         if given is not None:
             raise UsageError(f"{name} is for --metric fid; --metric sliced-wasserstein compares the samples with "
                              f"the recipe's training data and needs no file: drop {name}")
@@ -1070,6 +1076,9 @@ def eval_ref_stats(
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Images per forward pass.")] = 250,
     device: Annotated[str, typer.Option(callback=_device_option, help="cpu, cuda, cuda:N or auto.")] = "auto",
     fid_protocol: FidProtocolOption = "tensorflow",
+    format: Annotated[Literal["ctcore", "edm"], typer.Option(
+        "--format", help="ctcore: mu, sigma, num_images and fid_protocol; edm: mu and sigma only, as EDM's fid.py "
+        "writes and reads them (tensorflow protocol only).")] = "ctcore",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.npz.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     as_json: JsonOption = False,
@@ -1078,11 +1087,15 @@ def eval_ref_stats(
     FID protocol, and eval refuses to compare it with features made under another."""
     with _errors():
         from ctcore.errors import UsageError
-        from ctcore.fid import reference_statistics, save_statistics
+        from ctcore.fid import EDM_FID_PROTOCOL, reference_statistics, save_statistics
         from ctcore.files import check_suffix, output_lock, refuse_writing_inputs
         from ctcore.inception import load_inception
 
         check_suffix(out, "OUT.npz", (".npz",), "a statistics")
+        if format == "edm" and fid_protocol != EDM_FID_PROTOCOL:
+            raise UsageError(f"--format edm writes statistics to compare with EDM's, which are made under the "
+                             f"{EDM_FID_PROTOCOL} FID protocol, not {fid_protocol}: drop --fid-protocol, or drop "
+                             f"--format edm")
         refuse_writing_inputs([("OUT.npz", out)], [("DATASET.h5", dataset), ("--inception", inception)])
         if out.exists() and not overwrite:
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
@@ -1095,13 +1108,14 @@ def eval_ref_stats(
                 raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it")
             stats = reference_statistics(dataset, model, batch_size=batch_size, device=device, progress=progress,
                                          protocol=fid_protocol)
-            save_statistics(out, stats)
+            save_statistics(out, stats, format)
         if as_json:
             _print_json({"out": out, "dataset": dataset, "num_images": stats["num_images"],
-                         "fid_protocol": fid_protocol})
+                         "fid_protocol": fid_protocol, **({"format": format} if format != "ctcore" else {})})
             return
+        edm = f"; EDM's format, which records no protocol: read it with --ref-protocol {fid_protocol}"
         _console().print(f"wrote the Inception statistics of {stats['num_images']:,} images of {dataset} to {out} "
-                         f"(FID protocol {fid_protocol})")
+                         f"(FID protocol {fid_protocol}{edm if format == 'edm' else ''})")
 
 
 @app.command("search-sigmas")
@@ -1124,7 +1138,8 @@ def search_sigmas(
     plot: Annotated[Path | None, typer.Option(
         help="The plot, .png, .jpg or .webp (default: search-sigmas-<N>step.png in the run's samples/).")] = None,
     ref: Annotated[Path | None, typer.Option("--ref", help="FID: reference statistics .npz with mu and sigma "
-                                             "(ctcore eval-ref-stats).")] = None,
+                                             "(ctcore eval-ref-stats, EDM).")] = None,
+    ref_protocol: RefProtocolOption = None,
     inception: InceptionOption = None,
     download_inception: DownloadOption = False,
     fid_protocol: FidProtocolOption = "tensorflow",
@@ -1163,7 +1178,7 @@ def search_sigmas(
             except RunError as exc:
                 raise RunError(f"{exc.message}\n{instead}") from None
         else:
-            for given, name in ((ref, "--ref"), (inception, "--inception"),
+            for given, name in ((ref, "--ref"), (ref_protocol, "--ref-protocol"), (inception, "--inception"),
                                 (download_inception or None, "--download-inception")):
                 if given is not None:
                     raise UsageError(f"{name} is for --metric fid; --metric sliced-wasserstein compares the samples "
@@ -1178,7 +1193,7 @@ def search_sigmas(
 
         r = run_search(checkpoint, _registry(), steps=steps, metric=metric, num_samples=num_samples, seed=seed,
                        tolerance=tolerance, device=device, batch_size=batch_size, ref=ref, inception=model,
-                       fid_protocol=fid_protocol, report=report)
+                       fid_protocol=fid_protocol, ref_protocol=ref_protocol, report=report)
         ckpt = Path(r["checkpoint"])
         folder = ckpt.parent.parent / "samples" if ckpt.parent.name == "checkpoints" else ckpt.parent
         plot = plot if plot is not None else folder / f"search-sigmas-{steps}step.png"
@@ -1511,6 +1526,28 @@ def convert_openai_cm(
             return
         _console().print(f"wrote {r['out']} ({r['config']}, {r['parameters']:,} parameters from "
                          f"{'/'.join(r['dtypes'])} {source}, sha256 {r['sha256'][:12]}...)")
+
+
+@convert_app.command("edm")
+def convert_edm(
+    source: Annotated[Path, typer.Argument(
+        metavar="SOURCE", help="An NVlabs/edm network pickle: a released edm-*.pkl or a training run's "
+                                   "network-snapshot-*.pkl. Read as data: nothing in it runs.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT.pt", help="The ctcore checkpoint to write.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.pt if it exists.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Convert an EDM network pickle into a ctcore diffusion checkpoint (its EMA weights, its preconditioning)."""
+    with _errors():
+        from ctcore.convert_edm import convert_edm as convert
+
+        r = convert(source, out, _registry(), overwrite=overwrite)
+        if as_json:
+            _print_json({"source": source, **r})
+            return
+        _console().print(f"wrote {r['out']} ({r['preconditioning']}({r['network']}) as {r['ctcore_network']}, "
+                         f"{r['parameters']:,} parameters from {'/'.join(r['dtypes'])} {source}, sha256 "
+                         f"{r['sha256'][:12]}...)")
 
 
 export_app = typer.Typer(

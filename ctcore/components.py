@@ -405,6 +405,20 @@ def checkpointed(function: Callable[..., Any], *args: Any, enabled: bool = True)
     return function(*args)
 
 
+def positional_features(c: torch.Tensor, num_channels: int, max_positions: float = 10_000,
+                        endpoint: bool = False) -> torch.Tensor:
+    """[cos(c w_j), sin(c w_j)], j < num_channels // 2, as EDM's PositionalEmbedding computes them (NVlabs/edm
+    training/networks.py): w_j = (1 / max_positions)^(j / (half - endpoint)) in float32, the products in c's
+    dtype, so a network converted from EDM computes its features exactly. c holds one value per sample."""
+    import torch
+
+    half = num_channels // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=c.device) / (half - (1 if endpoint else 0))
+    freqs = (1 / max_positions) ** exponent
+    arg = torch.outer(c, freqs.to(c.dtype))
+    return torch.cat([arg.cos(), arg.sin()], dim=1)
+
+
 # ------------------------------------------------------------------------------------ option validators
 
 

@@ -63,13 +63,14 @@ def c_noise(sigma: torch.Tensor, convention: str) -> torch.Tensor:
 
 
 def noise_convention(network: nn.Module) -> str:
-    """The c_noise convention a network declares, looking through torch.compile and DDP wrappers."""
+    """The c_noise convention a network declares, looking through torch.compile and DDP wrappers; an instance may
+    set its own (adm with noise_embedding "edm" takes EDM's 0.25 ln sigma)."""
     inner = network
     while not hasattr(type(inner), "noise_conditioning"):
         inner = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
         if inner is None:
             raise TypeError(f"{type(network).__name__} declares no noise_conditioning convention")
-    return type(inner).noise_conditioning
+    return inner.noise_conditioning
 
 
 def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

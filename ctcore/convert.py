@@ -203,10 +203,9 @@ def convert_openai_cm(source: str | Path, out: str | Path, registry, *, config: 
     naming its first mismatching key (against the closest configuration); nothing is written then. fp16 tensors
     become fp32. `out` is written atomically and never replaced without `overwrite`.
     """
-    from ctcore.checkpoints import CHECKPOINT_FORMAT, first_nonfinite
-    from ctcore.components import KINDS
+    from ctcore.checkpoints import first_nonfinite
     from ctcore.errors import RunError, UsageError
-    from ctcore.files import atomic_write, output_lock, refuse_writing_inputs
+    from ctcore.files import refuse_writing_inputs
 
     source, out = Path(source), Path(out)
     if config is not None and config not in configs:
@@ -238,22 +237,36 @@ def convert_openai_cm(source: str | Path, out: str | Path, registry, *, config: 
     if bad is not None:
         raise RunError(f"{str(source)!r} holds non-finite values in key {bad}; give an undamaged copy of the file")
     dtypes = sorted({str(found[k].dtype).removeprefix("torch.") for k in want})
+    digest = file_digest(source)
+    write_converted(out, recipe, registry, weights, cand.data_shape, cand.num_classes, overwrite=overwrite,
+                    converted_from={"format": "openai-cm", "file": str(source), "sha256": digest,
+                                    "config": cand.name, "dtypes": dtypes})
+    return {"out": out, "config": cand.name, "sha256": digest, "tensors": len(weights), "dtypes": dtypes,
+            "parameters": sum(v.numel() for v in weights.values())}
+
+
+def write_converted(out: Path, recipe: Any, registry, weights: dict[str, torch.Tensor], data_shape: tuple[int, ...],
+                    num_classes: int, *, converted_from: dict[str, Any], overwrite: bool) -> None:
+    """Write a converted model as a ctcore checkpoint: `weights` as eval EMA, student and teacher (stored once),
+    step 0, no optimizer or RNG state, the recipe and a provenance whose `converted_from` names the source.
+    Atomic, one writer at a time, and never over an existing file without `overwrite`."""
+    import ctcore
+    from ctcore.checkpoints import CHECKPOINT_FORMAT
+    from ctcore.components import KINDS
+    from ctcore.errors import UsageError
+    from ctcore.files import atomic_write, output_lock
+    from ctcore.recipe import dump_recipe
+
     components = {}
     for kind in (k for k in KINDS if k in recipe.components):
         name = recipe.components[kind].name
         p = registry.provider(kind, name)
         components[kind] = {"name": name, "distribution": p.distribution, "version": p.version}
-    import ctcore
-    from ctcore.recipe import dump_recipe
-
-    digest = file_digest(source)
     provenance = {
         "ctcore": ctcore.__version__, "torch": str(torch.__version__), "python": platform.python_version(),
         "platform": platform.platform(), "components": components, "loggers": {},
-        "data_shape": list(cand.data_shape), "num_classes": cand.num_classes,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv),
-        "converted_from": {"format": "openai-cm", "file": str(source), "sha256": digest, "config": cand.name,
-                           "dtypes": dtypes},
+        "data_shape": list(data_shape), "num_classes": num_classes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv), "converted_from": converted_from,
     }
     state = {"format": CHECKPOINT_FORMAT, "step": 0, "student": weights, "eval_ema": weights, "teacher": weights,
              "recipe": dump_recipe(recipe), "provenance": provenance}
@@ -262,8 +275,6 @@ def convert_openai_cm(source: str | Path, out: str | Path, registry, *, config: 
             raise UsageError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose another OUT.pt")
         with atomic_write(out) as tmp:
             torch.save(state, tmp)
-    return {"out": out, "config": cand.name, "sha256": digest, "tensors": len(weights), "dtypes": dtypes,
-            "parameters": sum(v.numel() for v in weights.values())}
 
 
 Denoiser = Callable[..., torch.Tensor]

@@ -4,7 +4,8 @@ FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussians fitted t
 the FID Inception (`ctcore.inception`) on generated samples and on data. Samples are drawn batch by batch with
 per-sample seeds (as `ctcore sample` draws them), quantised to uint8 like stored images, and reduced on the fly
 to running sums, so 50,000 samples never sit in memory. Reference statistics use the common `.npz` layout
-(`mu`, `sigma`), so files written by pytorch-fid, clean-fid or the guided-diffusion evaluator load too.
+(`mu`, `sigma`), so files written by pytorch-fid, clean-fid, EDM's fid.py or the guided-diffusion evaluator load too;
+a file that records no FID protocol (EDM's, pytorch-fid's) has it declared by the caller (`load_statistics`).
 """
 
 from __future__ import annotations
@@ -262,16 +263,34 @@ def reference_statistics(dataset_h5: str | Path, inception: FIDInceptionV3 | str
     return {"mu": mu, "sigma": sigma, "num_images": acc.count, "source": str(dataset_h5), "fid_protocol": protocol}
 
 
-def save_statistics(path: str | Path, stats: Mapping[str, Any]) -> Path:
+STATISTICS_FORMATS = ("ctcore", "edm")
+"""Layouts `save_statistics` writes: "ctcore" (`mu`, `sigma`, `num_images`, `fid_protocol`) or "edm", exactly the
+two float64 arrays `mu` (D,) and `sigma` (D, D) of an uncompressed np.savez, as NVlabs/edm fid.py's `ref` command
+writes them and its `calc` reads them (`dict(np.load(f))`, then `ref['mu']`, `ref['sigma']`). An "edm" file records
+no protocol: its features are the TensorFlow graph's ("tensorflow"; EDM's Inception is StyleGAN's TorchScript port
+of the 2015-12-05 graph, whose bilinear resize to 299 reads source coordinate i * size / 299 as TensorFlow's
+ResizeBilinear does), which a reader declares (`--ref-protocol tensorflow`)."""
+EDM_FID_PROTOCOL = "tensorflow"
+"""The protocol of EDM's reference statistics, the only one an "edm" file is written under."""
+
+
+def save_statistics(path: str | Path, stats: Mapping[str, Any], format: str = "ctcore") -> Path:
     """Write `mu` and `sigma` (plus `num_images` and `fid_protocol` when known) to an uncompressed .npz,
-    atomically; the protocol is a plain string array, so numpy reads it without pickle."""
+    atomically; the protocol is a plain string array, so numpy reads it without pickle. `format` "edm" writes
+    `mu` and `sigma` alone (`STATISTICS_FORMATS`)."""
     path = Path(path)
+    if format not in STATISTICS_FORMATS:
+        raise ValueError(f"unknown statistics format {format!r}; one of: {', '.join(STATISTICS_FORMATS)}")
     mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
     _check_statistics(mu, sigma, f"statistics for {str(path)!r}")
     arrays = {"mu": mu, "sigma": sigma}
-    if stats.get("num_images") is not None:
+    if format == "edm":
+        if stats.get("fid_protocol", EDM_FID_PROTOCOL) != EDM_FID_PROTOCOL:
+            raise ValueError(f"EDM's statistics are made under the {EDM_FID_PROTOCOL} FID protocol; statistics made "
+                             f"under {stats['fid_protocol']!r} would compare wrongly with its files")
+    elif stats.get("num_images") is not None:
         arrays["num_images"] = np.asarray(int(stats["num_images"]), dtype=np.int64)
-    if stats.get("fid_protocol") is not None:
+    if format == "ctcore" and stats.get("fid_protocol") is not None:
         if stats["fid_protocol"] not in FID_PROTOCOLS:
             raise ValueError(f"unknown FID protocol {stats['fid_protocol']!r}; one of: {', '.join(FID_PROTOCOLS)}")
         arrays["fid_protocol"] = np.asarray(stats["fid_protocol"])
@@ -295,9 +314,20 @@ def missing_statistics(path: str | Path) -> str:
                           "`mu` and `sigma` from pytorch-fid or clean-fid")
 
 
-def load_statistics(path: str | Path) -> dict[str, Any]:
-    """Read `mu` and `sigma` from an .npz (ours, pytorch-fid's, clean-fid's, guided-diffusion's reference batches),
-    and the FID protocol it records (`fid_protocol`, None when the file records none)."""
+REF_PROTOCOL_OPTION = "--ref-protocol {}"
+"""How the commands declare the protocol of a --ref file that records none (`load_statistics`' `declared_by`)."""
+
+
+def load_statistics(path: str | Path, declared: str | None = None,
+                    declared_by: str = REF_PROTOCOL_OPTION) -> dict[str, Any]:
+    """Read `mu` and `sigma` from an .npz (ours, pytorch-fid's, clean-fid's, EDM's, guided-diffusion's reference
+    batches), and the FID protocol it records (`fid_protocol`; `declared`, or None, when the file records none).
+
+    `declared` is the protocol of a file that records none (EDM's files: "tensorflow"); a file that records another
+    one is refused, naming the declaration (`declared_by`, formatted with the protocol) to drop.
+    """
+    if declared is not None and declared not in FID_PROTOCOLS:
+        raise ValueError(f"unknown FID protocol {declared!r}; one of: {', '.join(FID_PROTOCOLS)}")
     path = Path(path)
     where = f"reference statistics {str(path)!r}"
     make = MAKE_STATISTICS
@@ -320,14 +350,20 @@ def load_statistics(path: str | Path) -> dict[str, Any]:
     if protocol is not None and protocol not in FID_PROTOCOLS:
         raise RunError(f"{where} records the FID protocol {protocol!r}, which ctcore does not know (it knows "
                        f"{', '.join(FID_PROTOCOLS)}); {make}")
-    return {"mu": mu, "sigma": sigma, "num_images": count, "source": str(path), "fid_protocol": protocol}
+    if declared is not None and protocol is not None and declared != protocol:
+        declaration = declared_by.format(declared)
+        raise RunError(f"{where} record the {protocol} FID protocol, but {declaration} declares another; "
+                       f"{declaration} is for files that record none (such as EDM's): drop it")
+    return {"mu": mu, "sigma": sigma, "num_images": count, "source": str(path),
+            "fid_protocol": protocol if protocol is not None else declared}
 
 
-def check_protocol(ref: Mapping[str, Any], protocol: str, switch: str) -> None:
+def check_protocol(ref: Mapping[str, Any], protocol: str, switch: str, declare: str = REF_PROTOCOL_OPTION) -> None:
     """Refuse reference statistics made under another FID protocol than `protocol`: their features differ.
 
-    A file that records no protocol counts as "pytorch-fid" (`UNRECORDED_FID_PROTOCOL`). `switch` is how the user
-    selects a protocol, formatted with one (e.g. "--fid-protocol {}"), for the message.
+    A file that records no protocol, and had none declared (`load_statistics`), counts as "pytorch-fid"
+    (`UNRECORDED_FID_PROTOCOL`). `switch` is how the user selects a protocol, and `declare` how they declare a
+    file's, each formatted with one (e.g. "--fid-protocol {}", "--ref-protocol {}"), for the message.
     """
     source = ref.get("source")
     where = f"reference statistics {source!r}" if source else "reference statistics"
@@ -337,8 +373,10 @@ def check_protocol(ref: Mapping[str, Any], protocol: str, switch: str) -> None:
     if made is None:
         raise RunError(f"{where} record no FID protocol, so they are taken as {UNRECORDED_FID_PROTOCOL} (how "
                        f"ctcore made them before it recorded one, and how pytorch-fid makes its own), but this FID "
-                       f"uses the {protocol} protocol: recompute them with `ctcore eval-ref-stats DATASET.h5 OUT.npz "
-                       f"--fid-protocol {protocol}`, or choose {switch.format(UNRECORDED_FID_PROTOCOL)}")
+                       f"uses the {protocol} protocol: if they were made under it (EDM's published files were made "
+                       f"under tensorflow), declare it with {declare.format(protocol)}; otherwise recompute them with "
+                       f"`ctcore eval-ref-stats DATASET.h5 OUT.npz --fid-protocol {protocol}`, or choose "
+                       f"{switch.format(UNRECORDED_FID_PROTOCOL)}")
     raise RunError(f"{where} were made under the {made} FID protocol, but this FID uses the {protocol} protocol "
                    f"(another resize to 299x299: the features differ): recompute them with `ctcore eval-ref-stats "
                    f"DATASET.h5 OUT.npz --fid-protocol {protocol}`, or choose {switch.format(made)}")
@@ -373,6 +411,7 @@ def evaluate_checkpoint(
     is_split: str = "ordered",
     is_split_seed: int = TORCH_FIDELITY_SEED,
     sampler: str | None = None,
+    ref_protocol: str | None = None,
 ) -> dict[str, Any]:
     """FID and Inception Score of `num_samples` samples of a checkpoint (or a run directory's latest one).
 
@@ -381,7 +420,8 @@ def evaluate_checkpoint(
     sigma_max, 2 also at the recipe's sampling.sigma_mid (or pass `sigmas`); `sampler` names another installed
     sampler for the checkpoint's kind of model (default: its recipe's). `inception` is a loaded FIDInceptionV3
     (moved to the device) or a weights path; `ref_stats` an .npz path or a mapping with `mu`, `sigma` and optionally
-    `fid_protocol`. Statistics made under another `fid_protocol` are refused (`check_protocol`); `is_split` and
+    `fid_protocol`; `ref_protocol` declares the protocol of a file that records none (`load_statistics`).
+    Statistics made under another `fid_protocol` are refused (`check_protocol`); `is_split` and
     `is_split_seed` choose the Inception Score's splits (`inception_score`).
     Returns {"fid", "inception_score", "inception_score_std", "num_samples", "steps", "sigmas", ...}; "notes"
     lists caveats (fewer samples than feature dimensions). Under torchrun every process samples its share of
@@ -390,7 +430,8 @@ def evaluate_checkpoint(
     info, _, sigmas, fid_of = fid_evaluator(
         checkpoint, registry, inception=inception, num_samples=num_samples, steps=steps, batch_size=batch_size,
         ref_stats=ref_stats, device=device, seed=seed, sigmas=sigmas, weights=weights, is_splits=is_splits,
-        fid_protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed, sampler=sampler)
+        fid_protocol=fid_protocol, is_split=is_split, is_split_seed=is_split_seed, sampler=sampler,
+        ref_protocol=ref_protocol)
     result = fid_of(sigmas, progress)
     return {**result, "steps": len(sigmas), "sigmas": sigmas, **info}
 
@@ -400,7 +441,7 @@ def fid_evaluator(
     steps: int | None = None, batch_size: int = 256, ref_stats: str | Path | Mapping[str, Any],
     device: str | None = None, seed: int = 0, sigmas: Sequence[float] | None = None, weights: str = "eval-ema",
     is_splits: int = 10, fid_protocol: str = DEFAULT_FID_PROTOCOL, is_split: str = "ordered",
-    is_split_seed: int = TORCH_FIDELITY_SEED, sampler: str | None = None,
+    is_split_seed: int = TORCH_FIDELITY_SEED, sampler: str | None = None, ref_protocol: str | None = None,
 ) -> tuple[dict[str, Any], Any, list[float], Any]:
     """(facts of the evaluation, the checkpoint's recipe, the sigmas asked for, fid_of(sigmas, progress)) with every
     check of `evaluate_checkpoint` done and the network, Inception and statistics loaded once; fid_of returns
@@ -420,14 +461,17 @@ def fid_evaluator(
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if fid_protocol not in FID_PROTOCOLS:
         raise UsageError(f"--fid-protocol must be one of {', '.join(FID_PROTOCOLS)}, got {fid_protocol!r}")
+    if ref_protocol is not None and ref_protocol not in FID_PROTOCOLS:
+        raise UsageError(f"--ref-protocol must be one of {', '.join(FID_PROTOCOLS)}, got {ref_protocol!r}")
     if is_split not in IS_SPLITS:
         raise UsageError(f"--is-split must be one of {', '.join(IS_SPLITS)}, got {is_split!r}")
     if isinstance(ref_stats, Mapping):  # the caller's own statistics: checked when they name a protocol
+        made = ref_stats.get("fid_protocol", fid_protocol)
         ref = {"mu": np.asarray(ref_stats["mu"], np.float64), "sigma": np.asarray(ref_stats["sigma"], np.float64),
-               "fid_protocol": ref_stats.get("fid_protocol", fid_protocol)}
+               "fid_protocol": ref_protocol if made is None else made}
         _check_statistics(ref["mu"], ref["sigma"], "reference statistics")
     else:
-        ref = load_statistics(ref_stats)
+        ref = load_statistics(ref_stats, ref_protocol)
     if ref["mu"].shape[0] != FEATURE_DIM:
         raise RunError(f"reference statistics have {ref['mu'].shape[0]}-d features, but FID uses the "
                        f"{FEATURE_DIM}-d pool3 features of the FID Inception; recompute them with "
@@ -563,8 +607,10 @@ def load_fid_tools(run: Run) -> tuple[FIDInceptionV3, dict[str, Any]]:
     """The Inception network (on the run's device) and reference statistics named by [evaluation], which must have
     been made under its fid_protocol."""
     e = run.recipe.evaluation
-    ref = load_statistics(e.fid_reference)
-    check_protocol(ref, e.fid_protocol, 'evaluation.fid_protocol = "{}"')
+    declare = 'evaluation.fid_reference_protocol = "{}"'
+    declared = None if e.fid_reference_protocol == "recorded" else e.fid_reference_protocol
+    ref = load_statistics(e.fid_reference, declared, declare)
+    check_protocol(ref, e.fid_protocol, 'evaluation.fid_protocol = "{}"', declare)
     return load_inception(e.inception).to(run.device).eval(), ref
 
 

@@ -17,9 +17,10 @@ def ctcore_register_networks() -> list[type]:
     """Return network classes (`torch.nn.Module` subclasses).
 
     Contract: class attributes `name`, `summary`, `noise_conditioning` ("fourier": c_noise = 0.25 ln sigma,
-    or "positional": c_noise = 1000 * 0.25 ln sigma) and a frozen attrs `Options`; constructed as
-    `cls(options, context)` with `context.data_shape` and `context.num_classes`; `forward(x, c_noise, labels)`
-    returns the raw output F_theta, shaped like `x`. The core applies c_in, c_skip and c_out.
+    or "positional": c_noise = 1000 * 0.25 ln sigma; an instance may set its own from its options) and a frozen
+    attrs `Options`; constructed as `cls(options, context)` with `context.data_shape` and `context.num_classes`;
+    `forward(x, c_noise, labels)` returns the raw output F_theta, shaped like `x`. The core applies c_in, c_skip
+    and c_out.
     """
 
 

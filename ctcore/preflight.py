@@ -601,7 +601,7 @@ class _Checks:
         """Output shape and noise convention; returns the saved bytes per sample, the fixed saved bytes and the
         transient bytes per sample of its checkpointed blocks (MemoryEstimate.recompute)."""
         net = self.built["network"]
-        conv = getattr(type(net), "noise_conditioning", None)
+        conv = getattr(net, "noise_conditioning", None)
         if conv not in NOISE_CONVENTIONS:
             got = "declares no noise_conditioning" if conv is None else f"declares noise_conditioning = {conv!r}"
             raise self.refuse("network", f"{got}; its class must declare noise_conditioning = "

@@ -205,6 +205,9 @@ class EvaluationSection:
     fid_protocol: Literal["tensorflow", "pytorch-fid"] = "tensorflow"
     """How images are resized to 299x299 for FID: the TensorFlow graph's (the published numbers) or pytorch-fid's;
     fid_reference must have been made under the same one."""
+    fid_reference_protocol: Literal["recorded", "tensorflow", "pytorch-fid"] = "recorded"
+    """The protocol fid_reference was made under when the file records none (EDM's files: "tensorflow");
+    "recorded": the file's own record (pytorch-fid for a file without one). A file that records another is refused."""
     is_split: Literal["ordered", "shuffled"] = "ordered"
     """Inception Score splits: consecutive samples in seed order, or after a seeded shuffle (torch-fidelity's)."""
     is_split_seed: int = attrs.field(default=2020, validator=within(

@@ -150,7 +150,7 @@ def save_search_plot(result: dict[str, Any], path: str | Path, metric: str) -> P
 def run_search(checkpoint: str | Path, registry, *, steps: int, metric: str = "sliced-wasserstein",
                num_samples: int | None = None, seed: int | None = None, tolerance: float = DEFAULT_TOLERANCE,
                device: str | None = None, batch_size: int | None = None, ref: str | Path | None = None,
-               inception: Any = None, fid_protocol: str = "tensorflow",
+               inception: Any = None, fid_protocol: str = "tensorflow", ref_protocol: str | None = None,
                report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Search the sigmas of a checkpoint with the evaluation code of `ctcore eval` (`distance_evaluator`,
     `fid_evaluator`): the same samples, so each value equals `ctcore eval --sigmas ...` for its plan."""
@@ -171,7 +171,8 @@ def run_search(checkpoint: str | Path, registry, *, steps: int, metric: str = "s
         info, recipe, _, fid_of = fid_evaluator(
             checkpoint, registry, inception=inception, ref_stats=ref, device=device, seed=0 if seed is None else seed,
             num_samples=DEFAULT_FID_SAMPLES if num_samples is None else num_samples,
-            batch_size=256 if batch_size is None else batch_size, fid_protocol=fid_protocol)
+            batch_size=256 if batch_size is None else batch_size, fid_protocol=fid_protocol,
+            ref_protocol=ref_protocol)
         info = {"metric": "fid", "num_samples": DEFAULT_FID_SAMPLES if num_samples is None else num_samples,
                 "fid_protocol": fid_protocol, "ref": str(ref), **info}
 

@@ -1,8 +1,11 @@
 """Shared test setup: the `plugin_path` fixture (defined in plugin_env.py), one CPU thread per test, a
 working directory outside the checkout for every test, whose data/ and runs/ the suite must leave untouched,
-only the ctcore distribution's plugins (plus the fakes a test adds), and its components' `registry`."""
+only the ctcore distribution's plugins (plus the fakes a test adds), its components' `registry`, and the wandb logger
+offline."""
 
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -17,6 +20,7 @@ from ctcore import load_registry
 from ctcore.registry import DISABLE_ENV, ONLY_ENV, Registry
 
 pytest_plugins = ["plugin_env"]
+WANDB_HOME = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,6 +30,19 @@ def pytest_configure(config: pytest.Config) -> None:
     distributions a test installs."""
     os.environ[ONLY_ENV] = "ctcore"
     os.environ.pop(DISABLE_ENV, None)
+    # the wandb logger: every run offline (WANDB_MODE overrides a recipe's mode), quiet, its caches in a temporary
+    # folder, and its server an address where nothing listens, so that nothing the suite does can reach W&B
+    wandb_home = tempfile.mkdtemp(prefix="ctcore-tests-wandb-")
+    os.environ.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_BASE_URL": "http://127.0.0.1:9",
+                       "WANDB_CACHE_DIR": wandb_home, "WANDB_CONFIG_DIR": wandb_home, "WANDB_DATA_DIR": wandb_home})
+    config.stash[WANDB_HOME] = wandb_home
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the temporary folder of wandb's caches (its debug logs) that pytest_configure made."""
+    if WANDB_HOME in config.stash:
+        shutil.rmtree(config.stash[WANDB_HOME], ignore_errors=True)
+
 
 CHECKOUT_DIRS = ("data", "runs")
 """What a user of the checkout fills by following the README (`ctcore data import`, the quickstart)."""

@@ -90,7 +90,7 @@ BUILTINS: dict[str, list[str]] = {
     "teacher": ["ema", "no-ema"],
     "objective": ["consistency", "edm"],
     "sampler": ["consistency", "euler", "heun"],
-    "logger": ["jsonl", "tensorboard"],
+    "logger": ["jsonl", "tensorboard", "wandb"],
 }
 """Every component the ctcore distribution registers, by kind."""
 

@@ -195,8 +195,8 @@ def test_list_components_unknown_kind_exits_2(kind: str, message: str) -> None:
 FROM_RUNS = {  # recipes that start from another run's checkpoint, which a fresh checkout does not have yet
     "quickstart_cd.toml": "run.init_from: 'runs/quickstart_diffusion' not found",
     "quickstart_ect.toml": "run.init_from: 'runs/quickstart_diffusion' not found",
-    "cd_cifar10.toml": "run.init_from: 'runs/edm-cifar10' not found",
-    "ect_cifar10.toml": "run.init_from: 'runs/edm-cifar10' not found",
+    "cd_cifar10.toml": "run.init_from: 'models/edm-cifar10-32x32-uncond-ve.pt' not found",
+    "ect_cifar10.toml": "run.init_from: 'models/edm-cifar10-32x32-uncond-vp.pt' not found",
 }
 
 
@@ -206,8 +206,8 @@ def test_a_recipe_that_starts_from_another_run_names_the_missing_run_in_one_line
     """Before its diffusion run exists, `check` stops at run.init_from, which names it (exit 2); with --no-build
     the recipe itself is valid. tests/test_quickstart_sequence.py checks the toy ones once their run exists."""
     line = one_line_error(invoke("check", recipe))
-    assert line == (f"{recipe}: {FROM_RUNS[recipe.name]}; train that run first, or give run.init_from the checkpoint "
-                    "file or run directory of an existing run"), line
+    assert line == (f"{recipe}: {FROM_RUNS[recipe.name]}; train that run (or convert that model) first, "
+                    "or give run.init_from the checkpoint file or run directory of an existing run"), line
     result = invoke("check", recipe, "--no-build")
     assert result.exit_code == 0, result.output
     assert parse_recipe(result.stdout, load_registry(), source=str(recipe)) == read_recipe(recipe, load_registry())

@@ -47,6 +47,7 @@ FLAGS: dict[str, Flags] = {
     "data info": Flags(False, False, True),
     "data download": Flags(True, False, True),
     "convert openai-cm": Flags(False, False, True),  # one file read and written, no network run
+    "convert edm": Flags(False, False, True),  # as convert openai-cm
     "export safetensors": Flags(False, False, True),  # as convert
     "export diffusers": Flags(False, False, True),  # as convert: the weights are mapped, no network runs
 }

@@ -40,6 +40,7 @@ BASE_ARGS: dict[str, list[str]] = {
     "data info": ["data.h5"],
     "data download": ["cifar10"],
     "convert openai-cm": ["source.pt", "out.pt"],
+    "convert edm": ["source.pkl", "out.pt"],
     "export safetensors": ["ckpt.pt", "out.safetensors"],
     "export diffusers": ["ckpt.pt", "out_dir"],
 }
@@ -105,8 +106,8 @@ def test_every_integer_option_has_a_lower_and_an_upper_bound() -> None:
 
 @pytest.mark.parametrize("command", sorted(BASE_ARGS))
 def test_an_unknown_flag_is_one_line_for_every_command(command: str, tmp_path, monkeypatch) -> None:
-    result = in_tmp(tmp_path, monkeypatch, [*command.split(), *BASE_ARGS[command], "--frobnicate"])
-    assert_one_line(result, f"error: No such option: --frobnicate (see `ctcore {command} --help`)")
+    result = in_tmp(tmp_path, monkeypatch, [*command.split(), *BASE_ARGS[command], "--frobnicate-widgets"])
+    assert_one_line(result, f"error: No such option: --frobnicate-widgets (see `ctcore {command} --help`)")
 
 
 @pytest.mark.parametrize("command", [c for c in sorted(BASE_ARGS) if BASE_ARGS[c]])

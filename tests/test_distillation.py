@@ -439,8 +439,8 @@ def test_check_of_a_missing_run_init_from_is_one_line_naming_the_key(tmp_path: P
     if case == "empty-dir":
         source.mkdir()
     recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", run={"init_from": str(source)}, **ECT)
-    fix = ("not found; train that run first, or give run.init_from the checkpoint file or run directory of an "
-           "existing run" if case == "missing" else
+    fix = ("not found; train that run (or convert that model) first, or give run.init_from the checkpoint file "
+           "or run directory of an existing run" if case == "missing" else
            "holds no checkpoint (checkpoints/ckpt-*.pt); give a checkpoint file, or a run directory that has written "
            "one")
     assert one_line_error(invoke("check", recipe)) == f"{recipe}: run.init_from: {str(source)!r} {fix}"

@@ -143,6 +143,9 @@ def test_the_distance_reads_the_recipes_hdf5_file(tmp_path: Path) -> None:
                          "recipe's training data and needs no file: drop --ref"),
     (["--inception", "w.pth"], "--inception is for --metric fid; --metric sliced-wasserstein compares the samples "
                                "with the recipe's training data and needs no file: drop --inception"),
+    (["--ref-protocol", "tensorflow"], "--ref-protocol is for --metric fid; --metric sliced-wasserstein compares "
+                                       "the samples with the recipe's training data and needs no file: drop "
+                                       "--ref-protocol"),
     (["-n", "100001"], "--num-samples for the sliced Wasserstein distance must be 1 to 100,000 (the range of "
                        "evaluation.num_samples), got 100,001"),
 ])
@@ -238,14 +241,92 @@ def test_statistics_of_another_protocol_are_refused_in_one_line(finished: tuple[
     assert result.exit_code == 1 and result.stderr == (
         f"error: reference statistics {str(old)!r} record no FID protocol, so they are taken as pytorch-fid (how "
         f"ctcore made them before it recorded one, and how pytorch-fid makes its own), but this FID uses the "
-        f"tensorflow protocol: recompute them with `ctcore eval-ref-stats DATASET.h5 OUT.npz --fid-protocol "
-        f"tensorflow`, or choose --fid-protocol pytorch-fid\n")
+        f"tensorflow protocol: if they were made under it (EDM's published files were made under tensorflow), "
+        f"declare it with --ref-protocol tensorflow; otherwise recompute them with `ctcore eval-ref-stats DATASET.h5 "
+        f"OUT.npz --fid-protocol tensorflow`, or choose --fid-protocol pytorch-fid\n")
 
     np.savez(tmp_path / "clean.npz", mu=np.zeros(2048), sigma=np.eye(2048), fid_protocol="clean")
     result = invoke("eval", run_dir, "--ref", tmp_path / "clean.npz", "-n", "2", "--no-progress")
     assert result.exit_code == 1 and result.stderr.startswith(
         f"error: reference statistics {str(tmp_path / 'clean.npz')!r} records the FID protocol 'clean', which "
         f"ctcore does not know (it knows tensorflow, pytorch-fid)")
+
+
+def _edm_ref(path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Statistics as NVlabs/edm fid.py's `ref` command writes them: np.savez with float64 `mu` and `sigma` only."""
+    mu = np.linspace(-1.0, 1.0, 2048)
+    sigma = np.diag(np.linspace(0.5, 2.0, 2048))
+    np.savez(path, mu=mu, sigma=sigma)
+    return path, mu, sigma
+
+
+def test_an_edm_reference_file_is_used_under_the_protocol_declared_for_it(
+        finished: tuple[Path, list[dict]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EDM's files record no protocol; --ref-protocol tensorflow declares theirs, and its mu and sigma are the
+    reference the distance gets."""
+    from test_fid import RecordingDistance, randomised_inception
+
+    weights = tmp_path / "w.pth"
+    torch.save(randomised_inception().state_dict(), weights)
+    edm, mu, sigma = _edm_ref(tmp_path / "cifar10-32x32.npz")
+    distance = RecordingDistance()
+    monkeypatch.setattr(ctcore.fid, "frechet_distance", distance)
+    result = invoke("eval", finished[0], "--ref", edm, "--ref-protocol", "tensorflow", "--inception", weights,
+                    "-n", "2", "--no-progress", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert (out["fid"], out["fid_protocol"]) == (12.5, "tensorflow")
+    [(_, _, ref_mu, ref_sigma)] = distance.calls
+    assert np.array_equal(ref_mu, mu) and np.array_equal(ref_sigma, sigma)
+
+
+def test_a_declared_protocol_never_overrides_one_the_file_records(finished: tuple[Path, list[dict]], tmp_path: Path,
+                                                                  stand_in: FIDInceptionV3) -> None:
+    tf_ref = _ref(tmp_path / "tf.npz", "tensorflow")
+    result = invoke("eval", finished[0], "--ref", tf_ref, "--ref-protocol", "pytorch-fid", "--fid-protocol",
+                    "pytorch-fid", "-n", "2", "--no-progress")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"error: reference statistics {str(tf_ref)!r} record the tensorflow FID protocol, but --ref-protocol "
+        f"pytorch-fid declares another; --ref-protocol pytorch-fid is for files that record none (such as EDM's): "
+        f"drop it\n")
+    edm = _edm_ref(tmp_path / "edm.npz")[0]  # declared pytorch-fid, compared under tensorflow: the usual refusal
+    result = invoke("eval", finished[0], "--ref", edm, "--ref-protocol", "pytorch-fid", "-n", "2", "--no-progress")
+    assert result.exit_code == 1 and result.stderr.startswith(
+        f"error: reference statistics {str(edm)!r} were made under the pytorch-fid FID protocol, but this FID uses "
+        f"the tensorflow protocol")
+
+
+def test_the_recipe_declares_the_protocol_of_its_fid_reference(tmp_path: Path) -> None:
+    """evaluation.fid_reference_protocol does for training what --ref-protocol does for eval."""
+    from ctcore.fid import load_fid_tools
+
+    weights = tmp_path / "w.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    edm = _edm_ref(tmp_path / "edm.npz")[0]
+    registry = ctcore.load_registry()
+
+    def tools(ref: Path, declared: str | None) -> tuple[FIDInceptionV3, dict]:
+        extra = {} if declared is None else {"fid_reference_protocol": declared}
+        recipe = ctcore.read_recipe(write_tiny_recipe(
+            tmp_path / "r.toml", tmp_path / f"run-{ref.stem}-{declared}",
+            evaluation={"fid_every": 6, "inception": str(weights), "fid_reference": str(ref), **extra}), registry)
+        run = start_run(recipe, registry)
+        try:
+            return load_fid_tools(run)
+        finally:
+            run.close()
+
+    assert tools(edm, "tensorflow")[1]["fid_protocol"] == "tensorflow"
+    with pytest.raises(RunError) as info:
+        tools(edm, None)
+    assert "declare it with evaluation.fid_reference_protocol = \"tensorflow\"; otherwise" in info.value.message
+    with pytest.raises(RunError) as info:
+        tools(_ref(tmp_path / "torch.npz", "pytorch-fid"), "tensorflow")
+    assert info.value.message == (
+        f"reference statistics {str(tmp_path / 'torch.npz')!r} record the pytorch-fid FID protocol, but "
+        f"evaluation.fid_reference_protocol = \"tensorflow\" declares another; evaluation.fid_reference_protocol = "
+        f"\"tensorflow\" is for files that record none (such as EDM's): drop it")
 
 
 def test_fid_results_record_the_protocol_and_the_split(finished: tuple[Path, list[dict]], tmp_path: Path,
@@ -307,3 +388,38 @@ def test_eval_ref_stats_records_the_protocol_it_used(tmp_path: Path) -> None:
             assert str(f["fid_protocol"]) == protocol
             outputs[protocol] = f["mu"]
     assert not np.allclose(outputs["tensorflow"], outputs["pytorch-fid"], rtol=1e-3)
+
+
+def test_eval_ref_stats_writes_edm_format_that_edm_fid_reads(tmp_path: Path) -> None:
+    """--format edm: exactly EDM's two float64 arrays, loaded as NVlabs/edm fid.py loads a reference
+    (`dict(np.load(f))` of an open file), equal to the statistics ctcore's own format holds."""
+    from test_fid import randomised_inception
+
+    weights = tmp_path / "w.pth"
+    torch.save(randomised_inception().state_dict(), weights)
+    data = tmp_path / "d.h5"
+    with h5py.File(data, "w") as f:
+        f.create_dataset("images", data=np.random.default_rng(1).integers(0, 256, (3, 3, 4, 4), dtype=np.uint8))
+    common = [data, "--inception", weights, "--device", "cpu", "--no-progress"]
+    edm_out, own_out = tmp_path / "edm.npz", tmp_path / "own.npz"
+    result = invoke("eval-ref-stats", *common[:1], edm_out, *common[1:], "--format", "edm")
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert result.stdout == (f"wrote the Inception statistics of 3 images of {data} to {edm_out} (FID protocol "
+                             f"tensorflow; EDM's format, which records no protocol: read it with --ref-protocol "
+                             f"tensorflow)\n")
+    assert invoke("eval-ref-stats", *common[:1], own_out, *common[1:]).exit_code == 0
+    with open(edm_out, "rb") as f:
+        ref = dict(np.load(f))
+    assert sorted(ref) == ["mu", "sigma"]
+    assert (ref["mu"].dtype, ref["mu"].shape, ref["sigma"].dtype, ref["sigma"].shape) == (
+        np.float64, (2048,), np.float64, (2048, 2048))
+    with np.load(own_out) as own:
+        assert np.array_equal(ref["mu"], own["mu"]) and np.array_equal(ref["sigma"], own["sigma"])
+    assert ctcore.fid.load_statistics(edm_out, "tensorflow")["fid_protocol"] == "tensorflow"
+    refused = tmp_path / "torch.npz"
+    result = invoke("eval-ref-stats", *common[:1], refused, *common[1:], "--format", "edm", "--fid-protocol",
+                    "pytorch-fid")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == ("error: --format edm writes statistics to compare with EDM's, which are made under the "
+                             "tensorflow FID protocol, not pytorch-fid: drop --fid-protocol, or drop --format edm\n")
+    assert not refused.exists()

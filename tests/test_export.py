@@ -369,11 +369,12 @@ def _ncsnpp(root: Path) -> Path:
     return root / "ncsnpp"
 
 
-def _wide_first_level(root: Path) -> Path:
-    cfg = attrs.evolve(SMALL, name="wide", network={**SMALL.network, "channel_mult": [2, 2]})
-    torch.save(released_state_dict(cfg), root / "wide-released.pt")
-    convert_openai_cm(root / "wide-released.pt", root / "wide.pt", ctcore.load_registry(), configs={"wide": cfg})
-    return root / "wide.pt"
+def _converted_adm(root: Path, **options) -> Path:
+    """A converted random `adm` of SMALL's configuration with other network options."""
+    cfg = attrs.evolve(SMALL, name="other", network={**SMALL.network, **options})
+    torch.save(released_state_dict(cfg), root / "other-released.pt")
+    convert_openai_cm(root / "other-released.pt", root / "other.pt", ctcore.load_registry(), configs={"other": cfg})
+    return root / "other.pt"
 
 
 def _trained(root: Path, **overrides) -> Path:
@@ -384,11 +385,16 @@ def _trained(root: Path, **overrides) -> Path:
 
 REFUSED = {
     "ncsnpp": (_ncsnpp, "ckpt-000000001.pt",
-               "network 'ncsnpp' has no exact diffusers UNet2DModel: NCSN++ takes Gaussian Fourier features of 0.25 "
-               "ln sigma, but UNet2DModel's Fourier embedding takes the log of the timestep the consistency scheduler "
-               "passes (1000 * 0.25 ln sigma) and divides its output by it, and UNet2DModel has no block for the "
-               "residual input pyramid (progressive_input 'residual'); " + INSTEAD),
-    "adm-wide-first-level": (_wide_first_level, None,
+               "network 'ncsnpp' has no exact diffusers UNet2DModel: NCSN++ embeds c_noise = 0.25 ln sigma, but the "
+               "consistency scheduler gives UNet2DModel the timestep 1000 * 0.25 ln sigma, which its positional "
+               "embedding takes as it is and its Fourier embedding through a log, dividing its output by it, and "
+               "UNet2DModel has no block for the residual input pyramid (progressive_input 'residual'); " + INSTEAD),
+    "adm-edm-noise-embedding": (lambda root: _converted_adm(root, noise_embedding="edm"), None,
+                                "network 'adm' has no exact diffusers UNet2DModel: noise_embedding is 'edm' (EDM's "
+                                "frequencies, of c_noise = 0.25 ln sigma), but UNet2DModel's positional embedding is "
+                                "ADM's, of the timestep 1000 * 0.25 ln sigma the consistency scheduler passes; only "
+                                "noise_embedding 'adm' maps; " + INSTEAD),
+    "adm-wide-first-level": (lambda root: _converted_adm(root, channel_mult=[2, 2]), None,
                              "network 'adm' has no exact diffusers UNet2DModel: channel_mult[0] is 2, but "
                              "UNet2DModel's time features are as wide as its first level, so it must be 1 (adm's are "
                              "model_channels wide); " + INSTEAD),

@@ -105,6 +105,8 @@ SUMMARIES = {
                "--init-from).",
     "convert openai-cm": "Convert a released OpenAI consistency model into a ctcore checkpoint (its weights as eval "
                          "EMA).",
+    "convert edm": "Convert an EDM network pickle into a ctcore diffusion checkpoint (its EMA weights, its "
+                   "preconditioning).",
     "export": "Write ctcore models for use elsewhere: safetensors weights with their recipe, or a diffusers pipeline.",
     "export safetensors": "Write a checkpoint's network weights as a .safetensors file with its recipe and provenance "
                           "as metadata (ctcore's commands read it like a checkpoint).",

@@ -16,7 +16,8 @@ from ctcore.data import hdf5_summary
 from ctcore.editing import read_mask, read_source
 from ctcore.errors import RunError, UsageError, near_path, path_not_found
 
-TRAIN_RUN = "train that run first, or give --init-from the checkpoint file or run directory of an existing run"
+TRAIN_RUN = ("train that run (or convert that model) first, or give --init-from the checkpoint file or run "
+             "directory of an existing run")
 
 
 def invoke(*args: object) -> Result:
@@ -122,8 +123,8 @@ def test_mistyped_inception_weights_name_the_file_meant(tree: Path) -> None:
 
 @pytest.mark.parametrize(("key", "recipe_overrides", "message"), [
     ("run.init_from", {"run": {"init_from": "runs/quickstrat"}},
-     "run.init_from: 'runs/quickstrat' not found (did you mean 'runs/quickstart'?); train that run first, or give "
-     "run.init_from the checkpoint file or run directory of an existing run"),
+     "run.init_from: 'runs/quickstrat' not found (did you mean 'runs/quickstart'?); train that run (or convert "
+     "that model) first, or give run.init_from the checkpoint file or run directory of an existing run"),
     ("teacher.checkpoint", tiny_cd("runs/quickstrat"),
      "teacher.checkpoint: 'runs/quickstrat' not found (did you mean 'runs/quickstart'?); train the diffusion model "
      "first (a recipe with objective 'edm' whose run writes it), or set teacher.checkpoint to the run directory or "

@@ -247,8 +247,13 @@ def test_fused_fir_convolution_matches_resample_then_convolve(up: bool) -> None:
     ({"progressive_combine": "mean"}, "progressive_combine"),
     ({"fir_kernel": ()}, "fir_kernel"),
     ({"init_scale": -1.0}, "init_scale"),
-    ({"embedding_type": "positional"}, "embedding_type"),
+    ({"embedding_type": "sinusoidal"}, "embedding_type"),
     ({"fourier_scale": 0.0}, "fourier_scale"),
+    ({"channel_mult_noise": 0}, "channel_mult_noise"),
+    ({"nf": 5, "channel_mult_noise": 1}, "channel_mult_noise"),
+    ({"max_positions": 0}, "max_positions"),
+    ({"label_input": "one-hot"}, "label_input"),
+    ({"augment_dim": 65}, "augment_dim"),
 ])
 def test_bad_options_raise_key_messages(options: dict, key: str) -> None:
     with pytest.raises(ValueError, match=rf"^{key}(\[\d+\])?: "):

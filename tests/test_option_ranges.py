@@ -79,6 +79,9 @@ RANGES = [
     ("network", "ncsnpp", "fir_kernel", 0.0, 1000.0, "[]"),
     ("network", "ncsnpp", "init_scale", 0.0, 10.0, "[]"),
     ("network", "ncsnpp", "fourier_scale", 0.0, 1000.0, "(]"),
+    ("network", "ncsnpp", "channel_mult_noise", 1, 16, "[]"),
+    ("network", "ncsnpp", "max_positions", 1, 1_000_000_000, "[]"),
+    ("network", "ncsnpp", "augment_dim", 0, 64, "[]"),
     ("network", "adm", "model_channels", 1, 4096, "[]"),
     ("network", "adm", "channel_mult", 1, 64, "[]"),
     ("network", "adm", "num_res_blocks", 1, 64, "[]"),
@@ -87,6 +90,7 @@ RANGES = [
     ("network", "adm", "dropout", 0.0, 0.99, "[]"),
     ("network", "adm", "dropout_max_resolution", 1, 4096, "[]"),
     ("network", "adm", "num_groups", 1, 1024, "[]"),
+    ("network", "adm", "augment_dim", 0, 64, "[]"),
     ("metric", "pseudo-huber", "c", 1e-8, 1000.0, "[]"),
     ("metric", "lpips", "resize", 0, 4096, "[]"),
     ("noise_schedule", "lognormal", "p_mean", -20.0, 20.0, "[]"),
@@ -108,6 +112,12 @@ RANGES = [
     ("objective", "consistency", "ect_sigma_min", 0.0, 1.0, "[]"),
     ("objective", "edm", "p_mean", -20.0, 20.0, "[]"),
     ("objective", "edm", "p_std", 0.0, 20.0, "(]"),
+    ("objective", "edm", "beta_d", 0.01, 100.0, "[]"),
+    ("objective", "edm", "beta_min", 0.0, 20.0, "[]"),
+    ("objective", "edm", "vp_steps", 2, 1_000_000, "[]"),
+    ("objective", "edm", "epsilon_t", 1e-8, 0.5, "[]"),
+    ("objective", "edm", "ve_sigma_min", 1e-5, 1e4, "[]"),
+    ("objective", "edm", "ve_sigma_max", 1e-5, 1e4, "[]"),
     ("sampler", "heun", "steps", 1, 10_000, "[]"),
     ("sampler", "heun", "rho", 0.1, 1000.0, "[]"),
     ("sampler", "euler", "steps", 1, 10_000, "[]"),
@@ -205,7 +215,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 82  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 92  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)
@@ -530,12 +540,20 @@ EDGES = {
     "sampling-min": {"sampling": {"num_samples": 1, "sigma_mid": []}},
     "sigma_mid-many": {"sampling": {"num_samples": 1, "sigma_mid": [79.0 - 0.07 * i for i in range(1000)]}},
     "evaluation-min": {"evaluation": {"distance": "sliced-wasserstein", "num_samples": 1, "num_projections": 1}},
+    "vp-max": {**DIFFUSION, "objective": {"name": "edm", "preconditioning": "vp", "beta_d": 100.0, "beta_min": 20.0,
+                                          "vp_steps": 1_000_000, "epsilon_t": 0.5}},
+    "vp-min": {**DIFFUSION, "objective": {"name": "edm", "preconditioning": "vp", "beta_d": 0.01, "beta_min": 0.0,
+                                          "vp_steps": 2, "epsilon_t": 1e-8}},
+    "ve-widest": {**DIFFUSION, "objective": {"name": "edm", "preconditioning": "ve", "ve_sigma_min": 1e-5,
+                                             "ve_sigma_max": 1e4}},
+    "ve-narrowest": {**DIFFUSION, "objective": {"name": "edm", "preconditioning": "ve", "ve_sigma_min": 1e-5,
+                                                "ve_sigma_max": 2e-5}},
 }
 
 
 @pytest.mark.parametrize("overrides", list(EDGES.values()), ids=list(EDGES))
 def test_an_edge_value_trains_to_finite_weights(tmp_path, overrides):
-    overrides = {k: dict(v) for k, v in overrides.items()}
+    overrides = {k: None if v is None else dict(v) for k, v in overrides.items()}  # None: a section left out
     training = {"total_steps": 3, "log_every": 1, "checkpoint_every": 3, "sample_every": 3,
                 **overrides.pop("training", {})}
     evaluation = {"distance": "none", **overrides.pop("evaluation", {})}
@@ -556,8 +574,14 @@ def test_an_edge_value_trains_to_finite_weights(tmp_path, overrides):
     ("ncsnpp", {"nf": 4, "ch_mult": (1,), "num_res_blocks": 1, "attn_resolutions": (), "fir_kernel": (1.0,),
                 "fourier_scale": 5e-324, "resblock_type": "ddpm", "progressive": "output_skip",
                 "progressive_input": "input_skip"}),
+    ("ncsnpp", {"nf": 4, "ch_mult": (1,), "num_res_blocks": 1, "attn_resolutions": (), "embedding_type": "positional",
+                "channel_mult_noise": 16, "max_positions": 1_000_000_000, "label_input": "noise", "augment_dim": 64}),
+    ("ncsnpp", {"nf": 4, "ch_mult": (1,), "num_res_blocks": 1, "attn_resolutions": (), "embedding_type": "positional",
+                "channel_mult_noise": 1, "max_positions": 1, "endpoint": False, "label_input": "noise"}),
     ("adm", {"model_channels": 8, "channel_mult": (1, 1), "num_res_blocks": 1, "attention_resolutions": (2,),
              "num_head_channels": 8, "num_groups": 8, "dropout": 0.99, "dropout_max_resolution": 4096}),
+    ("adm", {"model_channels": 8, "channel_mult": (1,), "num_res_blocks": 1, "attention_resolutions": (),
+             "num_head_channels": 8, "num_groups": 8, "noise_embedding": "edm", "augment_dim": 64}),
     ("adm", {"model_channels": 1, "channel_mult": (1,), "num_res_blocks": 1, "attention_resolutions": (),
              "num_head_channels": 1, "num_groups": 1, "dropout": 0.0, "dropout_max_resolution": 1}),
 ])

@@ -108,7 +108,9 @@ def test_edm_cifar10_has_the_edm_settings(registry) -> None:
     assert (t.batch_size, t.optimizer, t.lr, t.betas, t.eps) == (512, "adam", 1e-3, (0.9, 0.999), 1e-8)
     assert (t.total_steps, t.warmup_steps, t.eval_ema_decay) == (390_625, 19_531, 0.99929047)
     assert round(0.5 ** (512 / 500_000), 8) == t.eval_ema_decay  # EMA half-life 500 kimg at batch 512
-    assert options(r, "objective") == {"name": "edm", "p_mean": -1.2, "p_std": 1.2}
+    assert options(r, "objective") == {"name": "edm", "p_mean": -1.2, "p_std": 1.2, "preconditioning": "edm",
+                                       "beta_d": 19.9, "beta_min": 0.1, "vp_steps": 1000, "epsilon_t": 1e-5,
+                                       "ve_sigma_min": 0.02, "ve_sigma_max": 100.0}  # vp's and ve's unused
     assert options(r, "sampler") == {"name": "heun", "steps": 18, "rho": 7.0}
     assert set(r.components) == {"network", "objective", "sampler"}  # no metric, schedule, curriculum, teacher
     assert (r.consistency.sigma_min, r.consistency.sigma_max, r.consistency.sigma_data) == (0.002, 80.0, 0.5)

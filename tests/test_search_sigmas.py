@@ -258,10 +258,11 @@ def test_fid_search_scores_what_eval_scores(run_dir: Path, tmp_path: Path, monke
 
     weights = tmp_path / "w.pth"
     torch.save(randomised_inception().state_dict(), weights)
-    ref = save_statistics(tmp_path / "ref.npz", {"mu": np.zeros(2048), "sigma": np.eye(2048),
-                                                 "fid_protocol": "tensorflow"})
+    ref = save_statistics(tmp_path / "ref.npz", {"mu": np.zeros(2048), "sigma": np.eye(2048)}, "edm")
     monkeypatch.setattr(ctcore.fid, "frechet_distance", lambda mu1, sigma1, mu2, sigma2: float(np.abs(mu1).sum()))
-    common = ["--metric", "fid", "--ref", ref, "--inception", weights, "-n", "2", "--json"]
+    # EDM's layout records no protocol: --ref-protocol declares it
+    common = ["--metric", "fid", "--ref", ref, "--ref-protocol", "tensorflow", "--inception", weights, "-n", "2",
+              "--json"]
     result = invoke("search-sigmas", run_dir, "--steps", "2", "--tolerance", "1", "--plot", tmp_path / "p.png",
                     "--no-progress", *common)
     assert result.exit_code == 0, result.output

@@ -150,8 +150,8 @@ def test_a_source_that_does_not_fit_or_is_unsound_is_one_line_and_writes_nothing
                     "directory",
         "empty-dir": f"--init-from {str(tmp_path / 'empty')!r} holds no checkpoint (checkpoints/ckpt-*.pt); give a "
                      "checkpoint file, or a run directory that has written one",
-        "missing": f"--init-from {str(tmp_path / 'absent.pt')!r} not found; train that run first, or give "
-                   "--init-from the checkpoint file or run directory of an existing run",
+        "missing": f"--init-from {str(tmp_path / 'absent.pt')!r} not found; train that run (or convert that "
+                   "model) first, or give --init-from the checkpoint file or run directory of an existing run",
     }[case]
     if case == "nan":
         _nan_eval_ema(ckpt)

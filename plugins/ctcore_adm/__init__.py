@@ -17,6 +17,9 @@ Layout, for a data shape (C, H, W) and L = len(channel_mult) levels at resolutio
   attention resolutions; after the last block of every level but the first, a 2x up-sampling (residual
   block with nearest-neighbour upsampling, or upsample + conv).
 - output: GroupNorm, SiLU, zero-initialised 3x3 conv back to C channels, so F_theta starts at exactly zero.
+
+EDM's DhariwalUNet (NVlabs/edm training/networks.py) is this network with `noise_embedding = "edm"`, dropout in
+every block and `augment_dim`; ctcore.convert_edm maps its weights.
 """
 
 from __future__ import annotations
@@ -29,7 +32,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from ctcore import hookimpl
-from ctcore.components import DROPOUT_REASON, MEMORY_ONLY, BuildContext, each_within, entries, requirement, within
+from ctcore.components import (
+    DROPOUT_REASON,
+    MEMORY_ONLY,
+    BuildContext,
+    each_within,
+    entries,
+    one_of,
+    positional_features,
+    requirement,
+    within,
+)
 
 from .layers import AttentionBlock, Downsample, ResBlock, Upsample, sinusoidal_embedding, zero_module
 
@@ -107,6 +120,17 @@ class ADM(nn.Module):
         "math" = the same computation spelled out (reference / debugging)."""
         num_groups: int = attrs.field(default=32, validator=within(1, 1024, "GroupNorm groups; ADM 32"))
         """GroupNorm groups (ADM: 32); every level width must be divisible by it."""
+        noise_embedding: Literal["adm", "edm"] = attrs.field(default="adm", validator=one_of("adm", "edm"))
+        """The sinusoidal features' arithmetic: "adm", frequencies exp(-ln(10000) j / half) and products in float32
+        (guided-diffusion, the released CM models); "edm", EDM's DhariwalUNet: frequencies (1 / 10000)^(j / half)
+        (a few float32 ulps apart) and products in c_noise's dtype. Converted EDM networks use "edm" so they compute
+        exactly what EDM computes. "edm" also takes EDM's c_noise = 0.25 ln sigma (the network's noise_conditioning
+        is "fourier"), as EDMPrecond feeds its DhariwalUNet; "adm" takes 1000 * 0.25 ln sigma as the CM models do."""
+        augment_dim: int = attrs.field(default=0, validator=within(
+            0, 64, "width of EDM's augmentation labels; EDM 9"))
+        """Width of EDM's augmentation labels (0: none). Their bias-free dense weights are carried as a buffer so a
+        converted EDM network keeps them; ctcore has no augmentation labels, which is what EDM feeds at sampling
+        (the term is absent), so they never enter the computation."""
         checkpoint_blocks: bool = attrs.field(default=False, metadata={MEMORY_ONLY: True})
         """Each residual block and attention block runs under activation checkpointing: its activations are
         recomputed in backward instead of kept, trading about one more forward pass of compute for memory."""
@@ -119,6 +143,9 @@ class ADM(nn.Module):
                     f"num_groups: must divide every level width model_channels * channel_mult = {widths}, "
                     f"got {self.num_groups}"
                 )
+            if self.noise_embedding == "edm" and self.model_channels % 2:
+                raise ValueError(f"noise_embedding: \"edm\" has half cosines, half sines, so model_channels must be "
+                                 f"even, got {self.model_channels}")
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
@@ -134,12 +161,16 @@ class ADM(nn.Module):
                 f"so H and W must be divisible by {factor}; got data shape {tuple(shape)}"
             )
         self.options = o
+        if o.noise_embedding == "edm":  # EDMPrecond's c_noise = ln(sigma) / 4, not ADM's 1000x
+            self.noise_conditioning = "fourier"
         self.data_shape = (in_channels, height, width)
         self.num_classes = int(context.num_classes)
 
         mc, emb_ch = o.model_channels, 4 * o.model_channels
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.label_embed = nn.Embedding(self.num_classes, emb_ch) if self.num_classes > 0 else None
+        if o.augment_dim:
+            self.register_buffer("augment_weight", torch.zeros(mc, o.augment_dim))
 
         def res_block(cin: int, cout: int, resolution: int, resample: str = "none") -> ResBlock:
             rate = o.dropout if resolution <= o.dropout_max_resolution else 0.0
@@ -199,7 +230,10 @@ class ADM(nn.Module):
         """
         if c_noise.ndim == 0:
             c_noise = c_noise.expand(x.shape[0])
-        features = sinusoidal_embedding(c_noise, self.options.model_channels)
+        if self.options.noise_embedding == "edm":
+            features = positional_features(c_noise, self.options.model_channels)
+        else:
+            features = sinusoidal_embedding(c_noise, self.options.model_channels)
         emb = self.time_embed(features.to(self.time_embed[0].weight.dtype))
         if self.label_embed is not None:
             if labels is None:
@@ -231,6 +265,10 @@ class ADM(nn.Module):
         option has no diffusers equivalent.
         """
         o = self.options
+        if o.noise_embedding != "adm":
+            raise ValueError(f"noise_embedding is {o.noise_embedding!r} (EDM's frequencies, of c_noise = 0.25 ln "
+                             "sigma), but UNet2DModel's positional embedding is ADM's, of the timestep 1000 * 0.25 ln "
+                             "sigma the consistency scheduler passes; only noise_embedding 'adm' maps")
         if o.channel_mult[0] != 1:
             raise ValueError(f"channel_mult[0] is {o.channel_mult[0]}, but UNet2DModel's time features are as wide as "
                              "its first level, so it must be 1 (adm's are model_channels wide)")
@@ -254,7 +292,7 @@ class ADM(nn.Module):
             "resnet_time_scale_shift": "scale_shift" if o.use_scale_shift_norm else "default", "add_attention": True,
             "class_embed_type": None, "num_class_embeds": self.num_classes or None,
         }
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}  # every tensor of the computation; augment_weight (EDM's) never enters it
 
         def put(prefix: str, module: nn.Module, names: dict[str, str]) -> None:
             """Each tensor of `module` under `prefix`, its layer renamed by `names`."""

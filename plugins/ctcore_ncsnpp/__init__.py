@@ -4,10 +4,14 @@ The defaults are the iCT CIFAR-10 network (Song & Dhariwal 2023): nf 128, ch_mul
 resolution, attention at 16 x 16 and in the middle, BigGAN-style residual blocks with FIR resampling, a residual
 input pyramid, Gaussian Fourier noise features with scale 0.02 and dropout 0.3: 56,395,523 parameters at 3 x 32 x 32.
 iCT-deep ("2x depth") is `num_res_blocks = 8`: 97,610,499 parameters.
+
+EDM's SongUNet (NVlabs/edm training/networks.py; its DDPM++ and NCSN++ presets) is this network with the options
+`embedding_type`, `channel_mult_noise`, `label_input` and `augment_dim`; ctcore.convert_edm maps its weights.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import attrs
@@ -24,6 +28,7 @@ from ctcore.components import (
     each_within,
     entries,
     one_of,
+    positional_features,
     requirement,
     within,
 )
@@ -100,14 +105,42 @@ class NCSNpp(nn.Module):
         init_scale: float = attrs.field(default=0.0, validator=within(
             0.0, 10.0, "DDPM variance scale of the last layers; DDPM uses at most 1"))
         """DDPM-init scale of the last layer of every block and of the output (0 means 1e-10: near-zero)."""
-        embedding_type: Literal["fourier"] = attrs.field(default="fourier", validator=one_of("fourier"))
-        """Only Gaussian Fourier features: the network's noise conditioning is c_noise = 0.25 ln sigma."""
+        embedding_type: Literal["fourier", "positional"] = attrs.field(
+            default="fourier", validator=one_of("fourier", "positional"))
+        """Noise features of c_noise, ordered [sines, cosines]: "fourier", frozen Gaussian Fourier frequencies
+        (NCSN++); "positional", EDM's fixed frequencies (1 / max_positions)^(j / (half - endpoint)) (EDM's DDPM++).
+        Either embeds c_noise as given (the network's noise conditioning stays c_noise = 0.25 ln sigma)."""
         fourier_scale: float = attrs.field(default=0.02, validator=within(
             0.0, 1000.0, FOURIER_SCALE_REASON, open_lo=True))
         """Std of the frozen Fourier frequencies: iCT 0.02, the original CM 16."""
+        channel_mult_noise: int = attrs.field(default=2, validator=within(
+            1, 16, "noise features per base channel; NCSN++ 2, EDM's DDPM++ 1"))
+        """The noise features number nf * channel_mult_noise (half sines, half cosines): 2 is NCSN++'s 2 nf
+        (nf Fourier frequencies); EDM's DDPM++ uses 1."""
+        max_positions: int = attrs.field(default=10_000, validator=within(
+            1, 1_000_000_000, "period scale of the slowest positional feature; EDM 10000"))
+        """embedding_type "positional": the slowest frequency is 1 / max_positions (EDM: 10000)."""
+        endpoint: bool = True
+        """embedding_type "positional": the exponents j / (half - 1) reach 1, so the slowest frequency is exactly
+        1 / max_positions (EDM's SongUNet); false: j / half."""
+        label_input: Literal["embedding", "noise"] = attrs.field(
+            default="embedding", validator=one_of("embedding", "noise"))
+        """How class labels enter (with data.num_classes > 0): "embedding", a learned embedding added after the
+        noise MLP (the CM code); "noise", a dense layer of the one-hot labels scaled by sqrt(num_classes) added to
+        the noise features before the MLP (EDM's SongUNet; no labels count as the zero vector, as EDM feeds)."""
+        augment_dim: int = attrs.field(default=0, validator=within(
+            0, 64, "width of EDM's augmentation labels; EDM 9"))
+        """Width of EDM's augmentation labels (0: none). Their bias-free dense weights are carried as a buffer so a
+        converted EDM network keeps them; ctcore has no augmentation labels, which is what EDM feeds at sampling
+        (the term is absent), so they never enter the computation."""
         checkpoint_blocks: bool = attrs.field(default=False, metadata={MEMORY_ONLY: True})
         """Each residual block and attention block runs under activation checkpointing: its activations are
         recomputed in backward instead of kept, trading about one more forward pass of compute for memory."""
+
+        def __attrs_post_init__(self) -> None:
+            if self.nf * self.channel_mult_noise % 2:
+                raise ValueError(f"channel_mult_noise: nf * channel_mult_noise noise features are half sines, half "
+                                 f"cosines, so their number must be even; got {self.nf} * {self.channel_mult_noise}")
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
@@ -139,11 +172,18 @@ class NCSNpp(nn.Module):
 
         resample = {"with_conv": o.resamp_with_conv, "fir": o.fir, "fir_kernel": o.fir_kernel}
 
-        # Noise (and class) embedding: Fourier features -> Dense(4 nf) -> SiLU -> Dense(4 nf) [+ class embedding].
-        self.fourier = GaussianFourierFeatures(o.nf, o.fourier_scale)
-        self.emb0 = dense(2 * o.nf, emb_dim)
+        # Noise (and class) embedding: noise features [+ dense(labels)] -> Dense(4 nf) -> SiLU -> Dense(4 nf)
+        # [+ class embedding].
+        noise_ch = o.nf * o.channel_mult_noise
+        fourier = o.embedding_type == "fourier"
+        self.fourier = GaussianFourierFeatures(noise_ch // 2, o.fourier_scale) if fourier else None
+        self.emb0 = dense(noise_ch, emb_dim)
         self.emb1 = dense(emb_dim, emb_dim)
-        self.label_emb = nn.Embedding(context.num_classes, emb_dim) if context.num_classes > 0 else None
+        classes = context.num_classes
+        self.label_emb = nn.Embedding(classes, emb_dim) if classes > 0 and o.label_input == "embedding" else None
+        self.label_proj = dense(classes, noise_ch) if classes > 0 and o.label_input == "noise" else None
+        if o.augment_dim:
+            self.register_buffer("augment_weight", torch.zeros(noise_ch, o.augment_dim))
 
         # Down path. `skips` tracks the channels of every tensor pushed for the up path.
         self.conv_in = conv2d(channels, o.nf)
@@ -216,7 +256,17 @@ class NCSNpp(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         o = self.options
-        emb = self.emb1(F.silu(self.emb0(self.fourier(c_noise))))
+        if self.fourier is not None:
+            features = self.fourier(c_noise)
+        else:  # EDM's SongUNet swaps the [cos, sin] halves of its PositionalEmbedding to [sin, cos]
+            cos, sin = positional_features(c_noise, self.emb0.in_features, o.max_positions, o.endpoint).chunk(2, 1)
+            features = torch.cat([sin, cos], dim=1).to(self.emb0.weight.dtype)
+        if self.label_proj is not None:
+            classes = self.label_proj.in_features
+            one_hot = (torch.zeros(len(features), classes, dtype=features.dtype, device=features.device)
+                       if labels is None else F.one_hot(labels, classes).to(features.dtype))
+            features = features + self.label_proj(one_hot * math.sqrt(classes))
+        emb = self.emb1(F.silu(self.emb0(features)))
         if self.label_emb is not None and labels is not None:
             emb = emb + self.label_emb(labels)
         emb = F.silu(emb)  # every residual block reads the embedding through a SiLU
@@ -271,14 +321,15 @@ class NCSNpp(nn.Module):
 
     def to_diffusers(self) -> tuple[dict, dict]:
         """No exact diffusers UNet2DModel exists (huggingface/diffusers unet_2d.py, embeddings.py, unet_2d_blocks.py):
-        its Fourier embedding takes the log of the timestep and divides the output by it, while the consistency
-        scheduler passes 1000 * 0.25 ln sigma; its Skip blocks are the input_skip / output_skip pyramids, not the
-        residual one. Always raises ValueError saying why (`ctcore export diffusers` prints it)."""
+        the consistency scheduler gives UNet2DModel the timestep 1000 * 0.25 ln sigma, which its positional embedding
+        takes as it is and its Fourier embedding through a log (dividing the output by it), while NCSN++ embeds
+        c_noise = 0.25 ln sigma; its Skip blocks are the input_skip / output_skip pyramids, not the residual one.
+        Always raises ValueError saying why (`ctcore export diffusers` prints it)."""
         pyramid = (", and UNet2DModel has no block for the residual input pyramid (progressive_input 'residual')"
                    if self.options.progressive_input == "residual" else "")
-        raise ValueError("NCSN++ takes Gaussian Fourier features of 0.25 ln sigma, but UNet2DModel's Fourier "
-                         "embedding takes the log of the timestep the consistency scheduler passes (1000 * 0.25 ln "
-                         f"sigma) and divides its output by it{pyramid}")
+        raise ValueError("NCSN++ embeds c_noise = 0.25 ln sigma, but the consistency scheduler gives UNet2DModel "
+                         "the timestep 1000 * 0.25 ln sigma, which its positional embedding takes as it is and its "
+                         f"Fourier embedding through a log, dividing its output by it{pyramid}")
 
 
 @hookimpl

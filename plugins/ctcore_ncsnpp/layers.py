@@ -280,12 +280,13 @@ class Combine(nn.Module):
 
 
 class GaussianFourierFeatures(nn.Module):
-    """[sin(2 pi W c), cos(2 pi W c)] with W ~ N(0, scale^2) drawn once and kept frozen (a buffer)."""
+    """[sin(2 pi W c), cos(2 pi W c)] with W ~ N(0, scale^2) drawn once and kept frozen (a buffer); computed in the
+    buffer's dtype (the network's: float32 in training, float64 when a test runs the network in float64)."""
 
     def __init__(self, num_features: int, scale: float) -> None:
         super().__init__()
         self.register_buffer("freqs", torch.randn(num_features) * scale)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
-        arg = (2 * math.pi) * c.float()[:, None] * self.freqs[None, :]
+        arg = (2 * math.pi) * c.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
         return torch.cat([arg.sin(), arg.cos()], dim=1)
