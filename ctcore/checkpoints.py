@@ -288,14 +288,20 @@ def read_safetensors(path: Path, fix: str | None = None) -> dict[str, Any]:
     if 8 + length > size:
         raise RunError(f"{where} is a truncated safetensors file: its header length says {length:,} bytes, but only "
                        f"{size - 8:,} follow; {damaged}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no dict
-    except Exception as exc:  # noqa: BLE001 - the parser's refusals (SafetensorError) and unsupported dtypes
-        reason = str(exc).removeprefix("Error while deserializing header: ").strip().splitlines()
-        raise RunError(f"{where} is a damaged safetensors file ({reason[0][:200] if reason else type(exc).__name__})"
-                       f"; {damaged}") from None
+
+    def parsed(read_tensors: bool) -> Any:
+        """The file's metadata, or its tensors; the parser's refusal as one RunError."""
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                if not read_tensors:
+                    return f.metadata() or {}
+                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no dict
+        except Exception as exc:  # noqa: BLE001 - the parser's refusals (SafetensorError), unsupported dtypes
+            reason = str(exc).removeprefix("Error while deserializing header: ").strip().splitlines()
+            raise RunError(f"{where} is a damaged safetensors file "
+                           f"({reason[0][:200] if reason else type(exc).__name__}); {damaged}") from None
+
+    metadata = parsed(read_tensors=False)  # checked before any tensor is read: a foreign file may be large
     found = metadata.get("ctcore.format")
     if found is None:
         raise RunError(f"{where} is a safetensors file without ctcore's metadata (no ctcore.format), so its network "
@@ -319,6 +325,7 @@ def read_safetensors(path: Path, fix: str | None = None) -> dict[str, Any]:
         provenance = None
     if not isinstance(provenance, dict):
         raise RunError(f"{where} has no ctcore.provenance holding a JSON object; {damaged}")
+    tensors = parsed(read_tensors=True)
     return {"format": CHECKPOINT_FORMAT, "step": int(step), "recipe": metadata["ctcore.recipe"],
             "provenance": provenance, "eval_ema": tensors, "student": tensors, "teacher": tensors,
             "exported": weights}
