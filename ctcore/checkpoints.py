@@ -4,10 +4,17 @@ A checkpoint is a dict of state_dicts (student, eval EMA, teacher, optimizer), t
 resolved recipe text and provenance (with the run's id), written atomically and loaded with
 `torch.load(weights_only=True)`. `validate_checkpoint` checks one completely before anything is restored; the
 run-directory lock keeps a second writer out of a run.
+
+A .safetensors file that `ctcore export safetensors` wrote (one network's weights; the step, the recipe and the
+provenance as metadata) loads as a checkpoint too: `load_checkpoint` recognises it by its header and returns it as
+a checkpoint without optimizer or RNG state, so every reader accepts it and `--resume` refuses it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,13 +179,16 @@ EARLIER_CHECKPOINT = "use an earlier file in its checkpoints/ folder"
 
 
 def load_checkpoint(path: str | Path, fix: str = EARLIER_CHECKPOINT) -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only=True); a missing, corrupt or foreign file gives one RunError ending
-    in `fix` (what the caller's user should do instead)."""
+    """Load a checkpoint safely (weights_only=True), or an exported .safetensors file (read_safetensors); a
+    missing, corrupt or foreign file gives one RunError ending in `fix` (what the caller's user should do
+    instead; for a .safetensors file the default is advice for such a file)."""
     path = Path(path)
     if not path.is_file():
         if not path.exists():
             raise RunError(path_not_found(f"checkpoint {str(path)!r}", path))
         raise RunError(f"checkpoint {str(path)!r} is not a file; {fix}")
+    if is_safetensors(path):
+        return read_safetensors(path, None if fix == EARLIER_CHECKPOINT else fix)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -193,6 +203,132 @@ def load_checkpoint(path: str | Path, fix: str = EARLIER_CHECKPOINT) -> dict[str
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"checkpoint {str(path)!r} is not a ctcore checkpoint (format {CHECKPOINT_FORMAT}); {fix}")
     return state
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+
+SAFETENSORS_FORMAT = "ctcore-safetensors-1"
+"""The `ctcore.format` metadata of the .safetensors files `ctcore export safetensors` writes."""
+SAFETENSORS_MAX_HEADER = 100_000_000
+"""The longest safetensors header read, in bytes: the safetensors parser's own limit (its MAX_HEADER_SIZE)."""
+EXPORT_AGAIN = "export it again from its checkpoint (ctcore export safetensors CHECKPOINT OUT.safetensors)"
+"""The fix for an exported file that is damaged."""
+NOT_EXPORTED = "give a .safetensors file that `ctcore export safetensors` wrote, or a ctcore checkpoint"
+"""The fix for a safetensors file that ctcore did not write."""
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether a file begins as every safetensors file does, whatever its name: an 8-byte little-endian header
+    length, then the header's `{` (torch's zip and pickle files have other bytes there)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` (names -> tensors, on any device) with string `metadata` as a safetensors file at `path`
+    (a temporary file of atomic_write). Tensors that share memory are stored apart; a failed write (a full disk)
+    is the OSError atomic_write turns into one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    plain = {}
+    for name, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        key = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+        plain[name] = value.clone() if key in seen and value.numel() else value
+        seen.add(key)
+    try:
+        save_file(plain, str(path), metadata=metadata)
+    except SafetensorError as exc:  # its I/O errors carry the OS error only in the text: "... (os error 28)"
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def save_safetensors(path: Path, state: dict[str, Any], weights: str, source: Path, sha256: str) -> int:
+    """Write the `weights` (eval-ema or student) of a validated checkpoint `state` read from `source` as an exported
+    .safetensors file: metadata ctcore.format, ctcore.step, ctcore.weights, ctcore.recipe (the checkpoint's
+    resolved recipe, verbatim) and ctcore.provenance (JSON: the checkpoint's, with `exported_from`), and `format`
+    "pt" for other safetensors readers. Returns the number of tensors."""
+    tensors = state["eval_ema" if weights == "eval-ema" else "student"]
+    provenance = {**state["provenance"], "exported_from": {
+        "file": str(source), "sha256": sha256, "weights": weights, "step": int(state["step"])}}
+    metadata = {"format": "pt", "ctcore.format": SAFETENSORS_FORMAT, "ctcore.step": str(int(state["step"])),
+                "ctcore.weights": weights, "ctcore.recipe": state["recipe"],
+                "ctcore.provenance": json.dumps(provenance, default=str)}
+    write_safetensors(path, tensors, metadata)
+    return len(tensors)
+
+
+def read_safetensors(path: Path, fix: str | None = None) -> dict[str, Any]:
+    """An exported .safetensors file as a checkpoint: its tensors as eval EMA, student and teacher (one network),
+    its metadata's step, recipe and provenance, no optimizer or RNG state, and `exported` (which weights it holds).
+
+    Read by the safetensors parser (it never runs code), after a header-length check against the file's size. A
+    truncated or damaged file, one without ctcore's metadata, or with metadata of the wrong type is one RunError
+    ending in `fix` (default: advice for such a file); `validate_checkpoint` checks the rest (recipe, plugins,
+    tensor names, shapes, dtypes, finiteness)."""
+    from safetensors import safe_open
+
+    where = f"checkpoint {str(path)!r}"
+    damaged, foreign = fix or EXPORT_AGAIN, fix or NOT_EXPORTED
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+    if length > SAFETENSORS_MAX_HEADER:
+        raise RunError(f"{where} is a damaged safetensors file: its header length says {length:,} bytes, more than "
+                       f"the {SAFETENSORS_MAX_HEADER:,} safetensors allows; {damaged}")
+    if 8 + length > size:
+        raise RunError(f"{where} is a truncated safetensors file: its header length says {length:,} bytes, but only "
+                       f"{size - 8:,} follow; {damaged}")
+
+    def parsed(read_tensors: bool) -> Any:
+        """The file's metadata, or its tensors; the parser's refusal as one RunError."""
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                if not read_tensors:
+                    return f.metadata() or {}
+                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no dict
+        except Exception as exc:  # noqa: BLE001 - the parser's refusals (SafetensorError), unsupported dtypes
+            reason = str(exc).removeprefix("Error while deserializing header: ").strip().splitlines()
+            raise RunError(f"{where} is a damaged safetensors file "
+                           f"({reason[0][:200] if reason else type(exc).__name__}); {damaged}") from None
+
+    metadata = parsed(read_tensors=False)  # checked before any tensor is read: a foreign file may be large
+    found = metadata.get("ctcore.format")
+    if found is None:
+        raise RunError(f"{where} is a safetensors file without ctcore's metadata (no ctcore.format), so its network "
+                       f"and recipe are unknown; {foreign}")
+    if found != SAFETENSORS_FORMAT:
+        raise RunError(f"{where} has ctcore.format {found[:100]!r}, but this ctcore reads {SAFETENSORS_FORMAT!r}; "
+                       f"{damaged}")
+    step = metadata.get("ctcore.step")
+    if step is None or not re.fullmatch(r"[0-9]{1,18}", step):
+        raise RunError(f"{where} has ctcore.step {step if step is None else step[:100]!r}, but a step is a whole "
+                       f"number >= 0; {damaged}")
+    weights = metadata.get("ctcore.weights")
+    if weights not in INIT_WEIGHTS:
+        raise RunError(f"{where} has ctcore.weights {weights if weights is None else weights[:100]!r}, but it must "
+                       f"be one of {', '.join(INIT_WEIGHTS)}; {damaged}")
+    if "ctcore.recipe" not in metadata:
+        raise RunError(f"{where} has no ctcore.recipe (the resolved recipe it was trained with); {damaged}")
+    try:
+        provenance = json.loads(metadata.get("ctcore.provenance", ""))
+    except (ValueError, RecursionError):
+        provenance = None
+    if not isinstance(provenance, dict):
+        raise RunError(f"{where} has no ctcore.provenance holding a JSON object; {damaged}")
+    tensors = parsed(read_tensors=True)
+    return {"format": CHECKPOINT_FORMAT, "step": int(step), "recipe": metadata["ctcore.recipe"],
+            "provenance": provenance, "eval_ema": tensors, "student": tensors, "teacher": tensors,
+            "exported": weights}
 
 
 def check_plugins(state: dict[str, Any], registry: Registry, path: Path) -> None:
@@ -260,11 +396,13 @@ def _validated(state: Any, path: Path, registry: Registry, use: str, device: tor
     """validate_checkpoint's checks."""
     where = f"checkpoint {str(path)!r}"
     resume = use == "resume"
-    damaged = _damaged(use)
+    exported = isinstance(state, dict) and "exported" in state  # an exported .safetensors file (read_safetensors)
+    damaged = EXPORT_AGAIN if exported and not resume else _damaged(use)
     resume_only = ("it was not written by ctcore run, or is damaged: resume from an earlier checkpoint (move this "
                    "one out of checkpoints/) or sample from it with ctcore sample")
     diverged = ("the run had diverged when it was written: resume from an earlier checkpoint (move this one out of "
                 "checkpoints/), or start a new run with a lower training.lr or a training.grad_clip" if resume else
+                EXPORT_AGAIN if exported else
                 "the run had diverged when it was written: use an earlier checkpoint from its checkpoints/ folder")
 
     def fail(defect: str, fix: str = damaged) -> None:
@@ -272,6 +410,10 @@ def _validated(state: Any, path: Path, registry: Registry, use: str, device: tor
 
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         fail(f"is not a ctcore checkpoint (format {CHECKPOINT_FORMAT})")
+    if exported and resume:
+        fail("is an exported .safetensors file: one network's weights, without the optimizer and RNG states a resume "
+             "needs", "move it out of checkpoints/ to resume from an earlier checkpoint, or start a new run from its "
+             "weights with --init-from")
     # --- what every use needs: step, recipe, provenance
     if "step" not in state:
         fail("has no step (key `step`)")
@@ -309,26 +451,30 @@ def _validated(state: Any, path: Path, registry: Registry, use: str, device: tor
         found = state.get(key)
         if not isinstance(found, dict):
             fail(f"has no {key} weights (key `{key}`)", fix)
+
+        def label(name: str) -> str:  # an exported file holds one network: its tensors by name
+            return f"tensor {name!r}" if exported else f"{key}[{name!r}]"
+
         for name in want:
             if name not in found:
-                fail(f"lacks {key}[{name!r}], which {what} has", fix)
+                fail(f"lacks {label(name)}, which {what} has", fix)
         for name, value in found.items():
             if name not in want:
-                fail(f"has {key}[{name!r}], which {what} does not have", fix)
+                fail(f"has {label(name)}, which {what} does not have", fix)
             w = want[name]
             if isinstance(w, torch.Tensor):
                 if not isinstance(value, torch.Tensor):
-                    fail(f"has {key}[{name!r}] of type {type(value).__name__}, but {what} expects a tensor", fix)
+                    fail(f"has {label(name)} of type {type(value).__name__}, but {what} expects a tensor", fix)
                 if value.shape != w.shape:
-                    fail(f"has {key}[{name!r}] of the wrong shape: {what} expects {_shape(w)}, found "
+                    fail(f"has {label(name)} of the wrong shape: {what} expects {_shape(w)}, found "
                          f"{_shape(value)}", fix)
                 if value.dtype != w.dtype:
-                    fail(f"has {key}[{name!r}] of the wrong dtype: {what} expects {w.dtype}, found {value.dtype}",
+                    fail(f"has {label(name)} of the wrong dtype: {what} expects {w.dtype}, found {value.dtype}",
                          fix)
             elif type(value) is not type(w):
-                fail(f"has {key}[{name!r}] of type {type(value).__name__}, but {what} expects "
+                fail(f"has {label(name)} of type {type(value).__name__}, but {what} expects "
                      f"{type(w).__name__}", fix)
-        bad = first_nonfinite({f"{key}[{k!r}]": v for k, v in found.items()})
+        bad = first_nonfinite({label(k): v for k, v in found.items()})
         if bad is not None:
             fail(f"holds non-finite values in {bad}", diverged)
 

@@ -1550,6 +1550,65 @@ def convert_edm(
                          f"{r['sha256'][:12]}...)")
 
 
+export_app = typer.Typer(
+    help="Write ctcore models for use elsewhere: safetensors weights with their recipe, or a diffusers pipeline.",
+    no_args_is_help=True,
+    **PLAIN_HELP,
+)
+app.add_typer(export_app, name="export")
+
+ExportWeightsOption = Annotated[Literal["eval-ema", "student"], typer.Option(
+    help="eval-ema (default) or student.")]
+
+
+@export_app.command("safetensors")
+def export_safetensors(
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", help="A checkpoint file, or a RUN_DIR (its latest checkpoint).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT.safetensors", help="The .safetensors file to write.")],
+    weights: ExportWeightsOption = "eval-ema",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.safetensors if it exists.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a checkpoint's network weights as a .safetensors file with its recipe and provenance as metadata
+    (ctcore's commands read it like a checkpoint)."""
+    with _errors():
+        from ctcore.export import export_safetensors as export
+
+        r = export(checkpoint, out, _registry(), weights=weights, overwrite=overwrite)
+        if as_json:
+            _print_json(r)
+            return
+        _console().print(f"wrote {r['out']} (the {r['weights']} weights of {r['checkpoint']} at step {r['step']:,}: "
+                         f"{r['tensors']:,} tensors, {r['parameters']:,} parameters; recipe and provenance as "
+                         "metadata)")
+
+
+@export_app.command("diffusers")
+def export_diffusers(
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT", help="A checkpoint file, or a RUN_DIR (its latest checkpoint).")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="The pipeline folder to write.")],
+    weights: ExportWeightsOption = "eval-ema",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace OUT_DIR if it is an earlier diffusers pipeline folder.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a consistency model as a diffusers ConsistencyModelPipeline folder (UNet2DModel and
+    CMStochasticIterativeScheduler) that ConsistencyModelPipeline.from_pretrained loads."""
+    with _errors():
+        from ctcore.export import export_diffusers as export
+
+        r = export(checkpoint, out_dir, _registry(), weights=weights, overwrite=overwrite)
+        if as_json:
+            _print_json(r)
+            return
+        _console().print(f"wrote {r['out_dir']} (ConsistencyModelPipeline: a UNet2DModel of {r['parameters']:,} "
+                         f"parameters from the {r['weights']} weights of {r['checkpoint']} at step {r['step']:,}, "
+                         f"CMStochasticIterativeScheduler with sigma_min {r['sigma_min']:g}, sigma_max "
+                         f"{r['sigma_max']:g}, sigma_data {r['sigma_data']:g})")
+
+
 def main() -> None:
     """Console-script entry point (and python -m ctcore): the app's group prints usage errors in one line."""
     app()

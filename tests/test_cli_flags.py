@@ -48,6 +48,8 @@ FLAGS: dict[str, Flags] = {
     "data download": Flags(True, False, True),
     "convert openai-cm": Flags(False, False, True),  # one file read and written, no network run
     "convert edm": Flags(False, False, True),  # as convert openai-cm
+    "export safetensors": Flags(False, False, True),  # as convert
+    "export diffusers": Flags(False, False, True),  # as convert: the weights are mapped, no network runs
 }
 """Each command's shared flags: --progress/--no-progress where it can run for more than a few seconds, --device
 where it runs a network, --json where it prints a result. The README's table says the same."""

@@ -41,6 +41,8 @@ BASE_ARGS: dict[str, list[str]] = {
     "data download": ["cifar10"],
     "convert openai-cm": ["source.pt", "out.pt"],
     "convert edm": ["source.pkl", "out.pt"],
+    "export safetensors": ["ckpt.pt", "out.safetensors"],
+    "export diffusers": ["ckpt.pt", "out_dir"],
 }
 """Each command with placeholder arguments that let the parser reach its options (none of the files exist)."""
 

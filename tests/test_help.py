@@ -18,7 +18,7 @@ from ctcore.registry import load_registry
 
 COLUMNS = 80
 ARGUMENT_NAMES = {"RECIPE", "CHECKPOINT", "RUN_DIR", "DATASET.h5", "OUT.h5", "OUT.npz", "OUT.pt", "SOURCE", "NAME",
-                  "TASK"}
+                  "TASK", "OUT.safetensors", "OUT_DIR"}
 """The names arguments may show. A new kind of argument adds its name here, once, so that every command calls
 the same thing by the same name."""
 CANONICAL = {"recipe": "RECIPE", "recipe_path": "RECIPE", "checkpoint": "CHECKPOINT", "run_dir": "RUN_DIR",
@@ -107,6 +107,11 @@ SUMMARIES = {
                          "EMA).",
     "convert edm": "Convert an EDM network pickle into a ctcore diffusion checkpoint (its EMA weights, its "
                    "preconditioning).",
+    "export": "Write ctcore models for use elsewhere: safetensors weights with their recipe, or a diffusers pipeline.",
+    "export safetensors": "Write a checkpoint's network weights as a .safetensors file with its recipe and provenance "
+                          "as metadata (ctcore's commands read it like a checkpoint).",
+    "export diffusers": "Write a consistency model as a diffusers ConsistencyModelPipeline folder (UNet2DModel and "
+                        "CMStochasticIterativeScheduler) that ConsistencyModelPipeline.from_pretrained loads.",
 }
 """What `ctcore --help` and each group's help say every command does, word for word: a new command adds its line,
 and a change of what a command does changes its line here (ctcore trains diffusion models too, not only consistency

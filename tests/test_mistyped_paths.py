@@ -72,6 +72,8 @@ MISTYPED = [
     (["eval", "runs/quickstrat", "--metric", "sliced-wasserstein"], 1, CHECKPOINT),
     (["eval", "runs/quickstrat", "--ref", "refs/cifar10-train.npz", "--inception", "weights.pth"], 1, CHECKPOINT),
     (["search-sigmas", "runs/quickstrat", "--steps", "2"], 1, CHECKPOINT),
+    (["export", "safetensors", "runs/quickstrat", "out.safetensors"], 1, CHECKPOINT),
+    (["export", "diffusers", "runs/quickstrat", "pipeline"], 1, CHECKPOINT),
     (["run", "runs/quickstrat", "--resume"], 1,
      "nothing to resume: run directory 'runs/quickstrat' not found (did you mean 'runs/quickstart'?)"),
     (["run", "recipes/quickstart.toml", "--init-from", "runs/quickstrat"], 1,

@@ -24,7 +24,7 @@ every block and `augment_dim`; ctcore.convert_edm maps its weights.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 import torch
@@ -250,6 +250,98 @@ class ADM(nn.Module):
         for stage in self.decoder:
             h = stage(torch.cat([h, stored.pop()], dim=1), emb)
         return self.out_conv(F.silu(self.out_norm(h)))
+
+    def to_diffusers(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """This network as diffusers' UNet2DModel: its config (with `_class_name`) and a state dict of this network's
+        weights under UNet2DModel's names, computing the same F(x, c_noise, labels) when fed c_noise as the timestep.
+
+        Facts from huggingface/diffusers (src/diffusers/models/unets/unet_2d.py, unet_2d_blocks.py, resnet.py,
+        embeddings.py; scripts/convert_consistency_to_diffusers.py): a level with attention is AttnDownBlock2D /
+        AttnUpBlock2D, one without ResnetDownsampleBlock2D / ResnetUpsampleBlock2D (resampling residual blocks) or
+        DownBlock2D / UpBlock2D (strided conv, upsample + conv); the time features are [cos, sin] with
+        flip_sin_to_cos and freq_shift 0, as wide as block_out_channels[0]; `scale_shift` is AdaGN; q, k, v are
+        three Linear layers and the attention's group norm needs attn_norm_num_groups under scale_shift. Dropout is
+        0 (diffusers applies one rate at every resolution; evaluation uses none). ValueError, one line, when an
+        option has no diffusers equivalent.
+        """
+        o = self.options
+        if o.noise_embedding != "adm":
+            raise ValueError(f"noise_embedding is {o.noise_embedding!r} (EDM's frequencies, of c_noise = 0.25 ln "
+                             "sigma), but UNet2DModel's positional embedding is ADM's, of the timestep 1000 * 0.25 ln "
+                             "sigma the consistency scheduler passes; only noise_embedding 'adm' maps")
+        if o.channel_mult[0] != 1:
+            raise ValueError(f"channel_mult[0] is {o.channel_mult[0]}, but UNet2DModel's time features are as wide as "
+                             "its first level, so it must be 1 (adm's are model_channels wide)")
+        channels, height, width = self.data_shape
+        levels = len(o.channel_mult)
+        attends = [height // 2**level in o.attention_resolutions for level in range(levels)]
+        down = ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" if o.resblock_updown else "DownBlock2D"
+                for a in attends]
+        up = ["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" if o.resblock_updown else "UpBlock2D"
+              for a in reversed(attends)]
+        resample = "resnet" if o.resblock_updown else "conv"
+        config = {
+            "_class_name": "UNet2DModel", "sample_size": height if height == width else [height, width],
+            "in_channels": channels, "out_channels": channels, "center_input_sample": False,
+            "time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0,
+            "down_block_types": down, "mid_block_type": "UNetMidBlock2D", "up_block_types": up,
+            "block_out_channels": [o.model_channels * m for m in o.channel_mult], "layers_per_block": o.num_res_blocks,
+            "mid_block_scale_factor": 1, "downsample_padding": 1, "downsample_type": resample,
+            "upsample_type": resample, "dropout": 0.0, "act_fn": "silu", "attention_head_dim": o.num_head_channels,
+            "norm_num_groups": o.num_groups, "attn_norm_num_groups": o.num_groups, "norm_eps": 1e-5,
+            "resnet_time_scale_shift": "scale_shift" if o.use_scale_shift_norm else "default", "add_attention": True,
+            "class_embed_type": None, "num_class_embeds": self.num_classes or None,
+        }
+        out: dict[str, torch.Tensor] = {}  # every tensor of the computation; augment_weight (EDM's) never enters it
+
+        def put(prefix: str, module: nn.Module, names: dict[str, str]) -> None:
+            """Each tensor of `module` under `prefix`, its layer renamed by `names`."""
+            for key, value in module.state_dict().items():
+                layer, leaf = key.rsplit(".", 1)
+                out[f"{prefix}.{names[layer]}.{leaf}"] = value
+
+        def linear(weight: torch.Tensor) -> torch.Tensor:
+            """A 1x1 conv's weight (out, in, 1, 1) as a Linear layer's (out, in); a bias as it is."""
+            return weight.reshape(weight.shape[0], -1) if weight.ndim == 4 else weight
+
+        def block(prefix: str, layer: nn.Module) -> None:
+            """A residual block, attention block or resampling conv of this network under diffusers' `prefix`."""
+            if isinstance(layer, ResBlock):
+                put(prefix, layer, {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_emb_proj", "norm2": "norm2",
+                                    "conv2": "conv2", "skip": "conv_shortcut"})
+            elif isinstance(layer, AttentionBlock):  # one 1x1 conv [q | k | v] -> three Linear layers
+                for leaf in ("weight", "bias"):
+                    out[f"{prefix}.group_norm.{leaf}"] = getattr(layer.norm, leaf)
+                    for part, value in zip(("to_q", "to_k", "to_v"), linear(getattr(layer.qkv, leaf)).chunk(3),
+                                           strict=True):
+                        out[f"{prefix}.{part}.{leaf}"] = value
+                    out[f"{prefix}.to_out.0.{leaf}"] = linear(getattr(layer.proj, leaf))
+            else:  # Downsample, Upsample: one conv
+                put(prefix, layer, {"conv": "conv"})
+
+        put("time_embedding", self.time_embed, {"0": "linear_1", "2": "linear_2"})
+        if self.label_embed is not None:
+            out["class_embedding.weight"] = self.label_embed.weight
+        for ours, theirs in ((self.input_conv, "conv_in"), (self.out_norm, "conv_norm_out"),
+                             (self.out_conv, "conv_out")):
+            out |= {f"{theirs}.{leaf}": value for leaf, value in ours.state_dict().items()}
+        stages = iter(self.encoder)
+        for level in range(levels):
+            for j in range(o.num_res_blocks):
+                for layer in next(stages):
+                    block(f"down_blocks.{level}.{'resnets' if isinstance(layer, ResBlock) else 'attentions'}.{j}",
+                          layer)
+            if level < levels - 1:
+                block(f"down_blocks.{level}.downsamplers.0", next(stages)[0])
+        for i, layer in enumerate(self.middle):  # resnet, attention, resnet
+            block("mid_block.attentions.0" if i == 1 else f"mid_block.resnets.{i // 2}", layer)
+        stages = iter(self.decoder)
+        for u in range(levels):  # from the last level to the first
+            for j in range(o.num_res_blocks + 1):
+                for k, layer in enumerate(next(stages)):  # resnet, attention (if any), then an up-sampling (if any)
+                    kind = "resnets" if k == 0 else "attentions" if isinstance(layer, AttentionBlock) else "upsamplers"
+                    block(f"up_blocks.{u}.{kind}.{0 if kind == 'upsamplers' else j}", layer)
+        return config, {k: v.detach() for k, v in out.items()}
 
 
 @hookimpl

@@ -319,6 +319,18 @@ class NCSNpp(nn.Module):
             return pyramid
         return self.conv_out(F.silu(self.norm_out(h)))
 
+    def to_diffusers(self) -> tuple[dict, dict]:
+        """No exact diffusers UNet2DModel exists (huggingface/diffusers unet_2d.py, embeddings.py, unet_2d_blocks.py):
+        the consistency scheduler gives UNet2DModel the timestep 1000 * 0.25 ln sigma, which its positional embedding
+        takes as it is and its Fourier embedding through a log (dividing the output by it), while NCSN++ embeds
+        c_noise = 0.25 ln sigma; its Skip blocks are the input_skip / output_skip pyramids, not the residual one.
+        Always raises ValueError saying why (`ctcore export diffusers` prints it)."""
+        pyramid = (", and UNet2DModel has no block for the residual input pyramid (progressive_input 'residual')"
+                   if self.options.progressive_input == "residual" else "")
+        raise ValueError("NCSN++ embeds c_noise = 0.25 ln sigma, but the consistency scheduler gives UNet2DModel "
+                         "the timestep 1000 * 0.25 ln sigma, which its positional embedding takes as it is and its "
+                         f"Fourier embedding through a log, dividing its output by it{pyramid}")
+
 
 @hookimpl
 def ctcore_register_networks() -> list[type]:

@@ -120,6 +120,14 @@ class Consistency:
                            sigma_data=constants.sigma_data)
         return self.train_function(network, x, sigma, labels, constants)
 
+    def boundary_scalings(self, constants: Any) -> tuple[float, float]:
+        """(sigma_min, sigma_data) of CM's boundary-condition scalings that `denoise` evaluates: c_skip = sd^2 / ((s -
+        s_min)^2 + sd^2), c_out = (s - s_min) sd / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2) (what
+        `ctcore export diffusers` checks against CMStochasticIterativeScheduler). EDM's scalings are these with
+        s_min = 0; ECT's evaluation shifts them by ect_sigma_min."""
+        shift = {"cm": constants.sigma_min, "edm": 0.0, "ect": self.options.ect_sigma_min}
+        return shift[self.options.parameterization], constants.sigma_data
+
 
 # ------------------------------------------------------------------------------------------------- EDM
 
