@@ -128,7 +128,8 @@ def test_bench_profile_writes_a_new_chrome_trace_each_time_and_lists_the_top_ops
     assert "aten::addmm" in names and "aten::mm" in names  # the MLP's forward and backward matmuls
     assert (profiled["steps"], profiled["sample_batches"], profiled["sorted_by"]) == (3, 1, "self CPU time")
     rows = profiled["top_ops"]
-    assert len(rows) == 15 and all(r["op"].startswith("aten::") for r in rows)  # no ctcore:: annotation
+    assert len(rows) == 15 and not any(r["op"].startswith("ctcore::") for r in rows)  # operators, no annotation
+    assert sum(r["op"].startswith("aten::") for r in rows) >= 10  # a loaded machine may rank a profiler op too
     assert [r["self_cpu_ms"] for r in rows] == sorted((r["self_cpu_ms"] for r in rows), reverse=True)
     assert all(r["self_device_ms"] is None and r["calls"] >= 1 for r in rows)
     assert 0 < sum(r["self_percent"] for r in rows) <= 100
