@@ -79,7 +79,7 @@ def test_help_lists_every_command() -> None:
     panel = result.stdout.split("\nCommands:\n", 1)[1]
     commands = [m.group(1) for m in re.finditer(r"^  (\S+)\s{2,}", panel, re.MULTILINE)]
     assert commands == ["run", "check", "sweep", "sample", "edit", "eval", "eval-ref-stats", "search-sigmas",
-                        "bench", "list-components", "report", "data", "convert"]
+                        "bench", "list-components", "report", "data", "convert", "export"]
 
 
 @pytest.mark.parametrize(
