@@ -4,7 +4,6 @@ small generated files (never ../shared)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -19,7 +18,7 @@ from types import ModuleType, SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, made_once_per_session
 
 from ctcore.sampling import read_sample_store
 
@@ -43,28 +42,25 @@ prepare = _load("prepare_gpu_campaign")
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> SimpleNamespace:
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """`gpu_campaign.py --smoke` with the loader section made to raise; its exit code, output and campaign.json.
-    Under pytest-xdist the first worker to need it runs it once, in the session's shared temporary folder, and
-    the others read its result (a file lock orders them): the campaign takes half a minute of CPU."""
-    from filelock import FileLock
+    Run once per session (half a minute of CPU): pytest-xdist's workers share it."""
 
-    shared = worker_id != "master"
-    root = tmp_path_factory.getbasetemp().parent / "smoke-campaign" if shared else tmp_path_factory.mktemp("c")
-    out, work, done = root / "out", root / "work", root / "result.json"
-    with FileLock(str(root) + ".lock") if shared else contextlib.nullcontext():
-        if not done.exists():
-            started = time.perf_counter()
-            run = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_campaign.py"), "--smoke", "--out", str(out),
-                                  "--work", str(work), "--fail", "loader"], capture_output=True, text=True,
-                                 timeout=300)
-            done.write_text(json.dumps({"returncode": run.returncode, "stdout": run.stdout, "stderr": run.stderr,
-                                        "seconds": time.perf_counter() - started}), encoding="utf-8")
-    r = json.loads(done.read_text(encoding="utf-8"))
+    def make(root: Path) -> None:
+        started = time.perf_counter()
+        run = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_campaign.py"), "--smoke", "--out",
+                              str(root / "out"), "--work", str(root / "work"), "--fail", "loader"],
+                             capture_output=True, text=True, timeout=300)
+        (root / "result.json").write_text(json.dumps({"returncode": run.returncode, "stdout": run.stdout,
+                                                      "stderr": run.stderr, "seconds": time.perf_counter() - started}),
+                                          encoding="utf-8")
+
+    root = made_once_per_session(tmp_path_factory, "smoke-campaign", make)
+    r = json.loads((root / "result.json").read_text(encoding="utf-8"))
     print(f"smoke campaign: {r['seconds']:.1f} s")
-    record = json.loads((out / "campaign.json").read_text(encoding="utf-8"))
+    record = json.loads((root / "out" / "campaign.json").read_text(encoding="utf-8"))
     result = SimpleNamespace(returncode=r["returncode"], stdout=r["stdout"], stderr=r["stderr"])
-    return SimpleNamespace(result=result, out=out, work=work, record=record, seconds=r["seconds"])
+    return SimpleNamespace(result=result, out=root / "out", work=root / "work", record=record, seconds=r["seconds"])
 
 
 @pytest.mark.slow
