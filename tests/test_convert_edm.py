@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -248,3 +249,37 @@ def test_ect_and_cd_recipes_hold_the_released_network_they_start_from(recipe, ar
     ours = {"name": spec.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in
                                   ((f, getattr(spec.options, f)) for f in converted if f != "name")}}
     assert ours == {**converted, "dropout": dropout}
+
+
+@pytest.mark.parametrize("mode", ["cd", "ect"])
+def test_cd_and_ect_start_from_a_converted_model(mode, tmp_path) -> None:
+    """A converted EDM model is a `[teacher] cd` checkpoint and a run.init_from source: a consistency run with its
+    [network] starts from its weights (step 0 equals them) and trains."""
+    from helpers import write_tiny_recipe
+
+    from ctcore.checkpoints import list_checkpoints, load_checkpoint
+
+    source, _ = _pickle(tmp_path, "edm-ddpmpp")
+    model = tmp_path / "edm.pt"
+    assert CliRunner().invoke(app, ["convert", "edm", str(source), str(model)]).exit_code == 0
+    f = load_denoiser(model)
+    network = attrs.asdict(f.network.options)  # the converted recipe's [network] (tuples as lists)
+    overrides = {"data": {"resolution": 16, "channels": 3, "num_images": 16},
+                 "network": {"name": "ncsnpp", **network, "dropout": 0.0},
+                 "run": {"init_from": str(model)},
+                 "training": {"total_steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 100},
+                 "evaluation": {"distance": "none"}}
+    if mode == "cd":
+        overrides |= {"teacher": {"name": "cd", "checkpoint": str(model), "solver": "euler"},
+                      "noise_schedule": {"name": "uniform"}, "curriculum": {"name": "constant", "num_scales": 4}}
+    else:
+        overrides |= {"objective": {"name": "consistency", "parameterization": "ect"},
+                      "noise_schedule": {"name": "ect"}, "curriculum": None, "metric": {"name": "l2-norm"}}
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", **overrides)
+    result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"initialised from {model}" in result.stdout
+    state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    assert state["step"] == 2 and state["provenance"]["init_from"]["checkpoint"] == str(model)
+    moved = [k for k, v in f.network.state_dict().items() if not torch.equal(state["student"][k], v)]
+    assert moved  # it trained from the converted weights
