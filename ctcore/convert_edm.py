@@ -584,6 +584,11 @@ def convert_edm(source: str | Path, out: str | Path, registry: Any, *, overwrite
         return parse_recipe(text, registry, source=f"edm {precond.class_name}({model.class_name}) (converted recipe)")
 
     lo, hi = recipe_objective(recipe_for(SAMPLING_RANGE), registry).sigma_range()
+    try:  # generate.py reads the wrapper's own attributes (VPPrecond computes them in float32)
+        lo, hi = (_precond_constant(precond, "sigma_min", lo, precond.class_name),
+                  _precond_constant(precond, "sigma_max", hi, precond.class_name))
+    except ValueError as exc:
+        raise RunError(f"{where}: {exc}; {EDM_FIX}") from None
     recipe = recipe_for((max(SAMPLING_RANGE[0], lo), min(SAMPLING_RANGE[1], hi)))
     write_converted(out, recipe, registry, weights, data_shape, num_classes, overwrite=overwrite, converted_from={
         "format": "edm-pickle", "file": str(source), "sha256": pk.sha256, "preconditioning": precond.class_name,

@@ -29,10 +29,15 @@ NCSNPP = {**SONG, "embedding_type": "fourier", "encoder_type": "residual", "deco
 ADM = {"img_resolution": 8, "in_channels": 3, "out_channels": 3, "model_channels": 128, "channel_mult": [1, 1],
        "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.1, "label_dim": 10}
 
+VP_SIGMA_MIN_32 = float(torch.tensor(0.5 * 18.0 * 1e-4**2 + 0.2 * 1e-4, dtype=torch.float32).exp().sub(1).sqrt())
+VP_SIGMA_MAX_32 = float(torch.tensor(0.5 * 18.0 + 0.2, dtype=torch.float32).exp().sub(1).sqrt())
+
 CASES = {
     # name: (precond class, its attributes, model class, model kwargs)
     "edm-ddpmpp": ("EDMPrecond", {"sigma_min": 0.0, "sigma_max": math.inf, "sigma_data": 0.6}, "SongUNet", DDPMPP),
-    "vp-ddpmpp": ("VPPrecond", {"beta_d": 18.0, "beta_min": 0.2, "M": 500, "epsilon_t": 1e-4}, "SongUNet", DDPMPP),
+    "vp-ddpmpp": ("VPPrecond", {"beta_d": 18.0, "beta_min": 0.2, "M": 500, "epsilon_t": 1e-4,
+                                # VPPrecond's sigma(epsilon_t) and sigma(1) as it stores them: in float32
+                                "sigma_min": VP_SIGMA_MIN_32, "sigma_max": VP_SIGMA_MAX_32}, "SongUNet", DDPMPP),
     "ve-ncsnpp": ("VEPrecond", {"sigma_min": 0.05, "sigma_max": 50.0}, "SongUNet", NCSNPP),
     "edm-adm": ("EDMPrecond", {"sigma_min": 0.0, "sigma_max": math.inf, "sigma_data": 0.5}, "DhariwalUNet", ADM),
 }
@@ -123,8 +128,11 @@ def test_sample_and_edm_sampling_range_of_a_converted_vp_model(tmp_path) -> None
     out = tmp_path / "vp.pt"
     assert CliRunner().invoke(app, ["convert", "edm", str(source), str(out)]).exit_code == 0
     recipe = torch.load(out, weights_only=True)["recipe"]
-    sigma_min = math.sqrt(math.expm1(0.5 * 18.0 * 1e-4**2 + 0.2 * 1e-4))  # VP's sigma(epsilon_t), above 0.002
-    assert f"sigma_min = {sigma_min!r}\n" in recipe and "sigma_max = 80.0\n" in recipe and "vp_steps = 500" in recipe
+    # generate.py samples from the wrapper's own (float32) sigma(epsilon_t), above 0.002, to 80
+    float64 = math.sqrt(math.expm1(0.5 * 18.0 * 1e-4**2 + 0.2 * 1e-4))
+    assert float64 != VP_SIGMA_MIN_32 > 0.002
+    assert f"sigma_min = {VP_SIGMA_MIN_32!r}\n" in recipe and "sigma_max = 80.0\n" in recipe
+    assert "vp_steps = 500" in recipe
     result = CliRunner().invoke(app, ["sample", str(out), "-n", "2", "--steps", "3", "--out", str(tmp_path / "s.h5"),
                                       "--no-progress"])
     assert result.exit_code == 0, result.output
