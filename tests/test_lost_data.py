@@ -132,6 +132,13 @@ def _convert(tmp: Path, run: Path, kind: str) -> tuple[list[object], str]:
     return (["convert", "openai-cm", source, out], f"OUT.pt {str(out)!r} is the same file as SOURCE {str(source)!r}")
 
 
+def _convert_edm(tmp: Path, run: Path, kind: str) -> tuple[list[object], str]:
+    source = tmp / "edm.pkl"
+    source.write_bytes(b"not read: the refusal comes first")
+    out = _link(source, tmp / "out.pt", kind)
+    return (["convert", "edm", source, out], f"OUT.pt {str(out)!r} is the same file as SOURCE {str(source)!r}")
+
+
 def _search_plot(tmp: Path, run: Path, kind: str) -> tuple[list[object], str]:
     plot = _link(run / LAST, tmp / "plot.png", "symlink" if kind == "same" else kind)
     return (["search-sigmas", run, "--steps", 2, "--plot", plot],
@@ -150,9 +157,10 @@ CASES: dict[str, Case] = {
     "sample --out = the checkpoint": _sample_out, "sample --grid = the checkpoint": _sample_grid,
     "data import OUT = SOURCE": _import, "data info --grid = DATASET": _info_grid,
     "eval-ref-stats OUT = DATASET": _ref_stats, "convert OUT = SOURCE": _convert,
+    "convert edm OUT = SOURCE": _convert_edm,
     "search-sigmas --plot = the checkpoint": _search_plot, "report --output = stats.jsonl": _report,
 }
-HAS_OVERWRITE = {"edit", "sample", "import", "eval-ref-stats", "openai-cm"}
+HAS_OVERWRITE = {"edit", "sample", "import", "eval-ref-stats", "openai-cm", "edm"}
 
 
 @pytest.mark.parametrize("kind", ["same", "symlink", "hardlink"])

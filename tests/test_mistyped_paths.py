@@ -33,7 +33,8 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for folder in ("runs/quickstart/checkpoints", "runs/quickstart-ct", "recipes", "data", "refs", "models"):
         (tmp_path / folder).mkdir(parents=True)
     for name in ("data/cifar10-train.h5", "data/cifar-10-python.tar.gz", "refs/cifar10-train.npz",
-                 "models/cd_imagenet64_lpips.pt", "weights.pth", "runs/quickstart/checkpoints/ckpt-000000012.pt"):
+                 "models/cd_imagenet64_lpips.pt", "models/edm-cifar10-32x32-uncond-vp.pkl", "weights.pth",
+                 "runs/quickstart/checkpoints/ckpt-000000012.pt"):
         (tmp_path / name).write_bytes(b"")
     write_tiny_recipe(tmp_path / "recipes" / "quickstart.toml", "runs/new")
     return tmp_path
@@ -89,6 +90,9 @@ MISTYPED = [
     (["convert", "openai-cm", "models/cd_imagenet64_lpip.pt", "out.pt"], 1,
      "'models/cd_imagenet64_lpip.pt' not found (did you mean 'models/cd_imagenet64_lpips.pt'?); give a released "
      "OpenAI consistency-model file (e.g. cd_imagenet64_lpips.pt from openai/consistency_models)"),
+    (["convert", "edm", "models/edm-cifar10-32x32-uncond-pv.pkl", "out.pt"], 1,
+     "'models/edm-cifar10-32x32-uncond-pv.pkl' not found (did you mean 'models/edm-cifar10-32x32-uncond-vp.pkl'?); "
+     "give a network pickle from NVlabs/edm (network-snapshot-*.pkl or a released edm-*.pkl)"),
     (["data", "info", "data/cifar10-trian.h5"], 1,
      "dataset file 'data/cifar10-trian.h5' not found (did you mean 'data/cifar10-train.h5'?); create one with: "
      "ctcore data import SOURCE data/cifar10-trian.h5"),
