@@ -581,7 +581,10 @@ def convert_edm(source: str | Path, out: str | Path, registry: Any, *, overwrite
     def recipe_for(sigma_range: tuple[float, float]) -> Any:
         text = _recipe_text(source.stem, data_shape, num_classes, network, objective, sigma_range, sigma_data,
                             precond.class_name, model.class_name)
-        return parse_recipe(text, registry, source=f"edm {precond.class_name}({model.class_name}) (converted recipe)")
+        try:
+            return parse_recipe(text, registry, source="its recipe")
+        except UsageError as exc:  # values in the file outside what ctcore accepts (a damaged or forged file)
+            raise RunError(f"{where}: {exc}; {EDM_FIX}") from None
 
     lo, hi = recipe_objective(recipe_for(SAMPLING_RANGE), registry).sigma_range()
     try:  # generate.py reads the wrapper's own attributes (VPPrecond computes them in float32)

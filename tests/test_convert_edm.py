@@ -191,6 +191,13 @@ def _nan(tmp_path: Path) -> Path:
     return write_edm_pickle(tmp_path / "nan.pkl", node)
 
 
+def _absurd_constant(tmp_path: Path) -> Path:
+    _, _, model, kwargs = CASES["vp-ddpmpp"]
+    state = random_edm_state(model, kwargs, torch.Generator().manual_seed(0))
+    node = network_node("VPPrecond", {}, model, kwargs, state, {"beta_d": 1e9})
+    return write_edm_pickle(tmp_path / "absurd.pkl", node)
+
+
 FIX = "give a network pickle from NVlabs/edm (network-snapshot-*.pkl or a released edm-*.pkl)"
 BAD = {
     "iddpm": (_unsupported, "{src}: its network is a iDDPMPrecond, which ctcore does not convert (it converts "
@@ -202,6 +209,8 @@ BAD = {
                       "SongUNet (DDPM++, NCSN++) and DhariwalUNet (ADM); " + FIX),
     "code": (_code, "{src} asks for posix.system, which is not part of an EDM network pickle and could run code "
              "(nothing was run); " + FIX),
+    "absurd-constant": (_absurd_constant, "{src}: its recipe: objective.beta_d: must be within [0.01, 100] (VP's "
+                        "sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1); EDM 19.9), got 1e+09; " + FIX),
     "nan": (_nan, "{src} holds non-finite values in the tensor ctcore names emb0.weight; give an undamaged copy of "
             "the file"),
 }
