@@ -19,20 +19,24 @@ NETWORKS = {
     "adm": {"data_shape": (3, 8, 8), "model_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
             "attention_resolutions": (4,), "num_head_channels": 8, "num_groups": 8, "attention": "sdpa",
             "noise_embedding": "edm"},
+    "adm-math": {"data_shape": (3, 8, 8), "model_channels": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
+                 "attention_resolutions": (4,), "num_head_channels": 8, "num_groups": 8, "attention": "math",
+                 "noise_embedding": "edm"},
 }
 """Small float64-sized networks; ncsnpp and adm with attention at 4x4 and in the middle (adm on its SDPA kernel).
 adm takes EDM's noise embedding, computed in c_noise's dtype: its default "adm" one computes in float32 by design
-(the released CM models), which would cap the central difference along c at float32 precision."""
+(the released CM models), which would cap the central difference along c at float32 precision. "adm-math" is adm
+on its own "math" attention backend, whose softmax must stay in float64 for a float64 network."""
 
-ATTENTION_CALLS = {"mlp": 0, "ncsnpp": 3, "adm": 4}
+ATTENTION_CALLS = {"mlp": 0, "ncsnpp": 3, "adm": 4, "adm-math": 0}
 """Attention blocks per forward: ncsnpp one at 4x4 in the encoder, the middle, one at 4x4 in the decoder; adm one
-at 4x4 in the encoder, the middle, and two at 4x4 in the decoder (num_res_blocks + 1)."""
+at 4x4 in the encoder, the middle, and two at 4x4 in the decoder (num_res_blocks + 1); adm-math none."""
 
 def network(name: str, dropout: float = 0.3) -> torch.nn.Module:
     """A float64 network in train mode (dropout active), every parameter perturbed so no layer starts at zero."""
     options = dict(NETWORKS[name])
     torch.manual_seed(0)
-    net = ctcore.load_registry().create("network", name, dropout=dropout, **options).double().train()
+    net = ctcore.load_registry().create("network", name.split("-")[0], dropout=dropout, **options).double().train()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():
