@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ctcore.components import checkpointed
+from ctcore.jvp import attention
 
 Resample = Literal["none", "up", "down"]
 
@@ -125,11 +126,11 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     """softmax(q^T k / sqrt(d)) applied to v, spelled out; inputs and output are (batch, heads, d, tokens).
 
     q and k are each scaled by d^(-1/4) before the product (kinder to half precision than dividing after)
-    and the softmax runs in float32.
+    and the softmax runs in at least float32 (float64 stays float64, for ctcore.jvp's float64 checks).
     """
     scale = q.shape[-2] ** -0.25
     logits = torch.einsum("bhdt,bhds->bhts", q * scale, k * scale)
-    weights = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+    weights = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).to(v.dtype)
     return torch.einsum("bhts,bhds->bhdt", weights, v)
 
 
@@ -139,8 +140,9 @@ class AttentionBlock(nn.Module):
     One 1x1 conv makes q, k and v; its 3*C output channels are ordered [q | k | v], each split into heads of
     `head_channels` (ADM's "new" attention order, also the layout of the CM flash-attention path). The output
     projection is zero-initialised, so the block starts as the identity. `backend` "sdpa" calls
-    torch.nn.functional.scaled_dot_product_attention (fused / memory-efficient kernels on GPU); "math"
-    computes the same attention explicitly. `checkpoint` as in ResBlock.
+    torch.nn.functional.scaled_dot_product_attention (fused / memory-efficient kernels on GPU), except under
+    ctcore.jvp.jvp's forward-mode AD, which SDPA lacks (its math path there); "math" computes the same attention
+    explicitly. `checkpoint` as in ResBlock.
     """
 
     def __init__(self, channels: int, head_channels: int, groups: int, backend: Literal["math", "sdpa"],
@@ -164,7 +166,7 @@ class AttentionBlock(nn.Module):
         if self.backend == "sdpa":
             # (b, 3, heads, tokens, d) with unit stride along d, the layout the fused kernels read
             q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
+            out = attention(q, k, v).transpose(-1, -2)  # SDPA; its math path under ctcore.jvp.jvp
         else:
             q, k, v = qkv.unbind(1)  # each (b, heads, d, tokens)
             out = math_attention(q, k, v)

@@ -14,14 +14,15 @@ from ctcore.components import DROPOUT_REASON, FOURIER_SCALE_REASON, BuildContext
 
 
 class FourierEmbedding(nn.Module):
-    """[sin(2 pi W c), cos(2 pi W c)] with frozen W ~ N(0, scale^2) (NCSN++'s Gaussian Fourier features)."""
+    """[sin(2 pi W c), cos(2 pi W c)] with frozen W ~ N(0, scale^2) (NCSN++'s Gaussian Fourier features), in float32
+    or, for a network in float64 (ctcore.jvp's checks), in float64."""
 
     def __init__(self, num_features: int, scale: float) -> None:
         super().__init__()
         self.register_buffer("freqs", torch.randn(num_features) * scale)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
-        arg = 2 * math.pi * c.float()[:, None] * self.freqs[None, :]
+        arg = 2 * math.pi * c.to(torch.promote_types(self.freqs.dtype, torch.float32))[:, None] * self.freqs[None, :]
         return torch.cat([arg.sin(), arg.cos()], dim=1)
 
 

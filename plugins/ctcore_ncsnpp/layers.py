@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctcore.components import checkpointed
+from ctcore.jvp import attention
 
 SQRT_HALF = 1.0 / math.sqrt(2.0)
 
@@ -261,7 +262,7 @@ class AttnBlock(nn.Module):
         b, c, height, width = x.shape
         h = self.norm(x)
         q, k, v = (proj(h).reshape(b, 1, c, height * width).transpose(2, 3) for proj in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)  # default scale 1 / sqrt(C): one head of width C
+        h = attention(q, k, v)  # SDPA (math under ctcore.jvp.jvp), scale 1 / sqrt(C): one head of width C
         h = self.out(h.transpose(2, 3).reshape(b, c, height, width))
         return (x + h) * SQRT_HALF if self.skip_rescale else x + h
 
