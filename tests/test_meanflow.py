@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ctcore import meanflow
+from ctcore.jvp import jvp
 from ctcore.meanflow import ADAPTIVE_C, ADAPTIVE_P, P_MEAN, P_STD, RATIO_R_NEQ_T
 
 SHAPE = (2, 3)
@@ -75,12 +76,22 @@ def test_interpolate_is_the_linear_path_and_its_velocity() -> None:
 
 
 @pytest.mark.parametrize(("method", "atol"), [("forward-ad", 1e-13), ("finite-difference", 1e-8)])
-def test_target_on_a_linear_u_equals_its_closed_form(method: str, atol: float) -> None:
+def test_target_on_a_linear_u_equals_its_closed_form(method: str, atol: float, monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
     """u_tgt = v - (t - r)(A v + c) for u = A z + b r + c t, by forward-mode AD (1e-13) and by the float64 central
-    difference (1e-8: rounding eps |u| / h); the first output is u(z, r, t) and keeps its graph; u_tgt is detached."""
+    difference (1e-8: rounding eps |u| / h), each by ctcore.jvp.jvp with that method; the first output is u(z, r, t)
+    and keeps its graph; u_tgt is detached."""
     net = Linear()
     _, _, r, t, z, v = batch()
+    methods = []
+
+    def spy(*args, method: str, **kwargs):
+        methods.append(method)
+        return jvp(*args, method=method, **kwargs)
+
+    monkeypatch.setattr(meanflow, "jvp", spy)
     value, u_tgt = meanflow.target(net, z, r, t, v, method=method)
+    assert methods == [method]
     torch.testing.assert_close(value, net(z, r, t), rtol=0, atol=1e-13)
     assert value.requires_grad and not u_tgt.requires_grad
     expected = closed_form_target(net, z, r, t, v)
@@ -103,7 +114,8 @@ def test_the_exact_average_velocity_of_gaussian_data_is_its_own_target() -> None
 @pytest.mark.parametrize("p", [1.0, 0.5])
 def test_loss_gradient_equals_its_closed_form_with_the_stop_gradients(p: float) -> None:
     """d/d(A, b, c) of mean_i w_i ||u_i - u_tgt_i||^2, with w_i = 1 / (||u_i - u_tgt_i||^2 + c)^p and u_tgt both held
-    constant, is mean_i 2 w_i (u_i - u_tgt_i) (z_i, r_i, t_i)^T, to 1e-10; the per-sample loss is w ||delta||^2."""
+    constant, is mean_i 2 w_i (u_i - u_tgt_i) (z_i, r_i, t_i)^T, to 1e-10; the per-sample loss is w ||delta||^2; the
+    loss never differentiates through a target that requires grad."""
     net = Linear()
     _, _, r, t, z, v = batch()
     value, u_tgt = meanflow.target(net, z, r, t, v)
@@ -119,6 +131,8 @@ def test_loss_gradient_equals_its_closed_form_with_the_stop_gradients(p: float) 
         expected = {"A": coefficient.T @ z.flatten(1), "b": coefficient.T @ r, "c": coefficient.T @ t}
     for name, grad in expected.items():
         torch.testing.assert_close(getattr(net, name).grad, grad, rtol=0, atol=1e-10)
+    # the loss holds any target constant, not only target()'s detached one
+    assert not meanflow.loss(value.detach(), u_tgt.clone().requires_grad_(), p=p).requires_grad
 
 
 def test_adaptive_weight_is_exact_and_carries_no_gradient() -> None:
