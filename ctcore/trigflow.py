@@ -113,7 +113,7 @@ def tangent(
              - r * (_expand(sin * cos, x_t) * x_t + sd_dF))
         if c is not None:
             g = normalize(g, c)
-    return F_minus.detach(), g.detach()
+    return F_minus, g
 
 
 def scm_loss(F_out: torch.Tensor, F_minus: torch.Tensor, g: torch.Tensor,
