@@ -187,3 +187,19 @@ def test_proposal_is_lognormal_sigma_from_the_generator() -> None:
     assert bool(((t > 0) & (t < np.pi / 2)).all())
     t32 = proposal(1000, torch.Generator().manual_seed(5), p_mean=-1.0, p_std=1.4, sigma_d=SIGMA_D)
     assert t32.dtype == torch.float32 and torch.equal(t32, t.float())
+
+
+@pytest.mark.parametrize("method", ["forward-ad", "finite-difference"])
+def test_tangent_leaves_the_dropout_mask_to_the_next_pass(method: str) -> None:
+    """With dropout 0.5 inside F, F^- from `tangent` equals (1e-12) the plain F pass that follows it: the same mask,
+    and the RNG state on return is as on entry; a fresh mask gives another output."""
+    A, b = linear()
+    F_lin, _, _ = network(A, b)
+    F = lambda x, t: torch.nn.functional.dropout(F_lin(x, t), 0.5, training=True)  # noqa: E731
+    x_0, z, v = batch()
+    x_t = interpolate(x_0, z, T)[0]
+    state = torch.get_rng_state()
+    F_minus, _ = tangent(F, x_t, T, v, sigma_d=SIGMA_D, method=method)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(F_minus, F(x_t / SIGMA_D, T), rtol=0, atol=1e-12)
+    assert not torch.equal(F_minus, F(x_t / SIGMA_D, T))
