@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, made_once_per_session
 from typer.testing import CliRunner, Result
 
 from ctcore.cli import app
@@ -32,26 +32,15 @@ def distances(run_dir: Path) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A working directory like a fresh checkout's after `ctcore run recipes/quickstart_diffusion.toml`, trained
-    once per test session: pytest-xdist's worker processes (each in a folder of the session's temporary folder)
-    share it, the first that needs it training it while the others wait on its lock."""
-    import fcntl
-    import os
-    import shutil
+    once per test session and shared by pytest-xdist's workers (helpers.made_once_per_session)."""
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    where, done = shared / "quickstart-checkout", shared / "quickstart-checkout.done"
-    with open(shared / "quickstart-checkout.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            shutil.rmtree(where, ignore_errors=True)  # what a worker that failed left
-            where.mkdir()
-            with pytest.MonkeyPatch.context() as mp:
-                mp.chdir(where)
-                result = invoke("run", REPO_ROOT / "recipes" / "quickstart_diffusion.toml", "--no-progress")
-            assert result.exit_code == 0, result.output
-            done.touch()
-    return where
+    def train(where: Path) -> None:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(where)
+            result = invoke("run", REPO_ROOT / "recipes" / "quickstart_diffusion.toml", "--no-progress")
+        assert result.exit_code == 0, result.output
+
+    return made_once_per_session(tmp_path_factory, "quickstart-checkout", train)
 
 
 def test_the_diffusion_quickstart_learns_at_least_5x_and_samples(checkout: Path,
