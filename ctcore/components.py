@@ -276,11 +276,14 @@ class Objective(Protocol):
 
 @attrs.frozen
 class NoiseLevels:
-    """What a sampler learns from the recipe: the model's noise range and the recipe's sampling.sigma_mid."""
+    """What a sampler learns from the recipe: the model's noise range, sampling.sigma_mid and sigma_data."""
 
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_mid: tuple[float, ...] = ()
+    sigma_data: float = 0.5
+    """The recipe's [consistency] sigma_data: samplers that plan in another time variable (TrigFlow's t = arctan(sigma
+    / sigma_data)) convert with it."""
 
 
 @runtime_checkable

@@ -291,8 +291,8 @@ class Recipe:
 
 
 def noise_levels(consistency: ConsistencySection, sampling: SamplingSection) -> NoiseLevels:
-    """The NoiseLevels a sampler plans with: [consistency] sigma_min and sigma_max, sampling.sigma_mid."""
-    return NoiseLevels(consistency.sigma_min, consistency.sigma_max, sampling.sigma_mid)
+    """The NoiseLevels a sampler plans with: [consistency] sigma_min, sigma_max and sigma_data, sampling.sigma_mid."""
+    return NoiseLevels(consistency.sigma_min, consistency.sigma_max, sampling.sigma_mid, consistency.sigma_data)
 
 
 def samplers_for(registry: Registry, model: str) -> list[str]:

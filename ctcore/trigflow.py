@@ -17,9 +17,11 @@ e^{w(t)} / D ||.||^2 - w(t): logvar = -w, a log-variance as in EDM2's learned un
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from ctcore.jvp import Method, jvp
 
@@ -124,3 +126,23 @@ def scm_loss(F_out: torch.Tensor, F_minus: torch.Tensor, g: torch.Tensor,
     if logvar is None:
         return mse
     return torch.exp(-logvar) * mse + logvar
+
+
+class LogvarHead(nn.Module):
+    """sCM's adaptive weighting w(t) as a learned log-variance logvar(t) = -w(t): fixed random Fourier features
+    sqrt(2) cos(2 pi (f_j c + p_j)), f_j ~ N(0, 1), p_j ~ U[0, 1) (EDM2's uncertainty head), then one linear layer
+    initialised to zero (every weight 1 at the start). Networks build it under their `logvar_head` option."""
+
+    def __init__(self, channels: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(channels))
+        self.register_buffer("phases", torch.rand(channels))
+        self.linear = nn.Linear(channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        """logvar of each sample (B,) in float32 (float64 for a float64 head) from one time value per sample."""
+        dtype = torch.promote_types(self.freqs.dtype, torch.float32)
+        features = math.sqrt(2) * torch.cos(2 * math.pi * (c.to(dtype)[:, None] * self.freqs + self.phases))
+        return self.linear(features.to(self.linear.weight.dtype)).squeeze(1).to(dtype)

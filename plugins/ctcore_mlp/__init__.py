@@ -11,6 +11,7 @@ from torch import nn
 
 from ctcore import hookimpl
 from ctcore.components import DROPOUT_REASON, FOURIER_SCALE_REASON, BuildContext, within
+from ctcore.trigflow import LogvarHead
 
 
 class FourierEmbedding(nn.Module):
@@ -57,6 +58,12 @@ class MLP(nn.Module):
         """Std of the Fourier frequencies: iCT uses 0.02, the original CM 16."""
         dropout: float = attrs.field(default=0.0, validator=within(0.0, 0.99, DROPOUT_REASON))
         zero_init_output: bool = True
+        time_inputs: int = attrs.field(default=1, validator=within(
+            1, 2, "1: c_noise of one value per sample; 2: a second time input (MeanFlow's t - r)"))
+        """2: c_noise may hold (B, 2), a second time input (MeanFlow's t - r) embedded by its own Fourier features
+        and MLP, added to the first's embedding; a (B,) c_noise then means a second input of 0."""
+        logvar_head: bool = False
+        """A learned log-variance head logvar(c) (`ctcore.trigflow.LogvarHead`) for sCM's adaptive weighting."""
 
     def __init__(self, options: Options, context: BuildContext) -> None:
         super().__init__()
@@ -76,9 +83,29 @@ class MLP(nn.Module):
         if options.zero_init_output:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
+        self.time_inputs = options.time_inputs
+        if options.time_inputs == 2:  # built last: a one-input network draws the same initial weights as before
+            self.fourier_2 = FourierEmbedding(options.embedding_features, options.fourier_scale)
+            self.embed_2 = nn.Sequential(nn.Linear(2 * options.embedding_features, e), nn.SiLU(), nn.Linear(e, e))
+        self.logvar_head = LogvarHead() if options.logvar_head else None
+
+    def logvar(self, c: torch.Tensor) -> torch.Tensor:
+        """sCM's learned log-variance of each sample, from one time value per sample (option logvar_head)."""
+        if self.logvar_head is None:
+            raise ValueError("network 'mlp' has no log-variance head: set its option logvar_head = true")
+        return self.logvar_head(c)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        c_second = None
+        if c_noise.ndim == 2:
+            if self.time_inputs != 2 or c_noise.shape[1] != 2:
+                shapes = "(batch,) or (batch, 2)" if self.time_inputs == 2 else "(batch,)"
+                raise ValueError(f"network 'mlp' takes c_noise of shape {shapes}, got {tuple(c_noise.shape)}")
+            c_noise, c_second = c_noise[:, 0], c_noise[:, 1]
         emb = self.embed(self.fourier(c_noise))
+        if self.time_inputs == 2:
+            c_second = torch.zeros_like(c_noise) if c_second is None else c_second
+            emb = emb + self.embed_2(self.fourier_2(c_second))
         if self.label_embed is not None and labels is not None:
             emb = emb + self.label_embed(labels)
         emb = nn.functional.silu(emb)
