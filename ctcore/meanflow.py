@@ -52,11 +52,13 @@ def sample_r_t(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(r, t), each (n,): two logit-normal draws sigmoid(N(p_mean, p_std^2)), t the larger, r the smaller; then
-    r = t for exactly n - round(ratio n) samples, at random positions (an exact count per batch: UNVERIFIED whether
-    the paper's code uses a count or a per-sample coin; the expected share is the same)."""
-    draws = torch.sigmoid(p_mean + p_std * torch.randn(2, n, generator=generator, dtype=torch.float64))
+    r = t for exactly n - round(ratio n) samples, at random positions; drawn on the generator's device (an exact
+    count per batch: UNVERIFIED whether the paper's code uses a count or a per-sample coin; the expected share is
+    the same)."""
+    where = generator.device
+    draws = torch.sigmoid(p_mean + p_std * torch.randn(2, n, generator=generator, dtype=torch.float64, device=where))
     t, r = draws.max(dim=0).values, draws.min(dim=0).values
-    equal = torch.randperm(n, generator=generator)[: n - round(ratio * n)]
+    equal = torch.randperm(n, generator=generator, device=where)[: n - round(ratio * n)]
     r[equal] = t[equal]
     return r.to(dtype=dtype, device=device), t.to(dtype=dtype, device=device)
 

@@ -26,7 +26,7 @@ import attrs
 import torch
 from torch import nn
 
-from ctcore.components import ALL_KINDS, KINDS, NOISE_CONVENTIONS, BuildContext
+from ctcore.components import ALL_KINDS, KINDS, NOISE_CONVENTIONS, OBJECTIVE_PARTS, BuildContext
 from ctcore.consistency import karras_sigmas
 from ctcore.data import data_shape, hdf5_summary
 from ctcore.errors import CtcoreError, RunError, UsageError
@@ -700,6 +700,15 @@ class _Checks:
                                                     f"{c.sigma_min}, sigma_max {c.sigma_max}, rho {c.rho})") from None
         return counts[0], counts[-1]
 
+    def objective(self) -> None:
+        """Binds to the meta student and its parts: an objective that needs what the network or teacher lacks (a
+        second time input, a log-variance head, a diffusion model) says so here, before anything is allocated."""
+        objective, student = self.built["objective"], self.built["network"]
+        try:
+            objective.bind(student, {kind: self.built[kind] for kind in OBJECTIVE_PARTS if kind in self.built})
+        except ValueError as exc:
+            raise self.refuse("objective", str(exc)) from None
+
     def sampler(self) -> None:
         """The sampler's default plan and its preview plans for the recipe's noise levels."""
         sampler, levels = self.built["sampler"], self.recipe.levels
@@ -774,6 +783,7 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
         metric_per_sample = checks.metric() if "metric" in built else 0
         first, last = checks.schedules() if "noise_schedule" in built else (2, 2)
         teacher_bytes = checks.teacher(first, last) if "teacher" in built else 0
+        checks.objective()
         checks.sampler()
     student = built["network"]
     trainable = _tensor_bytes(p for p in student.parameters() if p.requires_grad)

@@ -522,18 +522,28 @@ def check_teacher(cls: type, data_shape: tuple[int, ...] = (4,), **options: Any)
 
 
 class _TinyNetwork(nn.Module):
-    """A per-pixel network with a noise input, standing in for a real one (Fourier convention, no dropout)."""
+    """A per-pixel network with a noise input, standing in for a real one (Fourier convention, no dropout); like the
+    builtins' options time_inputs = 2 and logvar_head, it also takes a (B, 2) c_noise and has logvar(c)."""
 
     noise_conditioning = "fourier"
+    time_inputs = 2
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.mix = nn.Linear(channels, channels)
         self.noise = nn.Linear(1, channels)
+        self.noise_2 = nn.Linear(1, channels)
+        self.logvar_linear = nn.Linear(1, 1)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        h = self.mix(x.movedim(1, -1)) + self.noise(c_noise.reshape(-1, 1, 1, 1).to(x.dtype))
+        second = c_noise[:, 1] if c_noise.ndim == 2 else torch.zeros_like(c_noise)
+        first = c_noise[:, 0] if c_noise.ndim == 2 else c_noise
+        h = (self.mix(x.movedim(1, -1)) + self.noise(first.reshape(-1, 1, 1, 1).to(x.dtype))
+             + self.noise_2(second.reshape(-1, 1, 1, 1).to(x.dtype)))
         return torch.tanh(h).movedim(-1, 1)
+
+    def logvar(self, c: torch.Tensor) -> torch.Tensor:
+        return self.logvar_linear(c.reshape(-1, 1).float()).squeeze(1)
 
 
 class _SquaredDistance(nn.Module):
@@ -569,9 +579,14 @@ class _StopGradient:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def diffusion_denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The exact denoiser of N(0, 0.5^2) data, x 0.25 / (sigma^2 + 0.25), as a distillation teacher's model."""
+        return x * (0.25 / (sigma.to(x.dtype) ** 2 + 0.25)).reshape(-1, *([1] * (x.ndim - 1)))
+
 
 def _stand_in_parts(student: nn.Module, uses: tuple[str, ...]) -> dict[str, Any]:
-    """Simple components of the kinds an objective uses (squared distance, uniform pairs, N = 11, stop-gradient)."""
+    """Simple components of the kinds an objective uses (squared distance, uniform pairs, N = 11, stop-gradient with
+    an exact Gaussian denoiser as its diffusion model)."""
     teacher = _StopGradient()
     teacher.bind(student)
     made = {"metric": _SquaredDistance(), "noise_schedule": _UniformPairs(), "curriculum": _FixedScales(),
@@ -611,8 +626,9 @@ def check_objective(cls: type, data_shape: tuple[int, ...] = (3, 4, 4), **option
         if not loss.requires_grad:
             raise _fail(cls, "loss(batch) must be differentiable in the student, but it does not require grad")
         loss.backward()
-        grads = [p.grad for p in student.parameters()]
-        if any(g is None or not torch.isfinite(g).all() for g in grads) or not any((g != 0).any() for g in grads):
+        grads = [p.grad for p in student.parameters() if p.grad is not None]  # not every input is every loss's
+        if (student.mix.weight.grad is None or any(not torch.isfinite(g).all() for g in grads)
+                or not any((g != 0).any() for g in grads)):
             raise _fail(cls, "loss(batch).backward() must give the student finite, non-zero gradients")
         again, _, _ = loss_of(11)
         if not torch.equal(loss.detach(), again.detach()):

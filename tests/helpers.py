@@ -70,6 +70,22 @@ def tiny_cd(checkpoint: str | Path) -> dict[str, Any]:
             "curriculum": {"name": "constant", "num_scales": 5}, "consistency": {"weighting": "uniform"}}
 
 
+SCT: dict[str, Any] = {"objective": {"name": "sct", "warmup_steps": 4}, "sampler": {"name": "scm"},
+                       "network": {"logvar_head": True}, **dict.fromkeys(OBJECTIVE_PARTS)}
+"""Overrides that make the tiny recipe sCT: the sct objective (warm-up over 4 steps), the scm sampler, the network's
+log-variance head, no teacher, curriculum, noise schedule or metric."""
+
+MEANFLOW: dict[str, Any] = {"objective": {"name": "meanflow"}, "sampler": {"name": "meanflow"},
+                            "network": {"time_inputs": 2}, **dict.fromkeys(OBJECTIVE_PARTS)}
+"""Overrides that make the tiny recipe MeanFlow: the meanflow objective and sampler, a network of two times."""
+
+
+def tiny_scd(checkpoint: str | Path) -> dict[str, Any]:
+    """Overrides that make the tiny recipe sCD of the diffusion run at `checkpoint` (the cd teacher holds it)."""
+    return {**SCT, "objective": {"name": "scd", "warmup_steps": 4},
+            "teacher": {"name": "cd", "checkpoint": str(checkpoint)}}
+
+
 ECT: dict[str, Any] = {"objective": {"name": "consistency", "parameterization": "edm"},
                        "noise_schedule": {"name": "ect", "d": 4}, "curriculum": None, "metric": {"name": "l2-norm"}}
 """Overrides that make the tiny recipe Easy Consistency Tuning: continuous pairs, no curriculum."""

@@ -12,7 +12,7 @@ import attrs
 import numpy as np
 import pytest
 import torch
-from helpers import DIFFUSION, tiny_recipe_text, write_tiny_recipe
+from helpers import DIFFUSION, MEANFLOW, SCT, tiny_recipe_text, tiny_scd, write_tiny_recipe
 from typer.testing import CliRunner
 
 import ctcore
@@ -71,6 +71,7 @@ RANGES = [
     ("network", "mlp", "embedding_features", 1, 65_536, "[]"),
     ("network", "mlp", "fourier_scale", 0.0, 1000.0, "[]"),
     ("network", "mlp", "dropout", 0.0, 0.99, "[]"),
+    ("network", "mlp", "time_inputs", 1, 2, "[]"),
     ("network", "ncsnpp", "nf", 4, 4096, "[]"),
     ("network", "ncsnpp", "ch_mult", 1, 64, "[]"),
     ("network", "ncsnpp", "num_res_blocks", 1, 64, "[]"),
@@ -118,6 +119,27 @@ RANGES = [
     ("objective", "edm", "epsilon_t", 1e-8, 0.5, "[]"),
     ("objective", "edm", "ve_sigma_min", 1e-5, 1e4, "[]"),
     ("objective", "edm", "ve_sigma_max", 1e-5, 1e4, "[]"),
+    ("objective", "sct", "p_mean", -20.0, 20.0, "[]"),
+    ("objective", "sct", "p_std", 0.0, 20.0, "(]"),
+    ("objective", "sct", "time_scale", 1e-3, 1e6, "[]"),
+    ("objective", "sct", "tangent_c", 1e-8, 1e6, "[]"),
+    ("objective", "sct", "warmup_steps", 0, 100_000_000, "[]"),
+    ("objective", "sct", "jvp_step", 1e-12, 1.0, "[]"),
+    ("objective", "scd", "p_mean", -20.0, 20.0, "[]"),
+    ("objective", "scd", "p_std", 0.0, 20.0, "(]"),
+    ("objective", "scd", "time_scale", 1e-3, 1e6, "[]"),
+    ("objective", "scd", "tangent_c", 1e-8, 1e6, "[]"),
+    ("objective", "scd", "warmup_steps", 0, 100_000_000, "[]"),
+    ("objective", "scd", "jvp_step", 1e-12, 1.0, "[]"),
+    ("objective", "meanflow", "p_mean", -20.0, 20.0, "[]"),
+    ("objective", "meanflow", "p_std", 0.0, 20.0, "(]"),
+    ("objective", "meanflow", "ratio_r_neq_t", 0.0, 1.0, "[]"),
+    ("objective", "meanflow", "adaptive_p", 0.0, 10.0, "[]"),
+    ("objective", "meanflow", "adaptive_c", 1e-12, 1e6, "[]"),
+    ("objective", "meanflow", "time_scale", 1e-3, 1e6, "[]"),
+    ("objective", "meanflow", "jvp_step", 1e-12, 1.0, "[]"),
+    ("sampler", "scm", "t_mid", 1e-6, math.pi / 2, "[)"),
+    ("sampler", "meanflow", "t_mid", 1e-6, 1.0, "[)"),
     ("sampler", "heun", "steps", 1, 10_000, "[]"),
     ("sampler", "heun", "rho", 0.1, 1000.0, "[]"),
     ("sampler", "euler", "steps", 1, 10_000, "[]"),
@@ -162,6 +184,12 @@ def _override(section: str, component: str | None, key: str, value: object) -> d
     values = {key: value}
     if section == "objective" and component == "consistency":  # the consistency recipe with its own objective
         return {section: {"name": component, **values}}
+    if component in ("sct", "scm"):  # the sampler's override keeps the objective's options of its group
+        return {**SCT, "objective": {"name": "sct"}, section: {"name": component, **values}}
+    if component == "scd":
+        return {**tiny_scd("runs/diffusion"), section: {"name": component, **values}}
+    if component == "meanflow":
+        return {**MEANFLOW, section: {"name": component, **values}}
     if section in ("objective", "sampler"):  # a diffusion recipe: the edm objective, no consistency parts
         return {**DIFFUSION, section: {"name": component, **values}}
     if component == "ect":  # continuous pairs: the recipe has no curriculum
@@ -215,7 +243,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 92  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 114  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)
@@ -233,6 +261,9 @@ GROUPS = {
     "edm-heun": [e for e in RANGES if e[1] in ("edm", "heun")],
     "euler": [e for e in RANGES if e[1] == "euler"],
     "ect-cd": [e for e in RANGES if e[1] in ("ect", "cd")],
+    "sct-scm": [e for e in RANGES if e[1] in ("sct", "scm")],
+    "scd": [e for e in RANGES if e[1] == "scd"],
+    "meanflow": [e for e in RANGES if e[1] == "meanflow"],
 }
 
 

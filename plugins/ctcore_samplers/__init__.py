@@ -1,10 +1,12 @@
-"""Built-in samplers: consistency multistep sampling (CM Algorithm 1) for consistency models, and EDM's
-deterministic Heun and Euler solvers of the probability-flow ODE for diffusion models (Karras et al. 2022)."""
+"""Built-in samplers: consistency multistep sampling (CM Algorithm 1) for consistency models, its sCM and MeanFlow
+forms (one jump from sigma_max, a second through the paper's intermediate time), and EDM's deterministic Heun and
+Euler solvers of the probability-flow ODE for diffusion models (Karras et al. 2022)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -66,6 +68,95 @@ class Consistency:
         from ctcore.sampling import multistep_sample
 
         return multistep_sample(denoiser, noise, sigmas, labels, sigma_min=levels.sigma_min, clip=clip)
+
+
+class _TimeSampler:
+    """One jump from sigma_max to the clean estimate x = f(sigma_max z_0, sigma_max); for a second step the estimate
+    is re-noised to the intermediate level, x + sigma_mid z_1 (the exact noise of that level: no sigma_min term, the
+    function is a consistency function down to sigma = 0), and jumped again. The intermediate level comes from the
+    paper's intermediate time `t_mid` (`sigma_of`)."""
+
+    model: ClassVar[str] = "consistency"
+
+    def __init__(self, options: Any, context: BuildContext) -> None:
+        self.options = options
+
+    def sigma_of(self, t: float, levels: NoiseLevels) -> float:
+        """EDM's noise level of the paper's time t."""
+        raise NotImplementedError
+
+    def plan(self, steps: int | None, sigmas: list[float] | None, levels: NoiseLevels) -> list[float]:
+        if sigmas is None:
+            n = 1 if steps is None else steps
+            if n not in (1, 2):
+                raise ValueError(f"{self.name} samples in 1 or 2 steps by itself (t_mid = {self.options.t_mid}); "
+                                 f"for {n} steps give the levels, e.g. --sigmas 80,2,0.5")
+            mid = self.sigma_of(self.options.t_mid, levels)
+            if n == 2 and not mid < levels.sigma_max:
+                raise ValueError(f"{self.name}: t_mid = {self.options.t_mid} is sigma {mid:g}, not below sigma_max "
+                                 f"{levels.sigma_max:g}; lower sampler.t_mid")
+            sigmas = [levels.sigma_max, mid][:n]
+        sigmas = [float(s) for s in sigmas]
+        _check_levels(sigmas, 0.0, levels.sigma_max, f"(0, sigma_max] = (0, {levels.sigma_max}]")
+        return sigmas
+
+    def preview_plans(self, levels: NoiseLevels) -> dict[str, list[float]]:
+        plans = {"1step": self.plan(1, None, levels)}
+        if self.sigma_of(self.options.t_mid, levels) < levels.sigma_max:
+            plans["2step"] = self.plan(2, None, levels)
+        return plans
+
+    def noise_draws(self, sigmas: list[float]) -> int:
+        return len(sigmas)
+
+    def evaluations(self, sigmas: list[float]) -> int:
+        return len(sigmas)
+
+    @torch.no_grad()
+    def sample(self, denoiser: Callable[..., torch.Tensor], noise: torch.Tensor, sigmas: list[float],
+               labels: torch.Tensor | None, levels: NoiseLevels, clip: bool) -> torch.Tensor:
+        batch = noise.shape[1]
+        x = None
+        for k, sigma in enumerate(sigmas):
+            noisy = sigma * noise[k] if x is None else x + sigma * noise[k]
+            x = denoiser(noisy, torch.full((batch,), float(sigma), device=noise.device), labels)
+        return x.clamp(-1.0, 1.0) if clip else x
+
+
+class Scm(_TimeSampler):
+    """sCM's sampler (Lu & Song 2024): one step from T = arctan(sigma_max / sigma_d) (1.5645 at 80 and 0.5), a
+    second through TrigFlow's t_mid, sigma = sigma_d tan(t_mid)."""
+
+    name: ClassVar[str] = "scm"
+    summary: ClassVar[str] = "sCM sampling: one step from sigma_max, two through TrigFlow's t_mid = 1.1"
+
+    @attrs.frozen
+    class Options:
+        t_mid: float = attrs.field(default=1.1, validator=within(
+            1e-6, math.pi / 2, "TrigFlow's intermediate time of 2-step sampling, in (0, pi/2); sCM 1.1",
+            open_hi=True))
+        """The intermediate TrigFlow time of 2-step sampling (sCM: 1.1), sigma = sigma_d tan(t_mid)."""
+
+    def sigma_of(self, t: float, levels: NoiseLevels) -> float:
+        return levels.sigma_data * math.tan(t)
+
+
+class MeanFlowSampler(_TimeSampler):
+    """MeanFlow's 1-step generation x = z - t u(z, 0, t) from sigma_max (t = sigma_max / (1 + sigma_max), 0.988 at
+    80: the paper starts at t = 1); 2 steps re-noise to t_mid (the paper's 2-step instead jumps z_1 -> z_r
+    deterministically, which needs u(z, r, t) at r > 0: not available through the model function)."""
+
+    name: ClassVar[str] = "meanflow"
+    summary: ClassVar[str] = "MeanFlow sampling: one jump from sigma_max, two through flow time t_mid = 0.5"
+
+    @attrs.frozen
+    class Options:
+        t_mid: float = attrs.field(default=0.5, validator=within(
+            1e-6, 1.0, "the flow's intermediate time of 2-step sampling, in (0, 1)", open_hi=True))
+        """The intermediate flow time of 2-step sampling, sigma = t_mid / (1 - t_mid) (UNVERIFIED)."""
+
+    def sigma_of(self, t: float, levels: NoiseLevels) -> float:
+        return t / (1 - t)
 
 
 @attrs.frozen
@@ -145,4 +236,4 @@ class Euler(_OdeSampler):
 
 @hookimpl
 def ctcore_register_samplers() -> list[type]:
-    return [Consistency, Heun, Euler]
+    return [Consistency, Heun, Euler, Scm, MeanFlowSampler]

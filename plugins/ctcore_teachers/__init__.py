@@ -169,6 +169,11 @@ class Distillation:
 
         return pf_ode_step(D, noised(x, z, sigma_hi), sigma_hi, sigma_lo, self.options.solver)
 
+    def diffusion_denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """D(x, sigma) of the frozen diffusion model, with its own objective's preconditioning and constants (what
+        sCD's tangent converts to TrigFlow)."""
+        return self.objective.denoise(self.diffusion, x, sigma, labels, self.recipe.consistency)
+
     def update(self, student: nn.Module, step: int, num_scales: int) -> None:
         follow(self.network, student, self.options.mu)
 

@@ -1,0 +1,229 @@
+"""The continuous-time objectives sct, scd and meanflow and the samplers scm and meanflow (issue 26): registered like
+every builtin, their losses equal to independent computations on linear networks, their model functions exact at
+sigma = 0, their sampling plans, the one-line refusals of a network or teacher that lacks what they need, and
+training that resumes bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import MEANFLOW, SCT, write_tiny_recipe
+from torch import nn
+from typer.testing import CliRunner
+
+from ctcore import meanflow, trigflow
+from ctcore.build import resume_run, start_run
+from ctcore.cli import app
+from ctcore.components import NoiseLevels, TrainingBatch
+from ctcore.recipe import ConsistencySection, read_recipe
+from ctcore.registry import load_registry
+from ctcore.training import train
+
+REGISTRY = load_registry()
+
+
+def test_the_objectives_and_samplers_are_registered_by_the_ctcore_distribution() -> None:
+    for kind, name in [("objective", "sct"), ("objective", "scd"), ("objective", "meanflow"), ("sampler", "scm"),
+                       ("sampler", "meanflow")]:
+        assert REGISTRY.provider(kind, name).distribution == "ctcore", (kind, name)
+    result = CliRunner().invoke(app, ["list-components", "--json"])
+    assert result.exit_code == 0, result.output
+    for name in ("sct", "scd", "meanflow", "scm"):
+        assert f'"{name}"' in result.stdout
+
+
+# ------------------------------------------------------------------------------ losses against linear networks
+
+
+class Linear(nn.Module):
+    """F(u, c) = W u + a c_0 + b c_1 over the flattened sample (c_1 = 0 for a (B,) c), in float64; logvar(c) = k c."""
+
+    time_inputs = 2
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.W = nn.Parameter(torch.randn(dim, dim, generator=g, dtype=torch.float64) / dim**0.5)
+        self.a = nn.Parameter(torch.randn(dim, generator=g, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(dim, generator=g, dtype=torch.float64))
+        self.k = nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def forward(self, u: torch.Tensor, c: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        c0, c1 = (c[:, 0], c[:, 1]) if c.ndim == 2 else (c, torch.zeros_like(c))
+        flat = u.flatten(1).double() @ self.W.T + c0.double()[:, None] * self.a + c1.double()[:, None] * self.b
+        return flat.view(u.shape)
+
+    def logvar(self, c: torch.Tensor) -> torch.Tensor:
+        return self.k * c.double()
+
+
+def _batch(student: nn.Module, x: torch.Tensor, step: int = 3) -> TrainingBatch:
+    return TrainingBatch(step=step, x=x, labels=None, batch_size=x.shape[0], share=slice(0, x.shape[0]),
+                         student=student, constants=ConsistencySection(), index_generator=torch.Generator(),
+                         noise_generator=torch.Generator().manual_seed(7))
+
+
+def _objective(name: str, **options: object):
+    return REGISTRY.create("objective", name, data_shape=(2, 2, 2), **options)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_sct_loss_and_its_gradient_equal_an_independent_computation_on_a_linear_network(adaptive: bool) -> None:
+    """For F(u, t) = W u + a t the tangent is closed-form: sigma_d cos t sin t dF/dt = W (cos t sin t dx_t/dt) +
+    a cos t sin t sigma_d; the loss at F = F^- is mean_b w ||g||^2 / D (+ logvar), its gradient -2 w g u^T / D."""
+    torch.manual_seed(0)
+    net, x = Linear(8), torch.rand(4, 2, 2, 2, dtype=torch.float64) * 2 - 1
+    objective = _objective("sct", adaptive_weighting=adaptive, warmup_steps=10)
+    objective.bind(net, {})
+    loss = objective.loss(_batch(net, x, step=3))
+    loss.backward()
+
+    sd, r, D = 0.5, 0.3, 8
+    gen = torch.Generator().manual_seed(7)
+    t = trigflow.proposal(4, gen, p_mean=-1.0, p_std=1.4, sigma_d=sd).double()
+    z = sd * torch.randn((4, 2, 2, 2), generator=gen).double()
+    cos, sin = torch.cos(t)[:, None], torch.sin(t)[:, None]
+    x0, zf = x.flatten(1), z.flatten(1)
+    x_t, dxdt = cos * x0 + sin * zf, cos * zf - sin * x0
+    with torch.no_grad():
+        u = x_t / sd
+        F = u @ net.W.T + t[:, None] * net.a
+        sd_dF = (cos * sin * dxdt) @ net.W.T + (cos * sin * sd) * net.a
+        g = -cos**2 * (sd * F - dxdt) - r * (sin * cos * x_t + sd_dF)
+        g = g / (g.norm(dim=1, keepdim=True) + 0.1)
+        mse = g.square().sum(1) / D
+        lv = net.k * t if adaptive else torch.zeros_like(t)
+        expected = (torch.exp(-lv) * mse + lv).mean()
+        grad_W = (-2 / D * torch.exp(-lv)[:, None, None] * g[:, :, None] * u[:, None, :]).mean(0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(net.W.grad, grad_W, rtol=1e-5, atol=1e-8)
+    assert objective.log_fields(3) == {"tangent_warmup": 0.3}
+
+
+def test_the_meanflow_loss_equals_an_independent_computation_on_a_linear_network() -> None:
+    """For u(z, r, t) = W z + a t + b (t - r): du/dt along (v, 0, 1) = W v + a + b, u_tgt = v - (t - r) du/dt, and
+    the loss is mean_b ||u - u_tgt||^2 / (||u - u_tgt||^2 + c)^p (summed over the sample's entries)."""
+    net, x = Linear(8), torch.rand(6, 2, 2, 2, dtype=torch.float64) * 2 - 1
+    objective = _objective("meanflow", ratio_r_neq_t=0.5, adaptive_p=0.75)
+    objective.bind(net, {})
+    loss = objective.loss(_batch(net, x))
+
+    gen = torch.Generator().manual_seed(7)
+    r, t = meanflow.sample_r_t(6, gen, ratio=0.5)
+    assert (r < t).sum() == 3 and (r == t).sum() == 3
+    e = torch.randn((6, 2, 2, 2), generator=gen).double().flatten(1)
+    r, t, x0 = r.double(), t.double(), x.flatten(1)
+    z, v = (1 - t[:, None]) * x0 + t[:, None] * e, e - x0
+    with torch.no_grad():
+        u = z @ net.W.T + t[:, None] * net.a + (t - r)[:, None] * net.b
+        target = v - (t - r)[:, None] * (v @ net.W.T + net.a + net.b)
+        delta = (u - target).square().sum(1)
+        expected = (delta / (delta + 1e-3) ** 0.75).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------- model functions
+
+
+def test_the_model_functions_are_exact_at_sigma_0_and_match_their_time_variables() -> None:
+    """sct: f(x, 0) = x and f(x_sigma, sigma) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t), x_t = cos t x_sigma;
+    meanflow: f(x, 0) = x and f = z - t u(z, 0, t), t = sigma / (1 + sigma), z = x_sigma / (1 + sigma)."""
+    net, c = Linear(8), ConsistencySection()
+    x = torch.rand(2, 2, 2, 2, dtype=torch.float64)
+    sigma = torch.tensor([0.0, 3.0])
+    for name in ("sct", "meanflow"):
+        out = _objective(name).denoise(net, x, sigma, None, c)
+        assert torch.equal(out[0], x[0]), name
+    t = math.atan(3.0 / 0.5)
+    x_t = math.cos(t) * x[1:]
+    F = net(x_t / 0.5, torch.tensor([t], dtype=torch.float32), None)
+    expected = math.cos(t) * x_t - math.sin(t) * 0.5 * F
+    torch.testing.assert_close(_objective("sct").denoise(net, x[1:], sigma[1:], None, c), expected)
+    tm, z = 0.75, x[1:] / 4.0
+    u = net(z, torch.tensor([[tm, tm]]), None)
+    torch.testing.assert_close(_objective("meanflow").denoise(net, x[1:], sigma[1:], None, c), z - tm * u)
+
+
+# --------------------------------------------------------------------------------------------- samplers
+
+
+def test_the_scm_and_meanflow_samplers_plan_from_the_papers_times_and_renoise_exactly() -> None:
+    levels = NoiseLevels(0.002, 80.0, (), 0.5)
+    scm = REGISTRY.create("sampler", "scm")
+    assert scm.plan(None, None, levels) == [80.0]
+    assert scm.plan(2, None, levels) == [80.0, 0.5 * math.tan(1.1)]
+    assert scm.preview_plans(levels) == {"1step": [80.0], "2step": [80.0, 0.5 * math.tan(1.1)]}
+    flow = REGISTRY.create("sampler", "meanflow", t_mid=0.75)
+    assert flow.plan(2, None, levels) == [80.0, 3.0]
+    with pytest.raises(ValueError, match=r"^scm samples in 1 or 2 steps by itself \(t_mid = 1.1\); for 3 steps give "
+                                         r"the levels, e.g. --sigmas 80,2,0.5$"):
+        scm.plan(3, None, levels)
+    with pytest.raises(ValueError, match=r"^scm: t_mid = 1.1 is sigma 0.98238, not below sigma_max 0.5; lower "
+                                         r"sampler.t_mid$"):
+        scm.plan(2, None, NoiseLevels(0.002, 0.5, (), 0.5))
+    calls = []
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        calls.append((x.clone(), sigma.clone()))
+        return 0.5 * x
+
+    noise = torch.randn(2, 3, 1, 2, 2)
+    out = scm.sample(denoiser, noise, [80.0, 2.0], None, levels, clip=False)
+    torch.testing.assert_close(calls[0][0], 80.0 * noise[0])
+    torch.testing.assert_close(calls[1][0], 40.0 * noise[0] + 2.0 * noise[1])
+    assert calls[1][1].tolist() == [2.0] * 3
+    torch.testing.assert_close(out, 0.5 * (40.0 * noise[0] + 2.0 * noise[1]))
+
+
+# --------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({**SCT, "network": {"logvar_head": False}},
+     "adaptive_weighting = true needs the network's learned log-variance: network 'mlp' has no log-variance head: "
+     "set its option logvar_head = true, or set [objective] adaptive_weighting = false"),
+    ({**MEANFLOW, "network": {"time_inputs": 1}},
+     "needs a network of two times u(z, r, t); set [network] time_inputs = 2"),
+    ({**SCT, "objective": {"name": "scd"}, "teacher": {"name": "no-ema"}},
+     "distils a diffusion model, but teacher 'no-ema' holds none; use [teacher] name = \"cd\" with "
+     "checkpoint = the diffusion run to distil"),
+], ids=["sct-without-logvar-head", "meanflow-with-one-time", "scd-without-a-diffusion-teacher"])
+def test_a_network_or_teacher_that_lacks_what_the_objective_needs_is_one_line_at_check(tmp_path, overrides,
+                                                                                        message) -> None:
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", **overrides)
+    result = CliRunner().invoke(app, ["check", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"error: {recipe}: objective {overrides['objective']['name']!r} (from "
+                                          f"distribution 'ctcore {REGISTRY.provider('objective', 'sct').version}'): "
+                                          f"{message}"]
+
+
+# ------------------------------------------------------------------------------------ training and resume
+
+
+def _state(run) -> dict[str, torch.Tensor]:
+    state = {f"student.{k}": v for k, v in run.student.state_dict().items()}
+    state.update({f"ema.{k}": v for k, v in run.eval_ema.state_dict().items()})
+    for pid, entry in run.optimizer.state_dict()["state"].items():
+        state.update({f"opt.{pid}.{k}": torch.as_tensor(v) for k, v in entry.items()})
+    return state
+
+
+@pytest.mark.parametrize("overrides", [SCT, MEANFLOW], ids=["sct", "meanflow"])
+def test_a_resumed_continuous_time_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path, overrides) -> None:
+    """With dropout 0.1 (the tiny recipe's): the JVP and the student's pass share each step's mask."""
+    def run_of(name: str, stop_at: int | None):
+        recipe = read_recipe(write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, **overrides), REGISTRY)
+        run = start_run(recipe, REGISTRY)
+        train(run, stop_at=stop_at, progress=False)
+        return run
+
+    whole, part = run_of("whole", None), run_of("part", 6)
+    resumed = resume_run(None, REGISTRY, part.out_dir)
+    train(resumed, progress=False)
+    a, b = _state(whole), _state(resumed)
+    assert a.keys() == b.keys() and resumed.step == whole.step == 12
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert any(not torch.equal(a[k], v) for k, v in _state(part).items() if k in a)  # training moved them
