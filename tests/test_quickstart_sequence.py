@@ -84,3 +84,21 @@ def test_distilling_and_tuning_the_diffusion_quickstart_learn_at_least_5x_and_sa
     assert sample.exit_code == 0, sample.output
     store = read_sample_store(run_dir / "samples" / f"ckpt-{steps:09d}-1step-8.h5")
     assert (store["attrs"]["sampler"], store["attrs"]["evaluations"]) == ("consistency", 1)
+
+
+def test_continuous_time_distillation_of_the_diffusion_quickstart_learns_at_least_5x_and_samples_in_two_steps(
+        checkout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quickstart_scd: sCD's tangent from runs/quickstart_diffusion's denoiser; the student starts from scratch.
+    Measured 0.6289 -> 0.0885 (7.1x, 400 steps, 28 s on one thread)."""
+    monkeypatch.chdir(checkout)
+    recipe = REPO_ROOT / "recipes" / "quickstart_scd.toml"
+    result = invoke("run", recipe, "--no-progress")
+    assert result.exit_code == 0, result.output
+    found = distances(Path("runs/quickstart_scd"))
+    (first, start), (last, end) = found[0], found[-1]
+    assert (first, last) == (0, 400)
+    assert end * 5 <= start, (start, end)
+    sample = invoke("sample", "runs/quickstart_scd", "-n", 8, "--steps", 2)
+    assert sample.exit_code == 0, sample.output
+    store = read_sample_store(Path("runs/quickstart_scd/samples/ckpt-000000400-2step-8.h5"))
+    assert (store["attrs"]["sampler"], store["attrs"]["evaluations"]) == ("scm", 2)
