@@ -231,22 +231,33 @@ def _perturbed(net: nn.Module) -> nn.Module:
 
 
 def _added_parameters(cls: type, context: BuildContext, options: dict[str, Any], **added: Any) -> list[str]:
-    """Names of the parameters a network built with `added` options has and one built without them lacks."""
+    """Names of the parameters that a network built with the `added` options has and one built without them lacks
+    (or has in another shape)."""
     with torch.random.fork_rng(devices=[]):
-        without = {n for n, _ in _build(cls, context, options).named_parameters()}
-    return [n for n, _ in _build(cls, context, {**options, **added}).named_parameters() if n not in without]
+        without = {n: p.shape for n, p in _build(cls, context, options).named_parameters()}
+        built = _build(cls, context, {**options, **added})
+    return [n for n, p in built.named_parameters() if without.get(n) != p.shape]
+
+
+def _unreached(net: nn.Module, names: list[str]) -> list[str]:
+    """Those of the named parameters that the last backward left without a non-zero gradient."""
+    params = dict(net.named_parameters())
+    return [n for n in names if params[n].grad is None or not params[n].grad.abs().sum() > 0]
 
 
 def _check_network_time_inputs(cls: type, options: dict[str, Any], data_shape: tuple[int, ...],
                                num_classes: int) -> None:
-    """time_inputs 2: a (B, 2) c_noise keeps x's shape and trains the second embedding; (B,) means a zero second
-    column, exactly; any other shape is a ValueError."""
+    """time_inputs 2: a (batch, 2) c_noise keeps x's shape, its second column changes the output and trains the
+    second input's embedding; (batch,) means a zero second column, exactly; (batch, 3) is a ValueError."""
     context = BuildContext(data_shape=data_shape, num_classes=num_classes)
     base = {**options, "time_inputs": 1}
     second = _added_parameters(cls, context, base, time_inputs=2)
+    if not second:
+        raise _fail(cls, "time_inputs=2 adds no parameters: the second time input needs an embedding of its own")
     net = _perturbed(_build(cls, context, {**base, "time_inputs": 2})).train()
     x, c_noise, labels = _network_inputs(cls, data_shape, num_classes)
-    both = torch.stack([c_noise, torch.linspace(-1.0, 1.0, len(c_noise))], dim=1)
+    zeros = torch.stack([c_noise, torch.zeros_like(c_noise)], dim=1)
+    both = torch.stack([c_noise, torch.tensor([0.5, -0.7, 1.3])[:len(c_noise)]], dim=1)
     where = "with time_inputs=2, forward(x, c_noise of shape (batch, 2), labels)"
     out = net(x, both, labels)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
@@ -254,17 +265,16 @@ def _check_network_time_inputs(cls: type, options: dict[str, Any], data_shape: t
         raise _fail(cls, f"{where} must return the shape of x {tuple(x.shape)}, got {got}")
     if not out.is_floating_point() or not torch.isfinite(out).all():
         raise _fail(cls, f"{where} returned non-finite or non-float values")
-    (out * torch.randn_like(out)).sum().backward()
-    grads = dict(net.named_parameters())
-    if not second:
-        raise _fail(cls, "time_inputs=2 adds no parameters: the second time input needs its own embedding")
-    unreached = [n for n in second if grads[n].grad is None or not grads[n].grad.abs().sum() > 0]
-    if unreached:
-        raise _fail(cls, f"{where}: no gradient reaches the second input's embedding {unreached}")
+    if out.requires_grad:
+        (out * torch.randn_like(out)).sum().backward()
     net.eval()
     with torch.no_grad():
-        one = net(x, c_noise, labels)
-        zero = net(x, torch.stack([c_noise, torch.zeros_like(c_noise)], dim=1), labels)
+        one, zero, other = net(x, c_noise, labels), net(x, zeros, labels), net(x, both, labels)
+    if torch.equal(other, zero):
+        raise _fail(cls, f"{where}: the second column must change the output, but it gives that of a zero one")
+    unreached = _unreached(net, second)
+    if unreached:
+        raise _fail(cls, f"{where}: no gradient reaches the second input's embedding {unreached}")
     if not torch.equal(one, zero):
         raise _fail(cls, "with time_inputs=2, a c_noise of shape (batch,) must mean a second time input of 0: it "
                          "must give exactly the output of (batch, 2) with a zero second column")
@@ -280,7 +290,8 @@ def _check_network_time_inputs(cls: type, options: dict[str, Any], data_shape: t
 
 
 def _check_network_logvar(cls: type, options: dict[str, Any], data_shape: tuple[int, ...]) -> None:
-    """logvar_head: logvar(c) is (B,), finite and trains the head; without the head it is a ValueError."""
+    """logvar_head: logvar(c) is (batch,), finite and trains the head; without the head it is a ValueError that
+    names the option."""
     context = BuildContext(data_shape=data_shape)
     head = _added_parameters(cls, context, {**options, "logvar_head": False}, logvar_head=True)
     net = _build(cls, context, {**options, "logvar_head": True})
@@ -292,12 +303,12 @@ def _check_network_logvar(cls: type, options: dict[str, Any], data_shape: tuple[
                          f"{got}")
     if not out.is_floating_point() or not torch.isfinite(out).all():
         raise _fail(cls, "with logvar_head=true, logvar(c) returned non-finite or non-float values")
-    out.sum().backward()
-    grads = dict(net.named_parameters())
-    unreached = [n for n in head if grads[n].grad is None or not grads[n].grad.abs().sum() > 0]
+    if out.requires_grad:
+        out.sum().backward()
+    unreached = _unreached(net, head)
     if not head or unreached:
         raise _fail(cls, f"with logvar_head=true, no gradient of logvar(c) reaches the head's parameters "
-                         f"{unreached or '(it adds none)'}")
+                         f"{unreached or '(logvar_head adds none)'}")
     absent = "with logvar_head=false, logvar(c) must raise ValueError naming the option logvar_head"
     try:
         _build(cls, context, {**options, "logvar_head": False}).logvar(c_noise)
