@@ -221,10 +221,111 @@ def _check_network_dropout(cls: type, options: dict[str, Any], data_shape: tuple
         raise _fail(cls, "option dropout=0.5 has no effect in train mode")
 
 
+def _perturbed(net: nn.Module) -> nn.Module:
+    """The network with every parameter moved by 0.1 N(0, 1), so a zero-initialised output layer passes gradient
+    to the layers before it."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def _added_parameters(cls: type, context: BuildContext, options: dict[str, Any], **added: Any) -> list[str]:
+    """Names of the parameters that a network built with the `added` options has and one built without them lacks
+    (or has in another shape)."""
+    with torch.random.fork_rng(devices=[]):
+        without = {n: p.shape for n, p in _build(cls, context, options).named_parameters()}
+        built = _build(cls, context, {**options, **added})
+    return [n for n, p in built.named_parameters() if without.get(n) != p.shape]
+
+
+def _unreached(net: nn.Module, names: list[str]) -> list[str]:
+    """Those of the named parameters that the last backward left without a non-zero gradient."""
+    params = dict(net.named_parameters())
+    return [n for n in names if params[n].grad is None or not params[n].grad.abs().sum() > 0]
+
+
+def _check_network_time_inputs(cls: type, options: dict[str, Any], data_shape: tuple[int, ...],
+                               num_classes: int) -> None:
+    """time_inputs 2: a (batch, 2) c_noise keeps x's shape, its second column changes the output and trains the
+    second input's embedding; (batch,) means a zero second column, exactly; (batch, 3) is a ValueError."""
+    context = BuildContext(data_shape=data_shape, num_classes=num_classes)
+    base = {**options, "time_inputs": 1}
+    second = _added_parameters(cls, context, base, time_inputs=2)
+    if not second:
+        raise _fail(cls, "time_inputs=2 adds no parameters: the second time input needs an embedding of its own")
+    net = _perturbed(_build(cls, context, {**base, "time_inputs": 2})).train()
+    x, c_noise, labels = _network_inputs(cls, data_shape, num_classes)
+    zeros = torch.stack([c_noise, torch.zeros_like(c_noise)], dim=1)
+    both = torch.stack([c_noise, torch.tensor([0.5, -0.7, 1.3])[:len(c_noise)]], dim=1)
+    where = "with time_inputs=2, forward(x, c_noise of shape (batch, 2), labels)"
+    out = net(x, both, labels)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise _fail(cls, f"{where} must return the shape of x {tuple(x.shape)}, got {got}")
+    if not out.is_floating_point() or not torch.isfinite(out).all():
+        raise _fail(cls, f"{where} returned non-finite or non-float values")
+    if out.requires_grad:
+        (out * torch.randn_like(out)).sum().backward()
+    net.eval()
+    with torch.no_grad():
+        one, zero, other = net(x, c_noise, labels), net(x, zeros, labels), net(x, both, labels)
+    if torch.equal(other, zero):
+        raise _fail(cls, f"{where}: the second column must change the output, but it gives that of a zero one")
+    unreached = _unreached(net, second)
+    if unreached:
+        raise _fail(cls, f"{where}: no gradient reaches the second input's embedding {unreached}")
+    if not torch.equal(one, zero):
+        raise _fail(cls, "with time_inputs=2, a c_noise of shape (batch,) must mean a second time input of 0: it "
+                         "must give exactly the output of (batch, 2) with a zero second column")
+    wrong = "with time_inputs=2, a c_noise of shape (batch, 3) must raise ValueError"
+    try:
+        net(x, torch.zeros(len(c_noise), 3), labels)
+    except ValueError:
+        pass
+    except Exception as exc:
+        raise _fail(cls, f"{wrong}, got {type(exc).__name__}: {exc}") from exc
+    else:
+        raise _fail(cls, wrong)
+
+
+def _check_network_logvar(cls: type, options: dict[str, Any], data_shape: tuple[int, ...]) -> None:
+    """logvar_head: logvar(c) is (batch,), finite and trains the head; without the head it is a ValueError that
+    names the option."""
+    context = BuildContext(data_shape=data_shape)
+    head = _added_parameters(cls, context, {**options, "logvar_head": False}, logvar_head=True)
+    net = _build(cls, context, {**options, "logvar_head": True})
+    _, c_noise, _ = _network_inputs(cls, data_shape, 0)
+    out = net.logvar(c_noise)
+    if not isinstance(out, torch.Tensor) or out.shape != c_noise.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise _fail(cls, f"with logvar_head=true, logvar(c) must have shape (batch,) = {tuple(c_noise.shape)}, got "
+                         f"{got}")
+    if not out.is_floating_point() or not torch.isfinite(out).all():
+        raise _fail(cls, "with logvar_head=true, logvar(c) returned non-finite or non-float values")
+    if out.requires_grad:
+        out.sum().backward()
+    unreached = _unreached(net, head)
+    if not head or unreached:
+        raise _fail(cls, f"with logvar_head=true, no gradient of logvar(c) reaches the head's parameters "
+                         f"{unreached or '(logvar_head adds none)'}")
+    absent = "with logvar_head=false, logvar(c) must raise ValueError naming the option logvar_head"
+    try:
+        _build(cls, context, {**options, "logvar_head": False}).logvar(c_noise)
+    except ValueError as exc:
+        if "logvar_head" not in str(exc):
+            raise _fail(cls, f"{absent}, got {exc}") from exc
+    except Exception as exc:
+        raise _fail(cls, f"{absent}, got {type(exc).__name__}: {exc}") from exc
+    else:
+        raise _fail(cls, absent)
+
+
 def check_network(
     cls: type, data_shape: tuple[int, ...] = (3, 8, 8), num_classes: int = 0, **options: Any
 ) -> None:
-    """Check a network: an nn.Module whose forward(x, c_noise, labels) keeps x's shape and trains."""
+    """Check a network: an nn.Module whose forward(x, c_noise, labels) keeps x's shape and trains; with an option
+    `time_inputs`, also built with 2 (a (batch, 2) c_noise); with an option `logvar_head`, its logvar(c)."""
     data_shape = tuple(data_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -243,6 +344,10 @@ def check_network(
 
         if "dropout" in _option_names(cls):
             _check_network_dropout(cls, options, data_shape)
+        if "time_inputs" in _option_names(cls):
+            _check_network_time_inputs(cls, options, data_shape, num_classes)
+        if "logvar_head" in _option_names(cls):
+            _check_network_logvar(cls, options, data_shape)
 
 
 # ---------------------------------------------------------------------------------------------------------

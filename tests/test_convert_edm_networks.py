@@ -155,7 +155,7 @@ def test_released_options(registry) -> None:
         "skip_rescale": True, "progressive": "none", "progressive_input": "none", "progressive_combine": "sum",
         "init_scale": 0.0, "embedding_type": "positional", "fourier_scale": 16.0, "channel_mult_noise": 1,
         "max_positions": 10_000, "endpoint": True, "label_input": "noise", "augment_dim": 9,
-        "checkpoint_blocks": False}
+        "checkpoint_blocks": False, "time_inputs": 1, "logvar_head": False}
     ncsnpp = songunet_options({**CIFAR10, **NCSNPP}, registry=registry)
     assert {k: v for k, v in ncsnpp.items() if ddpmpp[k] != v} == {
         "fir_kernel": [1.0, 3.0, 3.0, 1.0], "progressive_input": "residual", "embedding_type": "fourier",
@@ -164,7 +164,8 @@ def test_released_options(registry) -> None:
         "name": "adm", "model_channels": 192, "channel_mult": [1, 2, 3, 4], "num_res_blocks": 3,
         "attention_resolutions": [32, 16, 8], "num_head_channels": 64, "resblock_updown": True,
         "use_scale_shift_norm": True, "dropout": 0.1, "dropout_max_resolution": 4096, "attention": "sdpa",
-        "num_groups": 32, "noise_embedding": "edm", "augment_dim": 0, "checkpoint_blocks": False}
+        "num_groups": 32, "noise_embedding": "edm", "augment_dim": 0, "checkpoint_blocks": False, "time_inputs": 1,
+        "logvar_head": False}
     assert edm_network_shape(IMAGENET64) == ((3, 64, 64), 1000)
     for table, (c, h, _), classes in [(ddpmpp, (3, 32, 32), 10), (ncsnpp, (3, 32, 32), 0),
                                       (dhariwal_options(IMAGENET64, registry=registry), (3, 64, 64), 1000)]:

@@ -377,6 +377,16 @@ def _converted_adm(root: Path, **options) -> Path:
     return root / "other.pt"
 
 
+def _adm(root: Path, **options) -> Path:
+    """A tiny `adm` trained one step with other network options."""
+    recipe = write_tiny_recipe(root / "adm.toml", root / "adm", network={
+        "name": "adm", "model_channels": 8, "channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": [],
+        "num_head_channels": 8, "num_groups": 8, "dropout": 0.0, **options},
+        training={"total_steps": 1, "checkpoint_every": 1, "sample_every": 1})
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    return root / "adm"
+
+
 def _trained(root: Path, **overrides) -> Path:
     recipe = write_tiny_recipe(root / "r.toml", root / "run", **overrides)
     assert invoke("run", recipe, "--no-progress").exit_code == 0
@@ -398,6 +408,13 @@ REFUSED = {
                              "network 'adm' has no exact diffusers UNet2DModel: channel_mult[0] is 2, but "
                              "UNet2DModel's time features are as wide as its first level, so it must be 1 (adm's are "
                              "model_channels wide); " + INSTEAD),
+    "adm-time-inputs": (lambda root: _adm(root, time_inputs=2), "ckpt-000000001.pt",
+                        "network 'adm' has no exact diffusers UNet2DModel: time_inputs is 2, but UNet2DModel takes "
+                        "one timestep; only time_inputs 1 maps; " + INSTEAD),
+    "adm-logvar-head": (lambda root: _adm(root, logvar_head=True), "ckpt-000000001.pt",
+                        "network 'adm' has no exact diffusers UNet2DModel: logvar_head is true, but UNet2DModel has "
+                        "no log-variance head (a training-time weight, not part of sampling); only logvar_head false "
+                        "maps; " + INSTEAD),
     "mlp": (_trained, LAST, "network 'mlp' has no diffusers equivalent (it defines no to_diffusers); " + INSTEAD),
     "diffusion": (lambda root: _trained(root, **DIFFUSION), LAST,
                   "it holds a diffusion model (objective 'edm'), and ConsistencyModelPipeline samples consistency "

@@ -32,9 +32,10 @@ ATTENTION_CALLS = {"mlp": 0, "ncsnpp": 3, "adm": 4, "adm-math": 0}
 """Attention blocks per forward: ncsnpp one at 4x4 in the encoder, the middle, one at 4x4 in the decoder; adm one
 at 4x4 in the encoder, the middle, and two at 4x4 in the decoder (num_res_blocks + 1); adm-math none."""
 
-def network(name: str, dropout: float = 0.3) -> torch.nn.Module:
-    """A float64 network in train mode (dropout active), every parameter perturbed so no layer starts at zero."""
-    options = dict(NETWORKS[name])
+def network(name: str, dropout: float = 0.3, **extra: object) -> torch.nn.Module:
+    """A float64 network in train mode (dropout active), every parameter perturbed so no layer starts at zero;
+    `extra` options on top of NETWORKS[name]'s."""
+    options = {**NETWORKS[name], **extra}
     torch.manual_seed(0)
     net = ctcore.load_registry().create("network", name.split("-")[0], dropout=dropout, **options).double().train()
     g = torch.Generator().manual_seed(1)

@@ -83,6 +83,7 @@ RANGES = [
     ("network", "ncsnpp", "channel_mult_noise", 1, 16, "[]"),
     ("network", "ncsnpp", "max_positions", 1, 1_000_000_000, "[]"),
     ("network", "ncsnpp", "augment_dim", 0, 64, "[]"),
+    ("network", "ncsnpp", "time_inputs", 1, 2, "[]"),
     ("network", "adm", "model_channels", 1, 4096, "[]"),
     ("network", "adm", "channel_mult", 1, 64, "[]"),
     ("network", "adm", "num_res_blocks", 1, 64, "[]"),
@@ -92,6 +93,7 @@ RANGES = [
     ("network", "adm", "dropout_max_resolution", 1, 4096, "[]"),
     ("network", "adm", "num_groups", 1, 1024, "[]"),
     ("network", "adm", "augment_dim", 0, 64, "[]"),
+    ("network", "adm", "time_inputs", 1, 2, "[]"),
     ("metric", "pseudo-huber", "c", 1e-8, 1000.0, "[]"),
     ("metric", "lpips", "resize", 0, 4096, "[]"),
     ("noise_schedule", "lognormal", "p_mean", -20.0, 20.0, "[]"),
@@ -243,7 +245,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 114  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 116  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)

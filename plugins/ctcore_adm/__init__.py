@@ -43,6 +43,7 @@ from ctcore.components import (
     requirement,
     within,
 )
+from ctcore.trigflow import LogvarHead
 
 from .layers import AttentionBlock, Downsample, ResBlock, Upsample, sinusoidal_embedding, zero_module
 
@@ -134,6 +135,13 @@ class ADM(nn.Module):
         checkpoint_blocks: bool = attrs.field(default=False, metadata={MEMORY_ONLY: True})
         """Each residual block and attention block runs under activation checkpointing: its activations are
         recomputed in backward instead of kept, trading about one more forward pass of compute for memory."""
+        time_inputs: int = attrs.field(default=1, validator=within(
+            1, 2, "1: c_noise of one value per sample; 2: a second time input (MeanFlow's t - r)"))
+        """2: c_noise may hold (B, 2), a second time input (MeanFlow's t - r) embedded by its own sinusoidal
+        features (same noise_embedding) and time MLP, added to the first's embedding before the class embedding; a
+        (B,) c_noise then means a second input of 0."""
+        logvar_head: bool = False
+        """A learned log-variance head logvar(c) (`ctcore.trigflow.LogvarHead`) for sCM's adaptive weighting."""
 
         def __attrs_post_init__(self) -> None:
             widths = [self.model_channels * m for m in self.channel_mult]
@@ -223,18 +231,43 @@ class ADM(nn.Module):
         self.out_norm = nn.GroupNorm(o.num_groups, ch)
         self.out_conv = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
 
+        self.time_inputs = o.time_inputs
+        if o.time_inputs == 2:  # built last: a one-input network draws the same initial weights as before
+            self.time_embed_2 = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.logvar_head = LogvarHead() if o.logvar_head else None
+
+    def logvar(self, c: torch.Tensor) -> torch.Tensor:
+        """sCM's learned log-variance of each sample, from one time value per sample (option logvar_head)."""
+        if self.logvar_head is None:
+            raise ValueError("network 'adm' has no log-variance head: set its option logvar_head = true")
+        return self.logvar_head(c)
+
+    def _noise_features(self, c: torch.Tensor) -> torch.Tensor:
+        """The sinusoidal features of one time value per sample, in the time MLP's dtype."""
+        if self.options.noise_embedding == "edm":
+            features = positional_features(c, self.options.model_channels)
+        else:
+            features = sinusoidal_embedding(c, self.options.model_channels)
+        return features.to(self.time_embed[0].weight.dtype)
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """Raw F_theta(x, c_noise, labels), shaped like x; c_noise = 1000 * 0.25 * ln(sigma), one per sample.
+        """Raw F_theta(x, c_noise, labels), shaped like x; c_noise = 1000 * 0.25 * ln(sigma), one per sample
+        (with time_inputs 2 also (batch, 2): the second column is the second time input).
 
         A network built with classes needs `labels` (int64, one per sample); one built without ignores them.
         """
         if c_noise.ndim == 0:
             c_noise = c_noise.expand(x.shape[0])
-        if self.options.noise_embedding == "edm":
-            features = positional_features(c_noise, self.options.model_channels)
-        else:
-            features = sinusoidal_embedding(c_noise, self.options.model_channels)
-        emb = self.time_embed(features.to(self.time_embed[0].weight.dtype))
+        c_second = None
+        if c_noise.ndim != 1:
+            if self.time_inputs != 2 or c_noise.ndim != 2 or c_noise.shape[1] != 2:
+                shapes = "(batch,) or (batch, 2)" if self.time_inputs == 2 else "(batch,)"
+                raise ValueError(f"network 'adm' takes c_noise of shape {shapes}, got {tuple(c_noise.shape)}")
+            c_noise, c_second = c_noise[:, 0], c_noise[:, 1]
+        emb = self.time_embed(self._noise_features(c_noise))
+        if self.time_inputs == 2:
+            c_second = torch.zeros_like(c_noise) if c_second is None else c_second
+            emb = emb + self.time_embed_2(self._noise_features(c_second))
         if self.label_embed is not None:
             if labels is None:
                 raise ValueError(f"network 'adm' was built for {self.num_classes} classes and needs labels")
@@ -265,6 +298,12 @@ class ADM(nn.Module):
         option has no diffusers equivalent.
         """
         o = self.options
+        if o.time_inputs != 1:
+            raise ValueError(f"time_inputs is {o.time_inputs}, but UNet2DModel takes one timestep; only time_inputs 1 "
+                             "maps")
+        if o.logvar_head:
+            raise ValueError("logvar_head is true, but UNet2DModel has no log-variance head (a training-time weight, "
+                             "not part of sampling); only logvar_head false maps")
         if o.noise_embedding != "adm":
             raise ValueError(f"noise_embedding is {o.noise_embedding!r} (EDM's frequencies, of c_noise = 0.25 ln "
                              "sigma), but UNet2DModel's positional embedding is ADM's, of the timestep 1000 * 0.25 ln "

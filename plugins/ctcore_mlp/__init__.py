@@ -97,8 +97,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         c_second = None
-        if c_noise.ndim == 2:
-            if self.time_inputs != 2 or c_noise.shape[1] != 2:
+        if c_noise.ndim != 1:
+            if self.time_inputs != 2 or c_noise.ndim != 2 or c_noise.shape[1] != 2:
                 shapes = "(batch,) or (batch, 2)" if self.time_inputs == 2 else "(batch,)"
                 raise ValueError(f"network 'mlp' takes c_noise of shape {shapes}, got {tuple(c_noise.shape)}")
             c_noise, c_second = c_noise[:, 0], c_noise[:, 1]

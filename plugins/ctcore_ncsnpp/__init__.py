@@ -32,6 +32,7 @@ from ctcore.components import (
     requirement,
     within,
 )
+from ctcore.trigflow import LogvarHead
 
 from .layers import (
     SQRT_HALF,
@@ -136,6 +137,13 @@ class NCSNpp(nn.Module):
         checkpoint_blocks: bool = attrs.field(default=False, metadata={MEMORY_ONLY: True})
         """Each residual block and attention block runs under activation checkpointing: its activations are
         recomputed in backward instead of kept, trading about one more forward pass of compute for memory."""
+        time_inputs: int = attrs.field(default=1, validator=within(
+            1, 2, "1: c_noise of one value per sample; 2: a second time input (MeanFlow's t - r)"))
+        """2: c_noise may hold (B, 2), a second time input (MeanFlow's t - r) embedded by its own noise features
+        (same kind and scale) and noise MLP, added to the first's embedding before the class embedding; a (B,)
+        c_noise then means a second input of 0."""
+        logvar_head: bool = False
+        """A learned log-variance head logvar(c) (`ctcore.trigflow.LogvarHead`) for sCM's adaptive weighting."""
 
         def __attrs_post_init__(self) -> None:
             if self.nf * self.channel_mult_noise % 2:
@@ -254,19 +262,46 @@ class NCSNpp(nn.Module):
             self.norm_out = group_norm(ch)
             self.conv_out = conv2d(ch, channels, init_scale=o.init_scale)
 
+        self.time_inputs = o.time_inputs
+        if o.time_inputs == 2:  # built last: a one-input network draws the same initial weights as before
+            self.fourier_2 = GaussianFourierFeatures(noise_ch // 2, o.fourier_scale) if fourier else None
+            self.emb0_2 = dense(noise_ch, emb_dim)
+            self.emb1_2 = dense(emb_dim, emb_dim)
+        self.logvar_head = LogvarHead() if o.logvar_head else None
+
+    def logvar(self, c: torch.Tensor) -> torch.Tensor:
+        """sCM's learned log-variance of each sample, from one time value per sample (option logvar_head)."""
+        if self.logvar_head is None:
+            raise ValueError("network 'ncsnpp' has no log-variance head: set its option logvar_head = true")
+        return self.logvar_head(c)
+
+    def _noise_features(self, fourier: GaussianFourierFeatures | None, c: torch.Tensor) -> torch.Tensor:
+        """The noise features of one time value per sample: Fourier (by `fourier`) or positional."""
+        if fourier is not None:
+            return fourier(c)
+        # EDM's SongUNet swaps the [cos, sin] halves of its PositionalEmbedding to [sin, cos]
+        o = self.options
+        cos, sin = positional_features(c, self.emb0.in_features, o.max_positions, o.endpoint).chunk(2, 1)
+        return torch.cat([sin, cos], dim=1).to(self.emb0.weight.dtype)
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         o = self.options
-        if self.fourier is not None:
-            features = self.fourier(c_noise)
-        else:  # EDM's SongUNet swaps the [cos, sin] halves of its PositionalEmbedding to [sin, cos]
-            cos, sin = positional_features(c_noise, self.emb0.in_features, o.max_positions, o.endpoint).chunk(2, 1)
-            features = torch.cat([sin, cos], dim=1).to(self.emb0.weight.dtype)
+        c_second = None
+        if c_noise.ndim != 1:
+            if self.time_inputs != 2 or c_noise.ndim != 2 or c_noise.shape[1] != 2:
+                shapes = "(batch,) or (batch, 2)" if self.time_inputs == 2 else "(batch,)"
+                raise ValueError(f"network 'ncsnpp' takes c_noise of shape {shapes}, got {tuple(c_noise.shape)}")
+            c_noise, c_second = c_noise[:, 0], c_noise[:, 1]
+        features = self._noise_features(self.fourier, c_noise)
         if self.label_proj is not None:
             classes = self.label_proj.in_features
             one_hot = (torch.zeros(len(features), classes, dtype=features.dtype, device=features.device)
                        if labels is None else F.one_hot(labels, classes).to(features.dtype))
             features = features + self.label_proj(one_hot * math.sqrt(classes))
         emb = self.emb1(F.silu(self.emb0(features)))
+        if self.time_inputs == 2:
+            c_second = torch.zeros_like(c_noise) if c_second is None else c_second
+            emb = emb + self.emb1_2(F.silu(self.emb0_2(self._noise_features(self.fourier_2, c_second))))
         if self.label_emb is not None and labels is not None:
             emb = emb + self.label_emb(labels)
         emb = F.silu(emb)  # every residual block reads the embedding through a SiLU
