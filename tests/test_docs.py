@@ -111,7 +111,7 @@ def test_every_builtin_component_and_option_is_documented_in_recipes_md():
         if row["distribution"] != "ctcore":
             continue
         where = f"{row['kind']} {row['name']!r}"
-        body = _section(text, f"`{row['name']}`")
+        body = _component_section(text, row["kind"], row["name"])
         if body is None:
             missing.append(f"{where}: no heading containing `{row['name']}`")
             continue
@@ -136,6 +136,13 @@ def test_every_section_and_core_field_is_documented_in_recipes_md():
     _fail_if_missing(missing, RECIPES_DOC, "recipe sections or keys")
 
 
+def _component_section(text: str, kind: str, name: str) -> str | None:
+    """The text under the heading of component `name` within its kind's section (`[logging]` for loggers), so
+    that two kinds may share a name (the objective and the sampler `meanflow`)."""
+    kind_body = _section(text, f"`[{'logging' if kind == 'logger' else kind}]`")
+    return None if kind_body is None else _section(kind_body, f"`{name}`")
+
+
 def _documented_sections() -> list[tuple[str, str, type]]:
     """(heading token, what, attrs class) for every core section and builtin component."""
     out = [(f"`[{name}]`", f"[{name}]", cls) for name, cls in CORE_SECTIONS.items()]
@@ -143,7 +150,7 @@ def _documented_sections() -> list[tuple[str, str, type]]:
     for row in registry.rows():
         if row["distribution"] == "ctcore":
             options = registry.get(row["kind"], row["name"]).Options
-            out.append((f"`{row['name']}`", f"{row['kind']} {row['name']!r}", options))
+            out.append(((row["kind"], row["name"]), f"{row['kind']} {row['name']!r}", options))
     return out
 
 
@@ -153,7 +160,7 @@ def test_every_documented_range_is_the_validators_range():
     text = _read(RECIPES_DOC)
     missing = []
     for token, what, cls in _documented_sections():
-        body = _section(text, token) or ""
+        body = (_component_section(text, *token) if isinstance(token, tuple) else _section(text, token)) or ""
         rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]*) \|", body, re.M)}
         for field in attrs.fields(cls):
             r, e = range_of(field), entries_of(field)
