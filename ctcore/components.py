@@ -246,6 +246,9 @@ class Objective(Protocol):
     network_passes: ClassVar[int]
     """Forward-pass equivalents of the network per training image, a backward pass counting two (consistency:
     student forward and backward, teacher forward = 4; EDM: 3): `ctcore bench` reports TFLOP/s with it."""
+    # Optional: `eager_passes: ClassVar[bool]`, True for an objective that runs the unwrapped network eagerly besides
+    # the student's pass and needs both to draw one dropout mask (a JVP: sct, scd, meanflow); preflight then refuses
+    # dropout under training.compile, whose random numbers are not eager's.
 
     def bind(self, student: nn.Module, parts: dict[str, Any]) -> None:
         """Called once at run building with the student (unwrapped) and the components named in `uses`."""

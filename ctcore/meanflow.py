@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from ctcore.jvp import Method, jvp
+from ctcore.jvp import FD_STEP, Method, jvp
 
 AverageVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(z, r, t) -> u(z, r, t), r and t of shape (batch,)."""
@@ -77,10 +77,11 @@ def target(
     v: torch.Tensor,
     *,
     method: Method = "forward-ad",
+    step: float = FD_STEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(u(z, r, t) with its graph to the parameters, u_tgt = v - (t - r) du/dt detached), du/dt the JVP of u along
     (v, 0, 1) by ctcore.jvp.jvp (one pass, the step's dropout mask)."""
-    value, dudt = jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), method=method)
+    value, dudt = jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), method=method, step=step)
     u_tgt = v.to(dudt.dtype) - _per_sample(t - r, dudt).to(dudt.dtype) * dudt
     return value, u_tgt.detach()
 

@@ -29,6 +29,7 @@ from torch import nn
 from ctcore.components import ALL_KINDS, KINDS, NOISE_CONVENTIONS, OBJECTIVE_PARTS, BuildContext
 from ctcore.consistency import karras_sigmas
 from ctcore.data import data_shape, hdf5_summary
+from ctcore.devices import compile_enabled
 from ctcore.errors import CtcoreError, RunError, UsageError
 from ctcore.files import human_bytes
 from ctcore.memory import LIMIT_ENV as MEMORY_LIMIT_ENV
@@ -700,14 +701,22 @@ class _Checks:
                                                     f"{c.sigma_min}, sigma_max {c.sigma_max}, rho {c.rho})") from None
         return counts[0], counts[-1]
 
-    def objective(self) -> None:
+    def objective(self, compiled: bool) -> None:
         """Binds to the meta student and its parts: an objective that needs what the network or teacher lacks (a
-        second time input, a log-variance head, a diffusion model) says so here, before anything is allocated."""
+        second time input, a log-variance head, a diffusion model) says so here, before anything is allocated. An
+        objective that runs the network eagerly besides the student's pass (`eager_passes`, a JVP) cannot share a
+        compiled pass's dropout mask (torch.compile draws other random numbers than eager), so it refuses dropout
+        under training.compile."""
         objective, student = self.built["objective"], self.built["network"]
         try:
             objective.bind(student, {kind: self.built[kind] for kind in OBJECTIVE_PARTS if kind in self.built})
         except ValueError as exc:
             raise self.refuse("objective", str(exc)) from None
+        dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in student.modules())
+        if compiled and dropout and getattr(objective, "eager_passes", False):
+            raise self.refuse("objective", "runs its JVP eagerly, and the compiled student pass would draw another "
+                                           "dropout mask than the JVP (torch.compile's random numbers are not "
+                                           "eager's); set training.compile = \"off\" (or [network] dropout = 0)")
 
     def sampler(self) -> None:
         """The sampler's default plan and its preview plans for the recipe's noise levels."""
@@ -783,7 +792,7 @@ def preflight(recipe: Recipe, registry: Registry, *, device: torch.device | None
         metric_per_sample = checks.metric() if "metric" in built else 0
         first, last = checks.schedules() if "noise_schedule" in built else (2, 2)
         teacher_bytes = checks.teacher(first, last) if "teacher" in built else 0
-        checks.objective()
+        checks.objective(compile_enabled(recipe.training.compile, torch.device(device_type)))
         checks.sampler()
     student = built["network"]
     trainable = _tensor_bytes(p for p in student.parameters() if p.requires_grad)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ctcore.jvp import Method, jvp
+from ctcore.jvp import FD_STEP, Method, jvp
 
 
 def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -71,13 +71,13 @@ def velocity_from_denoised(x_t: torch.Tensor, t: torch.Tensor, denoised: torch.T
 def proposal(batch_size: int, generator: torch.Generator, *, p_mean: float, p_std: float, sigma_d: float,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """t = arctan(exp(tau) / sigma_d), tau ~ N(p_mean, p_std^2): sigma = sigma_d tan t is lognormal (the paper's
-    proposal; CIFAR-10 p_mean -1.0, p_std 1.4, UNVERIFIED here), drawn from `generator` on its device."""
+    proposal; CIFAR-10 p_mean -1.0, p_std 1.4, sCM App. G.2), drawn from `generator` on its device."""
     tau = p_mean + p_std * torch.randn(batch_size, generator=generator, device=generator.device, dtype=torch.float64)
     return torch.atan(torch.exp(tau) / sigma_d).to(dtype)
 
 
 def warmup(step: int, steps: int) -> float:
-    """The tangent warm-up r = min(1, step / H), H = `steps` (the paper's 10k iterations, UNVERIFIED); 1 if H <= 0."""
+    """The tangent warm-up r = min(1, step / H), H = `steps` (sCM: 10k iterations, App. G.2); 1 if H <= 0."""
     return 1.0 if steps <= 0 else min(1.0, step / steps)
 
 
@@ -98,18 +98,19 @@ def tangent(
     r: float = 1.0,
     c: float | None = 0.1,
     method: Method = "forward-ad",
+    step: float = FD_STEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F^-, g): the stop-gradient output F(x_t / sigma_d, t) and the target tangent g of the module docstring.
 
     F(x, t) takes t itself (a network with another time input wraps it, and the JVP's chain rule follows); its dF/dt
-    comes from `ctcore.jvp.jvp` (`method`), under the entry RNG state, so the step's next pass of F draws the same
-    dropout mask. r is the warm-up factor (`warmup`), c the normalisation constant (None: no normalisation, the
-    paper's ablation). Both outputs carry no graph and come in x_t's dtype.
+    comes from `ctcore.jvp.jvp` (`method`; `step` the finite difference's h), under the entry RNG state, so the
+    step's next pass of F draws the same dropout mask. r is the warm-up factor (`warmup`), c the normalisation
+    constant (None: no normalisation, the paper's ablation). Both outputs carry no graph and come in x_t's dtype.
     """
     cos, sin = torch.cos(t), torch.sin(t)
     with torch.no_grad():
         F_minus, sd_dF = jvp(F, (x_t / sigma_d, t), (_expand(cos * sin, x_t) * dxt_dt, cos * sin * sigma_d),
-                             method=method)
+                             method=method, step=step)
         F_minus, sd_dF = F_minus.to(x_t.dtype), sd_dF.to(x_t.dtype)
         g = (-_expand(cos**2, x_t) * (sigma_d * F_minus - dxt_dt)
              - r * (_expand(sin * cos, x_t) * x_t + sd_dF))

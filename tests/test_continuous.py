@@ -200,6 +200,67 @@ def test_a_network_or_teacher_that_lacks_what_the_objective_needs_is_one_line_at
                                           f"{message}"]
 
 
+def test_dropout_under_training_compile_is_refused_where_the_jvp_runs_eagerly(tmp_path) -> None:
+    """torch.compile draws other random numbers than eager, so a compiled student pass cannot share the eager JVP's
+    dropout mask: one line at check with dropout 0.1 (the tiny recipe's); dropout 0 compiles."""
+    recipe = write_tiny_recipe(tmp_path / "r.toml", tmp_path / "run", **SCT, training={"compile": "on"})
+    result = CliRunner().invoke(app, ["check", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"error: {recipe}: objective 'sct' (from distribution 'ctcore {REGISTRY.provider('objective', 'sct').version}"
+        "'): runs its JVP eagerly, and the compiled student pass would draw another dropout mask than the JVP "
+        "(torch.compile's random numbers are not eager's); set training.compile = \"off\" (or [network] dropout = 0)"]
+    plain = write_tiny_recipe(tmp_path / "p.toml", tmp_path / "run", **{**SCT, "network": {"logvar_head": True,
+                                                                                           "dropout": 0.0}},
+                              training={"compile": "on"})
+    assert CliRunner().invoke(app, ["check", str(plain)]).exit_code == 0
+
+
+class Recording(nn.Module):
+    """Records, for each call, whether CPU autocast was on."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.autocast, self.time_inputs = inner, [], inner.time_inputs
+
+    def forward(self, u: torch.Tensor, c: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return self.inner(u, c, labels)
+
+    def logvar(self, c: torch.Tensor) -> torch.Tensor:
+        return self.inner.logvar(c)
+
+
+@pytest.mark.parametrize(("name", "precision", "expected"), [
+    ("sct", "fp32", [False, True]), ("sct", "autocast", [True, True]),
+    ("meanflow", "fp32", [False, True]), ("meanflow", "autocast", [True, True])])
+def test_jvp_precision_fp32_runs_the_jvp_outside_bf16_autocast(name, precision, expected) -> None:
+    """Under the step's bf16 autocast, `jvp_precision = "fp32"` runs the JVP's pass with autocast off (float32)
+    and the student's pass under it; "autocast" runs both under it."""
+    net = Recording(REGISTRY.create("network", "mlp", data_shape=(2, 2, 2), width=8, num_blocks=1,
+                                    embedding_features=4, time_inputs=2, logvar_head=True))
+    objective = _objective(name, jvp_precision=precision)
+    objective.bind(net, {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = objective.loss(_batch(net, torch.rand(4, 2, 2, 2) * 2 - 1))
+    assert net.autocast == expected and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["sct", "meanflow"])
+def test_the_finite_difference_jvp_gives_the_forward_ad_loss_of_a_float32_network(name) -> None:
+    """jvp_method = "finite-difference" (h = jvp_step 1e-3, the network in float32) against forward-mode AD."""
+    net = REGISTRY.create("network", "mlp", data_shape=(2, 2, 2), width=16, num_blocks=1, embedding_features=4,
+                          time_inputs=2, logvar_head=True, zero_init_output=False)
+    x = torch.rand(8, 2, 2, 2) * 2 - 1
+    losses = []
+    for method in ("forward-ad", "finite-difference"):
+        objective = _objective(name, jvp_method=method, **({"warmup_steps": 0} if name == "sct" else {}))
+        objective.bind(net, {})
+        losses.append(objective.loss(_batch(net, x)).item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3), losses
+    assert losses[0] != losses[1]
+
+
 # ------------------------------------------------------------------------------------ training and resume
 
 

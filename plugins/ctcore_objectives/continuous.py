@@ -49,20 +49,20 @@ def _network_time_inputs(network: nn.Module) -> int:
 @attrs.frozen
 class _TrigFlowOptions:
     p_mean: float = attrs.field(default=-1.0, validator=within(
-        -20.0, 20.0, "mean of ln(sigma_d tan t); sCM CIFAR-10 -1.0 (UNVERIFIED)"))
+        -20.0, 20.0, "mean of ln(sigma_d tan t); sCM CIFAR-10 -1.0"))
     p_std: float = attrs.field(default=1.4, validator=within(
-        0.0, 20.0, "std of ln(sigma_d tan t); sCM CIFAR-10 1.4 (UNVERIFIED)", open_lo=True))
+        0.0, 20.0, "std of ln(sigma_d tan t); sCM CIFAR-10 1.4", open_lo=True))
     """The proposal: t = arctan(e^tau / sigma_d), tau ~ N(p_mean, p_std^2) (sCM: the lognormal of EDM)."""
     time_scale: float = attrs.field(default=1.0, validator=within(
         1e-3, 1e6, "the network's noise input is time_scale * t"))
-    """c_noise(t) = time_scale t, the network's time input (sCM: t itself, UNVERIFIED; 1000 t suits positional
-    embeddings of max_positions 10,000)."""
+    """c_noise(t) = time_scale t, the network's time input (sCM section 4.1: t itself, with positional embeddings,
+    which it equates to a Fourier scale of about 0.02)."""
     tangent_normalization: bool = True
     """g <- g / (||g|| + tangent_c) per sample (the paper's tangent normalisation); false: the paper's ablation."""
     tangent_c: float = attrs.field(default=0.1, validator=within(
         1e-8, 1e6, "the constant of g / (||g|| + c); sCM 0.1"))
     warmup_steps: int = attrs.field(default=10_000, validator=within(
-        0, 100_000_000, "tangent warm-up H in steps; sCM 10k (UNVERIFIED), 0 for none"))
+        0, 100_000_000, "tangent warm-up H in steps; sCM 10k, 0 for none"))
     """H of the tangent warm-up r = min(1, k / H): the second term of g grows from 0 over H steps."""
     adaptive_weighting: bool = True
     """Weight each sample by exp(-logvar(t)) + logvar(t), logvar learned by the network's log-variance head (the
@@ -84,6 +84,9 @@ class _TrigFlowObjective:
     model: ClassVar[str] = "consistency"
     default_sampler: ClassVar[str] = "scm"
     network_passes: ClassVar[int] = 6  # the JVP (about 3 forward passes) and the student's forward and backward
+    eager_passes: ClassVar[bool] = True
+    """The JVP runs the unwrapped network eagerly and must share the student pass's dropout mask: preflight refuses
+    dropout under training.compile."""
     Options = _TrigFlowOptions
 
     def __init__(self, options: _TrigFlowOptions, context: BuildContext) -> None:
@@ -131,7 +134,7 @@ class _TrigFlowObjective:
         with _jvp_precision(o.jvp_precision, x.device):
             F_minus, g = trigflow.tangent(F, x_t, t, dxt_dt, sigma_d=sd, r=self.warmup,
                                           c=o.tangent_c if o.tangent_normalization else None, method=o.jvp_method,
-                                          **({"step": o.jvp_step} if o.jvp_method == "finite-difference" else {}))
+                                          step=o.jvp_step)
         F_out = self.F(batch.student, x_t / sd, t, batch.labels).float()
         logvar = self.student.logvar(t) if o.adaptive_weighting else None
         return trigflow.scm_loss(F_out, F_minus.float(), g.float(), logvar).mean()
@@ -211,6 +214,8 @@ class MeanFlow:
     uses: ClassVar[tuple[str, ...]] = ()
     default_sampler: ClassVar[str] = "meanflow"
     network_passes: ClassVar[int] = 6  # the JVP (about 3), the student's forward and backward
+    eager_passes: ClassVar[bool] = True
+    """As sCT's: the JVP runs eagerly and shares the student pass's dropout mask."""
 
     @attrs.frozen
     class Options:
@@ -229,7 +234,7 @@ class MeanFlow:
         """The adaptive weight stopgrad(1 / (||u - u_tgt||^2 + adaptive_c)^adaptive_p) of each sample."""
         time_scale: float = attrs.field(default=1.0, validator=within(
             1e-3, 1e6, "the network's time inputs are time_scale * (t, t - r)"))
-        """The network sees (time_scale t, time_scale (t - r)) (MeanFlow: t and t - r, UNVERIFIED whether scaled)."""
+        """The network sees (time_scale t, time_scale (t - r)) (MeanFlow's code: t and t - r as they are)."""
         jvp_method: Literal["forward-ad", "finite-difference"] = attrs.field(
             default="forward-ad", validator=one_of("forward-ad", "finite-difference"))
         """How du/dt is computed: forward-ad (torch.func.jvp through the network) or finite-difference
@@ -270,8 +275,7 @@ class MeanFlow:
             return self.u(network, z_in.to(dtype), r_in.to(torch.float32), t_in.to(torch.float32), batch.labels)
 
         with torch.no_grad(), _jvp_precision(o.jvp_precision, x.device):
-            _, u_tgt = meanflow.target(u, z, r, t, v, method=o.jvp_method,
-                                       **({"step": o.jvp_step} if o.jvp_method == "finite-difference" else {}))
+            _, u_tgt = meanflow.target(u, z, r, t, v, method=o.jvp_method, step=o.jvp_step)
         out = self.u(batch.student, z, r, t, batch.labels).float()  # the JVP's dropout mask (shared_rng)
         return meanflow.loss(out, u_tgt.float(), o.adaptive_p, o.adaptive_c).mean()
 
