@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import MEANFLOW, SCT, write_tiny_recipe
+from helpers import MEANFLOW, SCT, tiny_scd, write_tiny_recipe
 from torch import nn
 from typer.testing import CliRunner
 
@@ -288,3 +288,29 @@ def test_a_resumed_continuous_time_run_equals_the_uninterrupted_run_bit_for_bit(
     assert a.keys() == b.keys() and resumed.step == whole.step == 12
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert any(not torch.equal(a[k], v) for k, v in _state(part).items() if k in a)  # training moved them
+
+
+TRIGFLOW = {"objective": {"name": "trigflow"}, "sampler": {"name": "heun", "steps": 4},
+            "network": {"logvar_head": True}, "teacher": None, "metric": None, "noise_schedule": None,
+            "curriculum": None}
+
+
+def test_a_trigflow_diffusion_run_starts_sct_with_its_own_denoiser_and_is_the_teacher_scd_distils(tmp_path) -> None:
+    """sCM starts sCT and sCD from its TrigFlow diffusion model: `trigflow` trains it with the student's network and
+    time input, so run.init_from gives an sct student whose consistency function at step 0 is that denoiser, bit for
+    bit; and a `cd` teacher holding it drives scd."""
+    teacher = start_run(read_recipe(write_tiny_recipe(tmp_path / "t.toml", tmp_path / "teacher", **TRIGFLOW),
+                                    REGISTRY), REGISTRY)
+    train(teacher, progress=False)
+    assert teacher.objective.model == "diffusion"
+    sct = start_run(read_recipe(write_tiny_recipe(tmp_path / "s.toml", tmp_path / "sct", **SCT,
+                                                  run={"init_from": str(tmp_path / "teacher")}), REGISTRY), REGISTRY)
+    x, sigma, c = torch.randn(3, 3, 4, 4), torch.tensor([0.01, 0.9, 60.0]), ConsistencySection()
+    with torch.no_grad():
+        expected = teacher.objective.denoise(teacher.eval_ema, x, sigma, None, c)
+        assert torch.equal(sct.objective.denoise(sct.eval_ema, x, sigma, None, c), expected)  # eval: no dropout
+    scd = start_run(read_recipe(write_tiny_recipe(tmp_path / "d.toml", tmp_path / "scd",
+                                                  **tiny_scd(tmp_path / "teacher")), REGISTRY), REGISTRY)
+    summary = train(scd, progress=False)
+    assert scd.step == 12 and math.isfinite(summary["final_distance"])
+

@@ -133,6 +133,9 @@ RANGES = [
     ("objective", "scd", "tangent_c", 1e-8, 1e6, "[]"),
     ("objective", "scd", "warmup_steps", 0, 100_000_000, "[]"),
     ("objective", "scd", "jvp_step", 1e-12, 1.0, "[]"),
+    ("objective", "trigflow", "p_mean", -20.0, 20.0, "[]"),
+    ("objective", "trigflow", "p_std", 0.0, 20.0, "(]"),
+    ("objective", "trigflow", "time_scale", 1e-3, 1e6, "[]"),
     ("objective", "meanflow", "p_mean", -20.0, 20.0, "[]"),
     ("objective", "meanflow", "p_std", 0.0, 20.0, "(]"),
     ("objective", "meanflow", "ratio_r_neq_t", 0.0, 1.0, "[]"),
@@ -192,6 +195,8 @@ def _override(section: str, component: str | None, key: str, value: object) -> d
         return {**tiny_scd("runs/diffusion"), section: {"name": component, **values}}
     if component == "meanflow":
         return {**MEANFLOW, section: {"name": component, **values}}
+    if component == "trigflow":
+        return {**DIFFUSION, "network": {"logvar_head": True}, section: {"name": component, **values}}
     if section in ("objective", "sampler"):  # a diffusion recipe: the edm objective, no consistency parts
         return {**DIFFUSION, section: {"name": component, **values}}
     if component == "ect":  # continuous pairs: the recipe has no curriculum
@@ -245,7 +250,7 @@ def test_every_numeric_option_has_a_two_sided_range():
                 problems.append(f"{where}: not pinned in RANGES")
     assert problems == []
     assert sorted(numeric, key=str) == sorted(pinned, key=str)
-    assert len(numeric) == 116  # every kind has its builtins here: a new numeric option must be added above
+    assert len(numeric) == 119  # every kind has its builtins here: a new numeric option must be added above
 
 
 @pytest.mark.parametrize(("entry", "side", "value"), OUTSIDE)
@@ -266,6 +271,7 @@ GROUPS = {
     "sct-scm": [e for e in RANGES if e[1] in ("sct", "scm")],
     "scd": [e for e in RANGES if e[1] == "scd"],
     "meanflow": [e for e in RANGES if e[1] == "meanflow"],
+    "trigflow": [e for e in RANGES if e[1] == "trigflow"],
 }
 
 

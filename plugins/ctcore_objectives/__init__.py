@@ -23,7 +23,7 @@ from torch import nn
 from ctcore import hookimpl
 from ctcore.components import OBJECTIVE_PARTS, BuildContext, PairDraw, TrainingBatch, one_of, show, within
 from ctcore.consistency import c_noise, consistency_loss, denoise, karras_sigmas, noise_convention
-from ctcore_objectives.continuous import MeanFlow, Scd, Sct
+from ctcore_objectives.continuous import MeanFlow, Scd, Sct, TrigFlowDiffusion
 
 
 class Consistency:
@@ -326,4 +326,4 @@ class Edm:
 
 @hookimpl
 def ctcore_register_objectives() -> list[type]:
-    return [Consistency, Edm, Sct, Scd, MeanFlow]
+    return [Consistency, Edm, Sct, Scd, TrigFlowDiffusion, MeanFlow]

@@ -204,6 +204,62 @@ class Scd(_TrigFlowObjective):
         return super().log_fields(step)
 
 
+class TrigFlowDiffusion:
+    """sCM's TrigFlow diffusion model (Lu & Song 2024, eq. 4), the teacher sCT and sCD start from: sigma_d F(x_t /
+    sigma_d, t) regressed on dx_t/dt = cos(t) z - sin(t) x_0, so D = cos(t) x_t - sin(t) sigma_d F is a denoiser
+    with the same network and time input as an sct / scd student (run.init_from loads it as is)."""
+
+    name: ClassVar[str] = "trigflow"
+    summary: ClassVar[str] = ("TrigFlow diffusion (Lu & Song 2024): trains the denoiser sCT and sCD start from, "
+                              "with their network and time input")
+    model: ClassVar[str] = "diffusion"
+    uses: ClassVar[tuple[str, ...]] = ()
+    default_sampler: ClassVar[str] = "heun"
+    network_passes: ClassVar[int] = 3  # one forward and its backward
+
+    @attrs.frozen
+    class Options:
+        p_mean: float = attrs.field(default=-0.8, validator=within(
+            -20.0, 20.0, "mean of ln(sigma_d tan t); sCM's ImageNet 64 teacher -0.8"))
+        p_std: float = attrs.field(default=1.6, validator=within(
+            0.0, 20.0, "std of ln(sigma_d tan t); sCM's ImageNet 64 teacher 1.6", open_lo=True))
+        """The proposal of t, as sct's (sCM Table 4's teacher values; its CIFAR-10 teacher's are not stated)."""
+        time_scale: float = attrs.field(default=1.0, validator=within(
+            1e-3, 1e6, "the network's noise input is time_scale * t"))
+        """c_noise(t) = time_scale t, as the sct / scd student that starts from this model must have it."""
+        adaptive_weighting: bool = True
+        """Weigh each sample by exp(-logvar(t)) and add logvar(t), the network's learned log-variance (EDM2's
+        uncertainty weighting, which sCM's teachers follow: UNVERIFIED for CIFAR-10); false: the plain mean."""
+
+    def __init__(self, options: Options, context: BuildContext) -> None:
+        self.options = options
+        self.student: nn.Module | None = None
+
+    bind = _TrigFlowObjective.bind
+    F = _TrigFlowObjective.F
+    denoise = _TrigFlowObjective.denoise
+
+    def loss(self, batch: TrainingBatch) -> torch.Tensor:
+        o, x, sd = self.options, batch.x, batch.constants.sigma_data
+        t = trigflow.proposal(batch.batch_size, batch.noise_generator, p_mean=o.p_mean, p_std=o.p_std,
+                              sigma_d=sd)[batch.share].to(x.device)
+        z = sd * torch.randn((batch.batch_size, *x.shape[1:]), generator=batch.noise_generator,
+                             device=x.device)[batch.share]
+        x_t, dxt_dt = trigflow.interpolate(x, z, t)
+        F_out = self.F(batch.student, x_t / sd, t, batch.labels).float()
+        mse = (F_out - dxt_dt.float() / sd).square().flatten(1).mean(1)  # ||sigma_d F - v||^2 / sigma_d^2 / D
+        if not o.adaptive_weighting:
+            return mse.mean()
+        logvar = self.student.logvar(t)
+        return (torch.exp(-logvar) * mse + logvar).mean()
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def log_fields(self, step: int) -> dict[str, float]:
+        return {}
+
+
 class MeanFlow:
     """MeanFlow (Geng et al. 2025): the average velocity u(z_t, r, t) regressed on v - (t - r) du/dt."""
 
@@ -306,4 +362,4 @@ def trigflow_sigma(t: float, sigma_d: float) -> float:
     return sigma_d * math.tan(t)
 
 
-OBJECTIVES: tuple[type, ...] = (Sct, Scd, MeanFlow)
+OBJECTIVES: tuple[type, ...] = (Sct, Scd, TrigFlowDiffusion, MeanFlow)
