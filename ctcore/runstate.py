@@ -115,5 +115,15 @@ class Run:
 
 
 def model_function(objective: Any, network: nn.Module, constants: Any):
-    """(x, sigma, labels) -> objective.denoise(network, x, sigma, labels, constants)."""
-    return lambda x, s, y: objective.denoise(network, x, s, y, constants)
+    """(x, sigma, labels) -> objective.denoise(network, x, sigma, labels, constants). For an objective with the
+    optional `jump(network, x, sigma, sigma_to, labels, constants)` (a flow map: the model's own trajectory from
+    sigma down to sigma_to, MeanFlow's), the function also has `.jump(x, sigma, sigma_to, labels)`, which samplers
+    may use (`ctcore.sampling.finite_outputs` keeps it)."""
+
+    def f(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return objective.denoise(network, x, s, y, constants)
+
+    jump = getattr(objective, "jump", None)
+    if callable(jump):
+        f.jump = lambda x, s, s_to, y: jump(network, x, s, s_to, y, constants)
+    return f

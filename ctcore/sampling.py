@@ -55,14 +55,19 @@ def finite_outputs(denoiser: Denoiser) -> Denoiser:
     """The model function, raising NonFiniteOutputs as soon as an output holds a NaN or an infinity (before any clamp
     could turn an overflow into a white pixel). One scalar is read from the device per network evaluation."""
 
-    def checked(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        out = denoiser(x, sigma, labels)
+    def check(out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         bad = ~torch.isfinite(out).flatten(1).all(dim=1)
         if bool(bad.any()):
             rows = bad.nonzero().flatten().tolist()
             raise NonFiniteOutputs(float(sigma.flatten()[rows[0]]), rows, len(bad))
         return out
 
+    def checked(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return check(denoiser(x, sigma, labels), sigma)
+
+    jump = getattr(denoiser, "jump", None)
+    if jump is not None:  # a flow map's jump between noise levels (ctcore.runstate.model_function)
+        checked.jump = lambda x, s, s_to, y: check(jump(x, s, s_to, y), s)
     return checked
 
 

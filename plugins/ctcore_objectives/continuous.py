@@ -341,6 +341,17 @@ class MeanFlow:
     def log_fields(self, step: int) -> dict[str, float]:
         return {}
 
+    def jump(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, sigma_to: torch.Tensor,
+             labels: torch.Tensor | None, constants: Any) -> torch.Tensor:
+        """x at sigma_to along the model's flow: z_r = z_t - (t - r) u(z_t, r, t) (MeanFlow eq. 12, its few-step
+        sampling) with t = sigma / (1 + sigma), r = sigma_to / (1 + sigma_to), in EDM's x = z / (1 - t)."""
+        sigma = sigma.to(device=x.device, dtype=torch.float32)
+        sigma_to = sigma_to.to(device=x.device, dtype=torch.float32)
+        t, r = sigma / (1 + sigma), sigma_to / (1 + sigma_to)
+        z = x / _per_sample(1 + sigma, x)
+        z_r = z - _per_sample(t - r, x) * self.u(network, z, r, t, labels).to(x.dtype)
+        return z_r * _per_sample(1 + sigma_to, x)
+
     def denoise(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
                 constants: Any) -> torch.Tensor:
         """f(x_sigma, sigma) = z - t u(z, 0, t) with t = sigma / (1 + sigma), z = x_sigma / (1 + sigma): the jump

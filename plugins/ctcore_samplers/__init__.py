@@ -142,9 +142,10 @@ class Scm(_TimeSampler):
 
 
 class MeanFlowSampler(_TimeSampler):
-    """MeanFlow's 1-step generation x = z - t u(z, 0, t) from sigma_max (t = sigma_max / (1 + sigma_max), 0.988 at
-    80: the paper starts at t = 1); 2 steps re-noise to t_mid (the paper's 2-step instead jumps z_1 -> z_r
-    deterministically, which needs u(z, r, t) at r > 0: not available through the model function)."""
+    """MeanFlow's few-step generation (eq. 12): from sigma_max (flow time t = sigma_max / (1 + sigma_max), 0.988 at
+    80; the paper starts at t = 1) each level is reached by the model's own jump z_r = z_t - (t - r) u(z_t, r, t),
+    the last one to t = 0; one noise draw. With `deterministic = false`, or for a model without a jump (only
+    `meanflow` has one), each level re-noises the clean estimate instead, as `scm` does."""
 
     name: ClassVar[str] = "meanflow"
     summary: ClassVar[str] = "MeanFlow sampling: one jump from sigma_max, two through flow time t_mid = 0.5"
@@ -153,10 +154,30 @@ class MeanFlowSampler(_TimeSampler):
     class Options:
         t_mid: float = attrs.field(default=0.5, validator=within(
             1e-6, 1.0, "the flow's intermediate time of 2-step sampling, in (0, 1)", open_hi=True))
-        """The intermediate flow time of 2-step sampling, sigma = t_mid / (1 - t_mid) (UNVERIFIED)."""
+        """The intermediate flow time of 2-step sampling, sigma = t_mid / (1 - t_mid) (UNVERIFIED: the paper states
+        none; NVlabs/FastGen uses 0.5)."""
+        deterministic: bool = True
+        """True: the paper's deterministic jumps between levels with u(z, r, t); false: re-noise at each level."""
 
     def sigma_of(self, t: float, levels: NoiseLevels) -> float:
         return t / (1 - t)
+
+    @torch.no_grad()
+    def sample(self, denoiser: Callable[..., torch.Tensor], noise: torch.Tensor, sigmas: list[float],
+               labels: torch.Tensor | None, levels: NoiseLevels, clip: bool) -> torch.Tensor:
+        jump = getattr(denoiser, "jump", None)
+        if not self.options.deterministic or jump is None:
+            return super().sample(denoiser, noise, sigmas, labels, levels, clip)
+        batch = noise.shape[1]
+
+        def level(sigma: float) -> torch.Tensor:
+            return torch.full((batch,), float(sigma), device=noise.device)
+
+        x = sigmas[0] * noise[0]
+        for sigma, nxt in zip(sigmas, sigmas[1:], strict=False):
+            x = jump(x, level(sigma), level(nxt), labels)
+        x = denoiser(x, level(sigmas[-1]), labels)
+        return x.clamp(-1.0, 1.0) if clip else x
 
 
 @attrs.frozen
