@@ -177,3 +177,59 @@ def test_ict_cifar10_24gb_is_the_paper_recipe_but_for_memory_knobs_and_fits_22_g
     gib = 2**30
     assert split.peak(on_cpu=False) <= 22 * gib < full.peak(on_cpu=False)
     assert round(split.peak(on_cpu=False) / gib, 1) == 19.1 and round(full.peak(on_cpu=False) / gib, 1) == 70.5
+
+
+@pytest.mark.parametrize(("name", "objective", "dropout"), [("sct_cifar10.toml", "sct", 0.2),
+                                                            ("scd_cifar10.toml", "scd", 0.0)])
+def test_scm_cifar10_recipes_have_the_paper_settings(registry, name: str, objective: str, dropout: float) -> None:
+    """sCM App. G.2 (CIFAR-10): the values of sCT and sCD, which differ only in dropout and the teacher."""
+    r = load(registry, name)
+    t = r.training
+    assert options(r, "objective") == {"name": objective, "p_mean": -1.0, "p_std": 1.4, "time_scale": 1.0,
+                                       "tangent_normalization": True, "tangent_c": 0.1, "warmup_steps": 10_000,
+                                       "adaptive_weighting": True, "jvp_method": "forward-ad", "jvp_step": 1e-3,
+                                       "jvp_precision": "fp32"}
+    assert options(r, "sampler") == {"name": "scm", "t_mid": 1.1}
+    assert (t.optimizer, t.lr, t.betas, t.eps, t.batch_size, t.warmup_steps) == (
+        "radam", 1e-4, (0.9, 0.99), 1e-8, 512, 0)
+    assert t.eval_ema_decay == round(0.5 ** (512 / 500_000), 8)  # EMA half-life 0.5 Mimg at batch 512
+    assert t.total_steps == 400_000  # NOT FOUND in the paper: this recipe's choice
+    assert (r.consistency.sigma_max, r.consistency.sigma_data) == (80.0, 0.5)  # T = arctan(160)
+    net = options(r, "network")
+    assert (net["embedding_type"], net["channel_mult_noise"], net["fir_kernel"], net["progressive_input"]) == (
+        "positional", 1, (1.0, 1.0), "none")  # EDM's DDPM++
+    assert (net["dropout"], net["logvar_head"], net["time_inputs"]) == (dropout, True, 1)
+    assert r.run.init_from == ""  # from scratch: DIFFERENT from the paper (see the recipe)
+    if objective == "scd":
+        assert options(r, "teacher") == {"name": "cd", "checkpoint": "models/edm-cifar10-32x32-uncond-vp.pt",
+                                         "weights": "eval-ema", "solver": "heun", "mu": 0.0}
+    else:
+        assert "teacher" not in r.components
+        net_built = build_components(r, registry, device="meta")["network"]
+        assert sum(p.numel() for p in net_built.parameters()) == 55_732_868
+
+
+def test_scd_cifar10_differs_from_sct_cifar10_only_in_dropout_objective_and_teacher(registry) -> None:
+    sct, scd = load(registry, "sct_cifar10.toml"), load(registry, "scd_cifar10.toml")
+    assert changed_keys(sct, scd) == ["network.dropout", "objective.name", "teacher.name", "teacher.checkpoint",
+                                      "teacher.weights", "teacher.solver", "teacher.mu"]
+
+
+def test_meanflow_cifar10_has_the_paper_settings(registry) -> None:
+    """MeanFlow App. A and py-meanflow cifar10_v0.sh (facts26 items 9-13)."""
+    r = load(registry, "meanflow_cifar10.toml")
+    t = r.training
+    assert options(r, "objective") == {"name": "meanflow", "p_mean": -2.0, "p_std": 2.0, "ratio_r_neq_t": 0.75,
+                                       "adaptive_p": 0.75, "adaptive_c": 1e-3, "time_scale": 1.0,
+                                       "jvp_method": "forward-ad", "jvp_step": 1e-3, "jvp_precision": "fp32"}
+    assert options(r, "sampler")["name"] == "meanflow"
+    assert (t.optimizer, t.lr, t.betas, t.weight_decay, t.batch_size) == ("adam", 6e-4, (0.9, 0.999), 0.0, 1024)
+    assert (t.total_steps, t.warmup_steps, t.eval_ema_decay, t.precision) == (800_000, 10_000, 0.99995, "fp32")
+    assert (r.data.random_flip, r.data.num_classes, r.data.resolution) == (True, 0, 32)
+    net = options(r, "network")
+    assert (net["nf"], net["ch_mult"], net["num_res_blocks"], net["attn_resolutions"]) == (128, (2, 2, 2), 4, (16,))
+    assert (net["channel_mult_noise"], net["fir_kernel"], net["dropout"]) == (2, (1.0, 3.0, 3.0, 1.0), 0.2)
+    assert (net["embedding_type"], net["progressive_input"], net["progressive"]) == ("positional", "none", "none")
+    assert (net["time_inputs"], net["logvar_head"]) == (2, False)
+    net_built = build_components(r, registry, device="meta")["network"]
+    assert sum(p.numel() for p in net_built.parameters()) == 56_192_515  # official 55,930,883: see the recipe
