@@ -197,6 +197,8 @@ FROM_RUNS = {  # recipes that start from another run's checkpoint, which a fresh
     "quickstart_ect.toml": "run.init_from: 'runs/quickstart_diffusion' not found",
     "cd_cifar10.toml": "run.init_from: 'models/edm-cifar10-32x32-uncond-ve.pt' not found",
     "ect_cifar10.toml": "run.init_from: 'models/edm-cifar10-32x32-uncond-vp.pt' not found",
+    "sct_cifar10.toml": "run.init_from: 'runs/trigflow-cifar10' not found",
+    "scd_cifar10.toml": "run.init_from: 'runs/trigflow-cifar10' not found",
 }
 
 
@@ -215,7 +217,6 @@ def test_a_recipe_that_starts_from_another_run_names_the_missing_run_in_one_line
 
 FROM_TEACHERS = {  # sCD recipes: their diffusion teacher is another run (or a converted model) not there yet
     "quickstart_scd.toml": "runs/quickstart_diffusion",
-    "scd_cifar10.toml": "models/edm-cifar10-32x32-uncond-vp.pt",
 }
 
 
@@ -226,9 +227,9 @@ def test_a_recipe_whose_teacher_is_missing_names_it_in_one_line(name: str) -> No
     recipe = REPO_ROOT / "recipes" / name
     line = one_line_error(invoke("check", recipe))
     assert line == (f"{recipe}: teacher.checkpoint: '{FROM_TEACHERS[name]}' not found; train the diffusion model "
-                    "first (a recipe with objective 'edm' whose "
+                    "first (a recipe with objective 'edm' or 'trigflow' whose "
                     "run writes it), or set teacher.checkpoint to the run directory or checkpoint file of a run "
-                    "with objective 'edm'"), line
+                    "with objective 'edm' or 'trigflow'"), line
     result = invoke("check", recipe, "--no-build")
     assert result.exit_code == 0, result.output
     assert parse_recipe(result.stdout, load_registry(), source=str(recipe)) == read_recipe(recipe, load_registry())

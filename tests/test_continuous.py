@@ -177,6 +177,35 @@ def test_the_scm_and_meanflow_samplers_plan_from_the_papers_times_and_renoise_ex
     torch.testing.assert_close(out, 0.5 * (40.0 * noise[0] + 2.0 * noise[1]))
 
 
+def test_the_meanflow_sampler_chains_the_models_own_jumps_as_the_paper_and_renoises_when_asked() -> None:
+    """MeanFlow eq. 12 in two steps through t_mid = 0.5: z_r = z_1 - (t - r) u(z_1, r, t), then x = z_r - r u(z_r, 0,
+    r); the model function carries the objective's jump through finite_outputs. deterministic = false re-noises."""
+    from ctcore.runstate import model_function
+    from ctcore.sampling import finite_outputs
+
+    net, c = Linear(8), ConsistencySection()
+    objective = _objective("meanflow")
+    f = finite_outputs(model_function(objective, net, c))
+    noise = torch.randn(2, 3, 2, 2, 2, dtype=torch.float64)
+    levels = NoiseLevels(0.002, 80.0, (), 0.5)
+    flow = REGISTRY.create("sampler", "meanflow")
+    sigmas = flow.plan(2, None, levels)
+    assert sigmas == [80.0, 1.0]
+    out = flow.sample(f, noise, sigmas, None, levels, clip=False)
+    with torch.no_grad():
+        t, r = 80.0 / 81.0, 0.5
+        z1 = 80.0 * noise[0] / 81.0
+        u1 = net(z1, torch.tensor([[t, t - r]] * 3, dtype=torch.float32), None)
+        z_r = z1 - (t - r) * u1
+        expected = z_r - r * net(z_r, torch.tensor([[r, r]] * 3, dtype=torch.float32), None)
+    torch.testing.assert_close(out, expected)
+    renoised = REGISTRY.create("sampler", "meanflow", deterministic=False).sample(f, noise, sigmas, None, levels,
+                                                                                    clip=False)
+    x0 = f(80.0 * noise[0], torch.full((3,), 80.0), None)
+    torch.testing.assert_close(renoised, f(x0 + 1.0 * noise[1], torch.full((3,), 1.0), None))
+    assert not hasattr(model_function(_objective("sct"), net, c), "jump")  # only a flow map has one
+
+
 # --------------------------------------------------------------------------------------- refusals
 
 
@@ -254,7 +283,8 @@ def test_the_finite_difference_jvp_gives_the_forward_ad_loss_of_a_float32_networ
     x = torch.rand(8, 2, 2, 2) * 2 - 1
     losses = []
     for method in ("forward-ad", "finite-difference"):
-        objective = _objective(name, jvp_method=method, **({"warmup_steps": 0} if name == "sct" else {}))
+        objective = _objective(name, jvp_method=method,  # p = 0: MeanFlow's plain squared error, not ~1 per sample
+                               **({"warmup_steps": 0} if name == "sct" else {"adaptive_p": 0.0}))
         objective.bind(net, {})
         losses.append(objective.loss(_batch(net, x)).item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-3), losses

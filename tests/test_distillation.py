@@ -147,7 +147,8 @@ def test_the_cd_teacher_input_is_one_ode_step_of_the_checkpoints_denoiser(diffus
 # ------------------------------------------------------------------------------- cd refusals at `check`
 
 
-WHERE = "set teacher.checkpoint to the run directory or checkpoint file of a run with objective 'edm'"
+WHERE = ("set teacher.checkpoint to the run directory or checkpoint file of a run with objective 'edm' or "
+         "'trigflow'")
 
 
 @pytest.mark.parametrize("case", ["missing", "empty-dir", "consistency", "other-shape", "blank", "too-long"])
@@ -165,7 +166,7 @@ def test_a_teacher_checkpoint_that_is_not_a_diffusion_model_of_this_data_is_one_
     ckpt = f"{str(Path(source) / 'checkpoints' / 'ckpt-000000002.pt')!r}"
     problem = {
         "missing": f"{str(source)!r} not found; train the diffusion model first (a recipe with objective "
-                   f"'edm' whose run writes it), or {WHERE}",
+                   f"'edm' or 'trigflow' whose run writes it), or {WHERE}",
         "empty-dir": f"{str(source)!r} holds no checkpoint (checkpoints/ckpt-*.pt) yet; let its diffusion run write "
                      f"one, or {WHERE}",
         "consistency": f"{ckpt} holds a consistency model (objective 'consistency'); consistency distillation "

@@ -131,8 +131,8 @@ def test_mistyped_inception_weights_name_the_file_meant(tree: Path) -> None:
      "that model) first, or give run.init_from the checkpoint file or run directory of an existing run"),
     ("teacher.checkpoint", tiny_cd("runs/quickstrat"),
      "teacher.checkpoint: 'runs/quickstrat' not found (did you mean 'runs/quickstart'?); train the diffusion model "
-     "first (a recipe with objective 'edm' whose run writes it), or set teacher.checkpoint to the run directory or "
-     "checkpoint file of a run with objective 'edm'"),
+     "first (a recipe with objective 'edm' or 'trigflow' whose run writes it), or set teacher.checkpoint to the run "
+     "directory or checkpoint file of a run with objective 'edm' or 'trigflow'"),
 ], ids=["run.init_from", "teacher.checkpoint"])
 def test_a_recipe_key_naming_a_mistyped_run_names_its_closest_sibling(tree: Path, key: str,
                                                                       recipe_overrides: dict, message: str) -> None:

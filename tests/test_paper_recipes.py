@@ -199,9 +199,10 @@ def test_scm_cifar10_recipes_have_the_paper_settings(registry, name: str, object
     assert (net["embedding_type"], net["channel_mult_noise"], net["fir_kernel"], net["progressive_input"]) == (
         "positional", 1, (1.0, 1.0), "none")  # EDM's DDPM++
     assert (net["dropout"], net["logvar_head"], net["time_inputs"]) == (dropout, True, 1)
-    assert r.run.init_from == ""  # from scratch: DIFFERENT from the paper (see the recipe)
+    assert (r.run.init_from, r.run.init_weights) == ("runs/trigflow-cifar10", "eval-ema")  # the teacher's EMA
+    assert t.compile == ("off" if dropout else "auto")  # an eager JVP shares no mask with a compiled pass
     if objective == "scd":
-        assert options(r, "teacher") == {"name": "cd", "checkpoint": "models/edm-cifar10-32x32-uncond-vp.pt",
+        assert options(r, "teacher") == {"name": "cd", "checkpoint": "runs/trigflow-cifar10",
                                          "weights": "eval-ema", "solver": "heun", "mu": 0.0}
     else:
         assert "teacher" not in r.components
@@ -211,8 +212,26 @@ def test_scm_cifar10_recipes_have_the_paper_settings(registry, name: str, object
 
 def test_scd_cifar10_differs_from_sct_cifar10_only_in_dropout_objective_and_teacher(registry) -> None:
     sct, scd = load(registry, "sct_cifar10.toml"), load(registry, "scd_cifar10.toml")
-    assert changed_keys(sct, scd) == ["network.dropout", "objective.name", "teacher.name", "teacher.checkpoint",
-                                      "teacher.weights", "teacher.solver", "teacher.mu"]
+    assert changed_keys(sct, scd) == ["training.compile", "network.dropout", "objective.name", "teacher.name",
+                                      "teacher.checkpoint", "teacher.weights", "teacher.solver", "teacher.mu"]
+
+
+def test_trigflow_cifar10_is_the_scm_teacher_with_the_students_network(registry) -> None:
+    """sCM App. G.1: dropout 0.13, batch 512, 400k, Adam 1e-3 (0.9, 0.999), eps 1e-8; the network is the sCT / sCD
+    student's tensor for tensor (their run.init_from), so only the dropout differs."""
+    r = load(registry, "trigflow_cifar10.toml")
+    t = r.training
+    assert options(r, "objective") == {"name": "trigflow", "p_mean": -0.8, "p_std": 1.6, "time_scale": 1.0,
+                                       "adaptive_weighting": True}
+    assert (t.optimizer, t.lr, t.betas, t.eps, t.batch_size, t.total_steps) == (
+        "adam", 1e-3, (0.9, 0.999), 1e-8, 512, 400_000)
+    assert options(r, "sampler") == {"name": "heun", "steps": 18, "rho": 7.0}
+    sct = load(registry, "sct_cifar10.toml")
+    teacher_net, student_net = options(r, "network"), options(sct, "network")
+    assert teacher_net["dropout"] == 0.13
+    assert {k: v for k, v in teacher_net.items() if k != "dropout"} == {
+        k: v for k, v in student_net.items() if k != "dropout"}
+    assert options(sct, "objective")["time_scale"] == options(r, "objective")["time_scale"]
 
 
 def test_meanflow_cifar10_has_the_paper_settings(registry) -> None:

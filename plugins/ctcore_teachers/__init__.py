@@ -220,7 +220,8 @@ def read_diffusion_checkpoint(options: Distillation.Options, context: BuildConte
     from ctcore.errors import CtcoreError, path_not_found
     from ctcore.registry import load_registry
 
-    where = "set teacher.checkpoint to the run directory or checkpoint file of a run with objective 'edm'"
+    where = ("set teacher.checkpoint to the run directory or checkpoint file of a run with objective 'edm' or "
+             "'trigflow'")
     if not options.checkpoint:
         raise WeightsUnavailable(f"checkpoint: name the diffusion model to distil; {where}, e.g. "
                                  f"\"runs/quickstart_diffusion\"", "checkpoint")
@@ -236,8 +237,8 @@ def read_diffusion_checkpoint(options: Distillation.Options, context: BuildConte
                                  f"yet; let its diffusion run write one, or {where}", "checkpoint")
     elif not exists:
         raise WeightsUnavailable(path_not_found(f"checkpoint: {options.checkpoint!r}", path, "train the diffusion "
-                                                f"model first (a recipe with objective 'edm' whose run writes it), "
-                                                f"or {where}"), "checkpoint")
+                                                "model first (a recipe with objective 'edm' or 'trigflow' whose run "
+                                                f"writes it), or {where}"), "checkpoint")
     registry = load_registry()
     try:
         state = load_checkpoint(path, fix="set teacher.checkpoint to a checkpoint that ctcore wrote "
