@@ -241,7 +241,8 @@ def test_meanflow_cifar10_has_the_paper_settings(registry) -> None:
     assert options(r, "objective") == {"name": "meanflow", "p_mean": -2.0, "p_std": 2.0, "ratio_r_neq_t": 0.75,
                                        "adaptive_p": 0.75, "adaptive_c": 1e-3, "time_scale": 1.0,
                                        "jvp_method": "forward-ad", "jvp_step": 1e-3, "jvp_precision": "fp32"}
-    assert options(r, "sampler")["name"] == "meanflow"
+    assert options(r, "sampler") == {"name": "meanflow", "t_mid": 0.5, "deterministic": True}  # eq. 12's jumps
+    assert r.consistency.sigma_max == 10_000.0  # sampling from flow time 0.9999, the paper's t = 1 to 1e-4
     assert (t.optimizer, t.lr, t.betas, t.weight_decay, t.batch_size) == ("adam", 6e-4, (0.9, 0.999), 0.0, 1024)
     assert (t.total_steps, t.warmup_steps, t.eval_ema_decay, t.precision) == (800_000, 10_000, 0.99995, "fp32")
     assert (r.data.random_flip, r.data.num_classes, r.data.resolution) == (True, 0, 32)
