@@ -22,6 +22,10 @@ from ctcore.registry import load_registry
 from ctcore.training import train
 
 REGISTRY = load_registry()
+TRIGFLOW = {"objective": {"name": "trigflow"}, "sampler": {"name": "heun", "steps": 4},
+            "network": {"logvar_head": True}, "teacher": None, "metric": None, "noise_schedule": None,
+            "curriculum": None}
+"""Overrides that make the tiny recipe sCM's TrigFlow diffusion model (the teacher of sct / scd)."""
 
 
 def test_the_objectives_and_samplers_are_registered_by_the_ctcore_distribution() -> None:
@@ -302,9 +306,16 @@ def _state(run) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("overrides", [SCT, MEANFLOW], ids=["sct", "meanflow"])
-def test_a_resumed_continuous_time_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path, overrides) -> None:
-    """With dropout 0.1 (the tiny recipe's): the JVP and the student's pass share each step's mask."""
+@pytest.mark.parametrize("name", ["sct", "meanflow", "scd"])
+def test_a_resumed_continuous_time_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path, name) -> None:
+    """With dropout 0.1 (the tiny recipe's): the JVP and the student's pass share each step's mask; scd distils a
+    tiny trigflow run, and its cd teacher's target and the diffusion file's digest resume too."""
+    if name == "scd":
+        teacher = start_run(read_recipe(write_tiny_recipe(tmp_path / "t.toml", tmp_path / "teacher", **TRIGFLOW),
+                                        REGISTRY), REGISTRY)
+        train(teacher, progress=False)
+    overrides = {"sct": SCT, "meanflow": MEANFLOW, "scd": tiny_scd(tmp_path / "teacher")}[name]
+
     def run_of(name: str, stop_at: int | None):
         recipe = read_recipe(write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, **overrides), REGISTRY)
         run = start_run(recipe, REGISTRY)
@@ -315,14 +326,15 @@ def test_a_resumed_continuous_time_run_equals_the_uninterrupted_run_bit_for_bit(
     resumed = resume_run(None, REGISTRY, part.out_dir)
     train(resumed, progress=False)
     a, b = _state(whole), _state(resumed)
+    if whole.teacher is not None:
+        a.update({f"teacher.{k}": torch.as_tensor(v) for k, v in whole.teacher.state_dict().items()
+                  if isinstance(v, torch.Tensor)})
+        b.update({f"teacher.{k}": torch.as_tensor(v) for k, v in resumed.teacher.state_dict().items()
+                  if isinstance(v, torch.Tensor)})
     assert a.keys() == b.keys() and resumed.step == whole.step == 12
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert any(not torch.equal(a[k], v) for k, v in _state(part).items() if k in a)  # training moved them
 
-
-TRIGFLOW = {"objective": {"name": "trigflow"}, "sampler": {"name": "heun", "steps": 4},
-            "network": {"logvar_head": True}, "teacher": None, "metric": None, "noise_schedule": None,
-            "curriculum": None}
 
 
 def test_a_trigflow_diffusion_run_starts_sct_with_its_own_denoiser_and_is_the_teacher_scd_distils(tmp_path) -> None:
