@@ -752,6 +752,14 @@ def check_objective(cls: type, data_shape: tuple[int, ...] = (3, 4, 4), **option
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise _fail(cls, f"denoise(network, x, sigma, labels, constants) must return finite values shaped like x "
                              f"{tuple(x.shape)}, got {got}")
+        if callable(getattr(objective, "jump", None)):  # a flow map: the model's trajectory between two levels
+            with torch.no_grad():
+                sigma = torch.tensor([0.5, 1.0, 80.0])
+                out = objective.jump(student, x, sigma, sigma / 2, None, constants)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape or not torch.isfinite(out).all():
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise _fail(cls, f"jump(network, x, sigma, sigma_to, labels, constants) must return finite values "
+                                 f"shaped like x {tuple(x.shape)}, got {got}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -210,6 +210,22 @@ def test_the_meanflow_sampler_chains_the_models_own_jumps_as_the_paper_and_renoi
     assert not hasattr(model_function(_objective("sct"), net, c), "jump")  # only a flow map has one
 
 
+def test_check_objective_holds_a_flow_maps_jump_to_its_contract() -> None:
+    """ctcore.testing.check_objective passes meanflow's jump and fails one that returns the wrong shape."""
+    from ctcore.testing import ContractViolation, check_objective
+
+    cls = REGISTRY.get("objective", "meanflow")
+    check_objective(cls)
+
+    class Broken(cls):
+        def jump(self, network, x, sigma, sigma_to, labels, constants):
+            return x[:1]
+
+    with pytest.raises(ContractViolation, match=r"jump\(network, x, sigma, sigma_to, labels, constants\) must return "
+                                                r"finite values shaped like x \(3, 3, 4, 4\), got \(1, 3, 4, 4\)$"):
+        check_objective(Broken)
+
+
 # --------------------------------------------------------------------------------------- refusals
 
 
