@@ -12,7 +12,18 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, bomb_png, finished_tiny_run, one_line_error, tree_state, write_tiny_recipe
+from helpers import (
+    DIFFUSION,
+    MEANFLOW,
+    SCT,
+    TINY,
+    bomb_png,
+    finished_tiny_run,
+    one_line_error,
+    tiny_scd,
+    tree_state,
+    write_tiny_recipe,
+)
 from PIL import Image
 from typer.testing import CliRunner, Result
 
@@ -317,11 +328,17 @@ def test_every_consistency_function_is_edited_as_it_is_sampled(tmp_path: Path) -
     one step and in two (at sigma 0.821, where CM's and EDM's c_skip differ most)."""
     combos = consistency_functions()
     assert ("consistency", "cm") in combos and ("consistency", "edm") in combos and ("consistency", "ect") in combos
+    assert {"sct", "scd", "meanflow"} <= {objective for objective, _ in combos}
+    diffusion = tmp_path / "diffusion"  # the model scd distils
+    assert invoke("run", write_tiny_recipe(tmp_path / "d.toml", diffusion, **DIFFUSION,
+                                           training={"total_steps": 2}), "--no-progress").exit_code == 0
+    extra = {"sct": SCT, "meanflow": MEANFLOW, "scd": tiny_scd(diffusion)}
     for objective, parameterization in combos:
         options = {"name": objective, **({"parameterization": parameterization} if parameterization else {})}
         run = tmp_path / f"{objective}-{parameterization}"
-        recipe = write_tiny_recipe(tmp_path / f"{run.name}.toml", run, objective=options,
-                                   network={**TINY["network"], "zero_init_output": False})
+        overrides = {**extra.get(objective, {}), "objective": options}
+        network = {**TINY["network"], "zero_init_output": False, **overrides.pop("network", {})}
+        recipe = write_tiny_recipe(tmp_path / f"{run.name}.toml", run, **overrides, network=network)
         result = invoke("run", recipe, "--no-progress")
         assert result.exit_code == 0, result.output
         for sigmas in ([], ["--sigmas", "80,0.821"]):

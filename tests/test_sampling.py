@@ -123,7 +123,8 @@ def test_one_noise_draw_per_sigma_is_required() -> None:
 
 LEVELS = NoiseLevels(sigma_min=0.01, sigma_max=20.0, sigma_mid=(0.5,))
 OPEN_BOUNDS = {"consistency": (LEVELS.sigma_min, "(sigma_min, sigma_max] = (0.01, 20.0]"),
-               "heun": (0.0, "(0, sigma_max] = (0, 20.0]"), "euler": (0.0, "(0, sigma_max] = (0, 20.0]")}
+               "heun": (0.0, "(0, sigma_max] = (0, 20.0]"), "euler": (0.0, "(0, sigma_max] = (0, 20.0]"),
+               "scm": (0.0, "(0, sigma_max] = (0, 20.0]"), "meanflow": (0.0, "(0, sigma_max] = (0, 20.0]")}
 """Each builtin sampler's open lower bound of the noise levels it accepts, and how its message states its interval."""
 
 
