@@ -372,3 +372,26 @@ def test_a_trigflow_diffusion_run_starts_sct_with_its_own_denoiser_and_is_the_te
     summary = train(scd, progress=False)
     assert scd.step == 12 and math.isfinite(summary["final_distance"])
 
+
+@pytest.mark.parametrize("name", ["sct", "meanflow"])
+def test_micro_batches_train_like_the_whole_batch(tmp_path, name) -> None:
+    """training.micro_batch_size: every pass draws the global batch's t, z (and r) and keeps its rows, the tangent
+    and the adaptive weights are per sample, so 6 steps in passes of 4 equal whole batches of 8 to float32
+    rounding (dropout 0: fresh masks per pass are not the whole batch's)."""
+    overrides = {"sct": SCT, "meanflow": MEANFLOW}[name]
+    network = {**overrides["network"], "dropout": 0.0}
+    runs = []
+    for micro in (0, 4):
+        recipe = write_tiny_recipe(tmp_path / f"{micro}.toml", tmp_path / str(micro), **{**overrides,
+                                   "network": network}, training={"total_steps": 6, "micro_batch_size": micro})
+        run = start_run(read_recipe(recipe, REGISTRY), REGISTRY)
+        train(run, progress=False)
+        runs.append(run)
+    pairs = list(zip(runs[1].student.parameters(), runs[0].student.parameters(), strict=True))
+    difference = max((a - b).abs().max().item() for a, b in pairs) / max(b.abs().max().item() for _, b in pairs)
+    assert difference < 1e-4, difference
+    assert any(not torch.equal(p, q) for p, q in zip(runs[0].student.parameters(),
+                                                     start_run(read_recipe(tmp_path / "0.toml", REGISTRY),
+                                                               REGISTRY, tmp_path / "fresh").student.parameters(),
+                                                     strict=True))
+

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIFFUSION, write_tiny_recipe
+from helpers import DIFFUSION, SCT, write_tiny_recipe
 
 import ctcore
 from ctcore.build import build_run
@@ -45,13 +45,17 @@ def _events(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", [{}, DIFFUSION], ids=["consistency", "edm"])
+@pytest.mark.parametrize("objective", [{}, DIFFUSION, SCT], ids=["consistency", "edm", "sct"])
 def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tmp_path: Path, objective) -> None:
-    """The objective draws the global batch's randomness and keeps its share: iCT and EDM alike."""
+    """The objective draws the global batch's randomness and keeps its share: iCT, EDM and sCT alike (sCT's JVP
+    runs on the unwrapped student and its log-variance head outside the DDP forward; DDP still averages every
+    gradient)."""
     training = {"total_steps": 20, "checkpoint_every": 10, "sample_every": 10, "log_every": 5}
+    objective = dict(objective)
+    network = {**NO_DROPOUT, **objective.pop("network", {})}
     for name in ("one", "two"):  # logging never changes what a run computes; under torchrun rank 0 alone logs
         logging = {"backends": ["tensorboard"] if name == "two" else []}
-        write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, network=NO_DROPOUT, training=training,
+        write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, network=network, training=training,
                           logging=logging, **objective)
     one = _ctcore(str(tmp_path / "one.toml"))
     two = _ctcore(str(tmp_path / "two.toml"), nproc=2)
