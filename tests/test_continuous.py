@@ -297,18 +297,23 @@ def test_jvp_precision_fp32_runs_the_jvp_outside_bf16_autocast(name, precision, 
 
 @pytest.mark.parametrize("name", ["sct", "meanflow"])
 def test_the_finite_difference_jvp_gives_the_forward_ad_loss_of_a_float32_network(name) -> None:
-    """jvp_method = "finite-difference" (h = jvp_step 1e-3, the network in float32) against forward-mode AD."""
+    """jvp_method = "finite-difference" (h = jvp_step 1e-6) runs three float64 passes (the weights copied to float64)
+    and gives the loss of forward-mode AD through the float32 network to float32 rounding."""
     net = REGISTRY.create("network", "mlp", data_shape=(2, 2, 2), width=16, num_blocks=1, embedding_features=4,
                           time_inputs=2, logvar_head=True, zero_init_output=False)
+    seen: list[torch.dtype] = []
+    net.inp.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
     x = torch.rand(8, 2, 2, 2) * 2 - 1
-    losses = []
+    losses, passes = [], []
     for method in ("forward-ad", "finite-difference"):
+        seen.clear()
         objective = _objective(name, jvp_method=method,  # p = 0: MeanFlow's plain squared error, not ~1 per sample
                                **({"warmup_steps": 0} if name == "sct" else {"adaptive_p": 0.0}))
         objective.bind(net, {})
         losses.append(objective.loss(_batch(net, x)).item())
-    assert losses[1] == pytest.approx(losses[0], rel=1e-3), losses
-    assert losses[0] != losses[1]
+        passes.append(list(seen))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5), losses
+    assert passes == [[torch.float32, torch.float32], [torch.float64] * 3 + [torch.float32]]
 
 
 # ------------------------------------------------------------------------------------ training and resume

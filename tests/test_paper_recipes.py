@@ -187,7 +187,7 @@ def test_scm_cifar10_recipes_have_the_paper_settings(registry, name: str, object
     t = r.training
     assert options(r, "objective") == {"name": objective, "p_mean": -1.0, "p_std": 1.4, "time_scale": 1.0,
                                        "tangent_normalization": True, "tangent_c": 0.1, "warmup_steps": 10_000,
-                                       "adaptive_weighting": True, "jvp_method": "forward-ad", "jvp_step": 1e-3,
+                                       "adaptive_weighting": True, "jvp_method": "forward-ad", "jvp_step": 1e-6,
                                        "jvp_precision": "fp32"}
     assert options(r, "sampler") == {"name": "scm", "t_mid": 1.1}
     assert (t.optimizer, t.lr, t.betas, t.eps, t.batch_size, t.warmup_steps) == (
@@ -240,7 +240,7 @@ def test_meanflow_cifar10_has_the_paper_settings(registry) -> None:
     t = r.training
     assert options(r, "objective") == {"name": "meanflow", "p_mean": -2.0, "p_std": 2.0, "ratio_r_neq_t": 0.75,
                                        "adaptive_p": 0.75, "adaptive_c": 1e-3, "time_scale": 1.0,
-                                       "jvp_method": "forward-ad", "jvp_step": 1e-3, "jvp_precision": "fp32"}
+                                       "jvp_method": "forward-ad", "jvp_step": 1e-6, "jvp_precision": "fp32"}
     assert options(r, "sampler") == {"name": "meanflow", "t_mid": 0.5, "deterministic": True}  # eq. 12's jumps
     assert r.consistency.sigma_max == 10_000.0  # sampling from flow time 0.9999, the paper's t = 1 to 1e-4
     assert (t.optimizer, t.lr, t.betas, t.weight_decay, t.batch_size) == ("adam", 6e-4, (0.9, 0.999), 0.0, 1024)

@@ -16,8 +16,9 @@ x_sigma = x + sigma e), f = z - t u(z, r = 0, t).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -40,6 +41,18 @@ def _jvp_precision(precision: str, device: torch.device) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def _jvp_network(network: nn.Module, method: str) -> tuple[Callable[..., torch.Tensor], torch.dtype, torch.dtype]:
+    """(the network the JVP evaluates, its input dtype, its time dtype): the network itself for forward-ad; for
+    finite-difference the same module called with float64 copies of its parameters and buffers
+    (torch.func.functional_call), so that the central difference is taken in float64 (ctcore.jvp), times included
+    (a float32 t + 1e-6 keeps one digit)."""
+    if method != "finite-difference":
+        return network, next(network.parameters()).dtype, torch.float32
+    state = {name: value.detach().double() if value.is_floating_point() else value
+             for name, value in itertools.chain(network.named_parameters(), network.named_buffers())}
+    return (lambda *args: torch.func.functional_call(network, state, args)), torch.float64, torch.float64
 
 
 def _network_time_inputs(network: nn.Module) -> int:
@@ -70,9 +83,10 @@ class _TrigFlowOptions:
     jvp_method: Literal["forward-ad", "finite-difference"] = attrs.field(
         default="forward-ad", validator=one_of("forward-ad", "finite-difference"))
     """How dF/dt is computed: forward-ad (torch.func.jvp through the network, attention on its math path) or
-    finite-difference ((F(p + h v) - F(p - h v)) / 2h with h = jvp_step, the network in its own precision)."""
-    jvp_step: float = attrs.field(default=1e-3, validator=within(
-        1e-12, 1.0, "the step h of the finite-difference JVP; 1e-3 suits float32 networks, 1e-6 float64 ones"))
+    finite-difference ((F(p + h v) - F(p - h v)) / 2h with h = jvp_step, in float64: the network's weights are
+    copied to float64 for it each step; the same dropout mask)."""
+    jvp_step: float = attrs.field(default=1e-6, validator=within(
+        1e-12, 1.0, "the step h of the float64 finite-difference JVP; ctcore.jvp's 1e-6"))
     jvp_precision: Literal["autocast", "fp32"] = attrs.field(default="fp32", validator=one_of("autocast", "fp32"))
     """fp32: the JVP runs outside the step's autocast, in float32 (UNVERIFIED as the paper's prescription);
     autocast: under training.precision like the other passes (bf16 on a GPU)."""
@@ -125,11 +139,10 @@ class _TrigFlowObjective:
         x_t = _per_sample(torch.cos(t), x) * x + _per_sample(torch.sin(t), x) * z
         dxt_dt = self.velocity(x, z, x_t, t, batch.labels, batch.constants)
         self.warmup = trigflow.warmup(batch.step, o.warmup_steps)
-        network = self.student
-        dtype = next(network.parameters()).dtype
+        network, dtype, time_dtype = _jvp_network(self.student, o.jvp_method)
 
         def F(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-            return self.F(network, x_in.to(dtype), time.to(torch.float32), batch.labels)
+            return self.F(network, x_in.to(dtype), time.to(time_dtype), batch.labels)
 
         with _jvp_precision(o.jvp_precision, x.device):
             F_minus, g = trigflow.tangent(F, x_t, t, dxt_dt, sigma_d=sd, r=self.warmup,
@@ -294,9 +307,9 @@ class MeanFlow:
         jvp_method: Literal["forward-ad", "finite-difference"] = attrs.field(
             default="forward-ad", validator=one_of("forward-ad", "finite-difference"))
         """How du/dt is computed: forward-ad (torch.func.jvp through the network) or finite-difference
-        ((u(p + h v) - u(p - h v)) / 2h with h = jvp_step, the network in its own precision)."""
-        jvp_step: float = attrs.field(default=1e-3, validator=within(
-            1e-12, 1.0, "the step h of the finite-difference JVP; 1e-3 suits float32 networks, 1e-6 float64 ones"))
+        ((u(p + h v) - u(p - h v)) / 2h with h = jvp_step, in float64: the weights copied to float64 each step)."""
+        jvp_step: float = attrs.field(default=1e-6, validator=within(
+            1e-12, 1.0, "the step h of the float64 finite-difference JVP; ctcore.jvp's 1e-6"))
         jvp_precision: Literal["autocast", "fp32"] = attrs.field(default="fp32",
                                                                  validator=one_of("autocast", "fp32"))
         """fp32: the JVP runs outside the step's autocast, in float32; autocast: under training.precision."""
@@ -324,11 +337,10 @@ class MeanFlow:
         e = torch.randn((batch.batch_size, *x.shape[1:]), generator=batch.noise_generator,
                         device=x.device)[batch.share]
         z, v = meanflow.interpolate(x, e, t)
-        network = self.student
-        dtype = next(network.parameters()).dtype
+        network, dtype, time_dtype = _jvp_network(self.student, o.jvp_method)
 
         def u(z_in: torch.Tensor, r_in: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
-            return self.u(network, z_in.to(dtype), r_in.to(torch.float32), t_in.to(torch.float32), batch.labels)
+            return self.u(network, z_in.to(dtype), r_in.to(time_dtype), t_in.to(time_dtype), batch.labels)
 
         with torch.no_grad(), _jvp_precision(o.jvp_precision, x.device):
             _, u_tgt = meanflow.target(u, z, r, t, v, method=o.jvp_method, step=o.jvp_step)
