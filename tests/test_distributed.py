@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import DIFFUSION, write_tiny_recipe
-from typer.testing import CliRunner
 
 import ctcore
 from ctcore.build import build_run
 from ctcore.checkpoints import list_checkpoints, load_checkpoint
-from ctcore.cli import app
 from ctcore.distributed import World, rank_seed, world_from_env
 from ctcore.errors import UsageError
 from ctcore.recipe import read_recipe
@@ -39,6 +37,10 @@ def _ctcore(*args: str, nproc: int = 1) -> subprocess.Popen:
 def _in_this_process(recipe: Path, code: int = 0) -> tuple[str, str]:
     """`ctcore run` of the one-process reference in the test's process (one thread, as the torchrun workers): a
     process of its own would cost seconds of startup and prove nothing more; its (stdout, stderr)."""
+    from typer.testing import CliRunner  # here: the processes mp.spawn starts below import this module
+
+    from ctcore.cli import app
+
     result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress"])
     assert result.exit_code == code, result.output[-3000:]
     return result.stdout, result.stderr
