@@ -27,9 +27,12 @@ def pytest_configure(config: pytest.Config) -> None:
     """The suite sees the components of the ctcore distribution only, whatever other plugins are installed or
     disabled in the caller's environment: lists and did-you-mean messages are pinned. Set before the test modules
     are imported, so module-level registries and the CLI in subprocesses see the same; `plugin_path` adds the fake
-    distributions a test installs."""
+    distributions a test installs. OpenBLAS gets one thread, as torch does."""
     os.environ[ONLY_ENV] = "ctcore"
     os.environ.pop(DISABLE_ENV, None)
+    # scipy's OpenBLAS on one thread, like torch (_one_cpu_thread), set before scipy.linalg loads it; subprocesses
+    # inherit it: with two threads next to another worker, a 2048-d sqrtm (FID) took 39 CPU-s against 19 with one
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
     # the wandb logger: every run offline (WANDB_MODE overrides a recipe's mode), quiet, its caches in a temporary
     # folder, and its server an address where nothing listens, so that nothing the suite does can reach W&B
     wandb_home = tempfile.mkdtemp(prefix="ctcore-tests-wandb-")

@@ -68,13 +68,14 @@ def test_forward_flops_of_a_network_with_labels() -> None:
 
 @pytest.mark.slow
 def test_student_and_teacher_share_the_dropout_mask_under_torch_compile(tmp_path: Path) -> None:
-    """A run's two compiled passes of an NCSN++ with dropout 0.5 (inductor, which draws its masks from seeds it takes
-    from the global generator): the teacher's no-grad graph, a graph of its own, draws the student's mask when the
-    generator's state is restored (shared_rng), as the eager passes do; the next draw is another mask. With the
-    no-ema teacher (the student's weights) and an EMA teacher (a copy, equal at step 0)."""
+    """A run's two compiled passes of an MLP with two dropout layers of 0.5 (inductor, which draws its masks from
+    seeds it takes from the global generator): the teacher's no-grad graph, a graph of its own, draws the student's
+    mask when the generator's state is restored (shared_rng), as the eager passes do; the next draw is another mask.
+    With the no-ema teacher (the student's weights) and an EMA teacher (a copy, equal at step 0). Inductor builds 19
+    C++ kernels for it: 24 CPU-s with an empty inductor cache (the smallest NCSN++: 41 kernels, 60 CPU-s)."""
     registry = ctcore.load_registry()
-    network = {"name": "ncsnpp", "nf": 4, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [],
-               "progressive_input": "none", "dropout": 0.5, "init_scale": 1.0}  # the smallest: inductor compiles
+    network = {"name": "mlp", "width": 16, "num_blocks": 2, "embedding_features": 8, "dropout": 0.5,
+               "zero_init_output": False}  # a zero output layer would hide the dropout from the output
     x, c = torch.randn(8, 3, 4, 4), torch.full((8,), -0.5)
 
     def passes(student: torch.nn.Module, target: torch.nn.Module) -> tuple[torch.Tensor, ...]:

@@ -34,6 +34,18 @@ def _ctcore(*args: str, nproc: int = 1) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _in_this_process(recipe: Path, code: int = 0) -> tuple[str, str]:
+    """`ctcore run` of the one-process reference in the test's process (one thread, as the torchrun workers): a
+    process of its own would cost seconds of startup and prove nothing more; its (stdout, stderr)."""
+    from typer.testing import CliRunner  # here: the processes mp.spawn starts below import this module
+
+    from ctcore.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == code, result.output[-3000:]
+    return result.stdout, result.stderr
+
+
 def _finish(proc: subprocess.Popen, code: int = 0) -> tuple[str, str]:
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == code, err[-3000:]
@@ -57,9 +69,8 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tm
         logging = {"backends": ["tensorboard"] if name == "two" else []}
         write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, network=network, training=training,
                           logging=logging, **objective)
-    one = _ctcore(str(tmp_path / "one.toml"))
     two = _ctcore(str(tmp_path / "two.toml"), nproc=2)
-    _finish(one)
+    _in_this_process(tmp_path / "one.toml")
     out, _ = _finish(two)
     a = load_checkpoint(tmp_path / "one" / "checkpoints" / "ckpt-000000020.pt")
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "ckpt-000000020.pt")
@@ -89,7 +100,7 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tm
 @pytest.mark.slow
 def test_sigterm_stops_every_rank_after_one_step_and_the_resumed_run_is_bit_identical(tmp_path: Path) -> None:
     """Dropout on: each rank's own dropout stream is checkpointed and restored, so nothing differs."""
-    training = {"total_steps": 400, "checkpoint_every": 100_000, "sample_every": 100_000, "log_every": 10}
+    training = {"total_steps": 200, "checkpoint_every": 100_000, "sample_every": 100_000, "log_every": 10}
     for name in ("whole", "stopped"):
         write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, training=training,
                           evaluation={"distance": "none"})
@@ -104,18 +115,18 @@ def test_sigterm_stops_every_rank_after_one_step_and_the_resumed_run_is_bit_iden
     assert stopped.returncode != 0
     (ckpt,) = list_checkpoints(tmp_path / "stopped")
     step = load_checkpoint(ckpt)["step"]
-    assert step < 400, "the run finished before the signal"
+    assert step < 200, "the run finished before the signal"
     assert f"SIGTERM: stopped after step {step:,} and wrote {ckpt}." in err
     assert err.count("SIGTERM: stopped after step") == 1  # rank 0 alone reports
     assert [r["step"] for r in _events(tmp_path / "stopped") if r.get("event") == "stopped"] == [step]
 
     whole = _ctcore(str(tmp_path / "whole.toml"), nproc=2)
+    resumed = _ctcore(str(tmp_path / "stopped"), "--resume", nproc=2)  # alongside: two cores where there are
     _finish(whole)
-    resumed = _ctcore(str(tmp_path / "stopped"), "--resume", nproc=2)
     _finish(resumed)
     a = load_checkpoint(list_checkpoints(tmp_path / "whole")[-1])
     b = load_checkpoint(list_checkpoints(tmp_path / "stopped")[-1])
-    assert a["step"] == b["step"] == 400
+    assert a["step"] == b["step"] == 200
     for key in ("student", "eval_ema"):
         for name, value in a[key].items():
             assert torch.equal(b[key][name], value), f"{key}.{name} differs"
@@ -134,9 +145,8 @@ def test_a_diverging_two_process_run_goes_back_and_stops_where_one_process_does(
     for name in ("one", "two"):
         write_tiny_recipe(tmp_path / f"{name}.toml", tmp_path / name, network=NO_DROPOUT, training=training,
                           evaluation={"distance": "none"})
-    one = _ctcore(str(tmp_path / "one.toml"))
     two = _ctcore(str(tmp_path / "two.toml"), nproc=2)
-    _, err_one = _finish(one, 1)
+    _, err_one = _in_this_process(tmp_path / "one.toml", 1)
     _, err_two = _finish(two, 1)
     states = {}
     for name, err in (("one", err_one), ("two", err_two)):

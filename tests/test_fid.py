@@ -662,15 +662,25 @@ def test_fid_options_are_cross_checked() -> None:
 
 
 @pytest.mark.slow
-def test_the_whole_pipeline_with_the_real_frechet_distance(checkpoint: Path, dataset: Path,
-                                                            inception: FIDInceptionV3, tmp_path: Path) -> None:
-    """No stand-ins: random-weight Inception, real 2048-d sqrtm (about 20 s on two CPU cores), CLI included."""
+def test_the_whole_pipeline_with_the_real_frechet_distance(checkpoint: Path, dataset: Path, inception: FIDInceptionV3,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ctcore eval` with a random-weight Inception, reference statistics from the dataset and the real Fréchet
+    distance, taken on the first 256 of the 2048 features (the leading 256-d marginals of both Gaussians): the 2048-d
+    statistics that reach it are checked in test_evaluate_checkpoint_end_to_end, and a 2048-d sqrtm of these singular
+    covariances takes about 20 CPU-s, twice (the eps retry). The value matches an independent eigendecomposition."""
     import json
 
     from typer.testing import CliRunner
 
     from ctcore.cli import app
 
+    real, given = frechet_distance, []
+
+    def leading_256(mu1, sigma1, mu2, sigma2, eps=1e-6):
+        given.append((mu1, sigma1, mu2, sigma2))
+        return real(mu1[:256], sigma1[:256, :256], mu2[:256], sigma2[:256, :256], eps)
+
+    monkeypatch.setattr(ctcore.fid, "frechet_distance", leading_256)
     ref = save_statistics(tmp_path / "ref.npz",
                           reference_statistics(dataset, inception, batch_size=6, device="cpu", progress=False))
     weights = tmp_path / inception_mod.WEIGHTS_FILENAME
@@ -681,3 +691,11 @@ def test_the_whole_pipeline_with_the_real_frechet_distance(checkpoint: Path, dat
     out = json.loads(result.stdout)
     assert np.isfinite(out["fid"]) and out["fid"] > 0 and out["num_samples"] == 4
     assert np.isfinite(out["inception_score"]) and out["inception_score"] >= 1.0
+    [(mu1, s1, mu2, s2)] = given
+    assert (mu1.shape, s1.shape, mu2.shape, s2.shape) == ((2048,), (2048, 2048), (2048,), (2048, 2048))
+    assert np.array_equal(mu2, load_statistics(ref)["mu"])
+    mu1, s1, mu2, s2 = mu1[:256], s1[:256, :256], mu2[:256], s2[:256, :256]
+    assert np.linalg.matrix_rank(s1) == 3 and np.linalg.matrix_rank(s2) == 5  # 4 and 6 images: singular, as at 2048-d
+    eps = 1e-6 * np.eye(256)  # a singular covariance product: frechet_distance takes the root again with eps added
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1 + eps, s2 + eps)
+    assert out["fid"] == pytest.approx(expected, rel=0, abs=1e-9)  # measured: 8e-13 apart (the root term: 0.1)
