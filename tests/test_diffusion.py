@@ -278,7 +278,7 @@ def test_a_sampler_must_sample_the_model_the_objective_trains(tmp_path: Path, re
     heun = tiny_recipe_text(tmp_path, sampler={"name": "heun"})
     assert recipe_problems(heun, registry) == [
         "sampler.name: sampler 'heun' samples diffusion models, but objective 'consistency' trains a consistency "
-        "model; use one of: consistency"]
+        "model; use one of: consistency, meanflow, scm"]
     consistency = tiny_recipe_text(tmp_path, **{**DIFFUSION, "sampler": {"name": "consistency"}})
     assert recipe_problems(consistency, registry) == [
         "sampler.name: sampler 'consistency' samples consistency models, but objective 'edm' trains a diffusion "
