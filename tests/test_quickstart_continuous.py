@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
                                                         ("quickstart_meanflow", "meanflow", 320)])
 def test_a_continuous_time_quickstart_learns_at_least_5x_and_samples(tmp_path, monkeypatch, name, sampler,
                                                                      steps) -> None:
-    """Measured on one thread of a busy 2-core machine: sct 0.6289 -> 0.0872 (7.2x, 26 CPU-s), meanflow 0.5945 ->
-    0.0760 (7.8x, 24 CPU-s)."""
+    """Measured on one thread of an idle 2-core machine: sct 0.6289 -> 0.0872 (7.2x, 21 s of training), meanflow
+    0.5957 -> 0.0746 (8.0x, 19 s)."""
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["run", str(REPO_ROOT / "recipes" / f"{name}.toml"), "--no-progress"])
     assert result.exit_code == 0, result.output
