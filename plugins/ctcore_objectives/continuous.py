@@ -107,7 +107,6 @@ class _TrigFlowObjective:
         self.options = options
         self.student: nn.Module | None = None
         self.parts: dict[str, Any] = {}
-        self.warmup = 0.0
 
     def bind(self, student: nn.Module, parts: dict[str, Any]) -> None:
         if self.options.adaptive_weighting:
@@ -125,9 +124,9 @@ class _TrigFlowObjective:
         """The raw network at TrigFlow time t: F(x_t / sigma_d, time_scale t)."""
         return network(x_in, self.options.time_scale * t, labels)
 
-    def velocity(self, x_0: torch.Tensor, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                 labels: torch.Tensor | None, constants: Any) -> torch.Tensor:
-        """dx_t/dt at (x_t, t): the conditional cos(t) z - sin(t) x_0 (sCT) or a teacher's (sCD)."""
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, conditional: torch.Tensor, labels: torch.Tensor | None,
+                 constants: Any) -> torch.Tensor:
+        """dx_t/dt at (x_t, t) for the tangent: the `conditional` cos(t) z - sin(t) x_0 (sCT) or a teacher's (sCD)."""
         raise NotImplementedError
 
     def loss(self, batch: TrainingBatch) -> torch.Tensor:
@@ -136,16 +135,15 @@ class _TrigFlowObjective:
                               sigma_d=sd)[batch.share].to(x.device)
         z = sd * torch.randn((batch.batch_size, *x.shape[1:]), generator=batch.noise_generator,
                              device=x.device)[batch.share]
-        x_t = _per_sample(torch.cos(t), x) * x + _per_sample(torch.sin(t), x) * z
-        dxt_dt = self.velocity(x, z, x_t, t, batch.labels, batch.constants)
-        self.warmup = trigflow.warmup(batch.step, o.warmup_steps)
+        x_t, conditional = trigflow.interpolate(x, z, t)
+        dxt_dt = self.velocity(x_t, t, conditional, batch.labels, batch.constants)
         network, dtype, time_dtype = _jvp_network(self.student, o.jvp_method)
 
         def F(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
             return self.F(network, x_in.to(dtype), time.to(time_dtype), batch.labels)
 
         with _jvp_precision(o.jvp_precision, x.device):
-            F_minus, g = trigflow.tangent(F, x_t, t, dxt_dt, sigma_d=sd, r=self.warmup,
+            F_minus, g = trigflow.tangent(F, x_t, t, dxt_dt, sigma_d=sd, r=trigflow.warmup(batch.step, o.warmup_steps),
                                           c=o.tangent_c if o.tangent_normalization else None, method=o.jvp_method,
                                           step=o.jvp_step)
         F_out = self.F(batch.student, x_t / sd, t, batch.labels).float()
@@ -177,9 +175,9 @@ class Sct(_TrigFlowObjective):
                               "by a JVP")
     uses: ClassVar[tuple[str, ...]] = ()
 
-    def velocity(self, x_0: torch.Tensor, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                 labels: torch.Tensor | None, constants: Any) -> torch.Tensor:
-        return _per_sample(torch.cos(t), z) * z - _per_sample(torch.sin(t), x_0) * x_0
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, conditional: torch.Tensor, labels: torch.Tensor | None,
+                 constants: Any) -> torch.Tensor:
+        return conditional
 
 
 class Scd(_TrigFlowObjective):
@@ -201,8 +199,8 @@ class Scd(_TrigFlowObjective):
                              "[teacher] name = \"cd\" with checkpoint = the diffusion run to distil")
         super().bind(student, parts)
 
-    def velocity(self, x_0: torch.Tensor, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                 labels: torch.Tensor | None, constants: Any) -> torch.Tensor:
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, conditional: torch.Tensor, labels: torch.Tensor | None,
+                 constants: Any) -> torch.Tensor:
         sd = constants.sigma_data
         with torch.no_grad():
             t = t.clamp_min(torch.finfo(torch.float32).tiny)  # D at sigma = 0 is x itself; t = 0 has no slope
