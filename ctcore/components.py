@@ -411,6 +411,18 @@ def checkpointed(function: Callable[..., Any], *args: Any, enabled: bool = True)
     return function(*args)
 
 
+def split_times(c_noise: torch.Tensor, time_inputs: int, network: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(first, second) time inputs of a network's c_noise: (batch,), or with `time_inputs` 2 also (batch, 2). The
+    second is zeros for a (batch,) c_noise and None for a one-time network; another shape is a ValueError naming the
+    shapes the network takes (the `time_inputs` option of mlp, ncsnpp and adm)."""
+    if c_noise.ndim != 1:
+        if time_inputs != 2 or c_noise.ndim != 2 or c_noise.shape[1] != 2:
+            shapes = "(batch,) or (batch, 2)" if time_inputs == 2 else "(batch,)"
+            raise ValueError(f"network '{network}' takes c_noise of shape {shapes}, got {tuple(c_noise.shape)}")
+        return c_noise[:, 0], c_noise[:, 1]
+    return c_noise, (c_noise.new_zeros(c_noise.shape) if time_inputs == 2 else None)
+
+
 def positional_features(c: torch.Tensor, num_channels: int, max_positions: float = 10_000,
                         endpoint: bool = False) -> torch.Tensor:
     """[cos(c w_j), sin(c w_j)], j < num_channels // 2, as EDM's PositionalEmbedding computes them (NVlabs/edm

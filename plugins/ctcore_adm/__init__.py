@@ -41,6 +41,7 @@ from ctcore.components import (
     one_of,
     positional_features,
     requirement,
+    split_times,
     within,
 )
 from ctcore.trigflow import LogvarHead
@@ -258,15 +259,9 @@ class ADM(nn.Module):
         """
         if c_noise.ndim == 0:
             c_noise = c_noise.expand(x.shape[0])
-        c_second = None
-        if c_noise.ndim != 1:
-            if self.time_inputs != 2 or c_noise.ndim != 2 or c_noise.shape[1] != 2:
-                shapes = "(batch,) or (batch, 2)" if self.time_inputs == 2 else "(batch,)"
-                raise ValueError(f"network 'adm' takes c_noise of shape {shapes}, got {tuple(c_noise.shape)}")
-            c_noise, c_second = c_noise[:, 0], c_noise[:, 1]
+        c_noise, c_second = split_times(c_noise, self.time_inputs, "adm")
         emb = self.time_embed(self._noise_features(c_noise))
-        if self.time_inputs == 2:
-            c_second = torch.zeros_like(c_noise) if c_second is None else c_second
+        if c_second is not None:
             emb = emb + self.time_embed_2(self._noise_features(c_second))
         if self.label_embed is not None:
             if labels is None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ctcore import hookimpl
-from ctcore.components import DROPOUT_REASON, FOURIER_SCALE_REASON, BuildContext, within
+from ctcore.components import DROPOUT_REASON, FOURIER_SCALE_REASON, BuildContext, split_times, within
 from ctcore.trigflow import LogvarHead
 
 
@@ -96,15 +96,9 @@ class MLP(nn.Module):
         return self.logvar_head(c)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        c_second = None
-        if c_noise.ndim != 1:
-            if self.time_inputs != 2 or c_noise.ndim != 2 or c_noise.shape[1] != 2:
-                shapes = "(batch,) or (batch, 2)" if self.time_inputs == 2 else "(batch,)"
-                raise ValueError(f"network 'mlp' takes c_noise of shape {shapes}, got {tuple(c_noise.shape)}")
-            c_noise, c_second = c_noise[:, 0], c_noise[:, 1]
+        c_noise, c_second = split_times(c_noise, self.time_inputs, "mlp")
         emb = self.embed(self.fourier(c_noise))
-        if self.time_inputs == 2:
-            c_second = torch.zeros_like(c_noise) if c_second is None else c_second
+        if c_second is not None:
             emb = emb + self.embed_2(self.fourier_2(c_second))
         if self.label_embed is not None and labels is not None:
             emb = emb + self.label_embed(labels)

@@ -30,6 +30,7 @@ from ctcore.components import (
     one_of,
     positional_features,
     requirement,
+    split_times,
     within,
 )
 from ctcore.trigflow import LogvarHead
@@ -286,12 +287,7 @@ class NCSNpp(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         o = self.options
-        c_second = None
-        if c_noise.ndim != 1:
-            if self.time_inputs != 2 or c_noise.ndim != 2 or c_noise.shape[1] != 2:
-                shapes = "(batch,) or (batch, 2)" if self.time_inputs == 2 else "(batch,)"
-                raise ValueError(f"network 'ncsnpp' takes c_noise of shape {shapes}, got {tuple(c_noise.shape)}")
-            c_noise, c_second = c_noise[:, 0], c_noise[:, 1]
+        c_noise, c_second = split_times(c_noise, self.time_inputs, "ncsnpp")
         features = self._noise_features(self.fourier, c_noise)
         if self.label_proj is not None:
             classes = self.label_proj.in_features
@@ -299,8 +295,7 @@ class NCSNpp(nn.Module):
                        if labels is None else F.one_hot(labels, classes).to(features.dtype))
             features = features + self.label_proj(one_hot * math.sqrt(classes))
         emb = self.emb1(F.silu(self.emb0(features)))
-        if self.time_inputs == 2:
-            c_second = torch.zeros_like(c_noise) if c_second is None else c_second
+        if c_second is not None:
             emb = emb + self.emb1_2(F.silu(self.emb0_2(self._noise_features(self.fourier_2, c_second))))
         if self.label_emb is not None and labels is not None:
             emb = emb + self.label_emb(labels)
