@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
@@ -208,12 +207,6 @@ class Scd(_TrigFlowObjective):
                 trigflow.edm_x_from_trigflow(x_t, t), trigflow.sigma_from_t(t, sd), labels)
             return sd * trigflow.velocity_from_denoised(x_t, t, denoised.to(x_t.dtype), sd)
 
-    def after_step(self, step: int) -> None:
-        self.parts["teacher"].update(self.student, step, 0)
-
-    def log_fields(self, step: int) -> dict[str, float]:
-        return super().log_fields(step)
-
 
 class TrigFlowDiffusion:
     """sCM's TrigFlow diffusion model (Lu & Song 2024, eq. 4), the teacher sCT and sCD start from: sigma_d F(x_t /
@@ -371,16 +364,3 @@ class MeanFlow:
         z = x / _per_sample(1 + sigma, x)
         out = self.u(network, z, torch.zeros_like(t), t, labels)
         return z - _per_sample(t, x) * out.to(x.dtype)
-
-
-def meanflow_sigma(t: float) -> float:
-    """EDM's noise level of MeanFlow time t: sigma = t / (1 - t)."""
-    return t / (1 - t)
-
-
-def trigflow_sigma(t: float, sigma_d: float) -> float:
-    """EDM's noise level of TrigFlow time t: sigma = sigma_d tan t."""
-    return sigma_d * math.tan(t)
-
-
-OBJECTIVES: tuple[type, ...] = (Sct, Scd, TrigFlowDiffusion, MeanFlow)
