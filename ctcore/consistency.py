@@ -73,7 +73,8 @@ def noise_convention(network: nn.Module) -> str:
     return inner.noise_conditioning
 
 
-def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample (B,) tensor shaped (B, 1, ..., 1) and cast to x's dtype, to broadcast against x (B, ...)."""
     return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
@@ -89,8 +90,8 @@ def denoise(
     """The consistency function f(x, sigma) for a raw network F; `sigma` holds one value per sample."""
     sigma = sigma.to(device=x.device, dtype=torch.float32)
     c_skip, c_out, c_in = consistency_scalings(sigma, sigma_min, sigma_data)
-    raw = network(_expand(c_in, x) * x, c_noise(sigma, noise_convention(network)), labels)
-    return _expand(c_skip, x) * x + _expand(c_out, x) * raw.to(x.dtype)
+    raw = network(per_sample(c_in, x) * x, c_noise(sigma, noise_convention(network)), labels)
+    return per_sample(c_skip, x) * x + per_sample(c_out, x) * raw.to(x.dtype)
 
 
 def pair_weights(sigmas: torch.Tensor, weighting: Weighting) -> torch.Tensor:
@@ -109,7 +110,7 @@ def pair_weight(sigma_lo: torch.Tensor, sigma_hi: torch.Tensor, weighting: Weigh
 
 def noised(x: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """x + sigma z with one sigma per example: the point of the forward process that shares the noise z."""
-    return x + _expand(sigma, x) * z
+    return x + per_sample(sigma, x) * z
 
 
 def pf_ode_step(
@@ -121,12 +122,12 @@ def pf_ode_step(
 ) -> torch.Tensor:
     """One step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigma to sigma_next > 0,
     one level per example: Euler, or Heun's second-order correction (EDM Algorithm 1; CM's CD target)."""
-    h = _expand(sigma_next - sigma, x)
-    slope = (x - D(x, sigma)) / _expand(sigma, x)
+    h = per_sample(sigma_next - sigma, x)
+    slope = (x - D(x, sigma)) / per_sample(sigma, x)
     euler = x + h * slope
     if solver == "euler":
         return euler
-    slope_next = (euler - D(euler, sigma_next)) / _expand(sigma_next, x)
+    slope_next = (euler - D(euler, sigma_next)) / per_sample(sigma_next, x)
     return x + h * (slope + slope_next) / 2
 
 
@@ -181,6 +182,6 @@ def consistency_loss(
         x_lo = noised(x, z, sigma_lo) if teacher_input is None else teacher_input(x, z, sigma_teacher, sigma_hi,
                                                                                  labels)
         teacher_out = f(teacher, x_lo, sigma_teacher, labels)
-        teacher_out = torch.where(_expand(at_zero, x).bool(), x.to(teacher_out.dtype), teacher_out)
+        teacher_out = torch.where(per_sample(at_zero, x).bool(), x.to(teacher_out.dtype), teacher_out)
     distances = metric(student_out.float(), teacher_out.float()) * weights.to(torch.float32)
     return distances.mean(), distances.detach()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from ctcore.consistency import per_sample
 from ctcore.jvp import FD_STEP, Method, jvp
 
 AverageVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,11 +35,6 @@ ADAPTIVE_P = 1.0
 """Power p of the adaptive weight 1 / (||delta||^2 + c)^p (paper, section 4: p = 1 its default)."""
 ADAPTIVE_C = 1e-3
 """Constant c of the adaptive weight (paper: "a small constant, e.g. 1e-3")."""
-
-
-def _per_sample(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(batch,) -> (batch, 1, ..., 1) to broadcast over `like`."""
-    return s.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def sample_r_t(
@@ -65,7 +61,7 @@ def sample_r_t(
 
 def interpolate(x: torch.Tensor, e: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(z_t, v): the point z_t = (1 - t) x + t e of the linear path and its conditional velocity v = e - x."""
-    tt = _per_sample(t, x)
+    tt = per_sample(t, x)
     return (1 - tt) * x + tt * e, e - x
 
 
@@ -82,7 +78,7 @@ def target(
     """(u(z, r, t) with its graph to the parameters, u_tgt = v - (t - r) du/dt detached), du/dt the JVP of u along
     (v, 0, 1) by ctcore.jvp.jvp (one pass, the step's dropout mask)."""
     value, dudt = jvp(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), method=method, step=step)
-    u_tgt = v.to(dudt.dtype) - _per_sample(t - r, dudt).to(dudt.dtype) * dudt
+    u_tgt = v.to(dudt.dtype) - per_sample(t - r, dudt) * dudt
     return value, u_tgt.detach()
 
 
@@ -103,7 +99,7 @@ def loss(
 
 def step(u: AverageVelocity, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """z_r = z_t - (t - r) u(z_t, r, t): the exact jump from t to r when u is the true average velocity."""
-    return z - _per_sample(t - r, z) * u(z, r, t)
+    return z - per_sample(t - r, z) * u(z, r, t)
 
 
 def sample_one_step(u: AverageVelocity, e: torch.Tensor) -> torch.Tensor:

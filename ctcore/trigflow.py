@@ -23,12 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ctcore.consistency import per_sample
 from ctcore.jvp import FD_STEP, Method, jvp
-
-
-def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-sample (B,) tensor shaped to broadcast against x (B, ...)."""
-    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
 def sigma_from_t(t: torch.Tensor, sigma_d: float) -> torch.Tensor:
@@ -43,29 +39,29 @@ def t_from_sigma(sigma: torch.Tensor, sigma_d: float) -> torch.Tensor:
 
 def edm_x_from_trigflow(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """EDM's x_sigma = x_0 + sigma n of TrigFlow's x_t: x_t / cos(t)."""
-    return x_t / _expand(torch.cos(t), x_t)
+    return x_t / per_sample(torch.cos(t), x_t)
 
 
 def trigflow_x_from_edm(x: torch.Tensor, sigma: torch.Tensor, sigma_d: float) -> torch.Tensor:
     """TrigFlow's x_t of EDM's x_sigma: x_sigma cos(t) = x_sigma sigma_d / sqrt(sigma^2 + sigma_d^2)."""
-    return x * _expand(sigma_d / torch.sqrt(sigma**2 + sigma_d**2), x)
+    return x * per_sample(sigma_d / torch.sqrt(sigma**2 + sigma_d**2), x)
 
 
 def interpolate(x_0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, dx_t/dt) = (cos t x_0 + sin t z, cos t z - sin t x_0) for noise z of std sigma_d (sCT's tangent)."""
-    c, s = _expand(torch.cos(t), x_0), _expand(torch.sin(t), x_0)
+    c, s = per_sample(torch.cos(t), x_0), per_sample(torch.sin(t), x_0)
     return c * x_0 + s * z, c * z - s * x_0
 
 
 def consistency_function(x_t: torch.Tensor, t: torch.Tensor, F_out: torch.Tensor, sigma_d: float) -> torch.Tensor:
     """f(x_t, t) = cos(t) x_t - sin(t) sigma_d F: the clean estimate (EDM's denoiser D at x_t / cos t)."""
-    return _expand(torch.cos(t), x_t) * x_t - _expand(torch.sin(t), x_t) * sigma_d * F_out
+    return per_sample(torch.cos(t), x_t) * x_t - per_sample(torch.sin(t), x_t) * sigma_d * F_out
 
 
 def velocity_from_denoised(x_t: torch.Tensor, t: torch.Tensor, denoised: torch.Tensor, sigma_d: float) -> torch.Tensor:
     """F = (cos(t) x_t - D) / (sigma_d sin t): the TrigFlow output of a denoiser's D(x_t / cos t, sigma_d tan t), the
     inverse of `consistency_function` (sCD's teacher: dx_t/dt = sigma_d F); t > 0."""
-    return (_expand(torch.cos(t), x_t) * x_t - denoised) / (sigma_d * _expand(torch.sin(t), x_t))
+    return (per_sample(torch.cos(t), x_t) * x_t - denoised) / (sigma_d * per_sample(torch.sin(t), x_t))
 
 
 def proposal(batch_size: int, generator: torch.Generator, *, p_mean: float, p_std: float, sigma_d: float,
@@ -85,7 +81,7 @@ def normalize(g: torch.Tensor, c: float) -> torch.Tensor:
     """g / (||g|| + c), ||g|| the L2 norm of each sample over all its elements (the paper's c = 0.1; per sample is
     UNVERIFIED: the paper states it for one sample)."""
     norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
-    return g / _expand(norm + c, g)
+    return g / per_sample(norm + c, g)
 
 
 def tangent(
@@ -109,11 +105,11 @@ def tangent(
     """
     cos, sin = torch.cos(t), torch.sin(t)
     with torch.no_grad():
-        F_minus, sd_dF = jvp(F, (x_t / sigma_d, t), (_expand(cos * sin, x_t) * dxt_dt, cos * sin * sigma_d),
+        F_minus, sd_dF = jvp(F, (x_t / sigma_d, t), (per_sample(cos * sin, x_t) * dxt_dt, cos * sin * sigma_d),
                              method=method, step=step)
         F_minus, sd_dF = F_minus.to(x_t.dtype), sd_dF.to(x_t.dtype)
-        g = (-_expand(cos**2, x_t) * (sigma_d * F_minus - dxt_dt)
-             - r * (_expand(sin * cos, x_t) * x_t + sd_dF))
+        g = (-per_sample(cos**2, x_t) * (sigma_d * F_minus - dxt_dt)
+             - r * (per_sample(sin * cos, x_t) * x_t + sd_dF))
         if c is not None:
             g = normalize(g, c)
     return F_minus, g

@@ -22,7 +22,7 @@ from torch import nn
 
 from ctcore import hookimpl
 from ctcore.components import OBJECTIVE_PARTS, BuildContext, PairDraw, TrainingBatch, one_of, show, within
-from ctcore.consistency import c_noise, consistency_loss, denoise, karras_sigmas, noise_convention
+from ctcore.consistency import c_noise, consistency_loss, denoise, karras_sigmas, noise_convention, per_sample
 from ctcore_objectives.continuous import MeanFlow, Scd, Sct, TrigFlowDiffusion
 
 
@@ -152,11 +152,8 @@ def edm_denoise(network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels
     sigma = sigma.to(device=x.device, dtype=torch.float32)
     c_skip, c_out, c_in = edm_scalings(sigma, sigma_data)
 
-    def per_sample(v: torch.Tensor) -> torch.Tensor:
-        return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
-    raw = network(per_sample(c_in) * x, c_noise(sigma, noise_convention(network)), labels)
-    return per_sample(c_skip) * x + per_sample(c_out) * raw.to(x.dtype)
+    raw = network(per_sample(c_in, x) * x, c_noise(sigma, noise_convention(network)), labels)
+    return per_sample(c_skip, x) * x + per_sample(c_out, x) * raw.to(x.dtype)
 
 
 # VP and VE as NVlabs/edm defines them: training/networks.py (VPPrecond, VEPrecond) and training/loss.py (VPLoss,
@@ -200,11 +197,8 @@ def preconditioned_denoise(network: nn.Module, x: torch.Tensor, sigma: torch.Ten
     sigma = sigma.to(device=x.device, dtype=torch.float32)
     c_skip, c_out, c_in, noise = preconditioning_scalings(sigma, options, sigma_data)
 
-    def per_sample(v: torch.Tensor) -> torch.Tensor:
-        return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
-    raw = network(per_sample(c_in) * x, noise, labels)
-    return per_sample(c_skip) * x + per_sample(c_out) * raw.to(x.dtype)
+    raw = network(per_sample(c_in, x) * x, noise, labels)
+    return per_sample(c_skip, x) * x + per_sample(c_out, x) * raw.to(x.dtype)
 
 
 def uniform_training_sigma(u: torch.Tensor, options: Any) -> torch.Tensor:

@@ -26,10 +26,7 @@ from torch import nn
 
 from ctcore import meanflow, trigflow
 from ctcore.components import BuildContext, TrainingBatch, one_of, within
-
-
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+from ctcore.consistency import per_sample
 
 
 @contextlib.contextmanager
@@ -161,7 +158,7 @@ class _TrigFlowObjective:
         x_t = cos(t) x_sigma (EDM's denoiser of the TrigFlow consistency function)."""
         sd = constants.sigma_data
         t = trigflow.t_from_sigma(sigma.to(device=x.device, dtype=torch.float32), sd)
-        x_t = _per_sample(torch.cos(t), x) * x
+        x_t = per_sample(torch.cos(t), x) * x
         raw = self.F(network, x_t / sd, t, labels)
         return trigflow.consistency_function(x_t, t, raw.to(x.dtype), sd)
 
@@ -188,7 +185,6 @@ class Scd(_TrigFlowObjective):
     summary: ClassVar[str] = ("sCD (Lu & Song 2024): continuous-time consistency distillation of a diffusion model "
                               "([teacher] cd), the tangent by a JVP")
     uses: ClassVar[tuple[str, ...]] = ("teacher",)
-    network_passes: ClassVar[int] = 6
 
     def bind(self, student: nn.Module, parts: dict[str, Any]) -> None:
         teacher = parts.get("teacher")
@@ -348,19 +344,22 @@ class MeanFlow:
              labels: torch.Tensor | None, constants: Any) -> torch.Tensor:
         """x at sigma_to along the model's flow: z_r = z_t - (t - r) u(z_t, r, t) (MeanFlow eq. 12, its few-step
         sampling) with t = sigma / (1 + sigma), r = sigma_to / (1 + sigma_to), in EDM's x = z / (1 - t)."""
-        sigma = sigma.to(device=x.device, dtype=torch.float32)
-        sigma_to = sigma_to.to(device=x.device, dtype=torch.float32)
-        t, r = sigma / (1 + sigma), sigma_to / (1 + sigma_to)
-        z = x / _per_sample(1 + sigma, x)
-        z_r = z - _per_sample(t - r, x) * self.u(network, z, r, t, labels).to(x.dtype)
-        return z_r * _per_sample(1 + sigma_to, x)
+        return self._flow(network, x, sigma, sigma_to, labels)
 
     def denoise(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
                 constants: Any) -> torch.Tensor:
         """f(x_sigma, sigma) = z - t u(z, 0, t) with t = sigma / (1 + sigma), z = x_sigma / (1 + sigma): the jump
         from t to 0 (x_sigma = x + sigma e is z_t / (1 - t))."""
+        return self._flow(network, x, sigma, torch.zeros_like(sigma), labels)
+
+    def _flow(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, sigma_to: torch.Tensor,
+              labels: torch.Tensor | None) -> torch.Tensor:
+        """The jump of `jump` and, to sigma_to = 0, of `denoise` (r = 0 and the factor 1 + 0 are exact)."""
         sigma = sigma.to(device=x.device, dtype=torch.float32)
-        t = sigma / (1 + sigma)
-        z = x / _per_sample(1 + sigma, x)
-        out = self.u(network, z, torch.zeros_like(t), t, labels)
-        return z - _per_sample(t, x) * out.to(x.dtype)
+        sigma_to = sigma_to.to(device=x.device, dtype=torch.float32)
+        t, r = sigma / (1 + sigma), sigma_to / (1 + sigma_to)
+
+        def u(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.u(network, z, r, t, labels).to(x.dtype)
+
+        return meanflow.step(u, x / per_sample(1 + sigma, x), r, t) * per_sample(1 + sigma_to, x)
