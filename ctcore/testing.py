@@ -28,6 +28,7 @@ from ctcore.components import (
     PairDraw,
     TrainingBatch,
     WeightsUnavailable,
+    split_times,
 )
 from ctcore.consistency import karras_sigmas
 from ctcore.errors import CtcoreError, PackageUnavailable
@@ -201,11 +202,8 @@ def _check_network_forward(cls: type, net: nn.Module, data_shape: tuple[int, ...
 
 def _check_network_dropout(cls: type, options: dict[str, Any], data_shape: tuple[int, ...]) -> None:
     """With dropout on, restoring the RNG state must reproduce the mask (the teacher reuses the student's)."""
-    net = _build(cls, BuildContext(data_shape=data_shape), {**options, "dropout": 0.5})
-    with torch.no_grad():  # perturb a possibly zero-initialised output so that dropout shows in it
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    net.train()
+    # perturbed: a possibly zero-initialised output must show the dropout
+    net = _perturbed(_build(cls, BuildContext(data_shape=data_shape), {**options, "dropout": 0.5})).train()
     x, c_noise, labels = _network_inputs(cls, data_shape, 0)
     state = torch.get_rng_state()
     first = net(x, c_noise, labels)
@@ -641,8 +639,7 @@ class _TinyNetwork(nn.Module):
         self.logvar_linear = nn.Linear(1, 1)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        second = c_noise[:, 1] if c_noise.ndim == 2 else torch.zeros_like(c_noise)
-        first = c_noise[:, 0] if c_noise.ndim == 2 else c_noise
+        first, second = split_times(c_noise, self.time_inputs, "stand-in")
         h = (self.mix(x.movedim(1, -1)) + self.noise(first.reshape(-1, 1, 1, 1).to(x.dtype))
              + self.noise_2(second.reshape(-1, 1, 1, 1).to(x.dtype)))
         return torch.tanh(h).movedim(-1, 1)
