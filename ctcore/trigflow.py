@@ -143,3 +143,12 @@ class LogvarHead(nn.Module):
         dtype = torch.promote_types(self.freqs.dtype, torch.float32)
         features = math.sqrt(2) * torch.cos(2 * math.pi * (c.to(dtype)[:, None] * self.freqs + self.phases))
         return self.linear(features.to(self.linear.weight.dtype)).squeeze(1).to(dtype)
+
+
+def head_logvar(network: nn.Module, c: torch.Tensor) -> torch.Tensor:
+    """logvar(c) of a network that keeps its LogvarHead (or None) as `logvar_head`, as mlp, ncsnpp and adm do;
+    without the head, a ValueError naming the network and the option that adds it."""
+    head = network.logvar_head
+    if head is None:
+        raise ValueError(f"network {network.name!r} has no log-variance head: set its option logvar_head = true")
+    return head(c)

@@ -44,7 +44,7 @@ from ctcore.components import (
     split_times,
     within,
 )
-from ctcore.trigflow import LogvarHead
+from ctcore.trigflow import LogvarHead, head_logvar
 
 from .layers import AttentionBlock, Downsample, ResBlock, Upsample, sinusoidal_embedding, zero_module
 
@@ -239,9 +239,7 @@ class ADM(nn.Module):
 
     def logvar(self, c: torch.Tensor) -> torch.Tensor:
         """sCM's learned log-variance of each sample, from one time value per sample (option logvar_head)."""
-        if self.logvar_head is None:
-            raise ValueError("network 'adm' has no log-variance head: set its option logvar_head = true")
-        return self.logvar_head(c)
+        return head_logvar(self, c)
 
     def _noise_features(self, c: torch.Tensor) -> torch.Tensor:
         """The sinusoidal features of one time value per sample, in the time MLP's dtype."""

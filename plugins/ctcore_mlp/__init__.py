@@ -11,7 +11,7 @@ from torch import nn
 
 from ctcore import hookimpl
 from ctcore.components import DROPOUT_REASON, FOURIER_SCALE_REASON, BuildContext, split_times, within
-from ctcore.trigflow import LogvarHead
+from ctcore.trigflow import LogvarHead, head_logvar
 
 
 class FourierEmbedding(nn.Module):
@@ -91,9 +91,7 @@ class MLP(nn.Module):
 
     def logvar(self, c: torch.Tensor) -> torch.Tensor:
         """sCM's learned log-variance of each sample, from one time value per sample (option logvar_head)."""
-        if self.logvar_head is None:
-            raise ValueError("network 'mlp' has no log-variance head: set its option logvar_head = true")
-        return self.logvar_head(c)
+        return head_logvar(self, c)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         c_noise, c_second = split_times(c_noise, self.time_inputs, "mlp")

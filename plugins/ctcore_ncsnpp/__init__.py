@@ -33,7 +33,7 @@ from ctcore.components import (
     split_times,
     within,
 )
-from ctcore.trigflow import LogvarHead
+from ctcore.trigflow import LogvarHead, head_logvar
 
 from .layers import (
     SQRT_HALF,
@@ -272,9 +272,7 @@ class NCSNpp(nn.Module):
 
     def logvar(self, c: torch.Tensor) -> torch.Tensor:
         """sCM's learned log-variance of each sample, from one time value per sample (option logvar_head)."""
-        if self.logvar_head is None:
-            raise ValueError("network 'ncsnpp' has no log-variance head: set its option logvar_head = true")
-        return self.logvar_head(c)
+        return head_logvar(self, c)
 
     def _noise_features(self, fourier: GaussianFourierFeatures | None, c: torch.Tensor) -> torch.Tensor:
         """The noise features of one time value per sample: Fourier (by `fourier`) or positional."""
